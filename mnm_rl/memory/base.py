@@ -1,0 +1,59 @@
+"""The interface every recurrent core implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+from mnm_rl.memory.state import CoreState
+
+#: Per-step diagnostics a core returns, each of shape ``[T, B]``. MNM cores fill all four keys;
+#: cores without an external memory return an empty dict.
+AUX_KEYS = ("recon_after", "recon_before", "beta", "fast_weight_norm")
+
+
+class RecurrentCore(nn.Module, ABC):
+    """A recurrent feature extractor over time-major sequences.
+
+    Subclasses set ``input_size`` and ``output_size`` and implement :meth:`initial_state` and
+    :meth:`forward`.
+    """
+
+    input_size: int
+    output_size: int
+    #: Whether the core returns the memory diagnostics in ``aux`` (and thus a meta-loss).
+    has_memory_loss: bool = False
+
+    @abstractmethod
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> CoreState:
+        """The state at the start of an episode for ``batch_size`` environments."""
+
+    @abstractmethod
+    def forward(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor
+    ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
+        """Run the core over a sequence.
+
+        Args:
+            x: inputs, ``[T, B, input_size]``.
+            state: the state before step 0, batch size ``B``.
+            episode_starts: ``[T, B]``, nonzero where environment ``b`` starts a new episode at step
+                ``t``: its state is reset to the initial state *before* step ``t`` is processed.
+
+        Returns:
+            ``(features [T, B, output_size], final_state, aux)`` where ``aux`` maps names in
+            :data:`AUX_KEYS` to ``[T, B]`` tensors (empty for cores without external memory).
+        """
+
+    def _check_inputs(self, x: Tensor, state: CoreState, episode_starts: Tensor) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.input_size:
+            raise ValueError(f"x must be [T, B, {self.input_size}], got {tuple(x.shape)}")
+        if tuple(episode_starts.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"episode_starts must be [T, B] = {tuple(x.shape[:2])}, "
+                f"got {tuple(episode_starts.shape)}"
+            )
+        if state.batch_size != x.shape[1]:
+            raise ValueError(f"state has batch size {state.batch_size}, x has {x.shape[1]}")

@@ -1,0 +1,134 @@
+"""The MNM controller cell: an LSTM that writes to and reads from a fast-weight memory."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mnm_rl.memory.base import RecurrentCore
+from mnm_rl.memory.fast_weights import (
+    Activation,
+    FastWeightMemory,
+    WriteRule,
+    fast_weight_norm,
+)
+from mnm_rl.memory.state import CoreState
+
+
+class MNMCore(RecurrentCore):
+    """Metalearned Neural Memory (Munkhdalai et al., 2019) as a recurrent core.
+
+    At every step ``t``, for each sequence in the batch::
+
+        h_t, c_t  = LSTM([x_t ; v^r_{t-1}], (h_{t-1}, c_{t-1}))
+        [k^r_{1..H} ; k^w_{1..H} ; v^w_{1..H} ; beta'] = tanh(W_v h_t + b_v)
+        beta_t    = sigmoid(W_beta beta' + b_beta)
+        M_t       = write(M_{t-1}, k^w, v^w, beta_t)        # mnm-p or mnm-g
+        v^r_t     = mean_i f_{M_t}(k^r_i)
+        y_t       = W_y [h_t ; v^r_t]
+
+    State: ``h, c, read`` ``[B, D]`` and ``fast_weights`` ``[B, L, D, D]``.
+
+    Args:
+        input_size: features per step ``F``.
+        hidden_size: controller width; also the memory width ``D`` unless ``memory_size`` is set.
+        memory_size: width ``D`` of the fast-weight MLP, keys and values.
+        n_heads: read and write heads ``H``.
+        n_layers: layers ``L`` of the fast-weight MLP.
+        write_rule: ``"mnm-p"`` (local, learned targets) or ``"mnm-g"`` (inner gradient step).
+        activation: hidden activation of the fast-weight MLP.
+        output_size: width of ``y_t`` (default ``hidden_size``).
+    """
+
+    has_memory_loss = True
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int = 64,
+        memory_size: int | None = None,
+        n_heads: int = 4,
+        n_layers: int = 3,
+        write_rule: WriteRule = "mnm-p",
+        activation: Activation = "tanh",
+        output_size: int | None = None,
+    ):
+        super().__init__()
+        memory_size = memory_size or hidden_size
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.memory_size = memory_size
+        self.n_heads = n_heads
+        self.output_size = output_size or hidden_size
+        # LSTM controller, written out so the input projection of a whole sequence is one matmul.
+        self.input_gates = nn.Linear(input_size, 4 * hidden_size)
+        self.recurrent_gates = nn.Linear(hidden_size + memory_size, 4 * hidden_size, bias=False)
+        with torch.no_grad():  # forget-gate bias 1: remember by default
+            self.input_gates.bias[hidden_size : 2 * hidden_size].fill_(1.0)
+        self.interaction = nn.Linear(hidden_size, 3 * n_heads * memory_size + memory_size)
+        self.beta_gate = nn.Linear(memory_size, 1)
+        self.memory = FastWeightMemory(memory_size, n_layers, write_rule, activation)
+        self.output = nn.Linear(hidden_size + memory_size, self.output_size)
+
+    @property
+    def write_rule(self) -> str:
+        return self.memory.write_rule
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> CoreState:
+        device = device or self.memory.initial_weights.device
+        zeros = torch.zeros(batch_size, self.hidden_size, device=device)
+        return CoreState(
+            {
+                "h": zeros,
+                "c": zeros.clone(),
+                "read": torch.zeros(batch_size, self.memory_size, device=device),
+                "fast_weights": self.memory.initial(batch_size).to(device),
+            }
+        )
+
+    def step(self, gates_x: Tensor, state: CoreState) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
+        """One step from the precomputed input gates ``gates_x [B, 4 * hidden]``."""
+        h, c, read, weights = state["h"], state["c"], state["read"], state["fast_weights"]
+        gates = gates_x + self.recurrent_gates(torch.cat([h, read], dim=-1))
+        i, f, g, o = gates.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+
+        batch, heads, dim = h.shape[0], self.n_heads, self.memory_size
+        interaction = torch.tanh(self.interaction(h))
+        kvs, beta_pre = interaction.split([3 * heads * dim, dim], dim=-1)
+        read_keys, write_keys, write_values = kvs.view(batch, 3, heads, dim).unbind(1)
+        beta = torch.sigmoid(self.beta_gate(beta_pre)).squeeze(-1)
+
+        memory = self.memory
+        weights, answer_before = memory.write(weights, write_keys, write_values, beta)
+        recon_before = memory.reconstruction_loss(answer_before, write_values)
+        # Read keys and the write keys (for the post-write loss) in one pass through the memory.
+        answers = memory.read(weights, torch.cat([read_keys, write_keys], dim=1))
+        read = answers[:, :heads].mean(dim=1)
+        recon_after = memory.reconstruction_loss(answers[:, heads:], write_values)
+
+        y = self.output(torch.cat([h, read], dim=-1))
+        new_state = CoreState({"h": h, "c": c, "read": read, "fast_weights": weights})
+        aux = {
+            "recon_after": recon_after,
+            "recon_before": recon_before,
+            "beta": beta,
+            "fast_weight_norm": fast_weight_norm(weights),
+        }
+        return y, new_state, aux
+
+    def forward(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor
+    ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
+        self._check_inputs(x, state, episode_starts)
+        initial = self.initial_state(x.shape[1], x.device)
+        gates_x = self.input_gates(x)  # [T, B, 4 * hidden], one matmul for the whole sequence
+        outputs, aux_steps = [], []
+        for t in range(x.shape[0]):
+            state = state.reset_where(episode_starts[t], initial)
+            y, state, aux = self.step(gates_x[t], state)
+            outputs.append(y)
+            aux_steps.append(aux)
+        aux = {k: torch.stack([a[k] for a in aux_steps]) for k in aux_steps[0]}
+        return torch.stack(outputs), state, aux
