@@ -83,7 +83,9 @@ class FastWeightMemory(nn.Module):
         if write_rule not in ("mnm-p", "mnm-g"):
             raise ValueError(f"write_rule must be 'mnm-p' or 'mnm-g', got {write_rule!r}")
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+            raise ValueError(
+                f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}"
+            )
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         self.dim = dim

@@ -86,7 +86,9 @@ class MNMCore(RecurrentCore):
             }
         )
 
-    def step(self, gates_x: Tensor, state: CoreState) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
+    def step(
+        self, gates_x: Tensor, state: CoreState
+    ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         """One step from the precomputed input gates ``gates_x [B, 4 * hidden]``."""
         h, c, read, weights = state["h"], state["c"], state["read"], state["fast_weights"]
         gates = gates_x + self.recurrent_gates(torch.cat([h, read], dim=-1))

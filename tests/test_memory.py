@@ -1,0 +1,185 @@
+"""Behaviour of the memory cores: write rules, resets, state handling, stability."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from mnm_rl.memory import CORE_KINDS, CoreState, FastWeightMemory, MNMCore, make_core
+
+INPUT = 6
+HIDDEN = 16
+
+
+def build(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return make_core(kind, INPUT, hidden_size=HIDDEN)
+
+
+def sequence(steps: int = 12, batch: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps, batch, INPUT, generator=g)
+    starts = torch.zeros(steps, batch)
+    starts[0] = 1
+    starts[4, 1] = 1  # env 1 restarts in the first half
+    starts[9, 2] = 1  # env 2 restarts in the second half
+    starts[6, 0] = 1  # env 0 restarts exactly at the split point
+    return x, starts
+
+
+@pytest.mark.parametrize("rule", ["mnm-p", "mnm-g"])
+def test_write_then_read_is_closer_to_value(rule):
+    torch.manual_seed(0)
+    memory = FastWeightMemory(16, n_layers=3, write_rule=rule)
+    weights = memory.initial(5)
+    keys = torch.randn(5, 2, 16)
+    values = torch.tanh(torch.randn(5, 2, 16))
+    new_weights, before = memory.write(weights, keys, values, beta=torch.full((5,), 0.99))
+    loss_before = memory.reconstruction_loss(before, values)
+    loss_after = memory.reconstruction_loss(memory.read(new_weights, keys), values)
+    assert torch.allclose(before, memory.read(weights, keys))
+    assert (loss_after < loss_before).all(), (loss_before, loss_after)
+    # beta = 0 switches writing off
+    unchanged, _ = memory.write(weights, keys, values, beta=torch.zeros(5))
+    assert torch.equal(unchanged, weights)
+
+
+def test_mnm_g_analytic_gradient_matches_autograd():
+    torch.manual_seed(0)
+    for activation in ("tanh", "sigmoid"):
+        memory = FastWeightMemory(8, n_layers=3, write_rule="mnm-g", activation=activation)
+        weights = (memory.initial(4) + 0.1 * torch.randn(4, 3, 8, 8)).detach().requires_grad_()
+        keys, values = torch.randn(4, 3, 8), torch.randn(4, 3, 8)
+        loss = (memory.read(weights, keys) - values).pow(2).sum(-1).mean(-1)  # mean over heads
+        (expected,) = torch.autograd.grad(loss.sum(), weights)
+        analytic = memory.reconstruction_grad(weights, keys, values)
+        torch.testing.assert_close(analytic, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", CORE_KINDS)
+def test_split_sequence_equals_whole(kind):
+    core = build(kind)
+    x, starts = sequence()
+    state = core.initial_state(3)
+    whole, final, aux = core(x, state, starts)
+    first, mid, aux1 = core(x[:6], state, starts[:6])
+    second, final2, aux2 = core(x[6:], mid, starts[6:])
+    torch.testing.assert_close(torch.cat([first, second]), whole, rtol=1e-5, atol=1e-6)
+    assert set(final) == set(final2)
+    for key in final:
+        torch.testing.assert_close(final2[key], final[key], rtol=1e-5, atol=1e-6)
+    for key in aux:
+        torch.testing.assert_close(torch.cat([aux1[key], aux2[key]]), aux[key])
+    assert whole.shape == (12, 3, core.output_size)
+
+
+@pytest.mark.parametrize("kind", CORE_KINDS)
+def test_environments_are_independent_and_reset(kind):
+    core = build(kind)
+    x, starts = sequence()
+    state = core.initial_state(3)
+    out, _, _ = core(x, state, starts)
+    changed = x.clone()
+    changed[:, 1] += 5.0
+    out_changed, _, _ = core(changed, state, starts)
+    assert torch.equal(out_changed[:, 0], out[:, 0]) and torch.equal(out_changed[:, 2], out[:, 2])
+    if kind != "mlp":
+        assert not torch.allclose(out_changed[:, 1], out[:, 1])
+    # env 2 restarts at step 9: its outputs from then on equal a fresh run from step 9
+    fresh, _, _ = core(x[9:, 2:3], core.initial_state(1), starts[9:, 2:3])
+    torch.testing.assert_close(out[9:, 2:3], fresh, rtol=1e-5, atol=1e-6)
+    # a reset ignores whatever state came before it (here: garbage)
+    garbage = CoreState({k: v + 3.0 for k, v in state.items()}, batch_size=3)
+    out_garbage, _, _ = core(x, garbage, starts)
+    torch.testing.assert_close(out_garbage, out)
+
+
+@pytest.mark.parametrize("rule", ["mnm-p", "mnm-g"])
+def test_gradients_flow_through_writes(rule):
+    core = build(rule)
+    x, starts = sequence()
+    out, _, aux = core(x, core.initial_state(3), starts)
+    # read out only the memory's late answers: the write path must carry gradient there
+    (out[-1].sum() + aux["recon_after"].sum()).backward()
+    names = ["interaction.weight", "beta_gate.weight", "recurrent_gates.weight",
+             "input_gates.weight", "memory.initial_weights"]
+    if rule == "mnm-p":
+        names.append("memory.feedback.weight")
+    params = dict(core.named_parameters())
+    for name in names:
+        grad = params[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_feedback_functions_are_trained_by_later_reads():
+    """The BFPF gets gradient from a read at a *later* step, i.e. through the stored weights."""
+    core = build("mnm-p")
+    x = torch.randn(3, 2, INPUT)
+    state = core.initial_state(2)
+    _, state, _ = core(x[:2], state, torch.zeros(2, 2))
+    # the last step's read only sees the first two writes through the fast weights in `state`
+    (grad,) = torch.autograd.grad(state["fast_weights"].sum(), core.memory.feedback.weight)
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", CORE_KINDS)
+def test_state_dict_round_trip(kind):
+    core = build(kind, seed=0)
+    if isinstance(core, MNMCore):
+        with torch.no_grad():
+            core.memory.initial_weights.add_(0.5)  # as if meta-learned
+        assert "memory.initial_weights" in core.state_dict()
+    buffer = io.BytesIO()
+    torch.save(core.state_dict(), buffer)
+    buffer.seek(0)
+    other = build(kind, seed=123)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    for (name, p), (_, q) in zip(core.named_parameters(), other.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    x, starts = sequence()
+    a, _, _ = core(x, core.initial_state(3), starts)
+    b, _, _ = other(x, other.initial_state(3), starts)
+    assert torch.equal(a, b)
+
+
+def test_core_state_operations():
+    core = build("mnm-p")
+    state = core.initial_state(4)
+    assert state["fast_weights"].shape == (4, 3, HIDDEN, HIDDEN)
+    assert state.index([1, 3]).batch_size == 2
+    assert torch.equal(state.index(2)["h"], state["h"][2:3])
+    joined = CoreState.cat([state.index(slice(0, 1)), state.index(slice(1, 4))])
+    assert all(torch.equal(joined[k], state[k]) for k in state)
+    moved = state.to("cpu").detach()
+    assert not moved["fast_weights"].requires_grad and state["fast_weights"].requires_grad
+    with pytest.raises(ValueError, match="different keys"):
+        CoreState.cat([state, build("lstm").initial_state(1)])
+    empty = build("mlp").initial_state(5)
+    assert empty.batch_size == 5 and empty.index([0, 1]).batch_size == 2
+    with pytest.raises(ValueError, match="x must be"):
+        core(torch.zeros(2, 4, INPUT + 1), state, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="unknown core"):
+        make_core("transformer", 3)
+
+
+@pytest.mark.parametrize("rule", ["mnm-p", "mnm-g"])
+def test_long_episode_stays_finite_and_bounded(rule):
+    """5,000 steps of random input in one episode (MemoryS17Random runs up to 1,445)."""
+    torch.manual_seed(0)
+    core = make_core(rule, INPUT, hidden_size=32)
+    with torch.no_grad():
+        # a controller that always writes hard, the worst case for growth
+        core.beta_gate.bias.fill_(5.0)
+        state = core.initial_state(4)
+        norms, outputs = [], []
+        for _ in range(50):
+            x = 3.0 * torch.randn(100, 4, INPUT)
+            out, state, aux = core(x, state, torch.zeros(100, 4))
+            norms.append(aux["fast_weight_norm"].max().item())
+            outputs.append(out.abs().max().item())
+    assert all(torch.isfinite(torch.tensor(norms + outputs)))
+    assert max(norms) < 20.0 and max(outputs) < 50.0, (max(norms), max(outputs))
+    # bounded, not growing: the last thousand steps are no larger than twice the first thousand
+    assert max(norms[-10:]) < 2.0 * max(norms[:10])
