@@ -1,0 +1,249 @@
+"""Actor-critic policy whose recurrent feature extractor is a memory core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.preprocessing import preprocess_obs
+from stable_baselines3.common.type_aliases import Schedule
+from torch import Tensor, nn
+from torch.distributions import Categorical
+
+from mnm_rl.agent.extractors import MemoryFeaturesExtractor
+from mnm_rl.memory import CoreState, RecurrentCore, make_core
+
+CRITIC_PREFIX = "critic/"
+
+Observation = Tensor | dict[str, Tensor]
+
+
+def map_obs(obs: Observation, fn) -> Observation:
+    """Apply ``fn`` to a tensor observation or to every entry of a dict observation."""
+    return {k: fn(v) for k, v in obs.items()} if isinstance(obs, dict) else fn(obs)
+
+
+def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: type[nn.Module]):
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), activation()]
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def check_action_space(action_space: spaces.Space) -> None:
+    """Raise a precise error for action spaces the agent does not support."""
+    if not isinstance(action_space, spaces.Discrete):
+        raise ValueError(
+            f"MemoryPPO supports Discrete action spaces only; got {action_space}. "
+            "Box, MultiDiscrete and MultiBinary actions are not implemented."
+        )
+
+
+class RecurrentMemoryPolicy(BasePolicy):
+    """Observation encoder -> memory core -> policy and value heads.
+
+    Args:
+        observation_space, action_space, lr_schedule: as for every SB3 policy.
+        core: ``"mnm-p"``, ``"mnm-g"``, ``"lstm"``, ``"gru"`` or ``"mlp"``.
+        core_kwargs: passed to the core (``hidden_size``, ``n_heads``, ...).
+        features_dim: width of the observation encoding fed to the core.
+        shared_core: one core for actor and critic (default); otherwise the critic has its own,
+            whose state entries are prefixed ``"critic/"``.
+        net_arch: hidden widths of the policy and value heads.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Space,
+        lr_schedule: Schedule,
+        core: str = "mnm-p",
+        core_kwargs: dict[str, Any] | None = None,
+        features_dim: int = 64,
+        embedding_dim: int = 8,
+        shared_core: bool = True,
+        net_arch: tuple[int, ...] | list[int] = (64,),
+        activation_fn: type[nn.Module] = nn.Tanh,
+        ortho_init: bool = True,
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        use_sde: bool = False,
+    ):
+        check_action_space(action_space)
+        if use_sde:
+            raise ValueError("gSDE (use_sde=True) needs continuous actions; not supported")
+        optimizer_kwargs = {"eps": 1e-5} if optimizer_kwargs is None else optimizer_kwargs
+        super().__init__(
+            observation_space,
+            action_space,
+            features_extractor_class=MemoryFeaturesExtractor,
+            features_extractor_kwargs={"features_dim": features_dim, "embedding_dim": embedding_dim},
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+            normalize_images=False,
+        )
+        self.core_name = core
+        self.core_kwargs = dict(core_kwargs or {})
+        self.features_dim = features_dim
+        self.embedding_dim = embedding_dim
+        self.shared_core = shared_core
+        self.net_arch = tuple(net_arch)
+        self.activation_fn = activation_fn
+        self.ortho_init = ortho_init
+
+        self.features_extractor = self.make_features_extractor()
+        self.core: RecurrentCore = make_core(core, features_dim, **self.core_kwargs)
+        self.critic_core: RecurrentCore | None = (
+            None if shared_core else make_core(core, features_dim, **self.core_kwargs)
+        )
+        self.action_net = _mlp(self.core.output_size, self.net_arch, int(action_space.n),
+                               activation_fn)
+        self.value_net = _mlp(self.core.output_size, self.net_arch, 1, activation_fn)
+        if ortho_init:
+            for head, gain in ((self.action_net, 0.01), (self.value_net, 1.0)):
+                for layer in head:
+                    if isinstance(layer, nn.Linear):
+                        nn.init.orthogonal_(layer.weight, np.sqrt(2))
+                        nn.init.zeros_(layer.bias)
+                nn.init.orthogonal_(head[-1].weight, gain)
+        self.optimizer = self.optimizer_class(
+            self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
+        )
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            core=self.core_name,
+            core_kwargs=self.core_kwargs,
+            features_dim=self.features_dim,
+            embedding_dim=self.embedding_dim,
+            shared_core=self.shared_core,
+            net_arch=self.net_arch,
+            activation_fn=self.activation_fn,
+            ortho_init=self.ortho_init,
+            optimizer_class=self.optimizer_class,
+            optimizer_kwargs=self.optimizer_kwargs,
+        )
+        data.pop("features_extractor_class", None)
+        data.pop("features_extractor_kwargs", None)
+        data.pop("normalize_images", None)
+        data.pop("squash_output", None)
+        return data
+
+    # ----------------------------------------------------------------------------------- state
+    def initial_state(self, n_envs: int) -> CoreState:
+        """The recurrent state at the start of an episode for ``n_envs`` environments."""
+        state = self.core.initial_state(n_envs, self.device)
+        if self.critic_core is not None:
+            critic = self.critic_core.initial_state(n_envs, self.device)
+            state = CoreState({**state, **{CRITIC_PREFIX + k: v for k, v in critic.items()}},
+                              batch_size=n_envs)
+        return state
+
+    def _split_state(self, state: CoreState) -> tuple[CoreState, CoreState | None]:
+        if self.critic_core is None:
+            return state, None
+        actor = {k: v for k, v in state.items() if not k.startswith(CRITIC_PREFIX)}
+        critic = {k[len(CRITIC_PREFIX):]: v for k, v in state.items()
+                  if k.startswith(CRITIC_PREFIX)}
+        return (CoreState(actor, batch_size=state.batch_size),
+                CoreState(critic, batch_size=state.batch_size))
+
+    # --------------------------------------------------------------------------------- forward
+    def encode(self, obs: Observation) -> Tensor:
+        """Encode observations ``[T, B, ...]`` into features ``[T, B, features_dim]``."""
+        steps, batch = next(iter(obs.values())).shape[:2] if isinstance(obs, dict) else \
+            obs.shape[:2]
+        flat = map_obs(obs, lambda v: v.reshape(steps * batch, *v.shape[2:]))
+        features = self.features_extractor(
+            preprocess_obs(flat, self.observation_space, normalize_images=False)
+        )
+        return features.view(steps, batch, -1)
+
+    def forward_sequence(
+        self, obs: Observation, state: CoreState, episode_starts: Tensor
+    ) -> tuple[Tensor, Tensor, CoreState, dict[str, Tensor]]:
+        """Run the policy over a sequence.
+
+        Args:
+            obs: observations ``[T, B, ...]`` (tensor or dict of tensors).
+            state: the recurrent state before step 0.
+            episode_starts: ``[T, B]``; the state of env ``b`` is reset before step ``t``.
+
+        Returns:
+            ``(logits [T, B, A], values [T, B], final_state, aux)``; ``aux`` holds the memory
+            diagnostics ``[T, B]`` (summed over actor and critic cores when they are separate).
+        """
+        features = self.encode(obs)
+        actor_state, critic_state = self._split_state(state)
+        latent, actor_state, aux = self.core(features, actor_state, episode_starts)
+        if self.critic_core is None:
+            value_latent, new_state = latent, actor_state
+        else:
+            value_latent, critic_state, critic_aux = self.critic_core(
+                features, critic_state, episode_starts
+            )
+            aux = {k: aux[k] + critic_aux[k] for k in aux}
+            new_state = CoreState(
+                {**actor_state, **{CRITIC_PREFIX + k: v for k, v in critic_state.items()}},
+                batch_size=state.batch_size,
+            )
+        logits = self.action_net(latent)
+        values = self.value_net(value_latent).squeeze(-1)
+        return logits, values, new_state, aux
+
+    def forward(self, obs: Observation, deterministic: bool = False) -> Tensor:  # noqa: D401
+        raise TypeError(
+            "RecurrentMemoryPolicy is recurrent: call forward_sequence(obs, state, episode_starts) "
+            "or predict(obs, state, episode_start)"
+        )
+
+    def _predict(self, observation: Observation, deterministic: bool = False) -> Tensor:
+        raise TypeError(
+            "RecurrentMemoryPolicy is recurrent: call predict(obs, state, episode_start)"
+        )
+
+    @staticmethod
+    def distribution(logits: Tensor) -> Categorical:
+        """The action distribution for ``logits [..., A]``."""
+        return Categorical(logits=logits)
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: CoreState | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, CoreState]:
+        """Actions for a batch of observations, with the same contract as sb3-contrib's
+        RecurrentPPO: pass back the returned ``state`` at the next call, and
+        ``episode_start[b] = True`` where env ``b`` has just been reset."""
+        self.set_training_mode(False)
+        obs_tensor, vectorized = self.obs_to_tensor(observation)
+        n_envs = next(iter(obs_tensor.values())).shape[0] if isinstance(obs_tensor, dict) else \
+            obs_tensor.shape[0]
+        if state is None:
+            state = self.initial_state(n_envs)
+            starts = torch.ones(n_envs, device=self.device)
+        else:
+            if state.batch_size != n_envs:
+                raise ValueError(f"state is for {state.batch_size} envs, observation for {n_envs}")
+            state = state.to(self.device)
+            starts = (torch.zeros(n_envs, device=self.device) if episode_start is None else
+                      torch.as_tensor(np.asarray(episode_start), dtype=torch.float32,
+                                      device=self.device).reshape(n_envs))
+        with torch.no_grad():
+            logits, _, state, _ = self.forward_sequence(
+                map_obs(obs_tensor, lambda v: v.unsqueeze(0)), state, starts.unsqueeze(0)
+            )
+            logits = logits[0]
+            actions = logits.argmax(-1) if deterministic else self.distribution(logits).sample()
+        actions = actions.cpu().numpy()
+        if not vectorized:
+            actions = actions.squeeze(0)
+        return actions, state

@@ -1,0 +1,355 @@
+"""Recurrent PPO with a memory core, on stable-baselines3's on-policy machinery."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import (
+    FloatSchedule,
+    explained_variance,
+    obs_as_tensor,
+)
+from stable_baselines3.common.vec_env import VecEnv
+from torch.nn import functional as F
+
+from mnm_rl.agent.buffer import ChunkBatch, ChunkRolloutBuffer
+from mnm_rl.agent.policy import RecurrentMemoryPolicy, check_action_space, map_obs
+from mnm_rl.memory import CoreState
+
+SelfMemoryPPO = TypeVar("SelfMemoryPPO", bound="MemoryPPO")
+
+
+class MemoryPPO(OnPolicyAlgorithm):
+    """Proximal Policy Optimisation with a recurrent memory core (MNM, LSTM, GRU or none).
+
+    Follows stable-baselines3's PPO; the differences are recurrent:
+
+    * the rollout threads the core state through every step; the state is stored only at the start
+      of each ``seq_len``-step chunk, and training re-runs whole chunks ``[seq_len, n_chunks]``
+      from those states with the in-chunk episode resets (truncated BPTT of length ``seq_len``);
+    * the loss adds ``mem_coef`` times the memory's post-write reconstruction loss (MNM cores).
+
+    Args (beyond SB3's PPO):
+        core: memory core name, a shortcut for ``policy_kwargs["core"]``.
+        seq_len: chunk length for training and truncated backpropagation through time.
+        batch_size: environment steps per minibatch; a multiple of ``seq_len``.
+        mem_coef: weight of the memory's reconstruction (meta-)loss.
+    """
+
+    policy_aliases: ClassVar[dict[str, type]] = {"MemoryPolicy": RecurrentMemoryPolicy}
+    policy: RecurrentMemoryPolicy
+
+    def __init__(
+        self,
+        policy: str | type[RecurrentMemoryPolicy] = "MemoryPolicy",
+        env: GymEnv | str | None = None,
+        core: str | None = None,
+        learning_rate: float | Schedule = 3e-4,
+        n_steps: int = 128,
+        batch_size: int = 256,
+        seq_len: int = 16,
+        n_epochs: int = 4,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        clip_range: float | Schedule = 0.2,
+        clip_range_vf: float | Schedule | None = None,
+        normalize_advantage: bool = True,
+        ent_coef: float = 0.01,
+        vf_coef: float = 0.5,
+        mem_coef: float = 1.0,
+        max_grad_norm: float = 0.5,
+        target_kl: float | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: torch.device | str = "auto",
+        _init_setup_model: bool = True,
+    ):
+        policy_kwargs = dict(policy_kwargs or {})
+        if core is not None:
+            policy_kwargs["core"] = core
+        for name, value in (("n_steps", n_steps), ("batch_size", batch_size),
+                            ("seq_len", seq_len), ("n_epochs", n_epochs)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if n_steps % seq_len:
+            raise ValueError(f"n_steps ({n_steps}) must be a multiple of seq_len ({seq_len})")
+        if batch_size % seq_len:
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of seq_len ({seq_len})")
+        super().__init__(
+            policy,
+            env,
+            learning_rate=learning_rate,
+            n_steps=n_steps,
+            gamma=gamma,
+            gae_lambda=gae_lambda,
+            ent_coef=ent_coef,
+            vf_coef=vf_coef,
+            max_grad_norm=max_grad_norm,
+            use_sde=False,
+            sde_sample_freq=-1,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            policy_kwargs=policy_kwargs,
+            verbose=verbose,
+            seed=seed,
+            device=device,
+            _init_setup_model=False,
+        )
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.n_epochs = n_epochs
+        self.clip_range = clip_range
+        self.clip_range_vf = clip_range_vf
+        self.normalize_advantage = normalize_advantage
+        self.mem_coef = mem_coef
+        self.target_kl = target_kl
+        self._last_state: CoreState | None = None
+        if getattr(self, "action_space", None) is not None:
+            check_action_space(self.action_space)
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        self._setup_lr_schedule()
+        self.set_random_seed(self.seed)
+        self.policy = self.policy_class(  # type: ignore[assignment]
+            self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
+        ).to(self.device)
+        self.rollout_buffer = ChunkRolloutBuffer(  # type: ignore[assignment]
+            self.n_steps, self.n_envs, self.observation_space, self.seq_len, self.device,
+            gamma=self.gamma, gae_lambda=self.gae_lambda,
+        )
+        self.clip_range = FloatSchedule(self.clip_range)
+        if self.clip_range_vf is not None:
+            self.clip_range_vf = FloatSchedule(self.clip_range_vf)
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_last_state"]
+
+    def _setup_learn(self, total_timesteps, callback=None, reset_num_timesteps=True,
+                     tb_log_name="run", progress_bar=False):
+        if self._last_state is None:
+            self._last_obs = None  # a loaded model restarts its envs' episodes
+        total, callback = super()._setup_learn(total_timesteps, callback, reset_num_timesteps,
+                                               tb_log_name, progress_bar)
+        if reset_num_timesteps or self._last_state is None:
+            self._last_state = self.policy.initial_state(self.n_envs)
+        return total, callback
+
+    def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None):
+        """Episode statistics; an episode succeeds when its final reward is positive."""
+        assert self.ep_info_buffer is not None and self.ep_success_buffer is not None
+        for info in infos:
+            episode = info.get("episode")
+            if episode is not None:
+                self.ep_info_buffer.extend([episode])
+        if dones is not None and self._last_rewards is not None:
+            for done, reward in zip(dones, self._last_rewards, strict=True):
+                if done:
+                    self.ep_success_buffer.append(float(reward > 0))
+
+    _last_rewards: np.ndarray | None = None
+
+    # -------------------------------------------------------------------------------- rollout
+    def _obs_tensor(self, obs) -> Any:
+        return obs_as_tensor(obs, self.device)
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        buffer: ChunkRolloutBuffer = rollout_buffer  # type: ignore[assignment]
+        assert self._last_obs is not None and self._last_state is not None
+        self.policy.set_training_mode(False)
+        buffer.reset()
+        callback.on_rollout_start()
+        state = self._last_state
+        starts = torch.as_tensor(self._last_episode_starts, dtype=torch.float32, device=self.device)
+        obs = self._obs_tensor(self._last_obs)
+        dones = starts
+        for _ in range(n_rollout_steps):
+            with torch.no_grad():
+                logits, values, new_state, _ = self.policy.forward_sequence(
+                    map_obs(obs, lambda v: v.unsqueeze(0)), state, starts.unsqueeze(0)
+                )
+                dist = self.policy.distribution(logits[0])
+                actions = dist.sample()
+                log_probs = dist.log_prob(actions)
+            new_obs, rewards, dones_np, infos = env.step(actions.cpu().numpy())
+            self.num_timesteps += env.num_envs
+            self._last_rewards = rewards
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones_np)
+            rewards = self._bootstrap_truncated(rewards, dones_np, infos, new_state)
+            buffer.add(obs, actions, torch.as_tensor(rewards, dtype=torch.float32,
+                                                     device=self.device),
+                       starts, values[0], log_probs, state)
+            state = new_state
+            obs = self._obs_tensor(new_obs)
+            dones = torch.as_tensor(dones_np, dtype=torch.float32, device=self.device)
+            starts = dones
+            self._last_obs, self._last_episode_starts = new_obs, dones_np
+        self._last_state = state
+        with torch.no_grad():
+            _, last_values, _, _ = self.policy.forward_sequence(
+                map_obs(obs, lambda v: v.unsqueeze(0)), state, starts.unsqueeze(0)
+            )
+        buffer.compute_returns_and_advantage(last_values[0], dones)
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    def _bootstrap_truncated(self, rewards: np.ndarray, dones: np.ndarray,
+                             infos: list[dict[str, Any]], state: CoreState) -> np.ndarray:
+        """Add ``gamma * V(terminal obs)`` to the reward of episodes cut by a time limit."""
+        truncated = [i for i, done in enumerate(dones) if done
+                     and infos[i].get("TimeLimit.truncated", False)
+                     and infos[i].get("terminal_observation") is not None]
+        if not truncated:
+            return rewards
+        rewards = rewards.astype(np.float32, copy=True)
+        terminal = self.policy.obs_to_tensor(
+            _stack_obs([infos[i]["terminal_observation"] for i in truncated])
+        )[0]
+        with torch.no_grad():
+            _, values, _, _ = self.policy.forward_sequence(
+                map_obs(terminal, lambda v: v.unsqueeze(0)), state.index(truncated),
+                torch.zeros(1, len(truncated), device=self.device),
+            )
+        rewards[truncated] += self.gamma * values[0].cpu().numpy()
+        return rewards
+
+    # ---------------------------------------------------------------------------------- train
+    def train(self) -> None:
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)
+        clip_range_vf = (None if self.clip_range_vf is None
+                         else self.clip_range_vf(self._current_progress_remaining))
+        buffer: ChunkRolloutBuffer = self.rollout_buffer  # type: ignore[assignment]
+        stats: dict[str, list[float]] = {}
+
+        def record(**values: torch.Tensor | float) -> None:
+            for k, v in values.items():
+                stats.setdefault(k, []).append(float(v))
+
+        continue_training = True
+        for _ in range(self.n_epochs):
+            approx_kls = []
+            for batch in buffer.minibatches(self.batch_size // self.seq_len):
+                loss, approx_kl = self._loss(batch, clip_range, clip_range_vf, record)
+                approx_kls.append(approx_kl)
+                if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
+                    continue_training = False
+                    if self.verbose >= 1:
+                        print(f"Early stopping at step {self._n_updates} (approx_kl {approx_kl:.3f})")
+                    break
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+            self._n_updates += 1
+            if not continue_training:
+                break
+
+        values, returns = buffer.values.flatten(), buffer.returns.flatten()
+        explained_var = explained_variance(values.cpu().numpy(), returns.cpu().numpy())
+        for key, series in stats.items():
+            self.logger.record(key, float(np.mean(series)))
+        self.logger.record("train/explained_variance", explained_var)
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+
+    def _loss(self, batch: ChunkBatch, clip_range: float, clip_range_vf: float | None, record):
+        logits, values, _, aux = self.policy.forward_sequence(
+            batch.observations, batch.states, batch.episode_starts
+        )
+        dist = self.policy.distribution(logits)
+        log_prob = dist.log_prob(batch.actions)
+        entropy = dist.entropy()
+        advantages = batch.advantages
+        if self.normalize_advantage and advantages.numel() > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        log_ratio = log_prob - batch.old_log_probs
+        ratio = torch.exp(log_ratio)
+        policy_loss = -torch.min(
+            advantages * ratio, advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+        ).mean()
+        if clip_range_vf is not None:
+            values = batch.old_values + torch.clamp(values - batch.old_values,
+                                                    -clip_range_vf, clip_range_vf)
+        value_loss = F.mse_loss(batch.returns, values)
+        entropy_loss = -entropy.mean()
+        loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+        with torch.no_grad():
+            approx_kl = float(((ratio - 1) - log_ratio).mean())
+            clip_fraction = float((torch.abs(ratio - 1) > clip_range).float().mean())
+        record(**{
+            "train/policy_gradient_loss": policy_loss.item(),
+            "train/value_loss": value_loss.item(),
+            "train/entropy_loss": entropy_loss.item(),
+            "train/approx_kl": approx_kl,
+            "train/clip_fraction": clip_fraction,
+        })
+        if aux:
+            memory_loss = aux["recon_after"].mean()
+            loss = loss + self.mem_coef * memory_loss
+            with torch.no_grad():
+                record(**{
+                    "train/memory_loss": memory_loss.item(),
+                    "memory/beta_mean": aux["beta"].mean().item(),
+                    "memory/write_gain": (aux["recon_before"] - aux["recon_after"]).mean().item(),
+                    "memory/fast_weight_norm": aux["fast_weight_norm"].mean().item(),
+                })
+        record(**{"train/loss": loss.item()})
+        return loss, approx_kl
+
+    # -------------------------------------------------------------------------------- predict
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: CoreState | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, CoreState]:
+        """Same contract as sb3-contrib's RecurrentPPO: thread ``state`` through calls."""
+        return self.policy.predict(observation, state, episode_start, deterministic)
+
+    def learn(
+        self: SelfMemoryPPO,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 1,
+        tb_log_name: str = "MemoryPPO",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfMemoryPPO:
+        if total_timesteps < 1:
+            raise ValueError(f"total_timesteps must be positive, got {total_timesteps}")
+        return super().learn(total_timesteps, callback, log_interval, tb_log_name,
+                             reset_num_timesteps, progress_bar)
+
+
+def _stack_obs(observations: list[Any]) -> Any:
+    if isinstance(observations[0], dict):
+        return {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+    return np.stack(observations)
+
+
+__all__ = ["MemoryPPO"]

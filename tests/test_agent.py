@@ -1,0 +1,198 @@
+"""The recurrent PPO agent: rollout storage, re-runs, save/load, logging, errors."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+import mnm_rl  # noqa: F401  (registers the envs)
+from mnm_rl.agent import MemoryPPO
+from mnm_rl.memory import CORE_KINDS
+
+DELAYS = (1, 3, 6)  # episodes of 3, 5 and 8 steps: resets at different steps per env
+
+
+def staggered_env() -> DummyVecEnv:
+    def make(delay: int):
+        return lambda: Monitor(gym.make("mnm_rl/DelayedCueRecall-v0", n_cues=3, delay=delay))
+
+    env = DummyVecEnv([make(d) for d in DELAYS])
+    env.seed(0)
+    return env
+
+
+def small_model(core: str, env=None, **kwargs) -> MemoryPPO:
+    params = dict(n_steps=16, batch_size=16, seq_len=8, n_epochs=2, seed=0, device="cpu",
+                  policy_kwargs=dict(core_kwargs=dict(hidden_size=16), features_dim=16))
+    params.update(kwargs)
+    return MemoryPPO(env=env or staggered_env(), core=core, **params)
+
+
+def collect_one_rollout(model: MemoryPPO):
+    _, callback = model._setup_learn(model.n_steps * model.n_envs, None)
+    callback.on_training_start(locals(), globals())
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    return model.rollout_buffer
+
+
+@pytest.mark.parametrize("core", CORE_KINDS)
+def test_rerun_of_stored_chunks_reproduces_rollout(core):
+    model = small_model(core)
+    buffer = collect_one_rollout(model)
+    assert len(buffer.chunk_states) == model.n_steps // model.seq_len
+    seen = 0
+    with torch.no_grad():
+        for batch in buffer.minibatches(chunks_per_batch=4):
+            logits, values, _, _ = model.policy.forward_sequence(
+                batch.observations, batch.states, batch.episode_starts
+            )
+            log_probs = model.policy.distribution(logits).log_prob(batch.actions)
+            torch.testing.assert_close(values, batch.old_values, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(log_probs, batch.old_log_probs, rtol=1e-5, atol=1e-6)
+            assert batch.actions.shape[0] == model.seq_len  # whole chunks, no padding
+            seen += batch.actions.numel()
+    assert seen == model.n_steps * model.n_envs  # every step exactly once
+
+
+@pytest.mark.parametrize("core", ["mnm-p", "gru"])
+def test_episode_starts_reset_exactly_the_right_env(core):
+    model = small_model(core)
+    buffer = collect_one_rollout(model)
+    starts = buffer.episode_starts.cpu().numpy()
+    for env_index, delay in enumerate(DELAYS):
+        length = delay + 2
+        expected = (np.arange(model.n_steps) % length == 0).astype(np.float32)
+        np.testing.assert_array_equal(starts[:, env_index], expected)
+    # Independent reference: run every episode alone from a fresh state. The rollout's values
+    # must match, so no state leaks across an episode boundary or into another env.
+    obs = buffer.observations
+    policy = model.policy
+    with torch.no_grad():
+        for env_index in range(model.n_envs):
+            begins = list(np.flatnonzero(starts[:, env_index])) + [model.n_steps]
+            for begin, end in zip(begins[:-1], begins[1:], strict=True):
+                episode_obs = obs[begin:end, env_index:env_index + 1]
+                ep_starts = torch.zeros(end - begin, 1)
+                _, values, _, _ = policy.forward_sequence(
+                    episode_obs, policy.initial_state(1), ep_starts
+                )
+                torch.testing.assert_close(values[:, 0], buffer.values[begin:end, env_index],
+                                           rtol=1e-5, atol=1e-6)
+
+
+def test_earlier_episode_does_not_leak_into_loss_inputs():
+    """Changing the observations of episode k-1 leaves episode k's outputs unchanged."""
+    model = small_model("mnm-p")
+    buffer = collect_one_rollout(model)
+    batch = next(buffer.minibatches(chunks_per_batch=buffer.n_chunks))
+    starts = batch.episode_starts
+    with torch.no_grad():
+        _, values, _, aux = model.policy.forward_sequence(batch.observations, batch.states, starts)
+        changed = batch.observations.clone()
+        for chunk in range(starts.shape[1]):
+            first = torch.nonzero(starts[:, chunk]).flatten()
+            if len(first) and first[-1] > 0:
+                changed[: first[-1], chunk] += 1.0
+        _, values2, _, aux2 = model.policy.forward_sequence(changed, batch.states, starts)
+    last_start = torch.zeros_like(starts, dtype=torch.bool)
+    for chunk in range(starts.shape[1]):
+        first = torch.nonzero(starts[:, chunk]).flatten()
+        if len(first):
+            last_start[first[-1]:, chunk] = True
+    assert last_start.any() and (~last_start).any()
+    torch.testing.assert_close(values2[last_start], values[last_start])
+    torch.testing.assert_close(aux2["recon_after"][last_start], aux["recon_after"][last_start])
+    assert not torch.allclose(values2[~last_start], values[~last_start])
+
+
+@pytest.mark.parametrize("core", ["mnm-p", "lstm", "mlp"])
+def test_save_load_predict_identical(tmp_path, core):
+    model = small_model(core)
+    model.learn(96)
+    path = tmp_path / "model.zip"
+    model.save(path)
+    loaded = MemoryPPO.load(path, device="cpu")
+    env = staggered_env()
+    obs = env.reset()
+    state_a = state_b = None
+    starts = np.ones(env.num_envs, dtype=bool)
+    for _ in range(12):
+        act_a, state_a = model.predict(obs, state_a, starts, deterministic=True)
+        act_b, state_b = loaded.predict(obs, state_b, starts, deterministic=True)
+        np.testing.assert_array_equal(act_a, act_b)
+        for key in state_a:
+            torch.testing.assert_close(state_a[key], state_b[key], rtol=0, atol=0)
+        obs, _, dones, _ = env.step(act_a)
+        starts = dones
+    for (name, p), (_, q) in zip(model.policy.state_dict().items(),
+                                 loaded.policy.state_dict().items(), strict=True):
+        assert torch.equal(p, q), name
+    # evaluate_policy threads the recurrent state through the loaded model
+    mean_reward, _ = evaluate_policy(loaded, staggered_env(), n_eval_episodes=9)
+    assert 0.0 <= mean_reward <= 1.0
+
+
+def test_predict_single_observation_and_state_threading():
+    model = small_model("mnm-g")
+    env = gym.make("mnm_rl/DelayedCueRecall-v0", n_cues=3, delay=3)
+    obs, _ = env.reset(seed=0)
+    action, state = model.predict(obs)
+    assert np.asarray(action).shape == () and state.batch_size == 1
+    action2, state2 = model.predict(obs, state, np.array([False]))
+    assert not torch.equal(state2["fast_weights"], state["fast_weights"])
+    with pytest.raises(ValueError, match="state is for 1 envs"):
+        model.predict(np.stack([obs, obs]), state, np.array([False, False]))
+
+
+def test_tensorboard_scalars_written(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = small_model("mnm-p", tensorboard_log=str(tmp_path))
+    model.learn(16 * 3 * 3, tb_log_name="run")
+    (run_dir,) = list(tmp_path.iterdir())
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {
+        "rollout/ep_rew_mean", "rollout/ep_len_mean", "rollout/success_rate",
+        "train/policy_gradient_loss", "train/value_loss", "train/entropy_loss",
+        "train/memory_loss", "train/loss", "train/explained_variance", "train/approx_kl",
+        "train/clip_fraction", "memory/beta_mean", "memory/write_gain",
+        "memory/fast_weight_norm", "time/fps",
+    }
+    assert expected <= tags, expected - tags
+    steps = [e.step for e in events.Scalars("rollout/success_rate")]
+    assert steps == [48, 96, 144]
+    success = [e.value for e in events.Scalars("rollout/success_rate")]
+    assert all(0.0 <= s <= 1.0 for s in success)
+
+
+def test_separate_critic_core():
+    model = small_model("lstm", policy_kwargs=dict(core_kwargs=dict(hidden_size=8),
+                                                   shared_core=False))
+    state = model.policy.initial_state(3)
+    assert set(state) == {"h", "c", "critic/h", "critic/c"}
+    buffer = collect_one_rollout(model)
+    batch = next(buffer.minibatches(chunks_per_batch=2))
+    with torch.no_grad():
+        _, values, _, _ = model.policy.forward_sequence(batch.observations, batch.states,
+                                                        batch.episode_starts)
+    torch.testing.assert_close(values, batch.old_values, rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_inputs_raise_precise_errors():
+    with pytest.raises(ValueError, match="Discrete action spaces only"):
+        MemoryPPO(env=DummyVecEnv([lambda: gym.make("Pendulum-v1")]), core="lstm")
+    with pytest.raises(ValueError, match="multiple of seq_len"):
+        small_model("lstm", n_steps=20)
+    with pytest.raises(ValueError, match="multiple of seq_len"):
+        small_model("lstm", batch_size=12)
+    with pytest.raises(ValueError, match="unknown core"):
+        small_model("transformer")
+    with pytest.raises(ValueError, match="total_timesteps must be positive"):
+        small_model("mlp").learn(0)
