@@ -27,8 +27,15 @@ def staggered_env() -> DummyVecEnv:
 
 
 def small_model(core: str, env=None, **kwargs) -> MemoryPPO:
-    params = dict(n_steps=16, batch_size=16, seq_len=8, n_epochs=2, seed=0, device="cpu",
-                  policy_kwargs=dict(core_kwargs=dict(hidden_size=16), features_dim=16))
+    params = dict(
+        n_steps=16,
+        batch_size=16,
+        seq_len=8,
+        n_epochs=2,
+        seed=0,
+        device="cpu",
+        policy_kwargs=dict(core_kwargs=dict(hidden_size=16), features_dim=16),
+    )
     params.update(kwargs)
     return MemoryPPO(env=env or staggered_env(), core=core, **params)
 
@@ -76,13 +83,14 @@ def test_episode_starts_reset_exactly_the_right_env(core):
         for env_index in range(model.n_envs):
             begins = list(np.flatnonzero(starts[:, env_index])) + [model.n_steps]
             for begin, end in zip(begins[:-1], begins[1:], strict=True):
-                episode_obs = obs[begin:end, env_index:env_index + 1]
+                episode_obs = obs[begin:end, env_index : env_index + 1]
                 ep_starts = torch.zeros(end - begin, 1)
                 _, values, _, _ = policy.forward_sequence(
                     episode_obs, policy.initial_state(1), ep_starts
                 )
-                torch.testing.assert_close(values[:, 0], buffer.values[begin:end, env_index],
-                                           rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(
+                    values[:, 0], buffer.values[begin:end, env_index], rtol=1e-5, atol=1e-6
+                )
 
 
 def test_earlier_episode_does_not_leak_into_loss_inputs():
@@ -103,7 +111,7 @@ def test_earlier_episode_does_not_leak_into_loss_inputs():
     for chunk in range(starts.shape[1]):
         first = torch.nonzero(starts[:, chunk]).flatten()
         if len(first):
-            last_start[first[-1]:, chunk] = True
+            last_start[first[-1] :, chunk] = True
     assert last_start.any() and (~last_start).any()
     torch.testing.assert_close(values2[last_start], values[last_start])
     torch.testing.assert_close(aux2["recon_after"][last_start], aux["recon_after"][last_start])
@@ -129,8 +137,9 @@ def test_save_load_predict_identical(tmp_path, core):
             torch.testing.assert_close(state_a[key], state_b[key], rtol=0, atol=0)
         obs, _, dones, _ = env.step(act_a)
         starts = dones
-    for (name, p), (_, q) in zip(model.policy.state_dict().items(),
-                                 loaded.policy.state_dict().items(), strict=True):
+    for (name, p), (_, q) in zip(
+        model.policy.state_dict().items(), loaded.policy.state_dict().items(), strict=True
+    ):
         assert torch.equal(p, q), name
     # evaluate_policy threads the recurrent state through the loaded model
     mean_reward, _ = evaluate_policy(loaded, staggered_env(), n_eval_episodes=9)
@@ -159,11 +168,21 @@ def test_tensorboard_scalars_written(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     expected = {
-        "rollout/ep_rew_mean", "rollout/ep_len_mean", "rollout/success_rate",
-        "train/policy_gradient_loss", "train/value_loss", "train/entropy_loss",
-        "train/memory_loss", "train/loss", "train/explained_variance", "train/approx_kl",
-        "train/clip_fraction", "memory/beta_mean", "memory/write_gain",
-        "memory/fast_weight_norm", "time/fps",
+        "rollout/ep_rew_mean",
+        "rollout/ep_len_mean",
+        "rollout/success_rate",
+        "train/policy_gradient_loss",
+        "train/value_loss",
+        "train/entropy_loss",
+        "train/memory_loss",
+        "train/loss",
+        "train/explained_variance",
+        "train/approx_kl",
+        "train/clip_fraction",
+        "memory/beta_mean",
+        "memory/write_gain",
+        "memory/fast_weight_norm",
+        "time/fps",
     }
     assert expected <= tags, expected - tags
     steps = [e.step for e in events.Scalars("rollout/success_rate")]
@@ -173,15 +192,17 @@ def test_tensorboard_scalars_written(tmp_path):
 
 
 def test_separate_critic_core():
-    model = small_model("lstm", policy_kwargs=dict(core_kwargs=dict(hidden_size=8),
-                                                   shared_core=False))
+    model = small_model(
+        "lstm", policy_kwargs=dict(core_kwargs=dict(hidden_size=8), shared_core=False)
+    )
     state = model.policy.initial_state(3)
     assert set(state) == {"h", "c", "critic/h", "critic/c"}
     buffer = collect_one_rollout(model)
     batch = next(buffer.minibatches(chunks_per_batch=2))
     with torch.no_grad():
-        _, values, _, _ = model.policy.forward_sequence(batch.observations, batch.states,
-                                                        batch.episode_starts)
+        _, values, _, _ = model.policy.forward_sequence(
+            batch.observations, batch.states, batch.episode_starts
+        )
     torch.testing.assert_close(values, batch.old_values, rtol=1e-5, atol=1e-6)
 
 

@@ -91,8 +91,8 @@ class ChunkRolloutBuffer:
             raise RuntimeError("rollout buffer is full")
         if self.observations is None:
             self.observations = map_obs(
-                obs, lambda v: torch.zeros((self.n_steps, *v.shape), dtype=v.dtype,
-                                           device=self.device)
+                obs,
+                lambda v: torch.zeros((self.n_steps, *v.shape), dtype=v.dtype, device=self.device),
             )
         if isinstance(obs, dict):
             for k, v in obs.items():
@@ -102,9 +102,13 @@ class ChunkRolloutBuffer:
         if self.pos % self.seq_len == 0:
             # clone: the state may share memory with a parameter (the initial fast weights)
             self.chunk_states.append(state.detach().clone())
-        for buf, x in ((self.actions, action), (self.rewards, reward),
-                       (self.episode_starts, episode_start), (self.values, value),
-                       (self.log_probs, log_prob)):
+        for buf, x in (
+            (self.actions, action),
+            (self.rewards, reward),
+            (self.episode_starts, episode_start),
+            (self.values, value),
+            (self.log_probs, log_prob),
+        ):
             buf[self.pos] = x
         self.pos += 1
 
@@ -126,24 +130,34 @@ class ChunkRolloutBuffer:
         self.returns = self.advantages + self.values
 
     def _as_chunks(self, x: Tensor) -> Tensor:
-        """``[n_steps, n_envs, ...] -> [seq_len, n_chunks, ...]``, chunk index ``c * n_envs + e``."""
+        """``[n_steps, n_envs, ...] -> [seq_len, n_chunks, ...]``; chunk ``c * n_envs + e``."""
         per_env = self.n_steps // self.seq_len
         x = x.reshape(per_env, self.seq_len, self.n_envs, *x.shape[2:]).transpose(0, 1)
         return x.reshape(self.seq_len, per_env * self.n_envs, *x.shape[3:])
 
-    def minibatches(self, chunks_per_batch: int,
-                    generator: torch.Generator | None = None) -> Iterator[ChunkBatch]:
+    def minibatches(
+        self, chunks_per_batch: int, generator: torch.Generator | None = None
+    ) -> Iterator[ChunkBatch]:
         """Shuffled minibatches of whole chunks (the last one may be smaller)."""
         if not self.full:
             raise RuntimeError(f"rollout buffer holds {self.pos} of {self.n_steps} steps")
         assert self.observations is not None
         obs = map_obs(self.observations, self._as_chunks)
-        fields = [self._as_chunks(x) for x in (self.actions, self.episode_starts, self.values,
-                                               self.log_probs, self.advantages, self.returns)]
+        fields = [
+            self._as_chunks(x)
+            for x in (
+                self.actions,
+                self.episode_starts,
+                self.values,
+                self.log_probs,
+                self.advantages,
+                self.returns,
+            )
+        ]
         states = CoreState.cat(self.chunk_states)  # chunk c's states are rows c*n_envs .. +n_envs
         order = torch.randperm(self.n_chunks, generator=generator).to(self.device)
         for start in range(0, self.n_chunks, chunks_per_batch):
-            idx = order[start:start + chunks_per_batch]
+            idx = order[start : start + chunks_per_batch]
             yield ChunkBatch(
                 map_obs(obs, lambda v, i=idx: v[:, i]),
                 *(f[:, idx] for f in fields),

@@ -50,14 +50,15 @@ class MemoryFeaturesExtractor(BaseFeaturesExtractor):
 
     * integer ``[H, W, C]`` grids (MiniGrid's symbolic image after
       :class:`mnm_rl.envs.minigrid.SymbolicMiniGrid`): per-channel embeddings;
-    * other Box and Discrete spaces (already one-hot encoded by SB3's ``preprocess_obs``): flattened;
+    * other Box and Discrete spaces (Discrete one-hot encoded by SB3's ``preprocess_obs``): flat;
     * Dict spaces: each key encoded as above, concatenated.
 
     Then one ``Linear + ReLU`` layer to ``features_dim``.
     """
 
-    def __init__(self, observation_space: spaces.Space, features_dim: int = 64,
-                 embedding_dim: int = 8):
+    def __init__(
+        self, observation_space: spaces.Space, features_dim: int = 64, embedding_dim: int = 8
+    ):
         super().__init__(observation_space, features_dim)
         subspaces = (
             dict(observation_space.spaces)

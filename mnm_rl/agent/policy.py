@@ -82,7 +82,10 @@ class RecurrentMemoryPolicy(BasePolicy):
             observation_space,
             action_space,
             features_extractor_class=MemoryFeaturesExtractor,
-            features_extractor_kwargs={"features_dim": features_dim, "embedding_dim": embedding_dim},
+            features_extractor_kwargs={
+                "features_dim": features_dim,
+                "embedding_dim": embedding_dim,
+            },
             optimizer_class=optimizer_class,
             optimizer_kwargs=optimizer_kwargs,
             normalize_images=False,
@@ -101,8 +104,9 @@ class RecurrentMemoryPolicy(BasePolicy):
         self.critic_core: RecurrentCore | None = (
             None if shared_core else make_core(core, features_dim, **self.core_kwargs)
         )
-        self.action_net = _mlp(self.core.output_size, self.net_arch, int(action_space.n),
-                               activation_fn)
+        self.action_net = _mlp(
+            self.core.output_size, self.net_arch, int(action_space.n), activation_fn
+        )
         self.value_net = _mlp(self.core.output_size, self.net_arch, 1, activation_fn)
         if ortho_init:
             for head, gain in ((self.action_net, 0.01), (self.value_net, 1.0)):
@@ -141,24 +145,29 @@ class RecurrentMemoryPolicy(BasePolicy):
         state = self.core.initial_state(n_envs, self.device)
         if self.critic_core is not None:
             critic = self.critic_core.initial_state(n_envs, self.device)
-            state = CoreState({**state, **{CRITIC_PREFIX + k: v for k, v in critic.items()}},
-                              batch_size=n_envs)
+            state = CoreState(
+                {**state, **{CRITIC_PREFIX + k: v for k, v in critic.items()}}, batch_size=n_envs
+            )
         return state
 
     def _split_state(self, state: CoreState) -> tuple[CoreState, CoreState | None]:
         if self.critic_core is None:
             return state, None
         actor = {k: v for k, v in state.items() if not k.startswith(CRITIC_PREFIX)}
-        critic = {k[len(CRITIC_PREFIX):]: v for k, v in state.items()
-                  if k.startswith(CRITIC_PREFIX)}
-        return (CoreState(actor, batch_size=state.batch_size),
-                CoreState(critic, batch_size=state.batch_size))
+        critic = {
+            k[len(CRITIC_PREFIX) :]: v for k, v in state.items() if k.startswith(CRITIC_PREFIX)
+        }
+        return (
+            CoreState(actor, batch_size=state.batch_size),
+            CoreState(critic, batch_size=state.batch_size),
+        )
 
     # --------------------------------------------------------------------------------- forward
     def encode(self, obs: Observation) -> Tensor:
         """Encode observations ``[T, B, ...]`` into features ``[T, B, features_dim]``."""
-        steps, batch = next(iter(obs.values())).shape[:2] if isinstance(obs, dict) else \
-            obs.shape[:2]
+        steps, batch = (
+            next(iter(obs.values())).shape[:2] if isinstance(obs, dict) else obs.shape[:2]
+        )
         flat = map_obs(obs, lambda v: v.reshape(steps * batch, *v.shape[2:]))
         features = self.features_extractor(
             preprocess_obs(flat, self.observation_space, normalize_images=False)
@@ -225,8 +234,11 @@ class RecurrentMemoryPolicy(BasePolicy):
         ``episode_start[b] = True`` where env ``b`` has just been reset."""
         self.set_training_mode(False)
         obs_tensor, vectorized = self.obs_to_tensor(observation)
-        n_envs = next(iter(obs_tensor.values())).shape[0] if isinstance(obs_tensor, dict) else \
-            obs_tensor.shape[0]
+        n_envs = (
+            next(iter(obs_tensor.values())).shape[0]
+            if isinstance(obs_tensor, dict)
+            else obs_tensor.shape[0]
+        )
         if state is None:
             state = self.initial_state(n_envs)
             starts = torch.ones(n_envs, device=self.device)
@@ -234,9 +246,13 @@ class RecurrentMemoryPolicy(BasePolicy):
             if state.batch_size != n_envs:
                 raise ValueError(f"state is for {state.batch_size} envs, observation for {n_envs}")
             state = state.to(self.device)
-            starts = (torch.zeros(n_envs, device=self.device) if episode_start is None else
-                      torch.as_tensor(np.asarray(episode_start), dtype=torch.float32,
-                                      device=self.device).reshape(n_envs))
+            starts = (
+                torch.zeros(n_envs, device=self.device)
+                if episode_start is None
+                else torch.as_tensor(
+                    np.asarray(episode_start), dtype=torch.float32, device=self.device
+                ).reshape(n_envs)
+            )
         with torch.no_grad():
             logits, _, state, _ = self.forward_sequence(
                 map_obs(obs_tensor, lambda v: v.unsqueeze(0)), state, starts.unsqueeze(0)

@@ -76,8 +76,12 @@ class MemoryPPO(OnPolicyAlgorithm):
         policy_kwargs = dict(policy_kwargs or {})
         if core is not None:
             policy_kwargs["core"] = core
-        for name, value in (("n_steps", n_steps), ("batch_size", batch_size),
-                            ("seq_len", seq_len), ("n_epochs", n_epochs)):
+        for name, value in (
+            ("n_steps", n_steps),
+            ("batch_size", batch_size),
+            ("seq_len", seq_len),
+            ("n_epochs", n_epochs),
+        ):
             if int(value) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         if n_steps % seq_len:
@@ -125,8 +129,13 @@ class MemoryPPO(OnPolicyAlgorithm):
             self.observation_space, self.action_space, self.lr_schedule, **self.policy_kwargs
         ).to(self.device)
         self.rollout_buffer = ChunkRolloutBuffer(  # type: ignore[assignment]
-            self.n_steps, self.n_envs, self.observation_space, self.seq_len, self.device,
-            gamma=self.gamma, gae_lambda=self.gae_lambda,
+            self.n_steps,
+            self.n_envs,
+            self.observation_space,
+            self.seq_len,
+            self.device,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
         )
         self.clip_range = FloatSchedule(self.clip_range)
         if self.clip_range_vf is not None:
@@ -135,12 +144,19 @@ class MemoryPPO(OnPolicyAlgorithm):
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_last_state"]
 
-    def _setup_learn(self, total_timesteps, callback=None, reset_num_timesteps=True,
-                     tb_log_name="run", progress_bar=False):
+    def _setup_learn(
+        self,
+        total_timesteps,
+        callback=None,
+        reset_num_timesteps=True,
+        tb_log_name="run",
+        progress_bar=False,
+    ):
         if self._last_state is None:
             self._last_obs = None  # a loaded model restarts its envs' episodes
-        total, callback = super()._setup_learn(total_timesteps, callback, reset_num_timesteps,
-                                               tb_log_name, progress_bar)
+        total, callback = super()._setup_learn(
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
         if reset_num_timesteps or self._last_state is None:
             self._last_state = self.policy.initial_state(self.n_envs)
         return total, callback
@@ -195,9 +211,15 @@ class MemoryPPO(OnPolicyAlgorithm):
                 return False
             self._update_info_buffer(infos, dones_np)
             rewards = self._bootstrap_truncated(rewards, dones_np, infos, new_state)
-            buffer.add(obs, actions, torch.as_tensor(rewards, dtype=torch.float32,
-                                                     device=self.device),
-                       starts, values[0], log_probs, state)
+            buffer.add(
+                obs,
+                actions,
+                torch.as_tensor(rewards, dtype=torch.float32, device=self.device),
+                starts,
+                values[0],
+                log_probs,
+                state,
+            )
             state = new_state
             obs = self._obs_tensor(new_obs)
             dones = torch.as_tensor(dones_np, dtype=torch.float32, device=self.device)
@@ -213,12 +235,17 @@ class MemoryPPO(OnPolicyAlgorithm):
         callback.on_rollout_end()
         return True
 
-    def _bootstrap_truncated(self, rewards: np.ndarray, dones: np.ndarray,
-                             infos: list[dict[str, Any]], state: CoreState) -> np.ndarray:
+    def _bootstrap_truncated(
+        self, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]], state: CoreState
+    ) -> np.ndarray:
         """Add ``gamma * V(terminal obs)`` to the reward of episodes cut by a time limit."""
-        truncated = [i for i, done in enumerate(dones) if done
-                     and infos[i].get("TimeLimit.truncated", False)
-                     and infos[i].get("terminal_observation") is not None]
+        truncated = [
+            i
+            for i, done in enumerate(dones)
+            if done
+            and infos[i].get("TimeLimit.truncated", False)
+            and infos[i].get("terminal_observation") is not None
+        ]
         if not truncated:
             return rewards
         rewards = rewards.astype(np.float32, copy=True)
@@ -227,7 +254,8 @@ class MemoryPPO(OnPolicyAlgorithm):
         )[0]
         with torch.no_grad():
             _, values, _, _ = self.policy.forward_sequence(
-                map_obs(terminal, lambda v: v.unsqueeze(0)), state.index(truncated),
+                map_obs(terminal, lambda v: v.unsqueeze(0)),
+                state.index(truncated),
                 torch.zeros(1, len(truncated), device=self.device),
             )
         rewards[truncated] += self.gamma * values[0].cpu().numpy()
@@ -238,8 +266,11 @@ class MemoryPPO(OnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)
-        clip_range_vf = (None if self.clip_range_vf is None
-                         else self.clip_range_vf(self._current_progress_remaining))
+        clip_range_vf = (
+            None
+            if self.clip_range_vf is None
+            else self.clip_range_vf(self._current_progress_remaining)
+        )
         buffer: ChunkRolloutBuffer = self.rollout_buffer  # type: ignore[assignment]
         stats: dict[str, list[float]] = {}
 
@@ -256,7 +287,9 @@ class MemoryPPO(OnPolicyAlgorithm):
                 if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
                     continue_training = False
                     if self.verbose >= 1:
-                        print(f"Early stopping at step {self._n_updates} (approx_kl {approx_kl:.3f})")
+                        print(
+                            f"Early stopping at step {self._n_updates} (approx_kl {approx_kl:.3f})"
+                        )
                     break
                 self.policy.optimizer.zero_grad()
                 loss.backward()
@@ -292,31 +325,38 @@ class MemoryPPO(OnPolicyAlgorithm):
             advantages * ratio, advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
         ).mean()
         if clip_range_vf is not None:
-            values = batch.old_values + torch.clamp(values - batch.old_values,
-                                                    -clip_range_vf, clip_range_vf)
+            values = batch.old_values + torch.clamp(
+                values - batch.old_values, -clip_range_vf, clip_range_vf
+            )
         value_loss = F.mse_loss(batch.returns, values)
         entropy_loss = -entropy.mean()
         loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
         with torch.no_grad():
             approx_kl = float(((ratio - 1) - log_ratio).mean())
             clip_fraction = float((torch.abs(ratio - 1) > clip_range).float().mean())
-        record(**{
-            "train/policy_gradient_loss": policy_loss.item(),
-            "train/value_loss": value_loss.item(),
-            "train/entropy_loss": entropy_loss.item(),
-            "train/approx_kl": approx_kl,
-            "train/clip_fraction": clip_fraction,
-        })
+        record(
+            **{
+                "train/policy_gradient_loss": policy_loss.item(),
+                "train/value_loss": value_loss.item(),
+                "train/entropy_loss": entropy_loss.item(),
+                "train/approx_kl": approx_kl,
+                "train/clip_fraction": clip_fraction,
+            }
+        )
         if aux:
             memory_loss = aux["recon_after"].mean()
             loss = loss + self.mem_coef * memory_loss
             with torch.no_grad():
-                record(**{
-                    "train/memory_loss": memory_loss.item(),
-                    "memory/beta_mean": aux["beta"].mean().item(),
-                    "memory/write_gain": (aux["recon_before"] - aux["recon_after"]).mean().item(),
-                    "memory/fast_weight_norm": aux["fast_weight_norm"].mean().item(),
-                })
+                record(
+                    **{
+                        "train/memory_loss": memory_loss.item(),
+                        "memory/beta_mean": aux["beta"].mean().item(),
+                        "memory/write_gain": (aux["recon_before"] - aux["recon_after"])
+                        .mean()
+                        .item(),
+                        "memory/fast_weight_norm": aux["fast_weight_norm"].mean().item(),
+                    }
+                )
         record(**{"train/loss": loss.item()})
         return loss, approx_kl
 
@@ -342,8 +382,9 @@ class MemoryPPO(OnPolicyAlgorithm):
     ) -> SelfMemoryPPO:
         if total_timesteps < 1:
             raise ValueError(f"total_timesteps must be positive, got {total_timesteps}")
-        return super().learn(total_timesteps, callback, log_interval, tb_log_name,
-                             reset_num_timesteps, progress_bar)
+        return super().learn(
+            total_timesteps, callback, log_interval, tb_log_name, reset_num_timesteps, progress_bar
+        )
 
 
 def _stack_obs(observations: list[Any]) -> Any:
