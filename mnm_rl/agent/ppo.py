@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -25,6 +27,10 @@ from mnm_rl.memory import CoreState
 SelfMemoryPPO = TypeVar("SelfMemoryPPO", bound="MemoryPPO")
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or fast weight became NaN or infinite; the update was not applied."""
+
+
 class MemoryPPO(OnPolicyAlgorithm):
     """Proximal Policy Optimisation with a recurrent memory core (MNM, LSTM, GRU or none).
 
@@ -40,6 +46,8 @@ class MemoryPPO(OnPolicyAlgorithm):
         seq_len: chunk length for training and truncated backpropagation through time.
         batch_size: environment steps per minibatch; a multiple of ``seq_len``.
         mem_coef: weight of the memory's reconstruction (meta-)loss.
+        on_nonfinite: ``"stop"`` raises :class:`NonFiniteError` when a loss, the gradients or the
+            fast weights go NaN/inf (the update is not applied); ``"skip"`` skips and counts.
     """
 
     policy_aliases: ClassVar[dict[str, type]] = {"MemoryPolicy": RecurrentMemoryPolicy}
@@ -65,6 +73,7 @@ class MemoryPPO(OnPolicyAlgorithm):
         mem_coef: float = 1.0,
         max_grad_norm: float = 0.5,
         target_kl: float | None = None,
+        on_nonfinite: str = "stop",
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -116,6 +125,10 @@ class MemoryPPO(OnPolicyAlgorithm):
         self.normalize_advantage = normalize_advantage
         self.mem_coef = mem_coef
         self.target_kl = target_kl
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite_skips = 0
         self._last_state: CoreState | None = None
         if getattr(self, "action_space", None) is not None:
             check_action_space(self.action_space)
@@ -282,7 +295,9 @@ class MemoryPPO(OnPolicyAlgorithm):
         for _ in range(self.n_epochs):
             approx_kls = []
             for batch in buffer.minibatches(self.batch_size // self.seq_len):
-                loss, approx_kl = self._loss(batch, clip_range, clip_range_vf, record)
+                loss, approx_kl, checks = self._loss(batch, clip_range, clip_range_vf, record)
+                if self._skip_nonfinite(checks):
+                    continue
                 approx_kls.append(approx_kl)
                 if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
                     continue_training = False
@@ -293,7 +308,12 @@ class MemoryPPO(OnPolicyAlgorithm):
                     break
                 self.policy.optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.policy.parameters(), self.max_grad_norm
+                )
+                if self._skip_nonfinite({"gradients": float(grad_norm)}):
+                    self.policy.optimizer.zero_grad()
+                    continue
                 self.policy.optimizer.step()
             self._n_updates += 1
             if not continue_training:
@@ -304,6 +324,7 @@ class MemoryPPO(OnPolicyAlgorithm):
         for key, series in stats.items():
             self.logger.record(key, float(np.mean(series)))
         self.logger.record("train/explained_variance", explained_var)
+        self.logger.record("train/nonfinite_skips", self.nonfinite_skips)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/clip_range", clip_range)
         if clip_range_vf is not None:
@@ -334,6 +355,11 @@ class MemoryPPO(OnPolicyAlgorithm):
         with torch.no_grad():
             approx_kl = float(((ratio - 1) - log_ratio).mean())
             clip_fraction = float((torch.abs(ratio - 1) > clip_range).float().mean())
+        checks = {
+            "policy loss": policy_loss.item(),
+            "value loss": value_loss.item(),
+            "entropy": entropy_loss.item(),
+        }
         record(
             **{
                 "train/policy_gradient_loss": policy_loss.item(),
@@ -346,6 +372,8 @@ class MemoryPPO(OnPolicyAlgorithm):
         if aux:
             memory_loss = aux["recon_after"].mean()
             loss = loss + self.mem_coef * memory_loss
+            checks["memory loss"] = memory_loss.item()
+            checks["fast weights"] = aux["fast_weight_norm"].max().item()
             with torch.no_grad():
                 record(
                     **{
@@ -358,7 +386,27 @@ class MemoryPPO(OnPolicyAlgorithm):
                     }
                 )
         record(**{"train/loss": loss.item()})
-        return loss, approx_kl
+        return loss, approx_kl, checks
+
+    def _skip_nonfinite(self, checks: dict[str, float]) -> bool:
+        """True (after counting and logging) when a checked quantity is NaN or infinite.
+
+        The update is never applied. With ``on_nonfinite="stop"`` (default) a
+        :class:`NonFiniteError` naming the quantity stops training; with ``"skip"`` the minibatch
+        is skipped and counted in ``train/nonfinite_skips``.
+        """
+        bad = [name for name, value in checks.items() if not math.isfinite(value)]
+        if not bad:
+            return False
+        self.nonfinite_skips += 1
+        message = (
+            f"non-finite {', '.join(bad)} at update {self._n_updates} "
+            f"(step {self.num_timesteps}); the update was not applied"
+        )
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(message)
+        warnings.warn(message + "; skipping the minibatch", RuntimeWarning, stacklevel=2)
+        return True
 
     # -------------------------------------------------------------------------------- predict
     def predict(
@@ -393,4 +441,4 @@ def _stack_obs(observations: list[Any]) -> Any:
     return np.stack(observations)
 
 
-__all__ = ["MemoryPPO"]
+__all__ = ["MemoryPPO", "NonFiniteError"]
