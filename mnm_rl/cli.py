@@ -1,0 +1,399 @@
+"""The ``mnm-rl`` command line: train, eval, record, plot, list.
+
+Bad input (unknown env or agent, a bad ``--set``, a missing run, a file that is not a
+checkpoint, non-positive numbers) ends with one line ``mnm-rl: error: ...`` on stderr and exit
+status 2. Heavy modules (torch, stable-baselines3) are imported only once the input is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from mnm_rl.config import ConfigError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line and name the subcommand's help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"mnm-rl: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mnm_rl.presets import DEFAULT_AGENT, DEFAULT_ENV
+
+    parser = _Parser(
+        prog="mnm-rl",
+        description="Recurrent PPO with Metalearned Neural Memory: train, evaluate, record, plot.",
+    )
+    from mnm_rl import __version__
+
+    parser.add_argument("--version", action="version", version=f"mnm-rl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train an agent on an env preset or gymnasium id")
+    train.add_argument("--env", help=f"env preset or gymnasium id (default {DEFAULT_ENV})")
+    train.add_argument("--agent", help=f"agent preset (default {DEFAULT_AGENT})")
+    train.add_argument("--timesteps", type=_positive_int, help="total env steps")
+    train.add_argument("--seed", type=_non_negative_int, help="run seed (default 0)")
+    train.add_argument("--n-envs", type=_positive_int, help="parallel envs")
+    train.add_argument("--device", help="torch device: auto, cpu, cuda, cuda:1 ...")
+    train.add_argument("--run-dir", type=Path, help="folder for this run (default: under --root)")
+    train.add_argument("--root", type=Path, default=Path("runs"), help="runs root (default runs)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. agent.ppo.learning_rate=1e-3 (repeatable)",
+    )
+    train.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    evaluate = sub.add_parser("eval", help="evaluate a run or model on held-out seeds")
+    evaluate.add_argument("model", type=Path, metavar="RUN_OR_MODEL")
+    evaluate.add_argument("--episodes", type=_positive_int, help="episodes (default: the run's)")
+    evaluate.add_argument("--env", help="env preset or gymnasium id (default: the run's env)")
+    evaluate.add_argument("--stochastic", action="store_true", help="sample actions")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--out", type=Path, help="JSON file (default: in the run folder)")
+
+    record = sub.add_parser("record", help="record episodes as a GIF or MP4")
+    record.add_argument("model", type=Path, metavar="RUN_OR_MODEL")
+    record.add_argument("--out", type=Path, required=True, help="FILE.gif or FILE.mp4")
+    record.add_argument("--episodes", type=_positive_int, default=2)
+    record.add_argument("--env", help="env preset or gymnasium id (default: the run's env)")
+    record.add_argument("--fps", type=_positive_float, default=4.0)
+    record.add_argument("--max-steps", type=_positive_int, default=500, help="per episode")
+    record.add_argument("--stochastic", action="store_true", help="sample actions")
+    record.add_argument("--plot", type=Path, help="diagnostics plot (default FILE-memory.png)")
+    record.add_argument("--device", default="auto")
+
+    plot = sub.add_parser("plot", help="plot learning curves from runs' TensorBoard logs")
+    plot.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", type=Path, default=Path("curves.png"))
+    plot.add_argument("--tag", default="rollout/success_rate", help="TensorBoard scalar")
+
+    sub.add_parser("list", help="list env and agent presets")
+    return parser
+
+
+# ------------------------------------------------------------------------------------- train
+def _resolve_train_config(args: argparse.Namespace):
+    from mnm_rl import __version__, presets
+    from mnm_rl.config import RunConfig, TrainConfig, apply_overrides, deep_merge, validate
+    from mnm_rl.env_factory import resolve_env
+
+    env_preset = resolve_env(args.env or presets.DEFAULT_ENV)
+    agent = presets.load_agent_preset(args.agent or presets.DEFAULT_AGENT)
+    agent_data = deep_merge(agent.model_dump(), env_preset.agent)
+    train_data = dict(env_preset.train)
+    for key, value in (
+        ("timesteps", args.timesteps),
+        ("seed", args.seed),
+        ("n_envs", args.n_envs),
+        ("device", args.device),
+    ):
+        if value is not None:
+            train_data[key] = value
+    source = f"env preset {env_preset.name!r} agent overrides"
+    config = validate(
+        RunConfig,
+        {
+            "env": env_preset.spec().model_dump(),
+            "agent": agent_data,
+            "train": validate(TrainConfig, train_data, "train settings").model_dump(),
+            "version": __version__,
+        },
+        source,
+    )
+    return apply_overrides(config, args.overrides)
+
+
+def _resume_config(args: argparse.Namespace):
+    from mnm_rl.runs import check_run_dir, latest_model, load_config
+
+    for flag, value in (
+        ("--env", args.env),
+        ("--agent", args.agent),
+        ("--seed", args.seed),
+        ("--n-envs", args.n_envs),
+        ("--run-dir", args.run_dir),
+        ("--set", args.overrides or None),
+    ):
+        if value is not None:
+            raise ConfigError(f"--resume continues the run's saved config; {flag} cannot change")
+    run_dir = check_run_dir(args.resume)
+    config = load_config(run_dir)
+    update: dict[str, Any] = {}
+    if args.timesteps is not None:
+        update["timesteps"] = args.timesteps
+    if args.device is not None:
+        update["device"] = args.device
+    if update:
+        config = config.model_copy(update={"train": config.train.model_copy(update=update)})
+    return config, run_dir, latest_model(run_dir)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mnm_rl.runs import EVAL_FILE, new_run_dir, save_config
+
+    if args.resume is not None:
+        config, run_dir, checkpoint = _resume_config(args)
+    else:
+        config = _resolve_train_config(args)
+        checkpoint = None
+        if args.run_dir is not None:
+            run_dir = args.run_dir
+            if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+                raise ConfigError(f"--run-dir {run_dir} exists and is not empty; use --resume")
+            run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = new_run_dir(args.root, config.env.name, config.agent.name, config.train.seed)
+    from mnm_rl.training import train_run  # heavy: torch, SB3
+
+    save_config(run_dir, config)
+    verb = f"resuming {checkpoint}" if checkpoint else "training"
+    print(
+        f"mnm-rl: {verb}: {config.agent.name} on {config.env.name} ({config.env.id}), "
+        f"{config.train.timesteps} steps, {config.train.n_envs} envs, seed {config.train.seed}"
+        f"\nmnm-rl: run folder {run_dir}",
+        flush=True,
+    )
+    model = train_run(config, run_dir, resume_from=checkpoint, progress=not args.no_progress)
+    print(f"mnm-rl: saved {run_dir / 'model.zip'} ({model.num_timesteps} env steps)")
+    if config.train.eval_episodes > 0:
+        report = _evaluate(
+            model,
+            config.env,
+            config.train.eval_episodes,
+            config.train.eval_deterministic,
+            {"model": "model.zip", "num_timesteps": model.num_timesteps},
+        )
+        _write_report(report, run_dir / EVAL_FILE)
+    return 0
+
+
+# -------------------------------------------------------------------------------------- eval
+def _load_for(path: Path, env_name: str | None, device: str):
+    """(model, env spec, model file, run folder) for a run folder or a model file."""
+    from mnm_rl.env_factory import resolve_env
+    from mnm_rl.runs import load_config, resolve_model
+
+    model_path, run_dir = resolve_model(path)
+    config = load_config(run_dir) if run_dir is not None else None
+    if env_name is not None:
+        spec = resolve_env(env_name).spec()
+    elif config is not None:
+        spec = config.env
+    else:
+        raise ConfigError(f"{model_path} is not inside a run folder; pass --env")
+    from mnm_rl.agent import MemoryPPO
+
+    try:
+        model = MemoryPPO.load(model_path, device=device)
+    except Exception as err:  # a damaged or foreign zip that passed the structural checks
+        raise ConfigError(f"cannot load {model_path}: {str(err).splitlines()[0]}") from None
+    _check_spaces(model, spec)
+    return model, spec, model_path, run_dir, config
+
+
+def _check_spaces(model, spec) -> None:
+    from mnm_rl.env_factory import make_env
+
+    env = make_env(spec)
+    try:
+        for name in ("observation_space", "action_space"):
+            if getattr(env, name) != getattr(model, name):
+                raise ConfigError(
+                    f"the model's {name} {getattr(model, name)} does not match env "
+                    f"{spec.name!r}: {getattr(env, name)}"
+                )
+    finally:
+        env.close()
+
+
+def _evaluate(model, spec, episodes: int, deterministic: bool, extra: dict) -> dict:
+    from mnm_rl.evaluation import evaluate
+
+    report = evaluate(model, spec, episodes, deterministic, extra)
+    _print_table(report)
+    return report
+
+
+def _print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"held-out evaluation on {report['env']} ({report['env_id']})")
+    for column in ("episodes", "success rate", "mean return", "mean length", "seeds"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(report["episodes"]),
+        f"{report['success_rate']:.3f} ± {report['success_rate_stderr']:.3f}",
+        f"{report['mean_return']:.3f} ± {report['std_return']:.3f}",
+        f"{report['mean_length']:.1f}",
+        f"{report['seeds'][0]}..{report['seeds'][1] - 1}",
+    )
+    Console(width=110).print(table)
+
+
+def _write_report(report: dict, path: Path) -> None:
+    from mnm_rl.runs import write_json
+
+    write_json(path, report)
+    print(f"mnm-rl: wrote {path}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mnm_rl.runs import EVAL_FILE, MODEL_FILE, slug
+
+    model, spec, model_path, run_dir, config = _load_for(args.model, args.env, args.device)
+    episodes = args.episodes or (config.train.eval_episodes if config else 0) or 100
+    report = _evaluate(
+        model,
+        spec,
+        episodes,
+        not args.stochastic,
+        {"model": str(model_path), "num_timesteps": model.num_timesteps},
+    )
+    if args.out is not None:
+        out = args.out
+    else:
+        folder = run_dir if run_dir is not None else model_path.parent
+        default = (
+            run_dir is not None
+            and model_path.name == MODEL_FILE
+            and spec.name == config.env.name
+            and not args.stochastic
+        )
+        suffix = "-stochastic" if args.stochastic else ""
+        name = EVAL_FILE if default else f"eval-{model_path.stem}-{slug(spec.name)}{suffix}.json"
+        out = folder / name
+    _write_report(report, out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ record
+def cmd_record(args: argparse.Namespace) -> int:
+    from mnm_rl.recording import VIDEO_SUFFIXES
+
+    if args.out.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ConfigError(f"--out must end in .gif or .mp4, got {args.out}")
+    model, spec, model_path, _, _ = _load_for(args.model, args.env, args.device)
+    from mnm_rl.recording import (
+        plot_diagnostics,
+        record_episodes,
+        write_diagnostics_csv,
+        write_video,
+    )
+
+    recording = record_episodes(model, spec, args.episodes, not args.stochastic, args.max_steps)
+    write_video(recording.frames, args.out, args.fps)
+    print(
+        f"mnm-rl: wrote {args.out} ({len(recording.frames)} frames, {args.episodes} episodes, "
+        f"returns {', '.join(f'{r:.2f}' for r in recording.returns)})"
+    )
+    csv_path = args.out.with_name(args.out.stem + "-memory.csv")
+    write_diagnostics_csv(recording, csv_path)
+    if recording.has_memory:
+        plot_path = args.plot or args.out.with_name(args.out.stem + "-memory.png")
+        plot_diagnostics(recording, plot_path, f"{model_path} on {spec.name}")
+        print(f"mnm-rl: wrote {csv_path} and {plot_path} (beta and write gain per step)")
+    else:
+        print(f"mnm-rl: wrote {csv_path}; the core has no memory diagnostics, so no plot")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- plot
+def cmd_plot(args: argparse.Namespace) -> int:
+    from mnm_rl.plotting import find_runs, load_curves, plot_curves
+
+    runs = find_runs(args.runs)
+    summary = plot_curves(load_curves(runs, args.tag), args.out, args.tag)
+    print(f"mnm-rl: wrote {args.out} from {len(runs)} runs: {json.dumps(summary)}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- list
+def cmd_list(args: argparse.Namespace) -> int:
+    from mnm_rl import presets
+
+    print("env presets (--env; any registered gymnasium id works too):")
+    for name in presets.env_names():
+        preset = presets.load_env_preset(name)
+        mark = " (default)" if name == presets.DEFAULT_ENV else ""
+        print(f"  {name:<24} {preset.id:<30} {preset.description}{mark}")
+    print("agent presets (--agent):")
+    for name in presets.agent_names():
+        agent = presets.load_agent_preset(name)
+        mark = " (default)" if name == presets.DEFAULT_AGENT else ""
+        print(f"  {name:<24} {agent.core:<30} {agent.description}{mark}")
+    print(f"presets read from {presets.preset_dir('envs')} and {presets.preset_dir('agents')}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "record": cmd_record,
+    "plot": cmd_plot,
+    "list": cmd_list,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mnm-rl`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"mnm-rl: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as err:
+        print(f"mnm-rl: {err or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Build environments from an env preset, or from any registered gymnasium id.
+
+``gymnasium.make(id, **kwargs)``, then the preset's wrappers in order, then (for training)
+stable-baselines3's ``Monitor``; a ``DummyVecEnv`` holds the parallel copies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+import mnm_rl.envs  # noqa: F401  (registers our ids)
+from mnm_rl.config import ConfigError, EnvPreset, EnvSpec, WrapperConfig, closest
+
+
+def _symbolic_minigrid(env: gym.Env, **kwargs: Any) -> gym.Env:
+    from mnm_rl.envs.minigrid import SymbolicMiniGrid
+
+    return SymbolicMiniGrid(env, **kwargs)
+
+
+def _view_size(env: gym.Env, agent_view_size: int) -> gym.Env:
+    from minigrid.wrappers import ViewSizeWrapper
+
+    return ViewSizeWrapper(env, agent_view_size=agent_view_size)
+
+
+def _action_subset(env: gym.Env, actions: list[int | str]) -> gym.Env:
+    from mnm_rl.wrappers import ActionSubset
+
+    return ActionSubset(env, actions)
+
+
+def _time_limit(env: gym.Env, max_episode_steps: int) -> gym.Env:
+    return gym.wrappers.TimeLimit(env, max_episode_steps=max_episode_steps)
+
+
+#: Wrappers a preset can name, with what they do.
+WRAPPERS: dict[str, tuple[Callable[..., gym.Env], str]] = {
+    "symbolic_minigrid": (_symbolic_minigrid, "MiniGrid: symbolic image + direction, no mission"),
+    "view_size": (_view_size, "MiniGrid: agent_view_size (minigrid's ViewSizeWrapper)"),
+    "action_subset": (_action_subset, "keep only the listed actions (indices or MiniGrid names)"),
+    "time_limit": (_time_limit, "gymnasium's TimeLimit(max_episode_steps)"),
+}
+
+
+def _import_wrapper(path: str) -> Callable[..., gym.Env]:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"cannot import wrapper {path!r}: {err}") from None
+
+
+def _wrapper(config: WrapperConfig) -> Callable[..., gym.Env]:
+    if config.name in WRAPPERS:
+        return WRAPPERS[config.name][0]
+    if ":" in config.name:
+        return _import_wrapper(config.name)
+    raise ConfigError(
+        f"unknown wrapper {config.name!r}; expected one of {', '.join(WRAPPERS)} "
+        "or an import path 'package.module:Class'"
+    )
+
+
+def _is_minigrid(env_id: str) -> bool:
+    entry = gym.spec(env_id).entry_point
+    name = entry if isinstance(entry, str) else getattr(entry, "__module__", "")
+    return name.startswith("minigrid")
+
+
+def registered_ids() -> list[str]:
+    """Every gymnasium id registered after importing minigrid and our envs."""
+    try:
+        import minigrid  # noqa: F401  (registers MiniGrid-* ids)
+    except ImportError:
+        pass
+    return list(gym.registry)
+
+
+def spec_for_gym_id(env_id: str) -> EnvPreset | None:
+    """A preset for a registered gymnasium id (``None`` if unknown): no wrappers, except the
+    symbolic observation wrapper for MiniGrid envs."""
+    ids = registered_ids()
+    lookup = env_id
+    if ":" in env_id:  # gymnasium's "module:Id" form imports the module first
+        module, _, lookup = env_id.partition(":")
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return None
+        ids = list(gym.registry)
+    if lookup not in ids:
+        return None
+    wrappers = [WrapperConfig(name="symbolic_minigrid")] if _is_minigrid(lookup) else []
+    return EnvPreset(
+        name=lookup.replace("/", "_").replace(":", "_"),
+        description=f"gymnasium id {lookup}",
+        id=lookup,
+        wrappers=wrappers,
+    )
+
+
+def resolve_env(name: str) -> EnvPreset:
+    """The env preset ``name``, or else a preset for the registered gymnasium id ``name``."""
+    from mnm_rl import presets
+
+    names = presets.env_names()
+    if name in names:
+        return presets.load_env_preset(name)
+    preset = spec_for_gym_id(name)
+    if preset is not None:
+        return preset
+    suggestions = closest(name, names, n=3) or closest(name, registered_ids(), n=3)
+    hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
+    raise ConfigError(
+        f"unknown env {name!r}{hint} (presets: {', '.join(names)}; "
+        "any registered gymnasium id also works)"
+    )
+
+
+def make_env(spec: EnvSpec, render_mode: str | None = None, monitor: bool = False) -> gym.Env:
+    """One env: ``gymnasium.make`` with the spec's kwargs, then its wrappers (then ``Monitor``)."""
+    kwargs = dict(spec.kwargs)
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    try:
+        env = gym.make(spec.id, **kwargs)
+        for wrapper in spec.wrappers:
+            env = _wrapper(wrapper)(env, **wrapper.kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, gym.error.Error) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"cannot make env {spec.name!r} ({spec.id}): {message}") from None
+    if monitor:
+        from stable_baselines3.common.monitor import Monitor
+
+        env = Monitor(env)
+    return env
+
+
+def train_base_seed(spec: EnvSpec, run_seed: int, n_envs: int, num_timesteps: int = 0) -> int:
+    """First of ``n_envs`` consecutive training seeds, drawn from the preset's ``train_seeds``.
+
+    Deterministic in ``(run_seed, num_timesteps)``, so a resumed run gets fresh episodes.
+    """
+    span = len(spec.train_seeds) - n_envs + 1
+    if span < 1:
+        raise ConfigError(
+            f"n_envs ({n_envs}) exceeds the {len(spec.train_seeds)} training seeds of {spec.name}"
+        )
+    rng = np.random.default_rng([run_seed, num_timesteps])
+    return spec.train_seeds.start + int(rng.integers(span))
+
+
+def make_vec_env(spec: EnvSpec, n_envs: int, seed: int | None = None):
+    """A ``DummyVecEnv`` of ``n_envs`` monitored envs; env ``i`` first resets with ``seed + i``."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    if n_envs < 1:
+        raise ConfigError(f"n_envs must be positive, got {n_envs}")
+    make_env(spec).close()  # fail here, with a clear message, rather than inside DummyVecEnv
+    vec_env = DummyVecEnv([lambda: make_env(spec, monitor=True) for _ in range(n_envs)])
+    if seed is not None:
+        vec_env.seed(seed)
+    return vec_env
+
+
+__all__ = [
+    "WRAPPERS",
+    "make_env",
+    "make_vec_env",
+    "registered_ids",
+    "resolve_env",
+    "spec_for_gym_id",
+    "train_base_seed",
+]

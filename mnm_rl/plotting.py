@@ -1,0 +1,132 @@
+"""Learning curves from the TensorBoard event files of runs: mean and spread over seeds, a line
+per agent, a panel per env."""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mnm_rl.config import ConfigError
+from mnm_rl.runs import CONFIG_FILE, TB_DIR, check_run_dir, is_run_dir, load_config
+
+DEFAULT_TAG = "rollout/success_rate"
+
+
+@dataclass
+class Curve:
+    env: str
+    agent: str
+    seed: int
+    run_dir: Path
+    steps: np.ndarray
+    values: np.ndarray
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run folders named directly or found below the given folders."""
+    runs: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise ConfigError(f"run folder {path} does not exist")
+        if is_run_dir(path):
+            runs.append(path)
+            continue
+        if not path.is_dir():
+            raise ConfigError(f"{path} is not a run folder")
+        found = sorted(p.parent for p in path.rglob(CONFIG_FILE))
+        if not found:
+            check_run_dir(path)  # raises: no config.yaml
+        runs += found
+    return list(dict.fromkeys(runs))
+
+
+def read_scalars(tb_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values of ``tag`` from every event file in ``tb_dir`` (later files win)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: dict[int, float] = {}
+    for events in sorted(tb_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if tag in accumulator.Tags().get("scalars", []):
+            for event in accumulator.Scalars(tag):
+                points[int(event.step)] = float(event.value)
+    steps = np.array(sorted(points), dtype=float)
+    return steps, np.array([points[int(s)] for s in steps])
+
+
+def load_curves(run_dirs: list[Path], tag: str = DEFAULT_TAG) -> list[Curve]:
+    curves = []
+    for run_dir in run_dirs:
+        config = load_config(run_dir)
+        steps, values = read_scalars(run_dir / TB_DIR, tag)
+        if len(steps) == 0:
+            print(f"mnm-rl: warning: {run_dir} has no {tag!r} yet; skipped", file=sys.stderr)
+            continue
+        curves.append(
+            Curve(config.env.name, config.agent.name, config.train.seed, run_dir, steps, values)
+        )
+    return curves
+
+
+def aggregate(
+    curves: list[Curve], points: int = 200
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max over runs on a common step grid (each run counts where it has data)."""
+    end = max(c.steps[-1] for c in curves)
+    start = min(c.steps[0] for c in curves)
+    grid = np.linspace(start, end, points)
+    table = np.full((len(curves), points), np.nan)
+    for i, c in enumerate(curves):
+        inside = (grid >= c.steps[0]) & (grid <= c.steps[-1])
+        table[i, inside] = np.interp(grid[inside], c.steps, c.values)
+    covered = ~np.all(np.isnan(table), axis=0)
+    table = table[:, covered]
+    with np.errstate(all="ignore"):
+        return (
+            grid[covered],
+            np.nanmean(table, axis=0),
+            np.nanmin(table, axis=0),
+            np.nanmax(table, axis=0),
+        )
+
+
+def plot_curves(curves: list[Curve], out: Path, tag: str = DEFAULT_TAG) -> dict:
+    """Draw one panel per env, one line per agent (mean over seeds, shaded min to max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        raise ConfigError(f"no run has {tag!r} data to plot")
+    by_env: dict[str, dict[str, list[Curve]]] = defaultdict(lambda: defaultdict(list))
+    for curve in curves:
+        by_env[curve.env][curve.agent].append(curve)
+    fig, axes = plt.subplots(
+        1, len(by_env), figsize=(6 * len(by_env), 4), squeeze=False, sharey=True
+    )
+    summary: dict = {}
+    for ax, (env, agents) in zip(axes[0], sorted(by_env.items()), strict=True):
+        for agent, runs in sorted(agents.items()):
+            grid, mean, low, high = aggregate(runs)
+            line = ax.plot(grid, mean, label=f"{agent} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+            ax.fill_between(grid, low, high, color=line[0].get_color(), alpha=0.2)
+            summary.setdefault(env, {})[agent] = {"seeds": len(runs), "final_mean": mean[-1]}
+        ax.set_title(env)
+        ax.set_xlabel("env steps")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best")
+    axes[0][0].set_ylabel(f"{tag} (mean; shaded: min-max over seeds)")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return summary
+
+
+__all__ = ["DEFAULT_TAG", "Curve", "find_runs", "load_curves", "plot_curves", "read_scalars"]

@@ -1,0 +1,115 @@
+"""Finding and reading the env presets (``envs/*.yaml``) and agent presets (``agents/*.yaml``).
+
+The top-level ``envs/`` and ``agents/`` folders of the source tree are the only copy. A wheel
+ships them as ``mnm_rl/presets/envs`` and ``mnm_rl/presets/agents`` (mapped in ``pyproject.toml``).
+In a source checkout (also an editable install) the top-level folders are read directly.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+
+from mnm_rl.config import (
+    AgentPreset,
+    ConfigError,
+    EnvPreset,
+    did_you_mean,
+    load_yaml,
+    validate,
+)
+
+#: The agent used when ``--agent`` is not given.
+DEFAULT_AGENT = "mnm-p"
+#: The env used in the README's first command.
+DEFAULT_ENV = "MiniGrid-Memory"
+
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _source_checkout() -> Path | None:
+    """The repository root when running from a source checkout, else ``None``."""
+    root = _SOURCE_ROOT
+    pyproject = root / "pyproject.toml"
+    if (root / "envs").is_dir() and (root / "agents").is_dir() and pyproject.is_file():
+        if 'name = "mnm-rl"' in pyproject.read_text(errors="replace"):
+            return root
+    return None
+
+
+def preset_dir(kind: str) -> Traversable:
+    """The folder of ``kind`` presets: ``"envs"`` or ``"agents"``."""
+    if kind not in ("envs", "agents"):
+        raise ValueError(f"kind must be 'envs' or 'agents', got {kind!r}")
+    root = _source_checkout()
+    if root is not None:
+        return root / kind
+    return importlib.resources.files(__name__) / kind
+
+
+def _files(kind: str) -> dict[str, Traversable]:
+    folder = preset_dir(kind)
+    if not folder.is_dir():
+        raise ConfigError(f"preset folder {folder} is missing; reinstall mnm-rl")
+    return {
+        f.name.removesuffix(".yaml"): f
+        for f in folder.iterdir()
+        if f.name.endswith(".yaml") and f.is_file()
+    }
+
+
+def env_names() -> list[str]:
+    """Names of the env presets, sorted."""
+    return sorted(_files("envs"))
+
+
+def agent_names() -> list[str]:
+    """Names of the agent presets, sorted."""
+    return sorted(_files("agents"))
+
+
+def _read(kind: str, name: str) -> tuple[dict, str]:
+    files = _files(kind)
+    if name not in files:
+        raise KeyError(name)
+    file = files[name]
+    data = load_yaml(Path(str(file))) if isinstance(file, Path) else _load_traversable(file)
+    data.setdefault("name", name)
+    if data["name"] != name:
+        raise ConfigError(f"{kind}/{name}.yaml: name {data['name']!r} differs from the file name")
+    return data, f"{kind}/{name}.yaml"
+
+
+def _load_traversable(file: Traversable) -> dict:
+    with importlib.resources.as_file(file) as path:
+        return load_yaml(path)
+
+
+def load_env_preset(name: str) -> EnvPreset:
+    """The env preset ``name``; :class:`KeyError` if there is none."""
+    data, source = _read("envs", name)
+    return validate(EnvPreset, data, source)
+
+
+def load_agent_preset(name: str) -> AgentPreset:
+    """The agent preset ``name``; :class:`ConfigError` naming the closest presets if unknown."""
+    try:
+        data, source = _read("agents", name)
+    except KeyError:
+        names = agent_names()
+        raise ConfigError(
+            f"unknown agent {name!r}{did_you_mean(name, names)} (agents: {', '.join(names)})"
+        ) from None
+    return validate(AgentPreset, data, source)
+
+
+__all__ = [
+    "DEFAULT_AGENT",
+    "DEFAULT_ENV",
+    "agent_names",
+    "env_names",
+    "load_agent_preset",
+    "load_env_preset",
+    "preset_dir",
+]

@@ -1,0 +1,167 @@
+"""Training a run: build :class:`~mnm_rl.agent.MemoryPPO` from a resolved config, log to
+TensorBoard, show progress, write checkpoints, and resume from them.
+
+The agent knows nothing of this module; this module only calls the agent's public API.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.logger import configure
+
+from mnm_rl.agent import MemoryPPO
+from mnm_rl.config import ConfigError, RunConfig
+from mnm_rl.env_factory import make_vec_env, train_base_seed
+from mnm_rl.runs import (
+    MODEL_FILE,
+    TB_DIR,
+    checkpoint_path,
+    checkpoint_steps,
+    save_model,
+)
+
+
+class ProgressBar(BaseCallback):
+    """A tqdm bar over env steps with the throughput and the rollout success rate."""
+
+    def __init__(self, total_timesteps: int, refresh_s: float = 1.0):
+        super().__init__()
+        self.total_timesteps = total_timesteps
+        self.refresh_s = refresh_s
+        self.bar = None
+
+    def _on_training_start(self) -> None:
+        from tqdm import tqdm
+
+        self._start_steps = self.model.num_timesteps
+        self._start_time = self._last_refresh = time.monotonic()
+        self.bar = tqdm(
+            total=self.total_timesteps,
+            initial=self._start_steps,
+            unit="step",
+            unit_scale=True,
+            dynamic_ncols=True,
+            mininterval=self.refresh_s,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]",
+        )
+
+    def _on_step(self) -> bool:
+        now = time.monotonic()
+        if self.bar is not None and now - self._last_refresh >= self.refresh_s:
+            self._refresh(now)
+        return True
+
+    def _refresh(self, now: float) -> None:
+        self._last_refresh = now
+        steps = self.model.num_timesteps
+        fps = (steps - self._start_steps) / max(now - self._start_time, 1e-9)
+        buffer = self.model.ep_success_buffer
+        success = f"{np.mean(buffer):.2f}" if buffer else "-"
+        self.bar.set_postfix_str(f"fps={fps:.0f} success={success}", refresh=False)
+        self.bar.total = max(self.bar.total, steps)  # the last rollout may overshoot the total
+        self.bar.update(steps - self.bar.n)
+
+    def _on_training_end(self) -> None:
+        if self.bar is not None:
+            self._refresh(time.monotonic())
+            self.bar.close()
+            self.bar = None
+
+
+class PeriodicCheckpoint(BaseCallback):
+    """Save the model to ``checkpoints/step_<N>.zip`` every ``every`` env steps (atomically)."""
+
+    def __init__(self, run_dir: Path, every: int):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.every = every
+        self.saved: list[Path] = []
+
+    def _on_training_start(self) -> None:
+        self._next = (self.model.num_timesteps // self.every + 1) * self.every
+
+    def _on_step(self) -> bool:
+        steps = self.model.num_timesteps
+        if steps >= self._next:
+            self.saved.append(save_model(self.model, checkpoint_path(self.run_dir, steps)))
+            while self._next <= steps:
+                self._next += self.every
+        return True
+
+
+def build_model(config: RunConfig, env) -> MemoryPPO:
+    """A fresh :class:`MemoryPPO` for ``config`` on ``env``."""
+    try:
+        return MemoryPPO(
+            env=env,
+            seed=config.train.seed,
+            device=config.train.device,
+            **config.agent.model_kwargs(),
+        )
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(f"cannot build the agent: {str(err).splitlines()[0]}") from None
+
+
+def _check_device(device: str) -> None:
+    try:
+        torch.device(device if device != "auto" else "cpu")
+    except RuntimeError as err:
+        raise ConfigError(f"bad --device {device!r}: {err}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+
+
+def train_run(
+    config: RunConfig,
+    run_dir: Path,
+    resume_from: Path | None = None,
+    progress: bool = True,
+) -> MemoryPPO:
+    """Train until ``config.train.timesteps`` env steps, starting fresh or from a checkpoint.
+
+    Writes TensorBoard events to ``run_dir/tb``, periodic checkpoints and the final
+    ``run_dir/model.zip``. On Ctrl-C, saves a checkpoint first so the run can be resumed.
+    """
+    train = config.train
+    _check_device(train.device)
+    if train.torch_threads is not None:
+        torch.set_num_threads(train.torch_threads)
+    done = checkpoint_steps(resume_from) if resume_from is not None else 0
+    remaining = train.timesteps - done
+    if remaining <= 0:
+        raise ConfigError(
+            f"the run already has {done} env steps; pass --timesteps larger than {done}"
+        )
+    env = make_vec_env(
+        config.env, train.n_envs, train_base_seed(config.env, train.seed, train.n_envs, done)
+    )
+    if resume_from is None:
+        model = build_model(config, env)
+    else:
+        model = MemoryPPO.load(resume_from, env=env, device=train.device)
+    model.set_logger(configure(str(Path(run_dir) / TB_DIR), ["tensorboard"]))
+    checkpointer = PeriodicCheckpoint(run_dir, train.checkpoint_every)
+    callbacks: list[BaseCallback] = [checkpointer]
+    if progress:
+        callbacks.append(ProgressBar(train.timesteps))
+    try:
+        model.learn(
+            remaining,
+            callback=CallbackList(callbacks),
+            reset_num_timesteps=resume_from is None,
+        )
+    except KeyboardInterrupt:
+        path = save_model(model, checkpoint_path(run_dir, model.num_timesteps))
+        raise KeyboardInterrupt(f"interrupted; saved {path}") from None
+    finally:
+        env.close()
+    save_model(model, Path(run_dir) / MODEL_FILE)
+    return model
+
+
+__all__ = ["PeriodicCheckpoint", "ProgressBar", "build_model", "train_run"]

@@ -1,0 +1,45 @@
+"""Small gymnasium wrappers that env presets can name."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gymnasium as gym
+from gymnasium import spaces
+
+
+def _minigrid_action(name: str) -> int:
+    from minigrid.core.actions import Actions
+
+    if name not in Actions.__members__:
+        raise ValueError(
+            f"unknown MiniGrid action {name!r}; expected one of {', '.join(Actions.__members__)}"
+        )
+    return int(Actions[name])
+
+
+class ActionSubset(gym.ActionWrapper):
+    """Expose only some actions of a ``Discrete`` action space, renumbered from 0.
+
+    ``actions`` lists the kept actions as indices of the wrapped space or, for MiniGrid, as names
+    (``left``, ``right``, ``forward``, ``pickup``, ``drop``, ``toggle``, ``done``).
+    """
+
+    def __init__(self, env: gym.Env, actions: Sequence[int | str]):
+        super().__init__(env)
+        if not isinstance(env.action_space, spaces.Discrete):
+            raise ValueError(f"ActionSubset needs a Discrete action space, got {env.action_space}")
+        if not actions:
+            raise ValueError("ActionSubset needs at least one action")
+        n = int(env.action_space.n)
+        indices = [a if isinstance(a, int) else _minigrid_action(a) for a in actions]
+        for a in indices:
+            if not 0 <= a < n:
+                raise ValueError(f"action {a} is outside the wrapped space Discrete({n})")
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"ActionSubset actions repeat: {list(actions)}")
+        self.actions = indices
+        self.action_space = spaces.Discrete(len(indices))
+
+    def action(self, action) -> int:
+        return self.actions[int(action)]
