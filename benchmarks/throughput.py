@@ -1,0 +1,427 @@
+"""Training throughput: our recurrent PPO against sb3-contrib's RecurrentPPO, side by side.
+
+For one environment, number of envs, rollout length, number of epochs and minibatch size, times:
+
+(a) ``ceiling``: raw vectorised env stepping with random actions (the same ``VecEnv`` our agent
+    steps), the upper bound for any agent;
+(b) ``sb3-contrib``: sb3-contrib's ``RecurrentPPO`` (``MlpLstmPolicy``, its default architecture,
+    i.e. separate actor and critic LSTMs) with ``lstm_hidden_size`` equal to our cores' width;
+(c) our ``MemoryPPO`` with each core: ``mlp``, ``lstm``, ``gru``, ``mnm-p``, ``mnm-g``.
+
+Each agent runs one warm-up ``learn()`` of one rollout, then a timed ``learn()`` of
+``--rollouts`` rollouts (rollout plus update). ``collect_rollouts`` and ``train`` are wrapped with
+timers on the instance (their behaviour is unchanged) to split the time between rollout and
+update. Every measurement runs in a fresh subprocess, so its peak memory is that process's peak
+resident set size (``ru_maxrss``); ``learn_mb`` is how much the timed ``learn()`` raised it. On a
+GPU, ``peak_mb`` is ``torch.cuda.max_memory_allocated`` instead. Configurations are run in
+interleaved rounds (every config once per round) and we report medians, so a change in the
+machine's load hits every configuration alike; ratios are ratios of the medians.
+
+The mnm-p scaling section times one epoch of ``train()`` on a collected rollout of 8 envs x 256
+steps, with 8 chunks per minibatch, against the truncated-BPTT length ``seq_len`` and against the
+memory width ``D``. Its memory column counts the bytes autograd saves for the backward pass of one
+minibatch (unique storages seen by ``torch.autograd.graph.saved_tensors_hooks``), which is what
+truncation bounds; ``seq_len = n_steps`` is full-rollout BPTT.
+
+    python benchmarks/throughput.py --quick          # < 5 minutes on 2 CPU cores
+    python benchmarks/throughput.py                  # the numbers in docs/benchmarks.md
+    python benchmarks/throughput.py --device cuda    # (c) on a GPU
+
+The last line printed is a JSON object (see ``summary``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+AGENTS = ("sb3-contrib", "mlp", "lstm", "gru", "mnm-p", "mnm-g")
+OUR_CORES = ("mlp", "lstm", "gru", "mnm-p", "mnm-g")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--env", default="MiniGrid-MemoryS7-v0")
+    p.add_argument("--n-envs", type=int, default=8)
+    p.add_argument("--n-steps", type=int, default=128, help="rollout length per env")
+    p.add_argument("--batch-size", type=int, default=256, help="env steps per minibatch")
+    p.add_argument("--n-epochs", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=16, help="our truncated-BPTT chunk length")
+    p.add_argument("--hidden", type=int, default=64, help="width of every core and sb3's LSTM")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in every process")
+    p.add_argument("--device", default="cpu", help="device for our agents (c): cpu or cuda")
+    p.add_argument("--rollouts", type=int, default=4, help="timed rollouts per measurement")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians reported")
+    p.add_argument("--configs", nargs="+", default=["ceiling", *AGENTS])
+    p.add_argument("--no-scaling", action="store_true", help="skip the mnm-p scaling tables")
+    p.add_argument("--quick", action="store_true", help="fewer rounds and sizes (< 5 minutes)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds = min(args.rounds, 3)
+        args.rollouts = min(args.rollouts, 2)
+    return args
+
+
+# ------------------------------------------------------------------------------ worker helpers
+def _setup_torch(threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    return torch
+
+
+def _is_minigrid(env_id: str) -> bool:
+    return env_id.startswith("MiniGrid")
+
+
+def make_env(args: argparse.Namespace, for_sb3_contrib: bool = False):
+    """The vectorised env. MiniGrid gets ``agent_view_size=3`` and an observation wrapper:
+    our ``SymbolicMiniGrid`` for us, minigrid's ``ImgObsWrapper`` (a Box) for sb3-contrib."""
+    import gymnasium as gym
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import mnm_rl  # noqa: F401  (registers the mnm_rl envs)
+
+    kwargs: dict[str, Any] = {}
+    wrapper = None
+    if _is_minigrid(args.env):
+        import minigrid  # noqa: F401  (registers the MiniGrid envs)
+        from minigrid.wrappers import ImgObsWrapper
+
+        from mnm_rl.envs.minigrid import SymbolicMiniGrid
+
+        kwargs = dict(agent_view_size=3)
+        wrapper = ImgObsWrapper if for_sb3_contrib else SymbolicMiniGrid
+    elif for_sb3_contrib and isinstance(gym.make(args.env).observation_space, gym.spaces.Dict):
+        raise ValueError(f"{args.env} has Dict observations, which RecurrentPPO cannot take")
+    return make_vec_env(
+        args.env, n_envs=args.n_envs, seed=0, wrapper_class=wrapper, env_kwargs=kwargs
+    )
+
+
+class _Timer:
+    """Wraps a model's ``collect_rollouts`` and ``train`` to accumulate their wall time."""
+
+    def __init__(self, model, synchronize=None):
+        self.rollout = self.update = 0.0
+        self.sync = synchronize or (lambda: None)
+        collect, train = model.collect_rollouts, model.train
+
+        def timed_collect(*a, **k):
+            t = time.perf_counter()
+            out = collect(*a, **k)
+            self.sync()
+            self.rollout += time.perf_counter() - t
+            return out
+
+        def timed_train(*a, **k):
+            t = time.perf_counter()
+            out = train(*a, **k)
+            self.sync()
+            self.update += time.perf_counter() - t
+            return out
+
+        model.collect_rollouts, model.train = timed_collect, timed_train
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def build_agent(name: str, args: argparse.Namespace, env, device: str):
+    common = dict(
+        n_steps=args.n_steps,
+        batch_size=args.batch_size,
+        n_epochs=args.n_epochs,
+        seed=0,
+        device=device,
+    )
+    if name == "sb3-contrib":
+        from sb3_contrib import RecurrentPPO
+
+        return RecurrentPPO(
+            "MlpLstmPolicy", env, policy_kwargs=dict(lstm_hidden_size=args.hidden), **common
+        )
+    from mnm_rl.agent import MemoryPPO
+
+    return MemoryPPO(
+        env=env,
+        core=name,
+        seq_len=args.seq_len,
+        policy_kwargs=dict(core_kwargs=dict(hidden_size=args.hidden), features_dim=args.hidden),
+        **common,
+    )
+
+
+def run_agent(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One warm-up rollout+update, then ``args.rollouts`` timed ones."""
+    torch = _setup_torch(args.threads)
+    device = "cpu" if name == "sb3-contrib" else args.device
+    cuda = device.startswith("cuda")
+    env = make_env(args, for_sb3_contrib=name == "sb3-contrib")
+    model = build_agent(name, args, env, device)
+    timer = _Timer(model, torch.cuda.synchronize if cuda else None)
+    per_rollout = args.n_steps * args.n_envs
+    model.learn(per_rollout)
+    timer.rollout = timer.update = 0.0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = _max_rss_mb()
+    start = time.perf_counter()
+    model.learn(per_rollout * args.rollouts, reset_num_timesteps=False)
+    elapsed = time.perf_counter() - start
+    after = _max_rss_mb()
+    return {
+        "name": name,
+        "sps": per_rollout * args.rollouts / elapsed,
+        "seconds": elapsed,
+        "rollout_s": timer.rollout,
+        "update_s": timer.update,
+        "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else after,
+        "learn_mb": after - before,
+    }
+
+
+def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+    """Raw stepping of the same VecEnv with uniformly random actions."""
+    import numpy as np
+
+    _setup_torch(args.threads)
+    env = make_env(args)
+    env.reset()
+    rng = np.random.default_rng(0)
+    n_actions = int(env.action_space.n)
+    vec_steps = max(200, args.n_steps * args.rollouts)
+    actions = rng.integers(n_actions, size=(vec_steps + 50, args.n_envs))
+    for a in actions[:50]:  # warm-up
+        env.step(a)
+    start = time.perf_counter()
+    for a in actions[50:]:
+        env.step(a)
+    elapsed = time.perf_counter() - start
+    return {
+        "name": "ceiling",
+        "sps": vec_steps * args.n_envs / elapsed,
+        "seconds": elapsed,
+        "rollout_s": elapsed,
+        "update_s": 0.0,
+        "peak_mb": _max_rss_mb(),
+        "learn_mb": 0.0,
+    }
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the unique storages autograd saves for backward while ``fn()`` runs."""
+    import torch
+
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def run_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """mnm-p update cost per env step and autograd memory against seq_len and D."""
+    torch = _setup_torch(args.threads)
+    from mnm_rl.agent import MemoryPPO
+
+    n_steps, chunks = 256, 8
+    seq_lens = (16, 64, 256) if args.quick else (16, 32, 64, 128, 256)
+    widths = (32, 64, 128) if args.quick else (32, 64, 128, 256)
+    points = [(s, args.hidden) for s in seq_lens] + [
+        (args.seq_len, d) for d in widths if d != args.hidden
+    ]
+    env = make_env(args)
+    rows = []
+    for seq_len, dim in points:
+        model = MemoryPPO(
+            env=env,
+            core="mnm-p",
+            n_steps=n_steps,
+            seq_len=seq_len,
+            batch_size=chunks * seq_len,
+            n_epochs=1,
+            seed=0,
+            device=args.device,
+            policy_kwargs=dict(core_kwargs=dict(hidden_size=dim), features_dim=args.hidden),
+        )
+        _, callback = model._setup_learn(n_steps * args.n_envs, None)
+        callback.on_training_start(locals(), globals())
+        model.collect_rollouts(model.env, callback, model.rollout_buffer, n_steps)
+        times = []
+        for _ in range(2 if args.quick else 3):
+            start = time.perf_counter()
+            model.train()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        batch = next(model.rollout_buffer.minibatches(chunks))
+
+        def forward(model=model, batch=batch):
+            _, _, _, aux = model.policy.forward_sequence(
+                batch.observations, batch.states, batch.episode_starts
+            )
+            return aux
+
+        rows.append(
+            {
+                "seq_len": seq_len,
+                "D": dim,
+                "update_us_per_step": 1e6 * min(times) / (n_steps * args.n_envs),
+                "saved_mb": _saved_bytes(forward) / 2**20,
+            }
+        )
+    return {"name": "scaling", "rows": rows, "n_steps": n_steps, "chunks": chunks}
+
+
+def worker(args: argparse.Namespace) -> None:
+    if args.worker == "ceiling":
+        out = run_ceiling(args)
+    elif args.worker == "scaling":
+        out = run_scaling(args)
+    else:
+        out = run_agent(args.worker, args)
+    print(json.dumps(out))
+
+
+# -------------------------------------------------------------------------------- orchestrator
+def _spawn(name: str, argv: list[str]) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+
+
+def summary(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> dict:
+    med = {k: statistics.median(r["sps"] for r in v) for k, v in results.items()}
+    peak = {k: max(r["peak_mb"] for r in v) for k, v in results.items()}
+    return {
+        "env": args.env,
+        "n_envs": args.n_envs,
+        "n_steps": args.n_steps,
+        "batch_size": args.batch_size,
+        "n_epochs": args.n_epochs,
+        "seq_len": args.seq_len,
+        "hidden": args.hidden,
+        "device": args.device,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "ceiling_sps": med.get("ceiling"),
+        "sb3_contrib_lstm_sps": med.get("sb3-contrib"),
+        "sps": {k: med[k] for k in OUR_CORES if k in med},
+        "peak_mb": {k: peak[k] for k in AGENTS if k in peak},
+    }
+
+
+def print_table(results: dict[str, list[dict[str, Any]]]) -> None:
+    med = {k: statistics.median(r["sps"] for r in v) for k, v in results.items()}
+    base, ceiling = med.get("sb3-contrib"), med.get("ceiling")
+    print(
+        f"{'config':<12} {'env steps/s':>12} {'min..max':>15} {'rollout':>8} {'update':>7} "
+        f"{'x sb3':>7} {'% ceiling':>9} {'peak MB':>8} {'learn MB':>8}"
+    )
+    for name, runs in results.items():
+        sps = [r["sps"] for r in runs]
+        total = sum(r["rollout_s"] + r["update_s"] for r in runs)
+        roll = sum(r["rollout_s"] for r in runs) / total if total else 0.0
+        ratio = f"{med[name] / base:7.2f}" if base and name != "ceiling" else f"{'':>7}"
+        frac = f"{100 * med[name] / ceiling:8.1f}%" if ceiling else f"{'':>9}"
+        print(
+            f"{name:<12} {med[name]:12.0f} {min(sps):7.0f}..{max(sps):<7.0f} {100 * roll:7.0f}% "
+            f"{100 * (1 - roll):6.0f}% {ratio} {frac} {max(r['peak_mb'] for r in runs):8.0f} "
+            f"{statistics.median(r['learn_mb'] for r in runs):8.0f}"
+        )
+
+
+def print_scaling(scaling: dict[str, Any], hidden: int, seq_len: int) -> None:
+    rows = scaling["rows"]
+    full = scaling["n_steps"]
+    print(
+        f"\nmnm-p update cost, {scaling['chunks']} chunks per minibatch, rollout of "
+        f"{scaling['n_steps']} steps x n_envs (seq_len {full} = full-rollout BPTT)"
+    )
+    print(f"{'seq_len':>7} {'D':>4} {'update us/env step':>19} {'autograd MB/minibatch':>22}")
+    for r in rows:
+        print(
+            f"{r['seq_len']:7d} {r['D']:4d} {r['update_us_per_step']:19.1f} {r['saved_mb']:22.1f}"
+        )
+    by_len = {r["seq_len"]: r for r in rows if r["D"] == hidden}
+    if full in by_len and seq_len in by_len:
+        saving = by_len[full]["saved_mb"] / by_len[seq_len]["saved_mb"]
+        print(
+            f"truncated BPTT (seq_len {seq_len}) saves {saving:.1f}x the autograd memory of "
+            f"full-rollout BPTT (seq_len {full}) per minibatch of the same number of chunks"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return {}
+    raw = sys.argv[1:] if argv is None else argv
+    print(f"machine: {machine()}")
+    print(f"command: python benchmarks/throughput.py {' '.join(raw)}")
+    print(
+        f"env {args.env}, {args.n_envs} envs, n_steps {args.n_steps}, batch {args.batch_size}, "
+        f"{args.n_epochs} epochs, seq_len {args.seq_len}, width {args.hidden}, "
+        f"torch threads {args.threads}, device {args.device} (sb3-contrib on cpu), "
+        f"{args.rounds} rounds x {args.rollouts} timed rollouts",
+        flush=True,
+    )
+    passthrough = [a for a in raw if a != "--quick"]
+    passthrough += ["--rollouts", str(args.rollouts)]
+    if args.quick:
+        passthrough.append("--quick")
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in args.configs}
+    for round_ in range(args.rounds):
+        for name in args.configs:
+            results[name].append(_spawn(name, passthrough))
+        line = ", ".join(f"{n} {results[n][-1]['sps']:.0f}" for n in args.configs)
+        print(f"round {round_ + 1}/{args.rounds}: {line}", flush=True)
+    print()
+    print_table(results)
+    scaling = None
+    if not args.no_scaling:
+        scaling = _spawn("scaling", passthrough)
+        print_scaling(scaling, args.hidden, args.seq_len)
+    out = summary(args, results)
+    if scaling is not None:
+        out["scaling_mnm_p"] = scaling["rows"]
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
