@@ -120,34 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------- train
 def _resolve_train_config(args: argparse.Namespace):
-    from mnm_rl import __version__, presets
-    from mnm_rl.config import RunConfig, TrainConfig, apply_overrides, deep_merge, validate
-    from mnm_rl.env_factory import resolve_env
+    from mnm_rl.presets import resolve_run_config
 
-    env_preset = resolve_env(args.env or presets.DEFAULT_ENV)
-    agent = presets.load_agent_preset(args.agent or presets.DEFAULT_AGENT)
-    agent_data = deep_merge(agent.model_dump(), env_preset.agent)
-    train_data = dict(env_preset.train)
-    for key, value in (
-        ("timesteps", args.timesteps),
-        ("seed", args.seed),
-        ("n_envs", args.n_envs),
-        ("device", args.device),
-    ):
-        if value is not None:
-            train_data[key] = value
-    source = f"env preset {env_preset.name!r} agent overrides"
-    config = validate(
-        RunConfig,
-        {
-            "env": env_preset.spec().model_dump(),
-            "agent": agent_data,
-            "train": validate(TrainConfig, train_data, "train settings").model_dump(),
-            "version": __version__,
-        },
-        source,
-    )
-    return apply_overrides(config, args.overrides)
+    train = {
+        key: value
+        for key, value in (
+            ("timesteps", args.timesteps),
+            ("seed", args.seed),
+            ("n_envs", args.n_envs),
+            ("device", args.device),
+        )
+        if value is not None
+    }
+    return resolve_run_config(args.env, args.agent, train, args.overrides)
 
 
 def _resume_config(args: argparse.Namespace):
@@ -246,11 +231,16 @@ def _check_spaces(model, spec) -> None:
         for name in ("observation_space", "action_space"):
             if getattr(env, name) != getattr(model, name):
                 raise ConfigError(
-                    f"the model's {name} {getattr(model, name)} does not match env "
-                    f"{spec.name!r}: {getattr(env, name)}"
+                    f"the model's {name} {_short(getattr(model, name))} does not match env "
+                    f"{spec.name!r}: {_short(getattr(env, name))}"
                 )
     finally:
         env.close()
+
+
+def _short(space, limit: int = 80) -> str:
+    text = " ".join(str(space).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _evaluate(model, spec, episodes: int, deterministic: bool, extra: dict) -> dict:
@@ -388,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ConfigError as err:
-        print(f"mnm-rl: error: {err}", file=sys.stderr)
+        print(f"mnm-rl: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
         return EXIT_USAGE
     except KeyboardInterrupt as err:
         print(f"mnm-rl: {err or 'interrupted'}", file=sys.stderr)

@@ -126,6 +126,8 @@ def resolve_env(name: str) -> EnvPreset:
 
 def make_env(spec: EnvSpec, render_mode: str | None = None, monitor: bool = False) -> gym.Env:
     """One env: ``gymnasium.make`` with the spec's kwargs, then its wrappers (then ``Monitor``)."""
+    if spec.id not in gym.registry:
+        registered_ids()  # imports minigrid, which registers its ids
     kwargs = dict(spec.kwargs)
     if render_mode is not None:
         kwargs["render_mode"] = render_mode

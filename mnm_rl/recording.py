@@ -125,7 +125,6 @@ def record_episodes(
                     text += f" beta={record.beta:.2f}"
                 recording.frames.append(_annotate(env.render(), text))
             recording.returns.append(total)
-            recording.frames += recording.frames[-1:] * 3  # pause on the last frame
     finally:
         env.close()
     return recording

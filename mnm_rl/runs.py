@@ -139,7 +139,12 @@ def checkpoint_steps(path: Path) -> int:
         raise CheckpointError(f"{path} is not a model file")
     try:
         with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
+            infos = archive.infolist()
+            # A cut-off file can still parse as a zip: the directory of an archive stored inside
+            # it (torch's policy.pth) is then found, with entries that do not start at byte 0.
+            if not infos or min(info.header_offset for info in infos) != 0:
+                raise CheckpointError(f"{path} is not a readable checkpoint (truncated or damaged)")
+            names = {info.filename for info in infos}
             if not {"data", "policy.pth"} <= names:
                 raise CheckpointError(f"{path} is not a mnm-rl checkpoint (no SB3 model inside)")
             bad = archive.testzip()

@@ -8,13 +8,19 @@ In a source checkout (also an editable install) the top-level folders are read d
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Iterable, Mapping
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 from mnm_rl.config import (
     AgentPreset,
     ConfigError,
     EnvPreset,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    deep_merge,
     did_you_mean,
     load_yaml,
     validate,
@@ -104,6 +110,37 @@ def load_agent_preset(name: str) -> AgentPreset:
     return validate(AgentPreset, data, source)
 
 
+def resolve_run_config(
+    env: str | None = None,
+    agent: str | None = None,
+    train: Mapping[str, Any] | None = None,
+    overrides: Iterable[str] = (),
+) -> RunConfig:
+    """The run config for an env (preset or gymnasium id) and an agent preset.
+
+    Layers, later wins: the agent preset, the env preset's ``agent`` overrides, the env preset's
+    ``train`` defaults, ``train`` (the command-line flags), then ``overrides`` (``--set`` items).
+    """
+    from mnm_rl import __version__
+    from mnm_rl.env_factory import resolve_env
+
+    env_preset = resolve_env(env or DEFAULT_ENV)
+    agent_preset = load_agent_preset(agent or DEFAULT_AGENT)
+    agent_data = deep_merge(agent_preset.model_dump(), env_preset.agent)
+    train_data = {**env_preset.train, **(train or {})}
+    config = validate(
+        RunConfig,
+        {
+            "env": env_preset.spec().model_dump(),
+            "agent": agent_data,
+            "train": validate(TrainConfig, train_data, "train settings").model_dump(),
+            "version": __version__,
+        },
+        f"agent {agent_preset.name!r} with env preset {env_preset.name!r}",
+    )
+    return apply_overrides(config, overrides)
+
+
 __all__ = [
     "DEFAULT_AGENT",
     "DEFAULT_ENV",
@@ -112,4 +149,5 @@ __all__ = [
     "load_agent_preset",
     "load_env_preset",
     "preset_dir",
+    "resolve_run_config",
 ]

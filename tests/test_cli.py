@@ -1,0 +1,230 @@
+"""The ``mnm-rl`` command line, driven in subprocesses: train, eval, record, plot, resume, list and
+every kind of bad input (one-line error, exit status 2, no traceback)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import imageio.v3 as iio
+import pytest
+import torch
+import yaml
+
+SCRIPT = Path(sys.executable).with_name("mnm-rl")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mnm_rl"]
+
+# A tiny agent on the DelayedCueRecall preset: a few seconds of training.
+TINY = [
+    "--env",
+    "DelayedCueRecall",
+    "--timesteps",
+    "2048",
+    "--n-envs",
+    "4",
+    "--no-progress",
+    "--set",
+    "agent.policy.core_kwargs.hidden_size=16",
+    "--set",
+    "agent.policy.features_dim=16",
+    "--set",
+    "agent.policy.net_arch=[16]",
+    "--set",
+    "agent.ppo.n_steps=32",
+    "--set",
+    "agent.ppo.batch_size=64",
+    "--set",
+    "train.checkpoint_every=1000",
+    "--set",
+    "train.eval_episodes=20",
+]
+
+
+def mnm_rl(*args: str | Path, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [*COMMAND, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def only_run(root: Path) -> Path:
+    runs = [p.parent for p in root.rglob("config.yaml")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def optimizer_step(model_zip: Path) -> float:
+    with zipfile.ZipFile(model_zip) as archive:
+        state = torch.load(io.BytesIO(archive.read("policy.optimizer.pth")), weights_only=False)
+    return float(next(iter(state["state"].values()))["step"])
+
+
+def tb_steps(run_dir: Path, tag: str = "rollout/success_rate") -> list[int]:
+    from mnm_rl.plotting import read_scalars
+
+    steps, _ = read_scalars(run_dir / "tb", tag)
+    return [int(s) for s in steps]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def run_dir(workdir: Path) -> Path:
+    result = ok(mnm_rl("train", *TINY, cwd=workdir))
+    run = only_run(workdir / "runs")
+    assert run.parent == workdir / "runs" / "DelayedCueRecall" / "mnm-p"
+    assert run.name.startswith("0-")
+    assert str(run.relative_to(workdir)) in result.stdout
+    return run
+
+
+def test_train_writes_the_run_layout(run_dir: Path):
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["env"]["id"] == "mnm_rl/DelayedCueRecall-v0"
+    assert config["agent"]["core"] == "mnm-p"
+    assert config["agent"]["policy"]["core_kwargs"]["hidden_size"] == 16
+    assert config["train"]["timesteps"] == 2048
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    # Every 1000 steps with 4 envs (steps advance by 4), not at the end (the final model is).
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000001000.zip", "step_0000002000.zip"]
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+    assert (run_dir / "model.zip").is_file()
+    assert tb_steps(run_dir)[-1] >= 2048
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["episodes"] == 20 == len(report["per_episode"])
+    assert 0 <= report["success_rate"] <= 1
+    # Held-out seeds: disjoint from the preset's training seeds.
+    assert report["seeds"][0] >= config["env"]["train_seeds"]["stop"]
+    assert {e["seed"] for e in report["per_episode"]} == set(range(*report["seeds"]))
+
+
+def test_eval_prints_a_table_and_writes_reproducible_json(run_dir: Path, workdir: Path):
+    first = ok(mnm_rl("eval", run_dir, "--episodes", "12", cwd=workdir))
+    assert "success rate" in first.stdout and "mean return" in first.stdout
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["episodes"] == 12 and report["deterministic"] is True
+    ok(mnm_rl("eval", run_dir / "model.zip", "--episodes", "12", cwd=workdir))
+    again = json.loads((run_dir / "eval.json").read_text())
+    assert again["per_episode"] == report["per_episode"]
+    checkpoint = sorted((run_dir / "checkpoints").iterdir())[0]
+    ok(mnm_rl("eval", checkpoint, "--episodes", "5", "--stochastic", cwd=workdir))
+    written = run_dir / f"eval-{checkpoint.stem}-DelayedCueRecall-stochastic.json"
+    assert json.loads(written.read_text())["deterministic"] is False
+
+
+def test_record_writes_video_and_memory_diagnostics(run_dir: Path, workdir: Path):
+    result = ok(mnm_rl("record", run_dir, "--out", workdir / "ep.gif", cwd=workdir))
+    frames = iio.imread(workdir / "ep.gif", index=None)
+    # 2 episodes of 10 steps: a first frame and 10 step frames each.
+    assert frames.shape[0] == 2 * (1 + 10)
+    assert (workdir / "ep-memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (workdir / "ep-memory.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert len(rows) == 1 + 20
+    betas = [float(r.split(",")[header.index("beta")]) for r in rows[1:]]
+    assert all(0 < b < 1 for b in betas)
+    assert "beta" in result.stdout
+    ok(mnm_rl("record", run_dir, "--out", workdir / "ep.mp4", "--episodes", "1", cwd=workdir))
+    assert (workdir / "ep.mp4").stat().st_size > 1000
+
+
+def test_plot_reads_event_files_one_line_per_agent(run_dir: Path, workdir: Path):
+    ok(mnm_rl("train", *TINY, "--agent", "lstm", "--seed", "1", cwd=workdir))
+    out = workdir / "curves.png"
+    result = ok(mnm_rl("plot", workdir / "runs", "--out", out, cwd=workdir))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(result.stdout.split(" runs: ", 1)[1])
+    assert set(summary["DelayedCueRecall"]) == {"mnm-p", "lstm"}
+
+
+def test_resume_continues_steps_tensorboard_and_optimizer(run_dir: Path, workdir: Path):
+    copy = workdir / "resumed"
+    shutil.copytree(run_dir, copy)
+    before = optimizer_step(copy / "model.zip")
+    steps_before = tb_steps(copy)
+    ok(mnm_rl("train", "--resume", copy, "--timesteps", "3072", "--no-progress", cwd=workdir))
+    from mnm_rl.runs import checkpoint_steps
+
+    assert checkpoint_steps(copy / "model.zip") == 3072
+    # Adam's step count continues: 1024 more env steps = 8 rollouts x 4 epochs x 2 minibatches.
+    assert optimizer_step(copy / "model.zip") == before + 64
+    steps_after = tb_steps(copy)
+    assert steps_after[: len(steps_before)] == steps_before
+    assert steps_after[-1] == 3072 and len(steps_after) > len(steps_before)
+    assert len(list((copy / "tb").glob("events.out.tfevents.*"))) == 2
+    again = mnm_rl("train", "--resume", copy, "--no-progress", cwd=workdir)
+    assert again.returncode == 2 and "already has 3072 env steps" in again.stderr
+
+
+def test_list_shows_env_and_agent_presets(workdir: Path):
+    result = ok(mnm_rl("list", cwd=workdir))
+    for name in ("MiniGrid-Memory", "MiniGrid-MemoryS17Random", "DelayedCueRecall", "mnm-p"):
+        assert name in result.stdout
+    for name in ("mnm-g", "lstm", "gru", "mlp", "KeyValueRecall"):
+        assert name in result.stdout
+
+
+def bad_inputs(run: Path, tmp: Path) -> list[tuple[list, str]]:
+    not_zip = tmp / "notes.zip"
+    not_zip.write_text("hello")
+    truncated = tmp / "truncated.zip"
+    data = (run / "model.zip").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    foreign = tmp / "foreign.zip"
+    with zipfile.ZipFile(foreign, "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+    return [
+        (["train", "--env", "DelayedCueRecal"], "did you mean 'DelayedCueRecall'"),
+        (["train", "--agent", "lstn"], "did you mean 'lstm'"),
+        (["train", "--set", "agent.ppo.learning_rat=1e-3"], "'agent.ppo.learning_rate'"),
+        (["train", "--set", "agent.ppo.n_steps=abc"], "agent.ppo.n_steps"),
+        (["train", "--set", "train.n_envs=2.5"], "train.n_envs"),
+        (["train", "--set", "agent.ppo.n_steps=30"], "multiple of seq_len"),
+        (["train", "--set", "nonsense"], "key=value"),
+        (["train", "--timesteps", "0"], "--timesteps: must be a positive integer"),
+        (["train", "--timesteps", "-5"], "--timesteps: must be a positive integer"),
+        (["train", "--n-envs", "0"], "--n-envs: must be a positive integer"),
+        (["train", "--resume", tmp / "missing"], "does not exist"),
+        (["train", "--resume", run, "--agent", "lstm"], "--agent cannot change"),
+        (["eval", tmp / "missing"], "does not exist"),
+        (["eval", tmp], "not a run folder"),
+        (["eval", not_zip], "not a readable checkpoint"),
+        (["eval", truncated], "not a readable checkpoint"),
+        (["eval", foreign], "not a mnm-rl checkpoint"),
+        (["eval", run, "--episodes", "0"], "--episodes: must be a positive integer"),
+        (["eval", run, "--env", "MiniGrid-MemoryS7"], "does not match env"),
+        (["record", run, "--out", tmp / "x.avi"], "must end in .gif or .mp4"),
+        (["plot", tmp / "missing", "--out", tmp / "c.png"], "does not exist"),
+    ]
+
+
+def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, tmp_path: Path):
+    for args, expected in bad_inputs(run_dir, tmp_path):
+        result = mnm_rl(*args, cwd=tmp_path, timeout=60)
+        where = f"mnm-rl {' '.join(map(str, args))}: {result.stderr!r}"
+        assert result.returncode == 2, where
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mnm-rl: error: "), where
+        assert expected in lines[0], where
+        assert "Traceback" not in result.stderr + result.stdout, where
+    assert not (tmp_path / "runs").exists()  # no run folder is created for bad input
