@@ -8,7 +8,8 @@ A *run config* has three sections, each a model below:
 * ``train`` (:class:`TrainConfig`): timesteps, parallel envs, seed, device, checkpoints, evaluation.
 
 An env preset file (``envs/*.yaml``) is an :class:`EnvPreset`: an :class:`EnvSpec` plus the
-``train`` defaults and the ``agent`` overrides that suit the env. An agent preset file
+``train`` defaults and the ``agent`` (all agents) and ``agents`` (by name) overrides that suit the
+env. An agent preset file
 (``agents/*.yaml``) is an :class:`AgentPreset`. Every model forbids unknown keys and checks types
 strictly, so a typo in a file or in ``--set`` is an error, never silently ignored.
 
@@ -125,7 +126,10 @@ class EnvPreset(EnvSpec):
     """An env preset file: the env plus the training defaults and agent overrides that suit it."""
 
     train: dict[str, Any] = Field(default_factory=dict)
+    #: Overrides for every agent (nested, like an agent preset).
     agent: dict[str, Any] = Field(default_factory=dict)
+    #: Overrides for one agent preset, by name, applied after ``agent``.
+    agents: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_train(self) -> EnvPreset:
@@ -133,7 +137,7 @@ class EnvPreset(EnvSpec):
         return self
 
     def spec(self) -> EnvSpec:
-        return EnvSpec.model_validate(self.model_dump(exclude={"train", "agent"}))
+        return EnvSpec.model_validate(self.model_dump(exclude={"train", "agent", "agents"}))
 
 
 class CoreConfig(_Strict):

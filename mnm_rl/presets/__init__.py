@@ -118,8 +118,9 @@ def resolve_run_config(
 ) -> RunConfig:
     """The run config for an env (preset or gymnasium id) and an agent preset.
 
-    Layers, later wins: the agent preset, the env preset's ``agent`` overrides, the env preset's
-    ``train`` defaults, ``train`` (the command-line flags), then ``overrides`` (``--set`` items).
+    Layers, later wins: the agent preset, the env preset's ``agent`` and ``agents[<agent>]``
+    overrides; the env preset's ``train`` defaults, ``train`` (the command-line flags); then
+    ``overrides`` (``--set`` items).
     """
     from mnm_rl import __version__
     from mnm_rl.env_factory import resolve_env
@@ -127,6 +128,7 @@ def resolve_run_config(
     env_preset = resolve_env(env or DEFAULT_ENV)
     agent_preset = load_agent_preset(agent or DEFAULT_AGENT)
     agent_data = deep_merge(agent_preset.model_dump(), env_preset.agent)
+    agent_data = deep_merge(agent_data, env_preset.agents.get(agent_preset.name, {}))
     train_data = {**env_preset.train, **(train or {})}
     config = validate(
         RunConfig,
