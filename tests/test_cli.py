@@ -228,3 +228,17 @@ def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, tmp_path: Path):
         assert expected in lines[0], where
         assert "Traceback" not in result.stderr + result.stdout, where
     assert not (tmp_path / "runs").exists()  # no run folder is created for bad input
+
+
+@pytest.mark.parametrize("script", ["evaluate_run.py", "step_by_hand.py"])
+def test_examples_load_a_runs_policy(script: str, run_dir: Path, workdir: Path):
+    example = Path(__file__).resolve().parents[1] / "examples" / script
+    result = subprocess.run(
+        [sys.executable, str(example), str(run_dir), "--episodes", "4"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert ("mean return" in result.stdout) or result.stdout.count("episode ") == 4
