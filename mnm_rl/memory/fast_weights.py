@@ -30,9 +30,11 @@ which both under-writes small activations and lets large ones diverge.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 WriteRule = Literal["mnm-p", "mnm-g"]
@@ -47,8 +49,11 @@ def _activation_derivative(name: str, z: Tensor) -> Tensor:
 
 
 def rms_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """Scale the last dimension to unit root-mean-square (``||x||^2 = D``)."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    """Scale the last dimension to unit root-mean-square (``||x||^2 = D``).
+
+    ``x * rsqrt(mean(x^2) + eps)``, computed by PyTorch's fused ``rms_norm`` (one kernel).
+    """
+    return F.rms_norm(x, x.shape[-1:], eps=eps)
 
 
 def layer_apply(weight: Tensor, z: Tensor) -> Tensor:
@@ -56,11 +61,14 @@ def layer_apply(weight: Tensor, z: Tensor) -> Tensor:
 
     One batched matmul per layer covers every head and every environment.
     """
-    return torch.matmul(z, weight.transpose(-1, -2))
+    return torch.bmm(z, weight.transpose(-1, -2))
 
 
 def outer_sum(delta: Tensor, z: Tensor) -> Tensor:
-    """``sum_h delta_h z_h^T``: ``[B, H, D] x [B, H, D] -> [B, D, D]`` in one batched matmul."""
+    """``sum_h delta_h z_h^T``: ``[..., H, D] x [..., H, D] -> [..., D, D]`` in one batched matmul.
+
+    With ``[B, L, H, D]`` inputs this is every layer's update at once.
+    """
     return torch.matmul(delta.transpose(-1, -2), z)
 
 
@@ -114,11 +122,18 @@ class FastWeightMemory(nn.Module):
         """The initial fast weights for ``batch_size`` sequences, ``[B, L, D, D]`` (a view)."""
         return self.initial_weights.unsqueeze(0).expand(batch_size, -1, -1, -1)
 
-    def activations(self, weights: Tensor, keys: Tensor) -> list[Tensor]:
-        """``[z^0, ..., z^L]`` for RMS-normalised ``keys`` ``[B, H, D]`` under ``weights``."""
+    def activations(self, weights: Tensor | Sequence[Tensor], keys: Tensor) -> list[Tensor]:
+        """``[z^0, ..., z^L]`` for RMS-normalised ``keys`` ``[B, H, D]`` under ``weights``.
+
+        ``weights`` is ``[B, L, D, D]`` or its ``L`` layers ``[B, D, D]``. It is split into layers
+        with one ``unbind`` rather than indexed per layer: the gradient of ``unbind`` is one
+        ``stack``, while each ``weights[:, l]`` would cost a zero-filled ``[B, L, D, D]`` gradient
+        plus an accumulation in the backward pass.
+        """
+        layers = weights.unbind(1) if isinstance(weights, Tensor) else weights
         zs = [rms_normalize(keys)]
         for layer in range(self.n_layers):
-            a = layer_apply(weights[:, layer], zs[-1])
+            a = layer_apply(layers[layer], zs[-1])
             zs.append(a if layer == self.n_layers - 1 else self._act(a))
         return zs
 
@@ -127,27 +142,38 @@ class FastWeightMemory(nn.Module):
         return self.activations(weights, keys)[-1]
 
     def write(
-        self, weights: Tensor, keys: Tensor, values: Tensor, beta: Tensor
+        self, weights: Tensor | Sequence[Tensor], keys: Tensor, values: Tensor, beta: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Write ``keys -> values`` with strength ``beta [B]``.
 
-        Returns the new fast weights ``[B, L, D, D]`` and the memory's pre-write answer to the
-        keys ``[B, H, D]`` (computed on the way, for the pre-write reconstruction loss). Fully
-        differentiable: the outer loss trains the write rule through this function.
+        Returns the new fast weights and the memory's pre-write answer to the keys ``[B, H, D]``
+        (computed on the way, for the pre-write reconstruction loss). ``weights`` is
+        ``[B, L, D, D]`` or a list of its ``L`` layers ``[B, D, D]``; the new weights come back in
+        the same form (a recurrent loop keeps the list, so no step splits or stacks the ``L * D^2``
+        floats per sequence). Fully differentiable: the outer loss trains the write rule through
+        this function.
         """
-        zs = self.activations(weights, keys)
+        stacked = isinstance(weights, Tensor)
+        layers = weights.unbind(1) if stacked else weights
+        zs = self.activations(layers, keys)
         if self.write_rule == "mnm-p":
             targets = self.targets(values)
             deltas = [zs[layer + 1] - targets[layer] for layer in range(self.n_layers)]
         else:
-            deltas = self._backprop(weights, zs, values)
-        steps = []
-        for layer, delta in enumerate(deltas):
-            z_in = zs[layer]
-            energy = z_in.pow(2).sum(dim=(1, 2)) + self.eps  # [B]
-            scale = (beta / energy).view(-1, 1, 1)
-            steps.append(scale * outer_sum(delta, z_in))
-        return weights - torch.stack(steps, dim=1), zs[-1]
+            deltas = self._backprop(layers, zs, values)
+        # M^l <- M^l - scale^l * sum_h delta^l_h (z^{l-1}_h)^T with
+        # scale^l = beta / (sum_h ||z^{l-1}_h||^2 + eps). The scale is constant over h, so it is
+        # folded into delta, and the subtraction is fused into the outer product (baddbmm with
+        # alpha=-1): one [B, D, D] result per layer, no separate product or negated gradient.
+        energy = torch.stack(zs[:-1], dim=1).pow(2).sum(dim=(2, 3)) + self.eps  # [B, L]
+        scale = (beta.unsqueeze(1) / energy).unsqueeze(-1).unsqueeze(-1)  # [B, L, 1, 1]
+        new_layers = [
+            torch.baddbmm(
+                layers[layer], (delta * scale[:, layer]).transpose(1, 2), zs[layer], alpha=-1
+            )
+            for layer, delta in enumerate(deltas)
+        ]
+        return (torch.stack(new_layers, dim=1) if stacked else new_layers), zs[-1]
 
     def targets(self, values: Tensor) -> list[Tensor]:
         """mnm-p's target activations ``z'^l = BFPF^l(v)``, ``L`` tensors of ``[B, H, D]``.
@@ -160,15 +186,18 @@ class FastWeightMemory(nn.Module):
         raw = self.feedback(values).split(self.dim, dim=-1)
         return [t if layer == self.n_layers - 1 else self._act(t) for layer, t in enumerate(raw)]
 
-    def _backprop(self, weights: Tensor, zs: list[Tensor], values: Tensor) -> list[Tensor]:
+    def _backprop(
+        self, weights: Tensor | Sequence[Tensor], zs: list[Tensor], values: Tensor
+    ) -> list[Tensor]:
         """Per-layer output errors of ``mean_h ||f(k_h) - v_h||^2``, up to the factor ``2 / H``.
 
         Returns ``delta^l`` with ``dL/dM^l = (2 / H) * sum_h delta^l_h (z^{l-1}_h)^T``.
         """
+        layers = weights.unbind(1) if isinstance(weights, Tensor) else weights
         delta = zs[-1] - values
         deltas = [delta]
         for layer in range(self.n_layers - 1, 0, -1):
-            delta = torch.matmul(delta, weights[:, layer]) * _activation_derivative(
+            delta = torch.matmul(delta, layers[layer]) * _activation_derivative(
                 self.activation, zs[layer]
             )
             deltas.append(delta)
@@ -195,10 +224,12 @@ class FastWeightMemory(nn.Module):
         )
 
 
-def fast_weight_norm(weights: Tensor) -> Tensor:
+def fast_weight_norm(weights: Tensor | Sequence[Tensor]) -> Tensor:
     """Frobenius norm of all fast weights per sequence, divided by ``sqrt(L * D)``: ``[B]``.
 
-    The orthogonal initialisation has norm 1 on this scale.
+    ``weights`` is ``[B, L, D, D]`` or a list of its layers. The orthogonal initialisation has
+    norm 1 on this scale.
     """
-    n_layers, dim = weights.shape[1], weights.shape[2]
-    return weights.pow(2).sum(dim=(1, 2, 3)).sqrt() / math.sqrt(n_layers * dim)
+    layers = weights.unbind(1) if isinstance(weights, Tensor) else weights
+    per_layer = torch.stack([torch.linalg.vector_norm(w, dim=(1, 2)) for w in layers], dim=1)
+    return torch.linalg.vector_norm(per_layer, dim=1) / math.sqrt(len(layers) * layers[0].shape[-1])

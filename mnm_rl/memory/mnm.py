@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -90,47 +92,85 @@ class MNMCore(RecurrentCore):
         self, gates_x: Tensor, state: CoreState
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         """One step from the precomputed input gates ``gates_x [B, 4 * hidden]``."""
-        h, c, read, weights = state["h"], state["c"], state["read"], state["fast_weights"]
-        gates = gates_x + self.recurrent_gates(torch.cat([h, read], dim=-1))
-        i, f, g, o = gates.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        y, (h, c, read, layers), aux = self._step(
+            gates_x, state["h"], state["c"], state["read"], state["fast_weights"].unbind(1)
+        )
+        new_state = CoreState(
+            {"h": h, "c": c, "read": read, "fast_weights": torch.stack(layers, dim=1)}
+        )
+        return y, new_state, aux
+
+    def _step(
+        self, gates_x: Tensor, h: Tensor, c: Tensor, read: Tensor, layers: Sequence[Tensor]
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, list[Tensor]], dict[str, Tensor]]:
+        """:meth:`step` on the state's tensors, with the fast weights as ``L`` layers
+        ``[B, D, D]``: the loop in :meth:`forward` carries the layers from step to step and
+        stacks them into ``[B, L, D, D]`` once, at the end."""
+        # gates_x + W_rec [h ; read] as one addmm; sigmoid once over all four gate blocks (the
+        # g block's sigmoid is unused): fewer, larger kernels than one call per gate.
+        gates = torch.addmm(gates_x, torch.cat([h, read], dim=-1), self.recurrent_gates.weight.t())
+        i, f, _, o = torch.sigmoid(gates).chunk(4, dim=-1)
+        g = torch.tanh(gates[:, 2 * self.hidden_size : 3 * self.hidden_size])
+        c = torch.addcmul(f * c, i, g)  # f * c + i * g
+        h = o * torch.tanh(c)
 
         batch, heads, dim = h.shape[0], self.n_heads, self.memory_size
         interaction = torch.tanh(self.interaction(h))
         kvs, beta_pre = interaction.split([3 * heads * dim, dim], dim=-1)
-        read_keys, write_keys, write_values = kvs.view(batch, 3, heads, dim).unbind(1)
+        kvs = kvs.view(batch, 3 * heads, dim)  # [read keys ; write keys ; write values]
+        write_keys, write_values = kvs[:, heads : 2 * heads], kvs[:, 2 * heads :]
         beta = torch.sigmoid(self.beta_gate(beta_pre)).squeeze(-1)
 
         memory = self.memory
-        weights, answer_before = memory.write(weights, write_keys, write_values, beta)
+        layers, answer_before = memory.write(list(layers), write_keys, write_values, beta)
         recon_before = memory.reconstruction_loss(answer_before, write_values)
         # Read keys and the write keys (for the post-write loss) in one pass through the memory.
-        answers = memory.read(weights, torch.cat([read_keys, write_keys], dim=1))
+        answers = memory.read(layers, kvs[:, : 2 * heads])
         read = answers[:, :heads].mean(dim=1)
         recon_after = memory.reconstruction_loss(answers[:, heads:], write_values)
 
         y = self.output(torch.cat([h, read], dim=-1))
-        new_state = CoreState({"h": h, "c": c, "read": read, "fast_weights": weights})
+        with torch.no_grad():  # a diagnostic: no gradient
+            norm = fast_weight_norm(layers)
         aux = {
             "recon_after": recon_after,
             "recon_before": recon_before,
             "beta": beta,
-            "fast_weight_norm": fast_weight_norm(weights),
+            "fast_weight_norm": norm,
         }
-        return y, new_state, aux
+        return y, (h, c, read, layers), aux
 
     def forward(
         self, x: Tensor, state: CoreState, episode_starts: Tensor
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         self._check_inputs(x, state, episode_starts)
-        initial = self.initial_state(x.shape[1], x.device)
         gates_x = self.input_gates(x)  # [T, B, 4 * hidden], one matmul for the whole sequence
+        h, c, read = state["h"], state["c"], state["read"]
+        layers = state["fast_weights"].unbind(1)
+        # One host read of the steps where some environment starts an episode: only those steps
+        # pay for the masked reset (the result is the same as resetting at every step).
+        resets = episode_starts.any(dim=1).tolist()
+        initial = None
         outputs, aux_steps = [], []
         for t in range(x.shape[0]):
-            state = state.reset_where(episode_starts[t], initial)
-            y, state, aux = self.step(gates_x[t], state)
+            if resets[t]:
+                if initial is None:
+                    initial = self.initial_state(x.shape[1], x.device)
+                    initial_layers = initial["fast_weights"].unbind(1)
+                keep = (episode_starts[t] == 0).view(-1, 1)
+                h, c, read = (
+                    torch.where(keep, v, initial[k])
+                    for k, v in (("h", h), ("c", c), ("read", read))
+                )
+                keep = keep.view(-1, 1, 1)
+                layers = [
+                    torch.where(keep, w, w0) for w, w0 in zip(layers, initial_layers, strict=True)
+                ]
+            y, (h, c, read, layers), aux = self._step(gates_x[t], h, c, read, layers)
             outputs.append(y)
             aux_steps.append(aux)
         aux = {k: torch.stack([a[k] for a in aux_steps]) for k in aux_steps[0]}
+        state = CoreState(
+            {"h": h, "c": c, "read": read, "fast_weights": torch.stack(layers, dim=1)}
+        )
         return torch.stack(outputs), state, aux
