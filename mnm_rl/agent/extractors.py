@@ -27,11 +27,20 @@ class SymbolicGridEncoder(nn.Module):
         high = np.asarray(space.high).reshape(-1, space.shape[-1]).max(axis=0)
         self.embeddings = nn.ModuleList(nn.Embedding(int(h) + 1, embedding_dim) for h in high)
         self.output_dim = int(np.prod(space.shape[:-1])) * space.shape[-1] * embedding_dim
+        # Row of channel i's symbol 0 in the concatenation of the channels' tables.
+        sizes = [int(h) + 1 for h in high]
+        self.register_buffer(
+            "offsets", torch.tensor(np.cumsum([0, *sizes[:-1]]), dtype=torch.long), persistent=False
+        )
 
     def forward(self, grid: Tensor) -> Tensor:
-        symbols = grid.long()
-        parts = [emb(symbols[..., i]) for i, emb in enumerate(self.embeddings)]
-        return torch.cat(parts, dim=-1).flatten(1)
+        # Equivalent to ``cat([embeddings[i](grid[..., i]) for i], -1).flatten(1)``: one
+        # index_select in the concatenated tables, with channel i's symbols shifted by its offset,
+        # gives the same rows in the same order. One lookup instead of one per channel, and on a
+        # CPU index_select's backward (index_add) is several times cheaper than embedding's.
+        table = torch.cat([emb.weight for emb in self.embeddings])
+        rows = (grid.long() + self.offsets).flatten()
+        return table.index_select(0, rows).view(grid.shape[0], self.output_dim)
 
 
 def _flat_dim(space: spaces.Space) -> int:

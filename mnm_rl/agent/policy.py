@@ -77,7 +77,12 @@ class RecurrentMemoryPolicy(BasePolicy):
         check_action_space(action_space)
         if use_sde:
             raise ValueError("gSDE (use_sde=True) needs continuous actions; not supported")
-        optimizer_kwargs = {"eps": 1e-5} if optimizer_kwargs is None else optimizer_kwargs
+        if optimizer_kwargs is None:
+            optimizer_kwargs = {"eps": 1e-5}
+            if optimizer_class in (torch.optim.Adam, torch.optim.AdamW):
+                # One fused kernel updates every parameter (CPU and CUDA), instead of about ten
+                # small ops per parameter tensor: the same update, a few times faster.
+                optimizer_kwargs["fused"] = True
         super().__init__(
             observation_space,
             action_space,
@@ -219,8 +224,24 @@ class RecurrentMemoryPolicy(BasePolicy):
 
     @staticmethod
     def distribution(logits: Tensor) -> Categorical:
-        """The action distribution for ``logits [..., A]``."""
-        return Categorical(logits=logits)
+        """The action distribution for ``logits [..., A]``.
+
+        Argument validation is off: it costs host syncs and a dozen ops per call, and the logits
+        come from the network, the actions from this distribution or the rollout buffer.
+        """
+        return Categorical(logits=logits, validate_args=False)
+
+    @staticmethod
+    def sample(logits: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
+        """Actions from ``Categorical(logits)`` (the mode if ``deterministic``) and their
+        log-probabilities, in four ops and without building a distribution object: the rollout
+        calls this at every step."""
+        log_probs = torch.log_softmax(logits, dim=-1)
+        if deterministic:
+            actions = log_probs.argmax(dim=-1)
+        else:
+            actions = torch.multinomial(log_probs.exp(), 1).squeeze(-1)
+        return actions, log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
     def predict(
         self,

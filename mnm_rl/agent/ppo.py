@@ -177,14 +177,14 @@ class MemoryPPO(OnPolicyAlgorithm):
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None):
         """Episode statistics; an episode succeeds when its final reward is positive."""
         assert self.ep_info_buffer is not None and self.ep_success_buffer is not None
-        for info in infos:
-            episode = info.get("episode")
+        # Only finished episodes carry statistics: look at those envs, not at every env.
+        finished = range(len(infos)) if dones is None else np.flatnonzero(dones)
+        for i in finished:
+            episode = infos[i].get("episode")
             if episode is not None:
                 self.ep_info_buffer.extend([episode])
         if dones is not None and self._last_rewards is not None:
-            for done, reward in zip(dones, self._last_rewards, strict=True):
-                if done:
-                    self.ep_success_buffer.append(float(reward > 0))
+            self.ep_success_buffer.extend((self._last_rewards[finished] > 0).astype(float).tolist())
 
     _last_rewards: np.ndarray | None = None
 
@@ -213,9 +213,7 @@ class MemoryPPO(OnPolicyAlgorithm):
                 logits, values, new_state, _ = self.policy.forward_sequence(
                     map_obs(obs, lambda v: v.unsqueeze(0)), state, starts.unsqueeze(0)
                 )
-                dist = self.policy.distribution(logits[0])
-                actions = dist.sample()
-                log_probs = dist.log_prob(actions)
+                actions, log_probs = self.policy.sample(logits[0])
             new_obs, rewards, dones_np, infos = env.step(actions.cpu().numpy())
             self.num_timesteps += env.num_envs
             self._last_rewards = rewards
@@ -254,9 +252,8 @@ class MemoryPPO(OnPolicyAlgorithm):
         """Add ``gamma * V(terminal obs)`` to the reward of episodes cut by a time limit."""
         truncated = [
             i
-            for i, done in enumerate(dones)
-            if done
-            and infos[i].get("TimeLimit.truncated", False)
+            for i in np.flatnonzero(dones).tolist()
+            if infos[i].get("TimeLimit.truncated", False)
             and infos[i].get("terminal_observation") is not None
         ]
         if not truncated:
