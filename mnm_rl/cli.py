@@ -160,18 +160,37 @@ def _resume_config(args: argparse.Namespace):
     return config, run_dir, latest_model(run_dir)
 
 
+def _preflight(config) -> None:
+    """Fail on a bad env or device before a run folder is created."""
+    from mnm_rl.env_factory import make_env
+    from mnm_rl.training import check_device
+
+    make_env(config.env).close()
+    check_device(config.train.device)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from mnm_rl.runs import EVAL_FILE, new_run_dir, save_config
+    import shutil
+
+    from mnm_rl.runs import EVAL_FILE, checkpoint_steps, new_run_dir, save_config
 
     if args.resume is not None:
         config, run_dir, checkpoint = _resume_config(args)
+        done = checkpoint_steps(checkpoint)
+        if config.train.timesteps <= done:
+            raise ConfigError(
+                f"the run already has {done} env steps; pass --timesteps larger than {done}"
+            )
+        _preflight(config)
     else:
         config = _resolve_train_config(args)
         checkpoint = None
+        if args.run_dir is not None and args.run_dir.exists():
+            if not args.run_dir.is_dir() or any(args.run_dir.iterdir()):
+                raise ConfigError(f"--run-dir {args.run_dir} exists and is not empty; use --resume")
+        _preflight(config)
         if args.run_dir is not None:
             run_dir = args.run_dir
-            if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-                raise ConfigError(f"--run-dir {run_dir} exists and is not empty; use --resume")
             run_dir.mkdir(parents=True, exist_ok=True)
         else:
             run_dir = new_run_dir(args.root, config.env.name, config.agent.name, config.train.seed)
@@ -185,7 +204,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"\nmnm-rl: run folder {run_dir}",
         flush=True,
     )
-    model = train_run(config, run_dir, resume_from=checkpoint, progress=not args.no_progress)
+    try:
+        model = train_run(config, run_dir, resume_from=checkpoint, progress=not args.no_progress)
+    except ConfigError:
+        if checkpoint is None and not any(run_dir.rglob("*.zip")):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained: leave no empty run
+        raise
     print(f"mnm-rl: saved {run_dir / 'model.zip'} ({model.num_timesteps} env steps)")
     if config.train.eval_episodes > 0:
         report = _evaluate(

@@ -107,7 +107,8 @@ def build_model(config: RunConfig, env) -> MemoryPPO:
         raise ConfigError(f"cannot build the agent: {str(err).splitlines()[0]}") from None
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """:class:`ConfigError` unless ``device`` names a usable torch device."""
     try:
         torch.device(device if device != "auto" else "cpu")
     except RuntimeError as err:
@@ -128,7 +129,7 @@ def train_run(
     ``run_dir/model.zip``. On Ctrl-C, saves a checkpoint first so the run can be resumed.
     """
     train = config.train
-    _check_device(train.device)
+    check_device(train.device)
     if train.torch_threads is not None:
         torch.set_num_threads(train.torch_threads)
     done = checkpoint_steps(resume_from) if resume_from is not None else 0
@@ -164,4 +165,4 @@ def train_run(
     return model
 
 
-__all__ = ["PeriodicCheckpoint", "ProgressBar", "build_model", "train_run"]
+__all__ = ["PeriodicCheckpoint", "ProgressBar", "build_model", "check_device", "train_run"]

@@ -193,6 +193,8 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list, str]]:
     foreign = tmp / "foreign.zip"
     with zipfile.ZipFile(foreign, "w") as archive:
         archive.writestr("readme.txt", "not a model")
+    loose = tmp / "loose.zip"
+    shutil.copy(run / "model.zip", loose)
     return [
         (["train", "--env", "DelayedCueRecal"], "did you mean 'DelayedCueRecall'"),
         (["train", "--agent", "lstn"], "did you mean 'lstm'"),
@@ -204,6 +206,8 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list, str]]:
         (["train", "--timesteps", "0"], "--timesteps: must be a positive integer"),
         (["train", "--timesteps", "-5"], "--timesteps: must be a positive integer"),
         (["train", "--n-envs", "0"], "--n-envs: must be a positive integer"),
+        (["train", "--env", "DelayedCueRecall", "--device", "bogus"], "--device"),
+        (["train", "--env", "DelayedCueRecall", "--set", "env.kwargs.n_cues=1"], "n_cues"),
         (["train", "--resume", tmp / "missing"], "does not exist"),
         (["train", "--resume", run, "--agent", "lstm"], "--agent cannot change"),
         (["eval", tmp / "missing"], "does not exist"),
@@ -211,6 +215,7 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list, str]]:
         (["eval", not_zip], "not a readable checkpoint"),
         (["eval", truncated], "not a readable checkpoint"),
         (["eval", foreign], "not a mnm-rl checkpoint"),
+        (["eval", loose], "not inside a run folder; pass --env"),
         (["eval", run, "--episodes", "0"], "--episodes: must be a positive integer"),
         (["eval", run, "--env", "MiniGrid-MemoryS7"], "does not match env"),
         (["record", run, "--out", tmp / "x.avi"], "must end in .gif or .mp4"),
