@@ -122,8 +122,12 @@ class FastWeightMemory(nn.Module):
         """The initial fast weights for ``batch_size`` sequences, ``[B, L, D, D]`` (a view)."""
         return self.initial_weights.unsqueeze(0).expand(batch_size, -1, -1, -1)
 
-    def activations(self, weights: Tensor | Sequence[Tensor], keys: Tensor) -> list[Tensor]:
+    def activations(
+        self, weights: Tensor | Sequence[Tensor], keys: Tensor, normalized: bool = False
+    ) -> list[Tensor]:
         """``[z^0, ..., z^L]`` for RMS-normalised ``keys`` ``[B, H, D]`` under ``weights``.
+
+        ``normalized=True`` says ``keys`` are already RMS-normalised (``z^0 = keys``).
 
         ``weights`` is ``[B, L, D, D]`` or its ``L`` layers ``[B, D, D]``. It is split into layers
         with one ``unbind`` rather than indexed per layer: the gradient of ``unbind`` is one
@@ -131,18 +135,25 @@ class FastWeightMemory(nn.Module):
         plus an accumulation in the backward pass.
         """
         layers = weights.unbind(1) if isinstance(weights, Tensor) else weights
-        zs = [rms_normalize(keys)]
+        zs = [keys if normalized else rms_normalize(keys)]
         for layer in range(self.n_layers):
             a = layer_apply(layers[layer], zs[-1])
             zs.append(a if layer == self.n_layers - 1 else self._act(a))
         return zs
 
-    def read(self, weights: Tensor, keys: Tensor) -> Tensor:
+    def read(
+        self, weights: Tensor | Sequence[Tensor], keys: Tensor, normalized: bool = False
+    ) -> Tensor:
         """The memory's answer to each key, ``[B, H, D]`` (callers average over heads)."""
-        return self.activations(weights, keys)[-1]
+        return self.activations(weights, keys, normalized)[-1]
 
     def write(
-        self, weights: Tensor | Sequence[Tensor], keys: Tensor, values: Tensor, beta: Tensor
+        self,
+        weights: Tensor | Sequence[Tensor],
+        keys: Tensor,
+        values: Tensor,
+        beta: Tensor,
+        normalized: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Write ``keys -> values`` with strength ``beta [B]``.
 
@@ -150,12 +161,12 @@ class FastWeightMemory(nn.Module):
         (computed on the way, for the pre-write reconstruction loss). ``weights`` is
         ``[B, L, D, D]`` or a list of its ``L`` layers ``[B, D, D]``; the new weights come back in
         the same form (a recurrent loop keeps the list, so no step splits or stacks the ``L * D^2``
-        floats per sequence). Fully differentiable: the outer loss trains the write rule through
-        this function.
+        floats per sequence). ``normalized``: as for :meth:`activations`. Fully differentiable:
+        the outer loss trains the write rule through this function.
         """
         stacked = isinstance(weights, Tensor)
         layers = weights.unbind(1) if stacked else weights
-        zs = self.activations(layers, keys)
+        zs = self.activations(layers, keys, normalized)
         if self.write_rule == "mnm-p":
             targets = self.targets(values)
             deltas = [zs[layer + 1] - targets[layer] for layer in range(self.n_layers)]
@@ -166,10 +177,10 @@ class FastWeightMemory(nn.Module):
         # folded into delta, and the subtraction is fused into the outer product (baddbmm with
         # alpha=-1): one [B, D, D] result per layer, no separate product or negated gradient.
         energy = torch.stack(zs[:-1], dim=1).pow(2).sum(dim=(2, 3)) + self.eps  # [B, L]
-        scale = (beta.unsqueeze(1) / energy).unsqueeze(-1).unsqueeze(-1)  # [B, L, 1, 1]
+        scales = (beta.unsqueeze(1) / energy).unsqueeze(-1).unsqueeze(-1).unbind(1)  # [B, 1, 1]
         new_layers = [
             torch.baddbmm(
-                layers[layer], (delta * scale[:, layer]).transpose(1, 2), zs[layer], alpha=-1
+                layers[layer], (delta * scales[layer]).transpose(1, 2), zs[layer], alpha=-1
             )
             for layer, delta in enumerate(deltas)
         ]
@@ -214,8 +225,9 @@ class FastWeightMemory(nn.Module):
 
     @staticmethod
     def reconstruction_loss(prediction: Tensor, values: Tensor) -> Tensor:
-        """Mean squared error per sequence, averaged over heads and dimensions: ``[B]``."""
-        return (prediction - values).pow(2).mean(dim=(1, 2))
+        """Mean squared error per sequence, averaged over heads and dimensions (the last two
+        dimensions): ``[B, H, D] -> [B]``, or ``[T, B, H, D] -> [T, B]`` for a whole sequence."""
+        return (prediction - values).pow(2).mean(dim=(-2, -1))
 
     def extra_repr(self) -> str:
         return (

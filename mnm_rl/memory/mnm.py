@@ -13,6 +13,7 @@ from mnm_rl.memory.fast_weights import (
     FastWeightMemory,
     WriteRule,
     fast_weight_norm,
+    rms_normalize,
 )
 from mnm_rl.memory.state import CoreState
 
@@ -92,20 +93,22 @@ class MNMCore(RecurrentCore):
         self, gates_x: Tensor, state: CoreState
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         """One step from the precomputed input gates ``gates_x [B, 4 * hidden]``."""
-        y, (h, c, read, layers), aux = self._step(
+        y, (h, c, read, layers), parts = self._step(
             gates_x, state["h"], state["c"], state["read"], state["fast_weights"].unbind(1)
         )
         new_state = CoreState(
             {"h": h, "c": c, "read": read, "fast_weights": torch.stack(layers, dim=1)}
         )
-        return y, new_state, aux
+        return y, new_state, self._aux(parts)
 
     def _step(
         self, gates_x: Tensor, h: Tensor, c: Tensor, read: Tensor, layers: Sequence[Tensor]
     ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, list[Tensor]], dict[str, Tensor]]:
         """:meth:`step` on the state's tensors, with the fast weights as ``L`` layers
         ``[B, D, D]``: the loop in :meth:`forward` carries the layers from step to step and
-        stacks them into ``[B, L, D, D]`` once, at the end."""
+        stacks them into ``[B, L, D, D]`` once, at the end. Returns the inputs of the
+        reconstruction losses instead of the losses, which :meth:`_aux` computes for a whole
+        sequence at once."""
         # gates_x + W_rec [h ; read] as one addmm; sigmoid once over all four gate blocks (the
         # g block's sigmoid is unused): fewer, larger kernels than one call per gate.
         gates = torch.addmm(gates_x, torch.cat([h, read], dim=-1), self.recurrent_gates.weight.t())
@@ -117,28 +120,40 @@ class MNMCore(RecurrentCore):
         batch, heads, dim = h.shape[0], self.n_heads, self.memory_size
         interaction = torch.tanh(self.interaction(h))
         kvs, beta_pre = interaction.split([3 * heads * dim, dim], dim=-1)
-        kvs = kvs.view(batch, 3 * heads, dim)  # [read keys ; write keys ; write values]
-        write_keys, write_values = kvs[:, heads : 2 * heads], kvs[:, 2 * heads :]
+        keys, write_values = kvs.view(batch, 3 * heads, dim).split([2 * heads, heads], dim=1)
         beta = torch.sigmoid(self.beta_gate(beta_pre)).squeeze(-1)
 
         memory = self.memory
-        layers, answer_before = memory.write(list(layers), write_keys, write_values, beta)
-        recon_before = memory.reconstruction_loss(answer_before, write_values)
+        # [read keys ; write keys], RMS-normalised once for both passes through the memory.
+        keys = rms_normalize(keys)
+        layers, answer_before = memory.write(
+            list(layers), keys[:, heads:], write_values, beta, normalized=True
+        )
         # Read keys and the write keys (for the post-write loss) in one pass through the memory.
-        answers = memory.read(layers, kvs[:, : 2 * heads])
-        read = answers[:, :heads].mean(dim=1)
-        recon_after = memory.reconstruction_loss(answers[:, heads:], write_values)
+        read_answers, write_answers = memory.read(layers, keys, normalized=True).split(heads, 1)
+        read = read_answers.mean(dim=1)
 
         y = self.output(torch.cat([h, read], dim=-1))
         with torch.no_grad():  # a diagnostic: no gradient
             norm = fast_weight_norm(layers)
-        aux = {
-            "recon_after": recon_after,
-            "recon_before": recon_before,
+        parts = {
+            "answer_after": write_answers,
+            "answer_before": answer_before,
+            "values": write_values,
             "beta": beta,
             "fast_weight_norm": norm,
         }
-        return y, (h, c, read, layers), aux
+        return y, (h, c, read, layers), parts
+
+    def _aux(self, parts: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The diagnostics of :data:`AUX_KEYS` from :meth:`_step`'s parts (one step or stacked)."""
+        loss = self.memory.reconstruction_loss
+        return {
+            "recon_after": loss(parts["answer_after"], parts["values"]),
+            "recon_before": loss(parts["answer_before"], parts["values"]),
+            "beta": parts["beta"],
+            "fast_weight_norm": parts["fast_weight_norm"],
+        }
 
     def forward(
         self, x: Tensor, state: CoreState, episode_starts: Tensor
@@ -151,7 +166,7 @@ class MNMCore(RecurrentCore):
         # pay for the masked reset (the result is the same as resetting at every step).
         resets = episode_starts.any(dim=1).tolist()
         initial = None
-        outputs, aux_steps = [], []
+        outputs, steps = [], []
         for t in range(x.shape[0]):
             if resets[t]:
                 if initial is None:
@@ -166,11 +181,16 @@ class MNMCore(RecurrentCore):
                 layers = [
                     torch.where(keep, w, w0) for w, w0 in zip(layers, initial_layers, strict=True)
                 ]
-            y, (h, c, read, layers), aux = self._step(gates_x[t], h, c, read, layers)
+            y, (h, c, read, layers), parts = self._step(gates_x[t], h, c, read, layers)
             outputs.append(y)
-            aux_steps.append(aux)
-        aux = {k: torch.stack([a[k] for a in aux_steps]) for k in aux_steps[0]}
+            steps.append(parts)
+        aux = self._aux({k: _stack([p[k] for p in steps]) for k in steps[0]})
         state = CoreState(
             {"h": h, "c": c, "read": read, "fast_weights": torch.stack(layers, dim=1)}
         )
-        return torch.stack(outputs), state, aux
+        return _stack(outputs), state, aux
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack(tensors)``; a view, not a copy, for a single tensor (a rollout step)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
