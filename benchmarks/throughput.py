@@ -109,28 +109,31 @@ def make_env(args: argparse.Namespace, for_sb3_contrib: bool = False):
 
 
 class _Timer:
-    """Wraps a model's ``collect_rollouts`` and ``train`` to accumulate their wall time."""
+    """Wraps a model's ``collect_rollouts`` and ``train`` to accumulate their wall and CPU time
+    (``time.process_time``: unlike wall time, it does not count the time other processes on a
+    shared machine take the CPU from this one)."""
 
     def __init__(self, model, synchronize=None):
-        self.rollout = self.update = 0.0
+        self.reset()
         self.sync = synchronize or (lambda: None)
         collect, train = model.collect_rollouts, model.train
 
-        def timed_collect(*a, **k):
-            t = time.perf_counter()
-            out = collect(*a, **k)
-            self.sync()
-            self.rollout += time.perf_counter() - t
-            return out
+        def timed(fn, phase):
+            def wrapper(*a, **k):
+                wall, cpu = time.perf_counter(), time.process_time()
+                out = fn(*a, **k)
+                self.sync()
+                self.wall[phase] += time.perf_counter() - wall
+                self.cpu[phase] += time.process_time() - cpu
+                return out
 
-        def timed_train(*a, **k):
-            t = time.perf_counter()
-            out = train(*a, **k)
-            self.sync()
-            self.update += time.perf_counter() - t
-            return out
+            return wrapper
 
-        model.collect_rollouts, model.train = timed_collect, timed_train
+        model.collect_rollouts, model.train = timed(collect, "rollout"), timed(train, "update")
+
+    def reset(self) -> None:
+        self.wall = {"rollout": 0.0, "update": 0.0}
+        self.cpu = {"rollout": 0.0, "update": 0.0}
 
 
 def _max_rss_mb() -> float:
@@ -172,20 +175,23 @@ def run_agent(name: str, args: argparse.Namespace) -> dict[str, Any]:
     timer = _Timer(model, torch.cuda.synchronize if cuda else None)
     per_rollout = args.n_steps * args.n_envs
     model.learn(per_rollout)
-    timer.rollout = timer.update = 0.0
+    timer.reset()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     before = _max_rss_mb()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     model.learn(per_rollout * args.rollouts, reset_num_timesteps=False)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     after = _max_rss_mb()
     return {
         "name": name,
         "sps": per_rollout * args.rollouts / elapsed,
+        "cpu_sps": per_rollout * args.rollouts / cpu,
         "seconds": elapsed,
-        "rollout_s": timer.rollout,
-        "update_s": timer.update,
+        "rollout_s": timer.wall["rollout"],
+        "update_s": timer.wall["update"],
+        "rollout_cpu_s": timer.cpu["rollout"],
+        "update_cpu_s": timer.cpu["update"],
         "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else after,
         "learn_mb": after - before,
     }
@@ -204,16 +210,19 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     actions = rng.integers(n_actions, size=(vec_steps + 50, args.n_envs))
     for a in actions[:50]:  # warm-up
         env.step(a)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for a in actions[50:]:
         env.step(a)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     return {
         "name": "ceiling",
         "sps": vec_steps * args.n_envs / elapsed,
+        "cpu_sps": vec_steps * args.n_envs / cpu,
         "seconds": elapsed,
         "rollout_s": elapsed,
         "update_s": 0.0,
+        "rollout_cpu_s": cpu,
+        "update_cpu_s": 0.0,
         "peak_mb": _max_rss_mb(),
         "learn_mb": 0.0,
     }
@@ -263,13 +272,14 @@ def run_scaling(args: argparse.Namespace) -> dict[str, Any]:
         _, callback = model._setup_learn(n_steps * args.n_envs, None)
         callback.on_training_start(locals(), globals())
         model.collect_rollouts(model.env, callback, model.rollout_buffer, n_steps)
-        times = []
+        times = []  # CPU time on a CPU (a shared machine's load does not count), else wall time
+        clock = time.perf_counter if args.device.startswith("cuda") else time.process_time
         for _ in range(2 if args.quick else 3):
-            start = time.perf_counter()
+            start = clock()
             model.train()
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         batch = next(model.rollout_buffer.minibatches(chunks))
 
         def forward(model=model, batch=batch):
@@ -325,6 +335,7 @@ def machine() -> str:
 
 def summary(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> dict:
     med = {k: statistics.median(r["sps"] for r in v) for k, v in results.items()}
+    cpu = {k: statistics.median(r["cpu_sps"] for r in v) for k, v in results.items()}
     peak = {k: max(r["peak_mb"] for r in v) for k, v in results.items()}
     return {
         "env": args.env,
@@ -341,25 +352,35 @@ def summary(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) 
         "sb3_contrib_lstm_sps": med.get("sb3-contrib"),
         "sps": {k: med[k] for k in OUR_CORES if k in med},
         "peak_mb": {k: peak[k] for k in AGENTS if k in peak},
+        "cpu_sps": cpu,
     }
 
 
 def print_table(results: dict[str, list[dict[str, Any]]]) -> None:
-    med = {k: statistics.median(r["sps"] for r in v) for k, v in results.items()}
-    base, ceiling = med.get("sb3-contrib"), med.get("ceiling")
+    """Medians over rounds. ``wall``: env steps per second of wall time; ``cpu``: per second of
+    this process's CPU time. Rollout/update split in CPU time."""
+    wall = {k: statistics.median(r["sps"] for r in v) for k, v in results.items()}
+    cpu = {k: statistics.median(r["cpu_sps"] for r in v) for k, v in results.items()}
+
+    def ratio(values: dict[str, float], name: str, ref: str, scale: float = 1.0) -> str:
+        if ref not in values or name in ("ceiling", ref):
+            return f"{'':>6}"
+        return f"{scale * values[name] / values[ref]:6.2f}"
+
     print(
-        f"{'config':<12} {'env steps/s':>12} {'min..max':>15} {'rollout':>8} {'update':>7} "
-        f"{'x sb3':>7} {'% ceiling':>9} {'peak MB':>8} {'learn MB':>8}"
+        f"{'config':<12} {'steps/s':>8} {'min..max':>13} {'steps/CPU-s':>11} {'rollout':>7} "
+        f"{'update':>6} {'x sb3':>6} {'(cpu)':>6} {'%ceil':>6} {'(cpu)':>6} {'peak MB':>7} "
+        f"{'learn MB':>8}"
     )
     for name, runs in results.items():
         sps = [r["sps"] for r in runs]
-        total = sum(r["rollout_s"] + r["update_s"] for r in runs)
-        roll = sum(r["rollout_s"] for r in runs) / total if total else 0.0
-        ratio = f"{med[name] / base:7.2f}" if base and name != "ceiling" else f"{'':>7}"
-        frac = f"{100 * med[name] / ceiling:8.1f}%" if ceiling else f"{'':>9}"
+        total = sum(r["rollout_cpu_s"] + r["update_cpu_s"] for r in runs)
+        roll = sum(r["rollout_cpu_s"] for r in runs) / total if total else 0.0
         print(
-            f"{name:<12} {med[name]:12.0f} {min(sps):7.0f}..{max(sps):<7.0f} {100 * roll:7.0f}% "
-            f"{100 * (1 - roll):6.0f}% {ratio} {frac} {max(r['peak_mb'] for r in runs):8.0f} "
+            f"{name:<12} {wall[name]:8.0f} {min(sps):6.0f}..{max(sps):<6.0f} {cpu[name]:11.0f} "
+            f"{100 * roll:6.0f}% {100 * (1 - roll):5.0f}% {ratio(wall, name, 'sb3-contrib')} "
+            f"{ratio(cpu, name, 'sb3-contrib')} {ratio(wall, name, 'ceiling', 100)} "
+            f"{ratio(cpu, name, 'ceiling', 100)} {max(r['peak_mb'] for r in runs):7.0f} "
             f"{statistics.median(r['learn_mb'] for r in runs):8.0f}"
         )
 
