@@ -93,22 +93,23 @@ class MNMCore(RecurrentCore):
         self, gates_x: Tensor, state: CoreState
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         """One step from the precomputed input gates ``gates_x [B, 4 * hidden]``."""
-        y, (h, c, read, layers), parts = self._step(
+        (h, c, read, layers), parts = self._step(
             gates_x, state["h"], state["c"], state["read"], state["fast_weights"].unbind(1)
         )
         new_state = CoreState(
             {"h": h, "c": c, "read": read, "fast_weights": torch.stack(layers, dim=1)}
         )
-        return y, new_state, self._aux(parts)
+        return self.output(torch.cat([h, read], dim=-1)), new_state, self._aux(parts)
 
     def _step(
         self, gates_x: Tensor, h: Tensor, c: Tensor, read: Tensor, layers: Sequence[Tensor]
-    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, list[Tensor]], dict[str, Tensor]]:
-        """:meth:`step` on the state's tensors, with the fast weights as ``L`` layers
-        ``[B, D, D]``: the loop in :meth:`forward` carries the layers from step to step and
-        stacks them into ``[B, L, D, D]`` once, at the end. Returns the inputs of the
-        reconstruction losses instead of the losses, which :meth:`_aux` computes for a whole
-        sequence at once."""
+    ) -> tuple[tuple[Tensor, Tensor, Tensor, list[Tensor]], dict[str, Tensor]]:
+        """The recurrent part of :meth:`step` on the state's tensors, with the fast weights as
+        ``L`` layers ``[B, D, D]``: the loop in :meth:`forward` carries the layers from step to
+        step and stacks them into ``[B, L, D, D]`` once, at the end. What does not feed back
+        into the recurrence is left to the caller, to do once for a whole sequence: the output
+        ``y_t = W_y [h_t ; v^r_t]``, and the reconstruction losses (:meth:`_aux`), whose inputs
+        are returned instead."""
         # gates_x + W_rec [h ; read] as one addmm; sigmoid once over all four gate blocks (the
         # g block's sigmoid is unused): fewer, larger kernels than one call per gate.
         gates = torch.addmm(gates_x, torch.cat([h, read], dim=-1), self.recurrent_gates.weight.t())
@@ -133,7 +134,6 @@ class MNMCore(RecurrentCore):
         read_answers, write_answers = memory.read(layers, keys, normalized=True).split(heads, 1)
         read = read_answers.mean(dim=1)
 
-        y = self.output(torch.cat([h, read], dim=-1))
         with torch.no_grad():  # a diagnostic: no gradient
             norm = fast_weight_norm(layers)
         parts = {
@@ -143,7 +143,7 @@ class MNMCore(RecurrentCore):
             "beta": beta,
             "fast_weight_norm": norm,
         }
-        return y, (h, c, read, layers), parts
+        return (h, c, read, layers), parts
 
     def _aux(self, parts: dict[str, Tensor]) -> dict[str, Tensor]:
         """The diagnostics of :data:`AUX_KEYS` from :meth:`_step`'s parts (one step or stacked)."""
@@ -159,14 +159,16 @@ class MNMCore(RecurrentCore):
         self, x: Tensor, state: CoreState, episode_starts: Tensor
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         self._check_inputs(x, state, episode_starts)
-        gates_x = self.input_gates(x)  # [T, B, 4 * hidden], one matmul for the whole sequence
+        # [T, B, 4 * hidden], one matmul for the whole sequence; unbind, not gates_x[t]: one
+        # gradient node instead of a zero-filled [T, B, 4 * hidden] gradient per step.
+        gates_x = self.input_gates(x).unbind(0)
         h, c, read = state["h"], state["c"], state["read"]
         layers = state["fast_weights"].unbind(1)
         # One host read of the steps where some environment starts an episode: only those steps
         # pay for the masked reset (the result is the same as resetting at every step).
         resets = episode_starts.any(dim=1).tolist()
         initial = None
-        outputs, steps = [], []
+        hs, reads, steps = [], [], []
         for t in range(x.shape[0]):
             if resets[t]:
                 if initial is None:
@@ -181,14 +183,16 @@ class MNMCore(RecurrentCore):
                 layers = [
                     torch.where(keep, w, w0) for w, w0 in zip(layers, initial_layers, strict=True)
                 ]
-            y, (h, c, read, layers), parts = self._step(gates_x[t], h, c, read, layers)
-            outputs.append(y)
+            (h, c, read, layers), parts = self._step(gates_x[t], h, c, read, layers)
+            hs.append(h)
+            reads.append(read)
             steps.append(parts)
+        y = self.output(torch.cat([_stack(hs), _stack(reads)], dim=-1))  # all steps at once
         aux = self._aux({k: _stack([p[k] for p in steps]) for k in steps[0]})
         state = CoreState(
             {"h": h, "c": c, "read": read, "fast_weights": torch.stack(layers, dim=1)}
         )
-        return _stack(outputs), state, aux
+        return y, state, aux
 
 
 def _stack(tensors: list[Tensor]) -> Tensor:
