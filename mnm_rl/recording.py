@@ -168,13 +168,15 @@ def plot_diagnostics(recording: Recording, path: Path, title: str = "") -> None:
     x = np.arange(len(steps))
     fig, axes = plt.subplots(3, 1, figsize=(8, 6), sharex=True)
     series = [
-        ("beta (write strength)", [s.beta for s in steps]),
-        ("write gain", [s.write_gain for s in steps]),
-        ("value estimate", [s.value for s in steps]),
+        ("beta", "write strength", [s.beta for s in steps]),
+        ("write gain", "recon. loss before - after the write", [s.write_gain for s in steps]),
+        ("value", "value estimate", [s.value for s in steps]),
     ]
-    for ax, (label, values) in zip(axes, series, strict=True):
+    for ax, (label, meaning, values) in zip(axes, series, strict=True):
         ax.plot(x, [np.nan if v is None else v for v in values], marker=".", lw=1)
         ax.set_ylabel(label)
+        ax.set_title(meaning, fontsize=9, loc="left")
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.grid(alpha=0.3)
         for i, s in enumerate(steps):
             if i and s.episode != steps[i - 1].episode:
