@@ -247,3 +247,39 @@ def test_examples_load_a_runs_policy(script: str, run_dir: Path, workdir: Path):
     )
     assert result.returncode == 0, result.stderr
     assert ("mean return" in result.stdout) or result.stdout.count("episode ") == 4
+
+
+def test_recording_threads_the_state_like_predict(run_dir: Path):
+    """The recorder steps the core itself (for the diagnostics); its actions must be those of
+    ``predict`` with the state passed back and ``episode_start`` set on each first step."""
+    import mnm_rl
+    from mnm_rl.env_factory import make_env
+    from mnm_rl.recording import record_episodes
+
+    policy = mnm_rl.load_policy(run_dir, device="cpu")
+    spec = mnm_rl.load_run_config(run_dir).env
+    recorded = record_episodes(policy, spec, episodes=3)
+    env = make_env(spec)
+    for k in range(3):
+        obs, _ = env.reset(seed=spec.eval_seeds.seed(k))
+        state, start, done, actions = None, True, False, []
+        while not done:
+            action, state = policy.predict(obs, state, [start], deterministic=True)
+            start = False
+            obs, _, terminated, truncated, _ = env.step(int(action))
+            done = terminated or truncated
+            actions.append(int(action))
+        steps = [s for s in recorded.steps if s.episode == k]
+        assert actions == [s.action for s in steps]
+        # Values are continuous in the state: the whole episode in one forward pass (as in
+        # training) must give the values recorded step by step.
+        observations = [env.reset(seed=spec.eval_seeds.seed(k))[0]]
+        for step in steps[:-1]:
+            observations.append(env.step(step.action)[0])
+        core = policy.policy
+        batch = torch.stack([core.obs_to_tensor(o)[0] for o in observations])
+        starts = torch.zeros(len(steps), 1)
+        starts[0] = 1
+        with torch.no_grad():
+            _, values, _, _ = core.forward_sequence(batch, core.initial_state(1), starts)
+        assert torch.allclose(values[:, 0], torch.tensor([s.value for s in steps]), atol=1e-5)
