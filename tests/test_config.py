@@ -195,3 +195,20 @@ def test_symbolic_minigrid_observations_are_integer_symbols():
     env = make_env(presets.load_env_preset("MiniGrid-Memory").spec())
     obs, _ = env.reset(seed=0)
     assert obs["image"].dtype == np.int64 and isinstance(env, gym.Env)
+
+
+def test_plot_aggregates_mean_and_spread_over_seeds():
+    from mnm_rl.plotting import Curve, aggregate
+
+    def curve(seed: int, steps: list[float], values: list[float]) -> Curve:
+        return Curve("env", "mnm-p", seed, Path("."), np.array(steps), np.array(values))
+
+    runs = [
+        curve(0, [0, 100], [0.0, 1.0]),
+        curve(1, [0, 100], [0.2, 0.6]),
+        curve(2, [0, 50], [0.4, 0.4]),
+    ]
+    grid, mean, low, high = aggregate(runs, points=3)
+    assert grid.tolist() == [0, 50, 100]
+    assert np.allclose(mean, [0.2, (0.5 + 0.4 + 0.4) / 3, 0.8])  # seed 2 stops at step 50
+    assert np.allclose(low, [0.0, 0.4, 0.6]) and np.allclose(high, [0.4, 0.5, 1.0])
