@@ -288,6 +288,7 @@ class MemoryPPO(OnPolicyAlgorithm):
             for k, v in values.items():
                 stats.setdefault(k, []).append(float(v))
 
+        params = list(self.policy.parameters())  # walk the module tree once, not per minibatch
         continue_training = True
         for _ in range(self.n_epochs):
             approx_kls = []
@@ -305,9 +306,7 @@ class MemoryPPO(OnPolicyAlgorithm):
                     break
                 self.policy.optimizer.zero_grad()
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.policy.parameters(), self.max_grad_norm
-                )
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
                 if self._skip_nonfinite({"gradients": float(grad_norm)}):
                     self.policy.optimizer.zero_grad()
                     continue
