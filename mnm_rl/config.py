@@ -117,6 +117,11 @@ class TrainConfig(_Strict):
     eval_episodes: NonNegativeInt = 100
     #: Evaluate with the most likely action (else sample from the policy).
     eval_deterministic: bool = True
+    #: Held-out evaluation during training every this many env steps, logged to TensorBoard as
+    #: ``eval/success_rate`` (0: none). Gives the learning curve on held-out seeds.
+    eval_every: NonNegativeInt = 0
+    #: Held-out episodes of each evaluation during training.
+    eval_every_episodes: PositiveInt = 100
     #: ``torch.set_num_threads``; small recurrent nets run fastest on one thread (``None``: torch's
     #: default, all cores).
     torch_threads: PositiveInt | None = 1
@@ -180,6 +185,9 @@ class PPOConfig(_Strict):
     mem_coef: NonNegativeFloat = 1.0
     max_grad_norm: PositiveFloat = 0.5
     target_kl: PositiveFloat | None = None
+    #: A NaN/inf loss, gradient or fast weight: ``stop`` the run (the update is not applied) or
+    #: ``skip`` the minibatch and count it in ``train/nonfinite_skips``.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
     @model_validator(mode="after")
     def _chunks(self) -> PPOConfig:

@@ -6,6 +6,7 @@ The agent knows nothing of this module; this module only calls the agent's publi
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -14,16 +15,53 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 
-from mnm_rl.agent import MemoryPPO
+from mnm_rl.agent import MemoryPPO, NonFiniteError
 from mnm_rl.config import ConfigError, RunConfig
 from mnm_rl.env_factory import make_vec_env, train_base_seed
 from mnm_rl.runs import (
     MODEL_FILE,
     TB_DIR,
+    CheckpointError,
     checkpoint_path,
     checkpoint_steps,
+    latest_model,
+    policy_file_for,
     save_model,
 )
+from mnm_rl.safe_policy import save_policy_file
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on request (a signal); ``path`` is the checkpoint saved on the way out."""
+
+    def __init__(self, path: Path, num_timesteps: int):
+        super().__init__(f"interrupted at {num_timesteps} env steps; saved {path}")
+        self.path = path
+        self.num_timesteps = num_timesteps
+
+
+class TrainingFault(Exception):
+    """Training stopped on a non-finite loss, gradient or fast weight (the update not applied)."""
+
+
+def save_checkpoint(model: MemoryPPO, path: Path) -> Path:
+    """Save the SB3 model at ``path`` and its safe policy file next to it, both atomically.
+
+    The policy file is written first, so every model file on disk has its policy file.
+    """
+    save_policy_file(model, policy_file_for(path))
+    return save_model(model, path)
+
+
+class StopOnRequest(BaseCallback):
+    """Stop ``learn`` cleanly at the next env step once ``event`` is set (by a signal handler)."""
+
+    def __init__(self, event: threading.Event):
+        super().__init__()
+        self.event = event
+
+    def _on_step(self) -> bool:
+        return not self.event.is_set()
 
 
 class ProgressBar(BaseCallback):
@@ -88,10 +126,50 @@ class PeriodicCheckpoint(BaseCallback):
     def _on_step(self) -> bool:
         steps = self.model.num_timesteps
         if steps >= self._next:
-            self.saved.append(save_model(self.model, checkpoint_path(self.run_dir, steps)))
+            self.saved.append(save_checkpoint(self.model, checkpoint_path(self.run_dir, steps)))
             while self._next <= steps:
                 self._next += self.every
         return True
+
+
+class PeriodicEval(BaseCallback):
+    """Evaluate on the env's held-out seeds every ``every`` env steps and at the end of training.
+
+    Logs ``eval/success_rate``, ``eval/mean_return`` and ``eval/mean_length`` to TensorBoard at the
+    exact env step of the evaluation, so a run has a held-out learning curve.
+    """
+
+    def __init__(self, spec, every: int, episodes: int, deterministic: bool = True):
+        super().__init__()
+        self.spec = spec
+        self.every = every
+        self.episodes = min(episodes, len(spec.eval_seeds))
+        self.deterministic = deterministic
+        self.history: list[tuple[int, float]] = []
+
+    def _on_training_start(self) -> None:
+        self._next = (self.model.num_timesteps // self.every + 1) * self.every
+
+    def _evaluate(self) -> None:
+        from mnm_rl.evaluation import run_episodes, summarize
+
+        steps = self.model.num_timesteps
+        summary = summarize(run_episodes(self.model, self.spec, self.episodes, self.deterministic))
+        for key in ("success_rate", "mean_return", "mean_length"):
+            self.logger.record(f"eval/{key}", summary[key])
+        self.logger.dump(step=steps)
+        self.history.append((steps, float(summary["success_rate"])))
+
+    def _on_step(self) -> bool:
+        if self.model.num_timesteps >= self._next:
+            self._evaluate()
+            while self._next <= self.model.num_timesteps:
+                self._next += self.every
+        return True
+
+    def _on_training_end(self) -> None:
+        if not self.history or self.history[-1][0] < self.model.num_timesteps:
+            self._evaluate()
 
 
 def build_model(config: RunConfig, env) -> MemoryPPO:
@@ -148,6 +226,12 @@ def train_run(
     model.set_logger(configure(str(Path(run_dir) / TB_DIR), ["tensorboard"]))
     checkpointer = PeriodicCheckpoint(run_dir, train.checkpoint_every)
     callbacks: list[BaseCallback] = [checkpointer]
+    if train.eval_every > 0:
+        callbacks.append(
+            PeriodicEval(
+                config.env, train.eval_every, train.eval_every_episodes, train.eval_deterministic
+            )
+        )
     if progress:
         callbacks.append(ProgressBar(train.timesteps))
     try:
@@ -165,4 +249,11 @@ def train_run(
     return model
 
 
-__all__ = ["PeriodicCheckpoint", "ProgressBar", "build_model", "check_device", "train_run"]
+__all__ = [
+    "PeriodicCheckpoint",
+    "PeriodicEval",
+    "ProgressBar",
+    "build_model",
+    "check_device",
+    "train_run",
+]
