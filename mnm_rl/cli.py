@@ -1,4 +1,4 @@
-"""The ``mnm-rl`` command line: train, eval, record, plot, list.
+"""The ``mnm-rl`` command line: train, eval, record, plot, sweep, list.
 
 Bad input (unknown env or agent, a bad ``--set``, a missing run, a file that is not a
 checkpoint, non-positive numbers) ends with one line ``mnm-rl: error: ...`` on stderr and exit
@@ -113,6 +113,41 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", type=Path, default=Path("curves.png"))
     plot.add_argument("--tag", default="rollout/success_rate", help="TensorBoard scalar")
+
+    sweep = sub.add_parser(
+        "sweep", help="run a grid or search of env x agent x seed x overrides on Ray Tune"
+    )
+    sweep.add_argument("spec", type=Path, nargs="?", metavar="SPEC.yaml", help="sweep spec")
+    sweep.add_argument("--env", dest="envs", action="append", help="env (repeatable)")
+    sweep.add_argument("--agent", dest="agents", action="append", help="agent (repeatable)")
+    sweep.add_argument("--seeds", type=_non_negative_int, nargs="+", help="run seeds")
+    sweep.add_argument("--timesteps", type=_positive_int, help="env steps per trial")
+    sweep.add_argument("--n-envs", type=_positive_int, help="parallel envs per trial")
+    sweep.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override for every trial (repeatable)",
+    )
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="grid over a config value, e.g. agent.ppo.learning_rate=5e-4,1e-3 (repeatable)",
+    )
+    sweep.add_argument("--name", help="sweep name (default: the spec's, else 'sweep')")
+    sweep.add_argument("--root", type=Path, default=Path("runs"), help="runs root (default runs)")
+    sweep.add_argument("--storage", type=Path, help="Ray Tune storage (default ROOT/sweeps)")
+    sweep.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    sweep.add_argument("--num-cpus", type=_positive_int, help="local Ray CPUs (default: all)")
+    sweep.add_argument(
+        "--cpus-per-trial", type=_positive_float, default=1.0, help="CPUs per trial (default 1)"
+    )
+    sweep.add_argument("--max-concurrent", type=_positive_int, help="trials at once")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
 
     sub.add_parser("list", help="list env and agent presets")
     return parser
@@ -369,6 +404,53 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- sweep
+def _sweep_spec(args: argparse.Namespace):
+    from mnm_rl.config import parse_value
+    from mnm_rl.sweep import SweepSpec
+
+    spec = SweepSpec.from_file(args.spec) if args.spec is not None else SweepSpec()
+    for key in ("envs", "agents", "seeds", "timesteps", "n_envs", "name"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(spec, key, value)
+    spec.overrides = [*spec.overrides, *args.overrides]
+    for text in args.grid:
+        key, sep, values = text.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--grid {text!r} is not KEY=V1,V2,...")
+        spec.grid[key.strip()] = [parse_value(v.strip()) for v in values.split(",")]
+    spec.check("the sweep")
+    return spec
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from mnm_rl.sweep import SUMMARY_FILE, import_ray, run_sweep
+
+    import_ray()  # fail fast, with the install hint
+    spec = _sweep_spec(args)
+    where = f"Ray at {args.address}" if args.address else "a local Ray"
+    print(f"mnm-rl: sweep {spec.name!r}: {spec.n_trials()} trials on {where}", flush=True)
+    rows = run_sweep(
+        spec,
+        args.root,
+        storage=args.storage,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        cpus_per_trial=args.cpus_per_trial,
+        max_concurrent=args.max_concurrent,
+        resume=args.resume,
+    )
+    for row in rows:
+        success = row["heldout_success"]
+        shown = f"{success:.3f}" if success is not None else row["status"]
+        print(f"  {row['env']} {row['agent']} seed {row['seed']} {row['hparams'] or ''}: {shown}")
+    storage = (args.storage or args.root / "sweeps") / spec.name
+    print(f"mnm-rl: wrote {storage / SUMMARY_FILE}")
+    failed = [row for row in rows if row["status"] != "done"]
+    return 1 if failed else 0
+
+
 # -------------------------------------------------------------------------------------- list
 def cmd_list(args: argparse.Namespace) -> int:
     from mnm_rl import presets
@@ -392,6 +474,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "record": cmd_record,
     "plot": cmd_plot,
+    "sweep": cmd_sweep,
     "list": cmd_list,
 }
 
