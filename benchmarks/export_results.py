@@ -1,0 +1,144 @@
+"""Build docs/results.json, the per-run scalar CSVs and the markdown table from run folders.
+
+    python benchmarks/export_results.py runs/KeyValueRecall runs/KeyValueRecall-Hard \
+        runs/MiniGrid-Memory --out docs
+
+For every run folder with a final ``eval.json`` (runs still training are skipped):
+
+* ``heldout_success``, ``env_steps``: the final held-out evaluation (``eval.json``);
+* ``steps_to_90``: the first env step at which the held-out success rate reached 0.9, from the
+  run's ``eval/success_rate`` TensorBoard curve (``train.eval_every``), or, for runs trained
+  without it, from held-out evaluations of its checkpoints (``eval-step_<N>-<env>.json``, written
+  by ``mnm-rl eval CHECKPOINT``) and the final ``eval.json``; ``null`` when never reached;
+* ``docs/results/<env>__<agent>__<seed>.csv``: every TensorBoard scalar of the run
+  (``tag,step,value``), plus the checkpoint evaluations as ``checkpoint_eval/success_rate``;
+* ``docs/results/table.md``: mean, standard deviation and min-max over seeds per (env, agent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from mnm_rl.plotting import find_runs
+from mnm_rl.runs import EVAL_FILE, TB_DIR, load_config, slug
+
+THRESHOLD = 0.9
+EVAL_TAG = "eval/success_rate"
+
+
+def all_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag of every event file in ``tb_dir`` (later files win on equal steps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: dict[str, dict[int, float]] = defaultdict(dict)
+    for events in sorted(tb_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags().get("scalars", []):
+            for event in accumulator.Scalars(tag):
+                points[tag][int(event.step)] = float(event.value)
+    return {tag: sorted(values.items()) for tag, values in points.items()}
+
+
+def checkpoint_evals(run_dir: Path, env_name: str) -> list[tuple[int, float]]:
+    """(env steps, held-out success) of the run's checkpoint evaluations and its final eval."""
+    points = {}
+    for path in sorted(run_dir.glob(f"eval-step_*-{slug(env_name)}.json")):
+        report = json.loads(path.read_text())
+        points[int(report["num_timesteps"])] = float(report["success_rate"])
+    final = json.loads((run_dir / EVAL_FILE).read_text())
+    points[int(final["num_timesteps"])] = float(final["success_rate"])
+    return sorted(points.items())
+
+
+def first_reaching(curve: list[tuple[int, float]], threshold: float = THRESHOLD) -> int | None:
+    return next((step for step, value in curve if value >= threshold), None)
+
+
+def export(run_dirs: list[Path], out: Path) -> list[dict]:
+    """Write the CSVs and results.json under ``out``; return the result rows."""
+    csv_dir = out / "results"
+    csv_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for run_dir in run_dirs:
+        if not (run_dir / EVAL_FILE).exists():
+            print(f"skipped {run_dir}: no {EVAL_FILE} yet")
+            continue
+        config = load_config(run_dir)
+        env, agent, seed = config.env.name, config.agent.name, config.train.seed
+        final = json.loads((run_dir / EVAL_FILE).read_text())
+        scalars = all_scalars(run_dir / TB_DIR)
+        if EVAL_TAG in scalars:
+            curve, source = scalars[EVAL_TAG], EVAL_TAG
+        else:
+            curve = checkpoint_evals(run_dir, env)
+            source = "checkpoint_eval/success_rate"
+            scalars[source] = curve
+        name = f"{slug(env)}__{slug(agent)}__{seed}.csv"
+        with (csv_dir / name).open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["tag", "step", "value"])
+            for tag in sorted(scalars):
+                writer.writerows([tag, step, f"{value:.6g}"] for step, value in scalars[tag])
+        rows.append(
+            {
+                "env": env,
+                "agent": agent,
+                "seed": seed,
+                "env_steps": int(final["num_timesteps"]),
+                "heldout_success": float(final["success_rate"]),
+                "steps_to_90": first_reaching(curve),
+            }
+        )
+        print(f"{run_dir}: {rows[-1]} (steps_to_90 from {source})")
+    rows.sort(key=lambda r: (r["env"], r["agent"], r["seed"]))
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (csv_dir / "table.md").write_text(table(rows))
+    return rows
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:{fmt}} ± {sd:{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: per (env, agent), final held-out success and env steps to 90% over seeds."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row["env"], row["agent"]].append(row)
+    lines = [
+        "| env | agent | seeds | env steps | final held-out success: mean ± sd [min, max] "
+        "| steps to 90% held-out: reached | mean of those reached |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (env, agent), runs in sorted(groups.items()):
+        success = [r["heldout_success"] for r in runs]
+        reached = [r["steps_to_90"] for r in runs if r["steps_to_90"] is not None]
+        steps = sorted({r["env_steps"] for r in runs})
+        mean_reached = f"{statistics.fmean(reached):,.0f}" if reached else "-"
+        lines.append(
+            f"| {env} | {agent} | {','.join(str(r['seed']) for r in runs)} "
+            f"| {'/'.join(f'{s:,}' for s in steps)} | {_spread(success, '.3f')} "
+            f"| {len(reached)}/{len(runs)} | {mean_reached} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="+", help="run folders or folders of runs")
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+    args = parser.parse_args()
+    rows = export(find_runs(args.runs), args.out)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
