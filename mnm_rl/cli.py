@@ -8,7 +8,9 @@ status 2. Heavy modules (torch, stable-baselines3) are imported only once the in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -240,7 +242,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        model = train_run(config, run_dir, resume_from=checkpoint, progress=not args.no_progress)
+        with _stop_on_signals() as stop:
+            model = train_run(
+                config, run_dir, resume_from=checkpoint, progress=not args.no_progress, stop=stop
+            )
     except ConfigError:
         if checkpoint is None and not any(run_dir.rglob("*.zip")):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing trained: leave no empty run
@@ -258,48 +263,81 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_NONFINITE = 3
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT and SIGTERM set the yielded event (training stops at the next env step, saves a
+    checkpoint and exits 128 + signal number); a second signal aborts at once."""
+    import threading
+
+    stop = threading.Event()
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers live in the main thread (e.g. a Ray Tune trial's thread)
+        return
+
+    def handler(signum, frame) -> None:
+        if stop.is_set():
+            for sig in previous:
+                signal.signal(sig, signal.SIG_DFL)
+            raise KeyboardInterrupt("aborted by a second signal; no checkpoint saved")
+        received.append(signum)
+        stop.set()
+        print(
+            f"\nmnm-rl: {signal.Signals(signum).name}: stopping at the next env step and saving a "
+            "checkpoint (send it again to abort without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    except Exception as err:
+        err.signum = received[0] if received else signal.SIGINT  # type: ignore[attr-defined]
+        raise
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 # -------------------------------------------------------------------------------------- eval
 def _load_for(path: Path, env_name: str | None, device: str):
-    """(model, env spec, model file, run folder) for a run folder or a model file."""
-    from mnm_rl.env_factory import resolve_env
-    from mnm_rl.runs import load_config, resolve_model
+    """(policy, env spec, policy file, run folder, config) for a run folder or a model file.
 
-    model_path, run_dir = resolve_model(path)
+    Loads the safe policy file only (tensors + JSON, never a pickle)."""
+    from mnm_rl.env_factory import resolve_env
+    from mnm_rl.loading import resolve_policy
+    from mnm_rl.runs import load_config
+
+    policy_path, run_dir = resolve_policy(path)
     config = load_config(run_dir) if run_dir is not None else None
     if env_name is not None:
         spec = resolve_env(env_name).spec()
     elif config is not None:
         spec = config.env
     else:
-        raise ConfigError(f"{model_path} is not inside a run folder; pass --env")
-    from mnm_rl.agent import MemoryPPO
+        raise ConfigError(f"{path} is not inside a run folder; pass --env")
+    from mnm_rl.safe_policy import load_policy_file
 
-    try:
-        model = MemoryPPO.load(model_path, device=device)
-    except Exception as err:  # a damaged or foreign zip that passed the structural checks
-        raise ConfigError(f"cannot load {model_path}: {str(err).splitlines()[0]}") from None
+    model = load_policy_file(policy_path, device=device)
     _check_spaces(model, spec)
-    return model, spec, model_path, run_dir, config
+    return model, spec, policy_path, run_dir, config
 
 
 def _check_spaces(model, spec) -> None:
     from mnm_rl.env_factory import make_env
+    from mnm_rl.safe_policy import SpaceMismatchError
 
     env = make_env(spec)
     try:
-        for name in ("observation_space", "action_space"):
-            if getattr(env, name) != getattr(model, name):
-                raise ConfigError(
-                    f"the model's {name} {_short(getattr(model, name))} does not match env "
-                    f"{spec.name!r}: {_short(getattr(env, name))}"
-                )
+        model.check_env(env, f"env {spec.name!r}")
+    except SpaceMismatchError as err:
+        raise ConfigError(str(err)) from None
     finally:
         env.close()
-
-
-def _short(space, limit: int = 80) -> str:
-    text = " ".join(str(space).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _evaluate(model, spec, episodes: int, deterministic: bool, extra: dict) -> dict:
@@ -335,7 +373,7 @@ def _write_report(report: dict, path: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mnm_rl.runs import EVAL_FILE, MODEL_FILE, slug
+    from mnm_rl.runs import EVAL_FILE, POLICY_FILE, slug
 
     model, spec, model_path, run_dir, config = _load_for(args.model, args.env, args.device)
     episodes = args.episodes or (config.train.eval_episodes if config else 0) or 100
@@ -352,7 +390,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         folder = run_dir if run_dir is not None else model_path.parent
         default = (
             run_dir is not None
-            and model_path.name == MODEL_FILE
+            and model_path.name == POLICY_FILE
             and spec.name == config.env.name
             and not args.stochastic
         )
@@ -490,6 +528,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         print(f"mnm-rl: {err or 'interrupted'}", file=sys.stderr)
         return 130
+    except Exception as err:
+        from mnm_rl.training import TrainingFault, TrainingInterrupted
+
+        if isinstance(err, TrainingInterrupted):
+            print(f"mnm-rl: {err}; continue with --resume", file=sys.stderr)
+            return 128 + int(getattr(err, "signum", signal.SIGINT))
+        if isinstance(err, TrainingFault):
+            print(f"mnm-rl: error: {' '.join(str(err).split())}", file=sys.stderr)
+            return EXIT_NONFINITE
+        raise
 
 
 if __name__ == "__main__":

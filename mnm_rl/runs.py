@@ -4,8 +4,10 @@
 
     config.yaml                 the resolved run config (env, agent, train)
     tb/                         TensorBoard event files (one per training session)
-    checkpoints/step_<N>.zip    periodic checkpoints, N = env steps so far
-    model.zip                   the final model
+    checkpoints/step_<N>.zip    periodic checkpoints, N = env steps so far (SB3, for resuming)
+    checkpoints/step_<N>.pt     the same policy as a safe policy file (tensors + JSON)
+    model.zip                   the final model (SB3, for resuming)
+    policy.pt                   the final policy as a safe policy file (``load_policy``)
     eval.json                   held-out evaluation written at the end of training / by `eval`
 
 Model files are stable-baselines3 zips (weights, optimiser state, ``num_timesteps``); every file is
@@ -29,6 +31,7 @@ from mnm_rl.config import ConfigError, RunConfig, dump_yaml, load_yaml, validate
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.zip"
+POLICY_FILE = "policy.pt"
 CHECKPOINT_DIR = "checkpoints"
 TB_DIR = "tb"
 EVAL_FILE = "eval.json"
@@ -91,6 +94,15 @@ def save_model(model, path: Path) -> Path:
     model.save(buffer)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
+
+
+def policy_file_for(model_path: Path) -> Path:
+    """The safe policy file written next to an SB3 model file: ``model.zip`` -> ``policy.pt``,
+    ``step_<N>.zip`` -> ``step_<N>.pt``."""
+    model_path = Path(model_path)
+    if model_path.name == MODEL_FILE:
+        return model_path.with_name(POLICY_FILE)
+    return model_path.with_suffix(".pt")
 
 
 def checkpoint_path(run_dir: Path, num_timesteps: int) -> Path:
@@ -212,6 +224,7 @@ __all__ = [
     "CheckpointError",
     "EVAL_FILE",
     "MODEL_FILE",
+    "POLICY_FILE",
     "TB_DIR",
     "atomic_write_bytes",
     "checkpoint_path",
@@ -220,6 +233,7 @@ __all__ = [
     "latest_model",
     "load_config",
     "new_run_dir",
+    "policy_file_for",
     "resolve_model",
     "save_config",
     "save_model",

@@ -200,11 +200,16 @@ def train_run(
     run_dir: Path,
     resume_from: Path | None = None,
     progress: bool = True,
+    stop: threading.Event | None = None,
 ) -> MemoryPPO:
     """Train until ``config.train.timesteps`` env steps, starting fresh or from a checkpoint.
 
     Writes TensorBoard events to ``run_dir/tb``, periodic checkpoints and the final
-    ``run_dir/model.zip``. On Ctrl-C, saves a checkpoint first so the run can be resumed.
+    ``run_dir/model.zip`` (each with its safe policy file). Once ``stop`` is set (the CLI's
+    signal handlers set it), training ends at the next env step, a checkpoint is saved and
+    :class:`TrainingInterrupted` is raised. A non-finite loss, gradient or fast weight raises
+    :class:`TrainingFault` naming it; the update is not applied and no checkpoint is written, so
+    the last one on disk is the last good one. TensorBoard events are flushed in every case.
     """
     train = config.train
     check_device(train.device)
@@ -226,6 +231,8 @@ def train_run(
     model.set_logger(configure(str(Path(run_dir) / TB_DIR), ["tensorboard"]))
     checkpointer = PeriodicCheckpoint(run_dir, train.checkpoint_every)
     callbacks: list[BaseCallback] = [checkpointer]
+    if stop is not None:
+        callbacks.insert(0, StopOnRequest(stop))
     if train.eval_every > 0:
         callbacks.append(
             PeriodicEval(
@@ -240,20 +247,34 @@ def train_run(
             callback=CallbackList(callbacks),
             reset_num_timesteps=resume_from is None,
         )
-    except KeyboardInterrupt:
-        path = save_model(model, checkpoint_path(run_dir, model.num_timesteps))
-        raise KeyboardInterrupt(f"interrupted; saved {path}") from None
+        if stop is not None and stop.is_set():
+            path = save_checkpoint(model, checkpoint_path(run_dir, model.num_timesteps))
+            raise TrainingInterrupted(path, model.num_timesteps)
+        save_checkpoint(model, Path(run_dir) / MODEL_FILE)
+    except NonFiniteError as err:
+        raise TrainingFault(f"{err}; {_last_good(run_dir)}") from None
     finally:
+        model.logger.close()  # flushes the TensorBoard writer
         env.close()
-    save_model(model, Path(run_dir) / MODEL_FILE)
     return model
+
+
+def _last_good(run_dir: Path) -> str:
+    try:
+        return f"the last good checkpoint is {latest_model(run_dir)}"
+    except (CheckpointError, ConfigError):
+        return "no checkpoint was written before it"
 
 
 __all__ = [
     "PeriodicCheckpoint",
+    "StopOnRequest",
+    "TrainingFault",
+    "TrainingInterrupted",
     "PeriodicEval",
     "ProgressBar",
     "build_model",
     "check_device",
+    "save_checkpoint",
     "train_run",
 ]

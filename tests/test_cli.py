@@ -106,9 +106,14 @@ def test_train_writes_the_run_layout(run_dir: Path):
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     # Every 1000 steps with 4 envs (steps advance by 4), not at the end (the final model is).
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == ["step_0000001000.zip", "step_0000002000.zip"]
+    assert checkpoints == [
+        "step_0000001000.pt",
+        "step_0000001000.zip",
+        "step_0000002000.pt",
+        "step_0000002000.zip",
+    ]
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
-    assert (run_dir / "model.zip").is_file()
+    assert (run_dir / "model.zip").is_file() and (run_dir / "policy.pt").is_file()
     assert tb_steps(run_dir)[-1] >= 2048
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["episodes"] == 20 == len(report["per_episode"])
