@@ -200,6 +200,10 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list, str]]:
         archive.writestr("readme.txt", "not a model")
     loose = tmp / "loose.zip"
     shutil.copy(run / "model.zip", loose)
+    shutil.copy(run / "policy.pt", tmp / "loose.pt")
+    unsafe = tmp / "unsafe" / "model.zip"  # an SB3 zip without its tensor-only policy file
+    unsafe.parent.mkdir()
+    shutil.copy(run / "model.zip", unsafe)
     return [
         (["train", "--env", "DelayedCueRecal"], "did you mean 'DelayedCueRecall'"),
         (["train", "--agent", "lstn"], "did you mean 'lstm'"),
@@ -221,6 +225,7 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list, str]]:
         (["eval", truncated], "not a readable checkpoint"),
         (["eval", foreign], "not a mnm-rl checkpoint"),
         (["eval", loose], "not inside a run folder; pass --env"),
+        (["eval", unsafe, "--env", "DelayedCueRecall"], "no safe policy file policy.pt"),
         (["eval", run, "--episodes", "0"], "--episodes: must be a positive integer"),
         (["eval", run, "--env", "MiniGrid-MemoryS7"], "does not match env"),
         (["record", run, "--out", tmp / "x.avi"], "must end in .gif or .mp4"),
