@@ -25,6 +25,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line and name the subcommand's help."""
 
     def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())  # one line, even if the input held line breaks
         self.exit(EXIT_USAGE, f"mnm-rl: error: {message} (see '{self.prog} --help')\n")
 
 
