@@ -117,11 +117,11 @@ def plot_curves(curves: list[Curve], out: Path, tag: str = DEFAULT_TAG) -> dict:
             line = ax.plot(grid, mean, label=f"{agent} ({len(runs)} seed{'s' * (len(runs) > 1)})")
             ax.fill_between(grid, low, high, color=line[0].get_color(), alpha=0.2)
             summary.setdefault(env, {})[agent] = {"seeds": len(runs), "final_mean": mean[-1]}
-        ax.set_title(env)
+        ax.set_title(f"{env}: mean over seeds, shaded min to max", fontsize=10)
         ax.set_xlabel("env steps")
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
-    axes[0][0].set_ylabel(f"{tag} (mean; shaded: min-max over seeds)")
+    axes[0][0].set_ylabel(tag)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
