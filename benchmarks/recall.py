@@ -225,7 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     if args.steps is None:
-        args.steps = 1000 if args.quick else 3000
+        args.steps = 800 if args.quick else 3000
     args.Q = args.Q or args.K
     args.n_keys = args.n_keys or 2 * args.K
     return args
