@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from mnm_rl.envs.delayed_cue import (
+from mnm_rl.envs.recall import (
     EMPTY_COLOR,
     QUERY_COLOR,
+    RecallEnv,
     check_int,
     check_render_mode,
     draw_frame,
@@ -18,7 +18,7 @@ from mnm_rl.envs.delayed_cue import (
 )
 
 
-class KeyValueRecallEnv(gym.Env[np.ndarray, np.int64]):
+class KeyValueRecallEnv(RecallEnv):
     """Show ``n_pairs`` key -> value pairs, wait ``delay`` blank steps, then query one key.
 
     Keys are distinct, drawn from ``n_keys`` symbols; values are drawn independently (with
@@ -61,8 +61,6 @@ class KeyValueRecallEnv(gym.Env[np.ndarray, np.int64]):
         self._keys: np.ndarray | None = None
         self._values = np.zeros(0, dtype=np.int64)
         self._query = 0
-        self._t = 0
-        self._answer: int | None = None
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -116,26 +114,7 @@ class KeyValueRecallEnv(gym.Env[np.ndarray, np.int64]):
         self._keys = self.np_random.choice(self.n_keys, size=self.n_pairs, replace=False)
         self._values = self.np_random.integers(self.n_values, size=self.n_pairs)
         self._query = int(self.np_random.integers(self.n_pairs))
-        self._t = 0
-        self._answer = None
-        return self._obs(), {}
-
-    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Advance one step; only the action on the query step is scored."""
-        if self._keys is None:
-            raise RuntimeError("call reset() before step()")
-        if self.phase == "done":
-            raise RuntimeError("episode has terminated; call reset()")
-        if not self.action_space.contains(action):
-            raise ValueError(f"invalid action {action!r} for {self.action_space}")
-        if self.phase != "query":
-            self._t += 1
-            return self._obs(), 0.0, False, False, {}
-        self._answer = int(action)
-        success = self._answer == self.target
-        self._t += 1
-        info = {"is_success": success, "target": self.target}
-        return self._obs(), float(success), True, False, info
+        return self._start_episode()
 
     def render(self) -> str | np.ndarray | None:  # type: ignore[override]
         """A text line (``"ansi"``) or a ``64x64x3`` uint8 frame (``"rgb_array"``)."""
