@@ -34,10 +34,20 @@ def train(core: str) -> MemoryPPO:
     torch.set_num_threads(1)
     env = make_vec_env("mnm_rl/DelayedCueRecall-v0", n_envs=8, seed=0, env_kwargs=TASK)
     model = MemoryPPO(
-        env=env, core=core, n_steps=64, batch_size=256, seq_len=16, learning_rate=2e-3,
-        seed=0, device="cpu",
-        policy_kwargs=dict(core_kwargs=dict(hidden_size=32, n_heads=2) if core == "mnm-p"
-                           else dict(hidden_size=32), features_dim=32),
+        env=env,
+        core=core,
+        n_steps=64,
+        batch_size=256,
+        seq_len=16,
+        learning_rate=2e-3,
+        seed=0,
+        device="cpu",
+        policy_kwargs=dict(
+            core_kwargs=dict(hidden_size=32, n_heads=2)
+            if core == "mnm-p"
+            else dict(hidden_size=32),
+            features_dim=32,
+        ),
     )
     return model.learn(TRAIN_STEPS)
 

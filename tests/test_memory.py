@@ -103,8 +103,13 @@ def test_gradients_flow_through_writes(rule):
     out, _, aux = core(x, core.initial_state(3), starts)
     # read out only the memory's late answers: the write path must carry gradient there
     (out[-1].sum() + aux["recon_after"].sum()).backward()
-    names = ["interaction.weight", "beta_gate.weight", "recurrent_gates.weight",
-             "input_gates.weight", "memory.initial_weights"]
+    names = [
+        "interaction.weight",
+        "beta_gate.weight",
+        "recurrent_gates.weight",
+        "input_gates.weight",
+        "memory.initial_weights",
+    ]
     if rule == "mnm-p":
         names.append("memory.feedback.weight")
     params = dict(core.named_parameters())

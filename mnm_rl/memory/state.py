@@ -87,8 +87,9 @@ class CoreState(dict[str, Tensor]):
     @staticmethod
     def stack(states: Sequence[CoreState]) -> CoreState:
         """Stack states along a new leading dimension: ``[N, B, ...]``, batch size ``N``."""
-        return CoreState({k: torch.stack([s[k] for s in states]) for k in states[0]},
-                         batch_size=len(states))
+        return CoreState(
+            {k: torch.stack([s[k] for s in states]) for k in states[0]}, batch_size=len(states)
+        )
 
     def reset_where(self, reset: Tensor, initial: CoreState) -> CoreState:
         """Replace the state of environments where ``reset[b]`` is true by ``initial``.
