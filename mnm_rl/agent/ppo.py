@@ -207,7 +207,6 @@ class MemoryPPO(OnPolicyAlgorithm):
         state = self._last_state
         starts = torch.as_tensor(self._last_episode_starts, dtype=torch.float32, device=self.device)
         obs = self._obs_tensor(self._last_obs)
-        dones = starts
         for _ in range(n_rollout_steps):
             # inference_mode, not no_grad: no version counters or view tracking (about 12% of
             # a policy step). What leaves it is copied into the buffer or, for the recurrent
@@ -236,15 +235,14 @@ class MemoryPPO(OnPolicyAlgorithm):
             )
             state = new_state
             obs = self._obs_tensor(new_obs)
-            dones = torch.as_tensor(dones_np, dtype=torch.float32, device=self.device)
-            starts = dones
+            starts = torch.as_tensor(dones_np, dtype=torch.float32, device=self.device)
             self._last_obs, self._last_episode_starts = new_obs, dones_np
         self._last_state = state.detach().clone()  # an ordinary tensor again, usable anywhere
         with torch.inference_mode():
             _, last_values, _, _ = self.policy.forward_sequence(
                 map_obs(obs, lambda v: v.unsqueeze(0)), state, starts.unsqueeze(0)
             )
-        buffer.compute_returns_and_advantage(last_values[0], dones)
+        buffer.compute_returns_and_advantage(last_values[0], starts)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
