@@ -9,7 +9,8 @@
 # 2. MiniGrid-MemoryS9 runs of benchmarks/results_runs_s9.sh on cores 6-15, on the CPU;
 # 3. benchmarks/throughput.py --device cuda with 64 envs on cores 0-5, meanwhile;
 # 4. at TRAIN_S seconds the runs get SIGINT (each saves a checkpoint, to be resumed elsewhere)
-#    and runs/s9 plus the logs are packed into $OUT/runs_s9.tgz.
+#    and runs/s9 plus the logs are packed into $OUT/runs_s9.tgz.part_* (15 MB pieces: the
+#    machine sends back files of at most 16 MiB). Here: cat runs_s9.tgz.part_* | tar xzf -
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 OUT=${OUT:-/tmp/gpu_out}
@@ -43,5 +44,5 @@ while [ $(($(date +%s) - start)) -lt "$TRAIN_S" ] && pgrep -f "mnm_rl train" >/d
 pkill -INT -f "mnm_rl train"
 for _ in $(seq 30); do pgrep -f "mnm_rl train" >/dev/null || break; sleep 1; done
 tail -n 2 "$LOGS"/*.log >"$OUT/train_tails.txt" 2>&1
-tar czf "$OUT/runs_s9.tgz" runs/s9 "$LOGS"
+tar czf - runs/s9 "$LOGS" | split -b 15M - "$OUT/runs_s9.tgz.part_"
 echo "packed at $(($(date +%s) - start)) s"; ls -la "$OUT"
