@@ -191,6 +191,17 @@ def test_tensorboard_scalars_written(tmp_path):
     assert all(0.0 <= s <= 1.0 for s in success)
 
 
+def test_success_is_counted_per_finished_episode_from_its_final_reward():
+    # DelayedCueRecall pays only on the query step, which ends the episode: an episode succeeded
+    # exactly when its return (Monitor's "r") is positive, one entry per finished episode.
+    model = small_model("mlp", n_steps=64)
+    collect_one_rollout(model)
+    returns = [episode["r"] for episode in model.ep_info_buffer]
+    assert len(returns) >= 2 * len(DELAYS)
+    assert list(model.ep_success_buffer) == [float(r > 0) for r in returns]
+    assert 0 < sum(model.ep_success_buffer) < len(returns)  # both outcomes occur
+
+
 def test_separate_critic_core():
     model = small_model(
         "lstm", policy_kwargs=dict(core_kwargs=dict(hidden_size=8), shared_core=False)

@@ -174,8 +174,14 @@ class MemoryPPO(OnPolicyAlgorithm):
             self._last_state = self.policy.initial_state(self.n_envs)
         return total, callback
 
-    def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None):
-        """Episode statistics; an episode succeeds when its final reward is positive."""
+    def _update_info_buffer(
+        self,
+        infos: list[dict[str, Any]],
+        dones: np.ndarray | None = None,
+        rewards: np.ndarray | None = None,
+    ):
+        """Episode statistics; given the step's ``rewards``, an episode succeeds when its final
+        reward is positive."""
         assert self.ep_info_buffer is not None and self.ep_success_buffer is not None
         # Only finished episodes carry statistics: look at those envs, not at every env.
         finished = range(len(infos)) if dones is None else np.flatnonzero(dones)
@@ -183,10 +189,8 @@ class MemoryPPO(OnPolicyAlgorithm):
             episode = infos[i].get("episode")
             if episode is not None:
                 self.ep_info_buffer.extend([episode])
-        if dones is not None and self._last_rewards is not None:
-            self.ep_success_buffer.extend((self._last_rewards[finished] > 0).astype(float).tolist())
-
-    _last_rewards: np.ndarray | None = None
+        if dones is not None and rewards is not None:
+            self.ep_success_buffer.extend((rewards[finished] > 0).astype(float).tolist())
 
     # -------------------------------------------------------------------------------- rollout
     def _obs_tensor(self, obs) -> Any:
@@ -218,11 +222,10 @@ class MemoryPPO(OnPolicyAlgorithm):
                 actions, log_probs = self.policy.sample(logits[0])
             new_obs, rewards, dones_np, infos = env.step(actions.cpu().numpy())
             self.num_timesteps += env.num_envs
-            self._last_rewards = rewards
             callback.update_locals(locals())
             if not callback.on_step():
                 return False
-            self._update_info_buffer(infos, dones_np)
+            self._update_info_buffer(infos, dones_np, rewards)
             rewards = self._bootstrap_truncated(rewards, dones_np, infos, new_state)
             buffer.add(
                 obs,

@@ -13,7 +13,6 @@ from mnm_rl.envs.recall import (
     RecallEnv,
     check_int,
     check_render_mode,
-    draw_frame,
     symbol_color,
 )
 
@@ -82,26 +81,19 @@ class DelayedCueRecallEnv(RecallEnv):
         self._cue = int(self.np_random.integers(self.n_cues))
         return self._start_episode()
 
-    def render(self) -> str | np.ndarray | None:  # type: ignore[override]
-        """A text line (``"ansi"``) or a ``64x64x3`` uint8 frame (``"rgb_array"``)."""
-        if self.render_mode is None or self._cue is None:
-            return None
-        phase = self.phase
-        outcome = None if self._answer is None else self._answer == self._cue
-        if self.render_mode == "ansi":
-            text = f"t={self._t}/{self.episode_length} {phase:<5}"
-            if phase == "cue":
-                text += f" cue={self._cue}"
-            elif phase == "done":
-                verdict = "correct" if outcome else "wrong"
-                text += f" answer={self._answer} cue={self._cue} {verdict}"
-            return text
+    def _describe(self, phase: str, outcome: bool | None) -> str:
         if phase == "cue":
-            panel = symbol_color(self._cue, self.n_cues)
-        elif phase == "query":
-            panel = QUERY_COLOR
-        elif self._answer is not None:
-            panel = symbol_color(self._answer, self.n_cues)
-        else:
-            panel = EMPTY_COLOR
-        return draw_frame([panel], phase, self._t / self.episode_length, outcome)
+            return f" cue={self._cue}"
+        if phase == "done":
+            verdict = "correct" if outcome else "wrong"
+            return f" answer={self._answer} cue={self._cue} {verdict}"
+        return ""
+
+    def _panels(self, phase: str) -> list[tuple[int, int, int]]:
+        if phase == "cue":
+            return [symbol_color(self._cue, self.n_cues)]
+        if phase == "query":
+            return [QUERY_COLOR]
+        if self._answer is not None:
+            return [symbol_color(self._answer, self.n_cues)]
+        return [EMPTY_COLOR]

@@ -13,7 +13,6 @@ from mnm_rl.envs.recall import (
     RecallEnv,
     check_int,
     check_render_mode,
-    draw_frame,
     symbol_color,
 )
 
@@ -116,24 +115,18 @@ class KeyValueRecallEnv(RecallEnv):
         self._query = int(self.np_random.integers(self.n_pairs))
         return self._start_episode()
 
-    def render(self) -> str | np.ndarray | None:  # type: ignore[override]
-        """A text line (``"ansi"``) or a ``64x64x3`` uint8 frame (``"rgb_array"``)."""
-        if self.render_mode is None or self._keys is None:
-            return None
-        phase = self.phase
-        outcome = None if self._answer is None else self._answer == self.target
-        if self.render_mode == "ansi":
-            text = f"t={self._t}/{self.episode_length} {phase:<5}"
-            if phase == "store":
-                key, value = self.pairs[self._t]
-                text += f" key={key} value={value}"
-            elif phase == "query":
-                text += f" key={self.query_key} value=?"
-            elif phase == "done":
-                verdict = "correct" if outcome else "wrong"
-                text += f" key={self.query_key} answer={self._answer} value={self.target}"
-                text += f" {verdict}"
-            return text
+    def _describe(self, phase: str, outcome: bool | None) -> str:
+        if phase == "store":
+            key, value = self.pairs[self._t]
+            return f" key={key} value={value}"
+        if phase == "query":
+            return f" key={self.query_key} value=?"
+        if phase == "done":
+            verdict = "correct" if outcome else "wrong"
+            return f" key={self.query_key} answer={self._answer} value={self.target} {verdict}"
+        return ""
+
+    def _panels(self, phase: str) -> list[tuple[int, int, int]]:
         key_panel, value_panel = EMPTY_COLOR, EMPTY_COLOR
         if phase == "store":
             key, value = self.pairs[self._t]
@@ -144,4 +137,4 @@ class KeyValueRecallEnv(RecallEnv):
             value_panel = QUERY_COLOR
             if self._answer is not None:
                 value_panel = symbol_color(self._answer, self.n_values)
-        return draw_frame([key_panel, value_panel], phase, self._t / self.episode_length, outcome)
+        return [key_panel, value_panel]

@@ -87,8 +87,9 @@ def draw_frame(
 class RecallEnv(gym.Env[np.ndarray, np.int64]):
     """A task that shows something, waits, then scores one answer on its query step.
 
-    Subclasses set ``episode_length``, ``action_space``, implement ``phase``, ``target`` and
-    ``_obs``, and call :meth:`_start_episode` at the end of their ``reset``. Actions before the
+    Subclasses set ``episode_length``, ``action_space``, implement ``phase``, ``target``, ``_obs``
+    and, for :meth:`render`, ``_describe`` and ``_panels``, and call :meth:`_start_episode` at the
+    end of their ``reset``. Actions before the
     query are ignored (reward 0); the query step's action scores 1.0 if it equals ``target`` and
     ends the episode, with ``info = {"is_success": bool, "target": int}``.
     """
@@ -107,6 +108,24 @@ class RecallEnv(gym.Env[np.ndarray, np.int64]):
 
     def _obs(self) -> np.ndarray:
         raise NotImplementedError
+
+    def _describe(self, phase: str, outcome: bool | None) -> str:
+        """What the ``"ansi"`` line shows after the step counter and phase."""
+        raise NotImplementedError
+
+    def _panels(self, phase: str) -> list[tuple[int, int, int]]:
+        """The colours of the ``"rgb_array"`` frame's panels."""
+        raise NotImplementedError
+
+    def render(self) -> str | np.ndarray | None:  # type: ignore[override]
+        """A text line (``"ansi"``) or a ``64x64x3`` uint8 frame (``"rgb_array"``)."""
+        if self.render_mode is None or not self._started:
+            return None
+        phase = self.phase
+        outcome = None if self._answer is None else self._answer == self.target
+        if self.render_mode == "ansi":
+            return f"t={self._t}/{self.episode_length} {phase:<5}{self._describe(phase, outcome)}"
+        return draw_frame(self._panels(phase), phase, self._t / self.episode_length, outcome)
 
     def _start_episode(self) -> tuple[np.ndarray, dict[str, Any]]:
         self._t, self._answer, self._started = 0, None, True
