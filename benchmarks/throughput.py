@@ -6,7 +6,8 @@ For one environment, number of envs, rollout length, number of epochs and miniba
     steps), the upper bound for any agent;
 (b) ``sb3-contrib``: sb3-contrib's ``RecurrentPPO`` (``MlpLstmPolicy``, its default architecture,
     i.e. separate actor and critic LSTMs) with ``lstm_hidden_size`` equal to our cores' width;
-(c) our ``MemoryPPO`` with each core: ``mlp``, ``lstm``, ``gru``, ``mnm-p``, ``mnm-g``.
+(c) our ``MemoryPPO`` with each core: ``mlp``, ``lstm``, ``gru``, ``mnm-p``, ``mnm-g``, and
+    mnm-p at the presets' memory sizes, ``mnm-p:2x2`` (2 heads, 2 layers) and ``mnm-p:1x1``.
 
 Each agent runs one warm-up ``learn()`` of one rollout, then a timed ``learn()`` of
 ``--rollouts`` rollouts (rollout plus update). ``collect_rollouts`` and ``train`` are wrapped with
@@ -43,8 +44,17 @@ import sys
 import time
 from typing import Any
 
-AGENTS = ("sb3-contrib", "mlp", "lstm", "gru", "mnm-p", "mnm-g")
-OUR_CORES = ("mlp", "lstm", "gru", "mnm-p", "mnm-g")
+AGENTS = ("sb3-contrib", "mlp", "lstm", "gru", "mnm-p", "mnm-g", "mnm-p:2x2", "mnm-p:1x1")
+
+
+def split_config(name: str) -> tuple[str, dict[str, int]]:
+    """``"mnm-p:2x2"`` -> ``("mnm-p", {"n_heads": 2, "n_layers": 2})``: an MNM core with H heads
+    and L fast-weight layers (the presets' sizes); a plain core name has no extra kwargs."""
+    core, _, size = name.partition(":")
+    if not size:
+        return core, {}
+    heads, _, layers = size.partition("x")
+    return core, {"n_heads": int(heads), "n_layers": int(layers)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,11 +166,14 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
         )
     from mnm_rl.agent import MemoryPPO
 
+    core, size = split_config(name)
     return MemoryPPO(
         env=env,
-        core=name,
+        core=core,
         seq_len=args.seq_len,
-        policy_kwargs=dict(core_kwargs=dict(hidden_size=args.hidden), features_dim=args.hidden),
+        policy_kwargs=dict(
+            core_kwargs=dict(hidden_size=args.hidden, **size), features_dim=args.hidden
+        ),
         **common,
     )
 
@@ -350,7 +363,7 @@ def summary(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) 
         "rounds": args.rounds,
         "ceiling_sps": med.get("ceiling"),
         "sb3_contrib_lstm_sps": med.get("sb3-contrib"),
-        "sps": {k: med[k] for k in OUR_CORES if k in med},
+        "sps": {k: med[k] for k in AGENTS[1:] if k in med},
         "peak_mb": {k: peak[k] for k in AGENTS if k in peak},
         "cpu_sps": cpu,
     }
