@@ -20,29 +20,34 @@ import yaml
 SCRIPT = Path(sys.executable).with_name("mnm-rl")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mnm_rl"]
 
-# A tiny agent on the DelayedCueRecall preset: a few seconds of training.
+
+def sets(*overrides: str) -> list[str]:
+    """``--set`` flags: ``sets("a=1", "b=2")`` -> ``["--set", "a=1", "--set", "b=2"]``."""
+    return [flag for override in overrides for flag in ("--set", override)]
+
+
+# A tiny agent (width 16, 4 envs x 32-step rollouts, 64-step minibatches), shared with
+# test_robustness.py.
+TINY_AGENT = [
+    "--n-envs",
+    "4",
+    "--no-progress",
+    *sets(
+        "agent.policy.core_kwargs.hidden_size=16",
+        "agent.policy.features_dim=16",
+        "agent.policy.net_arch=[16]",
+        "agent.ppo.n_steps=32",
+        "agent.ppo.batch_size=64",
+    ),
+]
+# The tiny agent on the DelayedCueRecall preset: a few seconds of training.
 TINY = [
     "--env",
     "DelayedCueRecall",
     "--timesteps",
     "2048",
-    "--n-envs",
-    "4",
-    "--no-progress",
-    "--set",
-    "agent.policy.core_kwargs.hidden_size=16",
-    "--set",
-    "agent.policy.features_dim=16",
-    "--set",
-    "agent.policy.net_arch=[16]",
-    "--set",
-    "agent.ppo.n_steps=32",
-    "--set",
-    "agent.ppo.batch_size=64",
-    "--set",
-    "train.checkpoint_every=1000",
-    "--set",
-    "train.eval_episodes=20",
+    *TINY_AGENT,
+    *sets("train.checkpoint_every=1000", "train.eval_episodes=20"),
 ]
 
 

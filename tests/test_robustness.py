@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from test_cli import COMMAND, mnm_rl, ok, optimizer_step, tb_steps
+from test_cli import COMMAND, TINY_AGENT, mnm_rl, ok, optimizer_step, sets, tb_steps
 
 import mnm_rl as package
 from mnm_rl.runs import CheckpointError, checkpoint_steps, checkpoints, latest_model
@@ -24,25 +24,7 @@ from mnm_rl.runs import CheckpointError, checkpoint_steps, checkpoints, latest_m
 TESTS = Path(__file__).resolve().parent
 
 # Tiny mnm-p on DelayedCueRecall: 4 envs x 32 steps = 128 env steps per rollout, 8 Adam steps each.
-FAST = [
-    "--no-progress",
-    "--n-envs",
-    "4",
-    "--set",
-    "agent.policy.core_kwargs.hidden_size=16",
-    "--set",
-    "agent.policy.features_dim=16",
-    "--set",
-    "agent.policy.net_arch=[16]",
-    "--set",
-    "agent.ppo.n_steps=32",
-    "--set",
-    "agent.ppo.batch_size=64",
-    "--set",
-    "train.checkpoint_every=256",
-    "--set",
-    "train.eval_episodes=0",
-]
+FAST = [*TINY_AGENT, *sets("train.checkpoint_every=256", "train.eval_episodes=0")]
 
 
 def start(*args: str | Path, cwd: Path) -> subprocess.Popen:
