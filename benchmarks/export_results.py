@@ -10,6 +10,8 @@ For every run folder with a final ``eval.json`` (runs still training are skipped
   run's ``eval/success_rate`` TensorBoard curve (``train.eval_every``), or, for runs trained
   without it, from held-out evaluations of its checkpoints (``eval-step_<N>-<env>.json``, written
   by ``mnm-rl eval CHECKPOINT``) and the final ``eval.json``; ``null`` when never reached;
+* ``agent``: the agent preset's name, followed by ``[key=value, ...]`` for the settings in which
+  the run differs from the presets (a tuning variant from ``mnm-rl sweep --grid`` or ``--set``);
 * ``docs/results/<env>__<agent>__<seed>.csv``: every TensorBoard scalar of the run
   (``tag,step,value``), plus the checkpoint evaluations as ``checkpoint_eval/success_rate``;
 * ``docs/results/table.md``: mean, standard deviation and min-max over seeds per (env, agent).
@@ -24,7 +26,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from mnm_rl.config import ConfigError, RunConfig
 from mnm_rl.plotting import find_runs
+from mnm_rl.presets import resolve_run_config
 from mnm_rl.runs import EVAL_FILE, TB_DIR, load_config, slug
 
 THRESHOLD = 0.9
@@ -43,6 +47,30 @@ def all_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
             for event in accumulator.Scalars(tag):
                 points[tag][int(event.step)] = float(event.value)
     return {tag: sorted(values.items()) for tag, values in points.items()}
+
+
+def _changed(preset: dict, run: dict, prefix: str = "") -> list[str]:
+    """``key=value`` for every leaf of ``run`` that differs from ``preset`` (dotted keys)."""
+    changed = []
+    for key, value in run.items():
+        base = preset.get(key)
+        if isinstance(value, dict) and isinstance(base, dict):
+            changed += _changed(base, value, f"{prefix}{key}.")
+        elif value != base:
+            changed.append(f"{prefix}{key}={value}")
+    return changed
+
+
+def agent_label(config: RunConfig) -> str:
+    """The agent preset's name, plus the agent settings in which the run differs from what the
+    presets give for its env (a tuning variant), e.g. ``mnm-p [ppo.seq_len=64]``."""
+    name = config.agent.name
+    try:
+        preset = resolve_run_config(config.env.name, name).agent
+    except ConfigError:  # an env or agent preset that no longer exists
+        return name
+    changed = _changed(preset.model_dump(), config.agent.model_dump())
+    return f"{name} [{', '.join(changed)}]" if changed else name
 
 
 def checkpoint_evals(run_dir: Path, env_name: str) -> list[tuple[int, float]]:
@@ -70,7 +98,7 @@ def export(run_dirs: list[Path], out: Path) -> list[dict]:
             print(f"skipped {run_dir}: no {EVAL_FILE} yet")
             continue
         config = load_config(run_dir)
-        env, agent, seed = config.env.name, config.agent.name, config.train.seed
+        env, agent, seed = config.env.name, agent_label(config), config.train.seed
         final = json.loads((run_dir / EVAL_FILE).read_text())
         scalars = all_scalars(run_dir / TB_DIR)
         if EVAL_TAG in scalars:
