@@ -26,9 +26,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from mnm_rl.config import ConfigError, RunConfig
 from mnm_rl.plotting import find_runs
-from mnm_rl.presets import resolve_run_config
+from mnm_rl.presets import agent_label
 from mnm_rl.runs import EVAL_FILE, TB_DIR, load_config, slug
 
 THRESHOLD = 0.9
@@ -47,30 +46,6 @@ def all_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
             for event in accumulator.Scalars(tag):
                 points[tag][int(event.step)] = float(event.value)
     return {tag: sorted(values.items()) for tag, values in points.items()}
-
-
-def _changed(preset: dict, run: dict, prefix: str = "") -> list[str]:
-    """``key=value`` for every leaf of ``run`` that differs from ``preset`` (dotted keys)."""
-    changed = []
-    for key, value in run.items():
-        base = preset.get(key)
-        if isinstance(value, dict) and isinstance(base, dict):
-            changed += _changed(base, value, f"{prefix}{key}.")
-        elif value != base:
-            changed.append(f"{prefix}{key}={value}")
-    return changed
-
-
-def agent_label(config: RunConfig) -> str:
-    """The agent preset's name, plus the agent settings in which the run differs from what the
-    presets give for its env (a tuning variant), e.g. ``mnm-p [ppo.seq_len=64]``."""
-    name = config.agent.name
-    try:
-        preset = resolve_run_config(config.env.name, name).agent
-    except ConfigError:  # an env or agent preset that no longer exists
-        return name
-    changed = _changed(preset.model_dump(), config.agent.model_dump())
-    return f"{name} [{', '.join(changed)}]" if changed else name
 
 
 def checkpoint_evals(run_dir: Path, env_name: str) -> list[tuple[int, float]]:

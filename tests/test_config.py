@@ -212,3 +212,18 @@ def test_plot_aggregates_mean_and_spread_over_seeds():
     assert grid.tolist() == [0, 50, 100]
     assert np.allclose(mean, [0.2, (0.5 + 0.4 + 0.4) / 3, 0.8])  # seed 2 stops at step 50
     assert np.allclose(low, [0.0, 0.4, 0.6]) and np.allclose(high, [0.4, 0.5, 1.0])
+
+
+def test_agent_label_names_the_agent_settings_that_differ_from_the_presets():
+    assert presets.agent_label(presets.resolve_run_config("MiniGrid-Memory", "mnm-p")) == "mnm-p"
+    # train settings (seed, steps) are not agent settings
+    seeded = presets.resolve_run_config("MiniGrid-Memory", "gru", {"seed": 3, "timesteps": 10})
+    assert presets.agent_label(seeded) == "gru"
+    variant = presets.resolve_run_config(
+        "MiniGrid-Memory", "mnm-p", None, ["agent.ppo.seq_len=64", "agent.ppo.mem_coef=0.1"]
+    )
+    assert presets.agent_label(variant) == "mnm-p [ppo.seq_len=64, ppo.mem_coef=0.1]"
+    nested = presets.resolve_run_config(
+        "DelayedCueRecall", "mnm-p", None, ["agent.policy.core_kwargs.n_heads=3"]
+    )
+    assert presets.agent_label(nested) == "mnm-p [policy.core_kwargs.n_heads=3]"

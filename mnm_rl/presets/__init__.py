@@ -143,7 +143,34 @@ def resolve_run_config(
     return apply_overrides(config, overrides)
 
 
+def _changed(preset: Mapping[str, Any], run: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``key=value`` for every leaf of ``run`` that differs from ``preset`` (dotted keys)."""
+    changed = []
+    for key, value in run.items():
+        base = preset.get(key)
+        if isinstance(value, Mapping) and isinstance(base, Mapping):
+            changed += _changed(base, value, f"{prefix}{key}.")
+        elif value != base:
+            changed.append(f"{prefix}{key}={value}")
+    return changed
+
+
+def agent_label(config: RunConfig) -> str:
+    """The run's agent preset name, plus the agent settings in which the run differs from what
+    the presets give for its env: ``"mnm-p"``, or ``"mnm-p [ppo.seq_len=64, ppo.mem_coef=0.1]"``
+    for a tuning variant (``--set``, ``mnm-rl sweep --grid``). Plots and result tables group
+    runs by it, so variants are never averaged with the preset."""
+    name = config.agent.name
+    try:
+        preset = resolve_run_config(config.env.name, name).agent
+    except ConfigError:  # the env or agent preset no longer exists
+        return name
+    changed = _changed(preset.model_dump(), config.agent.model_dump())
+    return f"{name} [{', '.join(changed)}]" if changed else name
+
+
 __all__ = [
+    "agent_label",
     "DEFAULT_AGENT",
     "DEFAULT_ENV",
     "agent_names",
