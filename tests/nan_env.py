@@ -1,7 +1,7 @@
-"""A test-only env: DelayedCueRecall whose rewards turn NaN after ``nan_after`` steps per env.
+"""Test-only envs: DelayedCueRecall whose rewards (``NaNRewardCue-v0``) or observations
+(``NaNObsCue-v0``) turn NaN after ``nan_after`` steps per env.
 
-Registered as ``NaNRewardCue-v0``; the CLI reaches it as ``--env nan_env:NaNRewardCue-v0`` with
-this folder on ``PYTHONPATH``.
+The CLI reaches them as ``--env nan_env:NaNRewardCue-v0`` with this folder on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -27,5 +27,24 @@ class NaNRewardCue(DelayedCueRecallEnv):
         return obs, reward, terminated, truncated, info
 
 
+class NaNObsCue(DelayedCueRecallEnv):
+    def __init__(self, nan_after: int = 100, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.nan_after = nan_after
+        self.steps = 0
+
+    def _obs(self):
+        obs = super()._obs()
+        if self.steps > self.nan_after:
+            obs[:] = float("nan")
+        return obs
+
+    def step(self, action: Any):
+        self.steps += 1
+        return super().step(action)
+
+
+if "NaNObsCue-v0" not in gym.registry:
+    gym.register(id="NaNObsCue-v0", entry_point=NaNObsCue)
 if "NaNRewardCue-v0" not in gym.registry:
     gym.register(id="NaNRewardCue-v0", entry_point=NaNRewardCue)

@@ -135,10 +135,12 @@ def test_killed_while_writing_a_checkpoint_leaves_the_old_file(tmp_path: Path):
     assert checkpoints(tmp_path) == [target]  # the leftover is never taken for a checkpoint
 
 
-def nan_env_run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+def nan_env_run(
+    tmp_path: Path, *extra: str, env_id: str = "NaNRewardCue-v0"
+) -> tuple[subprocess.CompletedProcess, Path]:
     run = tmp_path / "nan"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(TESTS)}
-    args = ["train", "--env", "nan_env:NaNRewardCue-v0", "--timesteps", "1024", *FAST,
+    args = ["train", "--env", f"nan_env:{env_id}", "--timesteps", "1024", *FAST,
             "--set", "env.kwargs.nan_after=100", *extra, "--run-dir", str(run)]  # fmt: skip
     result = subprocess.run(
         [*COMMAND, *args], cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env
@@ -162,6 +164,21 @@ def test_nan_stops_the_run_naming_the_quantity_and_keeps_the_last_good_checkpoin
     policy = package.load_policy(run, device="cpu")
     assert all(torch.isfinite(p).all() for p in policy.policy.state_dict().values())
     assert tb_steps(run)  # TensorBoard events were flushed before exiting
+
+
+def test_nan_in_the_rollout_stops_the_run_with_one_line_and_the_last_good_checkpoint(tmp_path):
+    # Observations turn NaN after 100 steps per env: step 404 of the run, inside the 4th rollout
+    # (385-512), before the checkpoint at 512; the one at 256 is the last good one.
+    result, run = nan_env_run(tmp_path, env_id="NaNObsCue-v0")
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("mnm-rl: error: non-finite policy output (action logits) in the ")
+    assert "rollout at step 404" in lines[0]
+    last = run / "checkpoints" / "step_0000000256.zip"
+    assert f"the last good checkpoint is {last}" in lines[0]
+    assert latest_model(run) == last and not (run / "model.zip").exists()
+    assert tb_steps(run)
 
 
 def test_nan_skip_mode_is_settable_and_counts(tmp_path: Path):

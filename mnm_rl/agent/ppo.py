@@ -28,7 +28,8 @@ SelfMemoryPPO = TypeVar("SelfMemoryPPO", bound="MemoryPPO")
 
 
 class NonFiniteError(FloatingPointError):
-    """A loss, gradient or fast weight became NaN or infinite; the update was not applied."""
+    """A loss, gradient or fast weight became NaN or infinite (the update was not applied), or
+    the policy's output did during a rollout (no action can be sampled from it)."""
 
 
 class MemoryPPO(OnPolicyAlgorithm):
@@ -219,6 +220,12 @@ class MemoryPPO(OnPolicyAlgorithm):
                 logits, values, new_state, _ = self.policy.forward_sequence(
                     map_obs(obs, lambda v: v.unsqueeze(0)), state, starts.unsqueeze(0)
                 )
+                if not torch.isfinite(logits).all():  # one host read, like actions.cpu() below
+                    raise NonFiniteError(
+                        f"non-finite policy output (action logits) in the rollout at step "
+                        f"{self.num_timesteps}: an observation or the recurrent state holds NaN "
+                        "or inf; no update was made from this rollout"
+                    )
                 actions, log_probs = self.policy.sample(logits[0])
             new_obs, rewards, dones_np, infos = env.step(actions.cpu().numpy())
             self.num_timesteps += env.num_envs
