@@ -287,3 +287,22 @@ def test_space_mismatch_names_both_spaces(saved):
         policy.check_env(env, "the 8-cue env")
     message = str(info.value)
     assert str(policy.observation_space) in message and str(env.observation_space) in message
+
+
+def test_a_second_signal_aborts_at_once():
+    # In-process: the first SIGINT only sets the stop event (training saves and exits), the
+    # second raises at once; the previous handlers are back after the block.
+    from mnm_rl.cli import _stop_on_signals
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="aborted by a second signal; no checkpoint saved"):
+        with _stop_on_signals() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 5
+            while not stop.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+            assert stop.is_set()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # interrupted by the second signal's KeyboardInterrupt
+            pytest.fail("the second signal did not abort")
+    assert signal.getsignal(signal.SIGINT) is before
