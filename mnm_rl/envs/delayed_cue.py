@@ -81,12 +81,11 @@ class DelayedCueRecallEnv(RecallEnv):
         self._cue = int(self.np_random.integers(self.n_cues))
         return self._start_episode()
 
-    def _describe(self, phase: str, outcome: bool | None) -> str:
+    def _describe(self, phase: str) -> str:
         if phase == "cue":
             return f" cue={self._cue}"
         if phase == "done":
-            verdict = "correct" if outcome else "wrong"
-            return f" answer={self._answer} cue={self._cue} {verdict}"
+            return f" answer={self._answer} cue={self._cue}"
         return ""
 
     def _panels(self, phase: str) -> list[tuple[int, int, int]]:

@@ -115,15 +115,14 @@ class KeyValueRecallEnv(RecallEnv):
         self._query = int(self.np_random.integers(self.n_pairs))
         return self._start_episode()
 
-    def _describe(self, phase: str, outcome: bool | None) -> str:
+    def _describe(self, phase: str) -> str:
         if phase == "store":
             key, value = self.pairs[self._t]
             return f" key={key} value={value}"
         if phase == "query":
             return f" key={self.query_key} value=?"
         if phase == "done":
-            verdict = "correct" if outcome else "wrong"
-            return f" key={self.query_key} answer={self._answer} value={self.target} {verdict}"
+            return f" key={self.query_key} answer={self._answer} value={self.target}"
         return ""
 
     def _panels(self, phase: str) -> list[tuple[int, int, int]]:

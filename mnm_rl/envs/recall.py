@@ -109,8 +109,9 @@ class RecallEnv(gym.Env[np.ndarray, np.int64]):
     def _obs(self) -> np.ndarray:
         raise NotImplementedError
 
-    def _describe(self, phase: str, outcome: bool | None) -> str:
-        """What the ``"ansi"`` line shows after the step counter and phase."""
+    def _describe(self, phase: str) -> str:
+        """What the ``"ansi"`` line shows after the step counter and phase (:meth:`render` adds
+        the verdict once the episode is done)."""
         raise NotImplementedError
 
     def _panels(self, phase: str) -> list[tuple[int, int, int]]:
@@ -124,7 +125,10 @@ class RecallEnv(gym.Env[np.ndarray, np.int64]):
         phase = self.phase
         outcome = None if self._answer is None else self._answer == self.target
         if self.render_mode == "ansi":
-            return f"t={self._t}/{self.episode_length} {phase:<5}{self._describe(phase, outcome)}"
+            text = f"t={self._t}/{self.episode_length} {phase:<5}{self._describe(phase)}"
+            if phase == "done":
+                text += " correct" if outcome else " wrong"
+            return text
         return draw_frame(self._panels(phase), phase, self._t / self.episode_length, outcome)
 
     def _start_episode(self) -> tuple[np.ndarray, dict[str, Any]]:
