@@ -146,14 +146,16 @@ class EnvPreset(EnvSpec):
 
 
 class CoreConfig(_Strict):
-    """Keyword arguments of the memory core (``n_heads``, ``n_layers``, ``memory_size`` and
-    ``activation`` are for MNM cores only)."""
+    """Keyword arguments of the memory core (all but ``hidden_size`` are for MNM cores only)."""
 
     hidden_size: PositiveInt = 64
     n_heads: PositiveInt | None = None
     n_layers: PositiveInt | None = None
     memory_size: PositiveInt | None = None
     activation: Literal["tanh", "sigmoid"] | None = None
+    #: Steps back of the pair the retention loss asks the memory for (see
+    #: :class:`mnm_rl.memory.MNMCore`); it must be shorter than ``ppo.seq_len``.
+    retention_lag: NonNegativeInt | None = None
 
     def kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -214,6 +216,12 @@ class AgentPreset(_Strict):
             extra = sorted(set(self.policy.core_kwargs.kwargs()) - {"hidden_size"})
             if extra:
                 raise ValueError(f"core {self.core!r} takes only hidden_size, not {extra}")
+        lag = self.policy.core_kwargs.retention_lag
+        if lag is not None and lag >= self.ppo.seq_len:
+            raise ValueError(
+                f"retention_lag ({lag}) must be smaller than ppo.seq_len ({self.ppo.seq_len}): "
+                "the retained pair must lie in the same training sequence"
+            )
         return self
 
     def model_kwargs(self) -> dict[str, Any]:

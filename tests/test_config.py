@@ -227,3 +227,20 @@ def test_agent_label_names_the_agent_settings_that_differ_from_the_presets():
         "DelayedCueRecall", "mnm-p", None, ["agent.policy.core_kwargs.n_heads=3"]
     )
     assert presets.agent_label(nested) == "mnm-p [policy.core_kwargs.n_heads=3]"
+
+
+def test_retention_lag_is_checked_against_the_sequence_length():
+    config = presets.resolve_run_config(
+        "DelayedCueRecall", "mnm-p", None, ["agent.policy.core_kwargs.retention_lag=4"]
+    )
+    assert config.agent.model_kwargs()["policy_kwargs"]["core_kwargs"]["retention_lag"] == 4
+    seq_len = config.agent.ppo.seq_len
+    with pytest.raises(ConfigError, match="must be smaller than ppo.seq_len") as err:
+        presets.resolve_run_config(
+            "DelayedCueRecall", "mnm-p", None, [f"agent.policy.core_kwargs.retention_lag={seq_len}"]
+        )
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="takes only hidden_size"):
+        presets.resolve_run_config(
+            "DelayedCueRecall", "gru", None, ["agent.policy.core_kwargs.retention_lag=2"]
+        )

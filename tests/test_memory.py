@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+from torch import Tensor
 
 from mnm_rl.memory import CORE_KINDS, CoreState, FastWeightMemory, MNMCore, make_core
 
@@ -188,3 +189,64 @@ def test_long_episode_stays_finite_and_bounded(rule):
     assert max(norms) < 20.0 and max(outputs) < 50.0, (max(norms), max(outputs))
     # bounded, not growing: the last thousand steps are no larger than twice the first thousand
     assert max(norms[-10:]) < 2.0 * max(norms[:10])
+
+
+def _recording_writes(core: MNMCore) -> list[tuple[Tensor, Tensor, list[Tensor]]]:
+    """Make ``core.memory.write`` record ``(keys, values, new layers)`` of every call."""
+    calls = []
+    write = core.memory.write
+
+    def recording(weights, keys, values, beta, normalized=False):
+        new_layers, before = write(weights, keys, values, beta, normalized)
+        calls.append((keys.detach(), values.detach(), [w.detach() for w in new_layers]))
+        return new_layers, before
+
+    core.memory.write = recording
+    return calls
+
+
+def test_retention_loss_recalls_the_pair_written_lag_steps_before():
+    lag = 3
+    torch.manual_seed(0)
+    core = MNMCore(INPUT, hidden_size=HIDDEN, retention_lag=lag)
+    torch.manual_seed(0)
+    plain = MNMCore(INPUT, hidden_size=HIDDEN)
+    x, starts = sequence()
+    out, final, aux = core(x, core.initial_state(3), starts)
+    ref_out, ref_final, ref_aux = plain(x, plain.initial_state(3), starts)
+    # the lag only adds a loss: outputs, states and the other diagnostics are unchanged
+    torch.testing.assert_close(out, ref_out)
+    for key in ref_final:
+        torch.testing.assert_close(final[key], ref_final[key])
+    for key in ("recon_after", "recon_before", "beta"):
+        torch.testing.assert_close(aux[key], ref_aux[key])
+    assert torch.equal(ref_aux["recon_retained"], torch.zeros(12, 3))
+
+    calls = _recording_writes(core)
+    with torch.no_grad():
+        core(x, core.initial_state(3), starts)
+    retained = aux["recon_retained"].detach()
+    assert torch.equal(retained[:lag], torch.zeros(lag, 3))
+    for t in range(lag, 12):
+        keys, values, _ = calls[t - lag]
+        layers = calls[t][2]  # the fast weights after the write at step t
+        expected = core.memory.reconstruction_loss(
+            core.memory.read(layers, keys, normalized=True), values
+        )
+        # an episode start in (t - lag, t] reset the memory: that pair is not asked for
+        same_episode = starts[t - lag + 1 : t + 1].sum(dim=0) == 0
+        torch.testing.assert_close(retained[t], expected * same_episode)
+    assert retained[4:7, 1].eq(0).all()  # env 1 restarts at step 4
+    assert retained[lag:, 0][:3].gt(0).all()  # env 0 has no start in steps 1..5
+
+
+def test_retention_loss_trains_the_write_strength():
+    """The retention term reaches beta through the writes after the recalled one."""
+    torch.manual_seed(0)
+    core = MNMCore(INPUT, hidden_size=HIDDEN, retention_lag=2)
+    x, starts = sequence()
+    _, _, aux = core(x, core.initial_state(3), starts)
+    (grad,) = torch.autograd.grad(aux["recon_retained"].sum(), core.beta_gate.bias)
+    assert grad.abs().item() > 0
+    with pytest.raises(ValueError, match="retention_lag must be >= 0"):
+        MNMCore(INPUT, retention_lag=-1)

@@ -40,7 +40,9 @@ class MemoryPPO(OnPolicyAlgorithm):
     * the rollout threads the core state through every step; the state is stored only at the start
       of each ``seq_len``-step chunk, and training re-runs whole chunks ``[seq_len, n_chunks]``
       from those states with the in-chunk episode resets (truncated BPTT of length ``seq_len``);
-    * the loss adds ``mem_coef`` times the memory's post-write reconstruction loss (MNM cores).
+    * the loss adds ``mem_coef`` times the memory's post-write reconstruction loss plus its
+      retention loss (MNM cores; the retention loss is zero unless the core has a
+      ``retention_lag``).
 
     Args (beyond SB3's PPO):
         core: memory core name, a shortcut for ``policy_kwargs["core"]``.
@@ -377,7 +379,8 @@ class MemoryPPO(OnPolicyAlgorithm):
             }
         )
         if aux:
-            memory_loss = aux["recon_after"].mean()
+            retention_loss = aux["recon_retained"].mean()
+            memory_loss = aux["recon_after"].mean() + retention_loss
             loss = loss + self.mem_coef * memory_loss
             checks["memory loss"] = memory_loss.item()
             checks["fast weights"] = aux["fast_weight_norm"].max().item()
@@ -385,6 +388,7 @@ class MemoryPPO(OnPolicyAlgorithm):
                 record(
                     **{
                         "train/memory_loss": memory_loss.item(),
+                        "train/retention_loss": retention_loss.item(),
                         "memory/beta_mean": aux["beta"].mean().item(),
                         "memory/write_gain": (aux["recon_before"] - aux["recon_after"])
                         .mean()

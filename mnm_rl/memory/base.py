@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 from mnm_rl.memory.state import CoreState
 
-#: Per-step diagnostics a core returns, each of shape ``[T, B]``. MNM cores fill all four keys;
-#: cores without an external memory return an empty dict.
-AUX_KEYS = ("recon_after", "recon_before", "beta", "fast_weight_norm")
+#: Per-step diagnostics a core returns, each of shape ``[T, B]``. MNM cores fill every key
+#: (``recon_retained`` is zero unless the core has a retention lag); cores without an external
+#: memory return an empty dict.
+AUX_KEYS = ("recon_after", "recon_before", "recon_retained", "beta", "fast_weight_norm")
 
 
 class RecurrentCore(nn.Module, ABC):

@@ -41,6 +41,10 @@ class MNMCore(RecurrentCore):
         write_rule: ``"mnm-p"`` (local, learned targets) or ``"mnm-g"`` (inner gradient step).
         activation: hidden activation of the fast-weight MLP.
         output_size: width of ``y_t`` (default ``hidden_size``).
+        retention_lag: ``K > 0`` adds a retention term to the memory loss: after the write at
+            step ``t``, the memory must still answer the pair written at step ``t - K`` (same
+            episode, same sequence), ``aux["recon_retained"]``. The paper's post-write loss alone
+            rewards overwriting (``beta -> 1``); this term makes the write rule pay for it.
     """
 
     has_memory_loss = True
@@ -55,8 +59,12 @@ class MNMCore(RecurrentCore):
         write_rule: WriteRule = "mnm-p",
         activation: Activation = "tanh",
         output_size: int | None = None,
+        retention_lag: int = 0,
     ):
         super().__init__()
+        if retention_lag < 0:
+            raise ValueError(f"retention_lag must be >= 0, got {retention_lag}")
+        self.retention_lag = retention_lag
         memory_size = memory_size or hidden_size
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -102,14 +110,21 @@ class MNMCore(RecurrentCore):
         return self.output(torch.cat([h, read], dim=-1)), new_state, self._aux(parts)
 
     def _step(
-        self, gates_x: Tensor, h: Tensor, c: Tensor, read: Tensor, layers: Sequence[Tensor]
+        self,
+        gates_x: Tensor,
+        h: Tensor,
+        c: Tensor,
+        read: Tensor,
+        layers: Sequence[Tensor],
+        recall_keys: Tensor | None = None,
     ) -> tuple[tuple[Tensor, Tensor, Tensor, list[Tensor]], dict[str, Tensor]]:
         """The recurrent part of :meth:`step` on the state's tensors, with the fast weights as
         ``L`` layers ``[B, D, D]``: the loop in :meth:`forward` carries the layers from step to
         step and stacks them into ``[B, L, D, D]`` once, at the end. What does not feed back
         into the recurrence is left to the caller, to do once for a whole sequence: the output
         ``y_t = W_y [h_t ; v^r_t]``, and the reconstruction losses (:meth:`_aux`), whose inputs
-        are returned instead."""
+        are returned instead. ``recall_keys [B, H, D]`` (RMS-normalised write keys of an earlier
+        step) are read after the write too, for the retention loss: ``parts["answer_recalled"]``."""
         # gates_x + W_rec [h ; read] as one addmm; sigmoid once over all four gate blocks (the
         # g block's sigmoid is unused): fewer, larger kernels than one call per gate.
         gates = torch.addmm(gates_x, torch.cat([h, read], dim=-1), self.recurrent_gates.weight.t())
@@ -130,9 +145,13 @@ class MNMCore(RecurrentCore):
         layers, answer_before = memory.write(
             list(layers), keys[:, heads:], write_values, beta, normalized=True
         )
-        # Read keys and the write keys (for the post-write loss) in one pass through the memory.
-        read_answers, write_answers = memory.read(layers, keys, normalized=True).split(heads, 1)
-        read = read_answers.mean(dim=1)
+        # Read keys and the write keys (for the post-write loss), and the recalled keys if any,
+        # in one pass through the memory.
+        if recall_keys is not None:
+            keys = torch.cat([keys, recall_keys], dim=1)
+        answers = memory.read(layers, keys, normalized=True).split(heads, 1)
+        read = answers[0].mean(dim=1)
+        write_answers = answers[1]
 
         with torch.no_grad():  # a diagnostic: no gradient
             norm = fast_weight_norm(layers)
@@ -142,18 +161,40 @@ class MNMCore(RecurrentCore):
             "values": write_values,
             "beta": beta,
             "fast_weight_norm": norm,
+            "write_keys": keys[:, heads : 2 * heads],
         }
+        if recall_keys is not None:
+            parts["answer_recalled"] = answers[2]
         return (h, c, read, layers), parts
 
-    def _aux(self, parts: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The diagnostics of :data:`AUX_KEYS` from :meth:`_step`'s parts (one step or stacked)."""
+    def _aux(self, parts: dict[str, Tensor], retained: Tensor | None = None) -> dict[str, Tensor]:
+        """The diagnostics of :data:`AUX_KEYS` from :meth:`_step`'s parts (one step or stacked);
+        ``retained`` is the retention loss (zeros when not given)."""
         loss = self.memory.reconstruction_loss
         return {
             "recon_after": loss(parts["answer_after"], parts["values"]),
             "recon_before": loss(parts["answer_before"], parts["values"]),
+            "recon_retained": torch.zeros_like(parts["beta"]) if retained is None else retained,
             "beta": parts["beta"],
             "fast_weight_norm": parts["fast_weight_norm"],
         }
+
+    def _retention_loss(
+        self, steps: list[dict[str, Tensor]], values: Tensor, episode_starts: Tensor
+    ) -> Tensor:
+        """``[T, B]``: the error, after the write at step ``t``, of the memory's answer to the pair
+        written at ``t - K``; zero where that pair lies before the sequence or in an earlier
+        episode (its memory was reset). ``values``: the write values, ``[T, B, H, D]``."""
+        lag = self.retention_lag
+        retained = values.new_zeros(values.shape[:2])
+        if lag == 0 or len(steps) <= lag:
+            return retained
+        answers = _stack([p["answer_recalled"] for p in steps[lag:]])
+        # Episode starts counted up to each step: equal at t - K and t when none lies in between.
+        started = (episode_starts != 0).cumsum(dim=0)
+        same_episode = (started[lag:] == started[:-lag]).to(values.dtype)
+        errors = self.memory.reconstruction_loss(answers, values[:-lag]) * same_episode
+        return torch.cat([retained[:lag], errors])
 
     def forward(
         self, x: Tensor, state: CoreState, episode_starts: Tensor
@@ -169,6 +210,7 @@ class MNMCore(RecurrentCore):
         resets = episode_starts.any(dim=1).tolist()
         initial = None
         hs, reads, steps = [], [], []
+        lag = self.retention_lag
         for t in range(x.shape[0]):
             if resets[t]:
                 if initial is None:
@@ -183,16 +225,22 @@ class MNMCore(RecurrentCore):
                 layers = [
                     torch.where(keep, w, w0) for w, w0 in zip(layers, initial_layers, strict=True)
                 ]
-            (h, c, read, layers), parts = self._step(gates_x[t], h, c, read, layers)
+            recall = steps[t - lag]["write_keys"] if lag and t >= lag else None
+            (h, c, read, layers), parts = self._step(gates_x[t], h, c, read, layers, recall)
             hs.append(h)
             reads.append(read)
             steps.append(parts)
         y = self.output(torch.cat([_stack(hs), _stack(reads)], dim=-1))  # all steps at once
-        aux = self._aux({k: _stack([p[k] for p in steps]) for k in steps[0]})
+        stacked = {k: _stack([p[k] for p in steps]) for k in _STEP_PARTS}
+        aux = self._aux(stacked, self._retention_loss(steps, stacked["values"], episode_starts))
         state = CoreState(
             {"h": h, "c": c, "read": read, "fast_weights": torch.stack(layers, dim=1)}
         )
         return y, state, aux
+
+
+#: The parts of :meth:`MNMCore._step` that :meth:`MNMCore._aux` reads, stacked over a sequence.
+_STEP_PARTS = ("answer_after", "answer_before", "values", "beta", "fast_weight_norm")
 
 
 def _stack(tensors: list[Tensor]) -> Tensor:
