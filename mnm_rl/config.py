@@ -156,6 +156,8 @@ class CoreConfig(_Strict):
     #: Steps back of the pair the retention loss asks the memory for (see
     #: :class:`mnm_rl.memory.MNMCore`); it must be shorter than ``ppo.seq_len``.
     retention_lag: NonNegativeInt | None = None
+    #: Read from the memory before this step's write (see :class:`mnm_rl.memory.MNMCore`).
+    read_before_write: bool | None = None
 
     def kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

@@ -250,3 +250,23 @@ def test_retention_loss_trains_the_write_strength():
     assert grad.abs().item() > 0
     with pytest.raises(ValueError, match="retention_lag must be >= 0"):
         MNMCore(INPUT, retention_lag=-1)
+
+
+def test_read_before_write_reads_the_memory_of_earlier_steps():
+    torch.manual_seed(0)
+    core = MNMCore(INPUT, hidden_size=HIDDEN, read_before_write=True)
+    torch.manual_seed(0)
+    plain = MNMCore(INPUT, hidden_size=HIDDEN)
+    x, starts = sequence()
+    state = core.initial_state(3)
+    _, final, aux = core(x, state, starts)
+    _, ref_final, ref_aux = plain(x, state, starts)
+    # the first step's read (h, c are from the same controller) sees only the initial weights
+    _, first, _ = core(x[:1], state, starts[:1])
+    heads = core.n_heads
+    keys = core.interaction(first["h"]).tanh()[:, : heads * HIDDEN].view(3, heads, HIDDEN)
+    expected = core.memory.read(state["fast_weights"], keys).mean(dim=1)
+    torch.testing.assert_close(first["read"], expected)
+    # the order changes what is read, not how the memory is written
+    assert not torch.allclose(final["read"], ref_final["read"])
+    assert torch.isfinite(aux["recon_after"]).all() and set(aux) == set(ref_aux)

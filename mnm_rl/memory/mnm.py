@@ -27,7 +27,7 @@ class MNMCore(RecurrentCore):
         [k^r_{1..H} ; k^w_{1..H} ; v^w_{1..H} ; beta'] = tanh(W_v h_t + b_v)
         beta_t    = sigmoid(W_beta beta' + b_beta)
         M_t       = write(M_{t-1}, k^w, v^w, beta_t)        # mnm-p or mnm-g
-        v^r_t     = mean_i f_{M_t}(k^r_i)
+        v^r_t     = mean_i f_{M_t}(k^r_i)                   # f_{M_{t-1}} if read_before_write
         y_t       = W_y [h_t ; v^r_t]
 
     State: ``h, c, read`` ``[B, D]`` and ``fast_weights`` ``[B, L, D, D]``.
@@ -45,6 +45,10 @@ class MNMCore(RecurrentCore):
             step ``t``, the memory must still answer the pair written at step ``t - K`` (same
             episode, same sequence), ``aux["recon_retained"]``. The paper's post-write loss alone
             rewards overwriting (``beta -> 1``); this term makes the write rule pay for it.
+        read_before_write: read ``v^r_t`` from ``M_{t-1}``, before this step's write, instead
+            of from ``M_t`` (the paper's order). The read then carries only what earlier steps
+            stored; the current input reaches the output through ``h_t`` alone, so a full write
+            (``beta = 1``) no longer pays off as a copy of the present.
     """
 
     has_memory_loss = True
@@ -60,11 +64,13 @@ class MNMCore(RecurrentCore):
         activation: Activation = "tanh",
         output_size: int | None = None,
         retention_lag: int = 0,
+        read_before_write: bool = False,
     ):
         super().__init__()
         if retention_lag < 0:
             raise ValueError(f"retention_lag must be >= 0, got {retention_lag}")
         self.retention_lag = retention_lag
+        self.read_before_write = read_before_write
         memory_size = memory_size or hidden_size
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -142,16 +148,22 @@ class MNMCore(RecurrentCore):
         memory = self.memory
         # [read keys ; write keys], RMS-normalised once for both passes through the memory.
         keys = rms_normalize(keys)
+        if self.read_before_write:
+            read = memory.read(layers, keys[:, :heads], normalized=True).mean(dim=1)
         layers, answer_before = memory.write(
             list(layers), keys[:, heads:], write_values, beta, normalized=True
         )
-        # Read keys and the write keys (for the post-write loss), and the recalled keys if any,
-        # in one pass through the memory.
+        # The read keys (unless read already), the write keys (for the post-write loss) and the
+        # recalled keys if any, in one pass through the written memory.
+        after = [keys[:, heads:]] if self.read_before_write else [keys]
         if recall_keys is not None:
-            keys = torch.cat([keys, recall_keys], dim=1)
-        answers = memory.read(layers, keys, normalized=True).split(heads, 1)
-        read = answers[0].mean(dim=1)
-        write_answers = answers[1]
+            after.append(recall_keys)
+        answers = list(
+            memory.read(layers, torch.cat(after, dim=1), normalized=True).split(heads, 1)
+        )
+        if not self.read_before_write:
+            read = answers.pop(0).mean(dim=1)
+        write_answers = answers[0]
 
         with torch.no_grad():  # a diagnostic: no gradient
             norm = fast_weight_norm(layers)
@@ -164,7 +176,7 @@ class MNMCore(RecurrentCore):
             "write_keys": keys[:, heads : 2 * heads],
         }
         if recall_keys is not None:
-            parts["answer_recalled"] = answers[2]
+            parts["answer_recalled"] = answers[1]
         return (h, c, read, layers), parts
 
     def _aux(self, parts: dict[str, Tensor], retained: Tensor | None = None) -> dict[str, Tensor]:
