@@ -1,0 +1,136 @@
+"""Where does a MiniGrid-Memory agent keep the cue? Linear probes on its recurrent state.
+
+Runs a trained run's policy (most likely action) on held-out episodes and records, at every
+step, the controller's hidden state ``h`` and, for MNM cores, the memory's read vector. The
+label is the cue: the object (key or ball) in the start room. A logistic-regression probe, fitted
+on half of the episodes and scored on the other half, asks how well the cue can be read off each
+vector at the agent's last step, the decision at the junction, counting only episodes in which
+the agent has seen the cue. Chance is 0.5.
+
+    python benchmarks/probe_cue.py runs/s9/mnm-p-seed1 runs/s9/lstm-seed2 --episodes 400
+
+Prints one line per run and, as the last line, a JSON object
+``{run: {"success": float, "saw_cue": float, "probe_h": float, "probe_read": float | null}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from minigrid.core.constants import OBJECT_TO_IDX
+
+from mnm_rl.agent import MemoryPPO
+from mnm_rl.env_factory import make_env
+from mnm_rl.runs import load_config, resolve_model
+
+
+def cue_of(env) -> int:
+    """1 if the start room holds a key, 0 for a ball."""
+    grid = env.unwrapped.grid
+    return int(grid.get(1, env.unwrapped.height // 2 - 1).type == "key")
+
+
+def sees_cue(env, cue: int) -> bool:
+    """Whether the agent's 3x3 view shows the start room's object (the cue)."""
+    kind = OBJECT_TO_IDX["key" if cue else "ball"]
+    image = env.unwrapped.gen_obs()["image"]
+    x = env.unwrapped.agent_pos[0]
+    # only near the start room: the key and ball at the junction are not the cue
+    return x <= 4 and bool((image[..., 0] == kind).any())
+
+
+def run_episodes(run_dir: Path, episodes: int) -> dict[str, np.ndarray]:
+    config = load_config(run_dir)
+    model_path, _ = resolve_model(run_dir)
+    model = MemoryPPO.load(model_path, device="cpu")
+    policy = model.policy
+    env = make_env(config.env)
+    start = config.env.eval_seeds.start
+    rows: dict[str, list] = {"h": [], "read": [], "cue": [], "saw": [], "success": []}
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=start + episode)
+        cue, saw = cue_of(env), False
+        state = policy.initial_state(1)
+        first, done, reward = True, False, 0.0
+        while not done:
+            saw = saw or sees_cue(env, cue)
+            batch = {k: torch.as_tensor(np.asarray(v))[None, None] for k, v in obs.items()}
+            with torch.inference_mode():
+                logits, _, state, _ = policy.forward_sequence(
+                    batch, state, torch.tensor([[float(first)]])
+                )
+            action = int(logits[0, 0].argmax())
+            last_h = state["h"][0].numpy().copy()
+            last_read = state["read"][0].numpy().copy() if "read" in state else None
+            obs, reward, terminated, truncated, _ = env.step(action)
+            done, first = terminated or truncated, False
+        rows["h"].append(last_h)
+        rows["read"].append(last_read)
+        rows["cue"].append(cue)
+        rows["saw"].append(saw)
+        rows["success"].append(reward > 0)
+    return {k: np.array(v) for k, v in rows.items()}
+
+
+def probe_accuracy(x: np.ndarray, y: np.ndarray) -> float:
+    """Held-out accuracy of a logistic regression fitted on the first half (plain gradient
+    descent on standardised inputs, L2 1e-3)."""
+    half = len(y) // 2
+    mean, std = x[:half].mean(0), x[:half].std(0) + 1e-6
+    xs = torch.as_tensor((x - mean) / std, dtype=torch.float64)
+    ys = torch.as_tensor(y, dtype=torch.float64)
+    w = torch.zeros(xs.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        logits = xs[:half] @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, ys[:half])
+        loss = loss + 1e-3 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        predicted = (xs[half:] @ w + b) > 0
+    return float((predicted == ys[half:].bool()).double().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--episodes", type=int, default=400)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results = {}
+    print(f"{'run':40s} success saw_cue probe(h) probe(read)  (episodes that saw the cue)")
+    for run_dir in args.runs:
+        data = run_episodes(run_dir, args.episodes)
+        saw = data["saw"]
+        cue = data["cue"][saw]
+        probe_h = probe_accuracy(data["h"][saw], cue)
+        has_read = data["read"][0] is not None
+        probe_read = probe_accuracy(np.stack(data["read"][saw]), cue) if has_read else None
+        results[str(run_dir)] = {
+            "success": float(data["success"].mean()),
+            "saw_cue": float(saw.mean()),
+            "success_saw": float(data["success"][saw].mean()),
+            "probe_h": probe_h,
+            "probe_read": probe_read,
+        }
+        r = results[str(run_dir)]
+        read_text = "-" if probe_read is None else f"{probe_read:.3f}"
+        print(
+            f"{str(run_dir):40s} {r['success']:.3f}   {r['saw_cue']:.3f}   {probe_h:.3f}    "
+            f"{read_text}   (success when seen {r['success_saw']:.3f})"
+        )
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
