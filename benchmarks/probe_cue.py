@@ -8,6 +8,9 @@ vector at the agent's last step, the decision at the junction, counting only epi
 the agent has seen the cue. Chance is 0.5.
 
     python benchmarks/probe_cue.py runs/s9/mnm-p-seed1 runs/s9/lstm-seed2 --episodes 400
+    python benchmarks/probe_cue.py runs/s9/mnm-g-seed2/checkpoints/step_*.zip   # over training
+
+A run folder means its latest model; a checkpoint file, that checkpoint.
 
 Prints one line per run and, as the last line, a JSON object
 ``{run: {"success": float, "saw_cue": float, "probe_h": float, "probe_read": float | null}}``.
@@ -43,9 +46,11 @@ def sees_cue(env, cue: int) -> bool:
     return x <= 4 and bool((image[..., 0] == kind).any())
 
 
-def run_episodes(run_dir: Path, episodes: int) -> dict[str, np.ndarray]:
+def run_episodes(run: Path, episodes: int) -> dict[str, np.ndarray]:
+    model_path, run_dir = resolve_model(run)
+    if run_dir is None:
+        raise SystemExit(f"probe_cue.py: {run} is not in a run folder (no config.yaml)")
     config = load_config(run_dir)
-    model_path, _ = resolve_model(run_dir)
     model = MemoryPPO.load(model_path, device="cpu")
     policy = model.policy
     env = make_env(config.env)
