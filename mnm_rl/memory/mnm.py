@@ -155,12 +155,10 @@ class MNMCore(RecurrentCore):
         )
         # The read keys (unless read already), the write keys (for the post-write loss) and the
         # recalled keys if any, in one pass through the written memory.
-        after = [keys[:, heads:]] if self.read_before_write else [keys]
-        if recall_keys is not None:
-            after.append(recall_keys)
-        answers = list(
-            memory.read(layers, torch.cat(after, dim=1), normalized=True).split(heads, 1)
-        )
+        after = keys[:, heads:] if self.read_before_write else keys
+        if recall_keys is not None:  # concatenate only then: a one-tensor cat is still a copy
+            after = torch.cat([after, recall_keys], dim=1)
+        answers = list(memory.read(layers, after, normalized=True).split(heads, 1))
         if not self.read_before_write:
             read = answers.pop(0).mean(dim=1)
         write_answers = answers[0]
