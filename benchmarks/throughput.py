@@ -8,6 +8,8 @@ For one environment, number of envs, rollout length, number of epochs and miniba
     i.e. separate actor and critic LSTMs) with ``lstm_hidden_size`` equal to our cores' width;
 (c) our ``MemoryPPO`` with each core: ``mlp``, ``lstm``, ``gru``, ``mnm-p``, ``mnm-g``, and
     mnm-p at the presets' memory sizes, ``mnm-p:2x2`` (2 heads, 2 layers) and ``mnm-p:1x1``.
+    On the CPU the MNM cores run the fused kernel (``mnm_rl.memory.fused``); a config name
+    ending in ``/eager`` (``mnm-p/eager``) runs the same core in plain PyTorch.
 
 Each agent runs one warm-up ``learn()`` of one rollout, then a timed ``learn()`` of
 ``--rollouts`` rollouts (rollout plus update). ``collect_rollouts`` and ``train`` are wrapped with
@@ -45,12 +47,16 @@ import time
 from typing import Any
 
 AGENTS = ("sb3-contrib", "mlp", "lstm", "gru", "mnm-p", "mnm-g", "mnm-p:2x2", "mnm-p:1x1")
+#: A config name ending in this runs the MNM core's PyTorch code instead of the fused kernel
+#: (``MNM_RL_FUSED=0``), e.g. ``mnm-p:2x2/eager``: the two side by side in one run.
+EAGER = "/eager"
 
 
 def split_config(name: str) -> tuple[str, dict[str, int]]:
     """``"mnm-p:2x2"`` -> ``("mnm-p", {"n_heads": 2, "n_layers": 2})``: an MNM core with H heads
-    and L fast-weight layers (the presets' sizes); a plain core name has no extra kwargs."""
-    core, _, size = name.partition(":")
+    and L fast-weight layers (the presets' sizes); a plain core name has no extra kwargs. A
+    trailing ``/eager`` (``"mnm-p:2x2/eager"``) is dropped here: see :func:`run_agent`."""
+    core, _, size = name.removesuffix(EAGER).partition(":")
     if not size:
         return core, {}
     heads, _, layers = size.partition("x")
@@ -180,6 +186,8 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 
 def run_agent(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """One warm-up rollout+update, then ``args.rollouts`` timed ones."""
+    if name.endswith(EAGER):
+        os.environ["MNM_RL_FUSED"] = "0"
     torch = _setup_torch(args.threads)
     device = "cpu" if name == "sb3-contrib" else args.device
     cuda = device.startswith("cuda")

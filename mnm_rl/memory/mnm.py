@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from mnm_rl.memory import fused
 from mnm_rl.memory.base import RecurrentCore
 from mnm_rl.memory.fast_weights import (
     Activation,
@@ -92,13 +93,14 @@ class MNMCore(RecurrentCore):
         return self.memory.write_rule
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> CoreState:
-        device = device or self.memory.initial_weights.device
-        zeros = torch.zeros(batch_size, self.hidden_size, device=device)
+        weights = self.memory.initial_weights
+        device = device or weights.device
+        zeros = torch.zeros(batch_size, self.hidden_size, device=device, dtype=weights.dtype)
         return CoreState(
             {
                 "h": zeros,
                 "c": zeros.clone(),
-                "read": torch.zeros(batch_size, self.memory_size, device=device),
+                "read": zeros.new_zeros(batch_size, self.memory_size),
                 "fast_weights": self.memory.initial(batch_size).to(device),
             }
         )
@@ -206,10 +208,50 @@ class MNMCore(RecurrentCore):
         errors = self.memory.reconstruction_loss(answers, values[:-lag]) * same_episode
         return torch.cat([retained[:lag], errors])
 
+    def _fused_kernel(self, x: Tensor):
+        """The compiled kernel if it applies here (:mod:`mnm_rl.memory.fused`), else ``None``."""
+        if (
+            not fused.fused_enabled()
+            or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64)
+            or self.retention_lag
+            or self.read_before_write
+        ):
+            return None
+        return fused.load_extension()
+
+    def _forward_fused(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel
+    ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
+        """:meth:`forward` by the compiled kernel: the same equations, one call per sequence."""
+        hs, reads, after, before, values, beta, norm, c, weights = fused.run_sequence(
+            self,
+            self.input_gates(x),
+            episode_starts,
+            state["h"],
+            state["c"],
+            state["read"],
+            state["fast_weights"],
+            kernel,
+        )
+        y = self.output(torch.cat([hs, reads], dim=-1))
+        parts = {
+            "answer_after": after,
+            "answer_before": before,
+            "values": values,
+            "beta": beta,
+            "fast_weight_norm": norm,
+        }
+        final = CoreState({"h": hs[-1], "c": c, "read": reads[-1], "fast_weights": weights})
+        return y, final, self._aux(parts)
+
     def forward(
         self, x: Tensor, state: CoreState, episode_starts: Tensor
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         self._check_inputs(x, state, episode_starts)
+        kernel = self._fused_kernel(x)
+        if kernel is not None:
+            return self._forward_fused(x, state, episode_starts, kernel)
         # [T, B, 4 * hidden], one matmul for the whole sequence; unbind, not gates_x[t]: one
         # gradient node instead of a zero-filled [T, B, 4 * hidden] gradient per step.
         gates_x = self.input_gates(x).unbind(0)

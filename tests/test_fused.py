@@ -1,0 +1,179 @@
+"""The fused MNM kernel (``mnm_rl.memory.fused``) computes what the PyTorch code computes.
+
+Each comparison runs one ``MNMCore`` twice on the same inputs, once through the kernel and once
+through the PyTorch code (``MNM_RL_FUSED=0``), and compares the features, the final state, the
+memory diagnostics and the gradients of every parameter and of the initial state, with
+episode starts inside the sequence and a start state that is not the initial one.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mnm_rl.memory import CoreState, MNMCore, fused
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    ext = fused.load_extension()
+    assert ext is not None, "the fused MNM kernel did not build"
+    return ext
+
+
+def _core(rule: str, activation: str, heads: int, layers: int, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    core = MNMCore(
+        5,
+        hidden_size=6,
+        memory_size=4,
+        n_heads=heads,
+        n_layers=layers,
+        write_rule=rule,
+        activation=activation,
+    ).to(dtype)
+    with torch.no_grad():  # away from the initialisation's symmetries (identity BFPF block)
+        for p in core.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return core
+
+
+def _inputs(core: MNMCore, steps: int, batch: int, dtype=torch.float64):
+    x = torch.randn(steps, batch, core.input_size, dtype=dtype)
+    starts = torch.zeros(steps, batch)
+    starts[0, batch - 1] = 1
+    starts[steps // 2, 0] = 1
+    starts[steps - 1, 1 % batch] = 1
+    state = core.initial_state(batch)
+    state = CoreState({k: (v + 0.2 * torch.randn_like(v)).detach() for k, v in state.items()})
+    return x, starts, state
+
+
+def _run(core: MNMCore, x, starts, state, monkeypatch, use_kernel: bool):
+    monkeypatch.setenv("MNM_RL_FUSED", "1" if use_kernel else "0")
+    core.zero_grad()
+    start = CoreState({k: v.clone().requires_grad_(True) for k, v in state.items()})
+    y, final, aux = core(x, start, starts)
+    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    loss = (y * weights).sum() + aux["recon_after"].sum() + 2 * aux["recon_before"].sum()
+    loss = loss + 3 * aux["beta"].sum() + final["c"].pow(2).sum() + final["h"].pow(2).sum()
+    loss = loss + final["read"].sum() + 0.3 * final["fast_weights"].sum()
+    loss.backward()
+    out = {"y": y, **{f"final.{k}": v for k, v in final.items()}}
+    out.update({f"aux.{k}": v for k, v in aux.items()})
+    out.update({f"grad.{n}": p.grad.clone() for n, p in core.named_parameters()})
+    out.update({f"grad.state.{k}": v.grad for k, v in start.items()})
+    return out
+
+
+@pytest.mark.parametrize("rule", ["mnm-p", "mnm-g"])
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("heads,layers", [(1, 1), (2, 3)])
+def test_kernel_matches_pytorch_in_float64(kernel, monkeypatch, rule, activation, heads, layers):
+    core = _core(rule, activation, heads, layers)
+    x, starts, state = _inputs(core, steps=7, batch=3)
+    fused_out = _run(core, x, starts, state, monkeypatch, use_kernel=True)
+    eager_out = _run(core, x, starts, state, monkeypatch, use_kernel=False)
+    assert fused_out.keys() == eager_out.keys()
+    for name, expected in eager_out.items():
+        assert expected is not None, name
+        torch.testing.assert_close(fused_out[name], expected, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_kernel_in_float32_is_as_accurate_as_pytorch(kernel, monkeypatch):
+    """float32 at the agents' sizes (width 64, 2 heads, 2 layers): against the float64 result,
+    the kernel (its own tanh and sigmoid, its summation order) errs no more than PyTorch's
+    float32 code does."""
+    calls = []
+    original = fused.FusedSequence.apply
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(fused.FusedSequence, "apply", counting)
+    torch.manual_seed(1)
+    core = MNMCore(32, hidden_size=64, n_heads=2, n_layers=2)
+    x, starts, state = _inputs(core, steps=16, batch=8, dtype=torch.float32)
+    fused_out = _run(core, x, starts, state, monkeypatch, use_kernel=True)
+    assert len(calls) == 1
+    eager_out = _run(core, x, starts, state, monkeypatch, use_kernel=False)
+    assert len(calls) == 1  # MNM_RL_FUSED=0 ran the PyTorch code
+    state64 = CoreState({k: v.double() for k, v in state.items()})
+    exact = _run(core.double(), x.double(), starts, state64, monkeypatch, use_kernel=False)
+    for name, truth in exact.items():
+        scale = truth.abs().max().item()
+        fused_error = (fused_out[name].double() - truth).abs().max().item()
+        eager_error = (eager_out[name].double() - truth).abs().max().item()
+        assert fused_error <= 4 * eager_error + 1e-6 * scale, (name, fused_error, eager_error)
+
+
+def test_kernel_gradients_pass_gradcheck(kernel):
+    """Finite differences, independently of the PyTorch implementation."""
+    for rule in ("mnm-p", "mnm-g"):
+        core = _core(rule, "tanh", 2, 2)
+        x, starts, state = _inputs(core, steps=4, batch=2)
+        params = [core.recurrent_gates.weight, core.interaction.weight, core.memory.initial_weights]
+
+        def f(x, h, weights, *_params, core=core, starts=starts, state=state):
+            start = CoreState({**state, "h": h, "fast_weights": weights})
+            y, final, aux = core(x, start, starts)
+            return y, final["fast_weights"], aux["recon_before"]
+
+        inputs = (
+            x.requires_grad_(),
+            state["h"].clone().requires_grad_(),
+            state["fast_weights"].clone().requires_grad_(),
+            *params,
+        )
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_stepping_without_grad_equals_one_call(kernel):
+    """The rollout's path (no autograd, weights ping-ponged in two buffers) over 1 and 5 steps
+    at a time gives the training path's features and final state."""
+    core = _core("mnm-p", "tanh", 2, 2)
+    x, starts, state = _inputs(core, steps=10, batch=3)
+    y_all, final_all, _ = core(x, state, starts)
+    with torch.inference_mode():
+        for chunk in (1, 5):
+            current, ys = state, []
+            for t in range(0, 10, chunk):
+                y, current, _ = core(x[t : t + chunk], current, starts[t : t + chunk])
+                ys.append(y)
+            torch.testing.assert_close(torch.cat(ys), y_all.detach(), rtol=1e-12, atol=1e-12)
+            for k, v in final_all.items():
+                torch.testing.assert_close(current[k], v.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_options_the_kernel_lacks_use_pytorch(kernel, monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the kernel was called")
+
+    monkeypatch.setattr(fused.FusedSequence, "apply", refuse)
+    for kwargs in ({"retention_lag": 2}, {"read_before_write": True}):
+        core = MNMCore(5, hidden_size=6, n_heads=1, n_layers=1, **kwargs)
+        x = torch.randn(4, 2, 5)
+        y, _, _ = core(x, core.initial_state(2), torch.zeros(4, 2))
+        assert y.shape == (4, 2, 6)
+
+
+def test_a_kernel_that_cannot_build_falls_back_with_one_warning(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs):
+        raise OSError("no C++ compiler here")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(fused, "_extension", None)
+    monkeypatch.setattr(fused, "_load_failed", False)
+    core = MNMCore(5, hidden_size=6, n_heads=1, n_layers=1)
+    x = torch.randn(3, 2, 5)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler here"):
+        y, _, _ = core(x, core.initial_state(2), torch.zeros(3, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call does not warn again
+        y2, _, _ = core(x, core.initial_state(2), torch.zeros(3, 2))
+    torch.testing.assert_close(y, y2)
