@@ -62,155 +62,65 @@ def load_extension() -> ModuleType | None:
 
 
 class FusedSequence(torch.autograd.Function):
-    """``MNMCore``'s recurrence over ``[T, B]`` steps; see :func:`run_sequence`."""
+    """``MNMCore``'s recurrence over ``[T, B]`` steps; see :func:`run_sequence`.
+
+    ``apply(config, gates_x, keep, h0, c0, r0, m0, *params)`` with ``config = (kernel, options,
+    store)``, ``options = (n_heads, gradient_rule, tanh_act, eps)`` and ``params = (w_rec, w_int,
+    b_int, w_beta, b_beta, w_fb, b_fb, m_init)``, in the kernel's argument order.
+    """
 
     @staticmethod
-    def forward(
-        ctx,
-        gates_x,
-        keep,
-        h0,
-        c0,
-        r0,
-        m0,
-        w_rec,
-        w_int,
-        b_int,
-        w_beta,
-        b_beta,
-        w_fb,
-        b_fb,
-        m_init,
-        config,
-    ):  # noqa: D102 (autograd API)
-        ext, n_heads, gradient_rule, tanh_act, eps, store = config
-        hs, reads, after, before, values, beta, norm, c, post, h_in, c_in, r_in = ext.forward(
-            gates_x,
-            keep,
-            h0,
-            c0,
-            r0,
-            m0,
-            w_rec,
-            w_int,
-            b_int,
-            w_beta,
-            b_beta,
-            w_fb,
-            b_fb,
-            m_init,
-            n_heads,
-            gradient_rule,
-            tanh_act,
-            eps,
-            store,
-        )
+    def forward(ctx, config, gates_x, keep, h0, c0, r0, m0, *params):  # noqa: D102
+        kernel, options, store = config
+        outputs = kernel.forward(gates_x, keep, h0, c0, r0, m0, *params, *options, store)
+        hs, reads, after, before, values, beta, norm, c, post, h_in, c_in, r_in = outputs
         final_weights = post[(gates_x.shape[0] - 1) % post.shape[0]]
         if store:
             ctx.config = config
-            ctx.save_for_backward(
-                gates_x, keep, m0, w_rec, w_int, b_int, w_beta, b_beta, w_fb, b_fb, m_init, hs
-            )
+            ctx.save_for_backward(gates_x, keep, m0, hs, *params)
             ctx.intermediates = (post, h_in, c_in, r_in)
         ctx.mark_non_differentiable(norm)
         ctx.set_materialize_grads(False)
         return hs, reads, after, before, values, beta, norm, c, final_weights.clone()
 
     @staticmethod
-    def backward(ctx, g_hs, g_reads, g_after, g_before, g_values, g_beta, _g_norm, g_c, g_m):
-        ext, n_heads, gradient_rule, tanh_act, eps, _ = ctx.config
-        (gates_x, keep, m0, w_rec, w_int, b_int, w_beta, b_beta, w_fb, b_fb, m_init, hs) = (
-            ctx.saved_tensors
-        )
-        post, h_in, c_in, r_in = ctx.intermediates
-
-        def dense(g: Tensor | None) -> Tensor:
-            return torch.Tensor() if g is None else g.contiguous()
-
-        grads = ext.backward(
-            dense(g_hs),
-            dense(g_reads),
-            dense(g_after),
-            dense(g_before),
-            dense(g_values),
-            dense(g_beta),
-            dense(g_c),
-            dense(g_m),
-            gates_x,
-            keep,
-            m0,
-            post,
-            h_in,
-            c_in,
-            r_in,
-            hs,
-            w_rec,
-            w_int,
-            b_int,
-            w_beta,
-            b_beta,
-            w_fb,
-            b_fb,
-            m_init,
-            n_heads,
-            gradient_rule,
-            tanh_act,
-            eps,
-        )
-        return (grads[0], None, *grads[1:], None)
+    def backward(ctx, *output_grads):  # noqa: D102
+        kernel, options, _ = ctx.config
+        gates_x, keep, m0, hs, *params = ctx.saved_tensors
+        g_hs, g_reads, g_after, g_before, g_values, g_beta, _norm, g_c, g_m = (
+            torch.Tensor() if g is None else g.contiguous() for g in output_grads
+        )  # an empty tensor stands for a zero gradient
+        g_gates, g_h, g_c0, g_r, g_m0, *g_params = kernel.backward(
+            g_hs, g_reads, g_after, g_before, g_values, g_beta, g_c, g_m,
+            gates_x, keep, m0, *ctx.intermediates, hs, *params, *options,
+        )  # fmt: skip
+        return None, g_gates, None, g_h, g_c0, g_r, g_m0, *g_params
 
 
 def run_sequence(
-    core,
-    gates_x: Tensor,
-    episode_starts: Tensor,
-    h: Tensor,
-    c: Tensor,
-    read: Tensor,
-    fast_weights: Tensor,
-    ext: ModuleType,
+    core, gates_x: Tensor, episode_starts: Tensor, state: dict[str, Tensor], kernel: ModuleType
 ) -> tuple[Tensor, ...]:
     """``MNMCore``'s recurrence over a sequence with the kernel.
 
-    ``gates_x [T, B, 4 * hidden]`` is the input part of the controller's gates. Returns
-    ``(hs [T, B, hidden], reads [T, B, D], answer_after, answer_before, values [T, B, H, D],
-    beta [T, B], fast_weight_norm [T, B], c [B, hidden], fast_weights [B, L, D, D])``.
+    ``gates_x [T, B, 4 * hidden]`` is the input part of the controller's gates, ``state`` the
+    core's start state. Returns ``(hs [T, B, hidden], reads [T, B, D], answer_after,
+    answer_before, values [T, B, H, D], beta [T, B], fast_weight_norm [T, B], c [B, hidden],
+    fast_weights [B, L, D, D])``.
     """
     memory = core.memory
     dtype = gates_x.dtype
     keep = (episode_starts == 0).to(dtype).contiguous()
+    start = [state[k].to(dtype).contiguous() for k in ("h", "c", "read", "fast_weights")]
     if memory.feedback is not None:
         w_fb, b_fb = memory.feedback.weight, memory.feedback.bias
     else:  # mnm-g has no feedback functions: the kernel ignores these
         w_fb = b_fb = gates_x.new_empty(0)
+    params = (
+        core.recurrent_gates.weight, core.interaction.weight, core.interaction.bias,
+        core.beta_gate.weight.view(-1), core.beta_gate.bias, w_fb, b_fb, memory.initial_weights,
+    )  # fmt: skip
     # Keep what the backward pass needs only when there will be one (not in the rollout).
-    store = torch.is_grad_enabled() and (
-        any(p.requires_grad for p in core.parameters())
-        or any(t.requires_grad for t in (gates_x, h, c, read, fast_weights))
-    )
-    config = (
-        ext,
-        core.n_heads,
-        memory.write_rule == "mnm-g",
-        memory.activation == "tanh",
-        float(memory.eps),
-        store,
-    )
-    h, c, read, fast_weights = (t.to(dtype).contiguous() for t in (h, c, read, fast_weights))
-    return FusedSequence.apply(
-        gates_x.contiguous(),
-        keep,
-        h,
-        c,
-        read,
-        fast_weights,
-        core.recurrent_gates.weight,
-        core.interaction.weight,
-        core.interaction.bias,
-        core.beta_gate.weight.view(-1),
-        core.beta_gate.bias,
-        w_fb,
-        b_fb,
-        memory.initial_weights,
-        config,
-    )
+    store = torch.is_grad_enabled() and any(t.requires_grad for t in (gates_x, *start, *params))
+    options = (core.n_heads, memory.write_rule == "mnm-g", memory.activation == "tanh", memory.eps)
+    config = (kernel, options, store)
+    return FusedSequence.apply(config, gates_x.contiguous(), keep, *start, *params)

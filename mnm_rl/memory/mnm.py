@@ -225,14 +225,7 @@ class MNMCore(RecurrentCore):
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         """:meth:`forward` by the compiled kernel: the same equations, one call per sequence."""
         hs, reads, after, before, values, beta, norm, c, weights = fused.run_sequence(
-            self,
-            self.input_gates(x),
-            episode_starts,
-            state["h"],
-            state["c"],
-            state["read"],
-            state["fast_weights"],
-            kernel,
+            self, self.input_gates(x), episode_starts, state, kernel
         )
         y = self.output(torch.cat([hs, reads], dim=-1))
         parts = {

@@ -156,6 +156,13 @@ template <typename T> struct Params {
   const T* m_init;  // [L, D, D]
 };
 
+template <typename T>
+Params<T> make_params(const at::Tensor& w_beta, const at::Tensor& b_beta, const at::Tensor& w_fb,
+                      const at::Tensor& b_fb, const at::Tensor& m_init, bool gradient_rule) {
+  return {w_beta.data_ptr<T>(), b_beta.item<T>(), gradient_rule ? nullptr : w_fb.data_ptr<T>(),
+          gradient_rule ? nullptr : b_fb.data_ptr<T>(), m_init.data_ptr<T>()};
+}
+
 // One sequence's memory step: from e (the interaction output) and the pre-write weights
 // m_pre, fill s and write the post-write weights into m_post.
 template <typename T>
@@ -287,9 +294,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_forward", [&] {
     using T_ = scalar_t;
-    Params<T_> p{w_beta.data_ptr<T_>(), b_beta.item<T_>(),
-                 gradient_rule ? nullptr : w_fb.data_ptr<T_>(),
-                 gradient_rule ? nullptr : b_fb.data_ptr<T_>(), m_init.data_ptr<T_>()};
+    const auto p = make_params<T_>(w_beta, b_beta, w_fb, b_fb, m_init, gradient_rule);
     MemoryStep<T_> s(d);
     const T_* keep_p = keep.data_ptr<T_>();
     const T_ norm_scale = T_(1) / std::sqrt(T_(d.L * D));
@@ -394,9 +399,7 @@ std::vector<at::Tensor> mnm_backward(
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_backward", [&] {
     using T_ = scalar_t;
-    Params<T_> p{w_beta.data_ptr<T_>(), b_beta.item<T_>(),
-                 gradient_rule ? nullptr : w_fb.data_ptr<T_>(),
-                 gradient_rule ? nullptr : b_fb.data_ptr<T_>(), m_init.data_ptr<T_>()};
+    const auto p = make_params<T_>(w_beta, b_beta, w_fb, b_fb, m_init, gradient_rule);
     MemoryStep<T_> s(d);
     std::vector<T_> m_post_unused(W);
     std::vector<T_> dzr((L + 1) * J * D), dz((L + 1) * HD), ddelta(L * HD), dv(HD), w(D),
