@@ -73,15 +73,14 @@ class FusedSequence(torch.autograd.Function):
     def forward(ctx, config, gates_x, keep, h0, c0, r0, m0, *params):  # noqa: D102
         kernel, options, store = config
         outputs = kernel.forward(gates_x, keep, h0, c0, r0, m0, *params, *options, store)
-        hs, reads, after, before, values, beta, norm, c, post, h_in, c_in, r_in = outputs
-        final_weights = post[(gates_x.shape[0] - 1) % post.shape[0]]
+        hs, reads, after, before, values, beta, norm, c, weights, post, h_in, c_in, r_in = outputs
         if store:
             ctx.config = config
             ctx.save_for_backward(gates_x, keep, m0, hs, *params)
             ctx.intermediates = (post, h_in, c_in, r_in)
         ctx.mark_non_differentiable(norm)
         ctx.set_materialize_grads(False)
-        return hs, reads, after, before, values, beta, norm, c, final_weights.clone()
+        return hs, reads, after, before, values, beta, norm, c, weights
 
     @staticmethod
     def backward(ctx, *output_grads):  # noqa: D102

@@ -14,13 +14,15 @@
 //   zr     = the same MLP on all 2H keys under the new weights; read = mean of the read heads
 //
 // Eager PyTorch runs this as about 200 small operators per step, each costing microseconds of
-// dispatch and allocation whatever its size. Here one call does a whole sequence: the matrix
-// products of the controller go to BLAS once per step for the whole batch, everything else
-// is plain loops per sequence on preallocated buffers, and the weight gradients of the
-// controller are two large products over all steps. The backward pass recomputes each step's
-// activations from the stored step inputs (h, c, read and the post-write fast weights of the
-// previous step) rather than storing them. tests/test_fused.py checks it against the PyTorch
-// implementation: outputs, final state and every gradient.
+// dispatch, autograd bookkeeping and allocation whatever its size. Here one call does a whole
+// sequence. Every matrix product is one BLAS call per step and layer for the whole batch (the
+// fast weights are kept layer-major, [L, B, D, D], so that each layer is one contiguous batch
+// of matrices); everything elementwise is plain loops on preallocated buffers; the weight
+// gradients of the controller and of the BFPF are large products over all steps at the end.
+// The backward pass recomputes each step's activations from the stored step inputs (h, c,
+// read and the post-write fast weights of the previous step) rather than storing them.
+// tests/test_fused.py checks it against the PyTorch implementation: outputs, final state and
+// every gradient.
 
 #include <torch/extension.h>
 
@@ -107,134 +109,135 @@ template <typename T> inline T dot(const T* x, const T* y, int64_t n) {
   for (int64_t k = 0; k < kLanes; ++k) s += lanes[k];
   return s;
 }
-// y = A x, A [m, n] row-major.
-template <typename T> inline void matvec(const T* A, const T* x, T* y, int64_t m, int64_t n) {
-  for (int64_t i = 0; i < m; ++i) y[i] = dot(A + i * n, x, n);
+
+// at::bmm_out and at::baddbmm_out into a view (a layer or a step of a larger buffer).
+inline void bmm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  at::bmm_out(out, a, b);
 }
-// y += A^T x, A [m, n] row-major.
-template <typename T>
-inline void matvec_t_add(const T* A, const T* x, T* y, int64_t m, int64_t n) {
-  for (int64_t i = 0; i < m; ++i) {
-    const T xi = x[i];
-    const T* row = A + i * n;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) y[j] += xi * row[j];
-  }
-}
-// A += alpha u v^T, A [m, n] row-major.
-template <typename T>
-inline void rank1_add(T* A, T alpha, const T* u, const T* v, int64_t m, int64_t n) {
-  for (int64_t i = 0; i < m; ++i) {
-    const T ui = alpha * u[i];
-    T* row = A + i * n;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) row[j] += ui * v[j];
-  }
+inline void baddbmm_into(at::Tensor out, const at::Tensor& self, const at::Tensor& a,
+                         const at::Tensor& b, double beta, double alpha) {
+  at::baddbmm_out(out, self, a, b, beta, alpha);
 }
 
-// Activations of one sequence's memory at one step (recomputed in the backward pass).
-template <typename T> struct MemoryStep {
-  std::vector<T> khat, kscale;  // [2H, D], [2H]: normalised keys and their rsqrt factors
-  std::vector<T> z;             // [L + 1, H, D]: pre-write activations of the write keys
-  std::vector<T> target;        // [L, H, D]: mnm-p's targets (post-activation)
-  std::vector<T> delta;         // [L, H, D]
-  std::vector<T> energy;        // [L]
-  std::vector<T> zr;            // [L + 1, 2H, D]: post-write activations of all keys
-  T beta = 0;
-
-  explicit MemoryStep(const Dims& d)
-      : khat(2 * d.H * d.D), kscale(2 * d.H), z((d.L + 1) * d.H * d.D),
-        target(d.L * d.H * d.D), delta(d.L * d.H * d.D), energy(d.L),
-        zr((d.L + 1) * 2 * d.H * d.D) {}
+// The slow weights the memory step reads, for one call.
+struct Weights {
+  at::Tensor w_beta, b_beta, w_fb, b_fb, m_init;  // m_init [L, D, D]
 };
 
-template <typename T> struct Params {
-  const T* w_beta;  // [D]
-  T b_beta;
-  const T* w_fb;    // [L * D, D] (mnm-p)
-  const T* b_fb;    // [L * D]
-  const T* m_init;  // [L, D, D]
+// One step's activations for the whole batch (recomputed in the backward pass).
+struct StepBuffers {
+  at::Tensor khat;    // [B, 2H, D] RMS-normalised keys (read heads first)
+  at::Tensor kscale;  // [B, 2H] their rsqrt factors
+  at::Tensor values;  // [B, H, D] write values
+  at::Tensor beta;    // [B]
+  at::Tensor z;       // [L + 1, B, H, D] pre-write activations of the write keys
+  at::Tensor raw;     // [B * H, L * D] mnm-p: BFPF outputs before the activation
+  at::Tensor target;  // [L, B, H, D] mnm-p's targets
+  at::Tensor delta;   // [L, B, H, D] errors per layer
+  at::Tensor energy;  // [B, L]
+  at::Tensor scaled;  // [B, H, D] delta * beta / energy of one layer
+  at::Tensor zr;      // [L + 1, B, 2H, D] post-write activations of every key
+  at::Tensor pre;     // [L, B, D, D] pre-write weights of a step where a sequence starts
+
+  StepBuffers(const Dims& d, const at::TensorOptions& o)
+      : khat(at::empty({d.B, 2 * d.H, d.D}, o)), kscale(at::empty({d.B, 2 * d.H}, o)),
+        values(at::empty({d.B, d.H, d.D}, o)), beta(at::empty({d.B}, o)),
+        z(at::empty({d.L + 1, d.B, d.H, d.D}, o)), raw(at::empty({d.B * d.H, d.L * d.D}, o)),
+        target(at::empty({d.L, d.B, d.H, d.D}, o)), delta(at::empty({d.L, d.B, d.H, d.D}, o)),
+        energy(at::empty({d.B, d.L}, o)), scaled(at::empty({d.B, d.H, d.D}, o)),
+        zr(at::empty({d.L + 1, d.B, 2 * d.H, d.D}, o)),
+        pre(at::empty({d.L, d.B, d.D, d.D}, o)) {}
 };
 
+// The memory's step for the whole batch: from e [B, E] (the interaction output) and the
+// previous post-write weights prev [L, B, D, D], write the new weights into post and fill s.
+// Returns the pre-write weights: prev, or s.pre where some sequence starts (keep == 0) and
+// takes the initial weights instead.
 template <typename T>
-Params<T> make_params(const at::Tensor& w_beta, const at::Tensor& b_beta, const at::Tensor& w_fb,
-                      const at::Tensor& b_fb, const at::Tensor& m_init, bool gradient_rule) {
-  return {w_beta.data_ptr<T>(), b_beta.item<T>(), gradient_rule ? nullptr : w_fb.data_ptr<T>(),
-          gradient_rule ? nullptr : b_fb.data_ptr<T>(), m_init.data_ptr<T>()};
-}
-
-// One sequence's memory step: from e (the interaction output) and the pre-write weights
-// m_pre, fill s and write the post-write weights into m_post.
-template <typename T>
-void memory_forward(const Dims& d, const Params<T>& p, const T* e, const T* m_pre, T* m_post,
-                    MemoryStep<T>& s) {
-  const int64_t D = d.D, H = d.H, L = d.L, HD = H * D, DD = D * D;
-  const T* values = e + 2 * HD;
-  const T* beta_in = e + 3 * HD;
-  s.beta = sigmoid(dot(p.w_beta, beta_in, D) + p.b_beta);
-  for (int64_t j = 0; j < 2 * H; ++j) {
-    const T* k = e + j * D;
-    const T scale = T(1) / std::sqrt(dot(k, k, D) / T(D) + T(1e-6));
-    s.kscale[j] = scale;
-    for (int64_t i = 0; i < D; ++i) s.khat[j * D + i] = k[i] * scale;
-  }
-  // Pre-write pass of the write keys.
-  std::copy(s.khat.begin() + HD, s.khat.end(), s.z.begin());
-  for (int64_t l = 0; l < L; ++l) {
-    for (int64_t h = 0; h < H; ++h) {
-      T* out = &s.z[((l + 1) * H + h) * D];
-      matvec(m_pre + l * DD, &s.z[(l * H + h) * D], out, D, D);
-      if (l < L - 1) apply_act(d.tanh_act, out, D);
+at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
+                          const at::Tensor& prev, const T* keep, const at::Tensor& post,
+                          StepBuffers& s) {
+  const int64_t B = d.B, D = d.D, H = d.H, L = d.L, HD = H * D, E = d.E(), DD = D * D;
+  const int64_t J = 2 * H;
+  at::Tensor pre = prev;
+  for (int64_t b = 0; b < B; ++b)
+    if (keep[b] == T(0)) {
+      if (!pre.is_same(s.pre)) s.pre.copy_(prev);
+      pre = s.pre;
+      const T* init = w.m_init.data_ptr<T>();
+      T* target = s.pre.data_ptr<T>();
+      for (int64_t l = 0; l < L; ++l)
+        std::copy(init + l * DD, init + (l + 1) * DD, target + (l * B + b) * DD);
     }
+  // beta, the keys, the values.
+  const T* e_p = e.data_ptr<T>();
+  const T* w_beta = w.w_beta.data_ptr<T>();
+  const T b_beta = w.b_beta.item<T>();
+  T* khat = s.khat.data_ptr<T>();
+  T* kscale = s.kscale.data_ptr<T>();
+  T* values = s.values.data_ptr<T>();
+  T* beta = s.beta.data_ptr<T>();
+  T* z = s.z.data_ptr<T>();
+  T* zr = s.zr.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) {
+    const T* eb = e_p + b * E;
+    beta[b] = sigmoid(dot(w_beta, eb + 3 * HD, D) + b_beta);
+    for (int64_t j = 0; j < J; ++j) {
+      const T* k = eb + j * D;
+      const T scale = T(1) / std::sqrt(dot(k, k, D) / T(D) + T(1e-6));
+      kscale[b * J + j] = scale;
+      for (int64_t i = 0; i < D; ++i) khat[(b * J + j) * D + i] = k[i] * scale;
+    }
+    std::copy(khat + (b * J + H) * D, khat + (b + 1) * J * D, z + b * HD);
+    std::copy(khat + b * J * D, khat + (b + 1) * J * D, zr + b * J * D);
+    std::copy(eb + 2 * HD, eb + 3 * HD, values + b * HD);
+  }
+  // Pre-write pass of the write keys: z^{l+1} = act(M^l z^l), one bmm per layer.
+  for (int64_t l = 0; l < L; ++l) {
+    bmm_into(s.z[l + 1], s.z[l], pre[l].transpose(1, 2));
+    if (l < L - 1) apply_act(d.tanh_act, z + (l + 1) * B * HD, B * HD);
   }
   // Errors per layer.
+  T* delta = s.delta.data_ptr<T>();
   if (!d.gradient_rule) {
-    for (int64_t h = 0; h < H; ++h) {
-      for (int64_t l = 0; l < L; ++l) {
-        T* t = &s.target[(l * H + h) * D];
-        matvec(p.w_fb + l * DD, values + h * D, t, D, D);
-        for (int64_t i = 0; i < D; ++i) t[i] += p.b_fb[l * D + i];
-        if (l < L - 1) apply_act(d.tanh_act, t, D);
-        for (int64_t i = 0; i < D; ++i)
-          s.delta[(l * H + h) * D + i] = s.z[((l + 1) * H + h) * D + i] - t[i];
-      }
-    }
+    at::addmm_out(s.raw, w.b_fb, s.values.view({B * H, D}), w.w_fb.t());
+    const T* raw = s.raw.data_ptr<T>();
+    T* target = s.target.data_ptr<T>();
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t bh = 0; bh < B * H; ++bh)
+        for (int64_t i = 0; i < D; ++i) {
+          const T a = raw[bh * L * D + l * D + i];
+          const T t = l < L - 1 ? act(d.tanh_act, a) : a;
+          const int64_t x = (l * B * H + bh) * D + i;
+          target[x] = t;
+          delta[x] = z[(l + 1) * B * HD + bh * D + i] - t;
+        }
   } else {
-    for (int64_t h = 0; h < H; ++h) {
-      T* top = &s.delta[((L - 1) * H + h) * D];
-      for (int64_t i = 0; i < D; ++i) top[i] = s.z[(L * H + h) * D + i] - values[h * D + i];
-      for (int64_t l = L - 2; l >= 0; --l) {
-        T* dl = &s.delta[(l * H + h) * D];
-        std::fill(dl, dl + D, T(0));
-        matvec_t_add(m_pre + (l + 1) * DD, &s.delta[((l + 1) * H + h) * D], dl, D, D);
-        const T* zl = &s.z[((l + 1) * H + h) * D];
-        for (int64_t i = 0; i < D; ++i) dl[i] *= act_grad(d.tanh_act, zl[i]);
-      }
+    for (int64_t x = 0; x < B * HD; ++x) delta[(L - 1) * B * HD + x] = z[L * B * HD + x] - values[x];
+    for (int64_t l = L - 2; l >= 0; --l) {
+      bmm_into(s.delta[l], s.delta[l + 1], pre[l + 1]);  // rows (M^T delta)^T
+      for (int64_t x = 0; x < B * HD; ++x)
+        delta[l * B * HD + x] *= act_grad(d.tanh_act, z[(l + 1) * B * HD + x]);
     }
   }
-  // The write.
+  // The write: M' = M - beta / energy * sum_h delta_h z_h^T, one baddbmm per layer.
+  T* energy = s.energy.data_ptr<T>();
+  T* scaled = s.scaled.data_ptr<T>();
   for (int64_t l = 0; l < L; ++l) {
-    T energy = T(d.eps);
-    for (int64_t h = 0; h < H; ++h) {
-      const T* zin = &s.z[(l * H + h) * D];
-      energy += dot(zin, zin, D);
+    for (int64_t b = 0; b < B; ++b) {
+      const T* zin = z + (l * B + b) * HD;
+      energy[b * L + l] = T(d.eps) + dot(zin, zin, HD);
+      const T step = beta[b] / energy[b * L + l];
+      for (int64_t x = 0; x < HD; ++x) scaled[b * HD + x] = step * delta[(l * B + b) * HD + x];
     }
-    s.energy[l] = energy;
-    const T step = s.beta / energy;
-    std::copy(m_pre + l * DD, m_pre + (l + 1) * DD, m_post + l * DD);
-    for (int64_t h = 0; h < H; ++h)
-      rank1_add(m_post + l * DD, -step, &s.delta[(l * H + h) * D], &s.z[(l * H + h) * D], D, D);
+    baddbmm_into(post[l], pre[l], s.scaled.transpose(1, 2), s.z[l], 1, -1);
   }
   // Post-write pass of every key.
-  const int64_t J = 2 * H;
-  std::copy(s.khat.begin(), s.khat.end(), s.zr.begin());
   for (int64_t l = 0; l < L; ++l) {
-    for (int64_t j = 0; j < J; ++j) {
-      T* out = &s.zr[((l + 1) * J + j) * D];
-      matvec(m_post + l * DD, &s.zr[(l * J + j) * D], out, D, D);
-      if (l < L - 1) apply_act(d.tanh_act, out, D);
-    }
+    bmm_into(s.zr[l + 1], s.zr[l], post[l].transpose(1, 2));
+    if (l < L - 1) apply_act(d.tanh_act, zr + (l + 1) * B * J * D, B * J * D);
   }
+  return pre;
 }
 
 // An absent gradient (an output the loss does not use) arrives as an empty tensor.
@@ -255,12 +258,20 @@ Checked check(const at::Tensor& gates_x, const at::Tensor& m0, int64_t n_heads,
   return {d, gates_x.size(0)};
 }
 
+// The LSTM cell's gate activations from its pre-activations g (4 blocks of n).
+template <typename T> struct LstmGates {
+  T i, f, c, o;
+  LstmGates(const T* g, int64_t n, int64_t k)
+      : i(sigmoid(g[k])), f(sigmoid(g[n + k])), c(tanh_(g[2 * n + k])),
+        o(sigmoid(g[3 * n + k])) {}
+};
+
 }  // namespace
 
 // Forward over a sequence. With store=true it keeps what the backward pass needs (the step
 // inputs and every step's post-write weights); otherwise the weights ping-pong in two buffers.
-// Returns [hs, reads, after, before, values, beta, fw_norm, c_final, post, h_in, c_in, r_in]:
-// post [T or 2, B, L, D, D], the final weights are post[(T - 1) % post.size(0)].
+// Returns [hs, reads, after, before, values, beta, fw_norm, c_final, weights_final, post,
+// h_in, c_in, r_in]; post [T, L, B, D, D] (layer-major), weights_final [B, L, D, D].
 std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
                                     const at::Tensor& h0, const at::Tensor& c0,
                                     const at::Tensor& r0, const at::Tensor& m0,
@@ -271,8 +282,8 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
                                     int64_t n_heads, bool gradient_rule, bool tanh_act,
                                     double eps, bool store) {
   auto [d, T] = check(gates_x, m0, n_heads, gradient_rule, tanh_act, eps);
-  const int64_t B = d.B, Hd = d.hidden, D = d.D, H = d.H, E = d.E(), W = d.weights_size();
-  const int64_t HD = H * D;
+  const int64_t B = d.B, Hd = d.hidden, D = d.D, H = d.H, L = d.L, HD = H * D, E = d.E();
+  const int64_t DD = D * D;
   auto opts = gates_x.options();
   auto hs = at::empty({T, B, Hd}, opts);
   auto reads = at::empty({T, B, D}, opts);
@@ -282,7 +293,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   auto beta = at::empty({T, B}, opts);
   auto fw_norm = at::empty({T, B}, opts);
   auto c_state = c0.clone();
-  auto post = at::empty({store ? T : std::min<int64_t>(T, 2), B, d.L, D, D}, opts);
+  auto post = at::empty({store ? T : std::min<int64_t>(T, 2), L, B, D, D}, opts);
   auto h_in = at::empty({store ? T : 0, B, Hd}, opts);
   auto c_in = at::empty({store ? T : 0, B, Hd}, opts);
   auto r_in = at::empty({store ? T : 0, B, D}, opts);
@@ -291,18 +302,17 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   auto e = at::empty({B, E}, opts);
   auto w_rec_t = w_rec.t();
   auto w_int_t = w_int.t();
+  auto m0_layers = m0.transpose(0, 1);  // [L, B, D, D], a view: each layer a strided batch
+  const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init};
+  StepBuffers s(d, opts);
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_forward", [&] {
     using T_ = scalar_t;
-    const auto p = make_params<T_>(w_beta, b_beta, w_fb, b_fb, m_init, gradient_rule);
-    MemoryStep<T_> s(d);
     const T_* keep_p = keep.data_ptr<T_>();
-    const T_ norm_scale = T_(1) / std::sqrt(T_(d.L * D));
+    const T_ norm_scale = T_(1) / std::sqrt(T_(L * D));
     for (int64_t t = 0; t < T; ++t) {
       const T_* h_prev = t == 0 ? h0.data_ptr<T_>() : hs[t - 1].data_ptr<T_>();
       const T_* r_prev = t == 0 ? r0.data_ptr<T_>() : reads[t - 1].data_ptr<T_>();
-      const T_* m_prev = t == 0 ? m0.data_ptr<T_>() : post[(t - 1) % post.size(0)].data_ptr<T_>();
-      T_* m_next = post[t % post.size(0)].data_ptr<T_>();
       T_* c_p = c_state.data_ptr<T_>();
       T_* u_p = u.data_ptr<T_>();
       // Reset, then [h ; read] for the controller.
@@ -320,45 +330,47 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
       at::addmm_out(gates, gates_x[t], u, w_rec_t);
       const T_* g = gates.data_ptr<T_>();
       T_* h_p = hs[t].data_ptr<T_>();
-      for (int64_t b = 0; b < B; ++b) {
-        const T_* gb = g + b * 4 * Hd;
+      for (int64_t b = 0; b < B; ++b)
         for (int64_t i = 0; i < Hd; ++i) {
-          const T_ ig = sigmoid(gb[i]), fg = sigmoid(gb[Hd + i]);
-          const T_ cg = tanh_(gb[2 * Hd + i]), og = sigmoid(gb[3 * Hd + i]);
-          const T_ c = fg * c_p[b * Hd + i] + ig * cg;
+          const LstmGates<T_> a(g + b * 4 * Hd, Hd, i);
+          const T_ c = a.f * c_p[b * Hd + i] + a.i * a.c;
           c_p[b * Hd + i] = c;
-          h_p[b * Hd + i] = og * tanh_(c);
+          h_p[b * Hd + i] = a.o * tanh_(c);
         }
-      }
       at::addmm_out(e, b_int, hs[t], w_int_t);
       e.tanh_();
-      const T_* e_p = e.data_ptr<T_>();
+      const at::Tensor prev = t == 0 ? m0_layers : post[(t - 1) % post.size(0)];
+      const at::Tensor post_t = post[t % post.size(0)];
+      memory_forward<T_>(d, weights, e, prev, keep_p + t * B, post_t, s);
+      // Outputs.
+      const T_* zr_out = s.zr[L].data_ptr<T_>();  // [B, 2H, D]
       T_* read_p = reads.data_ptr<T_>() + t * B * D;
       T_* after_p = after.data_ptr<T_>() + t * B * HD;
-      T_* before_p = before.data_ptr<T_>() + t * B * HD;
-      T_* values_p = values.data_ptr<T_>() + t * B * HD;
-      T_* beta_p = beta.data_ptr<T_>() + t * B;
       T_* norm_p = fw_norm.data_ptr<T_>() + t * B;
-      const T_* zr_out = &s.zr[d.L * 2 * H * D];  // the last layer's answers, [2H, D]
+      const T_* m_post = post_t.data_ptr<T_>();
       for (int64_t b = 0; b < B; ++b) {
-        const bool k = keep_p[t * B + b] != T_(0);
-        const T_* m_pre = k ? m_prev + b * W : p.m_init;
-        T_* m_post = m_next + b * W;
-        memory_forward(d, p, e_p + b * E, m_pre, m_post, s);
+        const T_* ans = zr_out + b * 2 * HD;
         for (int64_t i = 0; i < D; ++i) {
           T_ acc = 0;
-          for (int64_t j = 0; j < H; ++j) acc += zr_out[j * D + i];
+          for (int64_t j = 0; j < H; ++j) acc += ans[j * D + i];
           read_p[b * D + i] = acc / T_(H);
         }
-        std::copy(zr_out + HD, zr_out + 2 * HD, after_p + b * HD);
-        std::copy(&s.z[d.L * HD], &s.z[(d.L + 1) * HD], before_p + b * HD);
-        std::copy(e_p + b * E + 2 * HD, e_p + b * E + 3 * HD, values_p + b * HD);
-        beta_p[b] = s.beta;
-        norm_p[b] = std::sqrt(dot(m_post, m_post, W)) * norm_scale;
+        std::copy(ans + HD, ans + 2 * HD, after_p + b * HD);
+        T_ sq = 0;
+        for (int64_t l = 0; l < L; ++l) {
+          const T_* m = m_post + (l * B + b) * DD;
+          sq += dot(m, m, DD);
+        }
+        norm_p[b] = std::sqrt(sq) * norm_scale;
       }
+      before[t].copy_(s.z[L]);
+      values[t].copy_(s.values);
+      beta[t].copy_(s.beta);
     }
   });
-  return {hs, reads, after, before, values, beta, fw_norm, c_state, post, h_in, c_in, r_in};
+  auto final_weights = post[(T - 1) % post.size(0)].transpose(0, 1).contiguous();
+  return {hs, reads, after, before, values, beta, fw_norm, c_state, final_weights,
+          post, h_in, c_in, r_in};
 }
 
 // Backward over a sequence from the gradients of the forward's outputs (hs, reads, after,
@@ -377,67 +389,83 @@ std::vector<at::Tensor> mnm_backward(
     bool gradient_rule, bool tanh_act, double eps) {
   auto [d, T] = check(gates_x, m0, n_heads, gradient_rule, tanh_act, eps);
   const int64_t B = d.B, Hd = d.hidden, D = d.D, H = d.H, L = d.L, E = d.E();
-  const int64_t W = d.weights_size(), DD = D * D, HD = H * D, J = 2 * H;
+  const int64_t DD = D * D, HD = H * D, J = 2 * H;
   auto opts = gates_x.options();
   auto g_gates = at::empty({T, B, 4 * Hd}, opts);  // = grad of gates_x
   auto g_pre_e = at::empty({T, B, E}, opts);       // grad of W_int h + b_int
   auto dh = at::zeros({B, Hd}, opts);              // running grads into step t's inputs
   auto dc = present(g_c_final) ? g_c_final.clone() : at::zeros({B, Hd}, opts);
   auto dr = at::zeros({B, D}, opts);
-  auto dm = present(g_m_final) ? g_m_final.clone() : at::zeros({B, L, D, D}, opts);
+  // Running grad of the weights, layer-major [L, B, D, D]: of the post-write weights of the
+  // step being processed, then of its pre-write weights.
+  auto G = present(g_m_final) ? g_m_final.transpose(0, 1).contiguous()
+                              : at::zeros({L, B, D, D}, opts);
   auto g_w_beta = at::zeros_like(w_beta);
-  auto g_b_beta = at::zeros_like(b_beta);
-  auto g_w_fb = at::zeros_like(w_fb);
-  auto g_b_fb = at::zeros_like(b_fb);
   auto g_m_init = at::zeros_like(m_init);
+  auto g_raw = at::empty({gradient_rule ? 0 : T, B * H, L * D}, opts);  // mnm-p BFPF outputs
+  auto values_all = at::empty({gradient_rule ? 0 : T, B * H, D}, opts);
   auto u = at::empty({B, Hd + D}, opts);
   auto gates = at::empty({B, 4 * Hd}, opts);
   auto e = at::empty({B, E}, opts);
   auto dh_total = at::empty({B, Hd}, opts);
+  auto post_scratch = at::empty({L, B, D, D}, opts);
+  auto dzr = at::empty({L + 1, B, J, D}, opts);
+  auto dz = at::empty({L + 1, B, H, D}, opts);
+  auto ddelta = at::empty({L, B, H, D}, opts);
+  auto da = at::empty({B, J, D}, opts);
+  auto da_w = at::empty({B, H, D}, opts);
+  auto gw = at::empty({B, H, D}, opts);
+  auto gq = at::empty({B, H, D}, opts);
+  auto dv = at::empty({B * H, D}, opts);
   auto w_rec_t = w_rec.t();
   auto w_int_t = w_int.t();
+  auto m0_layers = m0.transpose(0, 1);
+  const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init};
+  StepBuffers s(d, opts);
+  double g_b_beta_value = 0;
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_backward", [&] {
     using T_ = scalar_t;
-    const auto p = make_params<T_>(w_beta, b_beta, w_fb, b_fb, m_init, gradient_rule);
-    MemoryStep<T_> s(d);
-    std::vector<T_> m_post_unused(W);
-    std::vector<T_> dzr((L + 1) * J * D), dz((L + 1) * HD), ddelta(L * HD), dv(HD), w(D),
-        dq(D), q(D), da(D), dkhat(J * D);
     const T_* keep_p = keep.data_ptr<T_>();
+    const T_* w_beta_p = w_beta.data_ptr<T_>();
     T_* gw_beta = g_w_beta.data_ptr<T_>();
-    T_* gw_fb = gradient_rule ? nullptr : g_w_fb.data_ptr<T_>();
-    T_* gb_fb = gradient_rule ? nullptr : g_b_fb.data_ptr<T_>();
     T_* gm_init = g_m_init.data_ptr<T_>();
+    T_* G_p = G.data_ptr<T_>();
     T_ gb_beta = 0;
     auto grad_at = [](const at::Tensor& g, int64_t t) -> const T_* {
       return present(g) ? g[t].data_ptr<T_>() : nullptr;
     };
     for (int64_t t = T - 1; t >= 0; --t) {
-      // Recompute the controller part of step t.
+      // Recompute step t: the controller from its stored inputs, then the memory.
       u.narrow(1, 0, Hd).copy_(h_in[t]);
       u.narrow(1, Hd, D).copy_(r_in[t]);
       at::addmm_out(gates, gates_x[t], u, w_rec_t);
       at::addmm_out(e, b_int, hs[t], w_int_t);
       e.tanh_();
+      const T_* keep_t = keep_p + t * B;
+      const at::Tensor prev = t == 0 ? m0_layers : post[t - 1];
+      const at::Tensor post_t = post[t];
+      const at::Tensor pre = memory_forward<T_>(d, weights, e, prev, keep_t, post_scratch, s);
       const T_* e_p = e.data_ptr<T_>();
-      const T_* m_prev = t == 0 ? m0.data_ptr<T_>() : post[t - 1].data_ptr<T_>();
-      const T_* m_next = post[t].data_ptr<T_>();
+      const T_* z = s.z.data_ptr<T_>();
+      const T_* zr = s.zr.data_ptr<T_>();
+      const T_* delta = s.delta.data_ptr<T_>();
+      const T_* beta = s.beta.data_ptr<T_>();
+      const T_* energy = s.energy.data_ptr<T_>();
       const T_* gr = grad_at(g_reads, t);
       const T_* ga = grad_at(g_after, t);
       const T_* gbf = grad_at(g_before, t);
       const T_* gv = grad_at(g_values, t);
       const T_* gbeta = grad_at(g_beta, t);
-      T_* dr_p = dr.data_ptr<T_>();
-      T_* dm_p = dm.data_ptr<T_>();
-      T_* gpe = g_pre_e[t].data_ptr<T_>();
-      for (int64_t b = 0; b < B; ++b) {
-        const bool k = keep_p[t * B + b] != T_(0);
-        const T_* m_pre = k ? m_prev + b * W : p.m_init;
-        const T_* m_post = m_next + b * W;
-        memory_forward(d, p, e_p + b * E, m_pre, m_post_unused.data(), s);
-        T_* G = dm_p + b * W;  // grad of the post-write weights; becomes that of the pre-write
-        // The read of every key under the new weights.
+      const T_* dr_p = dr.data_ptr<T_>();
+      T_* dzr_p = dzr.data_ptr<T_>();
+      T_* dz_p = dz.data_ptr<T_>();
+      T_* ddelta_p = ddelta.data_ptr<T_>();
+      T_* da_p = da.data_ptr<T_>();
+      T_* daw_p = da_w.data_ptr<T_>();
+      T_* dv_p = dv.data_ptr<T_>();
+      // The read of every key under the new weights; G collects the new weights' grad.
+      for (int64_t b = 0; b < B; ++b)
         for (int64_t j = 0; j < J; ++j)
           for (int64_t i = 0; i < D; ++i) {
             T_ g = 0;
@@ -445,118 +473,107 @@ std::vector<at::Tensor> mnm_backward(
               g = (dr_p[b * D + i] + (gr ? gr[b * D + i] : T_(0))) / T_(H);
             else if (ga)
               g = ga[(b * H + j - H) * D + i];
-            dzr[(L * J + j) * D + i] = g;
+            dzr_p[((L * B + b) * J + j) * D + i] = g;
           }
-        for (int64_t l = L - 1; l >= 0; --l)
-          for (int64_t j = 0; j < J; ++j) {
-            const T_* out = &s.zr[((l + 1) * J + j) * D];
-            const T_* gout = &dzr[((l + 1) * J + j) * D];
-            for (int64_t i = 0; i < D; ++i)
-              da[i] = l < L - 1 ? gout[i] * act_grad(d.tanh_act, out[i]) : gout[i];
-            rank1_add(G + l * DD, T_(1), da.data(), &s.zr[(l * J + j) * D], D, D);
-            T_* gin = &dzr[(l * J + j) * D];
-            std::fill(gin, gin + D, T_(0));
-            matvec_t_add(m_post + l * DD, da.data(), gin, D, D);
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const T_* out = zr + (l + 1) * B * J * D;
+        const T_* gout = dzr_p + (l + 1) * B * J * D;
+        for (int64_t x = 0; x < B * J * D; ++x)
+          da_p[x] = l < L - 1 ? gout[x] * act_grad(d.tanh_act, out[x]) : gout[x];
+        G[l].baddbmm_(da.transpose(1, 2), s.zr[l]);
+        bmm_into(dzr[l], da, post_t[l]);  // rows (M'^T da)^T
+      }
+      // The write M' = M - beta / energy * sum_h delta_h z_h^T.
+      dz.zero_();
+      if (gbf) std::copy(gbf, gbf + B * HD, dz_p + L * B * HD);
+      std::vector<T_> dbeta(B);
+      for (int64_t b = 0; b < B; ++b) dbeta[b] = gbeta ? gbeta[b] : T_(0);
+      for (int64_t l = 0; l < L; ++l) {
+        bmm_into(gw, s.z[l], G[l].transpose(1, 2));  // rows (G z_h)^T
+        bmm_into(gq, s.delta[l], G[l]);              // rows (G^T delta_h)^T
+        const T_* w_p = gw.data_ptr<T_>();
+        const T_* q_p = gq.data_ptr<T_>();
+        for (int64_t b = 0; b < B; ++b) {
+          const T_ en = energy[b * L + l], step = beta[b] / en;
+          const int64_t off = (l * B + b) * HD;
+          const T_ dstep = -dot(delta + off, w_p + b * HD, HD);
+          dbeta[b] += dstep / en;
+          const T_ denergy = -dstep * beta[b] / (en * en);
+          for (int64_t x = 0; x < HD; ++x) {
+            ddelta_p[off + x] = -step * w_p[b * HD + x];
+            dz_p[off + x] += T_(2) * denergy * z[off + x] - step * q_p[b * HD + x];
           }
-        std::copy(dzr.begin(), dzr.begin() + J * D, dkhat.begin());
-        // The write M' = M - beta / energy * sum_h delta_h z_h^T.
-        std::fill(dz.begin(), dz.end(), T_(0));
-        if (gbf)
-          for (int64_t i = 0; i < HD; ++i) dz[L * HD + i] = gbf[b * HD + i];
-        T_ dbeta = gbeta ? gbeta[b] : T_(0);
-        for (int64_t l = 0; l < L; ++l) {
-          const T_ energy = s.energy[l], step = s.beta / energy;
-          T_ dstep = 0;
-          for (int64_t h = 0; h < H; ++h) {
-            const T_* zin = &s.z[(l * H + h) * D];
-            const T_* dl = &s.delta[(l * H + h) * D];
-            matvec(G + l * DD, zin, w.data(), D, D);
-            dstep -= dot(dl, w.data(), D);
-            for (int64_t i = 0; i < D; ++i) ddelta[(l * H + h) * D + i] = -step * w[i];
-            T_* dzin = &dz[(l * H + h) * D];
-            std::fill(q.begin(), q.end(), T_(0));
-            matvec_t_add(G + l * DD, dl, q.data(), D, D);
-            for (int64_t i = 0; i < D; ++i) dzin[i] -= step * q[i];
-          }
-          dbeta += dstep / energy;
-          const T_ denergy = -dstep * s.beta / (energy * energy);
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t i = 0; i < D; ++i)
-              dz[(l * H + h) * D + i] += T_(2) * denergy * s.z[(l * H + h) * D + i];
         }
-        // G stays the gradient of the pre-write weights from here on: the identity path of
-        // the write, plus the error and pre-write-pass paths added below.
-        std::fill(dv.begin(), dv.end(), T_(0));
-        const T_* values = e_p + b * E + 2 * HD;
-        if (!d.gradient_rule) {
-          for (int64_t l = 0; l < L; ++l)
-            for (int64_t h = 0; h < H; ++h) {
-              const T_* dd = &ddelta[(l * H + h) * D];
-              const T_* tg = &s.target[(l * H + h) * D];
-              for (int64_t i = 0; i < D; ++i) {
-                dz[((l + 1) * H + h) * D + i] += dd[i];
-                da[i] = l < L - 1 ? -dd[i] * act_grad(d.tanh_act, tg[i]) : -dd[i];
-                gb_fb[l * D + i] += da[i];
-              }
-              rank1_add(gw_fb + l * DD, T_(1), da.data(), values + h * D, D, D);
-              matvec_t_add(p.w_fb + l * DD, da.data(), dv.data() + h * D, D, D);
-            }
-        } else {
-          for (int64_t l = 0; l < L - 1; ++l)
-            for (int64_t h = 0; h < H; ++h) {
-              const T_* dd = &ddelta[(l * H + h) * D];
-              const T_* zl = &s.z[((l + 1) * H + h) * D];
-              const T_* upper = &s.delta[((l + 1) * H + h) * D];
-              std::fill(q.begin(), q.end(), T_(0));
-              matvec_t_add(m_pre + (l + 1) * DD, upper, q.data(), D, D);
-              for (int64_t i = 0; i < D; ++i) {
-                dq[i] = dd[i] * act_grad(d.tanh_act, zl[i]);
-                dz[((l + 1) * H + h) * D + i] += dd[i] * q[i] * act_grad_grad(d.tanh_act, zl[i]);
-              }
-              rank1_add(G + (l + 1) * DD, T_(1), upper, dq.data(), D, D);
-              matvec(m_pre + (l + 1) * DD, dq.data(), w.data(), D, D);
-              for (int64_t i = 0; i < D; ++i) ddelta[((l + 1) * H + h) * D + i] += w[i];
-            }
-          for (int64_t h = 0; h < H; ++h)
+      }
+      // From here on G is the grad of the pre-write weights: the identity path of the write,
+      // plus the error and pre-write-pass paths below.
+      if (!d.gradient_rule) {
+        const T_* target = s.target.data_ptr<T_>();
+        T_* graw = g_raw[t].data_ptr<T_>();
+        for (int64_t l = 0; l < L; ++l)
+          for (int64_t bh = 0; bh < B * H; ++bh)
             for (int64_t i = 0; i < D; ++i) {
-              const T_ dd = ddelta[((L - 1) * H + h) * D + i];
-              dz[(L * H + h) * D + i] += dd;
-              dv[h * D + i] -= dd;
+              const int64_t x = (l * B * H + bh) * D + i;
+              const T_ dd = ddelta_p[x];
+              dz_p[(l + 1) * B * HD + bh * D + i] += dd;
+              graw[bh * L * D + l * D + i] =
+                  l < L - 1 ? -dd * act_grad(d.tanh_act, target[x]) : -dd;
             }
-        }
-        // The pre-write pass of the write keys.
-        for (int64_t l = L - 1; l >= 0; --l)
-          for (int64_t h = 0; h < H; ++h) {
-            const T_* out = &s.z[((l + 1) * H + h) * D];
-            const T_* gout = &dz[((l + 1) * H + h) * D];
-            for (int64_t i = 0; i < D; ++i)
-              da[i] = l < L - 1 ? gout[i] * act_grad(d.tanh_act, out[i]) : gout[i];
-            rank1_add(G + l * DD, T_(1), da.data(), &s.z[(l * H + h) * D], D, D);
-            matvec_t_add(m_pre + l * DD, da.data(), &dz[(l * H + h) * D], D, D);
+        at::mm_out(dv, g_raw[t], w_fb);
+        values_all[t].copy_(s.values.view({B * H, D}));
+      } else {
+        for (int64_t l = 0; l < L - 1; ++l) {
+          bmm_into(gq, s.delta[l + 1], pre[l + 1]);  // rows (M^T delta^{l+1})^T
+          const T_* q_p = gq.data_ptr<T_>();
+          for (int64_t x = 0; x < B * HD; ++x) {
+            const T_ dd = ddelta_p[l * B * HD + x];
+            const T_ zl = z[(l + 1) * B * HD + x];
+            daw_p[x] = dd * act_grad(d.tanh_act, zl);
+            dz_p[(l + 1) * B * HD + x] += dd * q_p[x] * act_grad_grad(d.tanh_act, zl);
           }
-        for (int64_t i = 0; i < HD; ++i) dkhat[HD + i] += dz[i];
-        // Into e = tanh(pre_e): keys through rms_norm, values, beta.
+          G[l + 1].baddbmm_(s.delta[l + 1].transpose(1, 2), da_w);
+          ddelta[l + 1].baddbmm_(da_w, pre[l + 1].transpose(1, 2));  // rows (M dq)^T
+        }
+        for (int64_t x = 0; x < B * HD; ++x) {
+          const T_ dd = ddelta_p[(L - 1) * B * HD + x];
+          dz_p[L * B * HD + x] += dd;
+          dv_p[x] = -dd;
+        }
+      }
+      // The pre-write pass of the write keys.
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const T_* out = z + (l + 1) * B * HD;
+        const T_* gout = dz_p + (l + 1) * B * HD;
+        for (int64_t x = 0; x < B * HD; ++x)
+          daw_p[x] = l < L - 1 ? gout[x] * act_grad(d.tanh_act, out[x]) : gout[x];
+        G[l].baddbmm_(da_w.transpose(1, 2), s.z[l]);
+        dz[l].baddbmm_(da_w, pre[l]);  // rows (M^T da)^T
+      }
+      // Into e = tanh(pre_e): keys through rms_norm, values, beta.
+      const T_* kscale = s.kscale.data_ptr<T_>();
+      T_* gpe = g_pre_e[t].data_ptr<T_>();
+      for (int64_t b = 0; b < B; ++b) {
         const T_* eb = e_p + b * E;
         T_* ge = gpe + b * E;
         for (int64_t j = 0; j < J; ++j) {
+          T_* dk = da_p + j * D;  // scratch: d khat_j
+          for (int64_t i = 0; i < D; ++i)
+            dk[i] = dzr_p[(b * J + j) * D + i] + (j >= H ? dz_p[(b * H + j - H) * D + i] : T_(0));
           const T_* kj = eb + j * D;
-          const T_* dk = &dkhat[j * D];
-          const T_ r = s.kscale[j];
+          const T_ r = kscale[b * J + j];
           const T_ proj = dot(dk, kj, D) * r * r * r / T_(D);
           for (int64_t i = 0; i < D; ++i) ge[j * D + i] = r * dk[i] - proj * kj[i];
         }
-        for (int64_t i = 0; i < HD; ++i) ge[2 * HD + i] = dv[i] + (gv ? gv[b * HD + i] : T_(0));
-        const T_ dpre = dbeta * s.beta * (T_(1) - s.beta);
+        for (int64_t x = 0; x < HD; ++x)
+          ge[2 * HD + x] = dv_p[b * HD + x] + (gv ? gv[b * HD + x] : T_(0));
+        const T_ dpre = dbeta[b] * beta[b] * (T_(1) - beta[b]);
         const T_* beta_in = eb + 3 * HD;
         gb_beta += dpre;
         for (int64_t i = 0; i < D; ++i) {
           gw_beta[i] += dpre * beta_in[i];
-          ge[3 * HD + i] = dpre * p.w_beta[i];
+          ge[3 * HD + i] = dpre * w_beta_p[i];
         }
         for (int64_t i = 0; i < E; ++i) ge[i] *= T_(1) - eb[i] * eb[i];
-        if (!k) {  // this sequence started here: its weights came from m_init
-          for (int64_t i = 0; i < W; ++i) gm_init[i] += G[i];
-        }
       }
       // The controller: h gets the grad of hs[t], of the next step, and of the interaction.
       at::add_out(dh_total, dh, present(g_hs) ? g_hs[t] : at::zeros_like(dh));
@@ -569,38 +586,54 @@ std::vector<at::Tensor> mnm_backward(
       for (int64_t b = 0; b < B; ++b)
         for (int64_t i = 0; i < Hd; ++i) {
           const int64_t n = b * Hd, r = b * 4 * Hd;
-          const T_ ig = sigmoid(g[r + i]), fg = sigmoid(g[r + Hd + i]);
-          const T_ cg = tanh_(g[r + 2 * Hd + i]), og = sigmoid(g[r + 3 * Hd + i]);
-          const T_ tc = tanh_(fg * ci[n + i] + ig * cg);
-          const T_ dcell = dc_p[n + i] + dht[n + i] * og * (T_(1) - tc * tc);
-          gg[r + i] = dcell * cg * ig * (T_(1) - ig);
-          gg[r + Hd + i] = dcell * ci[n + i] * fg * (T_(1) - fg);
-          gg[r + 2 * Hd + i] = dcell * ig * (T_(1) - cg * cg);
-          gg[r + 3 * Hd + i] = dht[n + i] * tc * og * (T_(1) - og);
-          dc_p[n + i] = dcell * fg;
+          const LstmGates<T_> a(g + r, Hd, i);
+          const T_ tc = tanh_(a.f * ci[n + i] + a.i * a.c);
+          const T_ dcell = dc_p[n + i] + dht[n + i] * a.o * (T_(1) - tc * tc);
+          gg[r + i] = dcell * a.c * a.i * (T_(1) - a.i);
+          gg[r + Hd + i] = dcell * ci[n + i] * a.f * (T_(1) - a.f);
+          gg[r + 2 * Hd + i] = dcell * a.i * (T_(1) - a.c * a.c);
+          gg[r + 3 * Hd + i] = dht[n + i] * tc * a.o * (T_(1) - a.o);
+          dc_p[n + i] = dcell * a.f;
         }
       auto du = at::mm(g_gates[t], w_rec);
       dh.copy_(du.narrow(1, 0, Hd));
       dr.copy_(du.narrow(1, Hd, D));
-      // A sequence that started at step t passes no gradient to the previous step's state.
+      // A sequence that starts at step t passes no gradient to the previous step's state; the
+      // grad of its pre-write weights goes to the initial weights.
       T_* dh_p = dh.data_ptr<T_>();
+      T_* drw_p = dr.data_ptr<T_>();
       for (int64_t b = 0; b < B; ++b)
-        if (keep_p[t * B + b] == T_(0)) {
+        if (keep_t[b] == T_(0)) {
           std::fill(dh_p + b * Hd, dh_p + (b + 1) * Hd, T_(0));
           std::fill(dc_p + b * Hd, dc_p + (b + 1) * Hd, T_(0));
-          std::fill(dr_p + b * D, dr_p + (b + 1) * D, T_(0));
-          std::fill(dm_p + b * W, dm_p + (b + 1) * W, T_(0));
+          std::fill(drw_p + b * D, drw_p + (b + 1) * D, T_(0));
+          for (int64_t l = 0; l < L; ++l) {
+            T_* gl = G_p + (l * B + b) * DD;
+            for (int64_t x = 0; x < DD; ++x) gm_init[l * DD + x] += gl[x];
+            std::fill(gl, gl + DD, T_(0));
+          }
         }
     }
-    g_b_beta.fill_(gb_beta);
+    g_b_beta_value = gb_beta;
   });
-  // The controller's weight gradients, once over all steps.
+  auto g_b_beta = at::full_like(b_beta, g_b_beta_value);
+  // The controller's and the BFPF's weight gradients, once over all steps.
   auto flat_gates = g_gates.reshape({T * B, 4 * Hd});
   auto flat_pre_e = g_pre_e.reshape({T * B, E});
   auto g_w_rec = at::mm(flat_gates.t(), at::cat({h_in, r_in}, 2).reshape({T * B, Hd + D}));
   auto g_w_int = at::mm(flat_pre_e.t(), hs.reshape({T * B, Hd}));
   auto g_b_int = flat_pre_e.sum(0);
-  return {g_gates, dh, dc, dr, dm, g_w_rec, g_w_int, g_b_int,
+  at::Tensor g_w_fb, g_b_fb;
+  if (gradient_rule) {
+    g_w_fb = at::zeros_like(w_fb);
+    g_b_fb = at::zeros_like(b_fb);
+  } else {
+    auto flat_raw = g_raw.reshape({T * B * H, L * D});
+    g_w_fb = at::mm(flat_raw.t(), values_all.reshape({T * B * H, D}));
+    g_b_fb = flat_raw.sum(0);
+  }
+  auto g_m0 = G.transpose(0, 1).contiguous();
+  return {g_gates, dh, dc, dr, g_m0, g_w_rec, g_w_int, g_b_int,
           g_w_beta, g_b_beta, g_w_fb, g_b_fb, g_m_init};
 }
 
