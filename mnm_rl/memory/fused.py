@@ -3,9 +3,9 @@
 Eager PyTorch runs an MNM step as about 200 small operators, and at the sizes RL uses (a
 minibatch of 8-32 sequences, width 64) each costs microseconds of dispatch and allocation
 whatever its size. The kernel does a whole sequence, forward and backward, in one call each:
-the controller's matrix products go to BLAS once per step for the whole batch, the memory is
-plain loops per sequence, and the backward pass recomputes each step's activations instead of
-storing them.
+every matrix product is one BLAS call per step (and fast-weight layer) for the whole batch,
+everything elementwise is plain loops, and the backward pass recomputes each step's activations
+instead of storing them.
 
 It computes what :class:`mnm_rl.memory.MNMCore` computes (``tests/test_fused.py`` compares
 outputs, final states and every gradient in float64), for both write rules and activations, in

@@ -39,8 +39,6 @@ struct Dims {
   bool tanh_act;       // tanh; otherwise sigmoid
   double eps;          // the write's energy epsilon (FastWeightMemory.eps)
   int64_t E() const { return 3 * H * D + D; }
-  int64_t layer_size() const { return D * D; }
-  int64_t weights_size() const { return L * D * D; }
 };
 
 // Elementwise math. In double (what the tests compare) the standard library's functions; in
