@@ -177,3 +177,9 @@ def test_a_kernel_that_cannot_build_falls_back_with_one_warning(monkeypatch):
         warnings.simplefilter("error")  # the second call does not warn again
         y2, _, _ = core(x, core.initial_state(2), torch.zeros(3, 2))
     torch.testing.assert_close(y, y2)
+
+
+def test_cli_help_names_the_switch():
+    from mnm_rl.cli import build_parser
+
+    assert "MNM_RL_FUSED=0" in build_parser().format_help()

@@ -12,7 +12,7 @@ outputs, final states and every gradient in float64), for both write rules and a
 the paper's order (write, then read) and without the retention loss; :meth:`MNMCore.forward`
 falls back to the PyTorch code for everything else (CUDA tensors, ``read_before_write``,
 ``retention_lag``). The extension is compiled with ``torch.utils.cpp_extension`` the first
-time it is needed (about a minute; cached under ``~/.cache/torch_extensions``). Without a C++
+time it is needed (about 30 s; cached under ``~/.cache/torch_extensions``). Without a C++
 compiler, or with ``MNM_RL_FUSED=0`` in the environment, the PyTorch code runs instead.
 """
 

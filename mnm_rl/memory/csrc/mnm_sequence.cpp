@@ -19,8 +19,8 @@
 // fast weights are kept layer-major, [L, B, D, D], so that each layer is one contiguous batch
 // of matrices); everything elementwise is plain loops on preallocated buffers; the weight
 // gradients of the controller and of the BFPF are large products over all steps at the end.
-// The backward pass recomputes each step's activations from the stored step inputs (h, c,
-// read and the post-write fast weights of the previous step) rather than storing them.
+// The backward pass recomputes each step's activations from what the forward pass stored (the
+// step's inputs h, c, read and every step's post-write fast weights) rather than storing them.
 // tests/test_fused.py checks it against the PyTorch implementation: outputs, final state and
 // every gradient.
 
@@ -148,13 +148,14 @@ struct StepBuffers {
 };
 
 // The memory's step for the whole batch: from e [B, E] (the interaction output) and the
-// previous post-write weights prev [L, B, D, D], write the new weights into post and fill s.
-// Returns the pre-write weights: prev, or s.pre where some sequence starts (keep == 0) and
-// takes the initial weights instead.
+// previous post-write weights prev [L, B, D, D], fill s and, with write, write the new weights
+// into post. Without write (the backward pass's recomputation), post already holds them (the
+// forward pass stored them) and is only read. Returns the pre-write weights: prev, or s.pre
+// where some sequence starts (keep == 0) and takes the initial weights instead.
 template <typename T>
 at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
                           const at::Tensor& prev, const T* keep, const at::Tensor& post,
-                          StepBuffers& s) {
+                          bool write, StepBuffers& s) {
   const int64_t B = d.B, D = d.D, H = d.H, L = d.L, HD = H * D, E = d.E(), DD = D * D;
   const int64_t J = 2 * H;
   at::Tensor pre = prev;
@@ -225,10 +226,11 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
     for (int64_t b = 0; b < B; ++b) {
       const T* zin = z + (l * B + b) * HD;
       energy[b * L + l] = T(d.eps) + dot(zin, zin, HD);
+      if (!write) continue;
       const T step = beta[b] / energy[b * L + l];
       for (int64_t x = 0; x < HD; ++x) scaled[b * HD + x] = step * delta[(l * B + b) * HD + x];
     }
-    baddbmm_into(post[l], pre[l], s.scaled.transpose(1, 2), s.z[l], 1, -1);
+    if (write) baddbmm_into(post[l], pre[l], s.scaled.transpose(1, 2), s.z[l], 1, -1);
   }
   // Post-write pass of every key.
   for (int64_t l = 0; l < L; ++l) {
@@ -339,7 +341,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
       e.tanh_();
       const at::Tensor prev = t == 0 ? m0_layers : post[(t - 1) % post.size(0)];
       const at::Tensor post_t = post[t % post.size(0)];
-      memory_forward<T_>(d, weights, e, prev, keep_p + t * B, post_t, s);
+      memory_forward<T_>(d, weights, e, prev, keep_p + t * B, post_t, true, s);
       // Outputs.
       const T_* zr_out = s.zr[L].data_ptr<T_>();  // [B, 2H, D]
       T_* read_p = reads.data_ptr<T_>() + t * B * D;
@@ -406,7 +408,6 @@ std::vector<at::Tensor> mnm_backward(
   auto gates = at::empty({B, 4 * Hd}, opts);
   auto e = at::empty({B, E}, opts);
   auto dh_total = at::empty({B, Hd}, opts);
-  auto post_scratch = at::empty({L, B, D, D}, opts);
   auto dzr = at::empty({L + 1, B, J, D}, opts);
   auto dz = at::empty({L + 1, B, H, D}, opts);
   auto ddelta = at::empty({L, B, H, D}, opts);
@@ -430,6 +431,7 @@ std::vector<at::Tensor> mnm_backward(
     T_* gm_init = g_m_init.data_ptr<T_>();
     T_* G_p = G.data_ptr<T_>();
     T_ gb_beta = 0;
+    std::vector<T_> dbeta(B);  // per step: the grad of each sequence's beta
     auto grad_at = [](const at::Tensor& g, int64_t t) -> const T_* {
       return present(g) ? g[t].data_ptr<T_>() : nullptr;
     };
@@ -443,7 +445,7 @@ std::vector<at::Tensor> mnm_backward(
       const T_* keep_t = keep_p + t * B;
       const at::Tensor prev = t == 0 ? m0_layers : post[t - 1];
       const at::Tensor post_t = post[t];
-      const at::Tensor pre = memory_forward<T_>(d, weights, e, prev, keep_t, post_scratch, s);
+      const at::Tensor pre = memory_forward<T_>(d, weights, e, prev, keep_t, post_t, false, s);
       const T_* e_p = e.data_ptr<T_>();
       const T_* z = s.z.data_ptr<T_>();
       const T_* zr = s.zr.data_ptr<T_>();
@@ -484,7 +486,6 @@ std::vector<at::Tensor> mnm_backward(
       // The write M' = M - beta / energy * sum_h delta_h z_h^T.
       dz.zero_();
       if (gbf) std::copy(gbf, gbf + B * HD, dz_p + L * B * HD);
-      std::vector<T_> dbeta(B);
       for (int64_t b = 0; b < B; ++b) dbeta[b] = gbeta ? gbeta[b] : T_(0);
       for (int64_t l = 0; l < L; ++l) {
         bmm_into(gw, s.z[l], G[l].transpose(1, 2));  // rows (G z_h)^T
@@ -574,7 +575,10 @@ std::vector<at::Tensor> mnm_backward(
         for (int64_t i = 0; i < E; ++i) ge[i] *= T_(1) - eb[i] * eb[i];
       }
       // The controller: h gets the grad of hs[t], of the next step, and of the interaction.
-      at::add_out(dh_total, dh, present(g_hs) ? g_hs[t] : at::zeros_like(dh));
+      if (present(g_hs))
+        at::add_out(dh_total, dh, g_hs[t]);
+      else
+        dh_total.copy_(dh);
       dh_total.addmm_(g_pre_e[t], w_int);
       const T_* g = gates.data_ptr<T_>();
       const T_* ci = c_in[t].data_ptr<T_>();

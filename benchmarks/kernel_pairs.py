@@ -1,0 +1,130 @@
+"""Paired timing of the fused MNM kernel against the PyTorch code or another build of itself.
+
+One MNM core (width 64), in one process, 1 torch thread, CPU time, interleaved pairs:
+
+* the training pass: forward and backward over 16 steps x B sequences;
+* the rollout: 32 single steps of 8 envs without autograd.
+
+    python benchmarks/kernel_pairs.py                   # the kernel against the PyTorch code
+    python benchmarks/kernel_pairs.py --against 22972cf # against the kernel source of a commit
+
+``--against REV`` builds ``mnm_rl/memory/csrc/mnm_sequence.cpp`` as it was at git revision REV
+under another extension name and loads both. Prints a table and, as the last line, a JSON list of
+``{"size", "batch", "phase", "other_ms", "kernel_ms", "speedup"}`` (``speedup`` = other / kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.cpp_extension import load
+
+from mnm_rl.memory import MNMCore, fused
+
+SOURCE = "mnm_rl/memory/csrc/mnm_sequence.cpp"
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math"]
+CASES = [((1, 1), 16), ((2, 2), 16), ((4, 3), 16), ((2, 2), 8)]
+
+
+class _TwelveOutputs:
+    """A build from before the kernel returned the final weights itself (12 outputs)."""
+
+    def __init__(self, ext):
+        self.ext = ext
+
+    def forward(self, *args):
+        out = list(self.ext.forward(*args))
+        if len(out) == 13:
+            return out
+        post = out[8]
+        final = post[(args[0].shape[0] - 1) % post.shape[0]].clone()
+        return [*out[:8], final, *out[8:]]
+
+    def backward(self, *args):
+        return self.ext.backward(*args)
+
+
+def build_at(rev: str):
+    root = Path(__file__).resolve().parents[1]
+    text = subprocess.run(
+        ["git", "show", f"{rev}:{SOURCE}"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    path = Path(tempfile.gettempdir()) / f"mnm_sequence_{digest}.cpp"
+    path.write_text(text)
+    return _TwelveOutputs(load(name=f"mnm_rl_sequence_{digest}", sources=[str(path)],
+                               extra_cflags=FLAGS))  # fmt: skip
+
+
+def time_case(core: MNMCore, batch: int, runner, pairs: int) -> dict[str, list[float]]:
+    x = torch.randn(16, batch, core.input_size)
+    starts = torch.zeros(16, batch)
+    starts[5, batch // 2] = 1
+    times: dict[str, list[float]] = {"train": [], "rollout": []}
+    for _ in range(pairs):
+        runner()
+        start = time.process_time()
+        y, _, aux = core(x, core.initial_state(batch), starts)
+        (y.sum() + aux["recon_after"].sum()).backward()
+        times["train"].append(time.process_time() - start)
+        state, xs, s1 = core.initial_state(8), torch.randn(1, 8, core.input_size), torch.zeros(1, 8)
+        start = time.process_time()
+        with torch.inference_mode():
+            for _ in range(32):
+                _, state, _ = core(xs, state, s1)
+        times["rollout"].append(time.process_time() - start)
+    return times
+
+
+def main() -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--against", help="git revision whose kernel source to compare with")
+    p.add_argument("--pairs", type=int, default=9)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    kernel = fused.load_extension()
+    other = build_at(args.against) if args.against else None
+    label = args.against or "pytorch"
+
+    def use_kernel():
+        os.environ["MNM_RL_FUSED"] = "1"
+        fused._extension = kernel
+
+    def use_other():
+        if other is None:
+            os.environ["MNM_RL_FUSED"] = "0"
+        else:
+            fused._extension = other
+
+    rows = []
+    print(f"{'size':6s} {'batch':>5s} {'phase':8s} {label + ' ms':>12s} {'kernel ms':>10s} speedup")
+    for (heads, layers), batch in CASES:
+        torch.manual_seed(0)
+        core = MNMCore(64, hidden_size=64, n_heads=heads, n_layers=layers)
+        mine, theirs = {"train": [], "rollout": []}, {"train": [], "rollout": []}
+        for _ in range(args.pairs):  # interleaved: one of each per round
+            for runner, sink in ((use_other, theirs), (use_kernel, mine)):
+                for phase, values in time_case(core, batch, runner, 1).items():
+                    sink[phase].extend(values)
+        for phase in ("train", "rollout"):
+            a, b = statistics.median(theirs[phase]), statistics.median(mine[phase])
+            rows.append({"size": f"{heads}x{layers}", "batch": batch, "phase": phase,
+                         "other_ms": a * 1e3, "kernel_ms": b * 1e3, "speedup": a / b})  # fmt: skip
+            print(f"{heads}x{layers:<4d} {batch:5d} {phase:8s} {a * 1e3:12.2f} {b * 1e3:10.2f} "
+                  f"{a / b:6.2f}x")  # fmt: skip
+    use_kernel()
+    print(json.dumps(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
