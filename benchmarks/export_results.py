@@ -14,7 +14,12 @@ For every run folder with a final ``eval.json`` (runs still training are skipped
   the run differs from the presets (a tuning variant from ``mnm-rl sweep --grid`` or ``--set``);
 * ``docs/results/<env>__<agent>__<seed>.csv``: every TensorBoard scalar of the run
   (``tag,step,value``), plus the checkpoint evaluations as ``checkpoint_eval/success_rate``;
-* ``docs/results/table.md``: mean, standard deviation and min-max over seeds per (env, agent).
+* ``docs/results/table.md``: mean, standard deviation and min-max over seeds per (env, agent,
+  budget), the budget being the env steps rounded to two significant digits.
+
+``runs/`` is not in git, so a later session may no longer have the runs behind the rows already
+in ``results.json``: ``--merge`` keeps those rows and replaces only the ones whose (env, agent,
+seed, env steps) a run given now also has.
 """
 
 from __future__ import annotations
@@ -66,8 +71,9 @@ def first_reaching(curve: list[tuple[int, float]], threshold: float = THRESHOLD)
     return next((step for step, value in curve if value >= threshold - 1e-6), None)
 
 
-def export(run_dirs: list[Path], out: Path) -> list[dict]:
-    """Write the CSVs and results.json under ``out``; return the result rows."""
+def export(run_dirs: list[Path], out: Path, merge: bool = False) -> list[dict]:
+    """Write the CSVs and results.json under ``out``; return the result rows. With ``merge``,
+    the rows of the existing ``out/results.json`` that no run here replaces are kept."""
     csv_dir = out / "results"
     csv_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -102,10 +108,24 @@ def export(run_dirs: list[Path], out: Path) -> list[dict]:
             }
         )
         print(f"{run_dir}: {rows[-1]} (steps_to_90 from {source})")
-    rows.sort(key=lambda r: (r["env"], r["agent"], r["seed"]))
+    if merge and (out / "results.json").exists():
+        fresh = {_key(r) for r in rows}
+        kept = [r for r in json.loads((out / "results.json").read_text()) if _key(r) not in fresh]
+        print(f"kept {len(kept)} rows of {out / 'results.json'}")
+        rows += kept
+    rows.sort(key=lambda r: (r["env"], r["agent"], budget(r["env_steps"]), r["seed"]))
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     (csv_dir / "table.md").write_text(table(rows))
     return rows
+
+
+def _key(row: dict) -> tuple[str, str, int, int]:
+    return row["env"], row["agent"], row["seed"], row["env_steps"]
+
+
+def budget(env_steps: int) -> int:
+    """``env_steps`` rounded to two significant digits: 1,001,472 and 1,001,504 -> 1,000,000."""
+    return int(float(f"{env_steps:.2g}"))
 
 
 def _spread(values: list[float], fmt: str) -> str:
@@ -115,16 +135,17 @@ def _spread(values: list[float], fmt: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: per (env, agent), final held-out success and env steps to 90% over seeds."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    """Markdown: per (env, agent, budget), final held-out success and env steps to 90% over
+    seeds."""
+    groups: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     for row in rows:
-        groups[row["env"], row["agent"]].append(row)
+        groups[row["env"], row["agent"], budget(row["env_steps"])].append(row)
     lines = [
         "| env | agent | seeds | env steps | final held-out success: mean ± sd [min, max] "
         "| steps to 90% held-out: reached | mean of those reached |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for (env, agent), runs in sorted(groups.items()):
+    for (env, agent, _), runs in sorted(groups.items()):
         success = [r["heldout_success"] for r in runs]
         reached = [r["steps_to_90"] for r in runs if r["steps_to_90"] is not None]
         steps = sorted({r["env_steps"] for r in runs})
@@ -141,8 +162,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="run folders or folders of runs")
     parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the rows of OUT/results.json not rerun here"
+    )
     args = parser.parse_args()
-    rows = export(find_runs(args.runs), args.out)
+    rows = export(find_runs(args.runs), args.out, merge=args.merge)
     print(table(rows))
 
 

@@ -1,0 +1,63 @@
+"""benchmarks/export_results.py: the results table's grouping and ``--merge``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "export_results.py"
+
+
+@pytest.fixture(scope="module")
+def export_results():
+    spec = importlib.util.spec_from_file_location("export_results", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(agent: str, seed: int, steps: int, success: float, to_90: int | None = None) -> dict:
+    return {
+        "env": "MiniGrid-Memory",
+        "agent": agent,
+        "seed": seed,
+        "env_steps": steps,
+        "heldout_success": success,
+        "steps_to_90": to_90,
+    }
+
+
+def test_budget_rounds_to_two_significant_digits(export_results):
+    assert export_results.budget(1_001_472) == 1_000_000
+    assert export_results.budget(1_200_128) == 1_200_000
+    assert export_results.budget(40_960) == 41_000
+
+
+def test_table_separates_budgets_of_one_agent(export_results):
+    rows = [
+        _row("mnm-p", 0, 1_200_128, 0.5),
+        _row("mnm-p", 1, 1_200_128, 1.0, 500_000),
+        _row("mnm-p", 0, 3_000_064, 1.0, 900_000),
+    ]
+    lines = export_results.table(rows).splitlines()[2:]
+    assert len(lines) == 2
+    assert "| 0,1 | 1,200,128 | 0.750 ± 0.354 [0.500, 1.000] | 1/2 | 500,000 |" in lines[0]
+    assert "| 0 | 3,000,064 | 1.000 ± 0.000 [1.000, 1.000] | 1/1 | 900,000 |" in lines[1]
+
+
+def test_merge_keeps_rows_without_runs(export_results, tmp_path):
+    old = [_row("lstm", 0, 1_200_128, 1.0, 600_000), _row("gru", 2, 1_200_128, 0.79)]
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    rows = export_results.export([], tmp_path, merge=True)
+    assert sorted(r["agent"] for r in rows) == ["gru", "lstm"]
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert "| MiniGrid-Memory | gru | 2 |" in (tmp_path / "results" / "table.md").read_text()
+
+
+def test_without_merge_the_rows_are_replaced(export_results, tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps([_row("lstm", 0, 1_200_128, 1.0)]))
+    assert export_results.export([], tmp_path) == []
+    assert json.loads((tmp_path / "results.json").read_text()) == []
