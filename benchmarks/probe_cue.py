@@ -81,11 +81,10 @@ def run_episodes(run: Path, episodes: int) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in rows.items()}
 
 
-def probe_accuracy(x: np.ndarray, y: np.ndarray) -> float:
-    """Held-out accuracy of a logistic regression fitted on the first half (plain gradient
-    descent on standardised inputs, L2 1e-3)."""
-    half = len(y) // 2
-    mean, std = x[:half].mean(0), x[:half].std(0) + 1e-6
+def fit_probe(x: np.ndarray, y: np.ndarray):
+    """A logistic regression of ``y`` on ``x`` (plain LBFGS on standardised inputs, L2 1e-3);
+    returns a function that predicts 0/1 labels for new rows."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
     xs = torch.as_tensor((x - mean) / std, dtype=torch.float64)
     ys = torch.as_tensor(y, dtype=torch.float64)
     w = torch.zeros(xs.shape[1], dtype=torch.float64, requires_grad=True)
@@ -94,16 +93,25 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray) -> float:
 
     def closure():
         opt.zero_grad()
-        logits = xs[:half] @ w + b
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, ys[:half])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xs @ w + b, ys)
         loss = loss + 1e-3 * w.pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    with torch.no_grad():
-        predicted = (xs[half:] @ w + b) > 0
-    return float((predicted == ys[half:].bool()).double().mean())
+
+    def predict(rows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            z = torch.as_tensor((rows - mean) / std, dtype=torch.float64)
+            return ((z @ w + b) > 0).numpy().astype(int)
+
+    return predict
+
+
+def probe_accuracy(x: np.ndarray, y: np.ndarray) -> float:
+    """Held-out accuracy of a linear probe (:func:`fit_probe`) fitted on the first half."""
+    half = len(y) // 2
+    return float((fit_probe(x[:half], y[:half])(x[half:]) == y[half:]).mean())
 
 
 def main() -> None:
