@@ -25,13 +25,15 @@ episodes that reached a choice, and the held-out accuracy of a linear probe (as 
 ``probe_cue.py``: fitted on half of the episodes, scored on the other half; chance 0.5) that reads
 the cue off the recurrent state (``h`` and, for MNM, the memory read) at the last step; for the
 forced detours also ``transfer``: the accuracy there of a probe fitted on the cue-at-start
-episodes (is the cue coded as when it is seen at the start?). The last line is JSON.
+episodes (is the cue coded as when it is seen at the start?). The last line is JSON; it also
+holds the forced detours' success per start cell ``x``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -81,10 +83,12 @@ def probe(run: Path, episodes: int) -> dict[str, dict[str, float]]:
     policy = MemoryPPO.load(model_path, device="cpu").policy
     env = make_env(config.env)
     far, near = [], []  # held-out episodes whose start does not / does show the cue
+    start_cell = {}
     seed = config.env.eval_seeds.start
     while len(far) < episodes or len(near) < episodes // 2:
         env.reset(seed=seed)
-        (near if env.unwrapped.agent_pos[0] == 1 else far).append(seed)
+        start_cell[seed] = int(env.unwrapped.agent_pos[0])
+        (near if start_cell[seed] == 1 else far).append(seed)
         seed += 1
     result, data = {}, {}
     modes = (("cue at start", near[: episodes // 2], False), ("alone", far[:episodes], False))
@@ -97,6 +101,11 @@ def probe(run: Path, episodes: int) -> dict[str, dict[str, float]]:
         # can a linear probe read the cue off the state at the last step?
         states, cues = np.stack([x for _, _, x in played]), np.array([c for _, c, _ in played])
         counts["probe_state"] = probe_accuracy(states, cues)
+        if forced:  # success per start cell x: how far back the detour went
+            by_start = defaultdict(list)
+            for s, outcome in zip(seeds, outcomes, strict=True):
+                by_start[start_cell[s]].append(outcome == "success")
+            counts["success_by_start"] = {x: float(np.mean(v)) for x, v in sorted(by_start.items())}
         result[mode], data[mode] = counts, (states, cues)
     # Is the cue coded the same way after a detour as when seen at the start? A probe fitted on
     # the cue-at-start episodes, scored on the forced-detour ones.
