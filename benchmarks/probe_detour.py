@@ -26,7 +26,10 @@ episodes that reached a choice, and the held-out accuracy of a linear probe (as 
 the cue off the recurrent state (``h`` and, for MNM, the memory read) at the last step; for the
 forced detours also ``transfer``: the accuracy there of a probe fitted on the cue-at-start
 episodes (is the cue coded as when it is seen at the start?). The last line is JSON; it also
-holds the forced detours' success per start cell ``x``.
+holds the forced detours' success per start cell ``x``. For MNM cores the cue-at-start episodes
+are also played with the memory read cut from the core's output (``y = W_y [h ; read]`` with the
+read's columns of ``W_y`` zeroed; the read still feeds the controller): does the policy take the
+cue from the memory?
 """
 
 from __future__ import annotations
@@ -107,6 +110,13 @@ def probe(run: Path, episodes: int) -> dict[str, dict[str, float]]:
                 by_start[start_cell[s]].append(outcome == "success")
             counts["success_by_start"] = {x: float(np.mean(v)) for x, v in sorted(by_start.items())}
         result[mode], data[mode] = counts, (states, cues)
+    core = policy.core
+    if hasattr(core, "memory"):  # MNM: does the policy take the cue from the memory read?
+        cut = MemoryPPO.load(model_path, device="cpu").policy
+        with torch.no_grad():  # y = W_y [h ; read]: zero the read's columns
+            cut.core.output.weight[:, core.hidden_size :] = 0
+        outcomes = [play(cut, env, s, False)[0] for s in near[: episodes // 2]]
+        result["cue at start"]["success_read_cut"] = outcomes.count("success") / len(outcomes)
     # Is the cue coded the same way after a detour as when seen at the start? A probe fitted on
     # the cue-at-start episodes, scored on the forced-detour ones.
     predict = fit_probe(*data["cue at start"])
@@ -128,6 +138,10 @@ def main() -> None:
         results[str(run)] = probe(run, args.episodes)
         for mode, r in results[str(run)].items():
             transfer = f"{r['probe_transfer']:.3f}" if "probe_transfer" in r else "-"
+            if "success_read_cut" in r:
+                transfer += (
+                    f"   (success with the read cut from the output: {r['success_read_cut']:.3f})"
+                )
             print(
                 f"{str(run):60s} {mode:12s} {r['success']:.3f}   {r['wrong']:.3f} "
                 f"{r['timeout']:.3f}    {r['success_when_chose']:.3f}                  "
