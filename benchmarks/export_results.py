@@ -14,6 +14,8 @@ For every run folder with a final ``eval.json`` (runs still training are skipped
   the run differs from the presets (a tuning variant from ``mnm-rl sweep --grid`` or ``--set``);
 * ``docs/results/<env>__<agent>__<seed>.csv``: every TensorBoard scalar of the run
   (``tag,step,value``), plus the checkpoint evaluations as ``checkpoint_eval/success_rate``;
+  ``<env>__<agent>__<seed>__<budget>.csv`` when a kept row (``--merge``) of the same env, agent
+  and seed at another budget has the plain name;
 * ``docs/results/table.md``: mean, standard deviation and min-max over seeds per (env, agent,
   budget), the budget being the env steps rounded to two significant digits.
 
@@ -76,6 +78,9 @@ def export(run_dirs: list[Path], out: Path, merge: bool = False) -> list[dict]:
     the rows of the existing ``out/results.json`` that no run here replaces are kept."""
     csv_dir = out / "results"
     csv_dir.mkdir(parents=True, exist_ok=True)
+    existing = []
+    if merge and (out / "results.json").exists():
+        existing = json.loads((out / "results.json").read_text())
     rows = []
     for run_dir in run_dirs:
         if not (run_dir / EVAL_FILE).exists():
@@ -91,8 +96,15 @@ def export(run_dirs: list[Path], out: Path, merge: bool = False) -> list[dict]:
             curve = checkpoint_evals(run_dir, env)
             source = "checkpoint_eval/success_rate"
             scalars[source] = curve
-        name = f"{slug(env)}__{slug(agent)}__{seed}.csv"
-        with (csv_dir / name).open("w", newline="") as handle:
+        steps = int(final["num_timesteps"])
+        name = f"{slug(env)}__{slug(agent)}__{seed}"
+        if any(
+            (r["env"], r["agent"], r["seed"]) == (env, agent, seed)
+            and budget(r["env_steps"]) != budget(steps)
+            for r in existing
+        ):  # a kept run of the same agent and seed at another budget owns the plain name
+            name += f"__{budget(steps)}"
+        with (csv_dir / f"{name}.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["tag", "step", "value"])
             for tag in sorted(scalars):
@@ -102,15 +114,15 @@ def export(run_dirs: list[Path], out: Path, merge: bool = False) -> list[dict]:
                 "env": env,
                 "agent": agent,
                 "seed": seed,
-                "env_steps": int(final["num_timesteps"]),
+                "env_steps": steps,
                 "heldout_success": float(final["success_rate"]),
                 "steps_to_90": first_reaching(curve),
             }
         )
         print(f"{run_dir}: {rows[-1]} (steps_to_90 from {source})")
-    if merge and (out / "results.json").exists():
+    if merge:
         fresh = {_key(r) for r in rows}
-        kept = [r for r in json.loads((out / "results.json").read_text()) if _key(r) not in fresh]
+        kept = [r for r in existing if _key(r) not in fresh]
         print(f"kept {len(kept)} rows of {out / 'results.json'}")
         rows += kept
     rows.sort(key=lambda r: (r["env"], r["agent"], budget(r["env_steps"]), r["seed"]))

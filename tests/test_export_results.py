@@ -7,6 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from test_cli import TINY, mnm_rl, ok, only_run
+
+from mnm_rl.presets import agent_label
+from mnm_rl.runs import load_config, slug
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "export_results.py"
 
@@ -61,3 +65,22 @@ def test_without_merge_the_rows_are_replaced(export_results, tmp_path):
     (tmp_path / "results.json").write_text(json.dumps([_row("lstm", 0, 1_200_128, 1.0)]))
     assert export_results.export([], tmp_path) == []
     assert json.loads((tmp_path / "results.json").read_text()) == []
+
+
+def test_merge_gives_a_run_at_another_budget_its_own_csv(export_results, tmp_path):
+    """A new run whose (env, agent, seed) a kept row has at another budget is exported next to
+    it: both rows stay, and the kept run's CSV is not overwritten."""
+    ok(mnm_rl("train", *TINY, "--agent", "mlp", cwd=tmp_path))
+    run = only_run(tmp_path / "runs")
+    out = tmp_path / "docs"
+    (out / "results").mkdir(parents=True)
+    label = agent_label(load_config(run))  # "mlp [policy..., ppo...]": the tiny agent's sizes
+    kept = {**_row(label, 0, 40_960, 0.25), "env": "DelayedCueRecall"}
+    (out / "results.json").write_text(json.dumps([kept]))
+    (out / "results" / f"DelayedCueRecall__{slug(label)}__0.csv").write_text("tag,step,value\n")
+    rows = export_results.export([run], out, merge=True)
+    assert [(r["env_steps"], r["agent"]) for r in rows] == [(2048, label), (40_960, label)]
+    name = f"DelayedCueRecall__{slug(label)}__0"
+    assert (out / "results" / f"{name}.csv").read_text() == "tag,step,value\n"
+    fresh = (out / "results" / f"{name}__2000.csv").read_text()
+    assert fresh.startswith("tag,step,value\n") and "rollout/success_rate" in fresh
