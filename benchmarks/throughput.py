@@ -9,7 +9,9 @@ For one environment, number of envs, rollout length, number of epochs and miniba
 (c) our ``MemoryPPO`` with each core: ``mlp``, ``lstm``, ``gru``, ``mnm-p``, ``mnm-g``, and
     mnm-p at the presets' memory sizes, ``mnm-p:2x2`` (2 heads, 2 layers) and ``mnm-p:1x1``.
     On the CPU the MNM cores run the fused kernel (``mnm_rl.memory.fused``); a config name
-    ending in ``/eager`` (``mnm-p/eager``) runs the same core in plain PyTorch.
+    ending in ``/eager`` (``mnm-p/eager``) runs the same core in plain PyTorch, one ending in
+    ``/unmap`` lets glibc return the kernel's freed buffers to the OS (the default before the
+    fifth session).
 
 Each agent runs one warm-up ``learn()`` of one rollout, then a timed ``learn()`` of
 ``--rollouts`` rollouts (rollout plus update). ``collect_rollouts`` and ``train`` are wrapped with
@@ -50,13 +52,18 @@ AGENTS = ("sb3-contrib", "mlp", "lstm", "gru", "mnm-p", "mnm-g", "mnm-p:2x2", "m
 #: A config name ending in this runs the MNM core's PyTorch code instead of the fused kernel
 #: (``MNM_RL_FUSED=0``), e.g. ``mnm-p:2x2/eager``: the two side by side in one run.
 EAGER = "/eager"
+#: A config name ending in this lets glibc hand the kernel's freed buffers back to the OS
+#: (``MNM_RL_RETAIN_MEMORY=0``, see ``mnm_rl/memory/allocator.py``), e.g. ``mnm-p:2x2/unmap``.
+UNMAP = "/unmap"
+SUFFIXES = {EAGER: ("MNM_RL_FUSED", "0"), UNMAP: ("MNM_RL_RETAIN_MEMORY", "0")}
 
 
 def split_config(name: str) -> tuple[str, dict[str, int]]:
     """``"mnm-p:2x2"`` -> ``("mnm-p", {"n_heads": 2, "n_layers": 2})``: an MNM core with H heads
     and L fast-weight layers (the presets' sizes); a plain core name has no extra kwargs. A
-    trailing ``/eager`` (``"mnm-p:2x2/eager"``) is dropped here: see :func:`run_agent`."""
-    core, _, size = name.removesuffix(EAGER).partition(":")
+    trailing ``/eager`` or ``/unmap`` (``"mnm-p:2x2/eager"``) is dropped here: see
+    :func:`run_agent`."""
+    core, _, size = name.removesuffix(EAGER).removesuffix(UNMAP).partition(":")
     if not size:
         return core, {}
     heads, _, layers = size.partition("x")
@@ -186,8 +193,9 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 
 def run_agent(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """One warm-up rollout+update, then ``args.rollouts`` timed ones."""
-    if name.endswith(EAGER):
-        os.environ["MNM_RL_FUSED"] = "0"
+    for suffix, (variable, value) in SUFFIXES.items():
+        if name.endswith(suffix):
+            os.environ[variable] = value
     torch = _setup_torch(args.threads)
     device = "cpu" if name == "sb3-contrib" else args.device
     cuda = device.startswith("cuda")

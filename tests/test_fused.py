@@ -183,3 +183,4 @@ def test_cli_help_names_the_switch():
     from mnm_rl.cli import build_parser
 
     assert "MNM_RL_FUSED=0" in build_parser().format_help()
+    assert "MNM_RL_RETAIN_MEMORY=0" in build_parser().format_help()

@@ -26,6 +26,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from mnm_rl.memory.allocator import retain_freed_memory
+
 _SOURCE = Path(__file__).with_name("csrc") / "mnm_sequence.cpp"
 _extension: ModuleType | None = None
 _load_failed = False
@@ -58,6 +60,8 @@ def load_extension() -> ModuleType | None:
             RuntimeWarning,
             stacklevel=2,
         )
+    else:  # the kernel's per-call buffers: reuse freed memory instead of faulting in new pages
+        retain_freed_memory()
     return _extension
 
 
