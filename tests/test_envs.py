@@ -129,6 +129,28 @@ def test_kv_episode_length_and_correct_answer(
         assert env.query_key in keys
 
 
+def test_kv_distinct_values_never_repeat_and_cover_all_values() -> None:
+    env = KeyValueRecallEnv(n_pairs=4, n_keys=8, n_values=4, distinct_values=True)
+    seen_orders = set()
+    for seed in range(200):
+        env.reset(seed=seed)
+        values = [v for _, v in env.pairs]
+        assert sorted(values) == [0, 1, 2, 3]  # 4 pairs, 4 values: a permutation
+        seen_orders.add(tuple(values))
+    assert len(seen_orders) > 20  # of the 24 permutations
+    repeated = KeyValueRecallEnv(n_pairs=4, n_keys=8, n_values=4)
+    repeats = 0
+    for seed in range(200):
+        repeated.reset(seed=seed)
+        repeats += len({v for _, v in repeated.pairs}) < 4
+    assert repeats > 150  # with repetition allowed, 1 - 4!/4^4 = 91% of episodes repeat one
+
+
+def test_kv_distinct_values_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="distinct_values"):
+        KeyValueRecallEnv(distinct_values="yes")
+
+
 def test_kv_wrong_answer_scores_zero() -> None:
     env = KeyValueRecallEnv(n_pairs=3, n_keys=6, n_values=4, delay=1)
     for seed in range(20):
@@ -234,6 +256,7 @@ def test_seeding_is_reproducible(make) -> None:
         (KeyValueRecallEnv, {"n_keys": 0}, "n_keys"),
         (KeyValueRecallEnv, {"delay": -3}, "delay"),
         (KeyValueRecallEnv, {"render_mode": "rgb"}, "render_mode"),
+        (KeyValueRecallEnv, {"n_pairs": 5, "n_values": 4, "distinct_values": True}, "n_values"),
     ],
 )
 def test_bad_constructor_args_raise(cls, kwargs, match) -> None:

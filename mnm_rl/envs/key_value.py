@@ -21,7 +21,10 @@ class KeyValueRecallEnv(RecallEnv):
     """Show ``n_pairs`` key -> value pairs, wait ``delay`` blank steps, then query one key.
 
     Keys are distinct, drawn from ``n_keys`` symbols; values are drawn independently (with
-    repetition) from ``n_values`` symbols; the queried pair is uniform over the shown ones. An
+    repetition) from ``n_values`` symbols, or, with ``distinct_values``, without repetition;
+    the queried pair is uniform over the shown ones. With repeated values a policy that keeps
+    only a count per value (no key -> value binding) and answers the most frequent one beats
+    chance (0.53 at 4 pairs and 4 values); distinct values take that shortcut away. An
     episode lasts exactly ``n_pairs + delay + 1`` steps. Actions before the query are ignored
     (reward 0); the action on the query step scores 1.0 if it equals the queried key's value and
     ends the episode. A memoryless policy succeeds with probability ``1 / n_values``.
@@ -41,16 +44,25 @@ class KeyValueRecallEnv(RecallEnv):
         n_keys: int = 8,
         n_values: int = 4,
         delay: int = 0,
+        distinct_values: bool = False,
         render_mode: str | None = None,
     ) -> None:
         self.n_pairs = check_int("n_pairs", n_pairs, 1)
         self.n_keys = check_int("n_keys", n_keys, 1)
         self.n_values = check_int("n_values", n_values, 2)
         self.delay = check_int("delay", delay, 0)
+        if not isinstance(distinct_values, bool):
+            raise TypeError(f"distinct_values must be a bool, got {distinct_values!r}")
+        self.distinct_values = distinct_values
         if self.n_pairs > self.n_keys:
             raise ValueError(
                 f"n_pairs ({self.n_pairs}) must not exceed n_keys ({self.n_keys}) "
                 "because the shown keys are distinct"
+            )
+        if distinct_values and self.n_pairs > self.n_values:
+            raise ValueError(
+                f"n_pairs ({self.n_pairs}) must not exceed n_values ({self.n_values}) "
+                "with distinct_values"
             )
         self.render_mode = check_render_mode(render_mode, self.metadata["render_modes"])
         self.episode_length = self.n_pairs + self.delay + 1
@@ -111,7 +123,10 @@ class KeyValueRecallEnv(RecallEnv):
         """Draw new pairs and a query; return the first store observation."""
         super().reset(seed=seed)
         self._keys = self.np_random.choice(self.n_keys, size=self.n_pairs, replace=False)
-        self._values = self.np_random.integers(self.n_values, size=self.n_pairs)
+        if self.distinct_values:
+            self._values = self.np_random.choice(self.n_values, size=self.n_pairs, replace=False)
+        else:
+            self._values = self.np_random.integers(self.n_values, size=self.n_pairs)
         self._query = int(self.np_random.integers(self.n_pairs))
         return self._start_episode()
 
