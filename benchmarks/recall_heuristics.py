@@ -10,9 +10,10 @@ three policies that ignore which key a value belonged to, on the presets' held-o
   which any recurrent core can keep without binding values to keys.
 
 With ``--runs``, each run's final policy (most likely action) also answers its preset's first
-200 held-out episodes, and the script reports its success and how often its answer is a most
-frequent shown value (1.0 for the counting policy; 1 / n_values by chance for a policy that
-ignores the values, more for one that recalls the queried value, since that is often a mode).
+200 held-out episodes. Reported: its success; how often its answer is a most frequent shown value,
+over the episodes where one value was shown more often than another (1.0 for the counting policy;
+none such with distinct values); and its success by the position of the queried pair (1 = shown
+first).
 
 Prints one row per preset (and run); the last line is JSON.
 """
@@ -56,18 +57,28 @@ def replay(run: Path, episodes: int = 200) -> dict[str, float]:
     spec = load_config(run).env
     policy = load_policy(run, device="cpu")
     env = make_env(spec)
-    success = on_mode = 0
+    success = on_mode = informative = 0
+    by_position: dict[int, list[bool]] = {}
     for episode in range(episodes):
         obs, _ = env.reset(seed=spec.eval_seeds.start + episode)
         values = [v for _, v in env.unwrapped.pairs]
+        position = env.unwrapped.query_position + 1
         state, start, done = None, np.ones(1, dtype=bool), False
         while not done:
             action, state = policy.predict(obs[None], state, start, deterministic=True)
             obs, reward, terminated, truncated, _ = env.step(int(action[0]))
             start, done = np.zeros(1, dtype=bool), terminated or truncated
         success += reward > 0
-        on_mode += int(action[0]) in modes_of(values)
-    return {"success": success / episodes, "answer_is_most_frequent": on_mode / episodes}
+        modes = modes_of(values)
+        if len(modes) < len(set(values)):  # some shown value is more frequent than another
+            informative += 1
+            on_mode += int(action[0]) in modes
+        by_position.setdefault(position, []).append(reward > 0)
+    return {
+        "success": success / episodes,
+        "answer_is_most_frequent": on_mode / informative if informative else None,
+        "success_by_position": {p: float(np.mean(v)) for p, v in sorted(by_position.items())},
+    }
 
 
 def main() -> None:
@@ -93,9 +104,13 @@ def main() -> None:
         )
     for run in args.runs:
         results[str(run)] = r = replay(run)
+        positions = " ".join(f"{v:.2f}" for v in r["success_by_position"].values())
+        most = r["answer_is_most_frequent"]
+        most_text = "-" if most is None else f"{most:.3f}"
         print(
             f"{str(run):50s} success {r['success']:.3f}  "
-            f"answer is a most frequent value {r['answer_is_most_frequent']:.3f}"
+            f"answer is a most frequent value {most_text}  "
+            f"success by queried pair 1..n: {positions}"
         )
     print(json.dumps(results))
 

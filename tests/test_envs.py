@@ -127,6 +127,7 @@ def test_kv_episode_length_and_correct_answer(
         assert len(set(keys)) == n_pairs and all(0 <= k < n_keys for k in keys)
         assert all(0 <= v < n_values for _, v in env.pairs)
         assert env.query_key in keys
+        assert env.pairs[env.query_position][0] == env.query_key
 
 
 def test_kv_distinct_values_never_repeat_and_cover_all_values() -> None:

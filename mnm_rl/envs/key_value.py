@@ -81,6 +81,12 @@ class KeyValueRecallEnv(RecallEnv):
         return [(int(k), int(v)) for k, v in zip(self._keys, self._values, strict=True)]
 
     @property
+    def query_position(self) -> int:
+        """Which pair is queried: its index in presentation order (0 = shown first)."""
+        self.pairs  # noqa: B018  (raises before the first reset)
+        return self._query
+
+    @property
     def query_key(self) -> int:
         """The key asked for on the query step."""
         return self.pairs[self._query][0]
