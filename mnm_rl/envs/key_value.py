@@ -83,7 +83,8 @@ class KeyValueRecallEnv(RecallEnv):
     @property
     def query_position(self) -> int:
         """Which pair is queried: its index in presentation order (0 = shown first)."""
-        self.pairs  # noqa: B018  (raises before the first reset)
+        if self._keys is None:
+            raise RuntimeError("call reset() before reading the query")
         return self._query
 
     @property
