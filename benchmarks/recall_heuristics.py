@@ -32,7 +32,12 @@ from mnm_rl.env_factory import make_env, resolve_env
 from mnm_rl.loading import load_policy
 from mnm_rl.runs import load_config
 
-PRESETS = ("KeyValueRecall", "KeyValueRecall-Hard", "KeyValueRecall-Distinct")
+PRESETS = (
+    "KeyValueRecall",
+    "KeyValueRecall-Hard",
+    "KeyValueRecall-Distinct",
+    "KeyValueRecall-Distinct-Hard",
+)
 
 
 def expected_success(values: list[int], target: int, n_values: int) -> dict[str, float]:
@@ -87,7 +92,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, nargs="*", default=[], help="trained run folders")
     args = parser.parse_args()
     results = {}
-    print(f"{'preset':24s} memoryless  one shown value  most frequent value")
+    print(f"{'preset':29s} memoryless  one shown value  most frequent value")
     for name in PRESETS:
         spec = resolve_env(name)
         env = make_env(spec).unwrapped
@@ -99,7 +104,7 @@ def main() -> None:
         results[name] = {k: v / args.episodes for k, v in totals.items()}
         r = results[name]
         print(
-            f"{name:24s} {r['memoryless']:.3f}       {r['one shown value']:.3f}            "
+            f"{name:29s} {r['memoryless']:.3f}       {r['one shown value']:.3f}            "
             f"{r['most frequent value']:.3f}"
         )
     for run in args.runs:
