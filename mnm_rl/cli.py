@@ -488,16 +488,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from mnm_rl import presets
 
+    width = max(map(len, [*presets.env_names(), *presets.agent_names()]))
     print("env presets (--env; any registered gymnasium id works too):")
     for name in presets.env_names():
         preset = presets.load_env_preset(name)
         mark = " (default)" if name == presets.DEFAULT_ENV else ""
-        print(f"  {name:<24} {preset.id:<30} {preset.description}{mark}")
+        print(f"  {name:<{width}} {preset.id:<30} {preset.description}{mark}")
     print("agent presets (--agent):")
     for name in presets.agent_names():
         agent = presets.load_agent_preset(name)
         mark = " (default)" if name == presets.DEFAULT_AGENT else ""
-        print(f"  {name:<24} {agent.core:<30} {agent.description}{mark}")
+        print(f"  {name:<{width}} {agent.core:<30} {agent.description}{mark}")
     print(f"presets read from {presets.preset_dir('envs')} and {presets.preset_dir('agents')}")
     return 0
 
