@@ -35,6 +35,7 @@ cue from the memory?
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -112,7 +113,7 @@ def probe(run: Path, episodes: int) -> dict[str, dict[str, float]]:
         result[mode], data[mode] = counts, (states, cues)
     core = policy.core
     if hasattr(core, "memory"):  # MNM: does the policy take the cue from the memory read?
-        cut = MemoryPPO.load(model_path, device="cpu").policy
+        cut = copy.deepcopy(policy)
         with torch.no_grad():  # y = W_y [h ; read]: zero the read's columns
             cut.core.output.weight[:, core.hidden_size :] = 0
         outcomes = [play(cut, env, s, False)[0] for s in near[: episodes // 2]]

@@ -43,8 +43,7 @@ PRESETS = (
 def expected_success(values: list[int], target: int, n_values: int) -> dict[str, float]:
     """The three policies' probability of answering ``target`` after ``values`` were shown."""
     counts = Counter(values)
-    top = max(counts.values())
-    modes = [v for v, c in counts.items() if c == top]
+    modes = modes_of(values)
     return {
         "memoryless": 1 / n_values,
         "one shown value": (target in counts) / len(counts),

@@ -3,10 +3,11 @@
 Each call of the kernel allocates its per-sequence buffers afresh (the post-write fast weights
 of every step: megabytes per minibatch). glibc serves such blocks with ``mmap`` and returns them
 with ``munmap``, or trims them off the heap, so every call touches new pages and pays a page
-fault per 4 KB: about 11,000 per PPO update of the throughput benchmark's mnm-p, 8% of the
-update's time. Raising glibc's mmap and trim thresholds keeps those blocks on the heap for reuse.
-The same memory is allocated and freed and the peak is the same; what changes is that the
-process keeps its freed heap (up to the trim threshold) instead of shrinking between calls.
+fault per 4 KB: about 7,600 per PPO update of the throughput benchmark's mnm-p:2x2, 4% of the
+update's time (``benchmarks/update_faults.py``). Raising glibc's mmap and trim thresholds
+keeps those blocks on the heap for reuse. The same memory is allocated and freed and the peak is
+the same; what changes is that the process keeps its freed heap (up to the trim threshold)
+instead of shrinking between calls.
 """
 
 from __future__ import annotations
