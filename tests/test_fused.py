@@ -23,7 +23,15 @@ def kernel():
     return ext
 
 
-def _core(rule: str, activation: str, heads: int, layers: int, dtype=torch.float64, seed=0):
+def _core(
+    rule: str,
+    activation: str,
+    heads: int,
+    layers: int,
+    dtype=torch.float64,
+    seed=0,
+    interaction_input: bool = False,
+):
     torch.manual_seed(seed)
     core = MNMCore(
         5,
@@ -33,6 +41,7 @@ def _core(rule: str, activation: str, heads: int, layers: int, dtype=torch.float
         n_layers=layers,
         write_rule=rule,
         activation=activation,
+        interaction_input=interaction_input,
     ).to(dtype)
     with torch.no_grad():  # away from the initialisation's symmetries (identity BFPF block)
         for p in core.parameters():
@@ -71,8 +80,11 @@ def _run(core: MNMCore, x, starts, state, monkeypatch, use_kernel: bool):
 @pytest.mark.parametrize("rule", ["mnm-p", "mnm-g"])
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
 @pytest.mark.parametrize("heads,layers", [(1, 1), (2, 3)])
-def test_kernel_matches_pytorch_in_float64(kernel, monkeypatch, rule, activation, heads, layers):
-    core = _core(rule, activation, heads, layers)
+@pytest.mark.parametrize("interaction_input", [False, True])
+def test_kernel_matches_pytorch_in_float64(
+    kernel, monkeypatch, rule, activation, heads, layers, interaction_input
+):
+    core = _core(rule, activation, heads, layers, interaction_input=interaction_input)
     x, starts, state = _inputs(core, steps=7, batch=3)
     fused_out = _run(core, x, starts, state, monkeypatch, use_kernel=True)
     eager_out = _run(core, x, starts, state, monkeypatch, use_kernel=False)
@@ -112,10 +124,12 @@ def test_kernel_in_float32_is_as_accurate_as_pytorch(kernel, monkeypatch):
 
 def test_kernel_gradients_pass_gradcheck(kernel):
     """Finite differences, independently of the PyTorch implementation."""
-    for rule in ("mnm-p", "mnm-g"):
-        core = _core(rule, "tanh", 2, 2)
+    for rule, interaction_input in (("mnm-p", False), ("mnm-g", False), ("mnm-p", True)):
+        core = _core(rule, "tanh", 2, 2, interaction_input=interaction_input)
         x, starts, state = _inputs(core, steps=4, batch=2)
         params = [core.recurrent_gates.weight, core.interaction.weight, core.memory.initial_weights]
+        if interaction_input:
+            params.append(core.input_interaction.weight)
 
         def f(x, h, weights, *_params, core=core, starts=starts, state=state):
             start = CoreState({**state, "h": h, "fast_weights": weights})

@@ -101,12 +101,19 @@ class FusedSequence(torch.autograd.Function):
 
 
 def run_sequence(
-    core, gates_x: Tensor, episode_starts: Tensor, state: dict[str, Tensor], kernel: ModuleType
+    core,
+    gates_x: Tensor,
+    episode_starts: Tensor,
+    state: dict[str, Tensor],
+    kernel: ModuleType,
+    interaction_x: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """``MNMCore``'s recurrence over a sequence with the kernel.
 
     ``gates_x [T, B, 4 * hidden]`` is the input part of the controller's gates, ``state`` the
-    core's start state. Returns ``(hs [T, B, hidden], reads [T, B, D], answer_after,
+    core's start state, ``interaction_x [T, B, E]`` the input part ``U x_t`` of the interaction
+    (``interaction_input``; the kernel then takes ``b_v + U x_t`` per step in place of the
+    bias). Returns ``(hs [T, B, hidden], reads [T, B, D], answer_after,
     answer_before, values [T, B, H, D], beta [T, B], fast_weight_norm [T, B], c [B, hidden],
     fast_weights [B, L, D, D])``.
     """
@@ -118,8 +125,11 @@ def run_sequence(
         w_fb, b_fb = memory.feedback.weight, memory.feedback.bias
     else:  # mnm-g has no feedback functions: the kernel ignores these
         w_fb = b_fb = gates_x.new_empty(0)
+    interaction_bias = core.interaction.bias
+    if interaction_x is not None:
+        interaction_bias = (interaction_x + interaction_bias).contiguous()
     params = (
-        core.recurrent_gates.weight, core.interaction.weight, core.interaction.bias,
+        core.recurrent_gates.weight, core.interaction.weight, interaction_bias,
         core.beta_gate.weight.view(-1), core.beta_gate.bias, w_fb, b_fb, memory.initial_weights,
     )  # fmt: skip
     # Keep what the backward pass needs only when there will be one (not in the rollout).

@@ -25,7 +25,7 @@ class MNMCore(RecurrentCore):
     At every step ``t``, for each sequence in the batch::
 
         h_t, c_t  = LSTM([x_t ; v^r_{t-1}], (h_{t-1}, c_{t-1}))
-        [k^r_{1..H} ; k^w_{1..H} ; v^w_{1..H} ; beta'] = tanh(W_v h_t + b_v)
+        [k^r_{1..H} ; k^w_{1..H} ; v^w_{1..H} ; beta'] = tanh(W_v h_t + b_v)   # + U x_t: see below
         beta_t    = sigmoid(W_beta beta' + b_beta)
         M_t       = write(M_{t-1}, k^w, v^w, beta_t)        # mnm-p or mnm-g
         v^r_t     = mean_i f_{M_t}(k^r_i)                   # f_{M_{t-1}} if read_before_write
@@ -50,6 +50,11 @@ class MNMCore(RecurrentCore):
             of from ``M_t`` (the paper's order). The read then carries only what earlier steps
             stored; the current input reaches the output through ``h_t`` alone, so a full write
             (``beta = 1``) no longer pays off as a copy of the present.
+        interaction_input: the keys, values and write strength also see the step's input
+            directly: ``tanh(W_v h_t + U x_t + b_v)``. Without it they are functions of the
+            controller state alone, so the same observation is written under a different key
+            and value depending on what came before it; ``U x_t`` gives the memory a code for an
+            observation that does not depend on when it was seen.
     """
 
     has_memory_loss = True
@@ -66,6 +71,7 @@ class MNMCore(RecurrentCore):
         output_size: int | None = None,
         retention_lag: int = 0,
         read_before_write: bool = False,
+        interaction_input: bool = False,
     ):
         super().__init__()
         if retention_lag < 0:
@@ -84,6 +90,12 @@ class MNMCore(RecurrentCore):
         with torch.no_grad():  # forget-gate bias 1: remember by default
             self.input_gates.bias[hidden_size : 2 * hidden_size].fill_(1.0)
         self.interaction = nn.Linear(hidden_size, 3 * n_heads * memory_size + memory_size)
+        # U x_t of the interaction, for a whole sequence at once (its bias is b_v's).
+        self.input_interaction = (
+            nn.Linear(input_size, self.interaction.out_features, bias=False)
+            if interaction_input
+            else None
+        )
         self.beta_gate = nn.Linear(memory_size, 1)
         self.memory = FastWeightMemory(memory_size, n_layers, write_rule, activation)
         self.output = nn.Linear(hidden_size + memory_size, self.output_size)
@@ -105,12 +117,22 @@ class MNMCore(RecurrentCore):
             }
         )
 
+    @property
+    def interaction_input(self) -> bool:
+        return self.input_interaction is not None
+
     def step(
-        self, gates_x: Tensor, state: CoreState
+        self, gates_x: Tensor, state: CoreState, interaction_x: Tensor | None = None
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
-        """One step from the precomputed input gates ``gates_x [B, 4 * hidden]``."""
+        """One step from the precomputed input gates ``gates_x [B, 4 * hidden]`` (and, with
+        ``interaction_input``, ``interaction_x = U x_t [B, E]``)."""
         (h, c, read, layers), parts = self._step(
-            gates_x, state["h"], state["c"], state["read"], state["fast_weights"].unbind(1)
+            gates_x,
+            state["h"],
+            state["c"],
+            state["read"],
+            state["fast_weights"].unbind(1),
+            interaction_x=interaction_x,
         )
         new_state = CoreState(
             {"h": h, "c": c, "read": read, "fast_weights": torch.stack(layers, dim=1)}
@@ -125,6 +147,7 @@ class MNMCore(RecurrentCore):
         read: Tensor,
         layers: Sequence[Tensor],
         recall_keys: Tensor | None = None,
+        interaction_x: Tensor | None = None,
     ) -> tuple[tuple[Tensor, Tensor, Tensor, list[Tensor]], dict[str, Tensor]]:
         """The recurrent part of :meth:`step` on the state's tensors, with the fast weights as
         ``L`` layers ``[B, D, D]``: the loop in :meth:`forward` carries the layers from step to
@@ -132,7 +155,8 @@ class MNMCore(RecurrentCore):
         into the recurrence is left to the caller, to do once for a whole sequence: the output
         ``y_t = W_y [h_t ; v^r_t]``, and the reconstruction losses (:meth:`_aux`), whose inputs
         are returned instead. ``recall_keys [B, H, D]`` (RMS-normalised write keys of an earlier
-        step) are read after the write too, for the retention loss: ``parts["answer_recalled"]``."""
+        step) are read after the write too, for the retention loss: ``parts["answer_recalled"]``.
+        ``interaction_x [B, E]`` is ``U x_t`` (``interaction_input``), added before the tanh."""
         # gates_x + W_rec [h ; read] as one addmm; sigmoid once over all four gate blocks (the
         # g block's sigmoid is unused): fewer, larger kernels than one call per gate.
         gates = torch.addmm(gates_x, torch.cat([h, read], dim=-1), self.recurrent_gates.weight.t())
@@ -142,7 +166,10 @@ class MNMCore(RecurrentCore):
         h = o * torch.tanh(c)
 
         batch, heads, dim = h.shape[0], self.n_heads, self.memory_size
-        interaction = torch.tanh(self.interaction(h))
+        interaction = self.interaction(h)
+        if interaction_x is not None:
+            interaction = interaction + interaction_x
+        interaction = torch.tanh(interaction)
         kvs, beta_pre = interaction.split([3 * heads * dim, dim], dim=-1)
         keys, write_values = kvs.view(batch, 3 * heads, dim).split([2 * heads, heads], dim=1)
         beta = torch.sigmoid(self.beta_gate(beta_pre)).squeeze(-1)
@@ -224,8 +251,9 @@ class MNMCore(RecurrentCore):
         self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         """:meth:`forward` by the compiled kernel: the same equations, one call per sequence."""
+        interaction_x = self.input_interaction(x) if self.input_interaction is not None else None
         hs, reads, after, before, values, beta, norm, c, weights = fused.run_sequence(
-            self, self.input_gates(x), episode_starts, state, kernel
+            self, self.input_gates(x), episode_starts, state, kernel, interaction_x
         )
         y = self.output(torch.cat([hs, reads], dim=-1))
         parts = {
@@ -248,6 +276,11 @@ class MNMCore(RecurrentCore):
         # [T, B, 4 * hidden], one matmul for the whole sequence; unbind, not gates_x[t]: one
         # gradient node instead of a zero-filled [T, B, 4 * hidden] gradient per step.
         gates_x = self.input_gates(x).unbind(0)
+        interaction_x: Sequence[Tensor | None] = (
+            self.input_interaction(x).unbind(0)
+            if self.input_interaction is not None
+            else [None] * x.shape[0]
+        )
         h, c, read = state["h"], state["c"], state["read"]
         layers = state["fast_weights"].unbind(1)
         # One host read of the steps where some environment starts an episode: only those steps
@@ -271,7 +304,9 @@ class MNMCore(RecurrentCore):
                     torch.where(keep, w, w0) for w, w0 in zip(layers, initial_layers, strict=True)
                 ]
             recall = steps[t - lag]["write_keys"] if lag and t >= lag else None
-            (h, c, read, layers), parts = self._step(gates_x[t], h, c, read, layers, recall)
+            (h, c, read, layers), parts = self._step(
+                gates_x[t], h, c, read, layers, recall, interaction_x[t]
+            )
             hs.append(h)
             reads.append(read)
             steps.append(parts)

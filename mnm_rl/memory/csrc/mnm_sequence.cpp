@@ -6,6 +6,8 @@
 //   gates  = gates_x[t] + W_rec [h ; r]                 LSTM controller (input part precomputed)
 //   c, h   = LSTM cell
 //   e      = tanh(W_int h + b_int) = [k^r (H x D) ; k^w (H x D) ; v^w (H x D) ; beta' (D)]
+//            b_int is a bias [E], or per step [T, B, E] (the bias plus U x_t, for a core whose
+//            interaction also reads its input: MNMCore's interaction_input)
 //   beta   = sigmoid(w_beta . beta' + b_beta)
 //   k^     = rms_norm(k)                                 all 2H keys
 //   z^0 = k^w, z^l = act(M^l z^{l-1}), z^L = M^L z^{L-1}  pre-write pass (write keys)
@@ -284,6 +286,8 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   auto [d, T] = check(gates_x, m0, n_heads, gradient_rule, tanh_act, eps);
   const int64_t B = d.B, Hd = d.hidden, D = d.D, H = d.H, L = d.L, HD = H * D, E = d.E();
   const int64_t DD = D * D;
+  TORCH_CHECK(b_int.dim() == 1 || (b_int.dim() == 3 && b_int.size(0) == T && b_int.size(1) == B),
+              "b_int must be [E] or [T, B, E]");
   auto opts = gates_x.options();
   auto hs = at::empty({T, B, Hd}, opts);
   auto reads = at::empty({T, B, D}, opts);
@@ -303,6 +307,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   auto w_rec_t = w_rec.t();
   auto w_int_t = w_int.t();
   auto m0_layers = m0.transpose(0, 1);  // [L, B, D, D], a view: each layer a strided batch
+  const bool per_step_int = b_int.dim() == 3;
   const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init};
   StepBuffers s(d, opts);
 
@@ -337,7 +342,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
           c_p[b * Hd + i] = c;
           h_p[b * Hd + i] = a.o * tanh_(c);
         }
-      at::addmm_out(e, b_int, hs[t], w_int_t);
+      at::addmm_out(e, per_step_int ? b_int[t] : b_int, hs[t], w_int_t);
       e.tanh_();
       const at::Tensor prev = t == 0 ? m0_layers : post[(t - 1) % post.size(0)];
       const at::Tensor post_t = post[t % post.size(0)];
@@ -419,6 +424,7 @@ std::vector<at::Tensor> mnm_backward(
   auto w_rec_t = w_rec.t();
   auto w_int_t = w_int.t();
   auto m0_layers = m0.transpose(0, 1);
+  const bool per_step_int = b_int.dim() == 3;
   const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init};
   StepBuffers s(d, opts);
   double g_b_beta_value = 0;
@@ -440,7 +446,7 @@ std::vector<at::Tensor> mnm_backward(
       u.narrow(1, 0, Hd).copy_(h_in[t]);
       u.narrow(1, Hd, D).copy_(r_in[t]);
       at::addmm_out(gates, gates_x[t], u, w_rec_t);
-      at::addmm_out(e, b_int, hs[t], w_int_t);
+      at::addmm_out(e, per_step_int ? b_int[t] : b_int, hs[t], w_int_t);
       e.tanh_();
       const T_* keep_t = keep_p + t * B;
       const at::Tensor prev = t == 0 ? m0_layers : post[t - 1];
@@ -624,7 +630,7 @@ std::vector<at::Tensor> mnm_backward(
   auto flat_pre_e = g_pre_e.reshape({T * B, E});
   auto g_w_rec = at::mm(flat_gates.t(), at::cat({h_in, r_in}, 2).reshape({T * B, Hd + D}));
   auto g_w_int = at::mm(flat_pre_e.t(), hs.reshape({T * B, Hd}));
-  auto g_b_int = flat_pre_e.sum(0);
+  auto g_b_int = per_step_int ? g_pre_e : flat_pre_e.sum(0);
   at::Tensor g_w_fb, g_b_fb;
   if (gradient_rule) {
     g_w_fb = at::zeros_like(w_fb);
