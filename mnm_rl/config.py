@@ -158,6 +158,9 @@ class CoreConfig(_Strict):
     retention_lag: NonNegativeInt | None = None
     #: Read from the memory before this step's write (see :class:`mnm_rl.memory.MNMCore`).
     read_before_write: bool | None = None
+    #: Keys, values and write strength also read the step's input, not only the controller state
+    #: (see :class:`mnm_rl.memory.MNMCore`).
+    interaction_input: bool | None = None
 
     def kwargs(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

@@ -270,3 +270,39 @@ def test_read_before_write_reads_the_memory_of_earlier_steps():
     # the order changes what is read, not how the memory is written
     assert not torch.allclose(final["read"], ref_final["read"])
     assert torch.isfinite(aux["recon_after"]).all() and set(aux) == set(ref_aux)
+
+
+@pytest.mark.parametrize("use_kernel", ["0", "1"])
+def test_interaction_input_writes_an_observation_the_same_whatever_came_before(
+    use_kernel, monkeypatch
+):
+    """With the interaction reading the input and its controller weights zeroed, what is written
+    depends on the observations alone: two different controller states before the same inputs
+    end in the same fast weights. Without the input path they do not."""
+    monkeypatch.setenv("MNM_RL_FUSED", use_kernel)
+    torch.manual_seed(0)
+    core = MNMCore(INPUT, hidden_size=HIDDEN, n_heads=2, n_layers=2, interaction_input=True)
+    assert core.interaction_input and core.input_interaction.weight.shape == (
+        3 * 2 * HIDDEN + HIDDEN,
+        INPUT,
+    )
+    x = torch.randn(5, 2, INPUT)
+    no_starts = torch.zeros(5, 2)
+    start = core.initial_state(2)
+    other = CoreState({**start, "h": torch.randn(2, HIDDEN), "c": torch.randn(2, HIDDEN)})
+
+    def final_weights(model: MNMCore, state: CoreState) -> Tensor:
+        with torch.no_grad():
+            return model(x, state, no_starts)[1]["fast_weights"]
+
+    with torch.no_grad():
+        core.interaction.weight.zero_()
+    torch.testing.assert_close(final_weights(core, start), final_weights(core, other))
+    plain = MNMCore(INPUT, hidden_size=HIDDEN, n_heads=2, n_layers=2)
+    assert not torch.allclose(final_weights(plain, start), final_weights(plain, other))
+    # and the input path is trained: it gets a gradient
+    with torch.no_grad():
+        core.interaction.weight.normal_(0, 0.1)
+    y, _, aux = core(x, start, no_starts)
+    (y.sum() + aux["recon_after"].sum()).backward()
+    assert core.input_interaction.weight.grad.abs().sum().item() > 0
