@@ -172,6 +172,9 @@ class PolicyConfig(_Strict):
     core_kwargs: CoreConfig = CoreConfig()
     features_dim: PositiveInt = 64
     embedding_dim: PositiveInt = 8
+    #: Also encode a symbolic grid by the sum of its cells' embeddings (what is in view,
+    #: wherever it is; see :class:`mnm_rl.agent.extractors.SymbolicGridEncoder`).
+    grid_pooling: bool = False
     shared_core: bool = True
     net_arch: list[PositiveInt] = Field(default_factory=lambda: [64])
 

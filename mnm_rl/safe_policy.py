@@ -32,7 +32,15 @@ VERSION = 1
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     cls.__name__: cls for cls in (nn.Tanh, nn.ReLU, nn.ELU, nn.GELU, nn.SiLU, nn.LeakyReLU)
 }
-_KWARGS = ("core", "core_kwargs", "features_dim", "embedding_dim", "shared_core", "net_arch")
+_KWARGS = (
+    "core",
+    "core_kwargs",
+    "features_dim",
+    "embedding_dim",
+    "grid_pooling",
+    "shared_core",
+    "net_arch",
+)
 
 
 class SpaceMismatchError(ValueError):

@@ -228,3 +228,24 @@ def test_unsupported_inputs_raise_precise_errors():
         small_model("transformer")
     with pytest.raises(ValueError, match="total_timesteps must be positive"):
         small_model("mlp").learn(0)
+
+
+def test_grid_pooling_policy_round_trips_through_the_safe_policy_file(tmp_path):
+    from mnm_rl.env_factory import make_env
+    from mnm_rl.loading import load_policy
+    from mnm_rl.presets import load_env_preset
+    from mnm_rl.safe_policy import save_policy_file
+
+    spec = load_env_preset("MiniGrid-MemoryS7").spec()
+    env = DummyVecEnv([lambda: make_env(spec)])
+    kwargs = dict(core_kwargs=dict(hidden_size=16), features_dim=16, grid_pooling=True)
+    model = small_model("gru", env=env, policy_kwargs=kwargs)
+    encoder = model.policy.features_extractor.encoders["image"]
+    assert encoder.pooling and encoder.output_dim == (3 * 3 + 1) * 3 * 8
+    save_policy_file(model, tmp_path / "policy.pt")
+    loaded = load_policy(tmp_path / "policy.pt", device="cpu")
+    assert loaded.policy.grid_pooling is True
+    for (name, p), (_, q) in zip(
+        model.policy.state_dict().items(), loaded.policy.state_dict().items(), strict=True
+    ):
+        assert torch.equal(p, q), name

@@ -214,3 +214,21 @@ def test_one_step_at_a_time_equals_whole_sequence(kind):
     torch.testing.assert_close(torch.cat(outs), whole, rtol=1e-5, atol=1e-6)
     for key in final:
         torch.testing.assert_close(state[key], final[key], rtol=1e-5, atol=1e-6)
+
+
+def test_grid_pooling_adds_what_is_in_view_wherever_it_is():
+    torch.manual_seed(0)
+    space = spaces.Box(0, np.array([10, 5, 2]) * np.ones((3, 3, 3), dtype=np.int64), dtype=np.int64)
+    encoder = SymbolicGridEncoder(space, embedding_dim=4, pooling=True)
+    assert encoder.output_dim == (9 + 1) * 3 * 4
+    walls = torch.tensor([2, 5, 0]).expand(3, 3, 3).clone()
+    left, right = walls.clone(), walls.clone()
+    left[0, 2] = torch.tensor([6, 1, 0])  # a ball in one cell of the view
+    right[2, 0] = torch.tensor([6, 1, 0])  # the same ball in another
+    out = encoder(torch.stack([left, right]).float())
+    flat, pooled = out[:, : 9 * 12], out[:, 9 * 12 :]
+    torch.testing.assert_close(pooled[0], pooled[1])  # the same objects in view
+    assert not torch.allclose(flat[0], flat[1])  # in different places
+    plain = SymbolicGridEncoder(space, embedding_dim=4)
+    plain.load_state_dict(encoder.state_dict())
+    torch.testing.assert_close(plain(torch.stack([left, right]).float()), flat)

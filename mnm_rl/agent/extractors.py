@@ -20,13 +20,21 @@ def is_symbolic_grid(space: spaces.Space) -> bool:
 
 
 class SymbolicGridEncoder(nn.Module):
-    """Per-channel embeddings of a symbol grid ``[N, H, W, C]``, flattened: ``[N, H*W*C*E]``."""
+    """Per-channel embeddings of a symbol grid ``[N, H, W, C]``, flattened: ``[N, H*W*C*E]``.
 
-    def __init__(self, space: spaces.Box, embedding_dim: int = 8):
+    With ``pooling``, followed by their sum over the ``H*W`` cells, ``[N, C*E]``: what is in
+    view, whatever the cell it is in. The flat part codes an object by where it is in the
+    egocentric view, so the same object seen from another cell is a new input to learn.
+    """
+
+    def __init__(self, space: spaces.Box, embedding_dim: int = 8, pooling: bool = False):
         super().__init__()
         high = np.asarray(space.high).reshape(-1, space.shape[-1]).max(axis=0)
         self.embeddings = nn.ModuleList(nn.Embedding(int(h) + 1, embedding_dim) for h in high)
-        self.output_dim = int(np.prod(space.shape[:-1])) * space.shape[-1] * embedding_dim
+        self.cells = int(np.prod(space.shape[:-1]))
+        self.cell_dim = space.shape[-1] * embedding_dim
+        self.pooling = pooling
+        self.output_dim = (self.cells + int(pooling)) * self.cell_dim
         # Row of channel i's symbol 0 in the concatenation of the channels' tables.
         sizes = [int(h) + 1 for h in high]
         self.register_buffer(
@@ -40,7 +48,9 @@ class SymbolicGridEncoder(nn.Module):
         # CPU index_select's backward (index_add) is several times cheaper than embedding's.
         table = torch.cat([emb.weight for emb in self.embeddings])
         rows = (grid.long() + self.offsets).flatten()
-        return table.index_select(0, rows).view(grid.shape[0], self.output_dim)
+        cells = table.index_select(0, rows).view(grid.shape[0], self.cells, self.cell_dim)
+        flat = cells.flatten(1)
+        return torch.cat([flat, cells.sum(dim=1)], dim=1) if self.pooling else flat
 
 
 def _flat_dim(space: spaces.Space) -> int:
@@ -58,7 +68,8 @@ class MemoryFeaturesExtractor(BaseFeaturesExtractor):
     """Encode Box, Discrete or Dict observations into ``features_dim`` features.
 
     * integer ``[H, W, C]`` grids (MiniGrid's symbolic image after
-      :class:`mnm_rl.envs.minigrid.SymbolicMiniGrid`): per-channel embeddings;
+      :class:`mnm_rl.envs.minigrid.SymbolicMiniGrid`): per-channel embeddings, and with
+      ``grid_pooling`` also their sum over the cells (:class:`SymbolicGridEncoder`);
     * other Box and Discrete spaces (Discrete one-hot encoded by SB3's ``preprocess_obs``): flat;
     * Dict spaces: each key encoded as above, concatenated.
 
@@ -66,7 +77,11 @@ class MemoryFeaturesExtractor(BaseFeaturesExtractor):
     """
 
     def __init__(
-        self, observation_space: spaces.Space, features_dim: int = 64, embedding_dim: int = 8
+        self,
+        observation_space: spaces.Space,
+        features_dim: int = 64,
+        embedding_dim: int = 8,
+        grid_pooling: bool = False,
     ):
         super().__init__(observation_space, features_dim)
         subspaces = (
@@ -80,7 +95,7 @@ class MemoryFeaturesExtractor(BaseFeaturesExtractor):
         for key, space in subspaces.items():
             name = "obs" if key is None else str(key)
             if is_symbolic_grid(space):
-                encoder = SymbolicGridEncoder(space, embedding_dim)
+                encoder = SymbolicGridEncoder(space, embedding_dim, grid_pooling)
                 total += encoder.output_dim
             else:
                 encoder = nn.Flatten()

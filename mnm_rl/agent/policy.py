@@ -52,6 +52,9 @@ class RecurrentMemoryPolicy(BasePolicy):
         core: ``"mnm-p"``, ``"mnm-g"``, ``"lstm"``, ``"gru"`` or ``"mlp"``.
         core_kwargs: passed to the core (``hidden_size``, ``n_heads``, ...).
         features_dim: width of the observation encoding fed to the core.
+        embedding_dim: width of each symbol's embedding in a symbolic grid observation.
+        grid_pooling: a symbolic grid is also encoded by the sum of its cells' embeddings (what
+            is in view, wherever it is), not only cell by cell.
         shared_core: one core for actor and critic (default); otherwise the critic has its own,
             whose state entries are prefixed ``"critic/"``.
         net_arch: hidden widths of the policy and value heads.
@@ -66,6 +69,7 @@ class RecurrentMemoryPolicy(BasePolicy):
         core_kwargs: dict[str, Any] | None = None,
         features_dim: int = 64,
         embedding_dim: int = 8,
+        grid_pooling: bool = False,
         shared_core: bool = True,
         net_arch: tuple[int, ...] | list[int] = (64,),
         activation_fn: type[nn.Module] = nn.Tanh,
@@ -90,6 +94,7 @@ class RecurrentMemoryPolicy(BasePolicy):
             features_extractor_kwargs={
                 "features_dim": features_dim,
                 "embedding_dim": embedding_dim,
+                "grid_pooling": grid_pooling,
             },
             optimizer_class=optimizer_class,
             optimizer_kwargs=optimizer_kwargs,
@@ -99,6 +104,7 @@ class RecurrentMemoryPolicy(BasePolicy):
         self.core_kwargs = dict(core_kwargs or {})
         self.features_dim = features_dim
         self.embedding_dim = embedding_dim
+        self.grid_pooling = grid_pooling
         self.shared_core = shared_core
         self.net_arch = tuple(net_arch)
         self.activation_fn = activation_fn
@@ -131,6 +137,7 @@ class RecurrentMemoryPolicy(BasePolicy):
             core_kwargs=self.core_kwargs,
             features_dim=self.features_dim,
             embedding_dim=self.embedding_dim,
+            grid_pooling=self.grid_pooling,
             shared_core=self.shared_core,
             net_arch=self.net_arch,
             activation_fn=self.activation_fn,
