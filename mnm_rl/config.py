@@ -191,6 +191,10 @@ class PPOConfig(_Strict):
     gae_lambda: float = Field(0.95, ge=0, le=1)
     clip_range: PositiveFloat = 0.2
     ent_coef: NonNegativeFloat = 0.01
+    #: If set, the entropy bonus goes linearly from ``ent_coef`` to this value over the first
+    #: ``ent_coef_fraction`` of the run's env steps, then stays there.
+    ent_coef_final: NonNegativeFloat | None = None
+    ent_coef_fraction: float = Field(1.0, gt=0, le=1)
     vf_coef: NonNegativeFloat = 0.5
     mem_coef: NonNegativeFloat = 1.0
     max_grad_norm: PositiveFloat = 0.5
@@ -236,7 +240,13 @@ class AgentPreset(_Strict):
         """Keyword arguments for :class:`mnm_rl.agent.MemoryPPO` (without env, seed, device)."""
         policy = self.policy.model_dump()
         policy["core_kwargs"] = self.policy.core_kwargs.kwargs()
-        return {"core": self.core, **self.ppo.model_dump(), "policy_kwargs": policy}
+        ppo = self.ppo.model_dump()
+        final, fraction = ppo.pop("ent_coef_final"), ppo.pop("ent_coef_fraction")
+        if final is not None:
+            from stable_baselines3.common.utils import LinearSchedule  # torch: only when needed
+
+            ppo["ent_coef"] = LinearSchedule(ppo["ent_coef"], final, fraction)
+        return {"core": self.core, **ppo, "policy_kwargs": policy}
 
 
 class RunConfig(_Strict):

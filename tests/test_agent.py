@@ -249,3 +249,36 @@ def test_grid_pooling_policy_round_trips_through_the_safe_policy_file(tmp_path):
         model.policy.state_dict().items(), loaded.policy.state_dict().items(), strict=True
     ):
         assert torch.equal(p, q), name
+
+
+def test_entropy_bonus_follows_its_schedule(tmp_path):
+    """A config's ``ent_coef_final`` becomes a linear schedule of the remaining progress: the
+    logged coefficient falls from ``ent_coef`` to the final value over ``ent_coef_fraction`` of
+    the run, and a loaded model keeps the schedule."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mnm_rl.config import AgentPreset
+
+    preset = AgentPreset.model_validate(
+        {
+            "name": "x",
+            "core": "gru",
+            "ppo": {"ent_coef": 0.1, "ent_coef_final": 0.02, "ent_coef_fraction": 0.5},
+        }
+    )
+    schedule = preset.model_kwargs()["ent_coef"]
+    assert [round(schedule(p), 6) for p in (1.0, 0.75, 0.5, 0.0)] == [0.1, 0.06, 0.02, 0.02]
+    model = small_model("gru", ent_coef=schedule, tensorboard_log=str(tmp_path))
+    model.learn(48 * 4, tb_log_name="run")
+    (run_dir,) = list(tmp_path.iterdir())
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    logged = [round(e.value, 6) for e in events.Scalars("train/ent_coef")]
+    # progress remaining at the updates: 0.75, 0.5, 0.25 (48 of 192 steps per rollout; SB3
+    # writes an update's scalars with the next rollout's, so the last one is not in the file)
+    assert logged == [0.06, 0.02, 0.02]
+    model.save(tmp_path / "model.zip")
+    loaded = MemoryPPO.load(tmp_path / "model.zip", device="cpu")
+    assert round(loaded.ent_coef_schedule(0.75), 6) == 0.06
+    constant = AgentPreset.model_validate({"name": "y", "core": "gru", "ppo": {"ent_coef": 0.03}})
+    assert constant.model_kwargs()["ent_coef"] == 0.03

@@ -49,6 +49,10 @@ class MemoryPPO(OnPolicyAlgorithm):
         seq_len: chunk length for training and truncated backpropagation through time.
         batch_size: environment steps per minibatch; a multiple of ``seq_len``.
         mem_coef: weight of the memory's reconstruction (meta-)loss.
+        ent_coef: the entropy bonus, a constant or, like ``learning_rate`` and ``clip_range``, a
+            function of the remaining progress (1 at the start of ``learn``, 0 at the end),
+            e.g. ``stable_baselines3.common.utils.LinearSchedule(0.1, 0.01, 0.5)``; logged as
+            ``train/ent_coef``.
         on_nonfinite: ``"stop"`` raises :class:`NonFiniteError` when a loss, the gradients or the
             fast weights go NaN/inf (the update is not applied); ``"skip"`` skips and counts.
     """
@@ -71,7 +75,7 @@ class MemoryPPO(OnPolicyAlgorithm):
         clip_range: float | Schedule = 0.2,
         clip_range_vf: float | Schedule | None = None,
         normalize_advantage: bool = True,
-        ent_coef: float = 0.01,
+        ent_coef: float | Schedule = 0.01,
         vf_coef: float = 0.5,
         mem_coef: float = 1.0,
         max_grad_norm: float = 0.5,
@@ -154,6 +158,8 @@ class MemoryPPO(OnPolicyAlgorithm):
             gae_lambda=self.gae_lambda,
         )
         self.clip_range = FloatSchedule(self.clip_range)
+        # The entropy bonus may follow a schedule of the remaining progress, like clip_range.
+        self.ent_coef_schedule = FloatSchedule(self.ent_coef)
         if self.clip_range_vf is not None:
             self.clip_range_vf = FloatSchedule(self.clip_range_vf)
 
@@ -289,6 +295,7 @@ class MemoryPPO(OnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)
+        ent_coef = self.ent_coef_schedule(self._current_progress_remaining)
         clip_range_vf = (
             None
             if self.clip_range_vf is None
@@ -306,7 +313,9 @@ class MemoryPPO(OnPolicyAlgorithm):
         for _ in range(self.n_epochs):
             approx_kls = []
             for batch in buffer.minibatches(self.batch_size // self.seq_len):
-                loss, approx_kl, checks = self._loss(batch, clip_range, clip_range_vf, record)
+                loss, approx_kl, checks = self._loss(
+                    batch, clip_range, clip_range_vf, ent_coef, record
+                )
                 if self._skip_nonfinite(checks):
                     continue
                 approx_kls.append(approx_kl)
@@ -336,10 +345,18 @@ class MemoryPPO(OnPolicyAlgorithm):
         self.logger.record("train/nonfinite_skips", self.nonfinite_skips)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/clip_range", clip_range)
+        self.logger.record("train/ent_coef", ent_coef)
         if clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
 
-    def _loss(self, batch: ChunkBatch, clip_range: float, clip_range_vf: float | None, record):
+    def _loss(
+        self,
+        batch: ChunkBatch,
+        clip_range: float,
+        clip_range_vf: float | None,
+        ent_coef: float,
+        record,
+    ):
         logits, values, _, aux = self.policy.forward_sequence(
             batch.observations, batch.states, batch.episode_starts
         )
@@ -360,7 +377,7 @@ class MemoryPPO(OnPolicyAlgorithm):
             )
         value_loss = F.mse_loss(batch.returns, values)
         entropy_loss = -entropy.mean()
-        loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+        loss = policy_loss + ent_coef * entropy_loss + self.vf_coef * value_loss
         with torch.no_grad():
             approx_kl = float(((ratio - 1) - log_ratio).mean())
             clip_fraction = float((torch.abs(ratio - 1) > clip_range).float().mean())
