@@ -26,10 +26,11 @@ episodes that reached a choice, and the held-out accuracy of a linear probe (as 
 the cue off the recurrent state (``h`` and, for MNM, the memory read) at the last step; for the
 forced detours also ``transfer``: the accuracy there of a probe fitted on the cue-at-start
 episodes (is the cue coded as when it is seen at the start?). The last line is JSON; it also
-holds the forced detours' success per start cell ``x``. For MNM cores the cue-at-start episodes
-are also played with the memory read cut from the core's output (``y = W_y [h ; read]`` with the
-read's columns of ``W_y`` zeroed; the read still feeds the controller): does the policy take the
-cue from the memory?
+holds the forced detours' success per start cell ``x``, and for every mode where in the view
+the cue was when the agent first saw it (its direction and the cue's cell, ``cue_first_seen``).
+For MNM cores the cue-at-start episodes are also played with the memory read cut from the
+core's output (``y = W_y [h ; read]`` with the read's columns of ``W_y`` zeroed; the read still
+feeds the controller): does the policy take the cue from the memory?
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from minigrid.core.actions import Actions
+from minigrid.core.constants import OBJECT_TO_IDX
 from probe_cue import cue_of, fit_probe, probe_accuracy, sees_cue
 
 from mnm_rl.agent import MemoryPPO
@@ -50,15 +52,27 @@ from mnm_rl.env_factory import make_env
 from mnm_rl.runs import load_config, resolve_model
 
 
-def play(policy, env, seed: int, forced: bool) -> tuple[str, int, np.ndarray]:
+def cue_view(env, cue: int) -> str:
+    """Where the cue is in the agent's view: ``"dir D cell (i, j)"``, the agent's direction
+    (0 east, 2 west) and the cue's cell in the symbolic image (``i`` left to right, ``j`` far
+    to near; the agent stands at ``(1, 2)``)."""
+    kind = OBJECT_TO_IDX["key" if cue else "ball"]
+    i, j = np.argwhere(env.unwrapped.gen_obs()["image"][..., 0] == kind)[0]
+    return f"dir {env.unwrapped.agent_dir} cell ({i}, {j})"
+
+
+def play(policy, env, seed: int, forced: bool) -> tuple[str, int, np.ndarray, str | None]:
     """One episode: its outcome, ``"success"``, ``"wrong"`` (the other object) or
-    ``"timeout"``; the cue; and the recurrent state (``h``, then the memory read if any) at the
-    last step."""
+    ``"timeout"``; the cue; the recurrent state (``h``, then the memory read if any) at the
+    last step; and where the cue was in view when first seen (:func:`cue_view`; ``None`` if
+    never)."""
     obs, _ = env.reset(seed=seed)
     cue = cue_of(env)
     script = [Actions.left, Actions.left] if forced else []
-    state, first = policy.initial_state(1), True
+    state, first, seen = policy.initial_state(1), True, None
     while True:
+        if seen is None and sees_cue(env, cue):
+            seen = cue_view(env, cue)
         batch = {k: torch.as_tensor(np.asarray(v))[None, None] for k, v in obs.items()}
         with torch.inference_mode():
             logits, _, state, _ = policy.forward_sequence(
@@ -76,7 +90,7 @@ def play(policy, env, seed: int, forced: bool) -> tuple[str, int, np.ndarray]:
         obs, reward, terminated, truncated, _ = env.step(action)
         if terminated or truncated:
             outcome = "success" if reward > 0 else ("wrong" if terminated else "timeout")
-            return outcome, cue, last
+            return outcome, cue, last, seen
 
 
 def probe(run: Path, episodes: int) -> dict[str, dict[str, float]]:
@@ -98,12 +112,14 @@ def probe(run: Path, episodes: int) -> dict[str, dict[str, float]]:
     modes = (("cue at start", near[: episodes // 2], False), ("alone", far[:episodes], False))
     for mode, seeds, forced in (*modes, ("forced", far[:episodes], True)):
         played = [play(policy, env, s, forced) for s in seeds]
-        outcomes = [outcome for outcome, _, _ in played]
+        outcomes = [outcome for outcome, *_ in played]
         counts = {k: outcomes.count(k) / len(outcomes) for k in ("success", "wrong", "timeout")}
         chose = counts["success"] + counts["wrong"]
         counts["success_when_chose"] = counts["success"] / chose if chose else float("nan")
         # can a linear probe read the cue off the state at the last step?
-        states, cues = np.stack([x for _, _, x in played]), np.array([c for _, c, _ in played])
+        states, cues = np.stack([p[2] for p in played]), np.array([p[1] for p in played])
+        views = [p[3] for p in played if p[3] is not None]  # where the cue was first seen
+        counts["cue_first_seen"] = {v: views.count(v) for v in sorted(set(views))}
         counts["probe_state"] = probe_accuracy(states, cues)
         if forced:  # success per start cell x: how far back the detour went
             by_start = defaultdict(list)
