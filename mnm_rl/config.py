@@ -204,6 +204,12 @@ class PPOConfig(_Strict):
     on_nonfinite: Literal["stop", "skip"] = "stop"
 
     @model_validator(mode="after")
+    def _entropy_schedule(self) -> PPOConfig:
+        if self.ent_coef_final is None and self.ent_coef_fraction != 1.0:
+            raise ValueError("ent_coef_fraction needs ent_coef_final (the value to decay to)")
+        return self
+
+    @model_validator(mode="after")
     def _chunks(self) -> PPOConfig:
         for name in ("n_steps", "batch_size"):
             if getattr(self, name) % self.seq_len:

@@ -282,3 +282,5 @@ def test_entropy_bonus_follows_its_schedule(tmp_path):
     assert round(loaded.ent_coef_schedule(0.75), 6) == 0.06
     constant = AgentPreset.model_validate({"name": "y", "core": "gru", "ppo": {"ent_coef": 0.03}})
     assert constant.model_kwargs()["ent_coef"] == 0.03
+    with pytest.raises(ValueError, match="ent_coef_fraction needs ent_coef_final"):
+        AgentPreset.model_validate({"name": "z", "core": "gru", "ppo": {"ent_coef_fraction": 0.5}})
