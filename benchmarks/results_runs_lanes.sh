@@ -2,7 +2,8 @@
 # A queue of `mnm-rl train` runs on LANES lanes (default 2, one process per core), each lane
 # taking the next run when its previous one ends. Every run evaluates on held-out seeds every
 # EVAL_EVERY env steps (100 episodes) and ends with the preset's final held-out eval.json.
-# Runs go to runs/$GROUP/ENV-AGENT[-TAG]-seedS; a folder that exists is resumed.
+# Runs go to runs/$GROUP/ENV-AGENT[-TAG]-seedS; a folder that exists is resumed (to STEPS if
+# given: that extends a finished run).
 #
 #   ENV=MiniGrid-Memory STEPS=3000000 GROUP=long SETS="agent.ppo.seq_len=64" TAG=seq64 \
 #       bash benchmarks/results_runs_lanes.sh mnm-p:0 mnm-p:1 lstm:0     # AGENT:SEED ...
@@ -23,7 +24,7 @@ run() {  # agent seed
     [ -n "${STEPS:-}" ] && steps=(--timesteps "$STEPS")
     start=$(date +%s)
     if [ -d "$dir" ]; then
-        "$MNM" train --resume "$dir" --no-progress >>"$log" 2>&1
+        "$MNM" train --resume "$dir" "${steps[@]}" --no-progress >>"$log" 2>&1
     else
         "$MNM" train --env "$ENV" --agent "$1" --seed "$2" "${steps[@]}" --run-dir "$dir" \
             --no-progress --set train.eval_every="$EVAL_EVERY" \
