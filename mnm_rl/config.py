@@ -91,6 +91,10 @@ class EnvSpec(_Strict):
     id: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
     wrappers: list[WrapperConfig] = Field(default_factory=list)
+    #: Wrappers for the training envs only, applied right after ``gymnasium.make`` (before
+    #: ``wrappers``): a curriculum that changes how training episodes start. Evaluation never
+    #: uses them.
+    train_wrappers: list[WrapperConfig] = Field(default_factory=list)
     train_seeds: SeedRange = SeedRange(start=0, stop=100_000)
     eval_seeds: SeedRange = SeedRange(start=100_000, stop=200_000)
 

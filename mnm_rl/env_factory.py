@@ -39,12 +39,22 @@ def _time_limit(env: gym.Env, max_episode_steps: int) -> gym.Env:
     return gym.wrappers.TimeLimit(env, max_episode_steps=max_episode_steps)
 
 
+def _start_direction(env: gym.Env, direction: int, probability: float) -> gym.Env:
+    from mnm_rl.envs.minigrid import StartDirection
+
+    return StartDirection(env, direction, probability)
+
+
 #: Wrappers a preset can name, with what they do.
 WRAPPERS: dict[str, tuple[Callable[..., gym.Env], str]] = {
     "symbolic_minigrid": (_symbolic_minigrid, "MiniGrid: symbolic image + direction, no mission"),
     "view_size": (_view_size, "MiniGrid: agent_view_size (minigrid's ViewSizeWrapper)"),
     "action_subset": (_action_subset, "keep only the listed actions (indices or MiniGrid names)"),
     "time_limit": (_time_limit, "gymnasium's TimeLimit(max_episode_steps)"),
+    "start_direction": (
+        _start_direction,
+        "MiniGrid: some episodes start facing `direction` (a training curriculum)",
+    ),
 }
 
 
@@ -124,8 +134,11 @@ def resolve_env(name: str) -> EnvPreset:
     )
 
 
-def make_env(spec: EnvSpec, render_mode: str | None = None, monitor: bool = False) -> gym.Env:
-    """One env: ``gymnasium.make`` with the spec's kwargs, then its wrappers (then ``Monitor``)."""
+def make_env(
+    spec: EnvSpec, render_mode: str | None = None, monitor: bool = False, training: bool = False
+) -> gym.Env:
+    """One env: ``gymnasium.make`` with the spec's kwargs, then (``training``) its
+    ``train_wrappers``, then its wrappers (then ``Monitor``)."""
     if spec.id not in gym.registry:
         registered_ids()  # imports minigrid, which registers its ids
     kwargs = dict(spec.kwargs)
@@ -133,7 +146,7 @@ def make_env(spec: EnvSpec, render_mode: str | None = None, monitor: bool = Fals
         kwargs["render_mode"] = render_mode
     try:
         env = gym.make(spec.id, **kwargs)
-        for wrapper in spec.wrappers:
+        for wrapper in [*spec.train_wrappers, *spec.wrappers] if training else spec.wrappers:
             env = _wrapper(wrapper)(env, **wrapper.kwargs)
     except ConfigError:
         raise
@@ -162,13 +175,16 @@ def train_base_seed(spec: EnvSpec, run_seed: int, n_envs: int, num_timesteps: in
 
 
 def make_vec_env(spec: EnvSpec, n_envs: int, seed: int | None = None):
-    """A ``DummyVecEnv`` of ``n_envs`` monitored envs; env ``i`` first resets with ``seed + i``."""
+    """The training envs: a ``DummyVecEnv`` of ``n_envs`` monitored envs with the spec's
+    ``train_wrappers``; env ``i`` first resets with ``seed + i``."""
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     if n_envs < 1:
         raise ConfigError(f"n_envs must be positive, got {n_envs}")
-    make_env(spec).close()  # fail here, with a clear message, rather than inside DummyVecEnv
-    vec_env = DummyVecEnv([lambda: make_env(spec, monitor=True) for _ in range(n_envs)])
+    make_env(spec, training=True).close()  # fail here, clearly, rather than inside DummyVecEnv
+    vec_env = DummyVecEnv(
+        [lambda: make_env(spec, monitor=True, training=True) for _ in range(n_envs)]
+    )
     if seed is not None:
         vec_env.seed(seed)
     return vec_env

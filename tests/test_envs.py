@@ -371,3 +371,36 @@ def test_rgb_frame_shows_symbol_and_outcome() -> None:
     # border pixel just outside the panel: green when correct, red when wrong
     assert right[32, 5, 1] > right[32, 5, 0]
     assert wrong[32, 5, 0] > wrong[32, 5, 1]
+
+
+def test_start_direction_curriculum_changes_training_starts_only():
+    """``train_wrappers`` apply to the training envs (``make_vec_env``), not to evaluation
+    (``make_env``); ``start_direction`` turns the agent at the start of a seeded share of the
+    episodes, the same share for the same seeds."""
+    from mnm_rl.env_factory import make_env, make_vec_env
+    from mnm_rl.envs.minigrid import StartDirection
+    from mnm_rl.presets import load_env_preset
+
+    spec = load_env_preset("MiniGrid-MemoryS9-Curriculum").spec()
+    plain = load_env_preset("MiniGrid-MemoryS9").spec()
+    assert spec.eval_seeds == plain.eval_seeds and spec.wrappers == plain.wrappers
+
+    def directions(env, seeds):
+        return [int(env.reset(seed=s)[0]["direction"]) for s in seeds]
+
+    seeds = range(200)
+    evaluation = directions(make_env(spec), seeds)
+    assert evaluation == directions(make_env(plain), seeds) == [0] * 200
+    training = make_vec_env(spec, n_envs=1).envs[0]
+    turned = directions(training, seeds)
+    assert set(turned) == {0, 2} and 70 < turned.count(2) < 130  # about half, of 200
+    assert directions(training, seeds) == turned  # seeded
+    always = StartDirection(gym.make("MiniGrid-MemoryS9-v0", agent_view_size=3), 2, 1.0)
+    obs, _ = always.reset(seed=0)
+    assert always.unwrapped.agent_dir == 2 and obs["direction"] == 2
+    never = StartDirection(gym.make("MiniGrid-MemoryS9-v0", agent_view_size=3), 2, 0.0)
+    assert never.reset(seed=0)[0]["direction"] == 0
+    with pytest.raises(ValueError, match="direction must be"):
+        StartDirection(gym.make("MiniGrid-MemoryS9-v0"), 5, 0.5)
+    with pytest.raises(ValueError, match="probability must be"):
+        StartDirection(gym.make("MiniGrid-MemoryS9-v0"), 2, 1.5)
