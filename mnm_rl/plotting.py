@@ -121,11 +121,13 @@ def plot_curves(curves: list[Curve], out: Path, tag: str = DEFAULT_TAG) -> dict:
         ax.set_title(f"{env}: mean over seeds, shaded min to max", fontsize=10)
         ax.set_xlabel("env steps")
         ax.grid(alpha=0.3)
-        ax.legend(loc="best")
+        # Below the panel: labels of tuning variants (``mnm-p [ppo.ent_coef=0.05, ...]``) are
+        # long, and inside the axes they would hide the curves or be cut at the figure's edge.
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), fontsize=8, frameon=False)
     axes[0][0].set_ylabel(tag)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return summary
 
