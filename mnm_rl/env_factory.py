@@ -1,7 +1,8 @@
 """Build environments from an env preset, or from any registered gymnasium id.
 
-``gymnasium.make(id, **kwargs)``, then the preset's wrappers in order, then (for training)
-stable-baselines3's ``Monitor``; a ``DummyVecEnv`` holds the parallel copies.
+``gymnasium.make(id, **kwargs)``, then (for training) the preset's ``train_wrappers``, then its
+wrappers in order, then (for training) stable-baselines3's ``Monitor``; a ``DummyVecEnv`` holds
+the parallel copies.
 """
 
 from __future__ import annotations
