@@ -300,6 +300,16 @@ def test_interaction_input_writes_an_observation_the_same_whatever_came_before(
     torch.testing.assert_close(final_weights(core, start), final_weights(core, other))
     plain = MNMCore(INPUT, hidden_size=HIDDEN, n_heads=2, n_layers=2)
     assert not torch.allclose(final_weights(plain, start), final_weights(plain, other))
+    # one step at a time needs U x_t: without it the step would silently drop the input path
+    gates = core.input_gates(x[0])
+    with pytest.raises(ValueError, match="interaction_x"):
+        core.step(gates, start)
+    with pytest.raises(ValueError, match="interaction_x"):
+        plain.step(plain.input_gates(x[0]), start, core.input_interaction(x[0]))
+    with torch.no_grad():
+        y_step, _, _ = core.step(gates, start, core.input_interaction(x[0]))
+        y_seq, _, _ = core(x[:1], start, no_starts[:1])
+    torch.testing.assert_close(y_step, y_seq[0])
     # and the input path is trained: it gets a gradient
     with torch.no_grad():
         core.interaction.weight.normal_(0, 0.1)

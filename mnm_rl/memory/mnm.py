@@ -126,6 +126,11 @@ class MNMCore(RecurrentCore):
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         """One step from the precomputed input gates ``gates_x [B, 4 * hidden]`` (and, with
         ``interaction_input``, ``interaction_x = U x_t [B, E]``)."""
+        if (interaction_x is None) != (self.input_interaction is None):
+            raise ValueError(
+                "interaction_x (U x_t, from core.input_interaction) must be given exactly when "
+                f"the core has interaction_input (it has: {self.interaction_input})"
+            )
         (h, c, read, layers), parts = self._step(
             gates_x,
             state["h"],
