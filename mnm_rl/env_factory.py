@@ -46,6 +46,12 @@ def _start_direction(env: gym.Env, direction: int, probability: float) -> gym.En
     return StartDirection(env, direction, probability)
 
 
+def _min_start_column(env: gym.Env, min_column: int) -> gym.Env:
+    from mnm_rl.envs.minigrid import MinStartColumn
+
+    return MinStartColumn(env, min_column)
+
+
 #: Wrappers a preset can name, with what they do.
 WRAPPERS: dict[str, tuple[Callable[..., gym.Env], str]] = {
     "symbolic_minigrid": (_symbolic_minigrid, "MiniGrid: symbolic image + direction, no mission"),
@@ -55,6 +61,10 @@ WRAPPERS: dict[str, tuple[Callable[..., gym.Env], str]] = {
     "start_direction": (
         _start_direction,
         "MiniGrid: some episodes start facing `direction` (a training curriculum)",
+    ),
+    "min_start_column": (
+        _min_start_column,
+        "MiniGrid-Memory: start at column >= `min_column`, not next to the cue (training)",
     ),
 }
 

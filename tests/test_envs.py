@@ -404,3 +404,45 @@ def test_start_direction_curriculum_changes_training_starts_only():
         StartDirection(gym.make("MiniGrid-MemoryS9-v0"), 5, 0.5)
     with pytest.raises(ValueError, match="probability must be"):
         StartDirection(gym.make("MiniGrid-MemoryS9-v0"), 2, 1.5)
+
+
+def test_min_start_column_moves_training_starts_away_from_the_cue():
+    """``MiniGrid-MemoryS9-FarStart`` trains without the starts in column 1 (cue in view) and
+    evaluates on plain S9; the redrawn starts are uniform over columns 2-6 and seeded."""
+    from collections import Counter
+
+    from mnm_rl.env_factory import make_env, make_vec_env
+    from mnm_rl.envs.minigrid import MinStartColumn
+    from mnm_rl.presets import load_env_preset
+
+    spec = load_env_preset("MiniGrid-MemoryS9-FarStart").spec()
+    plain = load_env_preset("MiniGrid-MemoryS9").spec()
+    assert spec.eval_seeds == plain.eval_seeds and spec.wrappers == plain.wrappers
+
+    def columns(env, seeds):
+        out = []
+        for s in seeds:
+            env.reset(seed=s)
+            out.append(int(env.unwrapped.agent_pos[0]))
+        return out
+
+    seeds = range(600)
+    evaluation = columns(make_env(spec), seeds)
+    assert evaluation == columns(make_env(plain), seeds) and set(evaluation) == set(range(1, 7))
+    training_env = make_vec_env(spec, n_envs=1).envs[0]
+    training = columns(training_env, seeds)
+    counts = Counter(training)
+    assert set(counts) == set(range(2, 7)) and min(counts.values()) > 80  # ~120 each of 600
+    assert columns(training_env, seeds) == training  # seeded
+    # starts east of column 1 are kept as MemoryEnv drew them
+    assert all(t == e for t, e in zip(training, evaluation) if e >= 2)
+    obs, _ = training_env.reset(seed=0)
+    grid = training_env.unwrapped
+    assert obs["direction"] == 0 and grid.grid.get(*grid.agent_pos) is None
+
+    small = MinStartColumn(gym.make("MiniGrid-MemoryS7-v0", agent_view_size=3), 4)
+    assert set(columns(small, range(50))) == {4}  # S7's last start column is 4
+    with pytest.raises(ValueError, match="beyond the corridor"):
+        columns(MinStartColumn(gym.make("MiniGrid-MemoryS7-v0", agent_view_size=3), 5), range(50))
+    with pytest.raises(ValueError, match="at least 1"):
+        MinStartColumn(gym.make("MiniGrid-MemoryS7-v0"), 0)

@@ -1,4 +1,4 @@
-"""MiniGrid wrappers for memory agents: a symbolic observation, a start-direction curriculum."""
+"""MiniGrid wrappers for memory agents: a symbolic observation, start-state curricula."""
 
 from __future__ import annotations
 
@@ -66,3 +66,47 @@ class StartDirection(gym.Wrapper):
             grid_env.agent_dir = self.direction
             obs = grid_env.gen_obs()
         return obs, info
+
+
+class MinStartColumn(gym.Wrapper):
+    """MiniGrid-Memory: the agent starts no further west than column ``min_column``.
+
+    MemoryEnv draws the start column uniformly from the corridor, ``1 .. hallway_end``; from
+    column 1 the cue is in view at the start (the agent stands next to it). This wrapper redraws
+    a start west of ``min_column`` uniformly from ``min_column .. hallway_end``, so starts are
+    uniform over those columns and a policy can only see the cue by going back for it. Draws from
+    the env's own seeded generator, so a seeded reset gives the same start. Meant for
+    ``train_wrappers`` (training only); wrap the MiniGrid env itself, before observation wrappers.
+    """
+
+    def __init__(self, env: gym.Env, min_column: int):
+        super().__init__(env)
+        if min_column < 1:
+            raise ValueError(f"min_column must be at least 1, got {min_column}")
+        self.min_column = min_column
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        grid_env = self.env.unwrapped
+        x, y = (int(v) for v in grid_env.agent_pos)
+        if x < self.min_column:
+            last = _last_start_column(grid_env, y)
+            if last < self.min_column:
+                raise ValueError(
+                    f"min_column {self.min_column} is beyond the corridor (its last start "
+                    f"column is {last})"
+                )
+            grid_env.agent_pos = np.array(
+                (int(grid_env.np_random.integers(self.min_column, last + 1)), y)
+            )
+            obs = grid_env.gen_obs()
+        return obs, info
+
+
+def _last_start_column(grid_env, row: int) -> int:
+    """The last column MemoryEnv may start the agent in on ``row``: its corridor runs east from
+    column 1 up to and including the junction (``hallway_end + 1``), one past the last start."""
+    x = 1
+    while x + 1 < grid_env.width and grid_env.grid.get(x + 1, row) is None:
+        x += 1
+    return x - 1
