@@ -46,10 +46,10 @@ def _start_direction(env: gym.Env, direction: int, probability: float) -> gym.En
     return StartDirection(env, direction, probability)
 
 
-def _min_start_column(env: gym.Env, min_column: int) -> gym.Env:
+def _min_start_column(env: gym.Env, min_column: int, probability: float = 1.0) -> gym.Env:
     from mnm_rl.envs.minigrid import MinStartColumn
 
-    return MinStartColumn(env, min_column)
+    return MinStartColumn(env, min_column, probability)
 
 
 #: Wrappers a preset can name, with what they do.

@@ -435,7 +435,7 @@ def test_min_start_column_moves_training_starts_away_from_the_cue():
     assert set(counts) == set(range(2, 7)) and min(counts.values()) > 80  # ~120 each of 600
     assert columns(training_env, seeds) == training  # seeded
     # starts east of column 1 are kept as MemoryEnv drew them
-    assert all(t == e for t, e in zip(training, evaluation) if e >= 2)
+    assert all(t == e for t, e in zip(training, evaluation, strict=True) if e >= 2)
     obs, _ = training_env.reset(seed=0)
     grid = training_env.unwrapped
     assert obs["direction"] == 0 and grid.grid.get(*grid.agent_pos) is None
@@ -446,3 +446,40 @@ def test_min_start_column_moves_training_starts_away_from_the_cue():
         columns(MinStartColumn(gym.make("MiniGrid-MemoryS7-v0", agent_view_size=3), 5), range(50))
     with pytest.raises(ValueError, match="at least 1"):
         MinStartColumn(gym.make("MiniGrid-MemoryS7-v0"), 0)
+    with pytest.raises(ValueError, match="probability must be"):
+        MinStartColumn(gym.make("MiniGrid-MemoryS7-v0"), 2, 1.5)
+
+
+def test_min_start_column_probability_keeps_a_share_of_the_starts():
+    """``probability`` moves only that share of the column-1 starts; the presets' order applies
+    ``start_direction`` after it, so some kept column-1 starts face east, next to the cue."""
+    from collections import Counter
+
+    from mnm_rl.env_factory import make_vec_env
+    from mnm_rl.envs.minigrid import MinStartColumn
+    from mnm_rl.presets import load_env_preset
+
+    def starts(env, seeds):
+        out = Counter()
+        for s in seeds:
+            obs, _ = env.reset(seed=s)
+            out[(int(env.unwrapped.agent_pos[0]), int(obs["direction"]))] += 1
+        return out
+
+    seeds = range(1200)
+    plain = gym.make("MiniGrid-MemoryS9-v0", agent_view_size=3)
+    in_column_1 = sum(n for (x, _), n in starts(plain, seeds).items() if x == 1)  # ~200
+    kept = starts(
+        MinStartColumn(gym.make("MiniGrid-MemoryS9-v0", agent_view_size=3), 2, 0.8), seeds
+    )
+    kept_1 = sum(n for (x, _), n in kept.items() if x == 1)
+    assert 0.1 * in_column_1 < kept_1 < 0.3 * in_column_1  # about a fifth stays
+    none = starts(
+        MinStartColumn(gym.make("MiniGrid-MemoryS9-v0", agent_view_size=3), 2, 0.0), seeds
+    )
+    assert none == starts(plain, seeds)
+
+    spec = load_env_preset("MiniGrid-MemoryS9-MostlyFarStart-Curriculum").spec()
+    training = starts(make_vec_env(spec, n_envs=1).envs[0], seeds)
+    assert training[(1, 0)] > 0 and training[(1, 2)] > 0  # column 1 facing east and west
+    assert sum(n for (x, _), n in training.items() if x == 1) < 0.3 * in_column_1

@@ -74,22 +74,30 @@ class MinStartColumn(gym.Wrapper):
     MemoryEnv draws the start column uniformly from the corridor, ``1 .. hallway_end``; from
     column 1 the cue is in view at the start (the agent stands next to it). This wrapper redraws
     a start west of ``min_column`` uniformly from ``min_column .. hallway_end``, so starts are
-    uniform over those columns and a policy can only see the cue by going back for it. Draws from
+    uniform over those columns and a policy can only see the cue by going back for it. With
+    ``probability`` < 1 only that share of such starts is moved (the rest stay, and train the
+    policy for them too). Draws from
     the env's own seeded generator, so a seeded reset gives the same start. Meant for
     ``train_wrappers`` (training only); wrap the MiniGrid env itself, before observation wrappers.
     """
 
-    def __init__(self, env: gym.Env, min_column: int):
+    def __init__(self, env: gym.Env, min_column: int, probability: float = 1.0):
         super().__init__(env)
         if min_column < 1:
             raise ValueError(f"min_column must be at least 1, got {min_column}")
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"probability must be in [0, 1], got {probability}")
         self.min_column = min_column
+        self.probability = probability
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
         grid_env = self.env.unwrapped
         x, y = (int(v) for v in grid_env.agent_pos)
-        if x < self.min_column:
+        # draws only for a start west of min_column, and nothing extra at probability 1
+        if x < self.min_column and (
+            self.probability >= 1.0 or grid_env.np_random.random() < self.probability
+        ):
             last = _last_start_column(grid_env, y)
             if last < self.min_column:
                 raise ValueError(
