@@ -76,9 +76,9 @@ class MinStartColumn(gym.Wrapper):
     a start west of ``min_column`` uniformly from ``min_column .. hallway_end``, so starts are
     uniform over those columns and a policy can only see the cue by going back for it. With
     ``probability`` < 1 only that share of such starts is moved (the rest stay, and train the
-    policy for them too). Draws from
-    the env's own seeded generator, so a seeded reset gives the same start. Meant for
-    ``train_wrappers`` (training only); wrap the MiniGrid env itself, before observation wrappers.
+    policy for them too). Draws from the env's own seeded generator, so a seeded reset gives the
+    same start. Meant for ``train_wrappers`` (training only); wrap the MiniGrid env itself,
+    before observation wrappers.
     """
 
     def __init__(self, env: gym.Env, min_column: int, probability: float = 1.0):
