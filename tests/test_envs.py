@@ -444,6 +444,8 @@ def test_min_start_column_moves_training_starts_away_from_the_cue():
     assert set(columns(small, range(50))) == {4}  # S7's last start column is 4
     with pytest.raises(ValueError, match="beyond the corridor"):
         columns(MinStartColumn(gym.make("MiniGrid-MemoryS7-v0", agent_view_size=3), 5), range(50))
+    with pytest.raises(ValueError, match="at most 4"):  # caught when built, before any reset
+        MinStartColumn(gym.make("MiniGrid-MemoryS7-v0", agent_view_size=3), 5)
     with pytest.raises(ValueError, match="at least 1"):
         MinStartColumn(gym.make("MiniGrid-MemoryS7-v0"), 0)
     with pytest.raises(ValueError, match="probability must be"):

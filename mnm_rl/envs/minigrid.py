@@ -54,8 +54,7 @@ class StartDirection(gym.Wrapper):
         super().__init__(env)
         if direction not in (0, 1, 2, 3):
             raise ValueError(f"direction must be 0, 1, 2 or 3, got {direction}")
-        if not 0.0 <= probability <= 1.0:
-            raise ValueError(f"probability must be in [0, 1], got {probability}")
+        _check_probability(probability)
         self.direction = direction
         self.probability = probability
 
@@ -85,8 +84,15 @@ class MinStartColumn(gym.Wrapper):
         super().__init__(env)
         if min_column < 1:
             raise ValueError(f"min_column must be at least 1, got {min_column}")
-        if not 0.0 <= probability <= 1.0:
-            raise ValueError(f"probability must be in [0, 1], got {probability}")
+        # MemoryEnv's corridor ends at hallway_end <= width - 3 (shorter with random_length):
+        # catch a column past it when the env is built, not at the first reset
+        width = getattr(env.unwrapped, "width", None)
+        if width is not None and min_column > width - 3:
+            raise ValueError(
+                f"min_column {min_column} is beyond the corridor (its last start column is at "
+                f"most {width - 3})"
+            )
+        _check_probability(probability)
         self.min_column = min_column
         self.probability = probability
 
@@ -109,6 +115,11 @@ class MinStartColumn(gym.Wrapper):
             )
             obs = grid_env.gen_obs()
         return obs, info
+
+
+def _check_probability(probability: float) -> None:
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"probability must be in [0, 1], got {probability}")
 
 
 def _last_start_column(grid_env, row: int) -> int:
