@@ -95,11 +95,16 @@ class EnvSpec(_Strict):
     #: ``wrappers``): a curriculum that changes how training episodes start. Evaluation never
     #: uses them.
     train_wrappers: list[WrapperConfig] = Field(default_factory=list)
+    #: The ``train_wrappers`` shape only the training episodes that start before this many env
+    #: steps of the run; later ones come from the task itself (``None``: the whole run).
+    train_wrappers_until: PositiveInt | None = None
     train_seeds: SeedRange = SeedRange(start=0, stop=100_000)
     eval_seeds: SeedRange = SeedRange(start=100_000, stop=200_000)
 
     @model_validator(mode="after")
     def _disjoint_seeds(self) -> EnvSpec:
+        if self.train_wrappers_until is not None and not self.train_wrappers:
+            raise ValueError("train_wrappers_until is set but there are no train_wrappers")
         if self.train_seeds.overlaps(self.eval_seeds):
             raise ValueError(
                 f"train_seeds [{self.train_seeds.start}, {self.train_seeds.stop}) and eval_seeds "

@@ -157,7 +157,15 @@ def make_env(
         kwargs["render_mode"] = render_mode
     try:
         env = gym.make(spec.id, **kwargs)
-        for wrapper in [*spec.train_wrappers, *spec.wrappers] if training else spec.wrappers:
+        if training and spec.train_wrappers:
+            plain = env
+            for wrapper in spec.train_wrappers:
+                env = _wrapper(wrapper)(env, **wrapper.kwargs)
+            if spec.train_wrappers_until is not None:
+                from mnm_rl.wrappers import TrainWrapperGate
+
+                env = TrainWrapperGate(env, plain)
+        for wrapper in spec.wrappers:
             env = _wrapper(wrapper)(env, **wrapper.kwargs)
     except ConfigError:
         raise
@@ -169,6 +177,23 @@ def make_env(
 
         env = Monitor(env)
     return env
+
+
+def end_train_wrappers(vec_env) -> int:
+    """Switch off the ``train_wrappers`` of every env of a ``DummyVecEnv`` built by
+    :func:`make_vec_env` from a spec with ``train_wrappers_until``: each env's next episode and
+    all later ones come from the task itself. Returns how many envs were switched."""
+    from mnm_rl.wrappers import TrainWrapperGate
+
+    switched = 0
+    for env in vec_env.envs:
+        while isinstance(env, gym.Wrapper):
+            if isinstance(env, TrainWrapperGate):
+                env.enabled = False
+                switched += 1
+                break
+            env = env.env
+    return switched
 
 
 def train_base_seed(spec: EnvSpec, run_seed: int, n_envs: int, num_timesteps: int = 0) -> int:
@@ -203,6 +228,7 @@ def make_vec_env(spec: EnvSpec, n_envs: int, seed: int | None = None):
 
 __all__ = [
     "WRAPPERS",
+    "end_train_wrappers",
     "make_env",
     "make_vec_env",
     "registered_ids",

@@ -17,7 +17,7 @@ from stable_baselines3.common.logger import configure
 
 from mnm_rl.agent import MemoryPPO, NonFiniteError
 from mnm_rl.config import ConfigError, RunConfig
-from mnm_rl.env_factory import make_vec_env, train_base_seed
+from mnm_rl.env_factory import end_train_wrappers, make_vec_env, train_base_seed
 from mnm_rl.runs import (
     MODEL_FILE,
     TB_DIR,
@@ -172,6 +172,33 @@ class PeriodicEval(BaseCallback):
             self._evaluate()
 
 
+class EndTrainWrappers(BaseCallback):
+    """Switch the training envs' ``train_wrappers`` off once the run reaches ``until`` env steps
+    (at the start of training if a resumed run is already past it); logs
+    ``train/train_wrappers`` (1 while they apply, 0 after)."""
+
+    def __init__(self, until: int):
+        super().__init__()
+        self.until = until
+        self.ended = False
+
+    def _on_training_start(self) -> None:
+        self._check()
+
+    def _on_step(self) -> bool:
+        self._check()
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.logger.record("train/train_wrappers", 0 if self.ended else 1)
+
+    def _check(self) -> None:
+        if not self.ended and self.model.num_timesteps >= self.until:
+            if end_train_wrappers(self.model.get_env()) == 0:
+                raise RuntimeError("train_wrappers_until is set but no training env has a gate")
+            self.ended = True
+
+
 def build_model(config: RunConfig, env) -> MemoryPPO:
     """A fresh :class:`MemoryPPO` for ``config`` on ``env``."""
     try:
@@ -239,6 +266,8 @@ def train_run(
                 config.env, train.eval_every, train.eval_every_episodes, train.eval_deterministic
             )
         )
+    if config.env.train_wrappers_until is not None:
+        callbacks.append(EndTrainWrappers(config.env.train_wrappers_until))
     if progress:
         callbacks.append(ProgressBar(train.timesteps))
     try:
@@ -267,6 +296,7 @@ def _last_good(run_dir: Path) -> str:
 
 
 __all__ = [
+    "EndTrainWrappers",
     "PeriodicCheckpoint",
     "StopOnRequest",
     "TrainingFault",

@@ -43,3 +43,26 @@ class ActionSubset(gym.ActionWrapper):
 
     def action(self, action) -> int:
         return self.actions[int(action)]
+
+
+class TrainWrapperGate(gym.Wrapper):
+    """Switch a training curriculum off between episodes.
+
+    ``curriculum`` is the env with the preset's ``train_wrappers``; ``plain`` is the same env
+    without them (the env they wrap). While :attr:`enabled`, episodes run through the
+    curriculum; once it is cleared, the next reset and every episode after it go to the plain
+    env. An episode already under way finishes as it started.
+    """
+
+    def __init__(self, curriculum: gym.Env, plain: gym.Env):
+        super().__init__(curriculum)
+        self.plain = plain
+        self.enabled = True
+        self._active = curriculum
+
+    def reset(self, **kwargs):
+        self._active = self.env if self.enabled else self.plain
+        return self._active.reset(**kwargs)
+
+    def step(self, action):
+        return self._active.step(action)

@@ -225,6 +225,10 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list, str]]:
         (["train", "--n-envs", "0"], "--n-envs: must be a positive integer"),
         (["train", "--env", "DelayedCueRecall", "--device", "bogus"], "--device"),
         (["train", "--env", "DelayedCueRecall", "--set", "env.kwargs.n_cues=1"], "n_cues"),
+        (
+            ["train", "--env", "DelayedCueRecall", "--set", "env.train_wrappers_until=100"],
+            "no train_wrappers",
+        ),
         (["train", "--resume", tmp / "missing"], "does not exist"),
         (["train", "--resume", run, "--agent", "lstm"], "--agent cannot change"),
         (["eval", tmp / "missing"], "does not exist"),
@@ -251,6 +255,32 @@ def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, tmp_path: Path):
         assert expected in lines[0], where
         assert "Traceback" not in result.stderr + result.stdout, where
     assert not (tmp_path / "runs").exists()  # no run folder is created for bad input
+
+
+def test_train_wrappers_until_ends_the_curriculum_at_that_step(tmp_path: Path):
+    """``env.train_wrappers_until``: the curriculum shapes the rollouts before that env step and
+    not after (``train/train_wrappers`` 1, then 0); a run resumed past it trains without it."""
+    from mnm_rl.plotting import read_scalars
+
+    run = tmp_path / "run"
+    curriculum = [
+        "--env",
+        "MiniGrid-MemoryS9-FarStart-Curriculum",
+        *TINY_AGENT,
+        *sets("env.train_wrappers_until=384", "train.eval_episodes=0"),
+        "--run-dir",
+        run,
+    ]
+    ok(mnm_rl("train", *curriculum, "--timesteps", "640", cwd=tmp_path))
+    steps, active = read_scalars(run / "tb", "train/train_wrappers")
+    # logged at the end of each 128-step rollout: switched off when step 384 is reached
+    assert [int(s) for s in steps] == [128, 256, 384, 512, 640]
+    assert [int(a) for a in active] == [1, 1, 0, 0, 0]
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["env"]["train_wrappers_until"] == 384
+    ok(mnm_rl("train", "--resume", run, "--timesteps", "896", "--no-progress", cwd=tmp_path))
+    steps, active = read_scalars(run / "tb", "train/train_wrappers")
+    assert [int(s) for s in steps][-2:] == [768, 896] and [int(a) for a in active][-2:] == [0, 0]
 
 
 @pytest.mark.parametrize("script", ["evaluate_run.py", "step_by_hand.py"])

@@ -485,3 +485,39 @@ def test_min_start_column_probability_keeps_a_share_of_the_starts():
     training = starts(make_vec_env(spec, n_envs=1).envs[0], seeds)
     assert training[(1, 0)] > 0 and training[(1, 2)] > 0  # column 1 facing east and west
     assert sum(n for (x, _), n in training.items() if x == 1) < 0.3 * in_column_1
+
+
+def test_train_wrappers_until_switches_the_curriculum_off_between_episodes():
+    """With ``train_wrappers_until`` the training envs get a gate: ``end_train_wrappers`` sends
+    every later episode to the plain task (the same starts as evaluation for the same seeds),
+    and an episode under way finishes first. Without it there is no gate to switch."""
+    from mnm_rl.config import EnvSpec
+    from mnm_rl.env_factory import end_train_wrappers, make_env, make_vec_env
+    from mnm_rl.presets import load_env_preset
+
+    spec = load_env_preset("MiniGrid-MemoryS9-FarStart-Curriculum-800k").spec()
+    assert spec.train_wrappers_until == 800_000
+    plain = make_env(load_env_preset("MiniGrid-MemoryS9").spec())
+
+    def starts(env, seeds):
+        out = []
+        for s in seeds:
+            obs, _ = env.reset(seed=s)
+            out.append((int(env.unwrapped.agent_pos[0]), int(obs["direction"])))
+        return out
+
+    seeds = range(300)
+    vec_env = make_vec_env(spec, n_envs=2)
+    training = starts(vec_env.envs[0], seeds)
+    assert min(x for x, _ in training) == 2 and {d for _, d in training} == {0, 2}
+    vec_env.envs[1].reset(seed=7)
+    assert end_train_wrappers(vec_env) == 2
+    vec_env.envs[1].step(2)  # the episode under way goes on
+    assert starts(vec_env.envs[0], seeds) == starts(plain, seeds)
+    assert {x for x, _ in starts(vec_env.envs[1], seeds)} == set(range(1, 7))
+    # no until, no gate: the curriculum stays for the whole run
+    always = make_vec_env(load_env_preset("MiniGrid-MemoryS9-FarStart-Curriculum").spec(), 1)
+    assert end_train_wrappers(always) == 0
+    assert min(x for x, _ in starts(always.envs[0], seeds)) == 2
+    with pytest.raises(ValueError, match="no train_wrappers"):
+        EnvSpec(name="x", id="MiniGrid-MemoryS9-v0", train_wrappers_until=10)
