@@ -186,6 +186,9 @@ class PolicyConfig(_Strict):
     grid_pooling: bool = False
     shared_core: bool = True
     net_arch: list[PositiveInt] = Field(default_factory=lambda: [64])
+    #: Learning rate of the core's memory parameters (MNM: the interaction and the fast-weight
+    #: memory) relative to the rest of the policy.
+    memory_lr_scale: PositiveFloat = 1.0
 
 
 class PPOConfig(_Strict):

@@ -284,3 +284,41 @@ def test_entropy_bonus_follows_its_schedule(tmp_path):
     assert constant.model_kwargs()["ent_coef"] == 0.03
     with pytest.raises(ValueError, match="ent_coef_fraction needs ent_coef_final"):
         AgentPreset.model_validate({"name": "z", "core": "gru", "ppo": {"ent_coef_fraction": 0.5}})
+
+
+def test_memory_lr_scale_gives_the_memory_its_own_learning_rate(tmp_path):
+    """``memory_lr_scale``: the MNM core's interaction and fast-weight parameters form a second
+    optimizer group whose learning rate stays that multiple of the scheduled one through
+    updates and save/load; the rest of the policy keeps the full rate. A core without a memory
+    keeps one group, and a non-positive scale is refused."""
+    from mnm_rl.config import AgentPreset
+
+    model = small_model(
+        "mnm-p",
+        learning_rate=lambda progress: 1e-3 * progress,
+        policy_kwargs=dict(core_kwargs=dict(hidden_size=16), features_dim=16, memory_lr_scale=0.25),
+    )
+    rest, memory = model.policy.optimizer.param_groups
+    core = model.policy.core
+    expected = {
+        id(p) for m in (core.interaction, core.beta_gate, core.memory) for p in m.parameters()
+    }
+    assert {id(p) for p in memory["params"]} == expected
+    assert len(rest["params"]) + len(memory["params"]) == len(list(model.policy.parameters()))
+    before = [p.detach().clone() for p in memory["params"]]
+    model.learn(48 * 2)
+    progress = model._current_progress_remaining
+    assert rest["lr"] == pytest.approx(1e-3 * progress)
+    assert memory["lr"] == pytest.approx(0.25e-3 * progress)
+    assert any(not torch.equal(b, p) for b, p in zip(before, memory["params"], strict=True))
+    model.save(tmp_path / "model.zip")
+    loaded = MemoryPPO.load(tmp_path / "model.zip", device="cpu")
+    assert [g["lr_scale"] for g in loaded.policy.optimizer.param_groups] == [1.0, 0.25]
+    gru = small_model("gru", policy_kwargs=dict(features_dim=16, memory_lr_scale=0.25))
+    assert len(gru.policy.optimizer.param_groups) == 1
+    with pytest.raises(ValueError, match="memory_lr_scale must be positive"):
+        small_model("mnm-p", policy_kwargs=dict(memory_lr_scale=0.0))
+    preset = AgentPreset.model_validate(
+        {"name": "x", "core": "mnm-p", "policy": {"memory_lr_scale": 0.3}}
+    )
+    assert preset.model_kwargs()["policy_kwargs"]["memory_lr_scale"] == 0.3

@@ -58,6 +58,10 @@ class RecurrentMemoryPolicy(BasePolicy):
         shared_core: one core for actor and critic (default); otherwise the critic has its own,
             whose state entries are prefixed ``"critic/"``.
         net_arch: hidden widths of the policy and value heads.
+        memory_lr_scale: the learning rate of the core's memory parameters
+            (:meth:`RecurrentCore.memory_parameters`: for MNM the interaction and the fast-weight
+            memory) relative to the rest; they form their own optimizer group, whose ``lr_scale``
+            :class:`MemoryPPO` applies to the scheduled learning rate.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class RecurrentMemoryPolicy(BasePolicy):
         grid_pooling: bool = False,
         shared_core: bool = True,
         net_arch: tuple[int, ...] | list[int] = (64,),
+        memory_lr_scale: float = 1.0,
         activation_fn: type[nn.Module] = nn.Tanh,
         ortho_init: bool = True,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.Adam,
@@ -79,6 +84,8 @@ class RecurrentMemoryPolicy(BasePolicy):
         use_sde: bool = False,
     ):
         check_action_space(action_space)
+        if not memory_lr_scale > 0:
+            raise ValueError(f"memory_lr_scale must be positive, got {memory_lr_scale}")
         if use_sde:
             raise ValueError("gSDE (use_sde=True) needs continuous actions; not supported")
         if optimizer_kwargs is None:
@@ -107,6 +114,7 @@ class RecurrentMemoryPolicy(BasePolicy):
         self.grid_pooling = grid_pooling
         self.shared_core = shared_core
         self.net_arch = tuple(net_arch)
+        self.memory_lr_scale = memory_lr_scale
         self.activation_fn = activation_fn
         self.ortho_init = ortho_init
 
@@ -127,8 +135,25 @@ class RecurrentMemoryPolicy(BasePolicy):
                         nn.init.zeros_(layer.bias)
                 nn.init.orthogonal_(head[-1].weight, gain)
         self.optimizer = self.optimizer_class(
-            self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
+            self._parameter_groups(), lr=lr_schedule(1), **self.optimizer_kwargs
         )
+        if memory_lr_scale != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= group["lr_scale"]
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """One optimizer group, or two when ``memory_lr_scale`` is not 1: the cores' memory
+        parameters (``lr_scale`` = ``memory_lr_scale``) and the rest (``lr_scale`` 1)."""
+        if self.memory_lr_scale == 1.0:
+            return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+        cores = [self.core] if self.critic_core is None else [self.core, self.critic_core]
+        memory = [p for core in cores for p in core.memory_parameters()]
+        ids = {id(p) for p in memory}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        groups = [{"params": rest, "lr_scale": 1.0}]
+        if memory:
+            groups.append({"params": memory, "lr_scale": self.memory_lr_scale})
+        return groups
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -140,6 +165,7 @@ class RecurrentMemoryPolicy(BasePolicy):
             grid_pooling=self.grid_pooling,
             shared_core=self.shared_core,
             net_arch=self.net_arch,
+            memory_lr_scale=self.memory_lr_scale,
             activation_fn=self.activation_fn,
             ortho_init=self.ortho_init,
             optimizer_class=self.optimizer_class,

@@ -290,6 +290,15 @@ class MemoryPPO(OnPolicyAlgorithm):
         rewards[truncated] += self.gamma * values[0].cpu().numpy()
         return rewards
 
+    def _update_learning_rate(self, optimizers) -> None:
+        """The scheduled learning rate, times each optimizer group's ``lr_scale`` (the policy's
+        ``memory_lr_scale`` for the memory's parameters, 1 for the rest)."""
+        lr = self.lr_schedule(self._current_progress_remaining)
+        self.logger.record("train/learning_rate", lr)
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+
     # ---------------------------------------------------------------------------------- train
     def train(self) -> None:
         self.policy.set_training_mode(True)

@@ -48,6 +48,11 @@ class RecurrentCore(nn.Module, ABC):
             :data:`AUX_KEYS` to ``[T, B]`` tensors (empty for cores without external memory).
         """
 
+    def memory_parameters(self) -> list[nn.Parameter]:
+        """The parameters that decide how an external memory is written and read (empty for
+        cores without one); an optimizer may give them their own learning rate."""
+        return []
+
     def _check_inputs(self, x: Tensor, state: CoreState, episode_starts: Tensor) -> None:
         if x.dim() != 3 or x.shape[-1] != self.input_size:
             raise ValueError(f"x must be [T, B, {self.input_size}], got {tuple(x.shape)}")

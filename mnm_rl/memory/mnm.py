@@ -117,6 +117,12 @@ class MNMCore(RecurrentCore):
             }
         )
 
+    def memory_parameters(self) -> list[nn.Parameter]:
+        """The interaction (keys, values, write strength: ``W_v``, ``U``, ``W_beta``) and the
+        fast-weight memory's own parameters (initial weights, learned targets)."""
+        modules = [self.interaction, self.input_interaction, self.beta_gate, self.memory]
+        return [p for m in modules if m is not None for p in m.parameters()]
+
     @property
     def interaction_input(self) -> bool:
         return self.input_interaction is not None
