@@ -135,25 +135,23 @@ class RecurrentMemoryPolicy(BasePolicy):
                         nn.init.zeros_(layer.bias)
                 nn.init.orthogonal_(head[-1].weight, gain)
         self.optimizer = self.optimizer_class(
-            self._parameter_groups(), lr=lr_schedule(1), **self.optimizer_kwargs
+            self._parameter_groups(lr_schedule(1)), **self.optimizer_kwargs
         )
-        if memory_lr_scale != 1.0:
-            for group in self.optimizer.param_groups:
-                group["lr"] *= group["lr_scale"]
 
-    def _parameter_groups(self) -> list[dict[str, Any]]:
+    def _parameter_groups(self, lr: float) -> list[dict[str, Any]]:
         """One optimizer group, or two when ``memory_lr_scale`` is not 1: the cores' memory
-        parameters (``lr_scale`` = ``memory_lr_scale``) and the rest (``lr_scale`` 1)."""
+        parameters (``lr_scale`` = ``memory_lr_scale``) and the rest (``lr_scale`` 1); each
+        group's ``lr`` is ``lr * lr_scale``."""
         if self.memory_lr_scale == 1.0:
-            return [{"params": list(self.parameters()), "lr_scale": 1.0}]
-        cores = [self.core] if self.critic_core is None else [self.core, self.critic_core]
-        memory = [p for core in cores for p in core.memory_parameters()]
-        ids = {id(p) for p in memory}
-        rest = [p for p in self.parameters() if id(p) not in ids]
-        groups = [{"params": rest, "lr_scale": 1.0}]
-        if memory:
-            groups.append({"params": memory, "lr_scale": self.memory_lr_scale})
-        return groups
+            groups = [(list(self.parameters()), 1.0)]
+        else:
+            cores = [self.core] if self.critic_core is None else [self.core, self.critic_core]
+            memory = [p for core in cores for p in core.memory_parameters()]
+            ids = {id(p) for p in memory}
+            groups = [([p for p in self.parameters() if id(p) not in ids], 1.0)]
+            if memory:
+                groups.append((memory, self.memory_lr_scale))
+        return [{"params": ps, "lr": lr * scale, "lr_scale": scale} for ps, scale in groups]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()

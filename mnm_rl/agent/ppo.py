@@ -293,11 +293,10 @@ class MemoryPPO(OnPolicyAlgorithm):
     def _update_learning_rate(self, optimizers) -> None:
         """The scheduled learning rate, times each optimizer group's ``lr_scale`` (the policy's
         ``memory_lr_scale`` for the memory's parameters, 1 for the rest)."""
-        lr = self.lr_schedule(self._current_progress_remaining)
-        self.logger.record("train/learning_rate", lr)
+        super()._update_learning_rate(optimizers)  # logs it and sets every group's lr to it
         for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
             for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+                group["lr"] *= group.get("lr_scale", 1.0)
 
     # ---------------------------------------------------------------------------------- train
     def train(self) -> None:
