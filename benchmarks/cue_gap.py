@@ -32,7 +32,12 @@ from mnm_rl.runs import load_config, resolve_model
 
 
 def cue_gaps(
-    run: Path, episodes: int, deterministic: bool, seed: int, training_env: bool, env_name: str | None
+    run: Path,
+    episodes: int,
+    deterministic: bool,
+    seed: int,
+    training_env: bool,
+    env_name: str | None,
 ) -> dict[str, np.ndarray]:
     """Per episode: the gap from the first cue sighting to the last step (-1 if never seen),
     the episode length and whether it succeeded."""
