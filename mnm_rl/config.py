@@ -98,13 +98,25 @@ class EnvSpec(_Strict):
     #: The ``train_wrappers`` shape only the training episodes that start before this many env
     #: steps of the run; later ones come from the task itself (``None``: the whole run).
     train_wrappers_until: PositiveInt | None = None
+    #: End the ``train_wrappers`` earlier, once at least this share of the last
+    #: ``train_wrappers_window`` finished training episodes succeeded (a positive final reward),
+    #: or at ``train_wrappers_until``, whichever comes first (``None``: by env step only).
+    train_wrappers_until_success: float | None = Field(None, gt=0, le=1)
+    train_wrappers_window: PositiveInt = 100
     train_seeds: SeedRange = SeedRange(start=0, stop=100_000)
     eval_seeds: SeedRange = SeedRange(start=100_000, stop=200_000)
 
+    @property
+    def train_wrappers_end(self) -> bool:
+        """Whether the ``train_wrappers`` end during the run (by env step or by success)."""
+        ends = (self.train_wrappers_until, self.train_wrappers_until_success)
+        return any(end is not None for end in ends)
+
     @model_validator(mode="after")
     def _disjoint_seeds(self) -> EnvSpec:
-        if self.train_wrappers_until is not None and not self.train_wrappers:
-            raise ValueError("train_wrappers_until is set but there are no train_wrappers")
+        for name in ("train_wrappers_until", "train_wrappers_until_success"):
+            if getattr(self, name) is not None and not self.train_wrappers:
+                raise ValueError(f"{name} is set but there are no train_wrappers")
         if self.train_seeds.overlaps(self.eval_seeds):
             raise ValueError(
                 f"train_seeds [{self.train_seeds.start}, {self.train_seeds.stop}) and eval_seeds "

@@ -161,7 +161,7 @@ def make_env(
             plain = env
             for wrapper in spec.train_wrappers:
                 env = _wrapper(wrapper)(env, **wrapper.kwargs)
-            if spec.train_wrappers_until is not None:
+            if spec.train_wrappers_end:
                 from mnm_rl.wrappers import TrainWrapperGate
 
                 env = TrainWrapperGate(env, plain)
@@ -181,7 +181,8 @@ def make_env(
 
 def end_train_wrappers(vec_env) -> int:
     """Switch off the ``train_wrappers`` of every env of a ``DummyVecEnv`` built by
-    :func:`make_vec_env` from a spec with ``train_wrappers_until``: each env's next episode and
+    :func:`make_vec_env` from a spec whose curriculum ends (``train_wrappers_until`` or
+    ``train_wrappers_until_success``): each env's next episode and
     all later ones come from the task itself. Returns how many envs were switched."""
     from mnm_rl.wrappers import TrainWrapperGate
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -173,19 +174,33 @@ class PeriodicEval(BaseCallback):
 
 
 class EndTrainWrappers(BaseCallback):
-    """Switch the training envs' ``train_wrappers`` off once the run reaches ``until`` env steps
-    (at the start of training if a resumed run is already past it); logs
-    ``train/train_wrappers`` (1 while they apply, 0 after)."""
+    """Switch the training envs' ``train_wrappers`` off once the run reaches ``until`` env steps,
+    or once at least ``until_success`` of the last ``window`` finished training episodes
+    succeeded (a positive final reward), whichever comes first. A run resumed from a checkpoint
+    saved after the switch, or already past ``until``, trains without them from the start.
+    Records the switch in ``model.train_wrappers_ended_at`` and logs ``train/train_wrappers``
+    (1 while they apply, 0 after)."""
 
-    def __init__(self, until: int):
+    def __init__(
+        self, until: int | None = None, until_success: float | None = None, window: int = 100
+    ):
         super().__init__()
-        self.until = until
+        if until is None and until_success is None:
+            raise ValueError("EndTrainWrappers needs until, until_success or both")
+        self.until, self.until_success = until, until_success
+        self.outcomes: deque[bool] = deque(maxlen=window)
         self.ended = False
 
     def _on_training_start(self) -> None:
+        if self.model.train_wrappers_ended_at is not None:
+            self._end()
         self._check()
 
     def _on_step(self) -> bool:
+        if not self.ended and self.until_success is not None:
+            # the step's outcome as collect_rollouts sees it, before any bootstrap of timeouts
+            dones, rewards = self.locals["dones_np"], self.locals["rewards"]
+            self.outcomes.extend((rewards[np.flatnonzero(dones)] > 0).tolist())
         self._check()
         return True
 
@@ -193,10 +208,22 @@ class EndTrainWrappers(BaseCallback):
         self.logger.record("train/train_wrappers", 0 if self.ended else 1)
 
     def _check(self) -> None:
-        if not self.ended and self.model.num_timesteps >= self.until:
-            if end_train_wrappers(self.model.get_env()) == 0:
-                raise RuntimeError("train_wrappers_until is set but no training env has a gate")
-            self.ended = True
+        if self.ended:
+            return
+        by_steps = self.until is not None and self.model.num_timesteps >= self.until
+        by_success = (
+            self.until_success is not None
+            and len(self.outcomes) == self.outcomes.maxlen
+            and sum(self.outcomes) >= self.until_success * len(self.outcomes)
+        )
+        if by_steps or by_success:
+            self._end()
+            self.model.train_wrappers_ended_at = self.model.num_timesteps
+
+    def _end(self) -> None:
+        if end_train_wrappers(self.model.get_env()) == 0:
+            raise RuntimeError("the curriculum is set to end but no training env has a gate")
+        self.ended = True
 
 
 def build_model(config: RunConfig, env) -> MemoryPPO:
@@ -266,8 +293,14 @@ def train_run(
                 config.env, train.eval_every, train.eval_every_episodes, train.eval_deterministic
             )
         )
-    if config.env.train_wrappers_until is not None:
-        callbacks.append(EndTrainWrappers(config.env.train_wrappers_until))
+    if config.env.train_wrappers_end:
+        callbacks.append(
+            EndTrainWrappers(
+                config.env.train_wrappers_until,
+                config.env.train_wrappers_until_success,
+                config.env.train_wrappers_window,
+            )
+        )
     if progress:
         callbacks.append(ProgressBar(train.timesteps))
     try:

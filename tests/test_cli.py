@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -278,6 +279,38 @@ def test_train_wrappers_until_ends_the_curriculum_at_that_step(tmp_path: Path):
     assert [int(a) for a in active] == [1, 1, 0, 0, 0]
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["env"]["train_wrappers_until"] == 384
+    ok(mnm_rl("train", "--resume", run, "--timesteps", "896", "--no-progress", cwd=tmp_path))
+    steps, active = read_scalars(run / "tb", "train/train_wrappers")
+    assert [int(s) for s in steps][-2:] == [768, 896] and [int(a) for a in active][-2:] == [0, 0]
+
+
+def test_train_wrappers_until_success_is_saved_and_kept_on_resume(tmp_path: Path):
+    """``env.train_wrappers_until_success``: the curriculum ends in the rollout where the
+    training episodes first reach the threshold (here: one success in a window of one); the
+    step is saved with the model, and a resumed run trains without the curriculum."""
+    from mnm_rl.plotting import read_scalars
+
+    run = tmp_path / "run"
+    args = [
+        "--env",
+        "MiniGrid-MemoryS9-WestStart-Curriculum-Solved",
+        *TINY_AGENT,
+        *sets(
+            "env.train_wrappers_until_success=0.01",
+            "env.train_wrappers_window=1",
+            "train.eval_episodes=0",
+        ),
+        "--run-dir",
+        run,
+    ]
+    ok(mnm_rl("train", *args, "--timesteps", "640", cwd=tmp_path))
+    steps, active = read_scalars(run / "tb", "train/train_wrappers")
+    _, success = read_scalars(run / "tb", "rollout/success_rate")
+    first_success = int(np.flatnonzero(success > 0)[0])
+    assert [int(a) for a in active] == [1] * first_success + [0] * (len(steps) - first_success)
+    with zipfile.ZipFile(run / "model.zip") as archive:
+        ended_at = json.loads(archive.read("data"))["train_wrappers_ended_at"]
+    assert steps[first_success] - 128 < ended_at <= steps[first_success]
     ok(mnm_rl("train", "--resume", run, "--timesteps", "896", "--no-progress", cwd=tmp_path))
     steps, active = read_scalars(run / "tb", "train/train_wrappers")
     assert [int(s) for s in steps][-2:] == [768, 896] and [int(a) for a in active][-2:] == [0, 0]

@@ -521,3 +521,83 @@ def test_train_wrappers_until_switches_the_curriculum_off_between_episodes():
     assert min(x for x, _ in starts(always.envs[0], seeds)) == 2
     with pytest.raises(ValueError, match="no train_wrappers"):
         EnvSpec(name="x", id="MiniGrid-MemoryS9-v0", train_wrappers_until=10)
+
+
+class _StubModel:
+    """What :class:`mnm_rl.training.EndTrainWrappers` uses of a model: its env, its step count,
+    its logger and the saved switch step."""
+
+    def __init__(self, vec_env, ended_at: int | None = None):
+        from stable_baselines3.common.logger import Logger
+
+        self.vec_env, self.num_timesteps, self.train_wrappers_ended_at = vec_env, 0, ended_at
+        self.logger = Logger(folder=None, output_formats=[])
+
+    def get_env(self):
+        return self.vec_env
+
+
+def _gates(vec_env) -> list[bool]:
+    from mnm_rl.wrappers import TrainWrapperGate
+
+    out = []
+    for env in vec_env.envs:
+        while not isinstance(env, TrainWrapperGate):
+            env = env.env
+        out.append(env.enabled)
+    return out
+
+
+def test_train_wrappers_end_once_the_training_episodes_succeed():
+    """``train_wrappers_until_success``: the curriculum ends once the share of successes among
+    the last ``train_wrappers_window`` finished training episodes reaches the threshold (not
+    before the window is full), at ``until`` steps if that comes first, and at once for a model
+    saved after the switch."""
+    from mnm_rl.config import EnvSpec
+    from mnm_rl.env_factory import make_vec_env
+    from mnm_rl.presets import load_env_preset
+    from mnm_rl.training import EndTrainWrappers
+
+    spec = load_env_preset("MiniGrid-MemoryS9-WestStart-Curriculum-Solved").spec()
+    assert (spec.train_wrappers_until_success, spec.train_wrappers_window) == (0.9, 100)
+    model = _StubModel(make_vec_env(spec, n_envs=2))
+    callback = EndTrainWrappers(until_success=0.5, window=4)
+    callback.init_callback(model)
+    callback.on_training_start({}, {})
+    # env 0 finishes an episode at every step: success, then failures, then successes
+    for step, success in enumerate([1, 0, 0, 0, 1, 1], start=1):
+        model.num_timesteps = 2 * step
+        callback.update_locals(
+            {"dones_np": np.array([True, False]), "rewards": np.array([success, 0.0])}
+        )
+        callback.on_step()
+        # window [1,0,0] not full; [1,0,0,0] and [0,0,0,1] at 1/4; [0,0,1,1] at 2/4: switch
+        assert _gates(model.vec_env) == ([False, False] if step == 6 else [True, True]), step
+    assert model.train_wrappers_ended_at == 12
+    # by env steps, whichever comes first
+    model = _StubModel(make_vec_env(spec, n_envs=1))
+    callback = EndTrainWrappers(until=10, until_success=0.9, window=100)
+    callback.init_callback(model)
+    callback.on_training_start({}, {})
+    for steps, enabled in [(9, True), (10, False)]:
+        model.num_timesteps = steps
+        callback.update_locals({"dones_np": np.array([False]), "rewards": np.array([0.0])})
+        callback.on_step()
+        assert _gates(model.vec_env) == [enabled]
+    assert model.train_wrappers_ended_at == 10
+    # a model saved after the switch (a resumed run) trains without the curriculum from the start
+    model = _StubModel(make_vec_env(spec, n_envs=1), ended_at=5000)
+    callback = EndTrainWrappers(until_success=0.9)
+    callback.init_callback(model)
+    callback.on_training_start({}, {})
+    assert _gates(model.vec_env) == [False]
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="train_wrappers_until_success"):
+            EnvSpec(
+                name="x",
+                id="MiniGrid-MemoryS9-v0",
+                train_wrappers=spec.train_wrappers,
+                train_wrappers_until_success=bad,
+            )
+    with pytest.raises(ValueError, match="train_wrappers_until_success is set but there are no"):
+        EnvSpec(name="x", id="MiniGrid-MemoryS9-v0", train_wrappers_until_success=0.9)

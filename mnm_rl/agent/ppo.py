@@ -136,6 +136,10 @@ class MemoryPPO(OnPolicyAlgorithm):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
         self.nonfinite_skips = 0
+        #: The env step at which the training envs' curriculum was switched off (``None``: not
+        #: switched off). Set by the training loop; saved with the model, so that a run resumed
+        #: from a checkpoint keeps training without it.
+        self.train_wrappers_ended_at: int | None = None
         self._last_state: CoreState | None = None
         if getattr(self, "action_space", None) is not None:
             check_action_space(self.action_space)
