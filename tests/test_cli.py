@@ -18,6 +18,8 @@ import pytest
 import torch
 import yaml
 
+from mnm_rl.plotting import read_scalars
+
 SCRIPT = Path(sys.executable).with_name("mnm-rl")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "mnm_rl"]
 
@@ -82,8 +84,6 @@ def optimizer_step(model_zip: Path) -> float:
 
 
 def tb_steps(run_dir: Path, tag: str = "rollout/success_rate") -> list[int]:
-    from mnm_rl.plotting import read_scalars
-
     steps, _ = read_scalars(run_dir / "tb", tag)
     return [int(s) for s in steps]
 
@@ -258,52 +258,45 @@ def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, tmp_path: Path):
     assert not (tmp_path / "runs").exists()  # no run folder is created for bad input
 
 
+def _train_with_curriculum(tmp_path: Path, env: str, *overrides: str) -> Path:
+    """A tiny 640-step run (5 rollouts of 128 env steps) on a curriculum preset."""
+    run = tmp_path / "run"
+    args = ["--env", env, *TINY_AGENT, *sets(*overrides, "train.eval_episodes=0")]
+    ok(mnm_rl("train", *args, "--run-dir", run, "--timesteps", "640", cwd=tmp_path))
+    return run
+
+
+def _assert_resumed_without_curriculum(run: Path, tmp_path: Path) -> None:
+    ok(mnm_rl("train", "--resume", run, "--timesteps", "896", "--no-progress", cwd=tmp_path))
+    steps, active = read_scalars(run / "tb", "train/train_wrappers")
+    assert [int(s) for s in steps][-2:] == [768, 896] and [int(a) for a in active][-2:] == [0, 0]
+
+
 def test_train_wrappers_until_ends_the_curriculum_at_that_step(tmp_path: Path):
     """``env.train_wrappers_until``: the curriculum shapes the rollouts before that env step and
     not after (``train/train_wrappers`` 1, then 0); a run resumed past it trains without it."""
-    from mnm_rl.plotting import read_scalars
-
-    run = tmp_path / "run"
-    curriculum = [
-        "--env",
-        "MiniGrid-MemoryS9-FarStart-Curriculum",
-        *TINY_AGENT,
-        *sets("env.train_wrappers_until=384", "train.eval_episodes=0"),
-        "--run-dir",
-        run,
-    ]
-    ok(mnm_rl("train", *curriculum, "--timesteps", "640", cwd=tmp_path))
+    run = _train_with_curriculum(
+        tmp_path, "MiniGrid-MemoryS9-FarStart-Curriculum", "env.train_wrappers_until=384"
+    )
     steps, active = read_scalars(run / "tb", "train/train_wrappers")
     # logged at the end of each 128-step rollout: switched off when step 384 is reached
     assert [int(s) for s in steps] == [128, 256, 384, 512, 640]
     assert [int(a) for a in active] == [1, 1, 0, 0, 0]
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["env"]["train_wrappers_until"] == 384
-    ok(mnm_rl("train", "--resume", run, "--timesteps", "896", "--no-progress", cwd=tmp_path))
-    steps, active = read_scalars(run / "tb", "train/train_wrappers")
-    assert [int(s) for s in steps][-2:] == [768, 896] and [int(a) for a in active][-2:] == [0, 0]
+    _assert_resumed_without_curriculum(run, tmp_path)
 
 
 def test_train_wrappers_until_success_is_saved_and_kept_on_resume(tmp_path: Path):
     """``env.train_wrappers_until_success``: the curriculum ends in the rollout where the
     training episodes first reach the threshold (here: one success in a window of one); the
     step is saved with the model, and a resumed run trains without the curriculum."""
-    from mnm_rl.plotting import read_scalars
-
-    run = tmp_path / "run"
-    args = [
-        "--env",
+    run = _train_with_curriculum(
+        tmp_path,
         "MiniGrid-MemoryS9-WestStart-Curriculum-Solved",
-        *TINY_AGENT,
-        *sets(
-            "env.train_wrappers_until_success=0.01",
-            "env.train_wrappers_window=1",
-            "train.eval_episodes=0",
-        ),
-        "--run-dir",
-        run,
-    ]
-    ok(mnm_rl("train", *args, "--timesteps", "640", cwd=tmp_path))
+        "env.train_wrappers_until_success=0.01",
+        "env.train_wrappers_window=1",
+    )
     steps, active = read_scalars(run / "tb", "train/train_wrappers")
     _, success = read_scalars(run / "tb", "rollout/success_rate")
     first_success = int(np.flatnonzero(success > 0)[0])
@@ -311,9 +304,7 @@ def test_train_wrappers_until_success_is_saved_and_kept_on_resume(tmp_path: Path
     with zipfile.ZipFile(run / "model.zip") as archive:
         ended_at = json.loads(archive.read("data"))["train_wrappers_ended_at"]
     assert steps[first_success] - 128 < ended_at <= steps[first_success]
-    ok(mnm_rl("train", "--resume", run, "--timesteps", "896", "--no-progress", cwd=tmp_path))
-    steps, active = read_scalars(run / "tb", "train/train_wrappers")
-    assert [int(s) for s in steps][-2:] == [768, 896] and [int(a) for a in active][-2:] == [0, 0]
+    _assert_resumed_without_curriculum(run, tmp_path)
 
 
 @pytest.mark.parametrize("script", ["evaluate_run.py", "step_by_hand.py"])
