@@ -230,6 +230,20 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list, str]]:
             ["train", "--env", "DelayedCueRecall", "--set", "env.train_wrappers_until=100"],
             "no train_wrappers",
         ),
+        (
+            ["train", "--env", "DelayedCueRecall", "--set", "env.train_wrappers_until_success=0.9"],
+            "train_wrappers_until_success is set but there are no train_wrappers",
+        ),
+        (
+            [
+                "train",
+                "--env",
+                "MiniGrid-MemoryS9-WestStart-Curriculum-Solved",
+                "--set",
+                "env.train_wrappers_until_success=1.5",
+            ],
+            "env.train_wrappers_until_success",
+        ),
         (["train", "--resume", tmp / "missing"], "does not exist"),
         (["train", "--resume", run, "--agent", "lstm"], "--agent cannot change"),
         (["eval", tmp / "missing"], "does not exist"),
