@@ -197,10 +197,12 @@ class EndTrainWrappers(BaseCallback):
         self._check()
 
     def _on_step(self) -> bool:
-        if not self.ended and self.until_success is not None:
+        if self.ended:
+            return True
+        if self.until_success is not None:
             # the step's outcome as collect_rollouts sees it, before any bootstrap of timeouts
-            dones, rewards = self.locals["dones_np"], self.locals["rewards"]
-            self.outcomes.extend((rewards[np.flatnonzero(dones)] > 0).tolist())
+            finished = np.flatnonzero(self.locals["dones_np"])
+            self.outcomes.extend((self.locals["rewards"][finished] > 0).tolist())
         self._check()
         return True
 
