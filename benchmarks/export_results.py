@@ -34,7 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from mnm_rl.plotting import find_runs
-from mnm_rl.presets import agent_label
+from mnm_rl.presets import agent_label, env_label
 from mnm_rl.runs import EVAL_FILE, TB_DIR, load_config, slug
 
 THRESHOLD = 0.9
@@ -87,7 +87,7 @@ def export(run_dirs: list[Path], out: Path, merge: bool = False) -> list[dict]:
             print(f"skipped {run_dir}: no {EVAL_FILE} yet")
             continue
         config = load_config(run_dir)
-        env, agent, seed = config.env.name, agent_label(config), config.train.seed
+        env, agent, seed = env_label(config), agent_label(config), config.train.seed
         final = json.loads((run_dir / EVAL_FILE).read_text())
         scalars = all_scalars(run_dir / TB_DIR)
         if EVAL_TAG in scalars:

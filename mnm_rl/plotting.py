@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mnm_rl.config import ConfigError
-from mnm_rl.presets import agent_label
+from mnm_rl.presets import agent_label, env_label
 from mnm_rl.runs import CONFIG_FILE, TB_DIR, check_run_dir, is_run_dir, load_config
 
 DEFAULT_TAG = "rollout/success_rate"
@@ -69,7 +69,7 @@ def load_curves(run_dirs: list[Path], tag: str = DEFAULT_TAG) -> list[Curve]:
             print(f"mnm-rl: warning: {run_dir} has no {tag!r} yet; skipped", file=sys.stderr)
             continue
         curves.append(
-            Curve(config.env.name, agent_label(config), config.train.seed, run_dir, steps, values)
+            Curve(env_label(config), agent_label(config), config.train.seed, run_dir, steps, values)
         )
     return curves
 

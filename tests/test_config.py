@@ -229,6 +229,30 @@ def test_agent_label_names_the_agent_settings_that_differ_from_the_presets():
     assert presets.agent_label(nested) == "mnm-p [policy.core_kwargs.n_heads=3]"
 
 
+def test_env_label_names_the_env_settings_that_differ_from_the_preset():
+    plain = presets.resolve_run_config("MiniGrid-Memory", "mnm-p", {"seed": 2})
+    assert presets.env_label(plain) == "MiniGrid-Memory"
+    described = plain.model_copy(
+        update={"env": plain.env.model_copy(update={"description": "edited since"})}
+    )
+    assert presets.env_label(described) == "MiniGrid-Memory"  # descriptions do not count
+    curriculum = presets.resolve_run_config(
+        "MiniGrid-Memory",
+        "mnm-p",
+        None,
+        [
+            'env.train_wrappers=[{"name":"start_direction","kwargs":{"direction":2}}]',
+            "env.train_wrappers_until=800000",
+            "env.kwargs.max_steps=96",
+        ],
+    )
+    assert presets.env_label(curriculum) == (
+        "MiniGrid-Memory [kwargs.max_steps=96, train_wrappers=[start_direction(direction=2)], "
+        "train_wrappers_until=800000]"
+    )
+    assert presets.agent_label(curriculum) == "mnm-p"
+
+
 def test_retention_lag_is_checked_against_the_sequence_length():
     config = presets.resolve_run_config(
         "DelayedCueRecall", "mnm-p", None, ["agent.policy.core_kwargs.retention_lag=4"]

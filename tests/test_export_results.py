@@ -84,3 +84,17 @@ def test_merge_gives_a_run_at_another_budget_its_own_csv(export_results, tmp_pat
     assert (out / "results" / f"{name}.csv").read_text() == "tag,step,value\n"
     fresh = (out / "results" / f"{name}__2000.csv").read_text()
     assert fresh.startswith("tag,step,value\n") and "rollout/success_rate" in fresh
+
+
+def test_a_run_with_env_overrides_is_not_labelled_as_the_preset(export_results, tmp_path):
+    """``--set env.*`` runs get their own (env) label: never averaged with the preset's runs."""
+    ok(mnm_rl("train", *TINY, "--agent", "mlp", "--set", "env.kwargs.delay=4", cwd=tmp_path))
+    run = only_run(tmp_path / "runs")
+    (tmp_path / "docs").mkdir()
+    old = {**_row(agent_label(load_config(run)), 0, 2048, 1.0), "env": "DelayedCueRecall"}
+    (tmp_path / "docs" / "results.json").write_text(json.dumps([old]))
+    rows = export_results.export([run], tmp_path / "docs", merge=True)
+    envs = sorted(r["env"] for r in rows)
+    assert envs == ["DelayedCueRecall", "DelayedCueRecall [kwargs.delay=4]"]
+    table = (tmp_path / "docs" / "results" / "table.md").read_text()
+    assert "| DelayedCueRecall [kwargs.delay=4] | mlp [" in table

@@ -143,6 +143,17 @@ def resolve_run_config(
     return apply_overrides(config, overrides)
 
 
+def _show(value: Any) -> str:
+    """A setting's value as labels show it; wrapper lists as ``name(key=value, ...)`` items."""
+    if isinstance(value, list) and all(isinstance(v, Mapping) and "name" in v for v in value):
+        items = [
+            f"{v['name']}({', '.join(f'{k}={a}' for k, a in (v.get('kwargs') or {}).items())})"
+            for v in value
+        ]
+        return f"[{', '.join(items)}]"
+    return str(value)
+
+
 def _changed(preset: Mapping[str, Any], run: Mapping[str, Any], prefix: str = "") -> list[str]:
     """``key=value`` for every leaf of ``run`` that differs from ``preset`` (dotted keys)."""
     changed = []
@@ -151,8 +162,21 @@ def _changed(preset: Mapping[str, Any], run: Mapping[str, Any], prefix: str = ""
         if isinstance(value, Mapping) and isinstance(base, Mapping):
             changed += _changed(base, value, f"{prefix}{key}.")
         elif value != base:
-            changed.append(f"{prefix}{key}={value}")
+            changed.append(f"{prefix}{key}={_show(value)}")
     return changed
+
+
+def _label(name: str, preset: Mapping[str, Any] | None, run: Mapping[str, Any]) -> str:
+    changed = _changed(preset, run) if preset is not None else []
+    return f"{name} [{', '.join(changed)}]" if changed else name
+
+
+def _preset_config(config: RunConfig) -> RunConfig | None:
+    """What the presets give today for the run's env and agent (``None``: one no longer exists)."""
+    try:
+        return resolve_run_config(config.env.name, config.agent.name)
+    except ConfigError:
+        return None
 
 
 def agent_label(config: RunConfig) -> str:
@@ -160,17 +184,24 @@ def agent_label(config: RunConfig) -> str:
     the presets give for its env: ``"mnm-p"``, or ``"mnm-p [ppo.seq_len=64, ppo.mem_coef=0.1]"``
     for a tuning variant (``--set``, ``mnm-rl sweep --grid``). Plots and result tables group
     runs by it, so variants are never averaged with the preset."""
-    name = config.agent.name
-    try:
-        preset = resolve_run_config(config.env.name, name).agent
-    except ConfigError:  # the env or agent preset no longer exists
-        return name
-    changed = _changed(preset.model_dump(), config.agent.model_dump())
-    return f"{name} [{', '.join(changed)}]" if changed else name
+    preset = _preset_config(config)
+    base = preset.agent.model_dump() if preset else None
+    return _label(config.agent.name, base, config.agent.model_dump())
+
+
+def env_label(config: RunConfig) -> str:
+    """The run's env preset name, plus the env settings in which the run differs from the
+    preset (its description aside): ``"MiniGrid-Memory"``, or
+    ``"MiniGrid-Memory [train_wrappers_until=400000]"`` for a run with an ``env.*`` override or
+    one made before the preset changed. Result tables and plots group runs by it."""
+    preset = _preset_config(config)
+    base = preset.env.model_dump(exclude={"description"}) if preset else None
+    return _label(config.env.name, base, config.env.model_dump(exclude={"description"}))
 
 
 __all__ = [
     "agent_label",
+    "env_label",
     "DEFAULT_AGENT",
     "DEFAULT_ENV",
     "agent_names",
