@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from probe_cue import cue_of, sees_cue
+from probe_cue import CueWatch, play_episode
 
 from mnm_rl.agent import MemoryPPO
 from mnm_rl.env_factory import make_env, resolve_env
@@ -50,25 +50,11 @@ def cue_gaps(
     env = make_env(spec, training=training_env)
     torch.manual_seed(seed)
     start = config.env.eval_seeds.start
-    gaps, lengths, successes = [], [], []
+    gaps, lengths, successes, watch = [], [], [], CueWatch(env)
     for episode in range(episodes):
-        obs, _ = env.reset(seed=start + episode)
-        cue, first_seen, step = cue_of(env), None, 0
-        state, done, reward = policy.initial_state(1), False, 0.0
-        while not done:
-            if first_seen is None and sees_cue(env, cue):
-                first_seen = step
-            batch = {k: torch.as_tensor(np.asarray(v))[None, None] for k, v in obs.items()}
-            with torch.inference_mode():
-                logits, _, state, _ = policy.forward_sequence(
-                    batch, state, torch.tensor([[float(step == 0)]])
-                )
-                action, _ = policy.sample(logits[0], deterministic=deterministic)
-            obs, reward, terminated, truncated, _ = env.step(int(action[0]))
-            done = terminated or truncated
-            step += 1
-        gaps.append(-1 if first_seen is None else step - 1 - first_seen)
-        lengths.append(step)
+        reward, length, _ = play_episode(policy, env, start + episode, deterministic, watch)
+        gaps.append(-1 if watch.first_seen is None else length - 1 - watch.first_seen)
+        lengths.append(length)
         successes.append(reward > 0)
     return {"gap": np.array(gaps), "length": np.array(lengths), "success": np.array(successes)}
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -46,37 +47,59 @@ def sees_cue(env, cue: int) -> bool:
     return x <= 4 and bool((image[..., 0] == kind).any())
 
 
+class CueWatch:
+    """A ``play_episode`` watch: the episode's cue and the first step whose view shows it."""
+
+    def __init__(self, env):
+        self.env, self.cue, self.first_seen = env, 0, None
+
+    def __call__(self, step: int) -> None:
+        if step == 0:  # a fresh episode: its cue is set
+            self.cue, self.first_seen = cue_of(self.env), None
+        if self.first_seen is None and sees_cue(self.env, self.cue):
+            self.first_seen = step
+
+
+def play_episode(
+    policy, env, seed: int, deterministic: bool = True, watch: Callable[[int], None] | None = None
+) -> tuple[float, int, dict]:
+    """Play one episode of ``env`` from ``reset(seed=seed)`` with ``policy``, one step at a time.
+
+    ``watch(step)`` is called before each action, while ``env`` shows that step. Returns the
+    last reward, the episode length and the core state after the last step."""
+    obs, _ = env.reset(seed=seed)
+    state, done, reward, step = policy.initial_state(1), False, 0.0, 0
+    while not done:
+        if watch is not None:
+            watch(step)
+        batch = {k: torch.as_tensor(np.asarray(v))[None, None] for k, v in obs.items()}
+        with torch.inference_mode():
+            logits, _, state, _ = policy.forward_sequence(
+                batch, state, torch.tensor([[float(step == 0)]])
+            )
+            action, _ = policy.sample(logits[0], deterministic=deterministic)
+        obs, reward, terminated, truncated, _ = env.step(int(action[0]))
+        done = terminated or truncated
+        step += 1
+    return float(reward), step, state
+
+
 def run_episodes(run: Path, episodes: int) -> dict[str, np.ndarray]:
     model_path, run_dir = resolve_model(run)
     if run_dir is None:
         raise SystemExit(f"probe_cue.py: {run} is not in a run folder (no config.yaml)")
     config = load_config(run_dir)
-    model = MemoryPPO.load(model_path, device="cpu")
-    policy = model.policy
+    policy = MemoryPPO.load(model_path, device="cpu").policy
     env = make_env(config.env)
     start = config.env.eval_seeds.start
     rows: dict[str, list] = {"h": [], "read": [], "cue": [], "saw": [], "success": []}
+    watch = CueWatch(env)
     for episode in range(episodes):
-        obs, _ = env.reset(seed=start + episode)
-        cue, saw = cue_of(env), False
-        state = policy.initial_state(1)
-        first, done, reward = True, False, 0.0
-        while not done:
-            saw = saw or sees_cue(env, cue)
-            batch = {k: torch.as_tensor(np.asarray(v))[None, None] for k, v in obs.items()}
-            with torch.inference_mode():
-                logits, _, state, _ = policy.forward_sequence(
-                    batch, state, torch.tensor([[float(first)]])
-                )
-            action = int(logits[0, 0].argmax())
-            last_h = state["h"][0].numpy().copy()
-            last_read = state["read"][0].numpy().copy() if "read" in state else None
-            obs, reward, terminated, truncated, _ = env.step(action)
-            done, first = terminated or truncated, False
-        rows["h"].append(last_h)
-        rows["read"].append(last_read)
-        rows["cue"].append(cue)
-        rows["saw"].append(saw)
+        reward, _, state = play_episode(policy, env, start + episode, watch=watch)
+        rows["h"].append(state["h"][0].numpy().copy())
+        rows["read"].append(state["read"][0].numpy().copy() if "read" in state else None)
+        rows["cue"].append(watch.cue)
+        rows["saw"].append(watch.first_seen is not None)
         rows["success"].append(reward > 0)
     return {k: np.array(v) for k, v in rows.items()}
 
