@@ -207,6 +207,12 @@ class PPOConfig(_Strict):
     """PPO hyperparameters (see :class:`mnm_rl.agent.MemoryPPO`)."""
 
     learning_rate: PositiveFloat = 3e-4
+    #: If set, the learning rate stays at ``learning_rate`` for the first
+    #: ``learning_rate_decay_from`` share of the run's env steps, then goes linearly to this
+    #: value at the end: the last updates are small, so the final policy stays close to the one
+    #: that was last evaluated.
+    learning_rate_final: NonNegativeFloat | None = None
+    learning_rate_decay_from: float = Field(0.0, ge=0, lt=1)
     n_steps: PositiveInt = 128
     batch_size: PositiveInt = 256
     seq_len: PositiveInt = 16
@@ -228,9 +234,13 @@ class PPOConfig(_Strict):
     on_nonfinite: Literal["stop", "skip"] = "stop"
 
     @model_validator(mode="after")
-    def _entropy_schedule(self) -> PPOConfig:
+    def _schedules(self) -> PPOConfig:
         if self.ent_coef_final is None and self.ent_coef_fraction != 1.0:
             raise ValueError("ent_coef_fraction needs ent_coef_final (the value to decay to)")
+        if self.learning_rate_final is None and self.learning_rate_decay_from != 0.0:
+            raise ValueError(
+                "learning_rate_decay_from needs learning_rate_final (the value to decay to)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -276,6 +286,11 @@ class AgentPreset(_Strict):
             from stable_baselines3.common.utils import LinearSchedule  # torch: only when needed
 
             ppo["ent_coef"] = LinearSchedule(ppo["ent_coef"], final, fraction)
+        final, decay_from = ppo.pop("learning_rate_final"), ppo.pop("learning_rate_decay_from")
+        if final is not None:
+            from mnm_rl.agent.schedules import LateLinearDecay
+
+            ppo["learning_rate"] = LateLinearDecay(ppo["learning_rate"], final, decay_from)
         return {"core": self.core, **ppo, "policy_kwargs": policy}
 
 

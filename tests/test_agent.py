@@ -286,6 +286,42 @@ def test_entropy_bonus_follows_its_schedule(tmp_path):
         AgentPreset.model_validate({"name": "z", "core": "gru", "ppo": {"ent_coef_fraction": 0.5}})
 
 
+def test_learning_rate_decays_late_in_the_run(tmp_path):
+    """``learning_rate_final`` with ``learning_rate_decay_from``: the optimizer's rate stays at
+    ``learning_rate`` until that share of the run, then falls linearly to the final value; the
+    logged rate follows it and a loaded model keeps the schedule."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mnm_rl.config import AgentPreset
+
+    ppo = {"learning_rate": 1e-3, "learning_rate_final": 1e-4, "learning_rate_decay_from": 0.5}
+    preset = AgentPreset.model_validate({"name": "x", "core": "gru", "ppo": ppo})
+    schedule = preset.model_kwargs()["learning_rate"]
+    assert [round(schedule(p), 9) for p in (1.0, 0.75, 0.5, 0.25, 0.0)] == [
+        1e-3, 1e-3, 1e-3, 5.5e-4, 1e-4,
+    ]  # fmt: skip
+    model = small_model("gru", learning_rate=schedule, tensorboard_log=str(tmp_path))
+    model.learn(48 * 4, tb_log_name="run")
+    # the last update ran at progress remaining 0: the final rate
+    assert [g["lr"] for g in model.policy.optimizer.param_groups] == pytest.approx([1e-4])
+    (run_dir,) = list(tmp_path.iterdir())
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    logged = [round(e.value, 9) for e in events.Scalars("train/learning_rate")]
+    assert logged == [1e-3, 1e-3, 5.5e-4]  # progress remaining 0.75, 0.5, 0.25
+    model.save(tmp_path / "model.zip")
+    loaded = MemoryPPO.load(tmp_path / "model.zip", device="cpu")
+    assert loaded.lr_schedule(0.25) == pytest.approx(5.5e-4)
+    constant = AgentPreset.model_validate({"name": "y", "core": "gru", "ppo": {}})
+    assert constant.model_kwargs()["learning_rate"] == 3e-4
+    with pytest.raises(ValueError, match="learning_rate_decay_from needs learning_rate_final"):
+        AgentPreset.model_validate(
+            {"name": "z", "core": "gru", "ppo": {"learning_rate_decay_from": 0.5}}
+        )
+    with pytest.raises(ValueError, match="decay_from must be in"):
+        type(schedule)(1e-3, 0.0, 1.0)
+
+
 def test_memory_lr_scale_gives_the_memory_its_own_learning_rate(tmp_path):
     """``memory_lr_scale``: the MNM core's interaction and fast-weight parameters form a second
     optimizer group whose learning rate stays that multiple of the scheduled one through
