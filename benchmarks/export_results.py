@@ -12,6 +12,8 @@ For every run folder with a final ``eval.json`` (runs still training are skipped
   by ``mnm-rl eval CHECKPOINT``) and the final ``eval.json``; ``null`` when never reached;
 * ``agent``: the agent preset's name, followed by ``[key=value, ...]`` for the settings in which
   the run differs from the presets (a tuning variant from ``mnm-rl sweep --grid`` or ``--set``);
+* ``env``: the env preset's name, likewise followed by the env settings in which the run differs
+  from the preset (``--set env.*``, or a run made before the preset changed);
 * ``docs/results/<env>__<agent>__<seed>.csv``: every TensorBoard scalar of the run
   (``tag,step,value``), plus the checkpoint evaluations as ``checkpoint_eval/success_rate``;
   ``<env>__<agent>__<seed>__<budget>.csv`` when a kept row (``--merge``) of the same env, agent
@@ -21,7 +23,10 @@ For every run folder with a final ``eval.json`` (runs still training are skipped
 
 ``runs/`` is not in git, so a later session may no longer have the runs behind the rows already
 in ``results.json``: ``--merge`` keeps those rows and replaces only the ones whose (env, agent,
-seed, env steps) a run given now also has.
+seed, env steps) a run given now also has. When a preset changes, ``--rename-env OLD=NEW``
+first renames the env of the rows (and their CSVs) made with the old one, e.g.
+``--rename-env MiniGrid-Memory=MiniGrid-Memory-NoCurriculum``, so new runs of the preset are not
+mixed with them.
 """
 
 from __future__ import annotations
@@ -131,6 +136,30 @@ def export(run_dirs: list[Path], out: Path, merge: bool = False) -> list[dict]:
     return rows
 
 
+def rename_env(out: Path, old: str, new: str) -> int:
+    """Rename env ``old`` to ``new`` in ``out/results.json`` and in its rows' CSV names; return
+    the number of rows renamed. Refuses (before changing anything) to overwrite a CSV."""
+    path, csv_dir = out / "results.json", out / "results"
+    rows = json.loads(path.read_text())
+    moves, renamed = {}, 0
+    for row in rows:
+        if row["env"] == old:
+            row["env"], renamed = new, renamed + 1
+            stem = f"{slug(row['agent'])}__{row['seed']}"
+            for tail in (stem, f"{stem}__{budget(row['env_steps'])}"):
+                source = csv_dir / f"{slug(old)}__{tail}.csv"
+                if source.exists():
+                    moves[source] = csv_dir / f"{slug(new)}__{tail}.csv"
+    taken = [str(target) for target in moves.values() if target.exists()]
+    if taken:
+        raise SystemExit(f"export_results.py: --rename-env would overwrite {', '.join(taken)}")
+    for source, target in moves.items():
+        source.rename(target)
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    (csv_dir / "table.md").write_text(table(rows))
+    return renamed
+
+
 def _key(row: dict) -> tuple[str, str, int, int]:
     return row["env"], row["agent"], row["seed"], row["env_steps"]
 
@@ -172,14 +201,28 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, nargs="+", help="run folders or folders of runs")
+    parser.add_argument("runs", type=Path, nargs="*", help="run folders or folders of runs")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument(
         "--merge", action="store_true", help="keep the rows of OUT/results.json not rerun here"
     )
+    parser.add_argument(
+        "--rename-env",
+        metavar="OLD=NEW",
+        action="append",
+        default=[],
+        help="first rename env OLD to NEW in OUT/results.json and its CSVs (repeatable)",
+    )
     args = parser.parse_args()
-    rows = export(find_runs(args.runs), args.out, merge=args.merge)
-    print(table(rows))
+    if not args.runs and not args.rename_env:
+        parser.error("give run folders, --rename-env, or both")
+    for item in args.rename_env:
+        old, sep, new = item.partition("=")
+        if not (sep and old and new):
+            parser.error(f"--rename-env takes OLD=NEW, got {item!r}")
+        print(f"renamed {rename_env(args.out, old, new)} rows: {old} -> {new}")
+    if args.runs:
+        print(table(export(find_runs(args.runs), args.out, merge=args.merge)))
 
 
 if __name__ == "__main__":

@@ -98,3 +98,46 @@ def test_a_run_with_env_overrides_is_not_labelled_as_the_preset(export_results, 
     assert envs == ["DelayedCueRecall", "DelayedCueRecall [kwargs.delay=4]"]
     table = (tmp_path / "docs" / "results" / "table.md").read_text()
     assert "| DelayedCueRecall [kwargs.delay=4] | mlp [" in table
+
+
+def test_rename_env_renames_the_rows_and_their_csvs(export_results, tmp_path):
+    """``--rename-env``: rows of a preset made before it changed move to a new env name, with
+    their CSVs (both budgets of one seed); other envs' rows and files stay."""
+    csv_dir = tmp_path / "results"
+    csv_dir.mkdir()
+    rows = [
+        _row("mnm-p", 0, 1_200_128, 0.5),
+        _row("mnm-p", 0, 3_000_320, 1.0, 900_000),
+        {**_row("mnm-p", 0, 1_001_472, 0.6), "env": "MiniGrid-MemoryS9"},
+    ]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    names = ["MiniGrid-Memory__mnm-p__0", "MiniGrid-Memory__mnm-p__0__3000000"]
+    for name in [*names, "MiniGrid-MemoryS9__mnm-p__0"]:
+        (csv_dir / f"{name}.csv").write_text(f"tag,step,value\n{name},0,0\n")
+    assert export_results.rename_env(tmp_path, "MiniGrid-Memory", "MiniGrid-Memory-Old") == 2
+    renamed = json.loads((tmp_path / "results.json").read_text())
+    assert [r["env"] for r in renamed] == [
+        "MiniGrid-Memory-Old",
+        "MiniGrid-Memory-Old",
+        "MiniGrid-MemoryS9",
+    ]
+    assert sorted(p.name for p in csv_dir.glob("*.csv")) == [
+        "MiniGrid-Memory-Old__mnm-p__0.csv",
+        "MiniGrid-Memory-Old__mnm-p__0__3000000.csv",
+        "MiniGrid-MemoryS9__mnm-p__0.csv",
+    ]
+    # the contents moved with the names
+    assert names[1] in (csv_dir / "MiniGrid-Memory-Old__mnm-p__0__3000000.csv").read_text()
+    assert "| MiniGrid-Memory-Old | mnm-p | 0 | 1,200,128 |" in (csv_dir / "table.md").read_text()
+
+
+def test_rename_env_refuses_to_overwrite_a_csv(export_results, tmp_path):
+    csv_dir = tmp_path / "results"
+    csv_dir.mkdir()
+    (tmp_path / "results.json").write_text(json.dumps([_row("gru", 1, 1_200_128, 0.5)]))
+    for env in ("MiniGrid-Memory", "Taken"):
+        (csv_dir / f"{env}__gru__1.csv").write_text(f"{env}\n")
+    with pytest.raises(SystemExit, match="would overwrite"):
+        export_results.rename_env(tmp_path, "MiniGrid-Memory", "Taken")
+    assert (csv_dir / "Taken__gru__1.csv").read_text() == "Taken\n"
+    assert json.loads((tmp_path / "results.json").read_text())[0]["env"] == "MiniGrid-Memory"
