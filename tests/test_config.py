@@ -242,13 +242,13 @@ def test_env_label_names_the_env_settings_that_differ_from_the_preset():
         None,
         [
             'env.train_wrappers=[{"name":"start_direction","kwargs":{"direction":2}}]',
-            "env.train_wrappers_until=800000",
+            "env.train_wrappers_until=400000",
             "env.kwargs.max_steps=96",
         ],
     )
     assert presets.env_label(curriculum) == (
         "MiniGrid-Memory [kwargs.max_steps=96, train_wrappers=[start_direction(direction=2)], "
-        "train_wrappers_until=800000]"
+        "train_wrappers_until=400000]"
     )
     assert presets.agent_label(curriculum) == "mnm-p"
 
