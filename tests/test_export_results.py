@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_script
 from test_cli import TINY, mnm_rl, ok, only_run
 
 from mnm_rl.presets import agent_label
 from mnm_rl.runs import load_config, slug
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "export_results.py"
-
 
 @pytest.fixture(scope="module")
 def export_results():
-    spec = importlib.util.spec_from_file_location("export_results", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("export_results")
 
 
 def _row(agent: str, seed: int, steps: int, success: float, to_90: int | None = None) -> dict:

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_script
 from test_cli import TINY_AGENT, mnm_rl, ok, only_run
 
 from mnm_rl.env_factory import make_env, resolve_env
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "heldout_failures.py"
-
 
 @pytest.fixture(scope="module")
 def failures():
-    spec = importlib.util.spec_from_file_location("heldout_failures", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("heldout_failures")
 
 
 def test_start_case_reads_the_episode_layout(failures):
