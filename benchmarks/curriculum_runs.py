@@ -20,20 +20,21 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from export_results import first_reaching
 
 from mnm_rl.plotting import read_scalars
-
-
-def first_step(steps: np.ndarray, values: np.ndarray, at_least: float) -> int | None:
-    """The first step whose value is >= ``at_least`` (``None`` if none is)."""
-    hits = np.flatnonzero(values >= at_least)
-    return int(steps[hits[0]]) if hits.size else None
 
 
 def _saved(model_zip: Path) -> dict:
     """The attributes SB3 saved with a model (its ``data`` entry)."""
     with zipfile.ZipFile(model_zip) as archive:
         return json.loads(archive.read("data"))
+
+
+def _first(steps: np.ndarray, values: np.ndarray, at_least: float) -> int | None:
+    """The first step whose value reaches ``at_least`` (as the results table counts it: with
+    float32's tolerance, so 90 of 100 reaches 0.9)."""
+    return first_reaching(list(zip(steps.astype(int).tolist(), values, strict=True)), at_least)
 
 
 def run_summary(run: Path) -> dict:
@@ -43,10 +44,10 @@ def run_summary(run: Path) -> dict:
     at = {str(s): float(v) for s, v in zip(eval_steps.astype(int), eval_success, strict=True)}
     eval_file = run / "eval.json"
     return {
-        "train_0.9": first_step(train_steps, train_success, 0.9),
+        "train_0.9": _first(train_steps, train_success, 0.9),
         "curriculum_off": _saved(run / "model.zip").get("train_wrappers_ended_at"),
-        "heldout_0.9": first_step(eval_steps, eval_success, 0.9),
-        "heldout_0.95": first_step(eval_steps, eval_success, 0.95),
+        "heldout_0.9": _first(eval_steps, eval_success, 0.9),
+        "heldout_0.95": _first(eval_steps, eval_success, 0.95),
         "heldout_800k": at.get("800000"),
         "heldout_900k": at.get("900000"),
         "heldout_1M": at.get("1000000"),
