@@ -135,3 +135,13 @@ def test_rename_env_refuses_to_overwrite_a_csv(export_results, tmp_path):
         export_results.rename_env(tmp_path, "MiniGrid-Memory", "Taken")
     assert (csv_dir / "Taken__gru__1.csv").read_text() == "Taken\n"
     assert json.loads((tmp_path / "results.json").read_text())[0]["env"] == "MiniGrid-Memory"
+
+
+def test_first_reaching_counts_90_of_100_read_back_from_float32(export_results):
+    """TensorBoard stores 90/100 as float32 0.89999998: it reaches 0.9; 89/100 does not."""
+    import numpy as np
+
+    curve = [(100, float(np.float32(0.89))), (200, float(np.float32(0.9))), (300, 1.0)]
+    assert export_results.first_reaching(curve) == 200
+    assert export_results.first_reaching(curve, 0.95) == 300
+    assert export_results.first_reaching(curve[:1]) is None
