@@ -216,6 +216,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.runs and not args.rename_env:
         parser.error("give run folders, --rename-env, or both")
+    if args.rename_env and not (args.out / "results.json").exists():
+        parser.error(f"--rename-env: there is no {args.out / 'results.json'} to rename in")
     for item in args.rename_env:
         old, sep, new = item.partition("=")
         if not (sep and old and new):

@@ -18,6 +18,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from minigrid.envs.memory import MemoryEnv
+
 from mnm_rl.env_factory import make_env
 from mnm_rl.runs import EVAL_FILE, load_config
 
@@ -36,6 +38,8 @@ def failure_cases(run_dir: Path) -> dict:
     """The run's final held-out success and its episodes and failures per start case."""
     report = json.loads((run_dir / EVAL_FILE).read_text())
     env = make_env(load_config(run_dir).env)
+    if not isinstance(env.unwrapped, MemoryEnv):
+        raise ValueError(f"{run_dir} is not a MiniGrid-Memory run")
     episodes, failures = Counter(), Counter()
     for episode in report["per_episode"]:
         case = start_case(env, episode["seed"])
@@ -61,8 +65,11 @@ def main() -> None:
     results = {}
     for run_dir in args.runs:
         if not (run_dir / EVAL_FILE).exists():
-            raise SystemExit(f"heldout_failures.py: {run_dir} has no {EVAL_FILE}")
-        result = results[str(run_dir)] = failure_cases(run_dir)
+            parser.error(f"{run_dir} has no {EVAL_FILE}")
+        try:
+            result = results[str(run_dir)] = failure_cases(run_dir)
+        except ValueError as err:
+            parser.error(str(err))
         print(f"{run_dir}: held-out success {result['success']:.4f}")
         print("| start column | cue | target | episodes | failures |")
         print("| --- | --- | --- | --- | --- |")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
-from benchmark_scripts import load_script
+from benchmark_scripts import BENCHMARKS, load_script
 from test_cli import TINY, mnm_rl, ok, only_run
 
 from mnm_rl.presets import agent_label
@@ -145,3 +147,15 @@ def test_first_reaching_counts_90_of_100_read_back_from_float32(export_results):
     assert export_results.first_reaching(curve) == 200
     assert export_results.first_reaching(curve, 0.95) == 300
     assert export_results.first_reaching(curve[:1]) is None
+
+
+def test_rename_env_without_results_json_is_exit_status_2(tmp_path):
+    script = BENCHMARKS / "export_results.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path), "--rename-env", "A=B"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "there is no" in result.stderr and "results.json to rename in" in result.stderr
+    assert not (tmp_path / "results").exists()

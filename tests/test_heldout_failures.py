@@ -6,7 +6,7 @@ import json
 
 import pytest
 from benchmark_scripts import load_script
-from test_cli import TINY_AGENT, mnm_rl, ok, only_run
+from test_cli import TINY, TINY_AGENT, mnm_rl, ok, only_run
 
 from mnm_rl.env_factory import make_env, resolve_env
 
@@ -56,3 +56,9 @@ def test_failure_cases_add_up_to_the_final_evaluation(failures, tmp_path):
     failed = sum(not e["success"] for e in report["per_episode"])
     assert sum(c["failures"] for c in result["cases"]) == failed
     assert all(0 <= c["failures"] <= c["episodes"] for c in result["cases"])
+
+
+def test_a_run_of_another_env_is_refused(failures, tmp_path):
+    ok(mnm_rl("train", *TINY, "--agent", "gru", cwd=tmp_path))  # DelayedCueRecall
+    with pytest.raises(ValueError, match="is not a MiniGrid-Memory run"):
+        failures.failure_cases(only_run(tmp_path))
