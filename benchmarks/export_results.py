@@ -26,7 +26,9 @@ in ``results.json``: ``--merge`` keeps those rows and replaces only the ones who
 seed, env steps) a run given now also has. When a preset changes, ``--rename-env OLD=NEW``
 first renames the env of the rows (and their CSVs) made with the old one, e.g.
 ``--rename-env MiniGrid-Memory=MiniGrid-Memory-NoCurriculum``, so new runs of the preset are not
-mixed with them.
+mixed with them. When instead all of a changed preset's runs are exported again (their labels
+now name what differs from the new preset), ``--replace-env ENV`` drops the kept rows of ENV and
+their CSVs, so the rows under the old labels do not stay next to them.
 """
 
 from __future__ import annotations
@@ -78,14 +80,24 @@ def first_reaching(curve: list[tuple[int, float]], threshold: float = THRESHOLD)
     return next((step for step, value in curve if value >= threshold - 1e-6), None)
 
 
-def export(run_dirs: list[Path], out: Path, merge: bool = False) -> list[dict]:
+def export(
+    run_dirs: list[Path], out: Path, merge: bool = False, replace_envs: frozenset[str] = frozenset()
+) -> list[dict]:
     """Write the CSVs and results.json under ``out``; return the result rows. With ``merge``,
-    the rows of the existing ``out/results.json`` that no run here replaces are kept."""
+    the rows of the existing ``out/results.json`` that no run here replaces are kept, except
+    those of an env in ``replace_envs``, which are dropped with their CSVs."""
     csv_dir = out / "results"
     csv_dir.mkdir(parents=True, exist_ok=True)
     existing = []
     if merge and (out / "results.json").exists():
         existing = json.loads((out / "results.json").read_text())
+        dropped = [r for r in existing if r["env"] in replace_envs]
+        for row in dropped:
+            for path in _csv_paths(csv_dir, row["env"], row):
+                path.unlink(missing_ok=True)
+        existing = [r for r in existing if r["env"] not in replace_envs]
+        if dropped:
+            print(f"dropped {len(dropped)} rows of {', '.join(sorted(replace_envs))}")
     rows = []
     for run_dir in run_dirs:
         if not (run_dir / EVAL_FILE).exists():
@@ -145,11 +157,11 @@ def rename_env(out: Path, old: str, new: str) -> int:
     for row in rows:
         if row["env"] == old:
             row["env"], renamed = new, renamed + 1
-            stem = f"{slug(row['agent'])}__{row['seed']}"
-            for tail in (stem, f"{stem}__{budget(row['env_steps'])}"):
-                source = csv_dir / f"{slug(old)}__{tail}.csv"
+            for source, target in zip(
+                _csv_paths(csv_dir, old, row), _csv_paths(csv_dir, new, row), strict=True
+            ):
                 if source.exists():
-                    moves[source] = csv_dir / f"{slug(new)}__{tail}.csv"
+                    moves[source] = target
     taken = [str(target) for target in moves.values() if target.exists()]
     if taken:
         raise SystemExit(f"export_results.py: --rename-env would overwrite {', '.join(taken)}")
@@ -158,6 +170,12 @@ def rename_env(out: Path, old: str, new: str) -> int:
     path.write_text(json.dumps(rows, indent=2) + "\n")
     (csv_dir / "table.md").write_text(table(rows))
     return renamed
+
+
+def _csv_paths(csv_dir: Path, env: str, row: dict) -> tuple[Path, Path]:
+    """The two names a row's CSV may have under env ``env``: plain, and with its budget."""
+    stem = f"{slug(env)}__{slug(row['agent'])}__{row['seed']}"
+    return csv_dir / f"{stem}.csv", csv_dir / f"{stem}__{budget(row['env_steps'])}.csv"
 
 
 def _key(row: dict) -> tuple[str, str, int, int]:
@@ -213,7 +231,16 @@ def main() -> None:
         default=[],
         help="first rename env OLD to NEW in OUT/results.json and its CSVs (repeatable)",
     )
+    parser.add_argument(
+        "--replace-env",
+        metavar="ENV",
+        action="append",
+        default=[],
+        help="with --merge: drop the kept rows of ENV and their CSVs (repeatable)",
+    )
     args = parser.parse_args()
+    if args.replace_env and not args.merge:
+        parser.error("--replace-env only applies with --merge")
     if not args.runs and not args.rename_env:
         parser.error("give run folders, --rename-env, or both")
     if args.rename_env and not (args.out / "results.json").exists():
@@ -224,7 +251,8 @@ def main() -> None:
             parser.error(f"--rename-env takes OLD=NEW, got {item!r}")
         print(f"renamed {rename_env(args.out, old, new)} rows: {old} -> {new}")
     if args.runs:
-        print(table(export(find_runs(args.runs), args.out, merge=args.merge)))
+        replace = frozenset(args.replace_env)
+        print(table(export(find_runs(args.runs), args.out, args.merge, replace)))
 
 
 if __name__ == "__main__":

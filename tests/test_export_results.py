@@ -149,6 +149,43 @@ def test_first_reaching_counts_90_of_100_read_back_from_float32(export_results):
     assert export_results.first_reaching(curve[:1]) is None
 
 
+def test_replace_env_drops_the_kept_rows_of_that_env_and_their_csvs(export_results, tmp_path):
+    """``--replace-env``: a changed preset's runs, exported again under new labels, must not stay
+    next to their rows under the old labels; the rows of other envs are kept."""
+    old = [
+        _row("mnm-p [ppo.ent_coef=0.05]", 0, 1_001_472, 1.0, 300_000),
+        _row("mnm-p [ppo.ent_coef=0.05]", 0, 2_000_896, 1.0, 300_000),
+        {**_row("lstm", 1, 1_200_128, 0.5), "env": "MiniGrid-MemoryS9"},
+    ]
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    csv_dir = tmp_path / "results"
+    csv_dir.mkdir()
+    names = [
+        f"MiniGrid-Memory__{slug('mnm-p [ppo.ent_coef=0.05]')}__0.csv",
+        f"MiniGrid-Memory__{slug('mnm-p [ppo.ent_coef=0.05]')}__0__2000000.csv",
+        "MiniGrid-MemoryS9__lstm__1.csv",
+    ]
+    for name in names:
+        (csv_dir / name).write_text("tag,step,value\n")
+    rows = export_results.export(
+        [], tmp_path, merge=True, replace_envs=frozenset({"MiniGrid-Memory"})
+    )
+    assert rows == [old[2]]
+    assert json.loads((tmp_path / "results.json").read_text()) == [old[2]]
+    assert sorted(p.name for p in csv_dir.glob("*.csv")) == ["MiniGrid-MemoryS9__lstm__1.csv"]
+
+
+def test_replace_env_without_merge_is_exit_status_2(tmp_path):
+    script = BENCHMARKS / "export_results.py"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--out", str(tmp_path), "--replace-env", "A"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "--replace-env only applies with --merge" in result.stderr
+
+
 def test_rename_env_without_results_json_is_exit_status_2(tmp_path):
     script = BENCHMARKS / "export_results.py"
     result = subprocess.run(
