@@ -9,13 +9,15 @@ and 1M steps, and the final ``eval.json`` success rate.
 
     python benchmarks/curriculum_runs.py runs/s9west/* runs/s9solved/*mnm-p*
 
-Prints a table and a JSON last line.
+Prints a table and a JSON last line. A folder without a final model (a run still training) is
+skipped with a note; exit status 2 if no run is left.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import zipfile
 from pathlib import Path
 
@@ -59,7 +61,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     args = parser.parse_args()
-    rows = {str(run): run_summary(run) for run in args.runs}
+    finished = [run for run in args.runs if (run / "model.zip").exists()]
+    for run in sorted(set(args.runs) - set(finished)):
+        print(f"skipped {run}: no model.zip (still training?)", file=sys.stderr)
+    if not finished:
+        parser.error("none of the runs has a final model.zip")
+    rows = {str(run): run_summary(run) for run in finished}
     keys = list(next(iter(rows.values())))
     print(f"{'run':60s} " + " ".join(f"{k:>13s}" for k in keys))
     for run, row in rows.items():

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from benchmark_scripts import load_script
 from test_cli import TINY_AGENT, mnm_rl, ok, only_run
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def cue_gap():
-    sys.path.insert(0, str(BENCHMARKS))  # cue_gap imports its sibling probe_cue
-    try:
-        import cue_gap
-
-        yield cue_gap
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return load_script("cue_gap")  # it imports its sibling probe_cue
 
 
 @pytest.mark.parametrize("gap", [0, 1, 7, 31, 32, 50])
