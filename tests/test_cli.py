@@ -77,6 +77,14 @@ def only_run(root: Path) -> Path:
     return runs[0]
 
 
+def tiny_memory_run(root: Path, timesteps: int, *overrides: str) -> Path:
+    """A tiny gru run of ``timesteps`` env steps on the default MiniGrid-Memory preset, made in
+    ``root`` with ``--set`` ``overrides``; its run folder."""
+    args = ["--env", "MiniGrid-Memory", "--agent", "gru", "--timesteps", str(timesteps)]
+    ok(mnm_rl("train", *args, *TINY_AGENT, *sets(*overrides), cwd=root))
+    return only_run(root)
+
+
 def optimizer_step(model_zip: Path) -> float:
     with zipfile.ZipFile(model_zip) as archive:
         state = torch.load(io.BytesIO(archive.read("policy.optimizer.pth")), weights_only=False)

@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 from benchmark_scripts import BENCHMARKS, load_script
-from test_cli import TINY_AGENT, mnm_rl, ok, only_run
+from test_cli import tiny_memory_run
 
 from mnm_rl.plotting import read_scalars
 
@@ -17,27 +17,14 @@ from mnm_rl.plotting import read_scalars
 @pytest.fixture(scope="module")
 def curriculum_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("curriculum")
-    sets = [
+    return tiny_memory_run(
+        root,
+        512,
         "env.train_wrappers_until=256",
         "train.eval_every=256",
         "train.eval_every_episodes=10",
         "train.eval_episodes=10",
-    ]
-    ok(
-        mnm_rl(
-            "train",
-            "--env",
-            "MiniGrid-Memory",
-            "--agent",
-            "gru",
-            "--timesteps",
-            "512",
-            *TINY_AGENT,
-            *(arg for item in sets for arg in ("--set", item)),
-            cwd=root,
-        )
     )
-    return only_run(root)
 
 
 def test_summary_reads_the_switch_and_the_evaluations(curriculum_run):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from benchmark_scripts import load_script
-from test_cli import TINY, TINY_AGENT, mnm_rl, ok, only_run
+from test_cli import TINY, mnm_rl, ok, only_run, tiny_memory_run
 
 from mnm_rl.env_factory import make_env, resolve_env
 
@@ -33,22 +33,7 @@ def test_start_case_reads_the_episode_layout(failures):
 
 
 def test_failure_cases_add_up_to_the_final_evaluation(failures, tmp_path):
-    evals = ["--set", "train.eval_episodes=24"]
-    ok(
-        mnm_rl(
-            "train",
-            "--env",
-            "MiniGrid-Memory",
-            "--agent",
-            "gru",
-            "--timesteps",
-            "256",
-            *TINY_AGENT,
-            *evals,
-            cwd=tmp_path,
-        )
-    )
-    run = only_run(tmp_path)
+    run = tiny_memory_run(tmp_path, 256, "train.eval_episodes=24")
     result = failures.failure_cases(run)
     report = json.loads((run / "eval.json").read_text())
     assert result["success"] == report["success_rate"]
