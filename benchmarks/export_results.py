@@ -85,12 +85,17 @@ def export(
 ) -> list[dict]:
     """Write the CSVs and results.json under ``out``; return the result rows. With ``merge``,
     the rows of the existing ``out/results.json`` that no run here replaces are kept, except
-    those of an env in ``replace_envs``, which are dropped with their CSVs."""
+    those of an env in ``replace_envs``, which are dropped with their CSVs (``ValueError``,
+    before any change, if such an env has no rows there)."""
     csv_dir = out / "results"
     csv_dir.mkdir(parents=True, exist_ok=True)
     existing = []
     if merge and (out / "results.json").exists():
         existing = json.loads((out / "results.json").read_text())
+        unknown = sorted(replace_envs - {r["env"] for r in existing})
+        if unknown:  # a misspelt env would leave the rows under the old labels in place
+            names = ", ".join(unknown)
+            raise ValueError(f"--replace-env: no rows of {names} in {out / 'results.json'}")
         dropped = [r for r in existing if r["env"] in replace_envs]
         for row in dropped:
             for path in _csv_paths(csv_dir, row["env"], row):
@@ -252,7 +257,10 @@ def main() -> None:
         print(f"renamed {rename_env(args.out, old, new)} rows: {old} -> {new}")
     if args.runs:
         replace = frozenset(args.replace_env)
-        print(table(export(find_runs(args.runs), args.out, args.merge, replace)))
+        try:
+            print(table(export(find_runs(args.runs), args.out, args.merge, replace)))
+        except ValueError as err:  # a missing run folder, or --replace-env of an env without rows
+            parser.error(str(err))
 
 
 if __name__ == "__main__":

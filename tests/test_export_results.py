@@ -196,3 +196,19 @@ def test_rename_env_without_results_json_is_exit_status_2(tmp_path):
     assert result.returncode == 2
     assert "there is no" in result.stderr and "results.json to rename in" in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_replace_env_of_an_env_without_rows_is_exit_status_2(tmp_path):
+    """A misspelt ``--replace-env`` would silently keep the old rows: refused, nothing changed."""
+    rows = [_row("lstm", 0, 1_200_128, 1.0)]
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    script = BENCHMARKS / "export_results.py"
+    (tmp_path / "runs" / "run").mkdir(parents=True)
+    (tmp_path / "runs" / "run" / "config.yaml").write_text("{}\n")  # refused before it is read
+    command = [sys.executable, str(script), str(tmp_path / "runs"), "--out", str(tmp_path)]
+    result = subprocess.run(
+        [*command, "--merge", "--replace-env", "MiniGrid-Memroy"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "--replace-env: no rows of MiniGrid-Memroy in" in result.stderr
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
