@@ -106,8 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--plot", type=Path, help="diagnostics plot (default FILE-memory.png)")
     record.add_argument("--device", default="auto")
 
-    plot = sub.add_parser("plot", help="plot learning curves from runs' TensorBoard logs")
-    plot.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    plot = sub.add_parser(
+        "plot", help="plot learning curves from runs' TensorBoard logs or exported scalars"
+    )
+    plot.add_argument(
+        "runs",
+        type=Path,
+        nargs="+",
+        metavar="RUN",
+        help="run folder, folder of runs, or exported <env>__<agent>__<seed>.csv",
+    )
     plot.add_argument("--out", type=Path, default=Path("curves.png"))
     plot.add_argument("--tag", default="rollout/success_rate", help="TensorBoard scalar")
 
@@ -429,11 +437,11 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------------------------- plot
 def cmd_plot(args: argparse.Namespace) -> int:
-    from mnm_rl.plotting import find_runs, load_curves, plot_curves
+    from mnm_rl.plotting import load_sources, plot_curves
 
-    runs = find_runs(args.runs)
-    summary = plot_curves(load_curves(runs, args.tag), args.out, args.tag)
-    print(f"mnm-rl: wrote {args.out} from {len(runs)} runs: {json.dumps(summary)}")
+    curves = load_sources(args.runs, args.tag)
+    summary = plot_curves(curves, args.out, args.tag)
+    print(f"mnm-rl: wrote {args.out} from {len(curves)} runs: {json.dumps(summary)}")
     return 0
 
 

@@ -1,8 +1,10 @@
-"""Learning curves from the TensorBoard event files of runs: mean and spread over seeds, a line
-per agent, a panel per env."""
+"""Learning curves from the TensorBoard event files of runs, or from their exported scalars
+(``<env>__<agent>__<seed>.csv``, as ``benchmarks/export_results.py`` writes them under
+``docs/results/``): mean and spread over seeds, a line per agent, a panel per env."""
 
 from __future__ import annotations
 
+import csv
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -60,7 +62,62 @@ def read_scalars(tb_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([points[int(s)] for s in steps])
 
 
+def exported_curve(path: Path, tag: str = DEFAULT_TAG) -> Curve | None:
+    """The curve of ``tag`` in a run's exported scalars: a CSV of ``tag,step,value`` rows named
+    ``<env>__<agent>__<seed>.csv`` or ``<env>__<agent>__<seed>__<env steps>.csv`` (env and agent
+    as in the file name); ``None`` if it has no ``tag``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"scalars file {path} does not exist")
+    parts = path.stem.split("__")
+    if len(parts) not in (3, 4) or not all(p.isdigit() for p in parts[2:]):
+        raise ConfigError(
+            f"{path}: not a run's exported scalars (<env>__<agent>__<seed>[__<steps>].csv)"
+        )
+    with path.open(newline="") as handle:
+        rows = csv.reader(handle)
+        if next(rows, None) != ["tag", "step", "value"]:
+            raise ConfigError(f"{path}: the first line must be tag,step,value")
+        points = {int(step): float(value) for name, step, value in rows if name == tag}
+    if not points:
+        return None
+    steps = np.array(sorted(points), dtype=float)
+    values = np.array([points[int(s)] for s in steps])
+    return Curve(parts[0], parts[1], int(parts[2]), path, steps, values)
+
+
+def load_sources(paths: list[Path], tag: str = DEFAULT_TAG) -> list[Curve]:
+    """The curves of ``tag`` from run folders (or folders holding runs) and exported ``.csv``
+    scalars, in any mix; sources without ``tag`` are skipped with a warning. A run given twice
+    (the same env, agent and seed: a folder and its CSV, or the CSVs of a run and of its resumed
+    continuation) counts once, with its longest curve."""
+    files = [Path(p) for p in paths if Path(p).suffix == ".csv"]
+    folders = [Path(p) for p in paths if Path(p).suffix != ".csv"]
+    curves = load_curves(find_runs(folders), tag) if folders else []
+    for path in files:
+        curve = exported_curve(path, tag)
+        if curve is None:
+            print(f"mnm-rl: warning: {path} has no {tag!r}; skipped", file=sys.stderr)
+        else:
+            curves.append(curve)
+    longest: dict[tuple[str, str, int], Curve] = {}
+    for curve in curves:
+        key = (curve.env, curve.agent, curve.seed)
+        kept = longest.setdefault(key, curve)
+        if kept is curve:
+            continue
+        if curve.steps[-1] > kept.steps[-1]:
+            longest[key], kept, curve = curve, curve, kept
+        print(
+            f"mnm-rl: warning: {key[1]} seed {key[2]} on {key[0]} is in both {kept.run_dir} "
+            f"and {curve.run_dir}; plotted only {kept.run_dir}",
+            file=sys.stderr,
+        )
+    return list(longest.values())
+
+
 def load_curves(run_dirs: list[Path], tag: str = DEFAULT_TAG) -> list[Curve]:
+    """The curves of ``tag`` from run folders' TensorBoard logs."""
     curves = []
     for run_dir in run_dirs:
         config = load_config(run_dir)
@@ -132,4 +189,13 @@ def plot_curves(curves: list[Curve], out: Path, tag: str = DEFAULT_TAG) -> dict:
     return summary
 
 
-__all__ = ["DEFAULT_TAG", "Curve", "find_runs", "load_curves", "plot_curves", "read_scalars"]
+__all__ = [
+    "DEFAULT_TAG",
+    "Curve",
+    "exported_curve",
+    "find_runs",
+    "load_curves",
+    "load_sources",
+    "plot_curves",
+    "read_scalars",
+]

@@ -265,6 +265,7 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list, str]]:
         (["eval", run, "--env", "MiniGrid-MemoryS7"], "does not match env"),
         (["record", run, "--out", tmp / "x.avi"], "must end in .gif or .mp4"),
         (["plot", tmp / "missing", "--out", tmp / "c.png"], "does not exist"),
+        (["plot", tmp / "S9__gru__0.csv", "--out", tmp / "c.png"], "does not exist"),
     ]
 
 

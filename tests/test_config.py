@@ -197,6 +197,37 @@ def test_symbolic_minigrid_observations_are_integer_symbols():
     assert obs["image"].dtype == np.int64 and isinstance(env, gym.Env)
 
 
+def test_plot_reads_exported_scalars_once_per_run(tmp_path: Path):
+    from mnm_rl.plotting import load_sources, plot_curves
+
+    def write(name: str, rows: list[tuple[str, int, float]]) -> Path:
+        path = tmp_path / name
+        lines = ["tag,step,value"] + [f"{tag},{step},{value}" for tag, step, value in rows]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    tag = "eval/success_rate"
+    first = write("S9__mnm-p__0.csv", [(tag, 100, 0.5), (tag, 200, 0.6), ("loss", 100, 1.0)])
+    resumed = write("S9__mnm-p__0__400.csv", [(tag, 100, 0.5), (tag, 200, 0.6), (tag, 400, 1.0)])
+    other = write("S9__gru__1.csv", [(tag, 100, 0.25), (tag, 200, 0.75)])
+    untagged = write("S9__lstm__0.csv", [("loss", 100, 1.0)])
+    curves = load_sources([first, resumed, other, untagged], tag)
+    runs = sorted((c.env, c.agent, c.seed) for c in curves)
+    assert runs == [("S9", "gru", 1), ("S9", "mnm-p", 0)]
+    mnm = next(c for c in curves if c.agent == "mnm-p")
+    assert mnm.run_dir == resumed and mnm.steps.tolist() == [100, 200, 400]
+    summary = plot_curves(curves, tmp_path / "curves.png", tag)
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["S9"]["gru"] == {"seeds": 1, "final_mean": 0.75}
+    bad = write("notes.csv", [(tag, 1, 0.0)])
+    with pytest.raises(ConfigError, match="not a run's exported scalars"):
+        load_sources([bad], tag)
+    headless = tmp_path / "S9__gru__2.csv"
+    headless.write_text("eval/success_rate,1,0.5\n")
+    with pytest.raises(ConfigError, match="first line must be tag,step,value"):
+        load_sources([headless], tag)
+
+
 def test_plot_aggregates_mean_and_spread_over_seeds():
     from mnm_rl.plotting import Curve, aggregate
 
