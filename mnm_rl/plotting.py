@@ -14,7 +14,7 @@ import numpy as np
 
 from mnm_rl.config import ConfigError
 from mnm_rl.presets import agent_label, env_label
-from mnm_rl.runs import CONFIG_FILE, TB_DIR, check_run_dir, is_run_dir, load_config
+from mnm_rl.runs import CONFIG_FILE, TB_DIR, check_run_dir, is_run_dir, load_config, slug
 
 DEFAULT_TAG = "rollout/success_rate"
 
@@ -78,7 +78,10 @@ def exported_curve(path: Path, tag: str = DEFAULT_TAG) -> Curve | None:
         rows = csv.reader(handle)
         if next(rows, None) != ["tag", "step", "value"]:
             raise ConfigError(f"{path}: the first line must be tag,step,value")
-        points = {int(step): float(value) for name, step, value in rows if name == tag}
+        try:
+            points = {int(step): float(value) for name, step, value in rows if name == tag}
+        except ValueError as error:  # a row that is not tag,step,value
+            raise ConfigError(f"{path}: line {rows.line_num}: {error}") from None
     if not points:
         return None
     steps = np.array(sorted(points), dtype=float)
@@ -102,14 +105,14 @@ def load_sources(paths: list[Path], tag: str = DEFAULT_TAG) -> list[Curve]:
             curves.append(curve)
     longest: dict[tuple[str, str, int], Curve] = {}
     for curve in curves:
-        key = (curve.env, curve.agent, curve.seed)
+        key = (slug(curve.env), slug(curve.agent), curve.seed)  # CSV names hold slugs
         kept = longest.setdefault(key, curve)
         if kept is curve:
             continue
         if curve.steps[-1] > kept.steps[-1]:
             longest[key], kept, curve = curve, curve, kept
         print(
-            f"mnm-rl: warning: {key[1]} seed {key[2]} on {key[0]} is in both {kept.run_dir} "
+            f"mnm-rl: warning: {kept.agent} seed {key[2]} on {kept.env} is in both {kept.run_dir} "
             f"and {curve.run_dir}; plotted only {kept.run_dir}",
             file=sys.stderr,
         )

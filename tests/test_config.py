@@ -222,6 +222,10 @@ def test_plot_reads_exported_scalars_once_per_run(tmp_path: Path):
     bad = write("notes.csv", [(tag, 1, 0.0)])
     with pytest.raises(ConfigError, match="not a run's exported scalars"):
         load_sources([bad], tag)
+    broken = tmp_path / "S9__gru__3.csv"
+    broken.write_text("tag,step,value\neval/success_rate,1\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        load_sources([broken], tag)
     headless = tmp_path / "S9__gru__2.csv"
     headless.write_text("eval/success_rate,1,0.5\n")
     with pytest.raises(ConfigError, match="first line must be tag,step,value"):
