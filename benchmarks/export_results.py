@@ -40,7 +40,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from mnm_rl.plotting import find_runs
+from mnm_rl.plotting import SCALARS_HEADER, find_runs, scalars_file_stem
 from mnm_rl.presets import agent_label, env_label
 from mnm_rl.runs import EVAL_FILE, TB_DIR, load_config, slug
 
@@ -119,16 +119,16 @@ def export(
             source = "checkpoint_eval/success_rate"
             scalars[source] = curve
         steps = int(final["num_timesteps"])
-        name = f"{slug(env)}__{slug(agent)}__{seed}"
+        name = scalars_file_stem(env, agent, seed)
         if any(
             (r["env"], r["agent"], r["seed"]) == (env, agent, seed)
             and budget(r["env_steps"]) != budget(steps)
             for r in existing
         ):  # a kept run of the same agent and seed at another budget owns the plain name
-            name += f"__{budget(steps)}"
+            name = scalars_file_stem(env, agent, seed, budget(steps))
         with (csv_dir / f"{name}.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["tag", "step", "value"])
+            writer.writerow(SCALARS_HEADER)
             for tag in sorted(scalars):
                 writer.writerows([tag, step, f"{value:.6g}"] for step, value in scalars[tag])
         rows.append(
@@ -179,8 +179,9 @@ def rename_env(out: Path, old: str, new: str) -> int:
 
 def _csv_paths(csv_dir: Path, env: str, row: dict) -> tuple[Path, Path]:
     """The two names a row's CSV may have under env ``env``: plain, and with its budget."""
-    stem = f"{slug(env)}__{slug(row['agent'])}__{row['seed']}"
-    return csv_dir / f"{stem}.csv", csv_dir / f"{stem}__{budget(row['env_steps'])}.csv"
+    plain = scalars_file_stem(env, row["agent"], row["seed"])
+    with_budget = scalars_file_stem(env, row["agent"], row["seed"], budget(row["env_steps"]))
+    return csv_dir / f"{plain}.csv", csv_dir / f"{with_budget}.csv"
 
 
 def _key(row: dict) -> tuple[str, str, int, int]:

@@ -17,6 +17,14 @@ from mnm_rl.presets import agent_label, env_label
 from mnm_rl.runs import CONFIG_FILE, TB_DIR, check_run_dir, is_run_dir, load_config, slug
 
 DEFAULT_TAG = "rollout/success_rate"
+SCALARS_HEADER = ["tag", "step", "value"]  # the columns of a run's exported scalars
+
+
+def scalars_file_stem(env: str, agent: str, seed: int, env_steps: int | None = None) -> str:
+    """The name (without ``.csv``) of a run's exported scalars, ``<env>__<agent>__<seed>``,
+    with ``__<env_steps>`` when given; env and agent labels made folder-safe."""
+    stem = f"{slug(env)}__{slug(agent)}__{seed}"
+    return stem if env_steps is None else f"{stem}__{env_steps}"
 
 
 @dataclass
@@ -58,6 +66,10 @@ def read_scalars(tb_dir: Path, tag: str) -> tuple[np.ndarray, np.ndarray]:
         if tag in accumulator.Tags().get("scalars", []):
             for event in accumulator.Scalars(tag):
                 points[int(event.step)] = float(event.value)
+    return _sorted_arrays(points)
+
+
+def _sorted_arrays(points: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
     steps = np.array(sorted(points), dtype=float)
     return steps, np.array([points[int(s)] for s in steps])
 
@@ -76,7 +88,7 @@ def exported_curve(path: Path, tag: str = DEFAULT_TAG) -> Curve | None:
         )
     with path.open(newline="") as handle:
         rows = csv.reader(handle)
-        if next(rows, None) != ["tag", "step", "value"]:
+        if next(rows, None) != SCALARS_HEADER:
             raise ConfigError(f"{path}: the first line must be tag,step,value")
         try:
             points = {int(step): float(value) for name, step, value in rows if name == tag}
@@ -84,9 +96,7 @@ def exported_curve(path: Path, tag: str = DEFAULT_TAG) -> Curve | None:
             raise ConfigError(f"{path}: line {rows.line_num}: {error}") from None
     if not points:
         return None
-    steps = np.array(sorted(points), dtype=float)
-    values = np.array([points[int(s)] for s in steps])
-    return Curve(parts[0], parts[1], int(parts[2]), path, steps, values)
+    return Curve(parts[0], parts[1], int(parts[2]), path, *_sorted_arrays(points))
 
 
 def load_sources(paths: list[Path], tag: str = DEFAULT_TAG) -> list[Curve]:
@@ -194,6 +204,7 @@ def plot_curves(curves: list[Curve], out: Path, tag: str = DEFAULT_TAG) -> dict:
 
 __all__ = [
     "DEFAULT_TAG",
+    "SCALARS_HEADER",
     "Curve",
     "exported_curve",
     "find_runs",
@@ -201,4 +212,5 @@ __all__ = [
     "load_sources",
     "plot_curves",
     "read_scalars",
+    "scalars_file_stem",
 ]

@@ -198,7 +198,7 @@ def test_symbolic_minigrid_observations_are_integer_symbols():
 
 
 def test_plot_reads_exported_scalars_once_per_run(tmp_path: Path):
-    from mnm_rl.plotting import load_sources, plot_curves
+    from mnm_rl.plotting import load_sources, plot_curves, scalars_file_stem
 
     def write(name: str, rows: list[tuple[str, int, float]]) -> Path:
         path = tmp_path / name
@@ -226,6 +226,10 @@ def test_plot_reads_exported_scalars_once_per_run(tmp_path: Path):
     broken.write_text("tag,step,value\neval/success_rate,1\n")
     with pytest.raises(ConfigError, match="line 2"):
         load_sources([broken], tag)
+    variant = scalars_file_stem("S9", "mnm-p [ppo.seq_len=64]", 2, 1_000_000)
+    assert variant == "S9__mnm-p_ppo.seq_len_64__2__1000000"  # the name the export writes
+    parsed = load_sources([write(f"{variant}.csv", [(tag, 100, 1.0)])], tag)
+    assert [(c.agent, c.seed) for c in parsed] == [("mnm-p_ppo.seq_len_64", 2)]
     headless = tmp_path / "S9__gru__2.csv"
     headless.write_text("eval/success_rate,1,0.5\n")
     with pytest.raises(ConfigError, match="first line must be tag,step,value"):
