@@ -11,7 +11,8 @@ For one environment, number of envs, rollout length, number of epochs and miniba
     On the CPU the MNM cores run the fused kernel (``mnm_rl.memory.fused``); a config name
     ending in ``/eager`` (``mnm-p/eager``) runs the same core in plain PyTorch, one ending in
     ``/unmap`` lets glibc return the kernel's freed buffers to the OS (the default before the
-    fifth session).
+    fifth session). Any config may end in ``@N`` to run with N torch threads instead of
+    ``--threads`` (``lstm@2``, ``mnm-p:2x2/eager@2``): thread counts side by side in one run.
 
 Each agent runs one warm-up ``learn()`` of one rollout, then a timed ``learn()`` of
 ``--rollouts`` rollouts (rollout plus update). ``collect_rollouts`` and ``train`` are wrapped with
@@ -56,6 +57,19 @@ EAGER = "/eager"
 #: (``MNM_RL_RETAIN_MEMORY=0``, see ``mnm_rl/memory/allocator.py``), e.g. ``mnm-p:2x2/unmap``.
 UNMAP = "/unmap"
 SUFFIXES = {EAGER: ("MNM_RL_FUSED", "0"), UNMAP: ("MNM_RL_RETAIN_MEMORY", "0")}
+#: A config name ending in ``@N`` runs with N torch threads instead of ``--threads``, e.g.
+#: ``mnm-p:2x2@2`` next to ``mnm-p:2x2``: one and two threads side by side in one run.
+THREADS = "@"
+
+
+def split_threads(name: str, default: int) -> tuple[str, int]:
+    """``"mnm-p:2x2@2"`` -> ``("mnm-p:2x2", 2)``; without ``@N``, ``(name, default)``."""
+    base, _, threads = name.partition(THREADS)
+    if not threads:
+        return base, default
+    if not threads.isdigit() or int(threads) < 1:
+        raise ValueError(f"{name!r}: the thread count after {THREADS!r} must be a positive integer")
+    return base, int(threads)
 
 
 def split_config(name: str) -> tuple[str, dict[str, int]]:
@@ -191,12 +205,13 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
     )
 
 
-def run_agent(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_agent(config: str, args: argparse.Namespace) -> dict[str, Any]:
     """One warm-up rollout+update, then ``args.rollouts`` timed ones."""
+    name, threads = split_threads(config, args.threads)
     for suffix, (variable, value) in SUFFIXES.items():
         if name.endswith(suffix):
             os.environ[variable] = value
-    torch = _setup_torch(args.threads)
+    torch = _setup_torch(threads)
     device = "cpu" if name == "sb3-contrib" else args.device
     cuda = device.startswith("cuda")
     env = make_env(args, for_sb3_contrib=name == "sb3-contrib")
@@ -213,7 +228,8 @@ def run_agent(name: str, args: argparse.Namespace) -> dict[str, Any]:
     elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     after = _max_rss_mb()
     return {
-        "name": name,
+        "name": config,
+        "threads": threads,
         "sps": per_rollout * args.rollouts / elapsed,
         "cpu_sps": per_rollout * args.rollouts / cpu,
         "seconds": elapsed,
@@ -380,6 +396,7 @@ def summary(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) 
         "ceiling_sps": med.get("ceiling"),
         "sb3_contrib_lstm_sps": med.get("sb3-contrib"),
         "sps": {k: med[k] for k in AGENTS[1:] if k in med},
+        "sps_by_config": med,  # every config, variants (/eager, @N) included
         "peak_mb": {k: peak[k] for k in AGENTS if k in peak},
         "cpu_sps": cpu,
     }

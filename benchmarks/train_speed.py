@@ -1,13 +1,15 @@
 """End-to-end training speed: ``mnm-rl train`` wall time with the fused MNM kernel and without.
 
 Runs the CLI on an env preset for each configuration in interleaved rounds (one process at a
-time, 1 torch thread), each in a fresh run folder under a temporary directory, and reports the
-median wall time of the whole command (start-up, training, checkpoints and a short final
-evaluation) and env steps per second of wall time. A configuration is an agent preset, with
-``/eager`` appended to run the MNM core's plain PyTorch code (``MNM_RL_FUSED=0``).
+time), each in a fresh run folder under a temporary directory, and reports the median wall time
+of the whole command (start-up, training, checkpoints and a short final evaluation) and env
+steps per second of wall time. A configuration is an agent preset, with ``/eager`` appended to
+run the MNM core's plain PyTorch code (``MNM_RL_FUSED=0``) and ``@N`` to train with N torch
+threads (``train.torch_threads``; 1 without it), e.g. ``mnm-p/eager@2``.
 
     python benchmarks/train_speed.py                         # MiniGrid-MemoryS9, 200k steps
     python benchmarks/train_speed.py --env MiniGrid-Memory --timesteps 300000 --rounds 1
+    python benchmarks/train_speed.py --configs mnm-p mnm-p@2 lstm lstm@2 --rounds 1
 
 The last line printed is a JSON object: ``{"env", "timesteps", "rounds", "wall_s": {config:
 median seconds}, "sps": {config: env steps per second}}``.
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 EAGER = "/eager"
+THREADS = "@"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,15 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_once(config: str, args: argparse.Namespace, root: Path) -> float:
     """Wall seconds of one ``mnm-rl train`` run of ``config``."""
-    agent = config.removesuffix(EAGER)
-    env = dict(os.environ, MNM_RL_FUSED="0" if config.endswith(EAGER) else "1")
+    name, _, threads = config.partition(THREADS)
+    agent = name.removesuffix(EAGER)
+    env = dict(os.environ, MNM_RL_FUSED="0" if name.endswith(EAGER) else "1")
     run_dir = Path(tempfile.mkdtemp(prefix=agent + "-", dir=root))
     run_dir.rmdir()  # the CLI creates it
     cmd = [
         sys.executable, "-m", "mnm_rl", "train", "--env", args.env, "--agent", agent,
         "--seed", "0", "--timesteps", str(args.timesteps), "--run-dir", str(run_dir),
         "--no-progress", "--set", f"train.eval_episodes={args.eval_episodes}",
-        "--set", "train.torch_threads=1",
+        "--set", f"train.torch_threads={threads or 1}",
     ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

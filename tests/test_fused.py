@@ -198,3 +198,51 @@ def test_cli_help_names_the_switch():
 
     assert "MNM_RL_FUSED=0" in build_parser().format_help()
     assert "MNM_RL_RETAIN_MEMORY=0" in build_parser().format_help()
+
+
+def test_batch_parts_gives_each_thread_enough_sequences():
+    assert fused.batch_parts(16, 16, threads=1) == 1
+    assert fused.batch_parts(16, 16, threads=2) == 2
+    assert fused.batch_parts(16, 16, threads=8) == 16 // fused.MIN_PART_ROWS
+    assert fused.batch_parts(16, fused.MIN_PART_ROWS * 2 - 1, threads=2) == 1
+    assert fused.batch_parts(16, 1, threads=4) == 1
+    assert fused.batch_parts(1, 16, threads=2) == 1  # a rollout step
+
+
+@pytest.mark.parametrize("rule,interaction_input", [("mnm-p", True), ("mnm-g", False)])
+def test_batch_split_between_threads_matches_one_part(kernel, monkeypatch, rule, interaction_input):
+    """The batch run in 3 uneven parts (3, 2, 2 sequences), in parallel on 3 threads, gives what
+    one call gives: outputs, final state and every gradient (float64), with and without
+    autograd."""
+    core = _core(rule, "tanh", 2, 2, interaction_input=interaction_input)
+    x, starts, state = _inputs(core, steps=6, batch=7)
+    one = _run(core, x, starts, state, monkeypatch, use_kernel=True)
+    calls = []
+    original = kernel.forward_parts
+
+    class Counting:  # the extension module, counting calls of forward_parts
+        def __getattr__(self, name):
+            return getattr(kernel, name)
+
+        def forward_parts(self, *args):
+            calls.append(args[-1])
+            return original(*args)
+
+    monkeypatch.setattr(fused, "batch_parts", lambda steps, batch_size: 3)
+    monkeypatch.setattr(fused, "load_extension", lambda: Counting())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        parts = _run(core, x, starts, state, monkeypatch, use_kernel=True)
+        with torch.inference_mode():
+            y_rollout, final_rollout, _ = core(x[:1], state, starts[:1])
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [3, 3]
+    assert parts.keys() == one.keys()
+    for name, expected in one.items():
+        torch.testing.assert_close(parts[name], expected, rtol=1e-12, atol=1e-13, msg=name)
+    y_first, final_first, _ = core(x[:1], state, starts[:1])
+    torch.testing.assert_close(y_rollout, y_first.detach(), rtol=1e-12, atol=1e-13)
+    for k, v in final_first.items():
+        torch.testing.assert_close(final_rollout[k], v.detach(), rtol=1e-12, atol=1e-13)

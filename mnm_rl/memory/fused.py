@@ -29,6 +29,11 @@ from torch import Tensor
 from mnm_rl.memory.allocator import retain_freed_memory
 
 _SOURCE = Path(__file__).with_name("csrc") / "mnm_sequence.cpp"
+#: How the kernel is compiled. OpenMP makes ``at::parallel_for`` in it run in parallel (without
+#: it the header-only ``parallel_for`` is a plain loop); the process's OpenMP runtime is torch's
+#: own ``libgomp.so.1``, already loaded, so the extension shares torch's thread pool.
+COMPILE_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
 _extension: ModuleType | None = None
 _load_failed = False
 
@@ -49,7 +54,8 @@ def load_extension() -> ModuleType | None:
         _extension = load(
             name="mnm_rl_sequence",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fno-trapping-math"],
+            extra_cflags=COMPILE_FLAGS,
+            extra_ldflags=LINK_FLAGS,
             verbose=False,
         )
     except Exception as error:  # no compiler, no headers: fall back to PyTorch
@@ -65,38 +71,65 @@ def load_extension() -> ModuleType | None:
     return _extension
 
 
+#: The fewest sequences a thread gets when the kernel splits a batch between threads.
+MIN_PART_ROWS = 4
+
+
+def batch_parts(steps: int, batch_size: int, threads: int | None = None) -> int:
+    """Into how many parts the kernel splits a batch of ``batch_size`` sequences of ``steps``
+    steps, each part run by its own thread: one per torch thread (``torch.get_num_threads()``,
+    or ``threads``), as long as each part keeps at least :data:`MIN_PART_ROWS` sequences. A
+    single step (the rollout's) is too short to pay for the threads: one part, as with one
+    thread."""
+    threads = torch.get_num_threads() if threads is None else threads
+    if steps < 2:
+        return 1
+    return max(1, min(threads, batch_size // MIN_PART_ROWS))
+
+
 class FusedSequence(torch.autograd.Function):
     """``MNMCore``'s recurrence over ``[T, B]`` steps; see :func:`run_sequence`.
 
     ``apply(config, gates_x, keep, h0, c0, r0, m0, *params)`` with ``config = (kernel, options,
-    store)``, ``options = (n_heads, gradient_rule, tanh_act, eps)`` and ``params = (w_rec, w_int,
-    b_int, w_beta, b_beta, w_fb, b_fb, m_init)``, in the kernel's argument order.
+    store, parts)``, ``options = (n_heads, gradient_rule, tanh_act, eps)`` and ``params =
+    (w_rec, w_int, b_int, w_beta, b_beta, w_fb, b_fb, m_init)``, in the kernel's argument order.
+    With ``parts > 1`` the kernel runs the batch in that many parts in parallel
+    (``forward_parts``/``backward_parts``): the same results, up to the order in which the
+    weights' gradients are summed.
     """
 
     @staticmethod
     def forward(ctx, config, gates_x, keep, h0, c0, r0, m0, *params):  # noqa: D102
-        kernel, options, store = config
-        outputs = kernel.forward(gates_x, keep, h0, c0, r0, m0, *params, *options, store)
-        hs, reads, after, before, values, beta, norm, c, weights, post, h_in, c_in, r_in = outputs
+        kernel, options, store, parts = config
+        if parts == 1:
+            outputs = kernel.forward(gates_x, keep, h0, c0, r0, m0, *params, *options, store)
+        else:
+            outputs = kernel.forward_parts(
+                gates_x, keep, h0, c0, r0, m0, *params, *options, store, parts
+            )
+        # The nine outputs, then what the backward pass takes (post, h_in, c_in, r_in, per part).
+        hs, reads, after, before, values, beta, norm, c, weights = outputs[:9]
         if store:
             ctx.config = config
             ctx.save_for_backward(gates_x, keep, m0, hs, *params)
-            ctx.intermediates = (post, h_in, c_in, r_in)
+            ctx.intermediates = outputs[9:]
         ctx.mark_non_differentiable(norm)
         ctx.set_materialize_grads(False)
         return hs, reads, after, before, values, beta, norm, c, weights
 
     @staticmethod
     def backward(ctx, *output_grads):  # noqa: D102
-        kernel, options, _ = ctx.config
+        kernel, options, _, parts = ctx.config
         gates_x, keep, m0, hs, *params = ctx.saved_tensors
-        g_hs, g_reads, g_after, g_before, g_values, g_beta, _norm, g_c, g_m = (
-            torch.Tensor() if g is None else g.contiguous() for g in output_grads
-        )  # an empty tensor stands for a zero gradient
-        g_gates, g_h, g_c0, g_r, g_m0, *g_params = kernel.backward(
-            g_hs, g_reads, g_after, g_before, g_values, g_beta, g_c, g_m,
-            gates_x, keep, m0, *ctx.intermediates, hs, *params, *options,
-        )  # fmt: skip
+        grads = [torch.Tensor() if g is None else g.contiguous() for g in output_grads]
+        del grads[6]  # an empty tensor stands for a zero gradient; the norm has none
+        if parts == 1:
+            saved = ctx.intermediates  # post, h_in, c_in, r_in
+            results = kernel.backward(*grads, gates_x, keep, m0, *saved, hs, *params, *options)
+        else:
+            saved = list(ctx.intermediates)
+            results = kernel.backward_parts(*grads, gates_x, keep, m0, saved, hs, *params, *options)
+        g_gates, g_h, g_c0, g_r, g_m0, *g_params = results
         return None, g_gates, None, g_h, g_c0, g_r, g_m0, *g_params
 
 
@@ -135,5 +168,5 @@ def run_sequence(
     # Keep what the backward pass needs only when there will be one (not in the rollout).
     store = torch.is_grad_enabled() and any(t.requires_grad for t in (gates_x, *start, *params))
     options = (core.n_heads, memory.write_rule == "mnm-g", memory.activation == "tanh", memory.eps)
-    config = (kernel, options, store)
+    config = (kernel, options, store, batch_parts(*gates_x.shape[:2]))
     return FusedSequence.apply(config, gates_x.contiguous(), keep, *start, *params)

@@ -28,6 +28,10 @@
 
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -645,7 +649,127 @@ std::vector<at::Tensor> mnm_backward(
           g_w_beta, g_b_beta, g_w_fb, g_b_fb, g_m_init};
 }
 
+// ----------------------------------------------------------------------------------------------
+// The same over a batch split into parts, one per thread. The sequences of a batch are
+// independent in the recurrence: only the slow weights' gradients sum over them. So each part
+// runs mnm_forward / mnm_backward above on its own rows, in parallel (at::parallel_for; the ATen
+// and BLAS calls inside a parallel region run on the calling thread), and the results are joined:
+// per-sequence outputs and gradients concatenated along the batch, weight gradients summed. What
+// the backward pass needs (every step's post-write weights and inputs) stays per part.
+
+namespace {
+
+// Row b of `parts` equal parts of [0, B): parts first get B / parts rows, the first B % parts
+// one more.
+int64_t part_start(int64_t B, int64_t parts, int64_t i) {
+  return i * (B / parts) + std::min(i, B % parts);
+}
+
+// Rows [b0, b1) of x along dim, contiguous (an empty tensor stays empty: an absent gradient).
+at::Tensor rows(const at::Tensor& x, int64_t dim, int64_t b0, int64_t b1) {
+  if (!present(x)) return x;
+  return x.narrow(dim, b0, b1 - b0).contiguous();
+}
+
+// Run body(i, b0, b1) for every part, in parallel, each thread with the caller's thread-local
+// state (no autograd, inference mode in the rollout).
+template <typename F> void for_each_part(int64_t B, int64_t parts, const F& body) {
+  const at::ThreadLocalState caller;
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(caller);
+    for (int64_t i = begin; i < end; ++i)
+      body(i, part_start(B, parts, i), part_start(B, parts, i + 1));
+  });
+}
+
+// Output k of every part, concatenated along dim.
+at::Tensor join(const std::vector<std::vector<at::Tensor>>& outs, size_t k, int64_t dim) {
+  std::vector<at::Tensor> xs;
+  xs.reserve(outs.size());
+  for (const auto& o : outs) xs.push_back(o[k]);
+  return at::cat(xs, dim);
+}
+
+// Output k of every part, summed.
+at::Tensor total(const std::vector<std::vector<at::Tensor>>& outs, size_t k) {
+  at::Tensor sum = outs[0][k].clone();
+  for (size_t i = 1; i < outs.size(); ++i) sum.add_(outs[i][k]);
+  return sum;
+}
+
+}  // namespace
+
+// mnm_forward over `parts` parts of the batch. Returns mnm_forward's first nine outputs for the
+// whole batch, then, per part, what the backward pass takes: post, h_in, c_in, r_in (4 * parts).
+std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::Tensor& keep,
+                                          const at::Tensor& h0, const at::Tensor& c0,
+                                          const at::Tensor& r0, const at::Tensor& m0,
+                                          const at::Tensor& w_rec, const at::Tensor& w_int,
+                                          const at::Tensor& b_int, const at::Tensor& w_beta,
+                                          const at::Tensor& b_beta, const at::Tensor& w_fb,
+                                          const at::Tensor& b_fb, const at::Tensor& m_init,
+                                          int64_t n_heads, bool gradient_rule, bool tanh_act,
+                                          double eps, bool store, int64_t parts) {
+  const int64_t B = gates_x.size(1);
+  TORCH_CHECK(parts >= 1 && parts <= B, "parts must be in [1, batch size]");
+  const bool per_step_int = b_int.dim() == 3;
+  std::vector<std::vector<at::Tensor>> outs(parts);
+  for_each_part(B, parts, [&](int64_t i, int64_t b0, int64_t b1) {
+    outs[i] = mnm_forward(rows(gates_x, 1, b0, b1), rows(keep, 1, b0, b1), rows(h0, 0, b0, b1),
+                          rows(c0, 0, b0, b1), rows(r0, 0, b0, b1), rows(m0, 0, b0, b1), w_rec,
+                          w_int, per_step_int ? rows(b_int, 1, b0, b1) : b_int, w_beta, b_beta,
+                          w_fb, b_fb, m_init, n_heads, gradient_rule, tanh_act, eps, store);
+  });
+  // hs, reads, after, before, values, beta, fw_norm: [T, B, ...]; c, weights: [B, ...].
+  std::vector<at::Tensor> result;
+  for (size_t k = 0; k < 7; ++k) result.push_back(join(outs, k, 1));
+  for (size_t k = 7; k < 9; ++k) result.push_back(join(outs, k, 0));
+  for (const auto& o : outs) result.insert(result.end(), o.begin() + 9, o.end());
+  return result;
+}
+
+// mnm_backward over the parts of mnm_forward_parts. `saved` is what mnm_forward_parts returned
+// after its first nine outputs (post, h_in, c_in, r_in per part). Returns what mnm_backward
+// returns, for the whole batch.
+std::vector<at::Tensor> mnm_backward_parts(
+    const at::Tensor& g_hs, const at::Tensor& g_reads, const at::Tensor& g_after,
+    const at::Tensor& g_before, const at::Tensor& g_values, const at::Tensor& g_beta,
+    const at::Tensor& g_c_final, const at::Tensor& g_m_final, const at::Tensor& gates_x,
+    const at::Tensor& keep, const at::Tensor& m0, const std::vector<at::Tensor>& saved,
+    const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
+    const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
+    const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
+    bool gradient_rule, bool tanh_act, double eps) {
+  const int64_t B = gates_x.size(1);
+  const int64_t parts = static_cast<int64_t>(saved.size()) / 4;
+  TORCH_CHECK(parts >= 1 && static_cast<int64_t>(saved.size()) == 4 * parts && parts <= B,
+              "saved must hold post, h_in, c_in and r_in of every part");
+  const bool per_step_int = b_int.dim() == 3;
+  std::vector<std::vector<at::Tensor>> outs(parts);
+  for_each_part(B, parts, [&](int64_t i, int64_t b0, int64_t b1) {
+    outs[i] = mnm_backward(
+        rows(g_hs, 1, b0, b1), rows(g_reads, 1, b0, b1), rows(g_after, 1, b0, b1),
+        rows(g_before, 1, b0, b1), rows(g_values, 1, b0, b1), rows(g_beta, 1, b0, b1),
+        rows(g_c_final, 0, b0, b1), rows(g_m_final, 0, b0, b1), rows(gates_x, 1, b0, b1),
+        rows(keep, 1, b0, b1), rows(m0, 0, b0, b1), saved[4 * i], saved[4 * i + 1],
+        saved[4 * i + 2], saved[4 * i + 3], rows(hs, 1, b0, b1), w_rec, w_int,
+        per_step_int ? rows(b_int, 1, b0, b1) : b_int, w_beta, b_beta, w_fb, b_fb, m_init,
+        n_heads, gradient_rule, tanh_act, eps);
+  });
+  // g_gates [T, B, ...]; dh, dc, dr, g_m0 [B, ...]; the weights' gradients summed, except a
+  // per-step b_int's, which is per sequence.
+  std::vector<at::Tensor> result{join(outs, 0, 1)};
+  for (size_t k = 1; k < 5; ++k) result.push_back(join(outs, k, 0));
+  for (size_t k = 5; k < 13; ++k)
+    result.push_back(k == 7 && per_step_int ? join(outs, k, 1) : total(outs, k));
+  return result;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &mnm_forward, "MNM recurrence over a sequence (forward)");
   m.def("backward", &mnm_backward, "MNM recurrence over a sequence (backward)");
+  m.def("forward_parts", &mnm_forward_parts,
+        "MNM recurrence over a sequence (forward), the batch split into parts run in parallel");
+  m.def("backward_parts", &mnm_backward_parts,
+        "MNM recurrence over a sequence (backward) of forward_parts");
 }
