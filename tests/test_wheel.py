@@ -48,7 +48,9 @@ def test_wheel_installs_in_a_fresh_venv_and_finds_presets(tmp_path: Path):
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "mnm_rl").rglob("*.py")}
     assert modules - names == set(), "packages missing from [tool.setuptools] packages"
-    assert "mnm_rl/memory/csrc/mnm_sequence.cpp" in names  # the fused kernel's source
+    assert "mnm_rl/memory/csrc/mnm_sequence.cpp" in names  # the fused kernels' sources
+    assert "mnm_rl/memory/csrc/lstm_sequence.cpp" in names
+    assert "mnm_rl/memory/csrc/elementwise.h" in names
     for kind in ("envs", "agents"):
         presets = {f"mnm_rl/presets/{kind}/{p.name}" for p in (ROOT / kind).glob("*.yaml")}
         assert presets and presets <= names

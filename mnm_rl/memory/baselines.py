@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mnm_rl.memory.base import RecurrentCore
+from mnm_rl.memory.lstm_kernel import lstm_kernel, run_lstm
 from mnm_rl.memory.state import CoreState
 
 
@@ -69,10 +70,26 @@ class _FusedRNNCore(RecurrentCore):
 
 
 class LSTMCore(_FusedRNNCore):
-    """LSTM baseline; state ``h, c`` of shape ``[B, hidden_size]``."""
+    """LSTM baseline; state ``h, c`` of shape ``[B, hidden_size]``.
+
+    A sequence in which some episode starts after the first step runs, on the CPU, through the
+    compiled kernel of :mod:`mnm_rl.memory.lstm_kernel` (one call whatever the resets) when it
+    is available; otherwise span by span through ``nn.LSTM``. Without such resets one fused
+    ``nn.LSTM`` call is a little faster than the kernel (oneDNN), so it keeps that.
+    """
 
     rnn_type = nn.LSTM
     state_keys = ("h", "c")
+
+    def forward(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor
+    ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
+        kernel = lstm_kernel(x)
+        if kernel is None or not bool(episode_starts[1:].any()):  # one host read, like spans'
+            return super().forward(x, state, episode_starts)
+        self._check_inputs(x, state, episode_starts)
+        out, h, c = run_lstm(self.rnn, x, state["h"], state["c"], episode_starts, kernel)
+        return out, CoreState({"h": h, "c": c}), {}
 
     def _run(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if x.shape[0] != 1:

@@ -1,5 +1,8 @@
 """The MNM recurrence as one compiled CPU kernel per sequence (``csrc/mnm_sequence.cpp``).
 
+The same extension holds the baseline LSTM's kernel (``csrc/lstm_sequence.cpp``, used by
+:mod:`mnm_rl.memory.lstm_kernel`).
+
 Eager PyTorch runs an MNM step as about 200 small operators, and at the sizes RL uses (a
 minibatch of 8-32 sequences, width 64) each costs microseconds of dispatch and allocation
 whatever its size. The kernel does a whole sequence, forward and backward, in one call each:
@@ -28,7 +31,9 @@ from torch import Tensor
 
 from mnm_rl.memory.allocator import retain_freed_memory
 
-_SOURCE = Path(__file__).with_name("csrc") / "mnm_sequence.cpp"
+#: The kernels' C++ sources (the MNM recurrence, the baseline LSTM, the Python module), built
+#: into one extension.
+SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.cpp"))
 #: How the kernel is compiled. OpenMP makes ``at::parallel_for`` in it run in parallel (without
 #: it the header-only ``parallel_for`` is a plain loop); the process's OpenMP runtime is torch's
 #: own ``libgomp.so.1``, already loaded, so the extension shares torch's thread pool.
@@ -53,7 +58,7 @@ def load_extension() -> ModuleType | None:
 
         _extension = load(
             name="mnm_rl_sequence",
-            sources=[str(_SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=COMPILE_FLAGS,
             extra_ldflags=LINK_FLAGS,
             verbose=False,

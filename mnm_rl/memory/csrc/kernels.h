@@ -1,0 +1,59 @@
+// The fused CPU kernels' entry points, bound to Python in module.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace mnm_rl {
+
+// mnm_sequence.cpp: the MNM recurrence (see there for the arguments and outputs).
+std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
+                                    const at::Tensor& h0, const at::Tensor& c0,
+                                    const at::Tensor& r0, const at::Tensor& m0,
+                                    const at::Tensor& w_rec, const at::Tensor& w_int,
+                                    const at::Tensor& b_int, const at::Tensor& w_beta,
+                                    const at::Tensor& b_beta, const at::Tensor& w_fb,
+                                    const at::Tensor& b_fb, const at::Tensor& m_init,
+                                    int64_t n_heads, bool gradient_rule, bool tanh_act,
+                                    double eps, bool store);
+std::vector<at::Tensor> mnm_backward(
+    const at::Tensor& g_hs, const at::Tensor& g_reads, const at::Tensor& g_after,
+    const at::Tensor& g_before, const at::Tensor& g_values, const at::Tensor& g_beta,
+    const at::Tensor& g_c_final, const at::Tensor& g_m_final, const at::Tensor& gates_x,
+    const at::Tensor& keep, const at::Tensor& m0, const at::Tensor& post,
+    const at::Tensor& h_in, const at::Tensor& c_in, const at::Tensor& r_in,
+    const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
+    const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
+    const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
+    bool gradient_rule, bool tanh_act, double eps);
+std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::Tensor& keep,
+                                          const at::Tensor& h0, const at::Tensor& c0,
+                                          const at::Tensor& r0, const at::Tensor& m0,
+                                          const at::Tensor& w_rec, const at::Tensor& w_int,
+                                          const at::Tensor& b_int, const at::Tensor& w_beta,
+                                          const at::Tensor& b_beta, const at::Tensor& w_fb,
+                                          const at::Tensor& b_fb, const at::Tensor& m_init,
+                                          int64_t n_heads, bool gradient_rule, bool tanh_act,
+                                          double eps, bool store, int64_t parts);
+std::vector<at::Tensor> mnm_backward_parts(
+    const at::Tensor& g_hs, const at::Tensor& g_reads, const at::Tensor& g_after,
+    const at::Tensor& g_before, const at::Tensor& g_values, const at::Tensor& g_beta,
+    const at::Tensor& g_c_final, const at::Tensor& g_m_final, const at::Tensor& gates_x,
+    const at::Tensor& keep, const at::Tensor& m0, const std::vector<at::Tensor>& saved,
+    const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
+    const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
+    const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
+    bool gradient_rule, bool tanh_act, double eps);
+
+// lstm_sequence.cpp: an LSTM with episode resets (see there).
+std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
+                                     const at::Tensor& h0, const at::Tensor& c0,
+                                     const at::Tensor& w_hh, bool store);
+std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& g_c_final,
+                                      const at::Tensor& keep, const at::Tensor& h0,
+                                      const at::Tensor& c0, const at::Tensor& w_hh,
+                                      const at::Tensor& hs, const at::Tensor& cs,
+                                      const at::Tensor& acts);
+
+}  // namespace mnm_rl

@@ -1,0 +1,148 @@
+// An LSTM over a whole sequence with episode resets inside it, forward and backward, as one CPU
+// kernel each: the baseline LSTM core's training pass (mnm_rl/memory/lstm_kernel.py).
+//
+// It computes what torch.nn.LSTM computes, in PyTorch's gate order (i, f, g, o), except that
+// before step t the state of every sequence b with keep[t, b] == 0 is set to zero (an episode
+// starts there):
+//
+//   h', c'  = keep[t] * (h, c)
+//   gates   = gates_x[t] + W_hh h'          (gates_x = W_ih x + b_ih + b_hh, computed outside)
+//   c       = sigmoid(f) c' + sigmoid(i) tanh(g)
+//   h       = sigmoid(o) tanh(c)
+//
+// A fused nn.LSTM call cannot reset part of a batch mid-sequence, so the PyTorch code splits the
+// sequence at every step where any sequence starts an episode and runs one call per span; with
+// short episodes and 16 sequences that is a call every step or two. Here a reset is a mask: one
+// BLAS call per step for the recurrent product, plain loops for the cell, and the recurrent
+// weight's gradient as one product over all steps at the end. tests/test_lstm_kernel.py checks
+// it against nn.LSTM run span by span: outputs, final state and every gradient.
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "elementwise.h"
+#include "kernels.h"
+
+namespace mnm_rl {
+
+// Forward over a sequence. gates_x [T, B, 4H], keep [T, B], h0 and c0 [B, H], w_hh [4H, H].
+// Returns [hs [T, B, H], c_final [B, H], cs [T, B, H] (every step's cell state), acts [T, B, 4H]
+// (every step's gate activations)]; with store=false, cs and acts are empty (no backward pass).
+std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
+                                     const at::Tensor& h0, const at::Tensor& c0,
+                                     const at::Tensor& w_hh, bool store) {
+  TORCH_CHECK(gates_x.dim() == 3 && gates_x.size(2) % 4 == 0, "gates_x must be [T, B, 4 * H]");
+  TORCH_CHECK(gates_x.device().is_cpu(), "the fused LSTM kernel runs on the CPU only");
+  const int64_t T = gates_x.size(0), B = gates_x.size(1), H = gates_x.size(2) / 4;
+  TORCH_CHECK(keep.sizes() == at::IntArrayRef({T, B}), "keep must be [T, B]");
+  TORCH_CHECK(h0.sizes() == at::IntArrayRef({B, H}) && c0.sizes() == h0.sizes(),
+              "h0 and c0 must be [B, H]");
+  const auto opts = gates_x.options();
+  auto hs = at::empty({T, B, H}, opts);
+  auto c_state = c0.clone();
+  auto cs = at::empty({store ? T : 0, B, H}, opts);
+  auto acts = at::empty({store ? T : 0, B, 4 * H}, opts);
+  auto h_in = at::empty({B, H}, opts);
+  auto gates = at::empty({B, 4 * H}, opts);  // without store; else each step's row of acts
+  const auto w_hh_t = w_hh.t();
+  AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "lstm_forward", [&] {
+    using T_ = scalar_t;
+    const T_* keep_p = keep.data_ptr<T_>();
+    T_* c_p = c_state.data_ptr<T_>();
+    T_* u = h_in.data_ptr<T_>();
+    const T_* h_prev = h0.data_ptr<T_>();
+    T_* h_all = hs.data_ptr<T_>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t b = 0; b < B; ++b) {
+        const bool k = keep_p[t * B + b] != T_(0);
+        for (int64_t i = 0; i < H; ++i) u[b * H + i] = k ? h_prev[b * H + i] : T_(0);
+        if (!k) std::fill(c_p + b * H, c_p + (b + 1) * H, T_(0));
+      }
+      at::Tensor out = store ? acts[t] : gates;
+      at::addmm_out(out, gates_x[t], h_in, w_hh_t);
+      // The activations in place, block by block (simple loops over contiguous rows, which
+      // the compiler vectorises), then the cell.
+      T_* h_p = h_all + t * B * H;
+      for (int64_t b = 0; b < B; ++b) {
+        T_* __restrict__ a = out.data_ptr<T_>() + b * 4 * H;
+        for (int64_t i = 0; i < 2 * H; ++i) a[i] = sigmoid(a[i]);
+        for (int64_t i = 2 * H; i < 3 * H; ++i) a[i] = tanh_(a[i]);
+        for (int64_t i = 3 * H; i < 4 * H; ++i) a[i] = sigmoid(a[i]);
+        T_* __restrict__ cb = c_p + b * H;
+        T_* __restrict__ hb = h_p + b * H;
+        for (int64_t i = 0; i < H; ++i) {
+          const T_ c = a[H + i] * cb[i] + a[i] * a[2 * H + i];
+          cb[i] = c;
+          hb[i] = a[3 * H + i] * tanh_(c);
+        }
+      }
+      if (store) cs[t].copy_(c_state);
+      h_prev = h_p;
+    }
+  });
+  return {hs, c_state, cs, acts};
+}
+
+// Backward over a sequence from the gradients of hs [T, B, H] and of the final c [B, H] (an
+// empty tensor is zero), with what lstm_forward stored. Returns the gradients of gates_x, h0, c0
+// and w_hh.
+std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& g_c_final,
+                                      const at::Tensor& keep, const at::Tensor& h0,
+                                      const at::Tensor& c0, const at::Tensor& w_hh,
+                                      const at::Tensor& hs, const at::Tensor& cs,
+                                      const at::Tensor& acts) {
+  const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
+  const auto opts = hs.options();
+  const bool has_g_hs = g_hs.defined() && g_hs.numel() > 0;
+  auto g_gates = at::empty({T, B, 4 * H}, opts);
+  auto dh = at::zeros({B, H}, opts);  // grad of the (unmasked) state entering step t + 1
+  auto dc = g_c_final.defined() && g_c_final.numel() > 0 ? g_c_final.clone() : at::zeros({B, H}, opts);
+  auto dh_total = at::empty({B, H}, opts);
+  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "lstm_backward", [&] {
+    using T_ = scalar_t;
+    const T_* keep_p = keep.data_ptr<T_>();
+    T_* dc_p = dc.data_ptr<T_>();
+    std::vector<T_> tanh_c_buffer(B * H);
+    T_* tanh_c = tanh_c_buffer.data();
+    for (int64_t t = T - 1; t >= 0; --t) {
+      if (has_g_hs)
+        at::add_out(dh_total, dh, g_hs[t]);
+      else
+        dh_total.copy_(dh);
+      const T_* dht = dh_total.data_ptr<T_>();
+      const T_* a_p = acts[t].data_ptr<T_>();
+      const T_* c_p = cs[t].data_ptr<T_>();
+      const T_* c_prev = t == 0 ? c0.data_ptr<T_>() : cs[t - 1].data_ptr<T_>();
+      const T_* keep_t = keep_p + t * B;
+      T_* gg = g_gates[t].data_ptr<T_>();
+      for (int64_t x = 0; x < B * H; ++x) tanh_c[x] = tanh_(c_p[x]);  // a loop it vectorises
+      for (int64_t b = 0; b < B; ++b) {
+        const T_ k = keep_t[b] != T_(0) ? T_(1) : T_(0);
+        const T_* __restrict__ a = a_p + b * 4 * H;
+        T_* __restrict__ gb = gg + b * 4 * H;
+        for (int64_t i = 0; i < H; ++i) {
+          const T_ ig = a[i], fg = a[H + i], cg = a[2 * H + i], og = a[3 * H + i];
+          const T_ tc = tanh_c[b * H + i];
+          const T_ dh_i = dht[b * H + i];
+          const T_ dcell = dc_p[b * H + i] + dh_i * og * (T_(1) - tc * tc);
+          gb[i] = dcell * cg * ig * (T_(1) - ig);
+          gb[H + i] = dcell * k * c_prev[b * H + i] * fg * (T_(1) - fg);
+          gb[2 * H + i] = dcell * ig * (T_(1) - cg * cg);
+          gb[3 * H + i] = dh_i * tc * og * (T_(1) - og);
+          dc_p[b * H + i] = dcell * fg * k;  // a reset passes nothing to the previous step
+        }
+      }
+      at::mm_out(dh, g_gates[t], w_hh);
+      T_* dh_p = dh.data_ptr<T_>();
+      for (int64_t b = 0; b < B; ++b)
+        if (keep_t[b] == T_(0)) std::fill(dh_p + b * H, dh_p + (b + 1) * H, T_(0));
+    }
+  });
+  // The recurrent weight's gradient, once over all steps: sum_t g_gates[t]^T (keep[t] h_{t-1}).
+  auto h_prev = at::cat({h0.unsqueeze(0), hs.narrow(0, 0, T - 1)}, 0) * keep.unsqueeze(-1);
+  auto g_w_hh = at::mm(g_gates.reshape({T * B, 4 * H}).t(), h_prev.reshape({T * B, H}));
+  return {g_gates, dh, dc, g_w_hh};
+}
+
+}  // namespace mnm_rl

@@ -1,0 +1,15 @@
+// The Python module of the fused CPU kernels (loaded by mnm_rl/memory/fused.py).
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &mnm_rl::mnm_forward, "MNM recurrence over a sequence (forward)");
+  m.def("backward", &mnm_rl::mnm_backward, "MNM recurrence over a sequence (backward)");
+  m.def("forward_parts", &mnm_rl::mnm_forward_parts,
+        "MNM recurrence over a sequence (forward), the batch split into parts run in parallel");
+  m.def("backward_parts", &mnm_rl::mnm_backward_parts,
+        "MNM recurrence over a sequence (backward) of forward_parts");
+  m.def("lstm_forward", &mnm_rl::lstm_forward, "LSTM with episode resets over a sequence");
+  m.def("lstm_backward", &mnm_rl::lstm_backward, "its backward pass");
+}
