@@ -8,8 +8,9 @@ One MNM core (width 64), in one process, 1 torch thread, CPU time, interleaved p
     python benchmarks/kernel_pairs.py                   # the kernel against the PyTorch code
     python benchmarks/kernel_pairs.py --against 22972cf # against the kernel source of a commit
 
-``--against REV`` builds ``mnm_rl/memory/csrc/mnm_sequence.cpp`` as it was at git revision REV
-under another extension name and loads both. Prints a table and, as the last line, a JSON list of
+``--against REV`` builds the kernel sources ``mnm_rl/memory/csrc/`` as they were at git revision
+REV under another extension name (with today's compiler flags) and loads both. Prints a table
+and, as the last line, a JSON list of
 ``{"size", "batch", "phase", "other_ms", "kernel_ms", "speedup"}`` (``speedup`` = other / kernel).
 """
 
@@ -30,8 +31,7 @@ from torch.utils.cpp_extension import load
 
 from mnm_rl.memory import MNMCore, fused
 
-SOURCE = "mnm_rl/memory/csrc/mnm_sequence.cpp"
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math"]
+SOURCE_DIR = "mnm_rl/memory/csrc"
 CASES = [((1, 1), 16), ((2, 2), 16), ((4, 3), 16), ((2, 2), 8)]
 
 
@@ -54,15 +54,25 @@ class _TwelveOutputs:
 
 
 def build_at(rev: str):
+    """The extension built from the kernel sources (every file of ``csrc/``) at git ``rev``."""
     root = Path(__file__).resolve().parents[1]
-    text = subprocess.run(
-        ["git", "show", f"{rev}:{SOURCE}"], cwd=root, capture_output=True, text=True, check=True
-    ).stdout
-    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
-    path = Path(tempfile.gettempdir()) / f"mnm_sequence_{digest}.cpp"
-    path.write_text(text)
-    return _TwelveOutputs(load(name=f"mnm_rl_sequence_{digest}", sources=[str(path)],
-                               extra_cflags=FLAGS))  # fmt: skip
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+
+    names = git("ls-tree", "--name-only", f"{rev}:{SOURCE_DIR}").split()
+    texts = {name: git("show", f"{rev}:{SOURCE_DIR}/{name}") for name in names}
+    digest = hashlib.sha1("".join(texts[n] for n in sorted(texts)).encode()).hexdigest()[:10]
+    folder = Path(tempfile.gettempdir()) / f"mnm_rl_csrc_{digest}"
+    folder.mkdir(exist_ok=True)
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    sources = [str(folder / n) for n in sorted(names) if n.endswith(".cpp")]
+    return _TwelveOutputs(load(name=f"mnm_rl_sequence_{digest}", sources=sources,
+                               extra_cflags=fused.COMPILE_FLAGS,
+                               extra_ldflags=fused.LINK_FLAGS))  # fmt: skip
 
 
 def time_case(core: MNMCore, batch: int, runner, pairs: int) -> dict[str, list[float]]:

@@ -17,7 +17,7 @@
 // weight's gradient as one product over all steps at the end. tests/test_lstm_kernel.py checks
 // it against nn.LSTM run span by span: outputs, final state and every gradient.
 
-#include <ATen/ATen.h>
+#include <torch/extension.h>
 
 #include <vector>
 
