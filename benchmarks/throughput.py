@@ -11,7 +11,9 @@ For one environment, number of envs, rollout length, number of epochs and miniba
     On the CPU the MNM cores run the fused kernel (``mnm_rl.memory.fused``); a config name
     ending in ``/eager`` (``mnm-p/eager``) runs the same core in plain PyTorch, one ending in
     ``/unmap`` lets glibc return the kernel's freed buffers to the OS (the default before the
-    fifth session). Any config may end in ``@N`` to run with N torch threads instead of
+    fifth session), one ending in ``/k2`` lets the kernel split a training batch between two
+    threads of its own (``MNM_RL_KERNEL_THREADS=2``; torch keeps ``--threads``). Any config may
+    end in ``@N`` to run with N torch threads instead of
     ``--threads`` (``lstm@2``, ``mnm-p:2x2/eager@2``): thread counts side by side in one run.
 
 Each agent runs one warm-up ``learn()`` of one rollout, then a timed ``learn()`` of
@@ -56,7 +58,14 @@ EAGER = "/eager"
 #: A config name ending in this lets glibc hand the kernel's freed buffers back to the OS
 #: (``MNM_RL_RETAIN_MEMORY=0``, see ``mnm_rl/memory/allocator.py``), e.g. ``mnm-p:2x2/unmap``.
 UNMAP = "/unmap"
-SUFFIXES = {EAGER: ("MNM_RL_FUSED", "0"), UNMAP: ("MNM_RL_RETAIN_MEMORY", "0")}
+#: A config name ending in this lets the MNM kernel split a training batch between two threads
+#: of its own (``MNM_RL_KERNEL_THREADS=2``) while torch keeps ``--threads``, e.g. ``mnm-p/k2``.
+KERNEL2 = "/k2"
+SUFFIXES = {
+    EAGER: ("MNM_RL_FUSED", "0"),
+    UNMAP: ("MNM_RL_RETAIN_MEMORY", "0"),
+    KERNEL2: ("MNM_RL_KERNEL_THREADS", "2"),
+}
 #: A config name ending in ``@N`` runs with N torch threads instead of ``--threads``, e.g.
 #: ``mnm-p:2x2@2`` next to ``mnm-p:2x2``: one and two threads side by side in one run.
 THREADS = "@"
@@ -75,9 +84,11 @@ def split_threads(name: str, default: int) -> tuple[str, int]:
 def split_config(name: str) -> tuple[str, dict[str, int]]:
     """``"mnm-p:2x2"`` -> ``("mnm-p", {"n_heads": 2, "n_layers": 2})``: an MNM core with H heads
     and L fast-weight layers (the presets' sizes); a plain core name has no extra kwargs. A
-    trailing ``/eager`` or ``/unmap`` (``"mnm-p:2x2/eager"``) is dropped here: see
+    trailing ``/eager``, ``/unmap`` or ``/k2`` (``"mnm-p:2x2/eager"``) is dropped here: see
     :func:`run_agent`."""
-    core, _, size = name.removesuffix(EAGER).removesuffix(UNMAP).partition(":")
+    for suffix in SUFFIXES:
+        name = name.removesuffix(suffix)
+    core, _, size = name.partition(":")
     if not size:
         return core, {}
     heads, _, layers = size.partition("x")

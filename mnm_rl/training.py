@@ -19,6 +19,7 @@ from stable_baselines3.common.logger import configure
 from mnm_rl.agent import MemoryPPO, NonFiniteError
 from mnm_rl.config import ConfigError, RunConfig
 from mnm_rl.env_factory import end_train_wrappers, make_vec_env, train_base_seed
+from mnm_rl.memory import fused
 from mnm_rl.runs import (
     MODEL_FILE,
     TB_DIR,
@@ -271,6 +272,7 @@ def train_run(
     check_device(train.device)
     if train.torch_threads is not None:
         torch.set_num_threads(train.torch_threads)
+    fused.set_kernel_threads(train.kernel_threads)
     done = checkpoint_steps(resume_from) if resume_from is not None else 0
     remaining = train.timesteps - done
     if remaining <= 0:

@@ -227,6 +227,7 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list, str]]:
         (["train", "--set", "agent.ppo.learning_rat=1e-3"], "'agent.ppo.learning_rate'"),
         (["train", "--set", "agent.ppo.n_steps=abc"], "agent.ppo.n_steps"),
         (["train", "--set", "train.n_envs=2.5"], "train.n_envs"),
+        (["train", "--set", "train.kernel_threads=0"], "train.kernel_threads"),
         (["train", "--set", "agent.ppo.n_steps=30"], "multiple of seq_len"),
         (["train", "--set", "nonsense"], "key=value"),
         (["train", "--timesteps", "0"], "--timesteps: must be a positive integer"),

@@ -200,6 +200,25 @@ def test_cli_help_names_the_switch():
     assert "MNM_RL_RETAIN_MEMORY=0" in build_parser().format_help()
 
 
+def test_kernel_threads_come_from_the_environment_the_setter_or_torch(monkeypatch):
+    monkeypatch.delenv(fused.KERNEL_THREADS_VARIABLE, raising=False)
+    monkeypatch.setattr(fused, "_kernel_threads", None)
+    assert fused.kernel_threads() == torch.get_num_threads()
+    fused.set_kernel_threads(3)
+    assert fused.kernel_threads() == 3
+    assert fused.batch_parts(16, 16) == 3
+    monkeypatch.setenv(fused.KERNEL_THREADS_VARIABLE, "2")
+    assert fused.kernel_threads() == 2  # the environment wins
+    monkeypatch.setenv(fused.KERNEL_THREADS_VARIABLE, "two")
+    with pytest.raises(ValueError, match="MNM_RL_KERNEL_THREADS='two'"):
+        fused.kernel_threads()
+    with pytest.raises(ValueError, match="positive"):
+        fused.set_kernel_threads(0)
+    fused.set_kernel_threads(None)
+    monkeypatch.delenv(fused.KERNEL_THREADS_VARIABLE)
+    assert fused.kernel_threads() == torch.get_num_threads()
+
+
 def test_batch_parts_gives_each_thread_enough_sequences():
     assert fused.batch_parts(16, 16, threads=1) == 1
     assert fused.batch_parts(16, 16, threads=2) == 2
@@ -211,9 +230,9 @@ def test_batch_parts_gives_each_thread_enough_sequences():
 
 @pytest.mark.parametrize("rule,interaction_input", [("mnm-p", True), ("mnm-g", False)])
 def test_batch_split_between_threads_matches_one_part(kernel, monkeypatch, rule, interaction_input):
-    """The batch run in 3 uneven parts (3, 2, 2 sequences), in parallel on 3 threads, gives what
-    one call gives: outputs, final state and every gradient (float64), with and without
-    autograd."""
+    """The batch run in 3 uneven parts (3, 2, 2 sequences), in parallel on 3 kernel threads,
+    gives what one call gives: outputs, final state and every gradient (float64); a rollout
+    step (one part) gives what the first step of the training pass gives."""
     core = _core(rule, "tanh", 2, 2, interaction_input=interaction_input)
     x, starts, state = _inputs(core, steps=6, batch=7)
     one = _run(core, x, starts, state, monkeypatch, use_kernel=True)
@@ -228,17 +247,13 @@ def test_batch_split_between_threads_matches_one_part(kernel, monkeypatch, rule,
             calls.append(args[-1])
             return original(*args)
 
-    monkeypatch.setattr(fused, "batch_parts", lambda steps, batch_size: 3)
+    monkeypatch.setattr(fused, "MIN_PART_ROWS", 2)
+    monkeypatch.setenv(fused.KERNEL_THREADS_VARIABLE, "3")  # its own threads; torch keeps its
     monkeypatch.setattr(fused, "load_extension", lambda: Counting())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        parts = _run(core, x, starts, state, monkeypatch, use_kernel=True)
-        with torch.inference_mode():
-            y_rollout, final_rollout, _ = core(x[:1], state, starts[:1])
-    finally:
-        torch.set_num_threads(threads)
-    assert calls == [3, 3]
+    parts = _run(core, x, starts, state, monkeypatch, use_kernel=True)
+    with torch.inference_mode():
+        y_rollout, final_rollout, _ = core(x[:1], state, starts[:1])  # one step: one part
+    assert calls == [3]
     assert parts.keys() == one.keys()
     for name, expected in one.items():
         torch.testing.assert_close(parts[name], expected, rtol=1e-12, atol=1e-13, msg=name)

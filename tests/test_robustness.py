@@ -205,10 +205,14 @@ def all_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def test_same_seed_gives_identical_scalars_and_parameters(tmp_path: Path):
+@pytest.mark.parametrize("kernel_threads", [1, 2])
+def test_same_seed_gives_identical_scalars_and_parameters(tmp_path: Path, kernel_threads: int):
+    """Also with the MNM kernel splitting each minibatch (8 sequences of 8 steps) between two
+    threads."""
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
         ok(mnm_rl("train", "--env", "DelayedCueRecall", "--timesteps", "512", *FAST,
+                  *sets("agent.ppo.seq_len=8", f"train.kernel_threads={kernel_threads}"),
                   "--seed", "3", "--run-dir", run, cwd=tmp_path))  # fmt: skip
     a, b = (all_scalars(run / "tb") for run in runs)
     timing = {t for t in a if t.startswith("time/")}  # fps and elapsed time are wall-clock

@@ -78,15 +78,41 @@ def load_extension() -> ModuleType | None:
 
 #: The fewest sequences a thread gets when the kernel splits a batch between threads.
 MIN_PART_ROWS = 4
+#: Environment variable: how many threads the kernel may split a training batch between.
+KERNEL_THREADS_VARIABLE = "MNM_RL_KERNEL_THREADS"
+
+
+_kernel_threads: int | None = None
+
+
+def set_kernel_threads(threads: int | None) -> None:
+    """Let the kernel split a training batch between ``threads`` threads (``None``: as many as
+    torch's intra-op threads); ``MNM_RL_KERNEL_THREADS`` in the environment takes precedence."""
+    global _kernel_threads
+    if threads is not None and threads < 1:
+        raise ValueError(f"kernel threads must be positive, got {threads}")
+    _kernel_threads = threads
+
+
+def kernel_threads() -> int:
+    """Threads the kernel may split a training batch between: ``MNM_RL_KERNEL_THREADS`` if set,
+    else :func:`set_kernel_threads`'s value, else torch's intra-op thread count
+    (``torch.get_num_threads()``). The kernel starts its own threads, so with two kernel
+    threads and one torch thread only the MNM recurrence runs on two cores."""
+    value = os.environ.get(KERNEL_THREADS_VARIABLE, "").strip()
+    if not value:
+        return _kernel_threads or torch.get_num_threads()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{KERNEL_THREADS_VARIABLE}={value!r}: expected a positive integer")
+    return int(value)
 
 
 def batch_parts(steps: int, batch_size: int, threads: int | None = None) -> int:
     """Into how many parts the kernel splits a batch of ``batch_size`` sequences of ``steps``
-    steps, each part run by its own thread: one per torch thread (``torch.get_num_threads()``,
-    or ``threads``), as long as each part keeps at least :data:`MIN_PART_ROWS` sequences. A
-    single step (the rollout's) is too short to pay for the threads: one part, as with one
-    thread."""
-    threads = torch.get_num_threads() if threads is None else threads
+    steps, each part run by its own thread: one per thread (:func:`kernel_threads`, or
+    ``threads``), as long as each part keeps at least :data:`MIN_PART_ROWS` sequences. A single
+    step (the rollout's) is too short to pay for the threads: one part, as with one thread."""
+    threads = kernel_threads() if threads is None else threads
     if steps < 2:
         return 1
     return max(1, min(threads, batch_size // MIN_PART_ROWS))

@@ -30,12 +30,12 @@
 // slower (benchmarks/kernel_pairs.py --against b67e963, 4 heads x 3 layers).
 #include <torch/extension.h>
 
-#include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <vector>
 
 #include "elementwise.h"
@@ -582,8 +582,7 @@ std::vector<at::Tensor> mnm_backward(
 // ----------------------------------------------------------------------------------------------
 // The same over a batch split into parts, one per thread. The sequences of a batch are
 // independent in the recurrence: only the slow weights' gradients sum over them. So each part
-// runs mnm_forward / mnm_backward above on its own rows, in parallel (at::parallel_for; the ATen
-// and BLAS calls inside a parallel region run on the calling thread), and the results are joined:
+// runs mnm_forward / mnm_backward above on its own rows, in parallel, and the results are joined:
 // per-sequence outputs and gradients concatenated along the batch, weight gradients summed. What
 // the backward pass needs (every step's post-write weights and inputs) stays per part.
 
@@ -601,15 +600,25 @@ at::Tensor rows(const at::Tensor& x, int64_t dim, int64_t b0, int64_t b1) {
   return x.narrow(dim, b0, b1 - b0).contiguous();
 }
 
-// Run body(i, b0, b1) for every part, in parallel, each thread with the caller's thread-local
-// state (no autograd, inference mode in the rollout).
+// Run body(i, b0, b1) for every part, one OpenMP thread per part, each with the caller's
+// thread-local state (no autograd, inference mode in the rollout). The thread count is the
+// number of parts, whatever torch's intra-op setting (torch.set_num_threads), so the rest of
+// the model can stay on one thread; inside the region ATen and BLAS run on the calling thread.
+// An exception in a part is rethrown here, after the region.
 template <typename F> void for_each_part(int64_t B, int64_t parts, const F& body) {
   const at::ThreadLocalState caller;
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard guard(caller);
-    for (int64_t i = begin; i < end; ++i)
+  std::vector<std::exception_ptr> errors(parts);
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+  for (int64_t i = 0; i < parts; ++i) {
+    try {
+      at::ThreadLocalStateGuard guard(caller);
       body(i, part_start(B, parts, i), part_start(B, parts, i + 1));
-  });
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+  }
+  for (const auto& error : errors)
+    if (error) std::rethrow_exception(error);
 }
 
 // Output k of every part, concatenated along dim.
