@@ -1,7 +1,7 @@
 """The MNM recurrence as one compiled CPU kernel per sequence (``csrc/mnm_sequence.cpp``).
 
-The same extension holds the baseline LSTM's kernel (``csrc/lstm_sequence.cpp``, used by
-:mod:`mnm_rl.memory.lstm_kernel`).
+The same extension holds the baseline LSTM's and GRU's kernels (``csrc/lstm_sequence.cpp``,
+``csrc/gru_sequence.cpp``, used by :mod:`mnm_rl.memory.rnn_kernels`).
 
 Eager PyTorch runs an MNM step as about 200 small operators, and at the sizes RL uses (a
 minibatch of 8-32 sequences, width 64) each costs microseconds of dispatch and allocation

@@ -56,4 +56,12 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& 
                                       const at::Tensor& hs, const at::Tensor& cs,
                                       const at::Tensor& acts);
 
+// gru_sequence.cpp: a GRU with episode resets (see there).
+std::vector<at::Tensor> gru_forward(const at::Tensor& gates_x, const at::Tensor& keep,
+                                    const at::Tensor& h0, const at::Tensor& w_hh,
+                                    const at::Tensor& b_hh, bool store);
+std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& keep,
+                                     const at::Tensor& h0, const at::Tensor& w_hh,
+                                     const at::Tensor& hs, const at::Tensor& acts);
+
 }  // namespace mnm_rl

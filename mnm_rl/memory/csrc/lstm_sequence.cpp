@@ -1,5 +1,5 @@
 // An LSTM over a whole sequence with episode resets inside it, forward and backward, as one CPU
-// kernel each: the baseline LSTM core's training pass (mnm_rl/memory/lstm_kernel.py).
+// kernel each: the baseline LSTM core's training pass (mnm_rl/memory/rnn_kernels.py).
 //
 // It computes what torch.nn.LSTM computes, in PyTorch's gate order (i, f, g, o), except that
 // before step t the state of every sequence b with keep[t, b] == 0 is set to zero (an episode
@@ -14,7 +14,7 @@
 // sequence at every step where any sequence starts an episode and runs one call per span; with
 // short episodes and 16 sequences that is a call every step or two. Here a reset is a mask: one
 // BLAS call per step for the recurrent product, plain loops for the cell, and the recurrent
-// weight's gradient as one product over all steps at the end. tests/test_lstm_kernel.py checks
+// weight's gradient as one product over all steps at the end. tests/test_rnn_kernels.py checks
 // it against nn.LSTM run span by span: outputs, final state and every gradient.
 
 #include <torch/extension.h>

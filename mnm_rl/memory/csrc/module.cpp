@@ -12,4 +12,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "MNM recurrence over a sequence (backward) of forward_parts");
   m.def("lstm_forward", &mnm_rl::lstm_forward, "LSTM with episode resets over a sequence");
   m.def("lstm_backward", &mnm_rl::lstm_backward, "its backward pass");
+  m.def("gru_forward", &mnm_rl::gru_forward, "GRU with episode resets over a sequence");
+  m.def("gru_backward", &mnm_rl::gru_backward, "its backward pass");
 }

@@ -1,0 +1,130 @@
+// A GRU over a whole sequence with episode resets inside it, forward and backward, as one CPU
+// kernel each: the baseline GRU core's training pass (mnm_rl/memory/rnn_kernels.py). The
+// companion of lstm_sequence.cpp (see there for why).
+//
+// It computes what torch.nn.GRU computes, in PyTorch's gate order (r, z, n), except that before
+// step t the state of every sequence b with keep[t, b] == 0 is set to zero:
+//
+//   h'  = keep[t] * h
+//   gh  = W_hh h' + b_hh                    (gates_x = W_ih x + b_ih, computed outside)
+//   r   = sigmoid(gates_x_r + gh_r),  z = sigmoid(gates_x_z + gh_z)
+//   n   = tanh(gates_x_n + r * gh_n)
+//   h   = (1 - z) n + z h'
+
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "elementwise.h"
+#include "kernels.h"
+
+namespace mnm_rl {
+
+// Forward over a sequence. gates_x [T, B, 3H], keep [T, B], h0 [B, H], w_hh [3H, H], b_hh [3H].
+// Returns [hs [T, B, H], acts [T, B, 4H]: every step's r, z, n and gh_n (empty without store)].
+std::vector<at::Tensor> gru_forward(const at::Tensor& gates_x, const at::Tensor& keep,
+                                    const at::Tensor& h0, const at::Tensor& w_hh,
+                                    const at::Tensor& b_hh, bool store) {
+  TORCH_CHECK(gates_x.dim() == 3 && gates_x.size(2) % 3 == 0, "gates_x must be [T, B, 3 * H]");
+  TORCH_CHECK(gates_x.device().is_cpu(), "the fused GRU kernel runs on the CPU only");
+  const int64_t T = gates_x.size(0), B = gates_x.size(1), H = gates_x.size(2) / 3;
+  TORCH_CHECK(keep.sizes() == at::IntArrayRef({T, B}), "keep must be [T, B]");
+  TORCH_CHECK(h0.sizes() == at::IntArrayRef({B, H}), "h0 must be [B, H]");
+  const auto opts = gates_x.options();
+  auto hs = at::empty({T, B, H}, opts);
+  auto acts = at::empty({store ? T : 0, B, 4 * H}, opts);
+  auto h_in = at::empty({B, H}, opts);
+  auto gh = at::empty({B, 3 * H}, opts);
+  const auto w_hh_t = w_hh.t();
+  AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "gru_forward", [&] {
+    using T_ = scalar_t;
+    const T_* keep_p = keep.data_ptr<T_>();
+    T_* u = h_in.data_ptr<T_>();
+    const T_* h_prev = h0.data_ptr<T_>();
+    const T_* gx_all = gates_x.data_ptr<T_>();
+    T_* h_all = hs.data_ptr<T_>();
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t b = 0; b < B; ++b) {
+        const bool k = keep_p[t * B + b] != T_(0);
+        for (int64_t i = 0; i < H; ++i) u[b * H + i] = k ? h_prev[b * H + i] : T_(0);
+      }
+      at::addmm_out(gh, b_hh, h_in, w_hh_t);
+      T_* h_p = h_all + t * B * H;
+      for (int64_t b = 0; b < B; ++b) {
+        const T_* __restrict__ gx = gx_all + (t * B + b) * 3 * H;
+        const T_* __restrict__ g = gh.data_ptr<T_>() + b * 3 * H;
+        const T_* __restrict__ ub = u + b * H;
+        T_* __restrict__ hb = h_p + b * H;
+        T_* __restrict__ a = store ? acts.data_ptr<T_>() + (t * B + b) * 4 * H : nullptr;
+        for (int64_t i = 0; i < H; ++i) {
+          const T_ r = sigmoid(gx[i] + g[i]);
+          const T_ z = sigmoid(gx[H + i] + g[H + i]);
+          const T_ n = tanh_(gx[2 * H + i] + r * g[2 * H + i]);
+          hb[i] = (T_(1) - z) * n + z * ub[i];
+          if (store) a[i] = r, a[H + i] = z, a[2 * H + i] = n, a[3 * H + i] = g[2 * H + i];
+        }
+      }
+      h_prev = h_p;
+    }
+  });
+  return {hs, acts};
+}
+
+// Backward over a sequence from the gradient of hs [T, B, H] (an empty tensor is zero), with
+// what gru_forward stored. Returns the gradients of gates_x, h0, w_hh and b_hh.
+std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& keep,
+                                     const at::Tensor& h0, const at::Tensor& w_hh,
+                                     const at::Tensor& hs, const at::Tensor& acts) {
+  const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
+  const auto opts = hs.options();
+  const bool has_g_hs = g_hs.defined() && g_hs.numel() > 0;
+  auto g_gates_x = at::empty({T, B, 3 * H}, opts);
+  auto g_gh = at::empty({T, B, 3 * H}, opts);  // grad of W_hh h' + b_hh
+  auto dh = at::zeros({B, H}, opts);           // grad of the state entering step t + 1
+  auto dh_total = at::empty({B, H}, opts);
+  auto du = at::empty({B, H}, opts);
+  // h' of every step: keep[t] * h_{t-1}.
+  auto h_prev = at::cat({h0.unsqueeze(0), hs.narrow(0, 0, T - 1)}, 0) * keep.unsqueeze(-1);
+  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "gru_backward", [&] {
+    using T_ = scalar_t;
+    const T_* keep_p = keep.data_ptr<T_>();
+    const T_* u_all = h_prev.data_ptr<T_>();
+    for (int64_t t = T - 1; t >= 0; --t) {
+      if (has_g_hs)
+        at::add_out(dh_total, dh, g_hs[t]);
+      else
+        dh_total.copy_(dh);
+      const T_* dht = dh_total.data_ptr<T_>();
+      T_* du_p = du.data_ptr<T_>();
+      for (int64_t b = 0; b < B; ++b) {
+        const T_* __restrict__ a = acts.data_ptr<T_>() + (t * B + b) * 4 * H;
+        const T_* __restrict__ ub = u_all + (t * B + b) * H;
+        T_* __restrict__ gx = g_gates_x.data_ptr<T_>() + (t * B + b) * 3 * H;
+        T_* __restrict__ gg = g_gh.data_ptr<T_>() + (t * B + b) * 3 * H;
+        for (int64_t i = 0; i < H; ++i) {
+          const T_ r = a[i], z = a[H + i], n = a[2 * H + i], ghn = a[3 * H + i];
+          const T_ d = dht[b * H + i];
+          const T_ dn = d * (T_(1) - z) * (T_(1) - n * n);  // into n's pre-activation
+          const T_ dr = dn * ghn * r * (T_(1) - r);
+          const T_ dz = d * (ub[i] - n) * z * (T_(1) - z);
+          gx[i] = gg[i] = dr;
+          gx[H + i] = gg[H + i] = dz;
+          gx[2 * H + i] = dn;
+          gg[2 * H + i] = dn * r;
+          du_p[b * H + i] = d * z;
+        }
+      }
+      at::addmm_out(dh, du, g_gh[t], w_hh);
+      T_* dh_p = dh.data_ptr<T_>();
+      const T_* keep_t = keep_p + t * B;
+      for (int64_t b = 0; b < B; ++b)
+        if (keep_t[b] == T_(0)) std::fill(dh_p + b * H, dh_p + (b + 1) * H, T_(0));
+    }
+  });
+  // The recurrent weight's and bias's gradients, once over all steps.
+  auto flat = g_gh.reshape({T * B, 3 * H});
+  auto g_w_hh = at::mm(flat.t(), h_prev.reshape({T * B, H}));
+  return {g_gates_x, dh, g_w_hh, flat.sum(0)};
+}
+
+}  // namespace mnm_rl

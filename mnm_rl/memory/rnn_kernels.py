@@ -1,0 +1,123 @@
+"""The baseline LSTM and GRU over a sequence with episode resets, as compiled CPU kernels.
+
+``torch.nn.LSTM`` and ``nn.GRU`` run a whole sequence as one fused call, but they cannot reset
+the state of some sequences of a batch in the middle of it. The baseline cores
+(:mod:`mnm_rl.memory.baselines`) therefore split a training chunk at every step where any
+sequence starts an episode and make one call per span; with short episodes and 16 sequences per
+minibatch that is a call every step or two, and the cost grows with how often episodes end. The
+kernels (``csrc/lstm_sequence.cpp``, ``csrc/gru_sequence.cpp``, in the extension of
+:mod:`mnm_rl.memory.fused`) treat a reset as a mask instead: one call forward and one backward
+whatever the resets, with the ``nn.LSTM``/``nn.GRU`` module's own weights.
+
+``tests/test_rnn_kernels.py`` compares them with the module run span by span: outputs, final
+state and every gradient, in float64. The cores use them on the CPU for sequences of more than
+one step (a rollout step keeps the cell op; the LSTM, whose oneDNN ``nn.LSTM`` call is as fast,
+only when an episode starts after the first step), unless ``MNM_RL_FUSED=0``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+
+from mnm_rl.memory import fused
+
+
+def rnn_kernel(x: Tensor, episode_starts: Tensor, only_with_resets: bool) -> ModuleType | None:
+    """The compiled kernels if they apply to ``x [T, B, F]`` (CPU, float32/64, more than one
+    step, not switched off by ``MNM_RL_FUSED=0``), else ``None``. With ``only_with_resets``
+    also ``None`` unless an episode starts after the first step (one host read, as the span
+    code makes anyway): the LSTM's, which without resets is no faster than one oneDNN
+    ``nn.LSTM`` call; ``nn.GRU`` has no such fast path on the CPU, so the GRU takes the kernel
+    whatever the resets (``benchmarks/rnn_resets.py``)."""
+    if (
+        x.shape[0] < 2
+        or not fused.fused_enabled()
+        or x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or (only_with_resets and not bool(episode_starts[1:].any()))
+    ):
+        return None
+    return fused.load_extension()
+
+
+def _store(*tensors: Tensor) -> bool:
+    """Whether there will be a backward pass, so the kernel must keep what it needs."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class FusedLSTMSequence(torch.autograd.Function):
+    """``apply((kernel, store), gates_x, keep, h0, c0, w_hh) -> (hs [T, B, H], c_final [B, H])``;
+    ``store``: keep what a backward pass needs (not in the rollout)."""
+
+    @staticmethod
+    def forward(ctx, config, gates_x, keep, h0, c0, w_hh):  # noqa: D102
+        kernel, store = config
+        hs, c_final, cs, acts = kernel.lstm_forward(gates_x, keep, h0, c0, w_hh, store)
+        ctx.kernel = kernel
+        ctx.save_for_backward(keep, h0, c0, w_hh, hs, cs, acts)
+        ctx.set_materialize_grads(False)
+        return hs, c_final
+
+    @staticmethod
+    def backward(ctx, g_hs, g_c):  # noqa: D102
+        keep, h0, c0, w_hh, hs, cs, acts = ctx.saved_tensors
+        empty = torch.Tensor()  # stands for a zero gradient
+        g_gates, g_h0, g_c0, g_w_hh = ctx.kernel.lstm_backward(
+            empty if g_hs is None else g_hs.contiguous(),
+            empty if g_c is None else g_c.contiguous(),
+            keep, h0, c0, w_hh, hs, cs, acts,
+        )  # fmt: skip
+        return None, g_gates, None, g_h0, g_c0, g_w_hh
+
+
+class FusedGRUSequence(torch.autograd.Function):
+    """``apply((kernel, store), gates_x, keep, h0, w_hh, b_hh) -> hs [T, B, H]``."""
+
+    @staticmethod
+    def forward(ctx, config, gates_x, keep, h0, w_hh, b_hh):  # noqa: D102
+        kernel, store = config
+        hs, acts = kernel.gru_forward(gates_x, keep, h0, w_hh, b_hh, store)
+        ctx.kernel = kernel
+        ctx.save_for_backward(keep, h0, w_hh, hs, acts)
+        ctx.set_materialize_grads(False)
+        return hs
+
+    @staticmethod
+    def backward(ctx, g_hs):  # noqa: D102
+        keep, h0, w_hh, hs, acts = ctx.saved_tensors
+        if g_hs is None:
+            return None, None, None, None, None, None
+        g_gates, g_h0, g_w_hh, g_b_hh = ctx.kernel.gru_backward(
+            g_hs.contiguous(), keep, h0, w_hh, hs, acts
+        )
+        return None, g_gates, None, g_h0, g_w_hh, g_b_hh
+
+
+def run_lstm(
+    rnn: nn.LSTM, x: Tensor, h0: Tensor, c0: Tensor, episode_starts: Tensor, kernel: ModuleType
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A one-layer ``rnn`` over ``x [T, B, F]`` from ``(h0, c0)`` ``[B, H]``, the state of
+    sequence ``b`` set to zero before step ``t`` where ``episode_starts[t, b]`` is nonzero.
+    Returns ``(outputs [T, B, H], h [B, H], c [B, H])`` after the last step."""
+    gates_x = nn.functional.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0 + rnn.bias_hh_l0)
+    keep = (episode_starts == 0).to(x.dtype).contiguous()
+    h0, c0, w_hh = h0.contiguous(), c0.contiguous(), rnn.weight_hh_l0
+    store = _store(gates_x, h0, c0, w_hh)
+    hs, c = FusedLSTMSequence.apply((kernel, store), gates_x.contiguous(), keep, h0, c0, w_hh)
+    return hs, hs[-1], c
+
+
+def run_gru(
+    rnn: nn.GRU, x: Tensor, h0: Tensor, episode_starts: Tensor, kernel: ModuleType
+) -> tuple[Tensor, Tensor]:
+    """A one-layer ``rnn`` over ``x [T, B, F]`` from ``h0 [B, H]``, with resets as in
+    :func:`run_lstm`. Returns ``(outputs [T, B, H], h [B, H])`` after the last step."""
+    gates_x = nn.functional.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0)
+    keep = (episode_starts == 0).to(x.dtype).contiguous()
+    h0, w_hh, b_hh = h0.contiguous(), rnn.weight_hh_l0, rnn.bias_hh_l0
+    store = _store(gates_x, h0, w_hh, b_hh)
+    hs = FusedGRUSequence.apply((kernel, store), gates_x.contiguous(), keep, h0, w_hh, b_hh)
+    return hs, hs[-1]

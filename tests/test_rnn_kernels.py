@@ -1,0 +1,170 @@
+"""The fused LSTM and GRU kernels (``mnm_rl.memory.rnn_kernels``) compute what ``nn.LSTM`` and
+``nn.GRU`` compute.
+
+Each comparison runs one baseline core twice on the same inputs, through the kernel and through
+the PyTorch code (``MNM_RL_FUSED=0``: the module span by span between episode resets), and
+compares the outputs, the final state and the gradients of every parameter, of the inputs and of
+the start state, with resets at the first step, inside the sequence, and several in one step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnm_rl.memory import CoreState, GRUCore, LSTMCore, fused, rnn_kernels
+
+CORES = {"lstm": (LSTMCore, "FusedLSTMSequence"), "gru": (GRUCore, "FusedGRUSequence")}
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    ext = fused.load_extension()
+    assert ext is not None, "the fused kernels did not build"
+    return ext
+
+
+def _core(kind: str, size: int, hidden: int, dtype=torch.float64):
+    torch.manual_seed(0)
+    return CORES[kind][0](size, hidden_size=hidden).to(dtype)
+
+
+def _inputs(core, steps: int, batch: int, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps, batch, core.input_size, generator=gen, dtype=dtype)
+    starts = torch.zeros(steps, batch)
+    starts[0, 0] = 1
+    starts[2, 1:] = 1  # several sequences in one step
+    starts[steps - 1, batch - 1] = 1
+    state = CoreState(
+        {
+            k: torch.randn(batch, core.hidden_size, generator=gen, dtype=dtype)
+            for k in core.state_keys
+        }
+    )
+    return x, starts, state
+
+
+def _run(core, x, starts, state, monkeypatch, use_kernel: bool):
+    monkeypatch.setenv("MNM_RL_FUSED", "1" if use_kernel else "0")
+    core.zero_grad()
+    x = x.clone().requires_grad_(True)
+    start = CoreState({k: v.clone().requires_grad_(True) for k, v in state.items()})
+    y, final, _ = core(x, start, starts)
+    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    loss = (y * weights).sum() + sum((i + 2) * v.pow(2).sum() for i, v in enumerate(final.values()))
+    loss.backward()
+    out = {"y": y, "grad.x": x.grad, **{f"final.{k}": v for k, v in final.items()}}
+    out.update({f"grad.{n}": p.grad.clone() for n, p in core.named_parameters()})
+    out.update({f"grad.state.{k}": v.grad for k, v in start.items()})
+    return out
+
+
+def _count_calls(monkeypatch, kind: str) -> list[int]:
+    calls: list[int] = []
+    function = getattr(rnn_kernels, CORES[kind][1])
+    original = function.apply
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(function, "apply", counting)
+    return calls
+
+
+@pytest.mark.parametrize("kind", CORES)
+def test_kernel_matches_the_module_in_float64(kernel, monkeypatch, kind):
+    core = _core(kind, 5, 7)
+    x, starts, state = _inputs(core, steps=6, batch=4, dtype=torch.float64)
+    calls = _count_calls(monkeypatch, kind)
+    fused_out = _run(core, x, starts, state, monkeypatch, use_kernel=True)
+    assert len(calls) == 1
+    eager_out = _run(core, x, starts, state, monkeypatch, use_kernel=False)
+    assert len(calls) == 1  # MNM_RL_FUSED=0 ran the module
+    assert fused_out.keys() == eager_out.keys()
+    for name, expected in eager_out.items():
+        assert expected is not None, name
+        torch.testing.assert_close(fused_out[name], expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("kind", CORES)
+def test_kernel_in_float32_is_as_accurate_as_the_module(kernel, monkeypatch, kind):
+    """float32 at the agents' sizes: against the float64 result, the kernel (its own tanh and
+    sigmoid) errs no more than the module's float32 code does."""
+    core = _core(kind, 32, 64, dtype=torch.float32)
+    x, starts, state = _inputs(core, steps=32, batch=16, dtype=torch.float32, seed=1)
+    fused_out = _run(core, x, starts, state, monkeypatch, use_kernel=True)
+    eager_out = _run(core, x, starts, state, monkeypatch, use_kernel=False)
+    state64 = CoreState({k: v.double() for k, v in state.items()})
+    exact = _run(core.double(), x.double(), starts, state64, monkeypatch, use_kernel=False)
+    for name, truth in exact.items():
+        scale = truth.abs().max().item()
+        fused_error = (fused_out[name].double() - truth).abs().max().item()
+        eager_error = (eager_out[name].double() - truth).abs().max().item()
+        assert fused_error <= 4 * eager_error + 1e-6 * scale, (name, fused_error, eager_error)
+
+
+def test_kernel_gradients_pass_gradcheck(kernel):
+    """Finite differences on the kernels' own autograd functions, without the modules."""
+    gen = torch.Generator().manual_seed(2)
+    steps, batch, hidden = 5, 3, 4
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    keep = torch.ones(steps, batch, dtype=torch.float64)
+    keep[1, 0] = keep[3, 2] = 0
+    lstm = rnn_kernels.FusedLSTMSequence.apply
+    gru = rnn_kernels.FusedGRUSequence.apply
+    assert torch.autograd.gradcheck(
+        lambda g, h, c, w: lstm((kernel, True), g, keep, h, c, w),
+        (randn(steps, batch, 4 * hidden), randn(batch, hidden), randn(batch, hidden),
+         randn(4 * hidden, hidden)),
+        eps=1e-6, atol=1e-7,
+    )  # fmt: skip
+    assert torch.autograd.gradcheck(
+        lambda g, h, w, b: gru((kernel, True), g, keep, h, w, b),
+        (randn(steps, batch, 3 * hidden), randn(batch, hidden), randn(3 * hidden, hidden),
+         randn(3 * hidden)),
+        eps=1e-6, atol=1e-7,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", CORES)
+def test_rollout_steps_lstm_sequences_without_resets_and_the_switch_use_the_module(
+    kernel, monkeypatch, kind
+):
+    def refuse(*args):
+        raise AssertionError("the kernel was called")
+
+    monkeypatch.setattr(getattr(rnn_kernels, CORES[kind][1]), "apply", refuse)
+    core = _core(kind, 5, 7, dtype=torch.float32)
+    x, starts, state = _inputs(core, steps=4, batch=3, dtype=torch.float32)
+    y, _, _ = core(x[:1], state, starts[:1])  # a rollout step: the cell op
+    assert y.shape == (1, 3, 7)
+    if kind == "lstm":  # without resets after the first step: one oneDNN nn.LSTM call
+        no_resets_after_the_first_step = torch.zeros(4, 3)
+        no_resets_after_the_first_step[0] = 1
+        y, _, _ = core(x, state, no_resets_after_the_first_step)
+        assert y.shape == (4, 3, 7)
+    monkeypatch.setenv("MNM_RL_FUSED", "0")
+    y, _, _ = core(x, state, starts)
+    assert y.shape == (4, 3, 7)
+
+
+@pytest.mark.parametrize("kind", CORES)
+def test_without_grad_the_kernel_stores_nothing_and_agrees(kernel, monkeypatch, kind):
+    core = _core(kind, 5, 7)
+    x, starts, state = _inputs(core, steps=6, batch=4, dtype=torch.float64)
+    monkeypatch.setenv("MNM_RL_FUSED", "1")
+    calls = _count_calls(monkeypatch, kind)
+    with torch.inference_mode():
+        y, final, _ = core(x, state, starts)
+    assert len(calls) == 1
+    monkeypatch.setenv("MNM_RL_FUSED", "0")
+    with torch.no_grad():
+        y_ref, final_ref, _ = core(x, state, starts)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for k in core.state_keys:
+        torch.testing.assert_close(final[k], final_ref[k], rtol=1e-12, atol=1e-12)
