@@ -4,12 +4,13 @@ Runs the CLI on an env preset for each configuration in interleaved rounds (one 
 time), each in a fresh run folder under a temporary directory, and reports the median wall time
 of the whole command (start-up, training, checkpoints and a short final evaluation) and env
 steps per second of wall time. A configuration is an agent preset, with ``/eager`` appended to
-run the MNM core's plain PyTorch code (``MNM_RL_FUSED=0``) and ``@N`` to train with N torch
-threads (``train.torch_threads``; 1 without it), e.g. ``mnm-p/eager@2``.
+run the core's plain PyTorch code (``MNM_RL_FUSED=0``), ``/k2`` to let the MNM kernel split
+each minibatch between two threads of its own (``MNM_RL_KERNEL_THREADS=2``), and ``@N`` to
+train with N torch threads (``train.torch_threads``; 1 without it), e.g. ``mnm-p/eager@2``.
 
     python benchmarks/train_speed.py                         # MiniGrid-MemoryS9, 200k steps
     python benchmarks/train_speed.py --env MiniGrid-Memory --timesteps 300000 --rounds 1
-    python benchmarks/train_speed.py --configs mnm-p mnm-p@2 lstm lstm@2 --rounds 1
+    python benchmarks/train_speed.py --configs mnm-p mnm-p/k2 lstm lstm/eager gru gru/eager
 
 The last line printed is a JSON object: ``{"env", "timesteps", "rounds", "wall_s": {config:
 median seconds}, "sps": {config: env steps per second}}``.
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 EAGER = "/eager"
+KERNEL2 = "/k2"
 THREADS = "@"
 
 
@@ -44,8 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_once(config: str, args: argparse.Namespace, root: Path) -> float:
     """Wall seconds of one ``mnm-rl train`` run of ``config``."""
     name, _, threads = config.partition(THREADS)
-    agent = name.removesuffix(EAGER)
+    agent = name.removesuffix(EAGER).removesuffix(KERNEL2)
     env = dict(os.environ, MNM_RL_FUSED="0" if name.endswith(EAGER) else "1")
+    if name.endswith(KERNEL2):
+        env["MNM_RL_KERNEL_THREADS"] = "2"
     run_dir = Path(tempfile.mkdtemp(prefix=agent + "-", dir=root))
     run_dir.rmdir()  # the CLI creates it
     cmd = [
