@@ -31,12 +31,12 @@ from torch import Tensor
 
 from mnm_rl.memory.allocator import retain_freed_memory
 
-#: The kernels' C++ sources (the MNM recurrence, the baseline LSTM, the Python module), built
-#: into one extension.
+#: The kernels' C++ sources (the MNM recurrence, the baseline LSTM and GRU, the Python module),
+#: built into one extension.
 SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.cpp"))
-#: How the kernel is compiled. OpenMP makes ``at::parallel_for`` in it run in parallel (without
-#: it the header-only ``parallel_for`` is a plain loop); the process's OpenMP runtime is torch's
-#: own ``libgomp.so.1``, already loaded, so the extension shares torch's thread pool.
+#: How the kernels are compiled. OpenMP runs the MNM kernel's batch split on threads (see
+#: :func:`kernel_threads`); the process's OpenMP runtime is torch's own ``libgomp.so.1``,
+#: already loaded, so the extension shares torch's thread pool rather than starting another.
 COMPILE_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
 _extension: ModuleType | None = None

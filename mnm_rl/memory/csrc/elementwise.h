@@ -7,9 +7,8 @@
 #include <cstdint>
 
 namespace mnm_rl {
-// Internal linkage, as when these lived in each kernel's own file: the compiler inlines and
-// specialises them in each kernel as it did there (as external inline functions the MNM kernel
-// ran up to 20% slower).
+// Internal linkage, as when these lived in the MNM kernel's own file (see the note at the top
+// of mnm_sequence.cpp on what the split into files cost before that).
 namespace {
 
 // Elementwise math. In double (what the tests compare) the standard library's functions; in

@@ -26,8 +26,10 @@
 // tests/test_fused.py checks it against the PyTorch implementation: outputs, final state and
 // every gradient.
 
-// torch/extension.h rather than ATen/ATen.h: with the latter this file's code ran up to 16%
-// slower (benchmarks/kernel_pairs.py --against b67e963, 4 heads x 3 layers).
+// torch/extension.h, and the helpers of elementwise.h with internal linkage, as when this file
+// was the whole kernel: the split into files with ATen/ATen.h and external helpers ran 10-20%
+// slower (benchmarks/kernel_pairs.py --against b67e963), restoring both brought it back to
+// parity; which of the two mattered was not isolated.
 #include <torch/extension.h>
 
 #include <ATen/ThreadLocalState.h>
