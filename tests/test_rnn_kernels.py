@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_accuracy import assert_as_accurate_as_pytorch
 
 from mnm_rl.memory import CoreState, GRUCore, LSTMCore, fused, rnn_kernels
 
@@ -98,11 +99,7 @@ def test_kernel_in_float32_is_as_accurate_as_the_module(kernel, monkeypatch, kin
     eager_out = _run(core, x, starts, state, monkeypatch, use_kernel=False)
     state64 = CoreState({k: v.double() for k, v in state.items()})
     exact = _run(core.double(), x.double(), starts, state64, monkeypatch, use_kernel=False)
-    for name, truth in exact.items():
-        scale = truth.abs().max().item()
-        fused_error = (fused_out[name].double() - truth).abs().max().item()
-        eager_error = (eager_out[name].double() - truth).abs().max().item()
-        assert fused_error <= 4 * eager_error + 1e-6 * scale, (name, fused_error, eager_error)
+    assert_as_accurate_as_pytorch(fused_out, eager_out, exact)
 
 
 def test_kernel_gradients_pass_gradcheck(kernel):

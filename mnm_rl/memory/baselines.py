@@ -26,7 +26,8 @@ def _spans(resets: list[bool]) -> list[tuple[int, int]]:
 
 
 class _FusedRNNCore(RecurrentCore):
-    """A ``torch.nn.LSTM``/``GRU`` run over spans without episode resets."""
+    """A ``torch.nn.LSTM``/``GRU`` run over spans without episode resets, or through a compiled
+    kernel that takes the resets as a mask (:mod:`mnm_rl.memory.rnn_kernels`)."""
 
     rnn_type: type[nn.RNNBase]
     state_keys: tuple[str, ...]
@@ -51,10 +52,23 @@ class _FusedRNNCore(RecurrentCore):
         new = new if isinstance(new, tuple) else (new,)
         return out, [h.squeeze(0) for h in new]
 
+    #: Take the compiled kernel (:mod:`mnm_rl.memory.rnn_kernels`) only when an episode starts
+    #: after a sequence's first step; otherwise for every sequence of several steps.
+    kernel_only_with_resets: bool
+
+    def _forward_kernel(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel
+    ) -> tuple[Tensor, CoreState]:
+        """:meth:`forward` by the compiled kernel: ``(outputs [T, B, H], final state)``."""
+        raise NotImplementedError
+
     def forward(
         self, x: Tensor, state: CoreState, episode_starts: Tensor
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         self._check_inputs(x, state, episode_starts)
+        kernel = rnn_kernel(x, episode_starts, self.kernel_only_with_resets)
+        if kernel is not None:
+            return (*self._forward_kernel(x, state, episode_starts, kernel), {})
         hidden = [state[k] for k in self.state_keys]
         resets = episode_starts.any(dim=1).tolist()  # one host read per call
         outputs = []
@@ -80,16 +94,13 @@ class LSTMCore(_FusedRNNCore):
 
     rnn_type = nn.LSTM
     state_keys = ("h", "c")
+    kernel_only_with_resets = True
 
-    def forward(
-        self, x: Tensor, state: CoreState, episode_starts: Tensor
-    ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
-        kernel = rnn_kernel(x, episode_starts, only_with_resets=True)
-        if kernel is None:
-            return super().forward(x, state, episode_starts)
-        self._check_inputs(x, state, episode_starts)
+    def _forward_kernel(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel
+    ) -> tuple[Tensor, CoreState]:
         out, h, c = run_lstm(self.rnn, x, state["h"], state["c"], episode_starts, kernel)
-        return out, CoreState({"h": h, "c": c}), {}
+        return out, CoreState({"h": h, "c": c})
 
     def _run(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if x.shape[0] != 1:
@@ -116,16 +127,13 @@ class GRUCore(_FusedRNNCore):
 
     rnn_type = nn.GRU
     state_keys = ("h",)
+    kernel_only_with_resets = False
 
-    def forward(
-        self, x: Tensor, state: CoreState, episode_starts: Tensor
-    ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
-        kernel = rnn_kernel(x, episode_starts, only_with_resets=False)
-        if kernel is None:
-            return super().forward(x, state, episode_starts)
-        self._check_inputs(x, state, episode_starts)
+    def _forward_kernel(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel
+    ) -> tuple[Tensor, CoreState]:
         out, h = run_gru(self.rnn, x, state["h"], episode_starts, kernel)
-        return out, CoreState({"h": h}), {}
+        return out, CoreState({"h": h})
 
 
 class MLPCore(RecurrentCore):

@@ -17,6 +17,7 @@
 
 #include "elementwise.h"
 #include "kernels.h"
+#include "rnn_common.h"
 
 namespace mnm_rl {
 
@@ -25,11 +26,8 @@ namespace mnm_rl {
 std::vector<at::Tensor> gru_forward(const at::Tensor& gates_x, const at::Tensor& keep,
                                     const at::Tensor& h0, const at::Tensor& w_hh,
                                     const at::Tensor& b_hh, bool store) {
-  TORCH_CHECK(gates_x.dim() == 3 && gates_x.size(2) % 3 == 0, "gates_x must be [T, B, 3 * H]");
-  TORCH_CHECK(gates_x.device().is_cpu(), "the fused GRU kernel runs on the CPU only");
-  const int64_t T = gates_x.size(0), B = gates_x.size(1), H = gates_x.size(2) / 3;
-  TORCH_CHECK(keep.sizes() == at::IntArrayRef({T, B}), "keep must be [T, B]");
-  TORCH_CHECK(h0.sizes() == at::IntArrayRef({B, H}), "h0 must be [B, H]");
+  const int64_t H = check_rnn_inputs(gates_x, keep, {h0}, 3, "gru_forward");
+  const int64_t T = gates_x.size(0), B = gates_x.size(1);
   const auto opts = gates_x.options();
   auto hs = at::empty({T, B, H}, opts);
   auto acts = at::empty({store ? T : 0, B, 4 * H}, opts);
@@ -44,10 +42,7 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& gates_x, const at::Tensor&
     const T_* gx_all = gates_x.data_ptr<T_>();
     T_* h_all = hs.data_ptr<T_>();
     for (int64_t t = 0; t < T; ++t) {
-      for (int64_t b = 0; b < B; ++b) {
-        const bool k = keep_p[t * B + b] != T_(0);
-        for (int64_t i = 0; i < H; ++i) u[b * H + i] = k ? h_prev[b * H + i] : T_(0);
-      }
+      kept_rows(u, h_prev, keep_p + t * B, B, H);
       at::addmm_out(gh, b_hh, h_in, w_hh_t);
       T_* h_p = h_all + t * B * H;
       for (int64_t b = 0; b < B; ++b) {
@@ -84,7 +79,7 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& k
   auto dh_total = at::empty({B, H}, opts);
   auto du = at::empty({B, H}, opts);
   // h' of every step: keep[t] * h_{t-1}.
-  auto h_prev = at::cat({h0.unsqueeze(0), hs.narrow(0, 0, T - 1)}, 0) * keep.unsqueeze(-1);
+  auto h_prev = entering_states(h0, hs, keep);
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "gru_backward", [&] {
     using T_ = scalar_t;
     const T_* keep_p = keep.data_ptr<T_>();
@@ -115,10 +110,7 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& k
         }
       }
       at::addmm_out(dh, du, g_gh[t], w_hh);
-      T_* dh_p = dh.data_ptr<T_>();
-      const T_* keep_t = keep_p + t * B;
-      for (int64_t b = 0; b < B; ++b)
-        if (keep_t[b] == T_(0)) std::fill(dh_p + b * H, dh_p + (b + 1) * H, T_(0));
+      kept_rows(dh.data_ptr<T_>(), dh.data_ptr<T_>(), keep_p + t * B, B, H);
     }
   });
   // The recurrent weight's and bias's gradients, once over all steps.

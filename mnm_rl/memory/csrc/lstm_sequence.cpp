@@ -23,6 +23,7 @@
 
 #include "elementwise.h"
 #include "kernels.h"
+#include "rnn_common.h"
 
 namespace mnm_rl {
 
@@ -32,12 +33,8 @@ namespace mnm_rl {
 std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
                                      const at::Tensor& h0, const at::Tensor& c0,
                                      const at::Tensor& w_hh, bool store) {
-  TORCH_CHECK(gates_x.dim() == 3 && gates_x.size(2) % 4 == 0, "gates_x must be [T, B, 4 * H]");
-  TORCH_CHECK(gates_x.device().is_cpu(), "the fused LSTM kernel runs on the CPU only");
-  const int64_t T = gates_x.size(0), B = gates_x.size(1), H = gates_x.size(2) / 4;
-  TORCH_CHECK(keep.sizes() == at::IntArrayRef({T, B}), "keep must be [T, B]");
-  TORCH_CHECK(h0.sizes() == at::IntArrayRef({B, H}) && c0.sizes() == h0.sizes(),
-              "h0 and c0 must be [B, H]");
+  const int64_t H = check_rnn_inputs(gates_x, keep, {h0, c0}, 4, "lstm_forward");
+  const int64_t T = gates_x.size(0), B = gates_x.size(1);
   const auto opts = gates_x.options();
   auto hs = at::empty({T, B, H}, opts);
   auto c_state = c0.clone();
@@ -54,11 +51,8 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor
     const T_* h_prev = h0.data_ptr<T_>();
     T_* h_all = hs.data_ptr<T_>();
     for (int64_t t = 0; t < T; ++t) {
-      for (int64_t b = 0; b < B; ++b) {
-        const bool k = keep_p[t * B + b] != T_(0);
-        for (int64_t i = 0; i < H; ++i) u[b * H + i] = k ? h_prev[b * H + i] : T_(0);
-        if (!k) std::fill(c_p + b * H, c_p + (b + 1) * H, T_(0));
-      }
+      kept_rows(u, h_prev, keep_p + t * B, B, H);
+      kept_rows(c_p, c_p, keep_p + t * B, B, H);
       at::Tensor out = store ? acts[t] : gates;
       at::addmm_out(out, gates_x[t], h_in, w_hh_t);
       // The activations in place, block by block (simple loops over contiguous rows, which
@@ -134,13 +128,11 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& 
         }
       }
       at::mm_out(dh, g_gates[t], w_hh);
-      T_* dh_p = dh.data_ptr<T_>();
-      for (int64_t b = 0; b < B; ++b)
-        if (keep_t[b] == T_(0)) std::fill(dh_p + b * H, dh_p + (b + 1) * H, T_(0));
+      kept_rows(dh.data_ptr<T_>(), dh.data_ptr<T_>(), keep_t, B, H);
     }
   });
   // The recurrent weight's gradient, once over all steps: sum_t g_gates[t]^T (keep[t] h_{t-1}).
-  auto h_prev = at::cat({h0.unsqueeze(0), hs.narrow(0, 0, T - 1)}, 0) * keep.unsqueeze(-1);
+  auto h_prev = entering_states(h0, hs, keep);
   auto g_w_hh = at::mm(g_gates.reshape({T * B, 4 * H}).t(), h_prev.reshape({T * B, H}));
   return {g_gates, dh, dc, g_w_hh};
 }
