@@ -72,7 +72,6 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& k
                                      const at::Tensor& hs, const at::Tensor& acts) {
   const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
   const auto opts = hs.options();
-  const bool has_g_hs = g_hs.defined() && g_hs.numel() > 0;
   auto g_gates_x = at::empty({T, B, 3 * H}, opts);
   auto g_gh = at::empty({T, B, 3 * H}, opts);  // grad of W_hh h' + b_hh
   auto dh = at::zeros({B, H}, opts);           // grad of the state entering step t + 1
@@ -85,10 +84,7 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& k
     const T_* keep_p = keep.data_ptr<T_>();
     const T_* u_all = h_prev.data_ptr<T_>();
     for (int64_t t = T - 1; t >= 0; --t) {
-      if (has_g_hs)
-        at::add_out(dh_total, dh, g_hs[t]);
-      else
-        dh_total.copy_(dh);
+      output_grad(dh_total, dh, g_hs, t);
       const T_* dht = dh_total.data_ptr<T_>();
       T_* du_p = du.data_ptr<T_>();
       for (int64_t b = 0; b < B; ++b) {

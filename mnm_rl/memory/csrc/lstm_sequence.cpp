@@ -88,7 +88,6 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& 
                                       const at::Tensor& acts) {
   const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
   const auto opts = hs.options();
-  const bool has_g_hs = g_hs.defined() && g_hs.numel() > 0;
   auto g_gates = at::empty({T, B, 4 * H}, opts);
   auto dh = at::zeros({B, H}, opts);  // grad of the (unmasked) state entering step t + 1
   auto dc = g_c_final.defined() && g_c_final.numel() > 0 ? g_c_final.clone() : at::zeros({B, H}, opts);
@@ -100,10 +99,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& 
     std::vector<T_> tanh_c_buffer(B * H);
     T_* tanh_c = tanh_c_buffer.data();
     for (int64_t t = T - 1; t >= 0; --t) {
-      if (has_g_hs)
-        at::add_out(dh_total, dh, g_hs[t]);
-      else
-        dh_total.copy_(dh);
+      output_grad(dh_total, dh, g_hs, t);
       const T_* dht = dh_total.data_ptr<T_>();
       const T_* a_p = acts[t].data_ptr<T_>();
       const T_* c_p = cs[t].data_ptr<T_>();

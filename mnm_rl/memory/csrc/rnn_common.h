@@ -38,6 +38,16 @@ inline void kept_rows(T* out, const T* in, const T* keep, int64_t B, int64_t n) 
   }
 }
 
+// out = the gradient of step t's output h: what the next step passed back (carried) plus the
+// loss's own gradient of it, g_hs[t] (g_hs empty: none).
+inline void output_grad(at::Tensor& out, const at::Tensor& carried, const at::Tensor& g_hs,
+                        int64_t t) {
+  if (g_hs.defined() && g_hs.numel() > 0)
+    at::add_out(out, carried, g_hs[t]);
+  else
+    out.copy_(carried);
+}
+
 // The states that entered every step, keep[t] * h_{t-1} with h_{-1} = h0: [T, B, H].
 inline at::Tensor entering_states(const at::Tensor& h0, const at::Tensor& hs,
                                   const at::Tensor& keep) {
