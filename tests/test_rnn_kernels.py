@@ -165,3 +165,18 @@ def test_without_grad_the_kernel_stores_nothing_and_agrees(kernel, monkeypatch, 
     torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     for k in core.state_keys:
         torch.testing.assert_close(final[k], final_ref[k], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", CORES)
+def test_without_a_built_kernel_the_module_runs(monkeypatch, kind):
+    """No compiler: ``load_extension`` gives ``None`` and the core runs its module, with the
+    same result as ``MNM_RL_FUSED=0``."""
+    core = _core(kind, 5, 7)
+    x, starts, state = _inputs(core, steps=6, batch=4, dtype=torch.float64)
+    expected = _run(core, x, starts, state, monkeypatch, use_kernel=False)
+    monkeypatch.setattr(fused, "load_extension", lambda: None)
+    calls = _count_calls(monkeypatch, kind)
+    got = _run(core, x, starts, state, monkeypatch, use_kernel=True)
+    assert calls == []
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)

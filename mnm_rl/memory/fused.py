@@ -66,7 +66,8 @@ def load_extension() -> ModuleType | None:
     except Exception as error:  # no compiler, no headers: fall back to PyTorch
         _load_failed = True
         warnings.warn(
-            f"mnm-rl: the fused MNM kernel could not be built ({type(error).__name__}: "
+            f"mnm-rl: the fused CPU kernels (MNM, LSTM, GRU) could not be built "
+            f"({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else ''}); using the PyTorch code",
             RuntimeWarning,
             stacklevel=2,
