@@ -222,14 +222,15 @@ def test_batch_parts_gives_each_thread_enough_sequences():
     assert fused.batch_parts(16, 16, threads=8) == 16 // fused.MIN_PART_ROWS
     assert fused.batch_parts(16, fused.MIN_PART_ROWS * 2 - 1, threads=2) == 1
     assert fused.batch_parts(16, 1, threads=4) == 1
-    assert fused.batch_parts(1, 16, threads=2) == 1  # a rollout step
+    assert fused.batch_parts(1, 16, threads=2) == 1  # a rollout step of 16 envs
+    assert fused.batch_parts(1, 2 * fused.MIN_STEP_PART_ROWS, threads=2) == 2  # of 32
 
 
 @pytest.mark.parametrize("rule,interaction_input", [("mnm-p", True), ("mnm-g", False)])
 def test_batch_split_between_threads_matches_one_part(kernel, monkeypatch, rule, interaction_input):
     """The batch run in 3 uneven parts (3, 2, 2 sequences), in parallel on 3 kernel threads,
     gives what one call gives: outputs, final state and every gradient (float64); a rollout
-    step (one part) gives what the first step of the training pass gives."""
+    step split the same way gives what the first step of the training pass gives."""
     core = _core(rule, "tanh", 2, 2, interaction_input=interaction_input)
     x, starts, state = _inputs(core, steps=6, batch=7)
     one = _run(core, x, starts, state, monkeypatch, use_kernel=True)
@@ -245,12 +246,13 @@ def test_batch_split_between_threads_matches_one_part(kernel, monkeypatch, rule,
             return original(*args)
 
     monkeypatch.setattr(fused, "MIN_PART_ROWS", 2)
+    monkeypatch.setattr(fused, "MIN_STEP_PART_ROWS", 2)
     monkeypatch.setenv(fused.KERNEL_THREADS_VARIABLE, "3")  # its own threads; torch keeps its
     monkeypatch.setattr(fused, "load_extension", lambda: Counting())
     parts = _run(core, x, starts, state, monkeypatch, use_kernel=True)
-    with torch.inference_mode():
-        y_rollout, final_rollout, _ = core(x[:1], state, starts[:1])  # one step: one part
-    assert calls == [3]
+    with torch.inference_mode():  # a rollout step, without autograd, also in 3 parts
+        y_rollout, final_rollout, _ = core(x[:1], state, starts[:1])
+    assert calls == [3, 3]
     assert parts.keys() == one.keys()
     for name, expected in one.items():
         torch.testing.assert_close(parts[name], expected, rtol=1e-12, atol=1e-13, msg=name)

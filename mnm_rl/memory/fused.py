@@ -77,8 +77,12 @@ def load_extension() -> ModuleType | None:
     return _extension
 
 
-#: The fewest sequences a thread gets when the kernel splits a batch between threads.
+#: The fewest sequences a thread gets when the kernel splits a batch between threads: for a
+#: sequence of several steps (training), and for a single step (the rollout), which is less work
+#: per sequence (``benchmarks/kernel_threads.py``: a rollout step of 32 sequences gains 1.1x
+#: (2 heads x 2 layers) to 1.5x (4 x 3) from two parts, one of 8 loses).
 MIN_PART_ROWS = 4
+MIN_STEP_PART_ROWS = 16
 #: Environment variable: how many threads the kernel may split a training batch between.
 KERNEL_THREADS_VARIABLE = "MNM_RL_KERNEL_THREADS"
 
@@ -111,12 +115,11 @@ def kernel_threads() -> int:
 def batch_parts(steps: int, batch_size: int, threads: int | None = None) -> int:
     """Into how many parts the kernel splits a batch of ``batch_size`` sequences of ``steps``
     steps, each part run by its own thread: one per thread (:func:`kernel_threads`, or
-    ``threads``), as long as each part keeps at least :data:`MIN_PART_ROWS` sequences. A single
-    step (the rollout's) is too short to pay for the threads: one part, as with one thread."""
+    ``threads``), as long as each part keeps at least :data:`MIN_PART_ROWS` sequences
+    (:data:`MIN_STEP_PART_ROWS` for a single step, the rollout's)."""
     threads = kernel_threads() if threads is None else threads
-    if steps < 2:
-        return 1
-    return max(1, min(threads, batch_size // MIN_PART_ROWS))
+    min_rows = MIN_PART_ROWS if steps > 1 else MIN_STEP_PART_ROWS
+    return max(1, min(threads, batch_size // min_rows))
 
 
 class FusedSequence(torch.autograd.Function):
