@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         "kernels, compiled on first use (about 30 s, cached); MNM_RL_FUSED=0 in the environment "
         "runs the same equations in plain PyTorch. "
         "The kernel keeps the memory it frees for reuse (glibc); MNM_RL_RETAIN_MEMORY=0 hands it "
-        "back to the OS.",
+        "back to the OS. MNM_RL_KERNEL_THREADS=N (or --set train.kernel_threads=N) lets the MNM "
+        "kernel split each minibatch between N threads.",
     )
     from mnm_rl import __version__
 

@@ -146,9 +146,10 @@ class TrainConfig(_Strict):
     #: ``torch.set_num_threads``; small recurrent nets run fastest on one thread (``None``: torch's
     #: default, all cores).
     torch_threads: PositiveInt | None = 1
-    #: Threads the fused MNM kernel splits each training minibatch between (its own threads, at
-    #: least 4 sequences each; ``None``: ``torch_threads``). 2 speeds up MNM training on a machine
-    #: with a free core; keep 1 when runs share the cores (see docs/benchmarks.md).
+    #: Threads the fused MNM kernel splits each minibatch between (its own threads, at least 4
+    #: sequences each, 16 in a rollout step; ``None``: ``torch_threads``). 2 made MNM training
+    #: on MiniGrid-MemoryS9 1.1-1.3x faster on a 2-core machine; keep 1 when runs share the cores
+    #: (see docs/benchmarks.md).
     kernel_threads: PositiveInt | None = None
 
 
