@@ -261,3 +261,24 @@ def test_batch_split_between_threads_matches_one_part(kernel, monkeypatch, rule,
     torch.testing.assert_close(y_rollout, y_first.detach(), rtol=1e-12, atol=1e-13)
     for k, v in final_first.items():
         torch.testing.assert_close(final_rollout[k], v.detach(), rtol=1e-12, atol=1e-13)
+
+
+def test_an_error_in_a_thread_of_the_split_is_raised_not_fatal(kernel, monkeypatch):
+    """A check that fails inside a part (here a malformed interaction bias) comes back as the
+    kernel's own RuntimeError from the calling thread, not a crash of the process."""
+    captured = {}
+    original = fused.FusedSequence.apply
+
+    def capture(config, *args):
+        captured["config"], captured["args"] = config, args
+        return original(config, *args)
+
+    monkeypatch.setattr(fused.FusedSequence, "apply", capture)
+    core = _core("mnm-p", "tanh", 2, 2)
+    x, starts, state = _inputs(core, steps=4, batch=8)
+    core(x, state, starts)
+    _, options, _, _ = captured["config"]
+    gates_x, keep, h0, c0, r0, m0, *params = (a.detach() for a in captured["args"])
+    params[2] = params[2].view(1, -1)  # b_int must be [E] or [T, B, E]
+    with pytest.raises(RuntimeError, match="b_int must be"):
+        kernel.forward_parts(gates_x, keep, h0, c0, r0, m0, *params, *options, False, 2)
