@@ -216,6 +216,28 @@ def test_one_step_at_a_time_equals_whole_sequence(kind):
         torch.testing.assert_close(state[key], final[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_rollout_step_through_the_cell_op_equals_the_module(kind):
+    """A single step goes through ``torch.lstm_cell``/``gru_cell`` with the module's weights:
+    what the ``nn.LSTM``/``nn.GRU`` call gives, with a reset for one env."""
+    from mnm_rl.memory import make_core
+
+    torch.manual_seed(0)
+    core = make_core(kind, 6, hidden_size=16)
+    x = torch.randn(1, 3, 6)
+    state = CoreState({k: torch.randn(3, 16) for k in core.initial_state(3)})
+    starts = torch.tensor([[0.0, 1.0, 0.0]])
+    with torch.no_grad():
+        out, final, _ = core(x, state, starts)
+        keep = (starts[0] == 0).unsqueeze(-1)
+        hidden = tuple((v * keep).unsqueeze(0) for v in state.values())
+        expected, new = core.rnn(x, hidden if kind == "lstm" else hidden[0])
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+    new = new if isinstance(new, tuple) else (new,)
+    for key, value in zip(final, new, strict=True):
+        torch.testing.assert_close(final[key], value[0], rtol=1e-6, atol=1e-7)
+
+
 def test_grid_pooling_adds_what_is_in_view_wherever_it_is():
     torch.manual_seed(0)
     space = spaces.Box(0, np.array([10, 5, 2]) * np.ones((3, 3, 3), dtype=np.int64), dtype=np.int64)
