@@ -273,6 +273,10 @@ def train_run(
     if train.torch_threads is not None:
         torch.set_num_threads(train.torch_threads)
     fused.set_kernel_threads(train.kernel_threads)
+    try:  # MNM_RL_KERNEL_THREADS is read at every kernel call: a bad value fails here, once
+        fused.kernel_threads()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     done = checkpoint_steps(resume_from) if resume_from is not None else 0
     remaining = train.timesteps - done
     if remaining <= 0:

@@ -270,6 +270,17 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list, str]]:
     ]
 
 
+def test_a_bad_kernel_thread_count_in_the_environment_is_one_line_and_leaves_no_run(
+    tmp_path: Path, monkeypatch
+):
+    monkeypatch.setenv("MNM_RL_KERNEL_THREADS", "two")
+    result = mnm_rl("train", *TINY, "--run-dir", tmp_path / "run", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MNM_RL_KERNEL_THREADS='two'" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_input_is_one_line_and_exit_status_2(run_dir: Path, tmp_path: Path):
     for args, expected in bad_inputs(run_dir, tmp_path):
         result = mnm_rl(*args, cwd=tmp_path, timeout=60)

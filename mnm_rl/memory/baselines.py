@@ -66,11 +66,13 @@ class _FusedRNNCore(RecurrentCore):
         self, x: Tensor, state: CoreState, episode_starts: Tensor
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         self._check_inputs(x, state, episode_starts)
-        kernel = rnn_kernel(x, episode_starts, self.kernel_only_with_resets)
-        if kernel is not None:
+        kernel = rnn_kernel(x)
+        if kernel is not None and not self.kernel_only_with_resets:
+            return (*self._forward_kernel(x, state, episode_starts, kernel), {})
+        resets = episode_starts.any(dim=1).tolist()  # one host read per call
+        if kernel is not None and any(resets[1:]):
             return (*self._forward_kernel(x, state, episode_starts, kernel), {})
         hidden = [state[k] for k in self.state_keys]
-        resets = episode_starts.any(dim=1).tolist()  # one host read per call
         outputs = []
         for start, end in _spans(resets):
             if resets[start]:
@@ -138,8 +140,8 @@ class GRUCore(_FusedRNNCore):
     def _run(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if x.shape[0] != 1:
             return super()._run(x, hidden)
-        # One step (a rollout step): the GRU cell op with nn.GRU's own weights, as LSTMCore does;
-        # the same result (bit for bit on the CPU) at about two thirds of nn.GRU's call time.
+        # One step (a rollout step): the GRU cell op with nn.GRU's own weights, as LSTMCore does:
+        # the same equations without nn.GRU's per-call overhead (tests/test_fast_paths.py).
         rnn = self.rnn
         h = torch.gru_cell(
             x[0], hidden[0], rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0

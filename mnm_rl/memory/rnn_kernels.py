@@ -25,19 +25,18 @@ from torch import Tensor, nn
 from mnm_rl.memory import fused
 
 
-def rnn_kernel(x: Tensor, episode_starts: Tensor, only_with_resets: bool) -> ModuleType | None:
+def rnn_kernel(x: Tensor) -> ModuleType | None:
     """The compiled kernels if they apply to ``x [T, B, F]`` (CPU, float32/64, more than one
-    step, not switched off by ``MNM_RL_FUSED=0``), else ``None``. With ``only_with_resets``
-    also ``None`` unless an episode starts after the first step (one host read, as the span
-    code makes anyway): the LSTM's, which without resets is no faster than one oneDNN
-    ``nn.LSTM`` call; ``nn.GRU`` has no such fast path on the CPU, so the GRU takes the kernel
-    whatever the resets (``benchmarks/rnn_resets.py``)."""
+    step, not switched off by ``MNM_RL_FUSED=0``), else ``None``. Whether they pay off is the
+    core's call (``kernel_only_with_resets`` in :mod:`mnm_rl.memory.baselines`): the LSTM takes
+    them only when an episode starts after the first step, since without resets one oneDNN
+    ``nn.LSTM`` call is as fast; ``nn.GRU`` has no such fast path on the CPU, so the GRU takes
+    them whatever the resets (``benchmarks/rnn_resets.py``)."""
     if (
         x.shape[0] < 2
         or not fused.fused_enabled()
         or x.device.type != "cpu"
         or x.dtype not in (torch.float32, torch.float64)
-        or (only_with_resets and not bool(episode_starts[1:].any()))
     ):
         return None
     return fused.load_extension()
