@@ -12,9 +12,12 @@ For one environment, number of envs, rollout length, number of epochs and miniba
     ending in ``/eager`` (``mnm-p/eager``) runs the same core in plain PyTorch, one ending in
     ``/unmap`` lets glibc return the kernel's freed buffers to the OS (the default before the
     fifth session), one ending in ``/k2`` lets the kernel split a training batch between two
-    threads of its own (``MNM_RL_KERNEL_THREADS=2``; torch keeps ``--threads``). Any config may
-    end in ``@N`` to run with N torch threads instead of
-    ``--threads`` (``lstm@2``, ``mnm-p:2x2/eager@2``): thread counts side by side in one run.
+    threads of its own (``MNM_RL_KERNEL_THREADS=2``; torch keeps ``--threads``). A config name
+    ending in ``/par`` (``lstm/par``, ``ceiling/par``, ``sb3-contrib/par``) steps its envs with
+    ``mnm_rl.parallel_vec_env.ParallelVecEnv``: half of them in a worker process, at the same
+    time as this process steps the other half. Any config may end in ``@N`` to run with N torch
+    threads instead of ``--threads`` (``lstm@2``, ``mnm-p:2x2/eager@2``): thread counts side by
+    side in one run.
 
 Each agent runs one warm-up ``learn()`` of one rollout, then a timed ``learn()`` of
 ``--rollouts`` rollouts (rollout plus update). ``collect_rollouts`` and ``train`` are wrapped with
@@ -66,6 +69,10 @@ SUFFIXES = {
     UNMAP: ("MNM_RL_RETAIN_MEMORY", "0"),
     KERNEL2: ("MNM_RL_KERNEL_THREADS", "2"),
 }
+#: A config name ending in this (before any ``@N``) steps its envs in two groups at once, one in a
+#: worker process (``ParallelVecEnv(n_workers=1)``), e.g. ``lstm/par`` next to ``lstm``. The CPU
+#: time of the measurement (``steps/CPU-s``) does not count the worker's.
+PARALLEL = "/par"
 #: A config name ending in ``@N`` runs with N torch threads instead of ``--threads``, e.g.
 #: ``mnm-p:2x2@2`` next to ``mnm-p:2x2``: one and two threads side by side in one run.
 THREADS = "@"
@@ -79,6 +86,13 @@ def split_threads(name: str, default: int) -> tuple[str, int]:
     if not threads.isdigit() or int(threads) < 1:
         raise ValueError(f"{name!r}: the thread count after {THREADS!r} must be a positive integer")
     return base, int(threads)
+
+
+def split_parallel(name: str) -> tuple[str, int]:
+    """``"lstm/par"`` -> ``("lstm", 1)``: the config and its number of env worker processes."""
+    if name.endswith(PARALLEL):
+        return name.removesuffix(PARALLEL), 1
+    return name, 0
 
 
 def split_config(name: str) -> tuple[str, dict[str, int]]:
@@ -131,9 +145,11 @@ def _is_minigrid(env_id: str) -> bool:
     return env_id.startswith("MiniGrid")
 
 
-def make_env(args: argparse.Namespace, for_sb3_contrib: bool = False):
+def make_env(args: argparse.Namespace, for_sb3_contrib: bool = False, env_workers: int = 0):
     """The vectorised env. MiniGrid gets ``agent_view_size=3`` and an observation wrapper:
-    our ``SymbolicMiniGrid`` for us, minigrid's ``ImgObsWrapper`` (a Box) for sb3-contrib."""
+    our ``SymbolicMiniGrid`` for us, minigrid's ``ImgObsWrapper`` (a Box) for sb3-contrib. With
+    ``env_workers``, a ``ParallelVecEnv`` with that many worker processes, else a
+    ``DummyVecEnv``."""
     import gymnasium as gym
     from stable_baselines3.common.env_util import make_vec_env
 
@@ -151,8 +167,13 @@ def make_env(args: argparse.Namespace, for_sb3_contrib: bool = False):
         wrapper = ImgObsWrapper if for_sb3_contrib else SymbolicMiniGrid
     elif for_sb3_contrib and isinstance(gym.make(args.env).observation_space, gym.spaces.Dict):
         raise ValueError(f"{args.env} has Dict observations, which RecurrentPPO cannot take")
+    parallel: dict[str, Any] = {}
+    if env_workers:
+        from mnm_rl.parallel_vec_env import ParallelVecEnv
+
+        parallel = dict(vec_env_cls=ParallelVecEnv, vec_env_kwargs={"n_workers": env_workers})
     return make_vec_env(
-        args.env, n_envs=args.n_envs, seed=0, wrapper_class=wrapper, env_kwargs=kwargs
+        args.env, n_envs=args.n_envs, seed=0, wrapper_class=wrapper, env_kwargs=kwargs, **parallel
     )
 
 
@@ -219,13 +240,14 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 def run_agent(config: str, args: argparse.Namespace) -> dict[str, Any]:
     """One warm-up rollout+update, then ``args.rollouts`` timed ones."""
     name, threads = split_threads(config, args.threads)
+    name, env_workers = split_parallel(name)
     for suffix, (variable, value) in SUFFIXES.items():
         if name.endswith(suffix):
             os.environ[variable] = value
     torch = _setup_torch(threads)
     device = "cpu" if name == "sb3-contrib" else args.device
     cuda = device.startswith("cuda")
-    env = make_env(args, for_sb3_contrib=name == "sb3-contrib")
+    env = make_env(args, for_sb3_contrib=name == "sb3-contrib", env_workers=env_workers)
     model = build_agent(name, args, env, device)
     timer = _Timer(model, torch.cuda.synchronize if cuda else None)
     per_rollout = args.n_steps * args.n_envs
@@ -238,6 +260,7 @@ def run_agent(config: str, args: argparse.Namespace) -> dict[str, Any]:
     model.learn(per_rollout * args.rollouts, reset_num_timesteps=False)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     after = _max_rss_mb()
+    env.close()
     return {
         "name": config,
         "threads": threads,
@@ -253,12 +276,12 @@ def run_agent(config: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+def run_ceiling(args: argparse.Namespace, config: str = "ceiling") -> dict[str, Any]:
     """Raw stepping of the same VecEnv with uniformly random actions."""
     import numpy as np
 
     _setup_torch(args.threads)
-    env = make_env(args)
+    env = make_env(args, env_workers=split_parallel(config)[1])
     env.reset()
     rng = np.random.default_rng(0)
     n_actions = int(env.action_space.n)
@@ -270,8 +293,9 @@ def run_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     for a in actions[50:]:
         env.step(a)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    env.close()
     return {
-        "name": "ceiling",
+        "name": config,
         "sps": vec_steps * args.n_envs / elapsed,
         "cpu_sps": vec_steps * args.n_envs / cpu,
         "seconds": elapsed,
@@ -356,8 +380,8 @@ def run_scaling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    if args.worker == "ceiling":
-        out = run_ceiling(args)
+    if split_parallel(args.worker)[0] == "ceiling":
+        out = run_ceiling(args, args.worker)
     elif args.worker == "scaling":
         out = run_scaling(args)
     else:

@@ -151,6 +151,20 @@ class TrainConfig(_Strict):
     #: on MiniGrid-MemoryS9 1.1-1.3x faster on a 2-core machine; keep 1 when runs share the cores
     #: (see docs/benchmarks.md).
     kernel_threads: PositiveInt | None = None
+    #: Worker processes that step the training envs alongside this one (0: every env in this
+    #: process, a ``DummyVecEnv``). With ``N`` the ``n_envs`` envs are stepped in ``N + 1``
+    #: groups at once (:class:`mnm_rl.parallel_vec_env.ParallelVecEnv`); it must be below
+    #: ``n_envs``. 1 uses the second core of a 2-core machine; up to ``cores - 1`` on more.
+    env_workers: NonNegativeInt = 0
+
+    @model_validator(mode="after")
+    def _check_env_workers(self) -> TrainConfig:
+        if self.env_workers >= self.n_envs:
+            raise ValueError(
+                f"env_workers ({self.env_workers}) must be below n_envs ({self.n_envs}): each "
+                "worker and this process step at least one env"
+            )
+        return self
 
 
 class EnvPreset(EnvSpec):

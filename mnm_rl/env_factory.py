@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -179,22 +180,29 @@ def make_env(
     return env
 
 
-def end_train_wrappers(vec_env) -> int:
-    """Switch off the ``train_wrappers`` of every env of a ``DummyVecEnv`` built by
-    :func:`make_vec_env` from a spec whose curriculum ends (``train_wrappers_until`` or
-    ``train_wrappers_until_success``): each env's next episode and
-    all later ones come from the task itself. Returns how many envs were switched."""
+def _end_gate(env: gym.Env) -> int:
+    """Switch off the :class:`~mnm_rl.wrappers.TrainWrapperGate` in ``env``'s wrappers, if any:
+    1 if there was one, else 0."""
     from mnm_rl.wrappers import TrainWrapperGate
 
-    switched = 0
-    for env in vec_env.envs:
-        while isinstance(env, gym.Wrapper):
-            if isinstance(env, TrainWrapperGate):
-                env.enabled = False
-                switched += 1
-                break
-            env = env.env
-    return switched
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, TrainWrapperGate):
+            env.enabled = False
+            return 1
+        env = env.env
+    return 0
+
+
+def end_train_wrappers(vec_env) -> int:
+    """Switch off the ``train_wrappers`` of every env of a vec env built by :func:`make_vec_env`
+    from a spec whose curriculum ends (``train_wrappers_until`` or
+    ``train_wrappers_until_success``): each env's next episode and all later ones come from the
+    task itself. Returns how many envs were switched."""
+    from mnm_rl.parallel_vec_env import ParallelVecEnv
+
+    if isinstance(vec_env, ParallelVecEnv):
+        return sum(vec_env.apply(_end_gate))
+    return sum(_end_gate(env) for env in vec_env.envs)
 
 
 def train_base_seed(spec: EnvSpec, run_seed: int, n_envs: int, num_timesteps: int = 0) -> int:
@@ -211,17 +219,24 @@ def train_base_seed(spec: EnvSpec, run_seed: int, n_envs: int, num_timesteps: in
     return spec.train_seeds.start + int(rng.integers(span))
 
 
-def make_vec_env(spec: EnvSpec, n_envs: int, seed: int | None = None):
-    """The training envs: a ``DummyVecEnv`` of ``n_envs`` monitored envs with the spec's
-    ``train_wrappers``; env ``i`` first resets with ``seed + i``."""
+def make_vec_env(spec: EnvSpec, n_envs: int, seed: int | None = None, env_workers: int = 0):
+    """The training envs: ``n_envs`` monitored envs with the spec's ``train_wrappers``; env ``i``
+    first resets with ``seed + i``. A ``DummyVecEnv``, or with ``env_workers`` a
+    :class:`~mnm_rl.parallel_vec_env.ParallelVecEnv` stepping them in ``env_workers + 1`` groups
+    at once (the same episodes either way)."""
     from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from mnm_rl.parallel_vec_env import ParallelVecEnv
 
     if n_envs < 1:
         raise ConfigError(f"n_envs must be positive, got {n_envs}")
-    make_env(spec, training=True).close()  # fail here, clearly, rather than inside DummyVecEnv
-    vec_env = DummyVecEnv(
-        [lambda: make_env(spec, monitor=True, training=True) for _ in range(n_envs)]
-    )
+    if not 0 <= env_workers < n_envs:
+        raise ConfigError(
+            f"env_workers must be in [0, {n_envs - 1}] for {n_envs} envs, got {env_workers}"
+        )
+    make_env(spec, training=True).close()  # fail here, clearly, rather than inside the vec env
+    env_fns = [partial(make_env, spec, monitor=True, training=True) for _ in range(n_envs)]
+    vec_env = ParallelVecEnv(env_fns, env_workers) if env_workers else DummyVecEnv(env_fns)
     if seed is not None:
         vec_env.seed(seed)
     return vec_env

@@ -284,12 +284,19 @@ def train_run(
             f"the run already has {done} env steps; pass --timesteps larger than {done}"
         )
     env = make_vec_env(
-        config.env, train.n_envs, train_base_seed(config.env, train.seed, train.n_envs, done)
+        config.env,
+        train.n_envs,
+        train_base_seed(config.env, train.seed, train.n_envs, done),
+        env_workers=train.env_workers,
     )
-    if resume_from is None:
-        model = build_model(config, env)
-    else:
-        model = MemoryPPO.load(resume_from, env=env, device=train.device)
+    try:
+        if resume_from is None:
+            model = build_model(config, env)
+        else:
+            model = MemoryPPO.load(resume_from, env=env, device=train.device)
+    except BaseException:
+        env.close()  # stops env worker processes, if any
+        raise
     model.set_logger(configure(str(Path(run_dir) / TB_DIR), ["tensorboard"]))
     checkpointer = PeriodicCheckpoint(run_dir, train.checkpoint_every)
     callbacks: list[BaseCallback] = [checkpointer]

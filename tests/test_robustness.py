@@ -205,14 +205,17 @@ def all_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-@pytest.mark.parametrize("kernel_threads", [1, 2])
-def test_same_seed_gives_identical_scalars_and_parameters(tmp_path: Path, kernel_threads: int):
+@pytest.mark.parametrize(
+    "second_run", ["train.kernel_threads=1", "train.kernel_threads=2", "train.env_workers=1"]
+)
+def test_same_seed_gives_identical_scalars_and_parameters(tmp_path: Path, second_run: str):
     """Also with the MNM kernel splitting each minibatch (8 sequences of 8 steps) between two
-    threads."""
+    threads (both runs), and with the second run stepping its envs in two processes."""
     runs = [tmp_path / "a", tmp_path / "b"]
-    for run in runs:
+    first_run = second_run if "kernel_threads" in second_run else "train.env_workers=0"
+    for run, setting in zip(runs, (first_run, second_run), strict=True):
         ok(mnm_rl("train", "--env", "DelayedCueRecall", "--timesteps", "512", *FAST,
-                  *sets("agent.ppo.seq_len=8", f"train.kernel_threads={kernel_threads}"),
+                  *sets("agent.ppo.seq_len=8", setting),
                   "--seed", "3", "--run-dir", run, cwd=tmp_path))  # fmt: skip
     a, b = (all_scalars(run / "tb") for run in runs)
     timing = {t for t in a if t.startswith("time/")}  # fps and elapsed time are wall-clock

@@ -1,0 +1,250 @@
+"""``ParallelVecEnv``: the same episodes as ``DummyVecEnv``, every ``VecEnv`` call across the
+groups, worker failures raised as ``EnvWorkerError`` (never a hang), and training with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from mnm_rl.parallel_vec_env import INFO_BYTES, EnvWorkerError, ParallelVecEnv
+
+
+def minigrid_env() -> gym.Env:
+    """MiniGrid's Memory task with our symbolic Dict observation, monitored (episode infos)."""
+    import minigrid  # noqa: F401  (registers the MiniGrid ids)
+
+    from mnm_rl.envs.minigrid import SymbolicMiniGrid
+
+    return Monitor(SymbolicMiniGrid(gym.make("MiniGrid-MemoryS7-v0", agent_view_size=3)))
+
+
+def cartpole_env() -> gym.Env:
+    return gym.make("CartPole-v1")
+
+
+class FailingEnv(gym.Env):
+    """Raises at its ``fail_at``-th step; its info at every step carries ``info_size`` bytes."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, fail_at: int | None = None, info_size: int = 0):
+        self.fail_at, self.info_size, self.steps = fail_at, info_size, 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.np_random.uniform(-1, 1, 2).astype(np.float32), {"options": options}
+
+    def step(self, action):
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise ValueError(f"env broke at step {self.steps}")
+        obs = np.full(2, action, np.float32)
+        return obs, float(action), self.steps % 5 == 0, False, {"blob": b"x" * self.info_size}
+
+
+def failing_env(fail_at: int | None = None, info_size: int = 0) -> gym.Env:
+    return FailingEnv(fail_at, info_size)
+
+
+def broken_constructor() -> gym.Env:
+    raise RuntimeError("cannot build this env")
+
+
+def assert_same_infos(expected: list[dict], got: list[dict]) -> None:
+    """Equal infos; Monitor's episode wall time ``t`` aside."""
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key == "episode":
+                assert {k: v for k, v in a[key].items() if k != "t"} == {
+                    k: v for k, v in b[key].items() if k != "t"
+                }
+            elif isinstance(a[key], dict):
+                assert all(np.array_equal(a[key][k], b[key][k]) for k in a[key])
+            else:
+                np.testing.assert_array_equal(a[key], b[key])
+
+
+def assert_same_obs(a, b) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype
+            np.testing.assert_array_equal(a[key], b[key])
+    else:
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("make", "n_envs", "n_workers", "steps"),
+    [(minigrid_env, 5, 2, 400), (cartpole_env, 4, 1, 300)],
+    ids=["minigrid-dict-obs", "cartpole-box-obs"],
+)
+def test_same_episodes_as_dummy_vec_env(make, n_envs: int, n_workers: int, steps: int):
+    """Same seeds and actions: the same observations, rewards, dones and infos (terminal
+    observations and episode statistics included) as one ``DummyVecEnv``, through auto-resets
+    and a second seeded reset."""
+    dummy = DummyVecEnv([make] * n_envs)
+    with ParallelVecEnv([make] * n_envs, n_workers=n_workers) as parallel:
+        assert [len(g) for g in parallel.groups] == ([1, 2, 2] if n_envs == 5 else [2, 2])
+        assert parallel.num_envs == n_envs and parallel.render_mode is None
+        rng = np.random.default_rng(0)
+        episodes = 0
+        for seed in (3, 11):
+            dummy.seed(seed)
+            parallel.seed(seed)
+            assert_same_obs(dummy.reset(), parallel.reset())
+            assert_same_infos(dummy.reset_infos, parallel.reset_infos)
+            for _ in range(steps):
+                actions = rng.integers(0, dummy.action_space.n, n_envs)
+                expected, got = dummy.step(actions), parallel.step(actions)
+                assert_same_obs(expected[0], got[0])
+                np.testing.assert_array_equal(expected[1], got[1])
+                np.testing.assert_array_equal(expected[2], got[2])
+                assert got[1].dtype == np.float32 and got[2].dtype == bool
+                assert_same_infos(expected[3], got[3])
+                episodes += int(got[2].sum())
+        assert episodes >= n_envs  # auto-resets in every group were compared
+    dummy.close()
+
+
+def test_calls_reach_every_group_in_index_order():
+    """``get_attr``, ``set_attr``, ``env_method``, ``env_is_wrapped`` and ``apply`` reach the
+    envs of every group, with results in the order of ``indices``; reset options go to the
+    right envs."""
+    with ParallelVecEnv([minigrid_env] * 5, n_workers=2) as env:
+        assert env.get_attr("spec")[4].id == "MiniGrid-MemoryS7-v0"
+        env.set_attr("marker", 7, indices=[0, 4])
+        env.set_attr("marker", 9, indices=2)
+        assert env.get_attr("marker", indices=[4, 2, 0]) == [7, 9, 7]
+        assert env.env_method("get_wrapper_attr", "agent_view_size") == [3] * 5
+        assert env.env_is_wrapped(Monitor) == [True] * 5
+        assert env.env_is_wrapped(gym.wrappers.TimeLimit, indices=[3]) == [False]
+        assert env.apply(type, indices=[1, 3]) == [Monitor, Monitor]
+        with pytest.warns(UserWarning, match="render mode is None"):  # DummyVecEnv's warning
+            assert env.get_images() == [None] * 5
+
+    with ParallelVecEnv([failing_env] * 3, n_workers=1) as env:
+        env.set_options([{"n": i} for i in range(3)])
+        env.reset()
+        assert [info["options"] for info in env.reset_infos] == [{"n": 0}, {"n": 1}, {"n": 2}]
+        env.reset()  # options are used once, as in DummyVecEnv
+        assert [info["options"] for info in env.reset_infos] == [None] * 3
+
+
+def test_large_infos_come_through_the_pipe():
+    """Infos bigger than the shared buffer still arrive whole."""
+    size = 2 * INFO_BYTES
+    with ParallelVecEnv([lambda: failing_env(info_size=size)] * 2, n_workers=1) as env:
+        env.reset()
+        infos = env.step(np.array([1, 0]))[3]
+    assert [len(info["blob"]) for info in infos] == [size, size]
+
+
+def test_an_env_error_in_a_worker_is_raised_with_its_traceback():
+    env = ParallelVecEnv([failing_env, lambda: failing_env(fail_at=3)], n_workers=1)
+    env.reset()
+    env.step(np.array([0, 1]))
+    env.step(np.array([0, 1]))
+    with pytest.raises(EnvWorkerError, match=r"(?s)envs 1-1 failed.*env broke at step 3"):
+        env.step(np.array([0, 1]))
+    env.close()
+    env.close()  # idempotent
+
+
+def test_a_dead_worker_is_an_error_not_a_hang():
+    env = ParallelVecEnv([failing_env] * 2, n_workers=1)
+    env.reset()
+    os.kill(env._workers[0].process.pid, signal.SIGKILL)
+    env._workers[0].process.join(5)
+    start = time.perf_counter()
+    with pytest.raises(EnvWorkerError, match="exited"):
+        env.step(np.array([0, 1]))
+    assert time.perf_counter() - start < 5
+    env.close()
+
+
+def test_bad_arguments_and_broken_envs_are_precise_errors():
+    with pytest.raises(ValueError, match="n_workers must be between 1 and"):
+        ParallelVecEnv([failing_env] * 2, n_workers=2)
+    with pytest.raises(ValueError, match="n_workers must be between 1 and"):
+        ParallelVecEnv([failing_env] * 2, n_workers=0)
+    with pytest.raises(EnvWorkerError, match="(?s)could not make its envs.*cannot build this env"):
+        ParallelVecEnv([failing_env, broken_constructor], n_workers=1)
+    with pytest.raises(EnvWorkerError, match="spaces"):
+        ParallelVecEnv([failing_env, cartpole_env], n_workers=1)
+    with ParallelVecEnv([failing_env] * 2, n_workers=1) as env:
+        env.reset()
+        with pytest.raises(TypeError):  # float actions cannot go into a Discrete space's int64
+            env.step(np.array([0.5, 1.5]))
+
+
+def test_training_on_it_matches_training_on_dummy_vec_env():
+    """The same seed gives the same trained parameters with the envs in one process or two."""
+    import torch
+
+    from mnm_rl.agent import MemoryPPO
+
+    def train(vec_env) -> dict[str, torch.Tensor]:
+        vec_env.seed(0)
+        model = MemoryPPO(
+            env=vec_env,
+            core="lstm",
+            n_steps=32,
+            batch_size=64,
+            n_epochs=2,
+            seq_len=8,
+            seed=0,
+            policy_kwargs=dict(core_kwargs=dict(hidden_size=16), features_dim=16),
+        )
+        model.learn(256)
+        vec_env.close()
+        return {k: v.clone() for k, v in model.policy.state_dict().items()}
+
+    one = train(DummyVecEnv([minigrid_env] * 4))
+    two = train(ParallelVecEnv([minigrid_env] * 4, n_workers=1))
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def gate_enabled(env: gym.Env) -> bool | None:
+    """The ``enabled`` flag of ``env``'s curriculum gate (``None`` without one)."""
+    from mnm_rl.wrappers import TrainWrapperGate
+
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, TrainWrapperGate):
+            return env.enabled
+        env = env.env
+    return None
+
+
+def test_make_vec_env_with_workers_and_the_end_of_a_curriculum():
+    """``make_vec_env(..., env_workers=1)`` steps the preset's envs in two processes, and
+    ``end_train_wrappers`` switches off the curriculum gate of the envs in both."""
+    from mnm_rl.config import ConfigError
+    from mnm_rl.env_factory import end_train_wrappers, make_vec_env
+    from mnm_rl.presets import load_env_preset
+
+    spec = load_env_preset("MiniGrid-MemoryS9-FarStart-Curriculum-800k").spec()
+    with make_vec_env(spec, n_envs=3, seed=5, env_workers=1) as env:
+        assert isinstance(env, ParallelVecEnv) and [len(g) for g in env.groups] == [1, 2]
+        dummy = make_vec_env(spec, n_envs=3, seed=5)
+        assert_same_obs(dummy.reset(), env.reset())
+        assert env.apply(gate_enabled) == [True] * 3
+        assert end_train_wrappers(env) == 3
+        assert env.apply(gate_enabled) == [False] * 3
+    plain = load_env_preset("MiniGrid-MemoryS9").spec()
+    with make_vec_env(plain, n_envs=2, env_workers=1) as env:
+        assert end_train_wrappers(env) == 0
+    with pytest.raises(ConfigError, match=r"env_workers must be in \[0, 1\] for 2 envs"):
+        make_vec_env(plain, n_envs=2, env_workers=2)
