@@ -5,8 +5,10 @@ time), each in a fresh run folder under a temporary directory, and reports the m
 of the whole command (start-up, training, checkpoints and a short final evaluation) and env
 steps per second of wall time. A configuration is an agent preset, with ``/eager`` appended to
 run the core's plain PyTorch code (``MNM_RL_FUSED=0``), ``/k2`` to let the MNM kernel split
-each minibatch between two threads of its own (``MNM_RL_KERNEL_THREADS=2``), and ``@N`` to
-train with N torch threads (``train.torch_threads``; 1 without it), e.g. ``mnm-p/eager@2``.
+each minibatch between two threads of its own (``MNM_RL_KERNEL_THREADS=2``), ``/par`` (last,
+before any ``@N``) to step the envs in two processes (``train.env_workers=1``), and ``@N`` to
+train with N torch threads (``train.torch_threads``; 1 without it), e.g. ``mnm-p/eager@2``,
+``mnm-p/k2/par``.
 
     python benchmarks/train_speed.py                         # MiniGrid-MemoryS9, 200k steps
     python benchmarks/train_speed.py --env MiniGrid-Memory --timesteps 300000 --rounds 1
@@ -30,6 +32,7 @@ from pathlib import Path
 
 EAGER = "/eager"
 KERNEL2 = "/k2"
+PARALLEL = "/par"
 THREADS = "@"
 
 
@@ -46,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_once(config: str, args: argparse.Namespace, root: Path) -> float:
     """Wall seconds of one ``mnm-rl train`` run of ``config``."""
     name, _, threads = config.partition(THREADS)
+    env_workers = int(name.endswith(PARALLEL))
+    name = name.removesuffix(PARALLEL)
     agent = name.removesuffix(EAGER).removesuffix(KERNEL2)
     env = dict(os.environ, MNM_RL_FUSED="0" if name.endswith(EAGER) else "1")
     if name.endswith(KERNEL2):
@@ -57,6 +62,7 @@ def run_once(config: str, args: argparse.Namespace, root: Path) -> float:
         "--seed", "0", "--timesteps", str(args.timesteps), "--run-dir", str(run_dir),
         "--no-progress", "--set", f"train.eval_episodes={args.eval_episodes}",
         "--set", f"train.torch_threads={threads or 1}",
+        "--set", f"train.env_workers={env_workers}",
     ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

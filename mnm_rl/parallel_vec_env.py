@@ -17,6 +17,7 @@ the same observations, rewards, dones and infos.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import signal
 import time
@@ -39,7 +40,10 @@ from stable_baselines3.common.vec_env.util import dict_to_obs, obs_space_info
 
 #: How long a waiting process watches the shared counter before it sleeps on a pipe. Longer than
 #: a small policy's step (0.3-1 ms on a CPU), so that in a rollout neither side sleeps; short
-#: enough that a worker stops using its core soon after the rollout ends.
+#: enough that a worker stops using its core soon after the rollout ends. While it watches, it
+#: yields the core at every look, so a busy thread of the trainer (the MNM kernel's second
+#: thread, say) is not held up by it: on MiniGrid-MemoryS9 with two kernel threads, plain
+#: spinning made training slower than without the worker.
 SPIN_SECONDS = 0.002
 #: How long a sleeping process waits on its pipe before it looks at the counter again: the
 #: longest a lost wake-up can delay it (see :class:`_Bell`), and how often a waiting caller checks
@@ -86,6 +90,7 @@ class _Bell:
         while control[slot] != seq:
             if time.perf_counter() > deadline:
                 break
+            os.sched_yield()  # a thread that wants this core (an OpenMP helper) gets it
         else:
             return
         control[self.sleeping_slot] = 1
