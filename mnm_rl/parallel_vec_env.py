@@ -41,9 +41,10 @@ from stable_baselines3.common.vec_env.util import dict_to_obs, obs_space_info
 #: How long a waiting process watches the shared counter before it sleeps on a pipe. Longer than
 #: a small policy's step (0.3-1 ms on a CPU), so that in a rollout neither side sleeps; short
 #: enough that a worker stops using its core soon after the rollout ends. While it watches, it
-#: yields the core at every look, so a busy thread of the trainer (the MNM kernel's second
-#: thread, say) is not held up by it: on MiniGrid-MemoryS9 with two kernel threads, plain
-#: spinning made training slower than without the worker.
+#: yields the core at every look, so that a busy thread of the trainer (the MNM kernel's second
+#: thread, say) is not held up by it: on MiniGrid-MemoryS9 with two kernel threads, training
+#: with the worker took 61 s when it spun without yielding, 50 s when it yielded (46.5 s
+#: without the worker).
 SPIN_SECONDS = 0.002
 #: How long a sleeping process waits on its pipe before it looks at the counter again: the
 #: longest a lost wake-up can delay it (see :class:`_Bell`), and how often a waiting caller checks

@@ -248,3 +248,38 @@ def test_make_vec_env_with_workers_and_the_end_of_a_curriculum():
         assert end_train_wrappers(env) == 0
     with pytest.raises(ConfigError, match=r"env_workers must be in \[0, 1\] for 2 envs"):
         make_vec_env(plain, n_envs=2, env_workers=2)
+
+
+def test_ctrl_c_with_env_workers_saves_a_checkpoint_and_leaves_no_process(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group, workers included: the workers
+    ignore it, training saves its checkpoint and exits 130, and no worker is left running."""
+    import re
+    import subprocess
+
+    from test_cli import COMMAND, TINY_AGENT, sets
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*COMMAND, "train", "--env", "DelayedCueRecall", "--timesteps", "100000", *TINY_AGENT,
+         *sets("train.checkpoint_every=256", "train.eval_episodes=0", "train.env_workers=1"),
+         "--run-dir", str(run)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"}, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not list((run / "checkpoints").glob("step_*.zip")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert re.search(r"interrupted at \d+ env steps; saved \S+", err), err
+    deadline = time.monotonic() + 10
+    while True:  # the group is empty once the workers have gone too
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "a process of the run is still alive"
+        time.sleep(0.1)
