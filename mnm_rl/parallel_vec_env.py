@@ -61,6 +61,16 @@ _STEP, _RESET, _CALL, _CLOSE = range(4)
 _OK, _FAILED = range(2)
 
 
+def _obs_dict(obs: Any) -> dict[Any, np.ndarray]:
+    """A vec env's observation keyed as ``obs_space_info`` keys it: by name for a Dict space,
+    by position for a Tuple space, ``None`` for any other."""
+    if isinstance(obs, dict):
+        return obs
+    if isinstance(obs, tuple):
+        return dict(enumerate(obs))
+    return {None: obs}
+
+
 class EnvWorkerError(RuntimeError):
     """An environment failed in a worker process of :class:`ParallelVecEnv`, or the worker died."""
 
@@ -151,8 +161,8 @@ class _SharedArrays:
         return sum(-(-s // 64) * 64 + 64 for s in sizes)
 
     def write_obs(self, obs: VecEnvObs) -> None:
-        for key, view in self.obs.items():
-            view[...] = obs if key is None else obs[key]
+        for key, value in _obs_dict(obs).items():
+            self.obs[key][...] = value
 
     def write_infos(self, infos: Any, pipe: Connection) -> None:
         data = pickle.dumps(infos, protocol=pickle.HIGHEST_PROTOCOL)
@@ -294,12 +304,16 @@ class _WorkerHandle:
 
     def send(self, command: int, payload: Any = None) -> None:
         """Start a command; :meth:`finish` waits for it."""
-        if payload is not None:
-            self.pipe.send(payload)
-        self.seq += 1
-        self.arrays.control[_COMMAND] = command
-        self.pending = True
-        self.commands.ring(self.seq, self.command_bell)
+        try:
+            if payload is not None:
+                self.pipe.send(payload)
+            self.seq += 1
+            self.arrays.control[_COMMAND] = command
+            self.pending = True
+            self.commands.ring(self.seq, self.command_bell)
+        except OSError:  # the pipes of a worker that has died
+            self.pending = False
+            raise EnvWorkerError(f"{self.describe()} exited") from None
 
     def finish(self) -> None:
         """Wait for the command sent last; raise :class:`EnvWorkerError` if it failed."""
@@ -311,6 +325,10 @@ class _WorkerHandle:
             self.pending = False
         if self.arrays.control[_STATUS] == _FAILED:
             raise EnvWorkerError(f"{self.describe()} failed:\n{self.pipe.recv()}")
+
+    def read_infos(self) -> Any:
+        """The infos of the last step or reset."""
+        return self.arrays.read_infos(self.pipe)
 
     def close(self) -> None:
         if self.process.is_alive():
@@ -408,41 +426,85 @@ class ParallelVecEnv(VecEnv):
                 actions[worker.envs.start : worker.envs.stop],
                 casting="same_kind",
             )
-            worker.send(_STEP)
-        obs, rewards, dones, infos = self._local.step(actions[: self._local.num_envs])
-        parts = [obs]
-        rewards, dones, infos = [rewards], [dones], list(infos)
-        for worker in self._workers:
-            worker.finish()
-            parts.append(worker.arrays.obs if isinstance(obs, dict) else worker.arrays.obs[None])
-            rewards.append(worker.arrays.rewards)
-            dones.append(worker.arrays.dones)
-            infos.extend(worker.arrays.read_infos(worker.pipe))
-        return self._join_obs(parts), np.concatenate(rewards), np.concatenate(dones), infos
+        local, results = self._run_groups(
+            [(worker, _STEP, None) for worker in self._workers],
+            lambda: self._local.step(actions[: self._local.num_envs]),
+            lambda w: (w.arrays.obs, w.arrays.rewards, w.arrays.dones, w.read_infos()),
+        )
+        groups = [local, *results]
+        obs = self._join_obs([g[0] for g in groups])
+        infos = [info for g in groups for info in g[3]]
+        return (
+            obs,
+            np.concatenate([g[1] for g in groups]),
+            np.concatenate([g[2] for g in groups]),
+            infos,
+        )
 
     def reset(self) -> VecEnvObs:
-        for worker in self._workers:
-            envs = slice(worker.envs.start, worker.envs.stop)
-            worker.send(_RESET, (self._seeds[envs], self._options[envs]))
         k = self._local.num_envs
-        self._local._seeds, self._local._options = self._seeds[:k], self._options[:k]
-        obs = self._local.reset()
-        parts, reset_infos = [obs], list(self._local.reset_infos)
-        for worker in self._workers:
-            worker.finish()
-            parts.append(worker.arrays.obs if isinstance(obs, dict) else worker.arrays.obs[None])
-            reset_infos.extend(worker.arrays.read_infos(worker.pipe))
-        self.reset_infos = reset_infos
+
+        def reset_here() -> tuple[VecEnvObs, list[dict]]:
+            self._local._seeds, self._local._options = self._seeds[:k], self._options[:k]
+            return self._local.reset(), list(self._local.reset_infos)
+
+        sends = [
+            (
+                w,
+                _RESET,
+                (
+                    self._seeds[w.envs.start : w.envs.stop],
+                    self._options[w.envs.start : w.envs.stop],
+                ),
+            )
+            for w in self._workers
+        ]
+        local, results = self._run_groups(
+            sends, reset_here, lambda w: (w.arrays.obs, w.read_infos())
+        )
+        groups = [local, *results]
+        self.reset_infos = [info for g in groups for info in g[1]]
         self._reset_seeds()
         self._reset_options()
-        return self._join_obs(parts)
+        return self._join_obs([g[0] for g in groups])
+
+    def _run_groups(
+        self,
+        sends: list[tuple[_WorkerHandle, int, Any]],
+        here: Callable[[], Any],
+        read: Callable[[_WorkerHandle], Any],
+    ) -> tuple[Any, list[Any]]:
+        """Start ``(worker, command, payload)`` on each worker, run ``here()`` in this process
+        meanwhile, then wait for each worker and ``read(worker)`` its result.
+
+        Every started worker is waited for and read, even after a failure here or in another
+        worker, so that all stay in step with this process; then the first failure is raised.
+        """
+        started: list[_WorkerHandle] = []
+        error: BaseException | None = None
+        mine = None
+        try:
+            for worker, command, payload in sends:
+                worker.send(command, payload)
+                started.append(worker)
+            mine = here()
+        except BaseException as err:  # noqa: BLE001  (raised below, after the workers)
+            error = err
+        results = []
+        for worker in started:
+            try:
+                worker.finish()
+                results.append(read(worker))
+            except EnvWorkerError as err:
+                error = error or err
+        if error is not None:
+            raise error
+        return mine, results
 
     def _join_obs(self, parts: list[Any]) -> VecEnvObs:
         """Concatenate the groups' observations (new arrays, as ``DummyVecEnv`` returns)."""
-        if isinstance(parts[0], dict):
-            joined = {k: np.concatenate([p[k] for p in parts]) for k in self._obs_keys}
-        else:
-            joined = {None: np.concatenate(parts)}
+        as_dicts = [_obs_dict(part) for part in parts]
+        joined = {k: np.concatenate([part[k] for part in as_dicts]) for k in self._obs_keys}
         return dict_to_obs(self.observation_space, joined)
 
     # ------------------------------------------------------------------------ calls on the envs
@@ -451,22 +513,27 @@ class ParallelVecEnv(VecEnv):
         of ``indices``, results in the order of ``indices``."""
         wanted = list(self._get_indices(indices))
         by_group: list[list[int]] = [[i - g.start for i in wanted if i in g] for g in self.groups]
+        sends = [
+            (worker, _CALL, (method, args, {**kwargs, "indices": local}))
+            for worker, local in zip(self._workers, by_group[1:], strict=True)
+            if local
+        ]
+        mine, theirs = self._run_groups(
+            sends,
+            lambda: (
+                _group_call(self._local, method, args, {**kwargs, "indices": by_group[0]})
+                if by_group[0]
+                else []
+            ),
+            lambda w: w.pipe.recv(),
+        )
+        # Results per group, in its local index order; DummyVecEnv.set_attr returns None.
+        per_group = iter([mine, *theirs] if by_group[0] else theirs)
         results: dict[int, Any] = {}
-        for worker, local in zip(self._workers, by_group[1:], strict=True):
+        for group, local in zip(self.groups, by_group, strict=True):
             if local:
-                worker.send(_CALL, (method, args, {**kwargs, "indices": local}))
-        if by_group[0]:
-            values = _group_call(self._local, method, args, {**kwargs, "indices": by_group[0]})
-            results.update(zip(by_group[0], values or [None] * len(by_group[0]), strict=True))
-        for group, worker, local in zip(self.groups[1:], self._workers, by_group[1:], strict=True):
-            if local:
-                worker.finish()
-                values = worker.pipe.recv()
-                results.update(
-                    zip(
-                        (group.start + i for i in local), values or [None] * len(local), strict=True
-                    )
-                )
+                values = next(per_group) or [None] * len(local)
+                results.update(zip((group.start + i for i in local), values, strict=True))
         return [results[i] for i in wanted]
 
     def apply(self, fn: Callable[[gym.Env], Any], indices: VecEnvIndices = None) -> list[Any]:
@@ -492,13 +559,12 @@ class ParallelVecEnv(VecEnv):
         return self._call("env_is_wrapped", indices, wrapper_class)
 
     def get_images(self) -> Sequence[np.ndarray | None]:
-        images = list(self._local.get_images())
-        for worker in self._workers:
-            worker.send(_CALL, ("get_images", (), {}))
-        for worker in self._workers:
-            worker.finish()
-            images.extend(worker.pipe.recv())
-        return images
+        mine, theirs = self._run_groups(
+            [(worker, _CALL, ("get_images", (), {})) for worker in self._workers],
+            self._local.get_images,
+            lambda w: w.pipe.recv(),
+        )
+        return [image for group in [mine, *theirs] for image in group]
 
     # -------------------------------------------------------------------------------- lifecycle
     def close(self) -> None:

@@ -47,7 +47,28 @@ class FailingEnv(gym.Env):
         if self.steps == self.fail_at:
             raise ValueError(f"env broke at step {self.steps}")
         obs = np.full(2, action, np.float32)
-        return obs, float(action), self.steps % 5 == 0, False, {"blob": b"x" * self.info_size}
+        info = {"blob": b"x" * self.info_size, "step": self.steps}
+        return obs, float(action), self.steps % 5 == 0, False, info
+
+
+class TupleObsEnv(FailingEnv):
+    """A Tuple observation: a Box and a Discrete."""
+
+    observation_space = gym.spaces.Tuple(
+        (gym.spaces.Box(-1.0, 1.0, (2,), np.float32), gym.spaces.Discrete(3))
+    )
+
+    def reset(self, *, seed=None, options=None):
+        box, info = super().reset(seed=seed, options=options)
+        return (box, int(self.np_random.integers(3))), info
+
+    def step(self, action):
+        box, reward, terminated, truncated, info = super().step(action)
+        return (box, self.steps % 3), reward, terminated, truncated, info
+
+
+def tuple_env() -> gym.Env:
+    return TupleObsEnv()
 
 
 def failing_env(fail_at: int | None = None, info_size: int = 0) -> gym.Env:
@@ -58,37 +79,29 @@ def broken_constructor() -> gym.Env:
     raise RuntimeError("cannot build this env")
 
 
-def assert_same_infos(expected: list[dict], got: list[dict]) -> None:
-    """Equal infos; Monitor's episode wall time ``t`` aside."""
-    assert len(expected) == len(got)
-    for a, b in zip(expected, got, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            if key == "episode":
-                assert {k: v for k, v in a[key].items() if k != "t"} == {
-                    k: v for k, v in b[key].items() if k != "t"
-                }
-            elif isinstance(a[key], dict):
-                assert all(np.array_equal(a[key][k], b[key][k]) for k in a[key])
-            else:
-                np.testing.assert_array_equal(a[key], b[key])
-
-
-def assert_same_obs(a, b) -> None:
+def assert_same(a, b) -> None:
+    """Equal observations or infos, recursively, dtypes included; Monitor's episode wall time
+    ``t`` aside."""
     if isinstance(a, dict):
-        assert a.keys() == b.keys()
+        assert isinstance(b, dict) and a.keys() == b.keys()
         for key in a:
-            assert a[key].dtype == b[key].dtype
-            np.testing.assert_array_equal(a[key], b[key])
-    else:
-        assert a.dtype == b.dtype
+            if key != "t":
+                assert_same(a[key], b[key])
+    elif isinstance(a, tuple | list):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
+    else:
+        assert a == b
 
 
 @pytest.mark.parametrize(
     ("make", "n_envs", "n_workers", "steps"),
-    [(minigrid_env, 5, 2, 400), (cartpole_env, 4, 1, 300)],
-    ids=["minigrid-dict-obs", "cartpole-box-obs"],
+    [(minigrid_env, 5, 2, 400), (cartpole_env, 4, 1, 300), (tuple_env, 3, 1, 50)],
+    ids=["minigrid-dict-obs", "cartpole-box-obs", "tuple-obs"],
 )
 def test_same_episodes_as_dummy_vec_env(make, n_envs: int, n_workers: int, steps: int):
     """Same seeds and actions: the same observations, rewards, dones and infos (terminal
@@ -96,23 +109,23 @@ def test_same_episodes_as_dummy_vec_env(make, n_envs: int, n_workers: int, steps
     and a second seeded reset."""
     dummy = DummyVecEnv([make] * n_envs)
     with ParallelVecEnv([make] * n_envs, n_workers=n_workers) as parallel:
-        assert [len(g) for g in parallel.groups] == ([1, 2, 2] if n_envs == 5 else [2, 2])
+        assert [len(g) for g in parallel.groups] == {5: [1, 2, 2], 4: [2, 2], 3: [1, 2]}[n_envs]
         assert parallel.num_envs == n_envs and parallel.render_mode is None
         rng = np.random.default_rng(0)
         episodes = 0
         for seed in (3, 11):
             dummy.seed(seed)
             parallel.seed(seed)
-            assert_same_obs(dummy.reset(), parallel.reset())
-            assert_same_infos(dummy.reset_infos, parallel.reset_infos)
+            assert_same(dummy.reset(), parallel.reset())
+            assert_same(dummy.reset_infos, parallel.reset_infos)
             for _ in range(steps):
                 actions = rng.integers(0, dummy.action_space.n, n_envs)
                 expected, got = dummy.step(actions), parallel.step(actions)
-                assert_same_obs(expected[0], got[0])
+                assert_same(expected[0], got[0])
                 np.testing.assert_array_equal(expected[1], got[1])
                 np.testing.assert_array_equal(expected[2], got[2])
                 assert got[1].dtype == np.float32 and got[2].dtype == bool
-                assert_same_infos(expected[3], got[3])
+                assert_same(expected[3], got[3])
                 episodes += int(got[2].sum())
         assert episodes >= n_envs  # auto-resets in every group were compared
     dummy.close()
@@ -162,6 +175,22 @@ def test_an_env_error_in_a_worker_is_raised_with_its_traceback():
     env.close()  # idempotent
 
 
+def test_after_an_error_here_the_workers_stay_in_step():
+    """An env of this process's group fails while the worker steps its group: the worker's
+    result (infos sent through the pipe, here) is still taken, so the next step reads that
+    step's results, not the abandoned one's."""
+    big = 2 * INFO_BYTES
+    fns = [lambda: failing_env(fail_at=2), lambda: failing_env(info_size=big)]
+    with ParallelVecEnv(fns, n_workers=1) as env:
+        env.reset()
+        env.step(np.array([0, 0]))
+        with pytest.raises(ValueError, match="env broke at step 2"):
+            env.step(np.array([0, 0]))
+        obs, _, _, infos = env.step(np.array([1, 1]))
+        assert infos[1]["step"] == 3 and len(infos[1]["blob"]) == big
+        np.testing.assert_array_equal(obs, [[1, 1], [1, 1]])
+
+
 def test_a_dead_worker_is_an_error_not_a_hang():
     env = ParallelVecEnv([failing_env] * 2, n_workers=1)
     env.reset()
@@ -171,6 +200,8 @@ def test_a_dead_worker_is_an_error_not_a_hang():
     with pytest.raises(EnvWorkerError, match="exited"):
         env.step(np.array([0, 1]))
     assert time.perf_counter() - start < 5
+    with pytest.raises(EnvWorkerError, match="exited"):  # again, not a broken pipe
+        env.step(np.array([0, 1]))
     env.close()
 
 
@@ -239,7 +270,7 @@ def test_make_vec_env_with_workers_and_the_end_of_a_curriculum():
     with make_vec_env(spec, n_envs=3, seed=5, env_workers=1) as env:
         assert isinstance(env, ParallelVecEnv) and [len(g) for g in env.groups] == [1, 2]
         dummy = make_vec_env(spec, n_envs=3, seed=5)
-        assert_same_obs(dummy.reset(), env.reset())
+        assert_same(dummy.reset(), env.reset())
         assert env.apply(gate_enabled) == [True] * 3
         assert end_train_wrappers(env) == 3
         assert env.apply(gate_enabled) == [False] * 3
