@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import platform
 import signal
 import time
 import traceback
@@ -53,6 +54,12 @@ POLL_SECONDS = 0.01
 #: Bytes of shared memory for one step's pickled infos; larger infos go through the pipe.
 INFO_BYTES = 1 << 16
 
+#: x86 processors make one core's stores visible to the others in the order they were made, so
+#: a process that sees a counter set also sees the results written before it. Other processors
+#: (ARM) do not promise that, and Python has no memory fence: there a :class:`_Bell` does not
+#: watch the counter but always goes through its pipe, whose system calls order the memory.
+SPIN_SAFE = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
 # Slots of the int64 control block at the start of each worker's shared memory.
 _COMMAND, _COMMAND_SEQ, _COMMAND_SLEEPING, _DONE_SEQ, _DONE_SLEEPING, _STATUS, _INFO_SIZE = range(7)
 _CONTROL_SLOTS = 8
@@ -78,25 +85,33 @@ class EnvWorkerError(RuntimeError):
 class _Bell:
     """One process waits until a counter in shared memory reaches a value; another sets it.
 
-    The waiter watches the counter for up to :data:`SPIN_SECONDS`, then marks itself asleep and
-    sleeps on a pipe, which the ringer writes a byte to when it sees the mark. The two marks are
-    written and read in opposite orders by the two processes without a memory fence, so a ringer
-    may miss a mark set at the same instant: the waiter then wakes after :data:`POLL_SECONDS`
-    anyway and finds the counter set. A lost wake-up costs one poll interval, never a hang.
+    With ``spin``, the waiter watches the counter for up to :data:`SPIN_SECONDS`, then marks
+    itself asleep and sleeps on a pipe, which the ringer writes a byte to when it sees the mark.
+    The two marks are written and read in opposite orders by the two processes without a memory
+    fence, so a ringer may miss a mark set at the same instant: the waiter then wakes after
+    :data:`POLL_SECONDS` anyway and finds the counter set. A lost wake-up costs one poll
+    interval, never a hang. Without ``spin`` (see :data:`SPIN_SAFE`), every ring sends a byte and
+    every wait takes one.
     """
 
-    def __init__(self, control: np.ndarray, seq_slot: int, sleeping_slot: int):
+    def __init__(self, control: np.ndarray, seq_slot: int, sleeping_slot: int, spin: bool):
         self.control, self.seq_slot, self.sleeping_slot = control, seq_slot, sleeping_slot
+        self.spin = spin
 
     def ring(self, seq: int, pipe: Connection) -> None:
         self.control[self.seq_slot] = seq
-        if self.control[self.sleeping_slot]:
+        if not self.spin or self.control[self.sleeping_slot]:
             pipe.send_bytes(b"\0")
 
     def wait(self, seq: int, pipe: Connection, check: Callable[[], None] = lambda: None) -> None:
         """Return once the counter is ``seq``; ``check`` runs at every poll interval (and may
         raise, e.g. when the other process died)."""
         control, slot = self.control, self.seq_slot
+        if not self.spin:
+            while not pipe.poll(POLL_SECONDS):
+                check()
+            pipe.recv_bytes()  # EOFError when the ringer has gone
+            return
         deadline = time.perf_counter() + SPIN_SECONDS
         while control[slot] != seq:
             if time.perf_counter() > deadline:
@@ -192,6 +207,7 @@ def _worker(
     pipe: Connection,
     command_bell: Connection,
     done_bell: Connection,
+    spin: bool,
 ) -> None:
     """A worker process: build the group's ``DummyVecEnv``, then serve commands until closed."""
     # Ctrl-C reaches the whole process group: the caller decides when to stop (after saving a
@@ -205,8 +221,8 @@ def _worker(
     pipe.send(("ready", (venv.observation_space, venv.action_space)))
     shm = shared_memory.SharedMemory(name=shm_name)  # the caller unlinks it
     arrays = _SharedArrays(shm, venv.num_envs, venv.observation_space, venv.action_space)
-    commands = _Bell(arrays.control, _COMMAND_SEQ, _COMMAND_SLEEPING)
-    done = _Bell(arrays.control, _DONE_SEQ, _DONE_SLEEPING)
+    commands = _Bell(arrays.control, _COMMAND_SEQ, _COMMAND_SLEEPING, spin)
+    done = _Bell(arrays.control, _DONE_SEQ, _DONE_SLEEPING, spin)
     seq = 0
     try:
         while True:
@@ -252,6 +268,7 @@ class _WorkerHandle:
         envs: range,
         observation_space: gym.Space,
         action_space: gym.Space,
+        spin: bool,
     ):
         self.envs = envs
         self.shm = shared_memory.SharedMemory(
@@ -270,6 +287,7 @@ class _WorkerHandle:
                 worker_pipe,
                 command_bell_in,
                 done_bell_out,
+                spin,
             ),
             daemon=True,
             name=f"env-worker-{envs.start}-{envs.stop - 1}",
@@ -277,8 +295,8 @@ class _WorkerHandle:
         self.process.start()
         for end in (worker_pipe, command_bell_in, done_bell_out):
             end.close()
-        self.commands = _Bell(self.arrays.control, _COMMAND_SEQ, _COMMAND_SLEEPING)
-        self.done = _Bell(self.arrays.control, _DONE_SEQ, _DONE_SLEEPING)
+        self.commands = _Bell(self.arrays.control, _COMMAND_SEQ, _COMMAND_SLEEPING, spin)
+        self.done = _Bell(self.arrays.control, _DONE_SEQ, _DONE_SLEEPING, spin)
         self.seq = 0
         self.pending = False
 
@@ -363,6 +381,9 @@ class ParallelVecEnv(VecEnv):
             machine with ``C`` free cores, ``C - 1`` workers use them all.
         start_method: ``multiprocessing`` start method (default: ``forkserver`` where it exists,
             else ``spawn``; ``fork`` is unsafe once torch has started its threads).
+        spin: wait for the other side by watching shared memory before sleeping (default: on
+            x86, where that is safe, see :data:`SPIN_SAFE`); ``False``: through pipes only,
+            slower on a small machine but correct on any processor.
 
     The groups are contiguous, the workers' at least as large as this process's (which also runs
     the policy). Use it like any ``VecEnv``, and call :meth:`close` at the end (or use it as a
@@ -374,6 +395,7 @@ class ParallelVecEnv(VecEnv):
         env_fns: Sequence[Callable[[], gym.Env]],
         n_workers: int = 1,
         start_method: str | None = None,
+        spin: bool | None = None,
     ):
         env_fns = list(env_fns)
         if not 1 <= n_workers < len(env_fns):
@@ -395,7 +417,14 @@ class ParallelVecEnv(VecEnv):
             for group in groups[1:]:
                 fns = env_fns[group.start : group.stop]
                 self._workers.append(
-                    _WorkerHandle(context, fns, group, observation_space, action_space)
+                    _WorkerHandle(
+                        context,
+                        fns,
+                        group,
+                        observation_space,
+                        action_space,
+                        SPIN_SAFE if spin is None else spin,
+                    )
                 )
             for worker in self._workers:
                 worker.handshake(observation_space, action_space)

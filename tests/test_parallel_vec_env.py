@@ -99,16 +99,24 @@ def assert_same(a, b) -> None:
 
 
 @pytest.mark.parametrize(
-    ("make", "n_envs", "n_workers", "steps"),
-    [(minigrid_env, 5, 2, 400), (cartpole_env, 4, 1, 300), (tuple_env, 3, 1, 50)],
-    ids=["minigrid-dict-obs", "cartpole-box-obs", "tuple-obs"],
+    ("make", "n_envs", "n_workers", "steps", "spin"),
+    [
+        (minigrid_env, 5, 2, 400, None),
+        (cartpole_env, 4, 1, 300, None),
+        (tuple_env, 3, 1, 50, None),
+        (cartpole_env, 4, 1, 300, False),
+    ],
+    ids=["minigrid-dict-obs", "cartpole-box-obs", "tuple-obs", "pipes-only"],
 )
-def test_same_episodes_as_dummy_vec_env(make, n_envs: int, n_workers: int, steps: int):
+def test_same_episodes_as_dummy_vec_env(
+    make, n_envs: int, n_workers: int, steps: int, spin: bool | None
+):
     """Same seeds and actions: the same observations, rewards, dones and infos (terminal
     observations and episode statistics included) as one ``DummyVecEnv``, through auto-resets
-    and a second seeded reset."""
+    and a second seeded reset; also when the processes wait on pipes only (other processors
+    than x86)."""
     dummy = DummyVecEnv([make] * n_envs)
-    with ParallelVecEnv([make] * n_envs, n_workers=n_workers) as parallel:
+    with ParallelVecEnv([make] * n_envs, n_workers=n_workers, spin=spin) as parallel:
         assert [len(g) for g in parallel.groups] == {5: [1, 2, 2], 4: [2, 2], 3: [1, 2]}[n_envs]
         assert parallel.num_envs == n_envs and parallel.render_mode is None
         rng = np.random.default_rng(0)
