@@ -322,3 +322,28 @@ def test_ctrl_c_with_env_workers_saves_a_checkpoint_and_leaves_no_process(tmp_pa
             break
         assert time.monotonic() < deadline, "a process of the run is still alive"
         time.sleep(0.1)
+
+
+def test_the_benchmarks_take_parallel_configs(capsys):
+    """``benchmarks/vec_env_step.py`` runs its four vec envs and ends with its JSON line; the
+    ``/par`` suffix of ``throughput.py`` names one env worker and leaves the rest of the
+    config to the other suffixes."""
+    import json
+
+    from benchmark_scripts import load_script
+
+    out = load_script("vec_env_step").main(
+        ["--env", "CartPole-v1", "--n-envs", "2", "--steps", "20", "--rounds", "1"]
+    )
+    assert set(out["sps"]) == {"dummy", "parallel", "parallel/pipes", "subproc"}
+    assert out["ratio_to_dummy"]["dummy"] == 1.0 and all(v > 0 for v in out["sps"].values())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+
+    throughput = load_script("throughput")
+    assert throughput.split_parallel("lstm/par") == ("lstm", 1)
+    assert throughput.split_parallel("ceiling") == ("ceiling", 0)
+    name, workers = throughput.split_parallel("mnm-p:2x2/k2/par")
+    assert workers == 1 and throughput.split_config(name) == (
+        "mnm-p",
+        {"n_heads": 2, "n_layers": 2},
+    )
