@@ -145,11 +145,18 @@ def _is_minigrid(env_id: str) -> bool:
     return env_id.startswith("MiniGrid")
 
 
-def make_env(args: argparse.Namespace, for_sb3_contrib: bool = False, env_workers: int = 0):
-    """The vectorised env. MiniGrid gets ``agent_view_size=3`` and an observation wrapper:
-    our ``SymbolicMiniGrid`` for us, minigrid's ``ImgObsWrapper`` (a Box) for sb3-contrib. With
-    ``env_workers``, a ``ParallelVecEnv`` with that many worker processes, else a
-    ``DummyVecEnv``."""
+def make_env(
+    args: argparse.Namespace,
+    for_sb3_contrib: bool = False,
+    env_workers: int = 0,
+    vec_env_cls: type | None = None,
+    vec_env_kwargs: dict[str, Any] | None = None,
+):
+    """The vectorised env of ``args.n_envs`` monitored ``args.env`` envs, seeded from 0. MiniGrid
+    gets ``agent_view_size=3`` and an observation wrapper: our ``SymbolicMiniGrid`` for us,
+    minigrid's ``ImgObsWrapper`` (a Box) for sb3-contrib. With ``env_workers``, a
+    ``ParallelVecEnv`` with that many worker processes; else ``vec_env_cls(env_fns,
+    **vec_env_kwargs)``, a ``DummyVecEnv`` by default."""
     import gymnasium as gym
     from stable_baselines3.common.env_util import make_vec_env
 
@@ -167,13 +174,18 @@ def make_env(args: argparse.Namespace, for_sb3_contrib: bool = False, env_worker
         wrapper = ImgObsWrapper if for_sb3_contrib else SymbolicMiniGrid
     elif for_sb3_contrib and isinstance(gym.make(args.env).observation_space, gym.spaces.Dict):
         raise ValueError(f"{args.env} has Dict observations, which RecurrentPPO cannot take")
-    parallel: dict[str, Any] = {}
     if env_workers:
         from mnm_rl.parallel_vec_env import ParallelVecEnv
 
-        parallel = dict(vec_env_cls=ParallelVecEnv, vec_env_kwargs={"n_workers": env_workers})
+        vec_env_cls, vec_env_kwargs = ParallelVecEnv, {"n_workers": env_workers}
     return make_vec_env(
-        args.env, n_envs=args.n_envs, seed=0, wrapper_class=wrapper, env_kwargs=kwargs, **parallel
+        args.env,
+        n_envs=args.n_envs,
+        seed=0,
+        wrapper_class=wrapper,
+        env_kwargs=kwargs,
+        vec_env_cls=vec_env_cls,
+        vec_env_kwargs=vec_env_kwargs,
     )
 
 

@@ -1,7 +1,7 @@
 """Raw stepping of one env by four vec envs, side by side: how much a second process gains.
 
-Times ``step()`` with uniformly random actions of ``--n-envs`` envs of ``--env`` (MiniGrid gets
-``agent_view_size=3`` and our symbolic observation, as in ``throughput.py``) in:
+Times ``step()`` with uniformly random actions of ``--n-envs`` envs of ``--env``, made as
+``throughput.py`` makes them (MiniGrid: ``agent_view_size=3``, our symbolic observation), in:
 
 * ``dummy``: SB3's ``DummyVecEnv``, every env in this process;
 * ``parallel``: ``ParallelVecEnv`` with ``--workers`` worker processes, waits that watch shared
@@ -25,24 +25,9 @@ import json
 import statistics
 import sys
 import time
-from functools import partial
 
-import gymnasium as gym
 import numpy as np
-
-
-def make_one(env_id: str) -> gym.Env:
-    from stable_baselines3.common.monitor import Monitor
-
-    import mnm_rl  # noqa: F401  (registers our envs)
-
-    if env_id.startswith("MiniGrid"):
-        import minigrid  # noqa: F401  (registers the MiniGrid envs)
-
-        from mnm_rl.envs.minigrid import SymbolicMiniGrid
-
-        return Monitor(SymbolicMiniGrid(gym.make(env_id, agent_view_size=3)))
-    return Monitor(gym.make(env_id))
+from throughput import make_env
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,19 +47,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     print(f"command: python benchmarks/vec_env_step.py {' '.join(sys.argv[1:])}".rstrip())
-    fns = [partial(make_one, args.env)] * args.n_envs
+    parallel = {"n_workers": args.workers}
     envs = {
-        "dummy": DummyVecEnv(fns),
-        "parallel": ParallelVecEnv(fns, n_workers=args.workers),
-        "parallel/pipes": ParallelVecEnv(fns, n_workers=args.workers, spin=False),
-        "subproc": SubprocVecEnv(fns),
+        "dummy": make_env(args, vec_env_cls=DummyVecEnv),
+        "parallel": make_env(args, vec_env_cls=ParallelVecEnv, vec_env_kwargs=parallel),
+        "parallel/pipes": make_env(
+            args, vec_env_cls=ParallelVecEnv, vec_env_kwargs={**parallel, "spin": False}
+        ),
+        "subproc": make_env(args, vec_env_cls=SubprocVecEnv),
     }
     rng = np.random.default_rng(0)
     n_actions = int(envs["dummy"].action_space.n)
     sps: dict[str, list[float]] = {name: [] for name in envs}
     try:
         for env in envs.values():
-            env.seed(0)
             env.reset()
             for a in rng.integers(n_actions, size=(50, args.n_envs)):  # warm-up
                 env.step(a)

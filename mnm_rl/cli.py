@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "runs the same equations in plain PyTorch. "
         "The kernel keeps the memory it frees for reuse (glibc); MNM_RL_RETAIN_MEMORY=0 hands it "
         "back to the OS. MNM_RL_KERNEL_THREADS=N (or --set train.kernel_threads=N) lets the MNM "
-        "kernel split each minibatch between N threads.",
+        "kernel split each minibatch between N threads. --set train.env_workers=N steps the "
+        "training envs in N worker processes alongside the trainer (docs/benchmarks.md says "
+        "when that pays).",
     )
     from mnm_rl import __version__
 

@@ -180,29 +180,18 @@ def make_env(
     return env
 
 
-def _end_gate(env: gym.Env) -> int:
-    """Switch off the :class:`~mnm_rl.wrappers.TrainWrapperGate` in ``env``'s wrappers, if any:
-    1 if there was one, else 0."""
-    from mnm_rl.wrappers import TrainWrapperGate
-
-    while isinstance(env, gym.Wrapper):
-        if isinstance(env, TrainWrapperGate):
-            env.enabled = False
-            return 1
-        env = env.env
-    return 0
-
-
 def end_train_wrappers(vec_env) -> int:
     """Switch off the ``train_wrappers`` of every env of a vec env built by :func:`make_vec_env`
     from a spec whose curriculum ends (``train_wrappers_until`` or
     ``train_wrappers_until_success``): each env's next episode and all later ones come from the
-    task itself. Returns how many envs were switched."""
-    from mnm_rl.parallel_vec_env import ParallelVecEnv
-
-    if isinstance(vec_env, ParallelVecEnv):
-        return sum(vec_env.apply(_end_gate))
-    return sum(_end_gate(env) for env in vec_env.envs)
+    task itself (:meth:`~mnm_rl.wrappers.TrainWrapperGate.end_curriculum`, wherever the env
+    lives). Returns how many envs were switched."""
+    gated = [
+        i for i, has in enumerate(vec_env.env_method("has_wrapper_attr", "end_curriculum")) if has
+    ]
+    if gated:
+        vec_env.env_method("end_curriculum", indices=gated)
+    return len(gated)
 
 
 def train_base_seed(spec: EnvSpec, run_seed: int, n_envs: int, num_timesteps: int = 0) -> int:

@@ -46,7 +46,7 @@ from stable_baselines3.common.vec_env.util import dict_to_obs, obs_space_info
 #: yields the core at every look, so that a busy thread of the trainer (the MNM kernel's second
 #: thread, say) is not held up by it: on MiniGrid-MemoryS9 with two kernel threads, training
 #: with the worker took 61 s when it spun without yielding, 50 s when it yielded (46.5 s
-#: without the worker).
+#: without the worker; a throwaway A/B, so indicative: docs/benchmarks.md).
 SPIN_SECONDS = 0.002
 #: How long a sleeping process waits on its pipe before it looks at the counter again: the
 #: longest a lost wake-up can delay it (see :class:`_Bell`), and how often a waiting caller checks
@@ -143,8 +143,23 @@ class _SharedArrays:
         observation_space: gym.Space,
         action_space: gym.Space,
     ):
+        layout, _ = self.layout(n_envs, observation_space, action_space)
+        views = {
+            name: np.ndarray(shape, dtype, buffer=shm.buf, offset=offset)
+            for name, shape, dtype, offset in layout
+        }
+        self.control, self.actions = views["control"], views["actions"]
+        self.rewards, self.dones, self.infos = views["rewards"], views["dones"], views["infos"]
+        self.obs = {name[1]: view for name, view in views.items() if isinstance(name, tuple)}
+
+    @staticmethod
+    def layout(
+        n_envs: int, observation_space: gym.Space, action_space: gym.Space
+    ) -> tuple[list[tuple[Any, tuple[int, ...], np.dtype, int]], int]:
+        """``([(name, shape, dtype, byte offset)], total bytes)``, each array on its own cache
+        line; an observation's name is ``("obs", key)``."""
         keys, shapes, dtypes = obs_space_info(observation_space)
-        fields: list[tuple[Any, tuple[int, ...], np.dtype]] = [
+        fields = [
             ("control", (_CONTROL_SLOTS,), np.dtype(np.int64)),
             ("actions", (n_envs, *action_space.shape), np.dtype(action_space.dtype)),
             ("rewards", (n_envs,), np.dtype(np.float32)),
@@ -152,29 +167,12 @@ class _SharedArrays:
             ("infos", (INFO_BYTES,), np.dtype(np.uint8)),
             *((("obs", k), (n_envs, *shapes[k]), np.dtype(dtypes[k])) for k in keys),
         ]
-        self.views: dict[Any, np.ndarray] = {}
-        offset = 0
+        layout, offset = [], 0
         for name, shape, dtype in fields:
-            offset = -(-offset // 64) * 64  # each array on its own cache line
-            self.views[name] = np.ndarray(shape, dtype, buffer=shm.buf, offset=offset)
+            offset = -(-offset // 64) * 64
+            layout.append((name, shape, dtype, offset))
             offset += int(np.prod(shape)) * dtype.itemsize
-        self.control = self.views["control"]
-        self.actions, self.rewards = self.views["actions"], self.views["rewards"]
-        self.dones, self.infos = self.views["dones"], self.views["infos"]
-        self.obs = {k: self.views[("obs", k)] for k in keys}
-
-    @staticmethod
-    def size(n_envs: int, observation_space: gym.Space, action_space: gym.Space) -> int:
-        keys, shapes, dtypes = obs_space_info(observation_space)
-        sizes = [
-            _CONTROL_SLOTS * 8,
-            n_envs * int(np.prod(action_space.shape)) * np.dtype(action_space.dtype).itemsize,
-            n_envs * 4,
-            n_envs,
-            INFO_BYTES,
-            *(n_envs * int(np.prod(shapes[k])) * np.dtype(dtypes[k]).itemsize for k in keys),
-        ]
-        return sum(-(-s // 64) * 64 + 64 for s in sizes)
+        return layout, offset
 
     def write_obs(self, obs: VecEnvObs) -> None:
         for key, value in _obs_dict(obs).items():
@@ -192,14 +190,6 @@ class _SharedArrays:
     def read_infos(self, pipe: Connection) -> Any:
         size = int(self.control[_INFO_SIZE])
         return pipe.recv() if size < 0 else pickle.loads(self.infos[:size].tobytes())
-
-
-def _group_call(venv: DummyVecEnv, method: str, args: tuple, kwargs: dict[str, Any]) -> Any:
-    """``venv.<method>(*args, **kwargs)``; ``"apply"``: ``fn(env)`` for each env of ``indices``."""
-    if method == "apply":
-        fn, indices = args[0], kwargs["indices"]
-        return [fn(venv.envs[i]) for i in venv._get_indices(indices)]
-    return getattr(venv, method)(*args, **kwargs)
 
 
 def _worker(
@@ -245,7 +235,7 @@ def _worker(
                     arrays.write_infos(venv.reset_infos, pipe)
                 else:  # _CALL
                     method, args, kwargs = pipe.recv()
-                    pipe.send(_group_call(venv, method, args, kwargs))
+                    pipe.send(getattr(venv, method)(*args, **kwargs))
                 arrays.control[_STATUS] = _OK
             except Exception:  # noqa: BLE001  (reported to the caller, which raises)
                 arrays.control[_STATUS] = _FAILED
@@ -273,7 +263,7 @@ class _WorkerHandle:
     ):
         self.envs = envs
         self.shm = shared_memory.SharedMemory(
-            create=True, size=_SharedArrays.size(len(envs), observation_space, action_space)
+            create=True, size=_SharedArrays.layout(len(envs), observation_space, action_space)[1]
         )
         self.arrays = _SharedArrays(self.shm, len(envs), observation_space, action_space)
         self.arrays.control[:] = 0
@@ -551,7 +541,7 @@ class ParallelVecEnv(VecEnv):
         mine, theirs = self._run_groups(
             sends,
             lambda: (
-                _group_call(self._local, method, args, {**kwargs, "indices": by_group[0]})
+                getattr(self._local, method)(*args, indices=by_group[0], **kwargs)
                 if by_group[0]
                 else []
             ),
@@ -565,12 +555,6 @@ class ParallelVecEnv(VecEnv):
                 values = next(per_group) or [None] * len(local)
                 results.update(zip((group.start + i for i in local), values, strict=True))
         return [results[i] for i in wanted]
-
-    def apply(self, fn: Callable[[gym.Env], Any], indices: VecEnvIndices = None) -> list[Any]:
-        """``[fn(env) for env in envs]`` where each env is, in its own process: for what no
-        ``env_method`` reaches, such as a wrapper deep in the chain. ``fn`` must pickle (a
-        module-level function)."""
-        return self._call("apply", indices, fn)
 
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
         return self._call("get_attr", indices, attr_name)

@@ -60,6 +60,12 @@ class TrainWrapperGate(gym.Wrapper):
         self.enabled = True
         self._active = curriculum
 
+    def end_curriculum(self) -> None:
+        """Clear :attr:`enabled`: the next episode and every later one go to the plain env. A
+        method, so that ``VecEnv.env_method("end_curriculum")`` reaches the gate in any vec env,
+        a worker process's included."""
+        self.enabled = False
+
     def reset(self, **kwargs):
         self._active = self.env if self.enabled else self.plain
         return self._active.reset(**kwargs)

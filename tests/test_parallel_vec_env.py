@@ -140,8 +140,8 @@ def test_same_episodes_as_dummy_vec_env(
 
 
 def test_calls_reach_every_group_in_index_order():
-    """``get_attr``, ``set_attr``, ``env_method``, ``env_is_wrapped`` and ``apply`` reach the
-    envs of every group, with results in the order of ``indices``; reset options go to the
+    """``get_attr``, ``set_attr``, ``env_method`` and ``env_is_wrapped`` reach the envs of every
+    group, with results in the order of ``indices``; reset options go to the
     right envs."""
     with ParallelVecEnv([minigrid_env] * 5, n_workers=2) as env:
         assert env.get_attr("spec")[4].id == "MiniGrid-MemoryS7-v0"
@@ -151,7 +151,7 @@ def test_calls_reach_every_group_in_index_order():
         assert env.env_method("get_wrapper_attr", "agent_view_size") == [3] * 5
         assert env.env_is_wrapped(Monitor) == [True] * 5
         assert env.env_is_wrapped(gym.wrappers.TimeLimit, indices=[3]) == [False]
-        assert env.apply(type, indices=[1, 3]) == [Monitor, Monitor]
+        assert env.env_method("get_wrapper_attr", "marker", indices=[4, 0]) == [7, 7]
         with pytest.warns(UserWarning, match="render mode is None"):  # DummyVecEnv's warning
             assert env.get_images() == [None] * 5
 
@@ -256,17 +256,6 @@ def test_training_on_it_matches_training_on_dummy_vec_env():
     assert all(torch.equal(one[k], two[k]) for k in one)
 
 
-def gate_enabled(env: gym.Env) -> bool | None:
-    """The ``enabled`` flag of ``env``'s curriculum gate (``None`` without one)."""
-    from mnm_rl.wrappers import TrainWrapperGate
-
-    while isinstance(env, gym.Wrapper):
-        if isinstance(env, TrainWrapperGate):
-            return env.enabled
-        env = env.env
-    return None
-
-
 def test_make_vec_env_with_workers_and_the_end_of_a_curriculum():
     """``make_vec_env(..., env_workers=1)`` steps the preset's envs in two processes, and
     ``end_train_wrappers`` switches off the curriculum gate of the envs in both."""
@@ -279,9 +268,9 @@ def test_make_vec_env_with_workers_and_the_end_of_a_curriculum():
         assert isinstance(env, ParallelVecEnv) and [len(g) for g in env.groups] == [1, 2]
         dummy = make_vec_env(spec, n_envs=3, seed=5)
         assert_same(dummy.reset(), env.reset())
-        assert env.apply(gate_enabled) == [True] * 3
+        assert env.get_attr("enabled") == [True] * 3  # the gate's flag, in each process
         assert end_train_wrappers(env) == 3
-        assert env.apply(gate_enabled) == [False] * 3
+        assert env.get_attr("enabled") == [False] * 3
     plain = load_env_preset("MiniGrid-MemoryS9").spec()
     with make_vec_env(plain, n_envs=2, env_workers=1) as env:
         assert end_train_wrappers(env) == 0
@@ -347,3 +336,9 @@ def test_the_benchmarks_take_parallel_configs(capsys):
         "mnm-p",
         {"n_heads": 2, "n_layers": 2},
     )
+
+
+def test_cli_help_names_env_workers():
+    from mnm_rl.cli import build_parser
+
+    assert "--set train.env_workers=N" in build_parser().format_help()
