@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-# Four rollouts and PPO updates of MemoryPPO with an mnm-p core on the fused kernel, after a
-# warm-up of two; prints whether the kernel loaded and the minor page faults of the measured four.
-# Four, not two: the faults of fresh buffers grow with the updates, a one-off growth of the heap
-# does not, so more updates separate the two further (with two, a CI run once saw 6,326 faults
-# released against 1,654 retained).
+# One rollout and PPO update of MemoryPPO with an mnm-p core on the fused kernel as a warm-up,
+# then five more updates on the same rollout; prints whether the kernel loaded and the median
+# minor page faults of one update. The median, so that a one-off growth of the heap in one update
+# (about 2,000 faults) does not decide the test: with the total over two whole rollouts and
+# updates, a CI run once saw 6,326 faults released against 1,654 retained.
 PROGRAM = """
-import resource, torch
+import resource, statistics, torch
 from stable_baselines3.common.env_util import make_vec_env
 import mnm_rl
 from mnm_rl.agent import MemoryPPO
@@ -25,16 +25,19 @@ model = MemoryPPO(
     env=env, core="mnm-p", n_steps=128, batch_size=256, seq_len=16, seed=0, device="cpu",
     policy_kwargs=dict(core_kwargs=dict(hidden_size=64, n_heads=2, n_layers=2)),
 )
-model.learn(2048)
+model.learn(1024)
 print(fused.load_extension() is not None)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-model.learn(4096, reset_num_timesteps=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model.train()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(int(statistics.median(faults)))
 """
 
 
 def faults(retain: str) -> tuple[str, int]:
-    """(whether the kernel loaded, minor page faults of the measured rollouts and updates)"""
+    """(whether the kernel loaded, median minor page faults of one PPO update)"""
     env = {**os.environ, "MNM_RL_RETAIN_MEMORY": retain}
     out = subprocess.run(
         [sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, check=True
@@ -50,6 +53,6 @@ def test_the_kernels_freed_buffers_are_reused_unless_switched_off():
         pytest.skip("the fused kernel could not be built here")
     _, released = faults("0")
     # each update allocates megabytes of kernel buffers: mapped afresh, thousands of 4 KB faults
-    # (16,000-54,000 here over four updates); kept on the heap, 37-2,100
-    assert released > 5_000, released
-    assert retained < released / 5, (retained, released)
+    # per update (4,200-10,700 in three local runs); kept on the heap, 2
+    assert released > 2_000, released
+    assert retained < released / 10, (retained, released)
