@@ -1,0 +1,36 @@
+"""benchmarks/throughput.py: the env it builds and what its JSON line records."""
+
+from __future__ import annotations
+
+import pytest
+from benchmark_scripts import load_script
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    return load_script("throughput")
+
+
+@pytest.mark.parametrize("view, cells", [(None, 3), ("3", 3), ("7", 7)])
+def test_view_size_sets_what_both_agents_see(throughput, view, cells):
+    """``--view-size`` is MiniGrid's ``agent_view_size`` for our env and sb3-contrib's alike;
+    3 (our presets') unless given."""
+    argv = ["--n-envs", "1"] + ([] if view is None else ["--view-size", view])
+    args = throughput.parse_args(argv)
+    ours = throughput.make_env(args)
+    theirs = throughput.make_env(args, for_sb3_contrib=True)
+    try:
+        assert ours.observation_space["image"].shape == (cells, cells, 3)
+        assert theirs.observation_space.shape == (cells, cells, 3)
+        assert ours.reset()["image"].shape == (1, cells, cells, 3)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_summary_records_the_view_size(throughput):
+    args = throughput.parse_args(["--view-size", "7", "--rounds", "1"])
+    run = {"sps": 100.0, "cpu_sps": 90.0, "peak_mb": 300.0}
+    out = throughput.summary(args, {"ceiling": [run], "lstm": [{**run, "sps": 40.0}]})
+    assert out["view_size"] == 7
+    assert out["ceiling_sps"] == 100.0 and out["sps"] == {"lstm": 40.0}
