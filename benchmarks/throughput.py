@@ -256,13 +256,19 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
     )
 
 
+def apply_suffixes(name: str) -> None:
+    """Set the environment variable of each variant suffix ``name`` ends with (``/eager``,
+    ``/unmap``, ``/k2``; see ``SUFFIXES``), before mnm_rl loads its kernels."""
+    for suffix, (variable, value) in SUFFIXES.items():
+        if name.endswith(suffix):
+            os.environ[variable] = value
+
+
 def run_agent(config: str, args: argparse.Namespace) -> dict[str, Any]:
     """One warm-up rollout+update, then ``args.rollouts`` timed ones."""
     name, threads = split_threads(config, args.threads)
     name, env_workers = split_parallel(name)
-    for suffix, (variable, value) in SUFFIXES.items():
-        if name.endswith(suffix):
-            os.environ[variable] = value
+    apply_suffixes(name)
     torch = _setup_torch(threads)
     device = "cpu" if name == "sb3-contrib" else args.device
     cuda = device.startswith("cuda")

@@ -34,3 +34,25 @@ def test_summary_records_the_view_size(throughput):
     out = throughput.summary(args, {"ceiling": [run], "lstm": [{**run, "sps": 40.0}]})
     assert out["view_size"] == 7
     assert out["ceiling_sps"] == 100.0 and out["sps"] == {"lstm": 40.0}
+
+
+def test_step_split_adds_up(capsys):
+    """``benchmarks/step_split.py`` times env stepping, the rest of the rollout and the update
+    of a whole ``learn()`` in a fresh process; the three parts fit in the total."""
+    import json
+
+    argv = "--env CartPole-v1 --n-envs 2 --n-steps 32 --batch-size 16 --seq-len 8 --n-epochs 1"
+    out = load_script("step_split").main(
+        [*argv.split(), "--rollouts", "2", "--rounds", "1", "--configs", "mlp"]
+    )
+    row = out["us_per_env_step"]["mlp"]
+    assert all(row[part] > 0 for part in ("env", "policy+bookkeeping", "update"))
+    parts = row["env"] + row["policy+bookkeeping"] + row["update"]
+    assert parts <= row["total"] * 1.01 + 1.0, row
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+
+
+@pytest.mark.parametrize("config", ["lstm/par", "sb3-contrib", "ceiling"])
+def test_step_split_refuses_what_is_not_our_agent_in_one_process(config):
+    with pytest.raises(SystemExit, match="not one of our agents in one process"):
+        load_script("step_split").parse_args(["--configs", config])
