@@ -41,7 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.configs = ["lstm", "mnm-p"]
     for name in args.configs:
         if name in ("ceiling", "sb3-contrib") or throughput.split_parallel(name)[1]:
-            raise SystemExit(f"step_split.py: {name!r} is not one of our agents in one process")
+            print(
+                f"step_split.py: error: {name!r} is not one of our agents in one process",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
     return args
 
 
@@ -52,31 +56,33 @@ def measure(config: str, args: argparse.Namespace) -> dict[str, float]:
     throughput._setup_torch(threads)
     env = throughput.make_env(args)
     model = throughput.build_agent(name, args, env, args.device)
-    spent = dict.fromkeys([*PARTS, "rollout"], 0.0)
+    timer = throughput._Timer(model)  # CPU time of collect_rollouts and train
+    env_cpu = 0.0
+    step = env.step
 
-    def timed(fn, part):
-        def wrapper(*a, **k):
-            start = time.process_time()
-            out = fn(*a, **k)
-            spent[part] += time.process_time() - start
-            return out
+    def timed_step(actions):
+        nonlocal env_cpu
+        start = time.process_time()
+        out = step(actions)
+        env_cpu += time.process_time() - start
+        return out
 
-        return wrapper
-
-    env.step = timed(env.step, "env")
-    model.collect_rollouts = timed(model.collect_rollouts, "rollout")
-    model.train = timed(model.train, "update")
+    env.step = timed_step
     per_rollout = args.n_steps * args.n_envs
     model.learn(per_rollout)
-    spent.update(dict.fromkeys(spent, 0.0))
+    timer.reset()
+    env_cpu = 0.0
     start = time.process_time()
     model.learn(per_rollout * args.rollouts, reset_num_timesteps=False)
-    spent["total"] = time.process_time() - start
+    total = time.process_time() - start
     env.close()
-    steps = per_rollout * args.rollouts
-    us = {part: 1e6 * seconds / steps for part, seconds in spent.items()}
-    us["policy+bookkeeping"] = us.pop("rollout") - us["env"]
-    return {part: us[part] for part in PARTS}
+    per_step = 1e6 / (per_rollout * args.rollouts)
+    return {  # the keys of PARTS, in its order
+        "env": env_cpu * per_step,
+        "policy+bookkeeping": (timer.cpu["rollout"] - env_cpu) * per_step,
+        "update": timer.cpu["update"] * per_step,
+        "total": total * per_step,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -134,6 +134,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer rounds and sizes (< 5 minutes)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.view_size < 3 or args.view_size % 2 == 0:
+        p.error(f"--view-size must be an odd number of at least 3 (MiniGrid), got {args.view_size}")
     if args.quick:
         args.rounds = min(args.rounds, 3)
         args.rollouts = min(args.rollouts, 2)

@@ -53,6 +53,19 @@ def test_step_split_adds_up(capsys):
 
 
 @pytest.mark.parametrize("config", ["lstm/par", "sb3-contrib", "ceiling"])
-def test_step_split_refuses_what_is_not_our_agent_in_one_process(config):
-    with pytest.raises(SystemExit, match="not one of our agents in one process"):
+def test_step_split_refuses_what_is_not_our_agent_in_one_process(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         load_script("step_split").parse_args(["--configs", config])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"step_split.py: error: {config!r} is not one of our agents in one process"
+
+
+@pytest.mark.parametrize("view", ["1", "4", "0"])
+def test_view_size_must_be_an_odd_number_of_at_least_3(throughput, view, capsys):
+    """MiniGrid needs an odd view of at least 3 cells: anything else is a one-line usage error
+    (exit status 2), not a traceback from inside the first env."""
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.parse_args(["--view-size", view])
+    assert exit_info.value.code == 2
+    assert "--view-size must be an odd number of at least 3" in capsys.readouterr().err
