@@ -3,7 +3,10 @@
 One MNM core (width 64), in one process, 1 torch thread, CPU time, interleaved pairs:
 
 * the training pass: forward and backward over 16 steps x B sequences;
-* the rollout: 32 single steps of 8 envs without autograd.
+* the rollout: 32 single steps of 8 envs without autograd;
+
+and, for the training pass, the memory each build keeps for the backward pass (MB of the
+unique storages autograd's saved-tensor hooks see, as in ``throughput.py``'s scaling table).
 
     python benchmarks/kernel_pairs.py                   # the kernel against the PyTorch code
     python benchmarks/kernel_pairs.py --against 22972cf # against the kernel source of a commit
@@ -11,7 +14,8 @@ One MNM core (width 64), in one process, 1 torch thread, CPU time, interleaved p
 ``--against REV`` builds the kernel sources ``mnm_rl/memory/csrc/`` as they were at git revision
 REV under another extension name (with today's compiler flags) and loads both. Prints a table
 and, as the last line, a JSON list of
-``{"size", "batch", "phase", "other_ms", "kernel_ms", "speedup"}`` (``speedup`` = other / kernel).
+``{"size", "batch", "phase", "other_ms", "kernel_ms", "speedup"}`` (``speedup`` = other / kernel;
+train rows also ``other_saved_mb`` and ``kernel_saved_mb``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from throughput import saved_bytes
 from torch.utils.cpp_extension import load
 
 from mnm_rl.memory import MNMCore, fused
@@ -75,10 +80,22 @@ def build_at(rev: str):
                                extra_ldflags=fused.LINK_FLAGS))  # fmt: skip
 
 
-def time_case(core: MNMCore, batch: int, runner, pairs: int) -> dict[str, list[float]]:
+def _training_inputs(core: MNMCore, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(16, batch, core.input_size)
     starts = torch.zeros(16, batch)
     starts[5, batch // 2] = 1
+    return x, starts
+
+
+def saved_mb(core: MNMCore, batch: int, runner) -> float:
+    """MB kept for the backward pass of the training pass."""
+    runner()
+    x, starts = _training_inputs(core, batch)
+    return saved_bytes(lambda: core(x, core.initial_state(batch), starts)) / 2**20
+
+
+def time_case(core: MNMCore, batch: int, runner, pairs: int) -> dict[str, list[float]]:
+    x, starts = _training_inputs(core, batch)
     times: dict[str, list[float]] = {"train": [], "rollout": []}
     for _ in range(pairs):
         runner()
@@ -116,7 +133,8 @@ def main() -> list[dict]:
             fused._extension = other
 
     rows = []
-    print(f"{'size':6s} {'batch':>5s} {'phase':8s} {label + ' ms':>12s} {'kernel ms':>10s} speedup")
+    print(f"{'size':6s} {'batch':>5s} {'phase':8s} {label + ' ms':>12s} {'kernel ms':>10s} speedup"
+          f"  saved MB ({label} / kernel)")  # fmt: skip
     for (heads, layers), batch in CASES:
         torch.manual_seed(0)
         core = MNMCore(64, hidden_size=64, n_heads=heads, n_layers=layers)
@@ -125,12 +143,17 @@ def main() -> list[dict]:
             for runner, sink in ((use_other, theirs), (use_kernel, mine)):
                 for phase, values in time_case(core, batch, runner, 1).items():
                     sink[phase].extend(values)
+        memory = {"other_saved_mb": saved_mb(core, batch, use_other),
+                  "kernel_saved_mb": saved_mb(core, batch, use_kernel)}  # fmt: skip
         for phase in ("train", "rollout"):
             a, b = statistics.median(theirs[phase]), statistics.median(mine[phase])
             rows.append({"size": f"{heads}x{layers}", "batch": batch, "phase": phase,
-                         "other_ms": a * 1e3, "kernel_ms": b * 1e3, "speedup": a / b})  # fmt: skip
+                         "other_ms": a * 1e3, "kernel_ms": b * 1e3, "speedup": a / b,
+                         **(memory if phase == "train" else {})})  # fmt: skip
+            saved = (f"  {memory['other_saved_mb']:.2f} / {memory['kernel_saved_mb']:.2f}"
+                     if phase == "train" else "")  # fmt: skip
             print(f"{heads}x{layers:<4d} {batch:5d} {phase:8s} {a * 1e3:12.2f} {b * 1e3:10.2f} "
-                  f"{a / b:6.2f}x")  # fmt: skip
+                  f"{a / b:6.2f}x{saved}")  # fmt: skip
     use_kernel()
     print(json.dumps(rows))
     return rows

@@ -335,7 +335,7 @@ def run_ceiling(args: argparse.Namespace, config: str = "ceiling") -> dict[str, 
     }
 
 
-def _saved_bytes(fn) -> int:
+def saved_bytes(fn) -> int:
     """Bytes of the unique storages autograd saves for backward while ``fn()`` runs."""
     import torch
 
@@ -400,7 +400,7 @@ def run_scaling(args: argparse.Namespace) -> dict[str, Any]:
                 "seq_len": seq_len,
                 "D": dim,
                 "update_us_per_step": 1e6 * min(times) / (n_steps * args.n_envs),
-                "saved_mb": _saved_bytes(forward) / 2**20,
+                "saved_mb": saved_bytes(forward) / 2**20,
             }
         )
     return {"name": "scaling", "rows": rows, "n_steps": n_steps, "chunks": chunks}

@@ -95,10 +95,13 @@ def test_kernel_matches_pytorch_in_float64(
         torch.testing.assert_close(fused_out[name], expected, rtol=1e-9, atol=1e-11, msg=name)
 
 
-def test_kernel_in_float32_is_as_accurate_as_pytorch(kernel, monkeypatch):
+@pytest.mark.parametrize("steps", [16, 128])
+def test_kernel_in_float32_is_as_accurate_as_pytorch(kernel, monkeypatch, steps):
     """float32 at the agents' sizes (width 64, 2 heads, 2 layers): against the float64 result,
-    the kernel (its own tanh and sigmoid, its summation order) errs no more than PyTorch's
-    float32 code does."""
+    the kernel (its own tanh and sigmoid, its summation order, and in the backward pass each
+    step's weights recovered by undoing the writes from the last step's) errs no more than
+    PyTorch's float32 code does, over a training sequence (16 steps) and a whole rollout
+    (128)."""
     calls = []
     original = fused.FusedSequence.apply
 
@@ -109,7 +112,7 @@ def test_kernel_in_float32_is_as_accurate_as_pytorch(kernel, monkeypatch):
     monkeypatch.setattr(fused.FusedSequence, "apply", counting)
     torch.manual_seed(1)
     core = MNMCore(32, hidden_size=64, n_heads=2, n_layers=2)
-    x, starts, state = _inputs(core, steps=16, batch=8, dtype=torch.float32)
+    x, starts, state = _inputs(core, steps=steps, batch=8, dtype=torch.float32)
     fused_out = _run(core, x, starts, state, monkeypatch, use_kernel=True)
     assert len(calls) == 1
     eager_out = _run(core, x, starts, state, monkeypatch, use_kernel=False)
@@ -117,6 +120,23 @@ def test_kernel_in_float32_is_as_accurate_as_pytorch(kernel, monkeypatch):
     state64 = CoreState({k: v.double() for k, v in state.items()})
     exact = _run(core.double(), x.double(), starts, state64, monkeypatch, use_kernel=False)
     assert_as_accurate_as_pytorch(fused_out, eager_out, exact)
+
+
+@pytest.mark.parametrize("rule", ["mnm-p", "mnm-g"])
+def test_many_resets_match_pytorch(kernel, monkeypatch, rule):
+    """The backward pass undoes each step's write to recover the step's weights, except where
+    a sequence's episode starts: there it takes the weights the forward pass kept. Episodes
+    that start in several sequences at once, in one sequence at consecutive steps, and at
+    the first and last steps."""
+    core = _core(rule, "tanh", 2, 2)
+    x, _, state = _inputs(core, steps=9, batch=4)
+    starts = torch.zeros(9, 4)
+    starts[0, 0] = starts[2, :3] = starts[3, 1] = starts[4, 1] = starts[5, 1] = 1
+    starts[7, 2] = starts[8, 0] = starts[8, 3] = 1
+    fused_out = _run(core, x, starts, state, monkeypatch, use_kernel=True)
+    eager_out = _run(core, x, starts, state, monkeypatch, use_kernel=False)
+    for name, expected in eager_out.items():
+        torch.testing.assert_close(fused_out[name], expected, rtol=1e-9, atol=1e-11, msg=name)
 
 
 def test_kernel_gradients_pass_gradcheck(kernel):

@@ -8,7 +8,8 @@ minibatch of 8-32 sequences, width 64) each costs microseconds of dispatch and a
 whatever its size. The kernel does a whole sequence, forward and backward, in one call each:
 every matrix product is one BLAS call per step (and fast-weight layer) for the whole batch,
 everything elementwise is plain loops, and the backward pass recomputes each step's activations
-instead of storing them.
+instead of storing them, and each step's fast weights by undoing the writes from the last
+step's.
 
 It computes what :class:`mnm_rl.memory.MNMCore` computes (``tests/test_fused.py`` compares
 outputs, final states and every gradient in float64), for both write rules and activations, in
@@ -142,12 +143,13 @@ class FusedSequence(torch.autograd.Function):
             outputs = kernel.forward_parts(
                 gates_x, keep, h0, c0, r0, m0, *params, *options, store, parts
             )
-        # The nine outputs, then what the backward pass takes (post, h_in, c_in, r_in, per part).
+        # The nine outputs, then what the backward pass takes (per part: the last post-write
+        # weights, h_in, c_in, r_in, the writes' factors, the weights of ended episodes).
         hs, reads, after, before, values, beta, norm, c, weights = outputs[:9]
-        if store:
+        if store:  # all through save_for_backward, so that saved-tensor hooks see them too
             ctx.config = config
-            ctx.save_for_backward(gates_x, keep, m0, hs, *params)
-            ctx.intermediates = outputs[9:]
+            ctx.n_params = len(params)
+            ctx.save_for_backward(gates_x, keep, m0, hs, *params, *outputs[9:])
         ctx.mark_non_differentiable(norm)
         ctx.set_materialize_grads(False)
         return hs, reads, after, before, values, beta, norm, c, weights
@@ -155,14 +157,13 @@ class FusedSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *output_grads):  # noqa: D102
         kernel, options, _, parts = ctx.config
-        gates_x, keep, m0, hs, *params = ctx.saved_tensors
+        gates_x, keep, m0, hs, *rest = ctx.saved_tensors
+        params, saved = rest[: ctx.n_params], rest[ctx.n_params :]
         grads = [torch.Tensor() if g is None else g.contiguous() for g in output_grads]
         del grads[6]  # an empty tensor stands for a zero gradient; the norm has none
         if parts == 1:
-            saved = ctx.intermediates  # post, h_in, c_in, r_in
             results = kernel.backward(*grads, gates_x, keep, m0, *saved, hs, *params, *options)
         else:
-            saved = list(ctx.intermediates)
             results = kernel.backward_parts(*grads, gates_x, keep, m0, saved, hs, *params, *options)
         g_gates, g_h, g_c0, g_r, g_m0, *g_params = results
         return None, g_gates, None, g_h, g_c0, g_r, g_m0, *g_params

@@ -22,7 +22,13 @@
 // of matrices); everything elementwise is plain loops on preallocated buffers; the weight
 // gradients of the controller and of the BFPF are large products over all steps at the end.
 // The backward pass recomputes each step's activations from what the forward pass stored (the
-// step's inputs h, c, read and every step's post-write fast weights) rather than storing them.
+// step's inputs h, c, read) rather than storing them. Nor does it store every step's fast
+// weights ([L, B, D, D] per step, most of the memory autograd kept): it starts from the last
+// step's and undoes the writes one step at a time, M = M' + (beta / energy) sum_h delta_h z_h^T,
+// from the factors the forward pass kept (L x [B, H, D] twice per step); where an episode
+// starts, the write began from the initial weights, so the weights before the reset are kept
+// instead. Undoing a write in float32 rounds the way doing it did: the error grows with the
+// sequence's length as the forward pass's own does (tests/test_fused.py checks 128 steps).
 // tests/test_fused.py checks it against the PyTorch implementation: outputs, final state and
 // every gradient.
 
@@ -79,7 +85,7 @@ struct StepBuffers {
   at::Tensor target;  // [L, B, H, D] mnm-p's targets
   at::Tensor delta;   // [L, B, H, D] errors per layer
   at::Tensor energy;  // [B, L]
-  at::Tensor scaled;  // [B, H, D] delta * beta / energy of one layer
+  at::Tensor scaled;  // [L, B, H, D] delta * beta / energy, the write's left factors
   at::Tensor zr;      // [L + 1, B, 2H, D] post-write activations of every key
   at::Tensor pre;     // [L, B, D, D] pre-write weights of a step where a sequence starts
 
@@ -88,7 +94,7 @@ struct StepBuffers {
         values(at::empty({d.B, d.H, d.D}, o)), beta(at::empty({d.B}, o)),
         z(at::empty({d.L + 1, d.B, d.H, d.D}, o)), raw(at::empty({d.B * d.H, d.L * d.D}, o)),
         target(at::empty({d.L, d.B, d.H, d.D}, o)), delta(at::empty({d.L, d.B, d.H, d.D}, o)),
-        energy(at::empty({d.B, d.L}, o)), scaled(at::empty({d.B, d.H, d.D}, o)),
+        energy(at::empty({d.B, d.L}, o)), scaled(at::empty({d.L, d.B, d.H, d.D}, o)),
         zr(at::empty({d.L + 1, d.B, 2 * d.H, d.D}, o)),
         pre(at::empty({d.L, d.B, d.D, d.D}, o)) {}
 };
@@ -174,9 +180,10 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
       energy[b * L + l] = T(d.eps) + dot(zin, zin, HD);
       if (!write) continue;
       const T step = beta[b] / energy[b * L + l];
-      for (int64_t x = 0; x < HD; ++x) scaled[b * HD + x] = step * delta[(l * B + b) * HD + x];
+      for (int64_t x = 0; x < HD; ++x)
+        scaled[(l * B + b) * HD + x] = step * delta[(l * B + b) * HD + x];
     }
-    if (write) baddbmm_into(post[l], pre[l], s.scaled.transpose(1, 2), s.z[l], 1, -1);
+    if (write) baddbmm_into(post[l], pre[l], s.scaled[l].transpose(1, 2), s.z[l], 1, -1);
   }
   // Post-write pass of every key.
   for (int64_t l = 0; l < L; ++l) {
@@ -184,6 +191,12 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
     if (l < L - 1) apply_act(d.tanh_act, zr + (l + 1) * B * J * D, B * J * D);
   }
   return pre;
+}
+
+// How many sequences' episodes end before a step t >= 1 (keep [T, B] is 0 at t): the forward
+// pass keeps those sequences' weights for the backward pass, in step order, then batch order.
+int64_t ended_count(const at::Tensor& keep) {
+  return keep.size(0) < 2 ? 0 : keep.narrow(0, 1, keep.size(0) - 1).eq(0).sum().item<int64_t>();
 }
 
 // An absent gradient (an output the loss does not use) arrives as an empty tensor.
@@ -206,10 +219,12 @@ Checked check(const at::Tensor& gates_x, const at::Tensor& m0, int64_t n_heads,
 
 }  // namespace
 
-// Forward over a sequence. With store=true it keeps what the backward pass needs (the step
-// inputs and every step's post-write weights); otherwise the weights ping-pong in two buffers.
-// Returns [hs, reads, after, before, values, beta, fw_norm, c_final, weights_final, post,
-// h_in, c_in, r_in]; post [T, L, B, D, D] (layer-major), weights_final [B, L, D, D].
+// Forward over a sequence; the weights ping-pong in two buffers. With store=true it keeps what
+// the backward pass needs: the step inputs, the writes' factors and the weights of sequences
+// whose episodes end. Returns [hs, reads, after, before, values, beta, fw_norm, c_final,
+// weights_final, last_post, h_in, c_in, r_in, write_inputs, write_scaled, ended]; weights_final
+// [B, L, D, D], last_post the same layer-major [L, B, D, D], write_inputs and write_scaled
+// [T, L, B, H, D], ended [n, L, D, D].
 std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
                                     const at::Tensor& h0, const at::Tensor& c0,
                                     const at::Tensor& r0, const at::Tensor& m0,
@@ -233,10 +248,19 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   auto beta = at::empty({T, B}, opts);
   auto fw_norm = at::empty({T, B}, opts);
   auto c_state = c0.clone();
-  auto post = at::empty({store ? T : std::min<int64_t>(T, 2), L, B, D, D}, opts);
+  // The post-write weights ping-pong between two buffers, each its own allocation, so that
+  // what the backward pass keeps of them (the last step's) holds only one.
+  const at::Tensor post[2] = {at::empty({L, B, D, D}, opts),
+                              T > 1 ? at::empty({L, B, D, D}, opts) : at::Tensor()};
   auto h_in = at::empty({store ? T : 0, B, Hd}, opts);
   auto c_in = at::empty({store ? T : 0, B, Hd}, opts);
   auto r_in = at::empty({store ? T : 0, B, D}, opts);
+  // The writes' factors (M' = M - scaled^T z per layer) and the weights of every sequence whose
+  // episode ends before a step t >= 1: from them and the final weights the backward pass
+  // undoes the writes step by step (see mnm_backward).
+  auto write_inputs = at::empty({store ? T : 0, L, B, H, D}, opts);
+  auto write_scaled = at::empty({store ? T : 0, L, B, H, D}, opts);
+  auto ended = at::empty({store ? ended_count(keep) : 0, L, D, D}, opts);
   auto u = at::empty({B, Hd + D}, opts);
   auto gates = at::empty({B, 4 * Hd}, opts);
   auto e = at::empty({B, E}, opts);
@@ -250,6 +274,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_forward", [&] {
     using T_ = scalar_t;
     const T_* keep_p = keep.data_ptr<T_>();
+    int64_t n_ended = 0;
     const T_ norm_scale = T_(1) / std::sqrt(T_(L * D));
     for (int64_t t = 0; t < T; ++t) {
       const T_* h_prev = t == 0 ? h0.data_ptr<T_>() : hs[t - 1].data_ptr<T_>();
@@ -282,9 +307,22 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
       // The interaction's tanh with the kernel's own vectorised tanh_ (elementwise.h): ATen's
       // e.tanh_() took about 45 us for [16, 832], 3% of a training pass at 4 heads x 3 layers.
       apply_act(true, e.data_ptr<T_>(), e.numel());
-      const at::Tensor prev = t == 0 ? m0_layers : post[(t - 1) % post.size(0)];
-      const at::Tensor post_t = post[t % post.size(0)];
+      const at::Tensor prev = t == 0 ? m0_layers : post[(t - 1) % 2];
+      const at::Tensor post_t = post[t % 2];
+      if (store && t > 0) {
+        const T_* prev_p = prev.data_ptr<T_>();
+        for (int64_t b = 0; b < B; ++b)
+          if (keep_p[t * B + b] == T_(0)) {
+            T_* out = ended.data_ptr<T_>() + n_ended++ * L * DD;
+            for (int64_t l = 0; l < L; ++l)
+              std::copy(prev_p + (l * B + b) * DD, prev_p + (l * B + b + 1) * DD, out + l * DD);
+          }
+      }
       memory_forward<T_>(d, weights, e, prev, keep_p + t * B, post_t, true, s);
+      if (store) {
+        write_inputs[t].copy_(s.z.narrow(0, 0, L));
+        write_scaled[t].copy_(s.scaled);
+      }
       // Outputs.
       const T_* zr_out = s.zr[L].data_ptr<T_>();  // [B, 2H, D]
       T_* read_p = reads.data_ptr<T_>() + t * B * D;
@@ -311,9 +349,10 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
       beta[t].copy_(s.beta);
     }
   });
-  auto final_weights = post[(T - 1) % post.size(0)].transpose(0, 1).contiguous();
+  const auto last_post = post[(T - 1) % 2];
+  auto final_weights = last_post.transpose(0, 1).contiguous();
   return {hs, reads, after, before, values, beta, fw_norm, c_state, final_weights,
-          post, h_in, c_in, r_in};
+          last_post, h_in, c_in, r_in, write_inputs, write_scaled, ended};
 }
 
 // Backward over a sequence from the gradients of the forward's outputs (hs, reads, after,
@@ -324,8 +363,9 @@ std::vector<at::Tensor> mnm_backward(
     const at::Tensor& g_hs, const at::Tensor& g_reads, const at::Tensor& g_after,
     const at::Tensor& g_before, const at::Tensor& g_values, const at::Tensor& g_beta,
     const at::Tensor& g_c_final, const at::Tensor& g_m_final, const at::Tensor& gates_x,
-    const at::Tensor& keep, const at::Tensor& m0, const at::Tensor& post,
+    const at::Tensor& keep, const at::Tensor& m0, const at::Tensor& last_post,
     const at::Tensor& h_in, const at::Tensor& c_in, const at::Tensor& r_in,
+    const at::Tensor& write_inputs, const at::Tensor& write_scaled, const at::Tensor& ended,
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
@@ -345,6 +385,10 @@ std::vector<at::Tensor> mnm_backward(
                               : at::zeros({L, B, D, D}, opts);
   auto g_w_beta = at::zeros_like(w_beta);
   auto g_m_init = at::zeros_like(m_init);
+  // The post-write weights of the step being processed, and its pre-write weights (both
+  // layer-major [L, B, D, D]); they swap roles from one step to the previous.
+  auto post_w = last_post.clone();
+  auto pre_w = at::empty_like(post_w);
   auto g_raw = at::empty({gradient_rule ? 0 : T, B * H, L * D}, opts);  // mnm-p BFPF outputs
   auto values_all = at::empty({gradient_rule ? 0 : T, B * H, D}, opts);
   auto u = at::empty({B, Hd + D}, opts);
@@ -376,6 +420,13 @@ std::vector<at::Tensor> mnm_backward(
     T_* G_p = G.data_ptr<T_>();
     T_ gb_beta = 0;
     std::vector<T_> dbeta(B);  // per step: the grad of each sequence's beta
+    // Where step t's kept weights start in `ended` (the forward pass's order: by step, then
+    // by sequence, for steps t >= 1).
+    std::vector<int64_t> ended_from(T + 1, 0);
+    for (int64_t t = 1; t < T; ++t)
+      ended_from[t + 1] =
+          ended_from[t] + std::count(keep_p + t * B, keep_p + (t + 1) * B, T_(0));
+    TORCH_CHECK(ended_from[T] == ended.size(0), "ended must hold the weights of every reset");
     auto grad_at = [](const at::Tensor& g, int64_t t) -> const T_* {
       return present(g) ? g[t].data_ptr<T_>() : nullptr;
     };
@@ -387,8 +438,16 @@ std::vector<at::Tensor> mnm_backward(
       at::addmm_out(e, per_step_int ? b_int[t] : b_int, hs[t], w_int_t);
       apply_act(true, e.data_ptr<T_>(), e.numel());  // as in the forward pass
       const T_* keep_t = keep_p + t * B;
-      const at::Tensor prev = t == 0 ? m0_layers : post[t - 1];
-      const at::Tensor post_t = post[t];
+      // The step's weights: post_t holds its post-write weights; its pre-write weights are the
+      // start weights at t = 0, else the write undone, M = M' + scaled^T z per layer, from the
+      // factors the forward pass kept (where a sequence starts, memory_forward puts the
+      // initial weights in instead).
+      const at::Tensor post_t = post_w;
+      if (t > 0)
+        for (int64_t l = 0; l < L; ++l)
+          baddbmm_into(pre_w[l], post_t[l], write_scaled[t][l].transpose(1, 2),
+                       write_inputs[t][l], 1, 1);
+      const at::Tensor prev = t == 0 ? m0_layers : pre_w;
       const at::Tensor pre = memory_forward<T_>(d, weights, e, prev, keep_t, post_t, false, s);
       const T_* e_p = e.data_ptr<T_>();
       const T_* z = s.z.data_ptr<T_>();
@@ -559,6 +618,19 @@ std::vector<at::Tensor> mnm_backward(
             std::fill(gl, gl + DD, T_(0));
           }
         }
+      // Step t - 1's post-write weights: the undone write, except for a sequence that starts at
+      // step t, whose weights before the reset the forward pass kept.
+      if (t > 0) {
+        std::swap(post_w, pre_w);
+        T_* w_p = post_w.data_ptr<T_>();
+        int64_t k = ended_from[t];
+        for (int64_t b = 0; b < B; ++b)
+          if (keep_t[b] == T_(0)) {
+            const T_* kept = ended.data_ptr<T_>() + k++ * L * DD;
+            for (int64_t l = 0; l < L; ++l)
+              std::copy(kept + l * DD, kept + (l + 1) * DD, w_p + (l * B + b) * DD);
+          }
+      }
     }
     g_b_beta_value = gb_beta;
   });
@@ -591,6 +663,9 @@ std::vector<at::Tensor> mnm_backward(
 // the backward pass needs (every step's post-write weights and inputs) stays per part.
 
 namespace {
+
+// What mnm_forward returns for the backward pass, after its nine outputs.
+constexpr int64_t kSavedPerPart = 7;
 
 // Row b of `parts` equal parts of [0, B): parts first get B / parts rows, the first B % parts
 // one more.
@@ -643,7 +718,8 @@ at::Tensor total(const std::vector<std::vector<at::Tensor>>& outs, size_t k) {
 }  // namespace
 
 // mnm_forward over `parts` parts of the batch. Returns mnm_forward's first nine outputs for the
-// whole batch, then, per part, what the backward pass takes: post, h_in, c_in, r_in (4 * parts).
+// whole batch, then, per part, what the backward pass takes: last_post, h_in, c_in, r_in,
+// write_inputs, write_scaled, ended (kSavedPerPart * parts).
 std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::Tensor& keep,
                                           const at::Tensor& h0, const at::Tensor& c0,
                                           const at::Tensor& r0, const at::Tensor& m0,
@@ -672,8 +748,8 @@ std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::T
 }
 
 // mnm_backward over the parts of mnm_forward_parts. `saved` is what mnm_forward_parts returned
-// after its first nine outputs (post, h_in, c_in, r_in per part). Returns what mnm_backward
-// returns, for the whole batch.
+// after its first nine outputs (kSavedPerPart per part). Returns what mnm_backward returns, for
+// the whole batch.
 std::vector<at::Tensor> mnm_backward_parts(
     const at::Tensor& g_hs, const at::Tensor& g_reads, const at::Tensor& g_after,
     const at::Tensor& g_before, const at::Tensor& g_values, const at::Tensor& g_beta,
@@ -684,9 +760,10 @@ std::vector<at::Tensor> mnm_backward_parts(
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
     bool gradient_rule, bool tanh_act, double eps) {
   const int64_t B = gates_x.size(1);
-  const int64_t parts = static_cast<int64_t>(saved.size()) / 4;
-  TORCH_CHECK(parts >= 1 && static_cast<int64_t>(saved.size()) == 4 * parts && parts <= B,
-              "saved must hold post, h_in, c_in and r_in of every part");
+  const int64_t parts = static_cast<int64_t>(saved.size()) / kSavedPerPart;
+  TORCH_CHECK(parts >= 1 && static_cast<int64_t>(saved.size()) == kSavedPerPart * parts &&
+                  parts <= B,
+              "saved must hold what mnm_forward keeps for the backward pass, for every part");
   const bool per_step_int = b_int.dim() == 3;
   std::vector<std::vector<at::Tensor>> outs(parts);
   for_each_part(B, parts, [&](int64_t i, int64_t b0, int64_t b1) {
@@ -694,8 +771,10 @@ std::vector<at::Tensor> mnm_backward_parts(
         rows(g_hs, 1, b0, b1), rows(g_reads, 1, b0, b1), rows(g_after, 1, b0, b1),
         rows(g_before, 1, b0, b1), rows(g_values, 1, b0, b1), rows(g_beta, 1, b0, b1),
         rows(g_c_final, 0, b0, b1), rows(g_m_final, 0, b0, b1), rows(gates_x, 1, b0, b1),
-        rows(keep, 1, b0, b1), rows(m0, 0, b0, b1), saved[4 * i], saved[4 * i + 1],
-        saved[4 * i + 2], saved[4 * i + 3], rows(hs, 1, b0, b1), w_rec, w_int,
+        rows(keep, 1, b0, b1), rows(m0, 0, b0, b1), saved[kSavedPerPart * i],
+        saved[kSavedPerPart * i + 1], saved[kSavedPerPart * i + 2], saved[kSavedPerPart * i + 3],
+        saved[kSavedPerPart * i + 4], saved[kSavedPerPart * i + 5], saved[kSavedPerPart * i + 6],
+        rows(hs, 1, b0, b1), w_rec, w_int,
         per_step_int ? rows(b_int, 1, b0, b1) : b_int, w_beta, b_beta, w_fb, b_fb, m_init,
         n_heads, gradient_rule, tanh_act, eps);
   });
