@@ -21,14 +21,15 @@
 // fast weights are kept layer-major, [L, B, D, D], so that each layer is one contiguous batch
 // of matrices); everything elementwise is plain loops on preallocated buffers; the weight
 // gradients of the controller and of the BFPF are large products over all steps at the end.
-// The backward pass recomputes each step's activations from what the forward pass stored (the
-// step's inputs h, c, read) rather than storing them. Nor does it store every step's fast
+// The backward pass recomputes the controller, keys, values and errors of each step from what
+// the forward pass kept (the step's inputs h, c, read, and the activations of the passes
+// through the layers, [B, H, D] and [B, 2H, D] per layer). It does not keep every step's fast
 // weights ([L, B, D, D] per step, most of the memory autograd kept): it starts from the last
 // step's and undoes the writes one step at a time, M = M' + (beta / energy) sum_h delta_h z_h^T,
-// from the factors the forward pass kept (L x [B, H, D] twice per step); where an episode
-// starts, the write began from the initial weights, so the weights before the reset are kept
-// instead. Undoing a write in float32 rounds the way doing it did: the error grows with the
-// sequence's length as the forward pass's own does (tests/test_fused.py checks 128 steps).
+// from the factors the forward pass kept; where an episode starts, the write began from the
+// initial weights, so the weights before the reset are kept instead. Undoing a write in float32
+// rounds the way doing it did: the error grows with the sequence's length as the forward pass's
+// own does (tests/test_fused.py checks 128 steps).
 // tests/test_fused.py checks it against the PyTorch implementation: outputs, final state and
 // every gradient.
 
@@ -101,13 +102,16 @@ struct StepBuffers {
 
 // The memory's step for the whole batch: from e [B, E] (the interaction output) and the
 // previous post-write weights prev [L, B, D, D], fill s and, with write, write the new weights
-// into post. Without write (the backward pass's recomputation), post already holds them (the
-// forward pass stored them) and is only read. Returns the pre-write weights: prev, or s.pre
-// where some sequence starts (keep == 0) and takes the initial weights instead.
+// into post. Without write (the backward pass's recomputation), post already holds them and is
+// only read, and the passes through the layers are not recomputed: kept_z [L + 1, B, H, D] and
+// kept_zr [L, B, 2H, D] hold what the forward pass computed for s.z and s.zr[1:]. Returns the
+// pre-write weights: prev, or s.pre where some sequence starts (keep == 0) and takes the
+// initial weights instead.
 template <typename T>
 at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
                           const at::Tensor& prev, const T* keep, const at::Tensor& post,
-                          bool write, StepBuffers& s) {
+                          bool write, StepBuffers& s, const at::Tensor& kept_z = {},
+                          const at::Tensor& kept_zr = {}) {
   const int64_t B = d.B, D = d.D, H = d.H, L = d.L, HD = H * D, E = d.E(), DD = D * D;
   const int64_t J = 2 * H;
   at::Tensor pre = prev;
@@ -144,10 +148,13 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
     std::copy(eb + 2 * HD, eb + 3 * HD, values + b * HD);
   }
   // Pre-write pass of the write keys: z^{l+1} = act(M^l z^l), one bmm per layer.
-  for (int64_t l = 0; l < L; ++l) {
-    bmm_into(s.z[l + 1], s.z[l], pre[l].transpose(1, 2));
-    if (l < L - 1) apply_act(d.tanh_act, z + (l + 1) * B * HD, B * HD);
-  }
+  if (kept_z.defined())
+    s.z.narrow(0, 1, L).copy_(kept_z.narrow(0, 1, L));
+  else
+    for (int64_t l = 0; l < L; ++l) {
+      bmm_into(s.z[l + 1], s.z[l], pre[l].transpose(1, 2));
+      if (l < L - 1) apply_act(d.tanh_act, z + (l + 1) * B * HD, B * HD);
+    }
   // Errors per layer.
   T* delta = s.delta.data_ptr<T>();
   if (!d.gradient_rule) {
@@ -186,10 +193,13 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
     if (write) baddbmm_into(post[l], pre[l], s.scaled[l].transpose(1, 2), s.z[l], 1, -1);
   }
   // Post-write pass of every key.
-  for (int64_t l = 0; l < L; ++l) {
-    bmm_into(s.zr[l + 1], s.zr[l], post[l].transpose(1, 2));
-    if (l < L - 1) apply_act(d.tanh_act, zr + (l + 1) * B * J * D, B * J * D);
-  }
+  if (kept_zr.defined())
+    s.zr.narrow(0, 1, L).copy_(kept_zr);
+  else
+    for (int64_t l = 0; l < L; ++l) {
+      bmm_into(s.zr[l + 1], s.zr[l], post[l].transpose(1, 2));
+      if (l < L - 1) apply_act(d.tanh_act, zr + (l + 1) * B * J * D, B * J * D);
+    }
   return pre;
 }
 
@@ -220,11 +230,12 @@ Checked check(const at::Tensor& gates_x, const at::Tensor& m0, int64_t n_heads,
 }  // namespace
 
 // Forward over a sequence; the weights ping-pong in two buffers. With store=true it keeps what
-// the backward pass needs: the step inputs, the writes' factors and the weights of sequences
-// whose episodes end. Returns [hs, reads, after, before, values, beta, fw_norm, c_final,
-// weights_final, last_post, h_in, c_in, r_in, write_inputs, write_scaled, ended]; weights_final
-// [B, L, D, D], last_post the same layer-major [L, B, D, D], write_inputs and write_scaled
-// [T, L, B, H, D], ended [n, L, D, D].
+// the backward pass needs: the step inputs, the activations of the passes through the layers,
+// the writes' factors and the weights of sequences whose episodes end. Returns [hs, reads,
+// after, before, values, beta, fw_norm, c_final, weights_final, last_post, h_in, c_in, r_in,
+// write_acts, write_scaled, read_acts, ended]; weights_final [B, L, D, D], last_post the same
+// layer-major [L, B, D, D], write_acts [T, L + 1, B, H, D] (z^0..z^L), write_scaled
+// [T, L, B, H, D], read_acts [T, L, B, 2H, D] (zr^1..zr^L), ended [n, L, D, D].
 std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
                                     const at::Tensor& h0, const at::Tensor& c0,
                                     const at::Tensor& r0, const at::Tensor& m0,
@@ -255,11 +266,13 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   auto h_in = at::empty({store ? T : 0, B, Hd}, opts);
   auto c_in = at::empty({store ? T : 0, B, Hd}, opts);
   auto r_in = at::empty({store ? T : 0, B, D}, opts);
-  // The writes' factors (M' = M - scaled^T z per layer) and the weights of every sequence whose
+  // The passes' activations (the write keys' before the write, every key's after it), the
+  // writes' factors (M' = M - scaled^T z per layer) and the weights of every sequence whose
   // episode ends before a step t >= 1: from them and the final weights the backward pass
-  // undoes the writes step by step (see mnm_backward).
-  auto write_inputs = at::empty({store ? T : 0, L, B, H, D}, opts);
+  // undoes the writes step by step (see mnm_backward), without recomputing the passes.
+  auto write_acts = at::empty({store ? T : 0, L + 1, B, H, D}, opts);
   auto write_scaled = at::empty({store ? T : 0, L, B, H, D}, opts);
+  auto read_acts = at::empty({store ? T : 0, L, B, 2 * H, D}, opts);
   auto ended = at::empty({store ? ended_count(keep) : 0, L, D, D}, opts);
   auto u = at::empty({B, Hd + D}, opts);
   auto gates = at::empty({B, 4 * Hd}, opts);
@@ -320,8 +333,9 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
       }
       memory_forward<T_>(d, weights, e, prev, keep_p + t * B, post_t, true, s);
       if (store) {
-        write_inputs[t].copy_(s.z.narrow(0, 0, L));
+        write_acts[t].copy_(s.z);
         write_scaled[t].copy_(s.scaled);
+        read_acts[t].copy_(s.zr.narrow(0, 1, L));
       }
       // Outputs.
       const T_* zr_out = s.zr[L].data_ptr<T_>();  // [B, 2H, D]
@@ -352,7 +366,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   const auto last_post = post[(T - 1) % 2];
   auto final_weights = last_post.transpose(0, 1).contiguous();
   return {hs, reads, after, before, values, beta, fw_norm, c_state, final_weights,
-          last_post, h_in, c_in, r_in, write_inputs, write_scaled, ended};
+          last_post, h_in, c_in, r_in, write_acts, write_scaled, read_acts, ended};
 }
 
 // Backward over a sequence from the gradients of the forward's outputs (hs, reads, after,
@@ -365,7 +379,8 @@ std::vector<at::Tensor> mnm_backward(
     const at::Tensor& g_c_final, const at::Tensor& g_m_final, const at::Tensor& gates_x,
     const at::Tensor& keep, const at::Tensor& m0, const at::Tensor& last_post,
     const at::Tensor& h_in, const at::Tensor& c_in, const at::Tensor& r_in,
-    const at::Tensor& write_inputs, const at::Tensor& write_scaled, const at::Tensor& ended,
+    const at::Tensor& write_acts, const at::Tensor& write_scaled, const at::Tensor& read_acts,
+    const at::Tensor& ended,
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
@@ -446,9 +461,10 @@ std::vector<at::Tensor> mnm_backward(
       if (t > 0)
         for (int64_t l = 0; l < L; ++l)
           baddbmm_into(pre_w[l], post_t[l], write_scaled[t][l].transpose(1, 2),
-                       write_inputs[t][l], 1, 1);
+                       write_acts[t][l], 1, 1);
       const at::Tensor prev = t == 0 ? m0_layers : pre_w;
-      const at::Tensor pre = memory_forward<T_>(d, weights, e, prev, keep_t, post_t, false, s);
+      const at::Tensor pre = memory_forward<T_>(d, weights, e, prev, keep_t, post_t, false, s,
+                                                write_acts[t], read_acts[t]);
       const T_* e_p = e.data_ptr<T_>();
       const T_* z = s.z.data_ptr<T_>();
       const T_* zr = s.zr.data_ptr<T_>();
@@ -665,7 +681,7 @@ std::vector<at::Tensor> mnm_backward(
 namespace {
 
 // What mnm_forward returns for the backward pass, after its nine outputs.
-constexpr int64_t kSavedPerPart = 7;
+constexpr int64_t kSavedPerPart = 8;
 
 // Row b of `parts` equal parts of [0, B): parts first get B / parts rows, the first B % parts
 // one more.
@@ -719,7 +735,7 @@ at::Tensor total(const std::vector<std::vector<at::Tensor>>& outs, size_t k) {
 
 // mnm_forward over `parts` parts of the batch. Returns mnm_forward's first nine outputs for the
 // whole batch, then, per part, what the backward pass takes: last_post, h_in, c_in, r_in,
-// write_inputs, write_scaled, ended (kSavedPerPart * parts).
+// write_acts, write_scaled, read_acts, ended (kSavedPerPart * parts).
 std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::Tensor& keep,
                                           const at::Tensor& h0, const at::Tensor& c0,
                                           const at::Tensor& r0, const at::Tensor& m0,
@@ -774,7 +790,7 @@ std::vector<at::Tensor> mnm_backward_parts(
         rows(keep, 1, b0, b1), rows(m0, 0, b0, b1), saved[kSavedPerPart * i],
         saved[kSavedPerPart * i + 1], saved[kSavedPerPart * i + 2], saved[kSavedPerPart * i + 3],
         saved[kSavedPerPart * i + 4], saved[kSavedPerPart * i + 5], saved[kSavedPerPart * i + 6],
-        rows(hs, 1, b0, b1), w_rec, w_int,
+        saved[kSavedPerPart * i + 7], rows(hs, 1, b0, b1), w_rec, w_int,
         per_step_int ? rows(b_int, 1, b0, b1) : b_int, w_beta, b_beta, w_fb, b_fb, m_init,
         n_heads, gradient_rule, tanh_act, eps);
   });
