@@ -139,6 +139,33 @@ def test_many_resets_match_pytorch(kernel, monkeypatch, rule):
         torch.testing.assert_close(fused_out[name], expected, rtol=1e-9, atol=1e-11, msg=name)
 
 
+def test_start_weights_are_taken_as_they_come(kernel, monkeypatch):
+    """The core's initial state holds the initial weights expanded over the batch (not copied),
+    and the kernel returns its final weights as a layer-major view: both go into the kernel as
+    they are (each D x D matrix contiguous is all it needs), and a second call from the first
+    one's final state matches PyTorch, outputs and gradients, in float64."""
+    core = _core("mnm-p", "tanh", 2, 2)
+    x, starts, _ = _inputs(core, steps=6, batch=3)
+    assert core.initial_state(3)["fast_weights"].stride(0) == 0
+
+    def two_calls(use_kernel: bool):
+        monkeypatch.setenv("MNM_RL_FUSED", "1" if use_kernel else "0")
+        core.zero_grad()
+        y1, mid, _ = core(x[:3], core.initial_state(3), starts[:3])
+        y2, final, _ = core(x[3:], mid, starts[3:])
+        (y1.sum() + 2 * y2.sum() + final["fast_weights"].pow(2).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in core.named_parameters()}
+        return mid["fast_weights"], [y1, y2, final["fast_weights"]], grads
+
+    mid, fused_out, fused_grads = two_calls(True)
+    assert not mid.is_contiguous() and mid.stride()[-2:] == (mid.size(-1), 1)
+    _, eager_out, eager_grads = two_calls(False)
+    for got, expected in zip(fused_out, eager_out, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)
+    for name, expected in eager_grads.items():
+        torch.testing.assert_close(fused_grads[name], expected, rtol=1e-9, atol=1e-11, msg=name)
+
+
 def test_kernel_gradients_pass_gradcheck(kernel):
     """Finite differences, independently of the PyTorch implementation."""
     for rule, interaction_input in (("mnm-p", False), ("mnm-g", False), ("mnm-p", True)):

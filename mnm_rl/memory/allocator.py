@@ -1,10 +1,13 @@
 """Keep the memory the fused kernel frees in the process, instead of handing it back to the OS.
 
-Each call of the kernel allocates its per-sequence buffers afresh (the post-write fast weights
-of every step: megabytes per minibatch). glibc serves such blocks with ``mmap`` and returns them
-with ``munmap``, or trims them off the heap, so every call touches new pages and pays a page
-fault per 4 KB: about 7,600 per PPO update of the throughput benchmark's mnm-p:2x2, 4% of the
-update's time (``benchmarks/update_faults.py``). Raising glibc's mmap and trim thresholds
+Each call of the kernel allocates its per-call buffers afresh (the fast weights, their gradient,
+what the backward pass keeps: megabytes per minibatch at 4 heads x 3 layers). glibc serves such
+blocks with ``mmap`` and returns them with ``munmap``, or trims them off the heap, so every call
+touches new pages and pays a page fault per 4 KB: about 7,600 per PPO update of the throughput
+benchmark's mnm-p:2x2 when the kernel still kept every step's weights, 4% of the update's time
+(``benchmarks/update_faults.py``); since it undoes its writes instead (sixteenth session), 2 x 2's
+buffers mostly stay on the heap anyway, while 4 x 3's still fault about 10,000 times per update
+(``tests/test_allocator.py``). Raising glibc's mmap and trim thresholds
 keeps those blocks on the heap for reuse. The same memory is allocated and freed and the peak is
 the same; what changes is that the process keeps its freed heap (up to the trim threshold)
 instead of shrinking between calls.

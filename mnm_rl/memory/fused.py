@@ -189,7 +189,13 @@ def run_sequence(
     memory = core.memory
     dtype = gates_x.dtype
     keep = (episode_starts == 0).to(dtype).contiguous()
-    start = [state[k].to(dtype).contiguous() for k in ("h", "c", "read", "fast_weights")]
+    start = [state[k].to(dtype).contiguous() for k in ("h", "c", "read")]
+    # The kernel returns its final weights as a view with each D x D matrix contiguous, layers
+    # outermost; it takes them back as they are, without a copy per rollout step.
+    weights = state["fast_weights"].to(dtype)
+    if weights.stride(-1) != 1 or weights.stride(-2) != weights.size(-1):
+        weights = weights.contiguous()
+    start.append(weights)
     if memory.feedback is not None:
         w_fb, b_fb = memory.feedback.weight, memory.feedback.bias
     else:  # mnm-g has no feedback functions: the kernel ignores these

@@ -221,6 +221,8 @@ Checked check(const at::Tensor& gates_x, const at::Tensor& m0, int64_t n_heads,
               bool gradient_rule, bool tanh_act, double eps) {
   TORCH_CHECK(gates_x.dim() == 3, "gates_x must be [T, B, 4 * hidden]");
   TORCH_CHECK(m0.dim() == 4, "fast weights must be [B, L, D, D]");
+  TORCH_CHECK(m0.stride(3) == 1 && m0.stride(2) == m0.size(3),
+              "each fast-weight matrix must be contiguous");
   TORCH_CHECK(gates_x.device().is_cpu(), "the fused MNM kernel runs on the CPU only");
   Dims d{gates_x.size(1), gates_x.size(2) / 4, m0.size(2), n_heads, m0.size(1),
          gradient_rule, tanh_act, eps};
@@ -233,9 +235,10 @@ Checked check(const at::Tensor& gates_x, const at::Tensor& m0, int64_t n_heads,
 // the backward pass needs: the step inputs, the activations of the passes through the layers,
 // the writes' factors and the weights of sequences whose episodes end. Returns [hs, reads,
 // after, before, values, beta, fw_norm, c_final, weights_final, last_post, h_in, c_in, r_in,
-// write_acts, write_scaled, read_acts, ended]; weights_final [B, L, D, D], last_post the same
-// layer-major [L, B, D, D], write_acts [T, L + 1, B, H, D] (z^0..z^L), write_scaled
-// [T, L, B, H, D], read_acts [T, L, B, 2H, D] (zr^1..zr^L), ended [n, L, D, D].
+// write_acts, write_scaled, read_acts, ended]; last_post the final weights layer-major
+// [L, B, D, D], weights_final a [B, L, D, D] view of it, write_acts [T, L + 1, B, H, D]
+// (z^0..z^L), write_scaled [T, L, B, H, D], read_acts [T, L, B, 2H, D] (zr^1..zr^L), ended
+// [n, L, D, D].
 std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
                                     const at::Tensor& h0, const at::Tensor& c0,
                                     const at::Tensor& r0, const at::Tensor& m0,
@@ -364,7 +367,9 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
     }
   });
   const auto last_post = post[(T - 1) % 2];
-  auto final_weights = last_post.transpose(0, 1).contiguous();
+  // [B, L, D, D] as a view of the layer-major buffer, not a copy: each matrix is contiguous,
+  // which is all the next call needs of its start weights (the rollout's every step).
+  auto final_weights = last_post.transpose(0, 1);
   return {hs, reads, after, before, values, beta, fw_norm, c_state, final_weights,
           last_post, h_in, c_in, r_in, write_acts, write_scaled, read_acts, ended};
 }
