@@ -14,8 +14,9 @@ import pytest
 # (about 2,000 faults) does not decide the test: with the total over two whole rollouts and
 # updates, a CI run once saw 6,326 faults released against 1,654 retained. 4 heads x 3 layers
 # (throughput.py's mnm-p): since the kernel stopped keeping every step's fast weights (sixteenth
-# session), 2 x 2's buffers are small enough that glibc keeps them on the heap anyway (26
-# faults retained, 152 released), while 4 x 3's still take thousands of faults released.
+# session), 2 x 2's buffers are small enough that glibc keeps them on the heap anyway (this
+# program at 2 x 2, run once by hand: 26 faults retained, 152 released), while 4 x 3's still
+# take thousands of faults released.
 PROGRAM = """
 import resource, statistics, torch
 from stable_baselines3.common.env_util import make_vec_env
