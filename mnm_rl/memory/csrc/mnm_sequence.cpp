@@ -49,6 +49,7 @@
 
 #include "elementwise.h"
 #include "kernels.h"
+#include "row_products.h"
 
 namespace mnm_rl {
 namespace {
@@ -61,14 +62,21 @@ struct Dims {
   int64_t E() const { return 3 * H * D + D; }
 };
 
-// at::bmm_out and at::baddbmm_out into a view (a layer or a step of a larger buffer).
+// at::bmm_out into a view (a layer or a step of a larger buffer): the products x M^T, which
+// MKL does best (see row_products.h for the other two forms).
 inline void bmm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   at::bmm_out(out, a, b);
 }
-inline void baddbmm_into(at::Tensor out, const at::Tensor& self, const at::Tensor& a,
-                         const at::Tensor& b, double beta, double alpha) {
-  at::baddbmm_out(out, self, a, b, beta, alpha);
-}
+
+// Layer l of layer-major weights [L, B, D, D] whose matrices are each contiguous (the batch may
+// be strided, or expanded: stride 0): its first matrix, and the distance between matrices.
+template <typename T> struct Layers {
+  T* data;
+  int64_t layer_stride, batch_stride;
+  explicit Layers(const at::Tensor& w)
+      : data(w.data_ptr<T>()), layer_stride(w.stride(0)), batch_stride(w.stride(1)) {}
+  T* operator[](int64_t l) const { return data + l * layer_stride; }
+};
 
 // The slow weights the memory step reads, for one call.
 struct Weights {
@@ -172,13 +180,16 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
         }
   } else {
     for (int64_t x = 0; x < B * HD; ++x) delta[(L - 1) * B * HD + x] = z[L * B * HD + x] - values[x];
+    const Layers<T> pre_l(pre);
     for (int64_t l = L - 2; l >= 0; --l) {
-      bmm_into(s.delta[l], s.delta[l + 1], pre[l + 1]);  // rows (M^T delta)^T
+      // rows (M^T delta)^T
+      rows_times(delta + (l + 1) * B * HD, pre_l[l + 1], pre_l.batch_stride, delta + l * B * HD,
+                 B, H, D, false);
       for (int64_t x = 0; x < B * HD; ++x)
         delta[l * B * HD + x] *= act_grad(d.tanh_act, z[(l + 1) * B * HD + x]);
     }
   }
-  // The write: M' = M - beta / energy * sum_h delta_h z_h^T, one baddbmm per layer.
+  // The write: M' = M - beta / energy * sum_h delta_h z_h^T, a rank-H update per layer.
   T* energy = s.energy.data_ptr<T>();
   T* scaled = s.scaled.data_ptr<T>();
   for (int64_t l = 0; l < L; ++l) {
@@ -190,7 +201,9 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
       for (int64_t x = 0; x < HD; ++x)
         scaled[(l * B + b) * HD + x] = step * delta[(l * B + b) * HD + x];
     }
-    if (write) baddbmm_into(post[l], pre[l], s.scaled[l].transpose(1, 2), s.z[l], 1, -1);
+    if (write)
+      rank_update(Layers<T>(pre)[l], pre.stride(1), scaled + l * B * HD, z + l * B * HD, T(-1),
+                  post.data_ptr<T>() + l * B * DD, DD, B, H, D);
   }
   // Post-write pass of every key.
   if (kept_zr.defined())
@@ -465,11 +478,14 @@ std::vector<at::Tensor> mnm_backward(
       const at::Tensor post_t = post_w;
       if (t > 0)
         for (int64_t l = 0; l < L; ++l)
-          baddbmm_into(pre_w[l], post_t[l], write_scaled[t][l].transpose(1, 2),
-                       write_acts[t][l], 1, 1);
+          rank_update(post_t.data_ptr<T_>() + l * B * DD, DD,
+                      write_scaled.data_ptr<T_>() + (t * L + l) * B * HD,
+                      write_acts.data_ptr<T_>() + (t * (L + 1) + l) * B * HD, T_(1),
+                      pre_w.data_ptr<T_>() + l * B * DD, DD, B, H, D);
       const at::Tensor prev = t == 0 ? m0_layers : pre_w;
       const at::Tensor pre = memory_forward<T_>(d, weights, e, prev, keep_t, post_t, false, s,
                                                 write_acts[t], read_acts[t]);
+      const Layers<T_> pre_l(pre);
       const T_* e_p = e.data_ptr<T_>();
       const T_* z = s.z.data_ptr<T_>();
       const T_* zr = s.zr.data_ptr<T_>();
@@ -504,8 +520,11 @@ std::vector<at::Tensor> mnm_backward(
         const T_* gout = dzr_p + (l + 1) * B * J * D;
         for (int64_t x = 0; x < B * J * D; ++x)
           da_p[x] = l < L - 1 ? gout[x] * act_grad(d.tanh_act, out[x]) : gout[x];
-        G[l].baddbmm_(da.transpose(1, 2), s.zr[l]);
-        bmm_into(dzr[l], da, post_t[l]);  // rows (M'^T da)^T
+        rank_update(G_p + l * B * DD, DD, da_p, zr + l * B * J * D, T_(1), G_p + l * B * DD, DD,
+                    B, J, D);
+        // rows (M'^T da)^T
+        rows_times(da_p, post_t.data_ptr<T_>() + l * B * DD, DD, dzr_p + l * B * J * D, B, J, D,
+                   false);
       }
       // The write M' = M - beta / energy * sum_h delta_h z_h^T.
       dz.zero_();
@@ -513,7 +532,8 @@ std::vector<at::Tensor> mnm_backward(
       for (int64_t b = 0; b < B; ++b) dbeta[b] = gbeta ? gbeta[b] : T_(0);
       for (int64_t l = 0; l < L; ++l) {
         bmm_into(gw, s.z[l], G[l].transpose(1, 2));  // rows (G z_h)^T
-        bmm_into(gq, s.delta[l], G[l]);              // rows (G^T delta_h)^T
+        // rows (G^T delta_h)^T
+        rows_times(delta + l * B * HD, G_p + l * B * DD, DD, gq.data_ptr<T_>(), B, H, D, false);
         const T_* w_p = gw.data_ptr<T_>();
         const T_* q_p = gq.data_ptr<T_>();
         for (int64_t b = 0; b < B; ++b) {
@@ -546,7 +566,9 @@ std::vector<at::Tensor> mnm_backward(
         values_all[t].copy_(s.values.view({B * H, D}));
       } else {
         for (int64_t l = 0; l < L - 1; ++l) {
-          bmm_into(gq, s.delta[l + 1], pre[l + 1]);  // rows (M^T delta^{l+1})^T
+          // rows (M^T delta^{l+1})^T
+          rows_times(delta + (l + 1) * B * HD, pre_l[l + 1], pre_l.batch_stride,
+                     gq.data_ptr<T_>(), B, H, D, false);
           const T_* q_p = gq.data_ptr<T_>();
           for (int64_t x = 0; x < B * HD; ++x) {
             const T_ dd = ddelta_p[l * B * HD + x];
@@ -554,7 +576,8 @@ std::vector<at::Tensor> mnm_backward(
             daw_p[x] = dd * act_grad(d.tanh_act, zl);
             dz_p[(l + 1) * B * HD + x] += dd * q_p[x] * act_grad_grad(d.tanh_act, zl);
           }
-          G[l + 1].baddbmm_(s.delta[l + 1].transpose(1, 2), da_w);
+          rank_update(G_p + (l + 1) * B * DD, DD, delta + (l + 1) * B * HD, daw_p, T_(1),
+                      G_p + (l + 1) * B * DD, DD, B, H, D);
           ddelta[l + 1].baddbmm_(da_w, pre[l + 1].transpose(1, 2));  // rows (M dq)^T
         }
         for (int64_t x = 0; x < B * HD; ++x) {
@@ -569,8 +592,10 @@ std::vector<at::Tensor> mnm_backward(
         const T_* gout = dz_p + (l + 1) * B * HD;
         for (int64_t x = 0; x < B * HD; ++x)
           daw_p[x] = l < L - 1 ? gout[x] * act_grad(d.tanh_act, out[x]) : gout[x];
-        G[l].baddbmm_(da_w.transpose(1, 2), s.z[l]);
-        dz[l].baddbmm_(da_w, pre[l]);  // rows (M^T da)^T
+        rank_update(G_p + l * B * DD, DD, daw_p, z + l * B * HD, T_(1), G_p + l * B * DD, DD, B,
+                    H, D);
+        // rows (M^T da)^T
+        rows_times(daw_p, pre_l[l], pre_l.batch_stride, dz_p + l * B * HD, B, H, D, true);
       }
       // Into e = tanh(pre_e): keys through rms_norm, values, beta.
       const T_* kscale = s.kscale.data_ptr<T_>();
