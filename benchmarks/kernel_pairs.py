@@ -4,6 +4,11 @@ One MNM core (width 64), in one process, 1 torch thread, CPU time, interleaved p
 
 * the training pass: forward and backward over 16 steps x B sequences;
 * the rollout: 32 single steps of 8 envs without autograd;
+* the update (``--update``): one PPO update, ``train()``, of ``throughput.py``'s agent in the
+  issue's setting (MiniGrid-MemoryS7 with its 7 x 7 view, 8 envs x 128 steps, 4 epochs of
+  minibatches of 16 sequences x 16 steps) with this core, on one collected rollout, its
+  parameters and optimizer state put back before each timed call: what a kernel change is worth
+  to the whole update, encoder, heads, loss and optimizer included;
 
 and, for the training pass, the memory each build keeps for the backward pass (MB of the
 unique storages autograd's saved-tensor hooks see, as in ``throughput.py``'s scaling table).
@@ -16,11 +21,14 @@ REV under another extension name (with today's compiler flags) and loads both. P
 and, as the last line, a JSON list of
 ``{"size", "batch", "phase", "other_ms", "kernel_ms", "speedup"}`` (``speedup`` = other / kernel;
 train rows also ``other_saved_mb`` and ``kernel_saved_mb``).
+
+    python benchmarks/kernel_pairs.py --against 476c786 --update   # also whole PPO updates
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -31,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from throughput import saved_bytes
+from throughput import build_agent, make_env, saved_bytes
 from torch.utils.cpp_extension import load
 
 from mnm_rl.memory import MNMCore, fused
@@ -112,10 +120,46 @@ def time_case(core: MNMCore, batch: int, runner, pairs: int) -> dict[str, list[f
     return times
 
 
+#: throughput.py's settings in the issue's setting (``--view-size 7``), for the update phase.
+UPDATE_SETTING = argparse.Namespace(
+    env="MiniGrid-MemoryS7-v0",
+    view_size=7,
+    n_envs=8,
+    n_steps=128,
+    batch_size=256,
+    n_epochs=4,
+    seq_len=16,
+    hidden=64,
+)
+
+
+def time_updates(heads: int, layers: int, runners: dict, pairs: int) -> dict[str, list[float]]:
+    """CPU seconds of ``train()`` of the mnm-p agent with an H x L memory under each runner,
+    interleaved, every call from the same parameters and optimizer state and on the same rollout
+    (collected by one ``learn()`` of one rollout first)."""
+    env = make_env(UPDATE_SETTING)
+    model = build_agent(f"mnm-p:{heads}x{layers}", UPDATE_SETTING, env, "cpu")
+    model.learn(UPDATE_SETTING.n_steps * UPDATE_SETTING.n_envs)
+    policy = copy.deepcopy(model.policy.state_dict())
+    optimizer = copy.deepcopy(model.policy.optimizer.state_dict())
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    for _ in range(pairs):
+        for label, runner in runners.items():
+            runner()
+            model.policy.load_state_dict(policy)
+            model.policy.optimizer.load_state_dict(optimizer)
+            start = time.process_time()
+            model.train()
+            times[label].append(time.process_time() - start)
+    env.close()
+    return times
+
+
 def main() -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--against", help="git revision whose kernel source to compare with")
     p.add_argument("--pairs", type=int, default=9)
+    p.add_argument("--update", action="store_true", help="also time whole PPO updates")
     args = p.parse_args()
     torch.set_num_threads(1)
     kernel = fused.load_extension()
@@ -154,6 +198,16 @@ def main() -> list[dict]:
                      if phase == "train" else "")  # fmt: skip
             print(f"{heads}x{layers:<4d} {batch:5d} {phase:8s} {a * 1e3:12.2f} {b * 1e3:10.2f} "
                   f"{a / b:6.2f}x{saved}")  # fmt: skip
+    if args.update:
+        for heads, layers in sorted({size for size, _ in CASES}, reverse=True):
+            times = time_updates(heads, layers, {"other": use_other, "kernel": use_kernel},
+                                 args.pairs)  # fmt: skip
+            a, b = statistics.median(times["other"]), statistics.median(times["kernel"])
+            batch = UPDATE_SETTING.batch_size // UPDATE_SETTING.seq_len
+            rows.append({"size": f"{heads}x{layers}", "batch": batch, "phase": "update",
+                         "other_ms": a * 1e3, "kernel_ms": b * 1e3, "speedup": a / b})  # fmt: skip
+            print(f"{heads}x{layers:<4d} {batch:5d} {'update':8s} {a * 1e3:12.2f} {b * 1e3:10.2f} "
+                  f"{a / b:6.2f}x")  # fmt: skip
     use_kernel()
     print(json.dumps(rows))
     return rows

@@ -1,0 +1,41 @@
+"""benchmarks/kernel_pairs.py: its whole-update phase times like against like."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from benchmark_scripts import load_script
+
+from mnm_rl.agent import MemoryPPO
+
+
+def test_updates_alternate_and_each_starts_from_the_same_parameters(monkeypatch):
+    """Every timed ``train()`` starts from the parameters the collected rollout was made with
+    (the update before it is undone), and the two builds take turns."""
+    kernel_pairs = load_script("kernel_pairs")
+    small = argparse.Namespace(
+        env="MiniGrid-MemoryS7-v0", view_size=7, n_envs=2, n_steps=16, batch_size=16,
+        n_epochs=1, seq_len=8, hidden=16,
+    )  # fmt: skip
+    monkeypatch.setattr(kernel_pairs, "UPDATE_SETTING", small)
+    starts: list[torch.Tensor] = []
+    original = MemoryPPO.train
+
+    def recording_train(self):
+        starts.append(torch.cat([p.detach().flatten() for p in self.policy.parameters()]))
+        original(self)
+
+    monkeypatch.setattr(MemoryPPO, "train", recording_train)
+    order: list[str] = []
+    runners = {"other": lambda: order.append("other"), "kernel": lambda: order.append("kernel")}
+    times = kernel_pairs.time_updates(1, 1, runners, pairs=2)
+
+    assert order == ["other", "kernel", "other", "kernel"]
+    assert [len(v) for v in times.values()] == [2, 2]
+    assert all(t > 0 for v in times.values() for t in v)
+    warm_up, *timed = starts
+    assert len(timed) == 4
+    assert not torch.equal(timed[0], warm_up)  # the warm-up's update moved the parameters
+    for start in timed[1:]:
+        assert torch.equal(start, timed[0])
