@@ -3,9 +3,10 @@
 // The MNM kernel multiplies each sequence's D x D weights by H or 2H rows (the heads' keys, or
 // their gradients) and adds rank-H outer products to them, for every layer and step. With so
 // few rows, MKL's batched GEMM spends about a third of its time packing the D x D operand into
-// its own layout before using it once (a profile of one train() at 4 heads x 3 layers: 14% of
-// the time in packing against 27% in the multiplications). The two forms below read each row of
-// the matrix once, straight from where it lies, and keep what they accumulate in registers:
+// its own layout before using it once (benchmarks/update_profile.py, PPO updates at 4 heads x
+// 3 layers: 14% of the samples in packing against 27% in the multiplications). The two forms
+// below read each row of the matrix once, straight from where it lies, and keep what they
+// accumulate in registers:
 //
 //   rows_times:  out[r, :] (+)= sum_i x[r, i] M[i, :]          (out = x M, rows x of [m, D])
 //   rank_update: out[i, :] = M[i, :] + alpha sum_h s[h, i] z[h, :]   (out = M + alpha s^T z)
@@ -17,10 +18,9 @@
 // needs, x M^T (dot products of M's rows), stays with at::bmm: done by hand it needs a
 // horizontal sum per output or a transpose of M, which is what MKL's packing does.
 // tests/test_fused.py checks the kernel against the PyTorch code at widths with and without a
-// remainder (D = 4, 20 in float64; 32, 64 in float32).
+// remainder (D = 4, 20 in float64; 20, 64 in float32).
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 

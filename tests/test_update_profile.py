@@ -1,0 +1,43 @@
+"""benchmarks/update_profile.py: reading perf's report and grouping its symbols."""
+
+from __future__ import annotations
+
+import pytest
+from benchmark_scripts import load_script
+
+# Lines as `perf report --no-children --sort dso,symbol -g none --stdio` writes them: padded
+# columns, sometimes two more columns of dashes after the symbol.
+REPORT = """\
+# Samples: 31K of event 'cpu-clock:ppp'
+#
+    19.65%  libtorch_cpu.so       [.] mkl_blas_def_sgemm_kernel_0_zen              -      -
+     6.82%  libtorch_cpu.so       [.] mkl_blas_def_sgemm_scopy_right16_bdz
+     5.49%  mnm_rl_sequence.so    [.] mnm_rl::(anonymous namespace)::rank_update<float>
+     4.46%  libtorch_cpu.so       [.] at::native::direct_copy_kernel(at::TensorIteratorBase&)
+     1.46%  libpython3.11.so.1.0  [.] _PyEval_EvalFrameDefault
+     0.33%  [kernel.kallsyms]     [k] _raw_spin_unlock_irqrestore                  -      -
+"""
+
+
+@pytest.fixture(scope="module")
+def update_profile():
+    return load_script("update_profile")
+
+
+def test_report_lines_give_symbol_and_share(update_profile):
+    rows = update_profile.parse_report(REPORT)
+    assert rows[0] == ("libtorch_cpu.so mkl_blas_def_sgemm_kernel_0_zen", 19.65)
+    assert rows[2] == ("mnm_rl_sequence.so mnm_rl::(anonymous namespace)::rank_update<float>", 5.49)
+    assert rows[-1] == ("[kernel.kallsyms] _raw_spin_unlock_irqrestore", 0.33)
+    assert len(rows) == 6
+
+
+def test_groups_add_up_their_symbols(update_profile):
+    shares = update_profile.group_shares(update_profile.parse_report(REPORT))
+    assert shares == {
+        "mkl multiply": 19.65,
+        "mkl packing": 6.82,
+        "fused kernels' own code": 5.49,
+        "aten copies": 4.46,
+        "python interpreter": 1.46,
+    }
