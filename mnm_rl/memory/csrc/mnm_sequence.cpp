@@ -17,10 +17,14 @@
 //
 // Eager PyTorch runs this as about 200 small operators per step, each costing microseconds of
 // dispatch, autograd bookkeeping and allocation whatever its size. Here one call does a whole
-// sequence. Every matrix product is one BLAS call per step and layer for the whole batch (the
-// fast weights are kept layer-major, [L, B, D, D], so that each layer is one contiguous batch
-// of matrices); everything elementwise is plain loops on preallocated buffers; the weight
-// gradients of the controller and of the BFPF are large products over all steps at the end.
+// sequence. Every matrix product is one call per step and layer for the whole batch (the fast
+// weights are kept layer-major, [L, B, D, D], so that each layer is one contiguous batch of
+// matrices): BLAS for the controller's and for the passes through the memory's layers (x M^T),
+// the hand-written loops of row_products.h for the memory's other products (x M, and the rank-H
+// updates of the write and of the weights' gradient), where MKL spent much of its time
+// repacking each small matrix; everything elementwise is plain loops on preallocated buffers;
+// the weight gradients of the controller and of the BFPF are large products over all steps at
+// the end.
 // The backward pass recomputes the controller, keys, values and errors of each step from what
 // the forward pass kept (the step's inputs h, c, read, and the activations of the passes
 // through the layers, [B, H, D] and [B, 2H, D] per layer). It does not keep every step's fast
