@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from throughput import build_agent, make_env, saved_bytes
+from throughput import build_agent, make_env, parse_args, saved_bytes
 from torch.utils.cpp_extension import load
 
 from mnm_rl.memory import MNMCore, fused
@@ -121,16 +121,7 @@ def time_case(core: MNMCore, batch: int, runner, pairs: int) -> dict[str, list[f
 
 
 #: throughput.py's settings in the issue's setting (``--view-size 7``), for the update phase.
-UPDATE_SETTING = argparse.Namespace(
-    env="MiniGrid-MemoryS7-v0",
-    view_size=7,
-    n_envs=8,
-    n_steps=128,
-    batch_size=256,
-    n_epochs=4,
-    seq_len=16,
-    hidden=64,
-)
+UPDATE_SETTING = parse_args(["--view-size", "7"])
 
 
 def time_updates(heads: int, layers: int, runners: dict, pairs: int) -> dict[str, list[float]]:
