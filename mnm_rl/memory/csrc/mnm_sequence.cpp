@@ -136,6 +136,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
       for (int64_t l = 0; l < L; ++l)
         std::copy(init + l * DD, init + (l + 1) * DD, target + (l * B + b) * DD);
     }
+  const Layers<T> pre_l(pre);
   // beta, the keys, the values.
   const T* e_p = e.data_ptr<T>();
   const T* w_beta = w.w_beta.data_ptr<T>();
@@ -184,7 +185,6 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
         }
   } else {
     for (int64_t x = 0; x < B * HD; ++x) delta[(L - 1) * B * HD + x] = z[L * B * HD + x] - values[x];
-    const Layers<T> pre_l(pre);
     for (int64_t l = L - 2; l >= 0; --l) {
       // rows (M^T delta)^T
       rows_times(delta + (l + 1) * B * HD, pre_l[l + 1], pre_l.batch_stride, delta + l * B * HD,
@@ -206,7 +206,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
         scaled[(l * B + b) * HD + x] = step * delta[(l * B + b) * HD + x];
     }
     if (write)
-      rank_update(Layers<T>(pre)[l], pre.stride(1), scaled + l * B * HD, z + l * B * HD, T(-1),
+      rank_update(pre_l[l], pre_l.batch_stride, scaled + l * B * HD, z + l * B * HD, T(-1),
                   post.data_ptr<T>() + l * B * DD, DD, B, H, D);
   }
   // Post-write pass of every key.
