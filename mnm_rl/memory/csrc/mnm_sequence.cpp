@@ -89,41 +89,47 @@ struct Weights {
 
 // One step's activations for the whole batch (recomputed in the backward pass).
 struct StepBuffers {
-  at::Tensor khat;    // [B, 2H, D] RMS-normalised keys (read heads first)
-  at::Tensor kscale;  // [B, 2H] their rsqrt factors
-  at::Tensor values;  // [B, H, D] write values
-  at::Tensor beta;    // [B]
-  at::Tensor z;       // [L + 1, B, H, D] pre-write activations of the write keys
-  at::Tensor raw;     // [B * H, L * D] mnm-p: BFPF outputs before the activation
-  at::Tensor target;  // [L, B, H, D] mnm-p's targets
-  at::Tensor delta;   // [L, B, H, D] errors per layer
-  at::Tensor energy;  // [B, L]
+  at::Tensor khat;     // [B, 2H, D] RMS-normalised keys (read heads first): zr^0
+  at::Tensor kscale;   // [B, 2H] their rsqrt factors
+  at::Tensor values;   // [B, H, D] write values
+  at::Tensor beta;     // [B]
+  at::Tensor raw;      // [B * H, L * D] mnm-p: BFPF outputs before the activation
+  at::Tensor target;   // [L, B, H, D] mnm-p's targets
+  at::Tensor delta;    // [L, B, H, D] errors per layer
+  at::Tensor energy;   // [B, L]
+  at::Tensor squares;  // [B] the sum of the post-write weights' squared entries (the write's)
+  at::Tensor pre;      // [L, B, D, D] pre-write weights of a step where a sequence starts
+  // What the backward pass keeps of a step. Buffers of their own in the rollout; in training
+  // the caller points them at step t of its stores (write_acts[t], ...) before each step, so
+  // the forward pass writes them in place and the backward pass reads them there, uncopied.
+  at::Tensor z;       // [L + 1, B, H, D] pre-write activations of the write keys, z^0..z^L
   at::Tensor scaled;  // [L, B, H, D] delta * beta / energy, the write's left factors
-  at::Tensor zr;      // [L + 1, B, 2H, D] post-write activations of every key
-  at::Tensor pre;     // [L, B, D, D] pre-write weights of a step where a sequence starts
+  at::Tensor zr;      // [L, B, 2H, D] post-write activations of every key, zr^1..zr^L
 
-  StepBuffers(const Dims& d, const at::TensorOptions& o)
+  StepBuffers(const Dims& d, const at::TensorOptions& o, bool own_kept)
       : khat(at::empty({d.B, 2 * d.H, d.D}, o)), kscale(at::empty({d.B, 2 * d.H}, o)),
         values(at::empty({d.B, d.H, d.D}, o)), beta(at::empty({d.B}, o)),
-        z(at::empty({d.L + 1, d.B, d.H, d.D}, o)), raw(at::empty({d.B * d.H, d.L * d.D}, o)),
-        target(at::empty({d.L, d.B, d.H, d.D}, o)), delta(at::empty({d.L, d.B, d.H, d.D}, o)),
-        energy(at::empty({d.B, d.L}, o)), scaled(at::empty({d.L, d.B, d.H, d.D}, o)),
-        zr(at::empty({d.L + 1, d.B, 2 * d.H, d.D}, o)),
-        pre(at::empty({d.L, d.B, d.D, d.D}, o)) {}
+        raw(at::empty({d.B * d.H, d.L * d.D}, o)), target(at::empty({d.L, d.B, d.H, d.D}, o)),
+        delta(at::empty({d.L, d.B, d.H, d.D}, o)), energy(at::empty({d.B, d.L}, o)),
+        squares(at::empty({d.B}, o)), pre(at::empty({d.L, d.B, d.D, d.D}, o)) {
+    if (!own_kept) return;
+    z = at::empty({d.L + 1, d.B, d.H, d.D}, o);
+    scaled = at::empty({d.L, d.B, d.H, d.D}, o);
+    zr = at::empty({d.L, d.B, 2 * d.H, d.D}, o);
+  }
 };
 
 // The memory's step for the whole batch: from e [B, E] (the interaction output) and the
 // previous post-write weights prev [L, B, D, D], fill s and, with write, write the new weights
-// into post. Without write (the backward pass's recomputation), post already holds them and is
-// only read, and the passes through the layers are not recomputed: kept_z [L + 1, B, H, D] and
-// kept_zr [L, B, 2H, D] hold what the forward pass computed for s.z and s.zr[1:]. Returns the
+// into post and the sum of their squares into s.squares. Without write (the backward pass's
+// recomputation), post already holds them and is only read, and the passes through the layers
+// are not recomputed: s.z and s.zr already hold what the forward pass computed. Returns the
 // pre-write weights: prev, or s.pre where some sequence starts (keep == 0) and takes the
 // initial weights instead.
 template <typename T>
 at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
                           const at::Tensor& prev, const T* keep, const at::Tensor& post,
-                          bool write, StepBuffers& s, const at::Tensor& kept_z = {},
-                          const at::Tensor& kept_zr = {}) {
+                          bool write, StepBuffers& s) {
   const int64_t B = d.B, D = d.D, H = d.H, L = d.L, HD = H * D, E = d.E(), DD = D * D;
   const int64_t J = 2 * H;
   at::Tensor pre = prev;
@@ -146,7 +152,6 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
   T* values = s.values.data_ptr<T>();
   T* beta = s.beta.data_ptr<T>();
   T* z = s.z.data_ptr<T>();
-  T* zr = s.zr.data_ptr<T>();
   for (int64_t b = 0; b < B; ++b) {
     const T* eb = e_p + b * E;
     beta[b] = sigmoid(dot(w_beta, eb + 3 * HD, D) + b_beta);
@@ -156,14 +161,11 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
       kscale[b * J + j] = scale;
       for (int64_t i = 0; i < D; ++i) khat[(b * J + j) * D + i] = k[i] * scale;
     }
-    std::copy(khat + (b * J + H) * D, khat + (b + 1) * J * D, z + b * HD);
-    std::copy(khat + b * J * D, khat + (b + 1) * J * D, zr + b * J * D);
+    if (write) std::copy(khat + (b * J + H) * D, khat + (b + 1) * J * D, z + b * HD);
     std::copy(eb + 2 * HD, eb + 3 * HD, values + b * HD);
   }
   // Pre-write pass of the write keys: z^{l+1} = act(M^l z^l), one bmm per layer.
-  if (kept_z.defined())
-    s.z.narrow(0, 1, L).copy_(kept_z.narrow(0, 1, L));
-  else
+  if (write)
     for (int64_t l = 0; l < L; ++l) {
       bmm_into(s.z[l + 1], s.z[l], pre[l].transpose(1, 2));
       if (l < L - 1) apply_act(d.tanh_act, z + (l + 1) * B * HD, B * HD);
@@ -175,14 +177,14 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
     const T* raw = s.raw.data_ptr<T>();
     T* target = s.target.data_ptr<T>();
     for (int64_t l = 0; l < L; ++l)
-      for (int64_t bh = 0; bh < B * H; ++bh)
-        for (int64_t i = 0; i < D; ++i) {
-          const T a = raw[bh * L * D + l * D + i];
-          const T t = l < L - 1 ? act(d.tanh_act, a) : a;
-          const int64_t x = (l * B * H + bh) * D + i;
-          target[x] = t;
-          delta[x] = z[(l + 1) * B * HD + bh * D + i] - t;
-        }
+      for (int64_t bh = 0; bh < B * H; ++bh) {
+        // Row by row, the activation's branch outside the loops, so that they vectorise.
+        const int64_t x = (l * B * H + bh) * D;
+        std::copy(raw + bh * L * D + l * D, raw + bh * L * D + (l + 1) * D, target + x);
+        if (l < L - 1) apply_act(d.tanh_act, target + x, D);
+        const T* zl = z + (l + 1) * B * HD + bh * D;
+        for (int64_t i = 0; i < D; ++i) delta[x + i] = zl[i] - target[x + i];
+      }
   } else {
     for (int64_t x = 0; x < B * HD; ++x) delta[(L - 1) * B * HD + x] = z[L * B * HD + x] - values[x];
     for (int64_t l = L - 2; l >= 0; --l) {
@@ -195,7 +197,9 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
   }
   // The write: M' = M - beta / energy * sum_h delta_h z_h^T, a rank-H update per layer.
   T* energy = s.energy.data_ptr<T>();
-  T* scaled = s.scaled.data_ptr<T>();
+  T* scaled = write ? s.scaled.data_ptr<T>() : nullptr;
+  T* squares = s.squares.data_ptr<T>();
+  if (write) std::fill(squares, squares + B, T(0));
   for (int64_t l = 0; l < L; ++l) {
     for (int64_t b = 0; b < B; ++b) {
       const T* zin = z + (l * B + b) * HD;
@@ -207,15 +211,13 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
     }
     if (write)
       rank_update(pre_l[l], pre_l.batch_stride, scaled + l * B * HD, z + l * B * HD, T(-1),
-                  post.data_ptr<T>() + l * B * DD, DD, B, H, D);
+                  post.data_ptr<T>() + l * B * DD, DD, B, H, D, squares);
   }
-  // Post-write pass of every key.
-  if (kept_zr.defined())
-    s.zr.narrow(0, 1, L).copy_(kept_zr);
-  else
+  // Post-write pass of every key: zr^{l+1} = act(M'^l zr^l) from zr^0 = khat.
+  if (write)
     for (int64_t l = 0; l < L; ++l) {
-      bmm_into(s.zr[l + 1], s.zr[l], post[l].transpose(1, 2));
-      if (l < L - 1) apply_act(d.tanh_act, zr + (l + 1) * B * J * D, B * J * D);
+      bmm_into(s.zr[l], l == 0 ? s.khat : s.zr[l - 1], post[l].transpose(1, 2));
+      if (l < L - 1) apply_act(d.tanh_act, s.zr[l].data_ptr<T>(), B * J * D);
     }
   return pre;
 }
@@ -302,7 +304,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   auto m0_layers = m0.transpose(0, 1);  // [L, B, D, D], a view: each layer a strided batch
   const bool per_step_int = b_int.dim() == 3;
   const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init};
-  StepBuffers s(d, opts);
+  StepBuffers s(d, opts, !store);
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_forward", [&] {
     using T_ = scalar_t;
@@ -351,18 +353,18 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
               std::copy(prev_p + (l * B + b) * DD, prev_p + (l * B + b + 1) * DD, out + l * DD);
           }
       }
-      memory_forward<T_>(d, weights, e, prev, keep_p + t * B, post_t, true, s);
-      if (store) {
-        write_acts[t].copy_(s.z);
-        write_scaled[t].copy_(s.scaled);
-        read_acts[t].copy_(s.zr.narrow(0, 1, L));
+      if (store) {  // the step's activations straight into what the backward pass keeps
+        s.z = write_acts[t];
+        s.scaled = write_scaled[t];
+        s.zr = read_acts[t];
       }
+      memory_forward<T_>(d, weights, e, prev, keep_p + t * B, post_t, true, s);
       // Outputs.
-      const T_* zr_out = s.zr[L].data_ptr<T_>();  // [B, 2H, D]
+      const T_* zr_out = s.zr[L - 1].data_ptr<T_>();  // [B, 2H, D]
       T_* read_p = reads.data_ptr<T_>() + t * B * D;
       T_* after_p = after.data_ptr<T_>() + t * B * HD;
       T_* norm_p = fw_norm.data_ptr<T_>() + t * B;
-      const T_* m_post = post_t.data_ptr<T_>();
+      const T_* squares = s.squares.data_ptr<T_>();
       for (int64_t b = 0; b < B; ++b) {
         const T_* ans = zr_out + b * 2 * HD;
         for (int64_t i = 0; i < D; ++i) {
@@ -371,12 +373,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
           read_p[b * D + i] = acc / T_(H);
         }
         std::copy(ans + HD, ans + 2 * HD, after_p + b * HD);
-        T_ sq = 0;
-        for (int64_t l = 0; l < L; ++l) {
-          const T_* m = m_post + (l * B + b) * DD;
-          sq += dot(m, m, DD);
-        }
-        norm_p[b] = std::sqrt(sq) * norm_scale;
+        norm_p[b] = std::sqrt(squares[b]) * norm_scale;
       }
       before[t].copy_(s.z[L]);
       values[t].copy_(s.values);
@@ -428,9 +425,6 @@ std::vector<at::Tensor> mnm_backward(
   auto pre_w = at::empty_like(post_w);
   auto g_raw = at::empty({gradient_rule ? 0 : T, B * H, L * D}, opts);  // mnm-p BFPF outputs
   auto values_all = at::empty({gradient_rule ? 0 : T, B * H, D}, opts);
-  auto u = at::empty({B, Hd + D}, opts);
-  auto gates = at::empty({B, 4 * Hd}, opts);
-  auto e = at::empty({B, E}, opts);
   auto dh_total = at::empty({B, Hd}, opts);
   auto dzr = at::empty({L + 1, B, J, D}, opts);
   auto dz = at::empty({L + 1, B, H, D}, opts);
@@ -440,13 +434,21 @@ std::vector<at::Tensor> mnm_backward(
   auto gw = at::empty({B, H, D}, opts);
   auto gq = at::empty({B, H, D}, opts);
   auto dv = at::empty({B * H, D}, opts);
-  auto w_rec_t = w_rec.t();
-  auto w_int_t = w_int.t();
   auto m0_layers = m0.transpose(0, 1);
   const bool per_step_int = b_int.dim() == 3;
   const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init};
-  StepBuffers s(d, opts);
+  StepBuffers s(d, opts, false);
   double g_b_beta_value = 0;
+  // The controller's gates and the interaction's output of every step, recomputed from the
+  // kept inputs before the loop: one product for all T * B rows each, where the forward pass
+  // (whose h it needed step by step) made one per step. The same sums, up to rounding.
+  const auto u_all = at::cat({h_in, r_in}, 2).reshape({T * B, Hd + D});
+  const auto gates_all =
+      at::addmm(gates_x.reshape({T * B, 4 * Hd}), u_all, w_rec.t()).view({T, B, 4 * Hd});
+  const auto e_all =
+      at::addmm(per_step_int ? b_int.reshape({T * B, E}) : b_int, hs.reshape({T * B, Hd}),
+                w_int.t())
+          .view({T, B, E});
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_backward", [&] {
     using T_ = scalar_t;
@@ -467,13 +469,11 @@ std::vector<at::Tensor> mnm_backward(
     auto grad_at = [](const at::Tensor& g, int64_t t) -> const T_* {
       return present(g) ? g[t].data_ptr<T_>() : nullptr;
     };
+    apply_act(true, e_all.data_ptr<T_>(), e_all.numel());  // as in the forward pass
     for (int64_t t = T - 1; t >= 0; --t) {
-      // Recompute step t: the controller from its stored inputs, then the memory.
-      u.narrow(1, 0, Hd).copy_(h_in[t]);
-      u.narrow(1, Hd, D).copy_(r_in[t]);
-      at::addmm_out(gates, gates_x[t], u, w_rec_t);
-      at::addmm_out(e, per_step_int ? b_int[t] : b_int, hs[t], w_int_t);
-      apply_act(true, e.data_ptr<T_>(), e.numel());  // as in the forward pass
+      // Recompute step t's memory (its controller is in gates_all and e_all).
+      const at::Tensor e = e_all[t];
+      const at::Tensor gates = gates_all[t];
       const T_* keep_t = keep_p + t * B;
       // The step's weights: post_t holds its post-write weights; its pre-write weights are the
       // start weights at t = 0, else the write undone, M = M' + scaled^T z per layer, from the
@@ -487,12 +487,16 @@ std::vector<at::Tensor> mnm_backward(
                       write_acts.data_ptr<T_>() + (t * (L + 1) + l) * B * HD, T_(1),
                       pre_w.data_ptr<T_>() + l * B * DD, DD, B, H, D);
       const at::Tensor prev = t == 0 ? m0_layers : pre_w;
-      const at::Tensor pre = memory_forward<T_>(d, weights, e, prev, keep_t, post_t, false, s,
-                                                write_acts[t], read_acts[t]);
+      s.z = write_acts[t];  // the passes' activations as the forward pass kept them
+      s.zr = read_acts[t];
+      const at::Tensor pre = memory_forward<T_>(d, weights, e, prev, keep_t, post_t, false, s);
       const Layers<T_> pre_l(pre);
       const T_* e_p = e.data_ptr<T_>();
       const T_* z = s.z.data_ptr<T_>();
-      const T_* zr = s.zr.data_ptr<T_>();
+      // zr^l, the input of layer l of the post-write pass: the keys, then the kept activations.
+      const T_* khat = s.khat.data_ptr<T_>();
+      const T_* zr_kept = s.zr.data_ptr<T_>();
+      auto zr = [&](int64_t l) { return l == 0 ? khat : zr_kept + (l - 1) * B * J * D; };
       const T_* delta = s.delta.data_ptr<T_>();
       const T_* beta = s.beta.data_ptr<T_>();
       const T_* energy = s.energy.data_ptr<T_>();
@@ -520,11 +524,11 @@ std::vector<at::Tensor> mnm_backward(
             dzr_p[((L * B + b) * J + j) * D + i] = g;
           }
       for (int64_t l = L - 1; l >= 0; --l) {
-        const T_* out = zr + (l + 1) * B * J * D;
+        const T_* out = zr(l + 1);
         const T_* gout = dzr_p + (l + 1) * B * J * D;
         for (int64_t x = 0; x < B * J * D; ++x)
           da_p[x] = l < L - 1 ? gout[x] * act_grad(d.tanh_act, out[x]) : gout[x];
-        rank_update(G_p + l * B * DD, DD, da_p, zr + l * B * J * D, T_(1), G_p + l * B * DD, DD,
+        rank_update(G_p + l * B * DD, DD, da_p, zr(l), T_(1), G_p + l * B * DD, DD,
                     B, J, D);
         // rows (M'^T da)^T
         rows_times(da_p, post_t.data_ptr<T_>() + l * B * DD, DD, dzr_p + l * B * J * D, B, J, D,
@@ -558,14 +562,18 @@ std::vector<at::Tensor> mnm_backward(
         const T_* target = s.target.data_ptr<T_>();
         T_* graw = g_raw[t].data_ptr<T_>();
         for (int64_t l = 0; l < L; ++l)
-          for (int64_t bh = 0; bh < B * H; ++bh)
-            for (int64_t i = 0; i < D; ++i) {
-              const int64_t x = (l * B * H + bh) * D + i;
-              const T_ dd = ddelta_p[x];
-              dz_p[(l + 1) * B * HD + bh * D + i] += dd;
-              graw[bh * L * D + l * D + i] =
-                  l < L - 1 ? -dd * act_grad(d.tanh_act, target[x]) : -dd;
-            }
+          for (int64_t bh = 0; bh < B * H; ++bh) {  // row by row, as the targets were made
+            const int64_t x = (l * B * H + bh) * D;
+            const T_* dd = ddelta_p + x;
+            const T_* tg = target + x;
+            T_* dzl = dz_p + (l + 1) * B * HD + bh * D;
+            T_* gr_row = graw + bh * L * D + l * D;
+            for (int64_t i = 0; i < D; ++i) dzl[i] += dd[i];
+            if (l < L - 1)
+              for (int64_t i = 0; i < D; ++i) gr_row[i] = -dd[i] * act_grad(d.tanh_act, tg[i]);
+            else
+              for (int64_t i = 0; i < D; ++i) gr_row[i] = -dd[i];
+          }
         at::mm_out(dv, g_raw[t], w_fb);
         values_all[t].copy_(s.values.view({B * H, D}));
       } else {
@@ -688,7 +696,7 @@ std::vector<at::Tensor> mnm_backward(
   // The controller's and the BFPF's weight gradients, once over all steps.
   auto flat_gates = g_gates.reshape({T * B, 4 * Hd});
   auto flat_pre_e = g_pre_e.reshape({T * B, E});
-  auto g_w_rec = at::mm(flat_gates.t(), at::cat({h_in, r_in}, 2).reshape({T * B, Hd + D}));
+  auto g_w_rec = at::mm(flat_gates.t(), u_all);
   auto g_w_int = at::mm(flat_pre_e.t(), hs.reshape({T * B, Hd}));
   auto g_b_int = per_step_int ? g_pre_e : flat_pre_e.sum(0);
   at::Tensor g_w_fb, g_b_fb;

@@ -98,11 +98,13 @@ void rows_times(const T* x, const T* M, int64_t m_stride, T* out, int64_t B, int
   }
 }
 
-// Columns [c0, c0 + NV * lanes) of every row of out = M + alpha s^T z, for one matrix.
-template <typename T, int NV>
+// Columns [c0, c0 + NV * lanes) of every row of out = M + alpha s^T z, for one matrix; with
+// kSquares, the squares of what it writes are added to sq (lane by lane).
+template <typename T, int NV, bool kSquares>
 inline void rank_update_tile(const T* M, const T* s, const T* z, T alpha, T* out, int64_t m,
-                             int64_t D, int64_t c0) {
+                             int64_t D, int64_t c0, typename Vectors<T>::Vec& sq) {
   using V = Vectors<T>;
+  typename V::Vec squares[NV] = {};
   for (int64_t i = 0; i < D; ++i) {
     typename V::Vec acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = V::load(M + i * D + c0 + v * V::kLanes);
@@ -110,35 +112,59 @@ inline void rank_update_tile(const T* M, const T* s, const T* z, T alpha, T* out
       const T a = alpha * s[h * D + i];
       for (int v = 0; v < NV; ++v) acc[v] += a * V::load(z + h * D + c0 + v * V::kLanes);
     }
-    for (int v = 0; v < NV; ++v) V::store(out + i * D + c0 + v * V::kLanes, acc[v]);
+    for (int v = 0; v < NV; ++v) {
+      V::store(out + i * D + c0 + v * V::kLanes, acc[v]);
+      if constexpr (kSquares) squares[v] += acc[v] * acc[v];
+    }
   }
+  if constexpr (kSquares)
+    for (int v = 0; v < NV; ++v) sq += squares[v];
+}
+
+// One matrix of rank_update: out = M + alpha s^T z; with kSquares, returns the sum of out's
+// squared entries (else 0).
+template <typename T, bool kSquares>
+T rank_update_matrix(const T* M, const T* s, const T* z, T alpha, T* out, int64_t m, int64_t D) {
+  using V = Vectors<T>;
+  constexpr int64_t W = V::kLanes;
+  typename V::Vec sq{};
+  int64_t c = 0;
+  for (; c + 4 * W <= D; c += 4 * W) rank_update_tile<T, 4, kSquares>(M, s, z, alpha, out, m, D, c, sq);
+  switch ((D - c) / W) {
+    case 3: rank_update_tile<T, 3, kSquares>(M, s, z, alpha, out, m, D, c, sq); break;
+    case 2: rank_update_tile<T, 2, kSquares>(M, s, z, alpha, out, m, D, c, sq); break;
+    case 1: rank_update_tile<T, 1, kSquares>(M, s, z, alpha, out, m, D, c, sq); break;
+    default: break;
+  }
+  T total = 0;
+  for (int64_t c2 = c + (D - c) / W * W; c2 < D; ++c2)  // the columns a vector does not cover
+    for (int64_t i = 0; i < D; ++i) {
+      T acc = M[i * D + c2];
+      for (int64_t h = 0; h < m; ++h) acc += alpha * s[h * D + i] * z[h * D + c2];
+      out[i * D + c2] = acc;
+      if constexpr (kSquares) total += acc * acc;
+    }
+  if constexpr (kSquares)
+    for (int64_t k = 0; k < W; ++k) total += sq[k];
+  return total;
 }
 
 // out[b] = M[b] + alpha s[b]^T z[b] for each b: s, z [B, m, D] contiguous; M's and out's
-// matrices D x D contiguous, m_stride and out_stride elements apart; out may be M.
+// matrices D x D contiguous, m_stride and out_stride elements apart; out may be M. With
+// squares (else nullptr), squares[b] += the sum of out[b]'s squared entries: the write of the
+// forward pass gets the norm of the new weights in the same pass over them.
 template <typename T>
 void rank_update(const T* M, int64_t m_stride, const T* s, const T* z, T alpha, T* out,
-                 int64_t out_stride, int64_t B, int64_t m, int64_t D) {
-  constexpr int64_t W = Vectors<T>::kLanes;
+                 int64_t out_stride, int64_t B, int64_t m, int64_t D, T* squares = nullptr) {
   for (int64_t b = 0; b < B; ++b) {
     const T* Mb = M + b * m_stride;
     const T* sb = s + b * m * D;
     const T* zb = z + b * m * D;
     T* ob = out + b * out_stride;
-    int64_t c = 0;
-    for (; c + 4 * W <= D; c += 4 * W) rank_update_tile<T, 4>(Mb, sb, zb, alpha, ob, m, D, c);
-    switch ((D - c) / W) {
-      case 3: rank_update_tile<T, 3>(Mb, sb, zb, alpha, ob, m, D, c); break;
-      case 2: rank_update_tile<T, 2>(Mb, sb, zb, alpha, ob, m, D, c); break;
-      case 1: rank_update_tile<T, 1>(Mb, sb, zb, alpha, ob, m, D, c); break;
-      default: break;
-    }
-    for (c += (D - c) / W * W; c < D; ++c)
-      for (int64_t i = 0; i < D; ++i) {
-        T acc = Mb[i * D + c];
-        for (int64_t h = 0; h < m; ++h) acc += alpha * sb[h * D + i] * zb[h * D + c];
-        ob[i * D + c] = acc;
-      }
+    if (squares)
+      squares[b] += rank_update_matrix<T, true>(Mb, sb, zb, alpha, ob, m, D);
+    else
+      rank_update_matrix<T, false>(Mb, sb, zb, alpha, ob, m, D);
   }
 }
 
