@@ -188,6 +188,32 @@ def test_start_weights_are_taken_as_they_come(kernel, monkeypatch):
         torch.testing.assert_close(fused_grads[name], expected, rtol=1e-9, atol=1e-11, msg=name)
 
 
+def test_the_kernel_leaves_its_inputs_and_what_it_kept_unchanged(kernel, monkeypatch):
+    """The kernel writes the initial weights over a buffer of its own where an episode starts,
+    and its backward pass undoes the writes from the forward pass's last weights into buffers
+    of its own: the start state is left as it was, in training and in the rollout, even with
+    every episode starting at step 0, and a second backward pass over the same graph
+    (``retain_graph``) gets the same gradients as the first."""
+    monkeypatch.setenv("MNM_RL_FUSED", "1")
+    core = _core("mnm-p", "tanh", 2, 2)
+    x, starts, state = _inputs(core, steps=6, batch=3)
+    starts[0] = 1
+    before = {k: v.clone() for k, v in state.items()}
+    with torch.inference_mode():
+        core(x[:1], state, starts[:1])
+    for k, v in state.items():
+        assert torch.equal(v, before[k]), k
+    start = CoreState({k: v.clone().requires_grad_(True) for k, v in state.items()})
+    y, final, _ = core(x, start, starts)
+    loss = y.sum() + final["fast_weights"].pow(2).sum()
+    first = torch.autograd.grad(loss, list(core.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(core.parameters()))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    for k, v in start.items():
+        assert torch.equal(v.detach(), before[k]), k
+
+
 def test_kernel_gradients_pass_gradcheck(kernel):
     """Finite differences, independently of the PyTorch implementation."""
     for rule, interaction_input in (("mnm-p", False), ("mnm-g", False), ("mnm-p", True)):

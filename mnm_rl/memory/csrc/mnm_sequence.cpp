@@ -123,22 +123,26 @@ struct StepBuffers {
 // previous post-write weights prev [L, B, D, D], fill s and, with write, write the new weights
 // into post and the sum of their squares into s.squares. Without write (the backward pass's
 // recomputation), post already holds them and is only read, and the passes through the layers
-// are not recomputed: s.z and s.zr already hold what the forward pass computed. Returns the
-// pre-write weights: prev, or s.pre where some sequence starts (keep == 0) and takes the
-// initial weights instead.
+// are not recomputed: s.z and s.zr already hold what the forward pass computed, and s.raw
+// (mnm-p) the BFPF's outputs. Returns the pre-write weights: prev, where some sequence starts
+// (keep == 0) with the initial weights in its place: written into prev itself where
+// prev_is_scratch (a buffer of the caller's whose old contents it no longer needs), else into
+// s.pre, a copy of prev.
 template <typename T>
 at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
-                          const at::Tensor& prev, const T* keep, const at::Tensor& post,
-                          bool write, StepBuffers& s) {
+                          const at::Tensor& prev, bool prev_is_scratch, const T* keep,
+                          const at::Tensor& post, bool write, StepBuffers& s) {
   const int64_t B = d.B, D = d.D, H = d.H, L = d.L, HD = H * D, E = d.E(), DD = D * D;
   const int64_t J = 2 * H;
   at::Tensor pre = prev;
   for (int64_t b = 0; b < B; ++b)
     if (keep[b] == T(0)) {
-      if (!pre.is_same(s.pre)) s.pre.copy_(prev);
-      pre = s.pre;
+      if (!prev_is_scratch && !pre.is_same(s.pre)) {
+        s.pre.copy_(prev);
+        pre = s.pre;
+      }
       const T* init = w.m_init.data_ptr<T>();
-      T* target = s.pre.data_ptr<T>();
+      T* target = pre.data_ptr<T>();
       for (int64_t l = 0; l < L; ++l)
         std::copy(init + l * DD, init + (l + 1) * DD, target + (l * B + b) * DD);
     }
@@ -173,7 +177,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
   // Errors per layer.
   T* delta = s.delta.data_ptr<T>();
   if (!d.gradient_rule) {
-    at::addmm_out(s.raw, w.b_fb, s.values.view({B * H, D}), w.w_fb.t());
+    if (write) at::addmm_out(s.raw, w.b_fb, s.values.view({B * H, D}), w.w_fb.t());
     const T* raw = s.raw.data_ptr<T>();
     T* target = s.target.data_ptr<T>();
     for (int64_t l = 0; l < L; ++l)
@@ -358,7 +362,8 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
         s.scaled = write_scaled[t];
         s.zr = read_acts[t];
       }
-      memory_forward<T_>(d, weights, e, prev, keep_p + t * B, post_t, true, s);
+      // prev is scratch after step 0 (the ended sequences' weights are copied out above)
+      memory_forward<T_>(d, weights, e, prev, t > 0, keep_p + t * B, post_t, true, s);
       // Outputs.
       const T_* zr_out = s.zr[L - 1].data_ptr<T_>();  // [B, 2H, D]
       T_* read_p = reads.data_ptr<T_>() + t * B * D;
@@ -421,10 +426,12 @@ std::vector<at::Tensor> mnm_backward(
   auto g_m_init = at::zeros_like(m_init);
   // The post-write weights of the step being processed, and its pre-write weights (both
   // layer-major [L, B, D, D]); they swap roles from one step to the previous.
-  auto post_w = last_post.clone();
-  auto pre_w = at::empty_like(post_w);
+  // The forward pass's last weights are only read (a second backward pass reads them again):
+  // the undone writes go to two buffers of this call's own, taking turns.
+  at::Tensor post_w = last_post;
+  at::Tensor pre_w = at::empty_like(last_post);
+  const at::Tensor spare = T > 1 ? at::empty_like(last_post) : at::Tensor();
   auto g_raw = at::empty({gradient_rule ? 0 : T, B * H, L * D}, opts);  // mnm-p BFPF outputs
-  auto values_all = at::empty({gradient_rule ? 0 : T, B * H, D}, opts);
   auto dh_total = at::empty({B, Hd}, opts);
   auto dzr = at::empty({L + 1, B, J, D}, opts);
   auto dz = at::empty({L + 1, B, H, D}, opts);
@@ -439,6 +446,7 @@ std::vector<at::Tensor> mnm_backward(
   const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init};
   StepBuffers s(d, opts, false);
   double g_b_beta_value = 0;
+  at::Tensor values_all, raw_all;  // mnm-p: [T * B * H, D], [T, B * H, L * D]
   // The controller's gates and the interaction's output of every step, recomputed from the
   // kept inputs before the loop: one product for all T * B rows each, where the forward pass
   // (whose h it needed step by step) made one per step. The same sums, up to rounding.
@@ -470,6 +478,11 @@ std::vector<at::Tensor> mnm_backward(
       return present(g) ? g[t].data_ptr<T_>() : nullptr;
     };
     apply_act(true, e_all.data_ptr<T_>(), e_all.numel());  // as in the forward pass
+    // mnm-p: the write values and the BFPF's outputs of every step, also in one product.
+    if (!d.gradient_rule) {
+      values_all = e_all.narrow(2, 2 * HD, HD).reshape({T * B * H, D});
+      raw_all = at::addmm(b_fb, values_all, w_fb.t()).view({T, B * H, L * D});
+    }
     for (int64_t t = T - 1; t >= 0; --t) {
       // Recompute step t's memory (its controller is in gates_all and e_all).
       const at::Tensor e = e_all[t];
@@ -489,7 +502,10 @@ std::vector<at::Tensor> mnm_backward(
       const at::Tensor prev = t == 0 ? m0_layers : pre_w;
       s.z = write_acts[t];  // the passes' activations as the forward pass kept them
       s.zr = read_acts[t];
-      const at::Tensor pre = memory_forward<T_>(d, weights, e, prev, keep_t, post_t, false, s);
+      if (!d.gradient_rule) s.raw = raw_all[t];
+      // pre_w is scratch: where a sequence starts, the kept weights replace it below
+      const at::Tensor pre =
+          memory_forward<T_>(d, weights, e, prev, t > 0, keep_t, post_t, false, s);
       const Layers<T_> pre_l(pre);
       const T_* e_p = e.data_ptr<T_>();
       const T_* z = s.z.data_ptr<T_>();
@@ -575,7 +591,6 @@ std::vector<at::Tensor> mnm_backward(
               for (int64_t i = 0; i < D; ++i) gr_row[i] = -dd[i];
           }
         at::mm_out(dv, g_raw[t], w_fb);
-        values_all[t].copy_(s.values.view({B * H, D}));
       } else {
         for (int64_t l = 0; l < L - 1; ++l) {
           // rows (M^T delta^{l+1})^T
@@ -679,7 +694,9 @@ std::vector<at::Tensor> mnm_backward(
       // Step t - 1's post-write weights: the undone write, except for a sequence that starts at
       // step t, whose weights before the reset the forward pass kept.
       if (t > 0) {
-        std::swap(post_w, pre_w);
+        const at::Tensor next_pre = post_w.is_same(last_post) ? spare : post_w;
+        post_w = pre_w;
+        pre_w = next_pre;
         T_* w_p = post_w.data_ptr<T_>();
         int64_t k = ended_from[t];
         for (int64_t b = 0; b < B; ++b)
@@ -705,10 +722,10 @@ std::vector<at::Tensor> mnm_backward(
     g_b_fb = at::zeros_like(b_fb);
   } else {
     auto flat_raw = g_raw.reshape({T * B * H, L * D});
-    g_w_fb = at::mm(flat_raw.t(), values_all.reshape({T * B * H, D}));
+    g_w_fb = at::mm(flat_raw.t(), values_all);
     g_b_fb = flat_raw.sum(0);
   }
-  auto g_m0 = G.transpose(0, 1).contiguous();
+  auto g_m0 = G.transpose(0, 1);  // a view: not copied where the start weights need no grad
   return {g_gates, dh, dc, dr, g_m0, g_w_rec, g_w_int, g_b_int,
           g_w_beta, g_b_beta, g_w_fb, g_b_fb, g_m_init};
 }
