@@ -25,15 +25,17 @@
 // repacking each small matrix; everything elementwise is plain loops on preallocated buffers;
 // the weight gradients of the controller and of the BFPF are large products over all steps at
 // the end.
-// The backward pass recomputes the controller, keys, values and errors of each step from what
-// the forward pass kept (the step's inputs h, c, read, and the activations of the passes
-// through the layers, [B, H, D] and [B, 2H, D] per layer). It does not keep every step's fast
-// weights ([L, B, D, D] per step, most of the memory autograd kept): it starts from the last
-// step's and undoes the writes one step at a time, M = M' + (beta / energy) sum_h delta_h z_h^T,
-// from the factors the forward pass kept; where an episode starts, the write began from the
-// initial weights, so the weights before the reset are kept instead. Undoing a write in float32
-// rounds the way doing it did: the error grows with the sequence's length as the forward pass's
-// own does (tests/test_fused.py checks 128 steps).
+// The backward pass recomputes the controller, keys, values and errors of each step from what the
+// forward pass kept (the step's inputs h, c, read, and the activations of the passes through the
+// layers, [B, H, D] and [B, 2H, D] per layer, which the forward pass writes straight into the
+// buffers it keeps); the controller's gates, the interaction and mnm-p's BFPF outputs of all steps
+// at once, one product each, before its loop. It does not keep every step's fast weights
+// ([L, B, D, D] per step, most of the memory autograd kept): it starts from the last step's and
+// undoes the writes one step at a time, M = M' + (beta / energy) sum_h delta_h z_h^T, from the
+// factors the forward pass kept; where an episode starts, the write began from the initial weights,
+// so the weights before the reset are kept instead. Undoing a write in float32 rounds the way doing
+// it did: the error grows with the sequence's length as the forward pass's own does
+// (tests/test_fused.py checks 128 steps).
 // tests/test_fused.py checks it against the PyTorch implementation: outputs, final state and
 // every gradient.
 

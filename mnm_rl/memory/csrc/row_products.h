@@ -129,7 +129,8 @@ T rank_update_matrix(const T* M, const T* s, const T* z, T alpha, T* out, int64_
   constexpr int64_t W = V::kLanes;
   typename V::Vec sq{};
   int64_t c = 0;
-  for (; c + 4 * W <= D; c += 4 * W) rank_update_tile<T, 4, kSquares>(M, s, z, alpha, out, m, D, c, sq);
+  for (; c + 4 * W <= D; c += 4 * W)
+    rank_update_tile<T, 4, kSquares>(M, s, z, alpha, out, m, D, c, sq);
   switch ((D - c) / W) {
     case 3: rank_update_tile<T, 3, kSquares>(M, s, z, alpha, out, m, D, c, sq); break;
     case 2: rank_update_tile<T, 2, kSquares>(M, s, z, alpha, out, m, D, c, sq); break;
