@@ -427,9 +427,9 @@ std::vector<at::Tensor> mnm_backward(
   auto g_w_beta = at::zeros_like(w_beta);
   auto g_m_init = at::zeros_like(m_init);
   // The post-write weights of the step being processed, and its pre-write weights (both
-  // layer-major [L, B, D, D]); they swap roles from one step to the previous.
-  // The forward pass's last weights are only read (a second backward pass reads them again):
-  // the undone writes go to two buffers of this call's own, taking turns.
+  // layer-major [L, B, D, D]); the pre-write weights become the previous step's post-write
+  // ones. The forward pass's last weights are only read (a second backward pass reads them
+  // again): the undone writes go to two buffers of this call's own, taking turns.
   at::Tensor post_w = last_post;
   at::Tensor pre_w = at::empty_like(last_post);
   const at::Tensor spare = T > 1 ? at::empty_like(last_post) : at::Tensor();
