@@ -170,12 +170,21 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
     if (write) std::copy(khat + (b * J + H) * D, khat + (b + 1) * J * D, z + b * HD);
     std::copy(eb + 2 * HD, eb + 3 * HD, values + b * HD);
   }
-  // Pre-write pass of the write keys: z^{l+1} = act(M^l z^l), one bmm per layer.
-  if (write)
-    for (int64_t l = 0; l < L; ++l) {
+  // Pre-write pass of the write keys: z^{l+1} = act(M^l z^l), one bmm per layer. The first
+  // layer takes every key, P = khat M^T [B, 2H, D] in zr^1's buffer: its write-key rows are
+  // z^1 before the activation, and the post-write pass's first layer is P corrected for the
+  // write (below), with no product of its own.
+  if (write) {
+    bmm_into(s.zr[0], s.khat, pre[0].transpose(1, 2));
+    const T* P = s.zr[0].data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b)
+      std::copy(P + (b * J + H) * D, P + (b + 1) * J * D, z + (B + b) * HD);
+    if (L > 1) apply_act(d.tanh_act, z + B * HD, B * HD);
+    for (int64_t l = 1; l < L; ++l) {
       bmm_into(s.z[l + 1], s.z[l], pre[l].transpose(1, 2));
       if (l < L - 1) apply_act(d.tanh_act, z + (l + 1) * B * HD, B * HD);
     }
+  }
   // Errors per layer.
   T* delta = s.delta.data_ptr<T>();
   if (!d.gradient_rule) {
@@ -219,12 +228,26 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
       rank_update(pre_l[l], pre_l.batch_stride, scaled + l * B * HD, z + l * B * HD, T(-1),
                   post.data_ptr<T>() + l * B * DD, DD, B, H, D, squares);
   }
-  // Post-write pass of every key: zr^{l+1} = act(M'^l zr^l) from zr^0 = khat.
-  if (write)
+  // Post-write pass of every key: zr^{l+1} = act(M'^l zr^l) from zr^0 = khat. In the first
+  // layer M' = M - scaled^T z^0, so khat M'^T = P - (khat z^0^T) scaled: per key j, P_j minus
+  // sum_h (khat_j . z^0_h) scaled_h, a few dot products instead of a pass over the weights.
+  if (write) {
+    T* zr1 = s.zr[0].data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < J; ++j) {
+        const T* kj = khat + (b * J + j) * D;
+        T* out = zr1 + (b * J + j) * D;
+        for (int64_t h = 0; h < H; ++h) {
+          const T c = dot(kj, z + b * HD + h * D, D);
+          const T* sc = scaled + b * HD + h * D;
+          for (int64_t i = 0; i < D; ++i) out[i] -= c * sc[i];
+        }
+      }
     for (int64_t l = 0; l < L; ++l) {
-      bmm_into(s.zr[l], l == 0 ? s.khat : s.zr[l - 1], post[l].transpose(1, 2));
+      if (l > 0) bmm_into(s.zr[l], s.zr[l - 1], post[l].transpose(1, 2));
       if (l < L - 1) apply_act(d.tanh_act, s.zr[l].data_ptr<T>(), B * J * D);
     }
+  }
   return pre;
 }
 
