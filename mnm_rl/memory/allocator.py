@@ -6,8 +6,10 @@ blocks with ``mmap`` and returns them with ``munmap``, or trims them off the hea
 touches new pages and pays a page fault per 4 KB: about 7,600 per PPO update of the throughput
 benchmark's mnm-p:2x2 when the kernel still kept every step's weights, 4% of the update's time
 (``benchmarks/update_faults.py``); since it undoes its writes instead (sixteenth session), 2 x 2's
-buffers mostly stay on the heap anyway, while 4 x 3's still fault about 10,000 times per update
-(``tests/test_allocator.py``). Raising glibc's mmap and trim thresholds
+buffers mostly stay on the heap anyway. At 4 x 3 how often an update faults depends on glibc's
+own adjustment of its threshold, and so on the order of earlier frees: 81 to 13,854 times per
+update in three runs at 7d492bc, 70,000-74,000 with glibc's default thresholds pinned, 4-125 with
+them raised here (``tests/test_allocator.py``). Raising glibc's mmap and trim thresholds
 keeps those blocks on the heap for reuse. The same memory is allocated and freed and the peak is
 the same; what changes is that the process keeps its freed heap (up to the trim threshold)
 instead of shrinking between calls.
