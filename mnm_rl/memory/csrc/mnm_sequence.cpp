@@ -282,9 +282,10 @@ Checked check(const at::Tensor& gates_x, const at::Tensor& m0, int64_t n_heads,
 // Forward over a sequence; the weights ping-pong in two buffers. With store=true it keeps what
 // the backward pass needs: the step inputs, the activations of the passes through the layers,
 // the writes' factors and the weights of sequences whose episodes end. Returns [hs, reads,
-// after, before, values, beta, fw_norm, c_final, weights_final, last_post, h_in, c_in, r_in,
+// after, before, values, beta, fw_norm, c_final, weights_final, last_post, u_in, c_in,
 // write_acts, write_scaled, read_acts, ended]; last_post the final weights layer-major
-// [L, B, D, D], weights_final a [B, L, D, D] view of it, write_acts [T, L + 1, B, H, D]
+// [L, B, D, D], weights_final a [B, L, D, D] view of it, u_in [T, B, hidden + D] the
+// controller's recurrent inputs [h ; read] after the resets, write_acts [T, L + 1, B, H, D]
 // (z^0..z^L), write_scaled [T, L, B, H, D], read_acts [T, L, B, 2H, D] (zr^1..zr^L), ended
 // [n, L, D, D].
 std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
@@ -314,9 +315,8 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   // what the backward pass keeps of them (the last step's) holds only one.
   const at::Tensor post[2] = {at::empty({L, B, D, D}, opts),
                               T > 1 ? at::empty({L, B, D, D}, opts) : at::Tensor()};
-  auto h_in = at::empty({store ? T : 0, B, Hd}, opts);
+  auto u_in = at::empty({store ? T : 0, B, Hd + D}, opts);
   auto c_in = at::empty({store ? T : 0, B, Hd}, opts);
-  auto r_in = at::empty({store ? T : 0, B, D}, opts);
   // The passes' activations (the write keys' before the write, every key's after it), the
   // writes' factors (M' = M - scaled^T z per layer) and the weights of every sequence whose
   // episode ends before a step t >= 1: from them and the final weights the backward pass
@@ -325,7 +325,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   auto write_scaled = at::empty({store ? T : 0, L, B, H, D}, opts);
   auto read_acts = at::empty({store ? T : 0, L, B, 2 * H, D}, opts);
   auto ended = at::empty({store ? ended_count(keep) : 0, L, D, D}, opts);
-  auto u = at::empty({B, Hd + D}, opts);
+  auto u_scratch = at::empty({store ? 0 : B, Hd + D}, opts);
   auto gates = at::empty({B, 4 * Hd}, opts);
   auto e = at::empty({B, E}, opts);
   auto w_rec_t = w_rec.t();
@@ -344,19 +344,16 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
       const T_* h_prev = t == 0 ? h0.data_ptr<T_>() : hs[t - 1].data_ptr<T_>();
       const T_* r_prev = t == 0 ? r0.data_ptr<T_>() : reads[t - 1].data_ptr<T_>();
       T_* c_p = c_state.data_ptr<T_>();
+      // Reset, then [h ; read] for the controller, straight into what the backward pass keeps.
+      const at::Tensor u = store ? u_in[t] : u_scratch;
       T_* u_p = u.data_ptr<T_>();
-      // Reset, then [h ; read] for the controller.
       for (int64_t b = 0; b < B; ++b) {
         const bool k = keep_p[t * B + b] != T_(0);
         for (int64_t i = 0; i < Hd; ++i) u_p[b * (Hd + D) + i] = k ? h_prev[b * Hd + i] : T_(0);
         for (int64_t i = 0; i < D; ++i) u_p[b * (Hd + D) + Hd + i] = k ? r_prev[b * D + i] : T_(0);
         if (!k) std::fill(c_p + b * Hd, c_p + (b + 1) * Hd, T_(0));
       }
-      if (store) {
-        h_in[t].copy_(u.narrow(1, 0, Hd));
-        r_in[t].copy_(u.narrow(1, Hd, D));
-        c_in[t].copy_(c_state);
-      }
+      if (store) c_in[t].copy_(c_state);
       at::addmm_out(gates, gates_x[t], u, w_rec_t);
       const T_* g = gates.data_ptr<T_>();
       T_* h_p = hs[t].data_ptr<T_>();
@@ -415,7 +412,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   // which is all the next call needs of its start weights (the rollout's every step).
   auto final_weights = last_post.transpose(0, 1);
   return {hs, reads, after, before, values, beta, fw_norm, c_state, final_weights,
-          last_post, h_in, c_in, r_in, write_acts, write_scaled, read_acts, ended};
+          last_post, u_in, c_in, write_acts, write_scaled, read_acts, ended};
 }
 
 // Backward over a sequence from the gradients of the forward's outputs (hs, reads, after,
@@ -427,9 +424,8 @@ std::vector<at::Tensor> mnm_backward(
     const at::Tensor& g_before, const at::Tensor& g_values, const at::Tensor& g_beta,
     const at::Tensor& g_c_final, const at::Tensor& g_m_final, const at::Tensor& gates_x,
     const at::Tensor& keep, const at::Tensor& m0, const at::Tensor& last_post,
-    const at::Tensor& h_in, const at::Tensor& c_in, const at::Tensor& r_in,
-    const at::Tensor& write_acts, const at::Tensor& write_scaled, const at::Tensor& read_acts,
-    const at::Tensor& ended,
+    const at::Tensor& u_in, const at::Tensor& c_in, const at::Tensor& write_acts,
+    const at::Tensor& write_scaled, const at::Tensor& read_acts, const at::Tensor& ended,
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
@@ -475,7 +471,7 @@ std::vector<at::Tensor> mnm_backward(
   // The controller's gates and the interaction's output of every step, recomputed from the
   // kept inputs before the loop: one product for all T * B rows each, where the forward pass
   // (whose h it needed step by step) made one per step. The same sums, up to rounding.
-  const auto u_all = at::cat({h_in, r_in}, 2).reshape({T * B, Hd + D});
+  const auto u_all = u_in.view({T * B, Hd + D});
   const auto gates_all =
       at::addmm(gates_x.reshape({T * B, 4 * Hd}), u_all, w_rec.t()).view({T, B, 4 * Hd});
   const auto e_all =
@@ -765,7 +761,7 @@ std::vector<at::Tensor> mnm_backward(
 namespace {
 
 // What mnm_forward returns for the backward pass, after its nine outputs.
-constexpr int64_t kSavedPerPart = 8;
+constexpr int64_t kSavedPerPart = 7;
 
 // Row b of `parts` equal parts of [0, B): parts first get B / parts rows, the first B % parts
 // one more.
@@ -818,7 +814,7 @@ at::Tensor total(const std::vector<std::vector<at::Tensor>>& outs, size_t k) {
 }  // namespace
 
 // mnm_forward over `parts` parts of the batch. Returns mnm_forward's first nine outputs for the
-// whole batch, then, per part, what the backward pass takes: last_post, h_in, c_in, r_in,
+// whole batch, then, per part, what the backward pass takes: last_post, u_in, c_in,
 // write_acts, write_scaled, read_acts, ended (kSavedPerPart * parts).
 std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::Tensor& keep,
                                           const at::Tensor& h0, const at::Tensor& c0,
@@ -874,9 +870,8 @@ std::vector<at::Tensor> mnm_backward_parts(
         rows(keep, 1, b0, b1), rows(m0, 0, b0, b1), saved[kSavedPerPart * i],
         saved[kSavedPerPart * i + 1], saved[kSavedPerPart * i + 2], saved[kSavedPerPart * i + 3],
         saved[kSavedPerPart * i + 4], saved[kSavedPerPart * i + 5], saved[kSavedPerPart * i + 6],
-        saved[kSavedPerPart * i + 7], rows(hs, 1, b0, b1), w_rec, w_int,
-        per_step_int ? rows(b_int, 1, b0, b1) : b_int, w_beta, b_beta, w_fb, b_fb, m_init,
-        n_heads, gradient_rule, tanh_act, eps);
+        rows(hs, 1, b0, b1), w_rec, w_int, per_step_int ? rows(b_int, 1, b0, b1) : b_int, w_beta,
+        b_beta, w_fb, b_fb, m_init, n_heads, gradient_rule, tanh_act, eps);
   });
   // g_gates [T, B, ...]; dh, dc, dr, g_m0 [B, ...]; the weights' gradients summed, except a
   // per-step b_int's, which is per sequence.
