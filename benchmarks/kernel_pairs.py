@@ -1,6 +1,7 @@
 """Paired timing of the fused MNM kernel against the PyTorch code or another build of itself.
 
-One MNM core (width 64), in one process, 1 torch thread, CPU time, interleaved pairs:
+One MNM core (width 64), in one process, 1 torch thread, CPU time, interleaved pairs (the two
+builds take turns going first):
 
 * the training pass: forward and backward over 16 steps x B sequences;
 * the rollout: 32 single steps of 8 envs without autograd;
@@ -19,10 +20,13 @@ unique storages autograd's saved-tensor hooks see, as in ``throughput.py``'s sca
 ``--against REV`` builds the kernel sources ``mnm_rl/memory/csrc/`` as they were at git revision
 REV under another extension name (with today's compiler flags) and loads both. Prints a table
 and, as the last line, a JSON list of
-``{"size", "batch", "phase", "other_ms", "kernel_ms", "speedup"}`` (``speedup`` = other / kernel;
-train rows also ``other_saved_mb`` and ``kernel_saved_mb``).
+``{"size", "batch", "phase", "other_ms", "kernel_ms", "speedup", "pair_speedup"}``
+(``speedup`` = the ratio of the medians, other / kernel; ``pair_speedup`` = the median of the
+pairs' own ratios, which a slow stretch of a busy machine shifts less; train rows also
+``other_saved_mb`` and ``kernel_saved_mb``).
 
     python benchmarks/kernel_pairs.py --against 476c786 --update   # also whole PPO updates
+    python benchmarks/kernel_pairs.py --against 476c786 --sizes 4x3 1x1 --pairs 300
 """
 
 from __future__ import annotations
@@ -102,6 +106,19 @@ def saved_mb(core: MNMCore, batch: int, runner) -> float:
     return saved_bytes(lambda: core(x, core.initial_state(batch), starts)) / 2**20
 
 
+def turns(pair: int, runners: dict) -> list:
+    """The runners' (label, runner) items in pair ``pair``'s order: as given in even pairs,
+    reversed in odd ones, so that neither build always runs first (warm caches, or a machine
+    whose load changes, favour one position)."""
+    items = list(runners.items())
+    return items if pair % 2 == 0 else items[::-1]
+
+
+def pair_speedup(other: list[float], kernel: list[float]) -> float:
+    """The median of the pairs' own ratios, other / kernel."""
+    return statistics.median(a / b for a, b in zip(other, kernel, strict=True))
+
+
 def time_case(core: MNMCore, batch: int, runner, pairs: int) -> dict[str, list[float]]:
     x, starts = _training_inputs(core, batch)
     times: dict[str, list[float]] = {"train": [], "rollout": []}
@@ -134,8 +151,8 @@ def time_updates(heads: int, layers: int, runners: dict, pairs: int) -> dict[str
     policy = copy.deepcopy(model.policy.state_dict())
     optimizer = copy.deepcopy(model.policy.optimizer.state_dict())
     times: dict[str, list[float]] = {label: [] for label in runners}
-    for _ in range(pairs):
-        for label, runner in runners.items():
+    for pair in range(pairs):
+        for label, runner in turns(pair, runners):
             runner()
             model.policy.load_state_dict(policy)
             model.policy.optimizer.load_state_dict(optimizer)
@@ -151,6 +168,8 @@ def main() -> list[dict]:
     p.add_argument("--against", help="git revision whose kernel source to compare with")
     p.add_argument("--pairs", type=int, default=9)
     p.add_argument("--update", action="store_true", help="also time whole PPO updates")
+    p.add_argument("--sizes", nargs="+", metavar="HxL",
+                   help="only these memory sizes (default: all of 1x1, 2x2, 4x3)")  # fmt: skip
     args = p.parse_args()
     torch.set_num_threads(1)
     kernel = fused.load_extension()
@@ -168,37 +187,45 @@ def main() -> list[dict]:
             fused._extension = other
 
     rows = []
+    cases = [c for c in CASES if args.sizes is None or f"{c[0][0]}x{c[0][1]}" in args.sizes]
+    if not cases:
+        p.error(f"--sizes: none of {args.sizes} is one of 1x1, 2x2, 4x3")
     print(f"{'size':6s} {'batch':>5s} {'phase':8s} {label + ' ms':>12s} {'kernel ms':>10s} speedup"
-          f"  saved MB ({label} / kernel)")  # fmt: skip
-    for (heads, layers), batch in CASES:
+          f" pair med  saved MB ({label} / kernel)")  # fmt: skip
+    for (heads, layers), batch in cases:
         torch.manual_seed(0)
         core = MNMCore(64, hidden_size=64, n_heads=heads, n_layers=layers)
         mine, theirs = {"train": [], "rollout": []}, {"train": [], "rollout": []}
-        for _ in range(args.pairs):  # interleaved: one of each per round
-            for runner, sink in ((use_other, theirs), (use_kernel, mine)):
+        sinks = {"other": (use_other, theirs), "kernel": (use_kernel, mine)}
+        for pair in range(args.pairs):  # interleaved: one of each per round
+            for _, (runner, sink) in turns(pair, sinks):
                 for phase, values in time_case(core, batch, runner, 1).items():
                     sink[phase].extend(values)
         memory = {"other_saved_mb": saved_mb(core, batch, use_other),
                   "kernel_saved_mb": saved_mb(core, batch, use_kernel)}  # fmt: skip
         for phase in ("train", "rollout"):
             a, b = statistics.median(theirs[phase]), statistics.median(mine[phase])
+            paired = pair_speedup(theirs[phase], mine[phase])
             rows.append({"size": f"{heads}x{layers}", "batch": batch, "phase": phase,
                          "other_ms": a * 1e3, "kernel_ms": b * 1e3, "speedup": a / b,
+                         "pair_speedup": paired,
                          **(memory if phase == "train" else {})})  # fmt: skip
             saved = (f"  {memory['other_saved_mb']:.2f} / {memory['kernel_saved_mb']:.2f}"
                      if phase == "train" else "")  # fmt: skip
             print(f"{heads}x{layers:<4d} {batch:5d} {phase:8s} {a * 1e3:12.2f} {b * 1e3:10.2f} "
-                  f"{a / b:6.2f}x{saved}")  # fmt: skip
+                  f"{a / b:6.2f}x {paired:7.3f}x{saved}")  # fmt: skip
     if args.update:
-        for heads, layers in sorted({size for size, _ in CASES}, reverse=True):
+        for heads, layers in sorted({size for size, _ in cases}, reverse=True):
             times = time_updates(heads, layers, {"other": use_other, "kernel": use_kernel},
                                  args.pairs)  # fmt: skip
             a, b = statistics.median(times["other"]), statistics.median(times["kernel"])
+            paired = pair_speedup(times["other"], times["kernel"])
             batch = UPDATE_SETTING.batch_size // UPDATE_SETTING.seq_len
             rows.append({"size": f"{heads}x{layers}", "batch": batch, "phase": "update",
-                         "other_ms": a * 1e3, "kernel_ms": b * 1e3, "speedup": a / b})  # fmt: skip
+                         "other_ms": a * 1e3, "kernel_ms": b * 1e3, "speedup": a / b,
+                         "pair_speedup": paired})  # fmt: skip
             print(f"{heads}x{layers:<4d} {batch:5d} {'update':8s} {a * 1e3:12.2f} {b * 1e3:10.2f} "
-                  f"{a / b:6.2f}x")  # fmt: skip
+                  f"{a / b:6.2f}x {paired:7.3f}x")  # fmt: skip
     use_kernel()
     print(json.dumps(rows))
     return rows

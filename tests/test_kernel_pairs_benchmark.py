@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
 import torch
 from benchmark_scripts import load_script
 
@@ -12,7 +13,8 @@ from mnm_rl.agent import MemoryPPO
 
 def test_updates_alternate_and_each_starts_from_the_same_parameters(monkeypatch):
     """Every timed ``train()`` starts from the parameters the collected rollout was made with
-    (the update before it is undone), and the two builds take turns."""
+    (the update before it is undone), and the two builds take turns, each going first in every
+    other pair."""
     kernel_pairs = load_script("kernel_pairs")
     small = argparse.Namespace(
         env="MiniGrid-MemoryS7-v0", view_size=7, n_envs=2, n_steps=16, batch_size=16,
@@ -29,13 +31,22 @@ def test_updates_alternate_and_each_starts_from_the_same_parameters(monkeypatch)
     monkeypatch.setattr(MemoryPPO, "train", recording_train)
     order: list[str] = []
     runners = {"other": lambda: order.append("other"), "kernel": lambda: order.append("kernel")}
-    times = kernel_pairs.time_updates(1, 1, runners, pairs=2)
+    times = kernel_pairs.time_updates(1, 1, runners, pairs=3)
 
-    assert order == ["other", "kernel", "other", "kernel"]
-    assert [len(v) for v in times.values()] == [2, 2]
+    assert order == ["other", "kernel", "kernel", "other", "other", "kernel"]
+    assert [len(v) for v in times.values()] == [3, 3]
     assert all(t > 0 for v in times.values() for t in v)
     warm_up, *timed = starts
-    assert len(timed) == 4
+    assert len(timed) == 6
     assert not torch.equal(timed[0], warm_up)  # the warm-up's update moved the parameters
     for start in timed[1:]:
         assert torch.equal(start, timed[0])
+
+
+def test_pair_speedup_is_the_median_of_each_pairs_ratio():
+    kernel_pairs = load_script("kernel_pairs")
+    other, kernel = [3.0, 1.0, 10.0], [1.0, 2.0, 5.0]
+    # the pairs' ratios are 3, 0.5 and 2: their median is 2, the medians' ratio 3 / 2
+    assert kernel_pairs.pair_speedup(other, kernel) == 2.0
+    with pytest.raises(ValueError):
+        kernel_pairs.pair_speedup(other, kernel[:2])

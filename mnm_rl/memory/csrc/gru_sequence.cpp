@@ -36,6 +36,7 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& gates_x, const at::Tensor&
   const auto w_hh_t = w_hh.t();
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "gru_forward", [&] {
     using T_ = scalar_t;
+    const BelowAutograd below_autograd;
     const T_* keep_p = keep.data_ptr<T_>();
     T_* u = h_in.data_ptr<T_>();
     const T_* h_prev = h0.data_ptr<T_>();
@@ -81,6 +82,7 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& k
   auto h_prev = entering_states(h0, hs, keep);
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "gru_backward", [&] {
     using T_ = scalar_t;
+    const BelowAutograd below_autograd;
     const T_* keep_p = keep.data_ptr<T_>();
     const T_* u_all = h_prev.data_ptr<T_>();
     for (int64_t t = T - 1; t >= 0; --t) {

@@ -7,6 +7,14 @@
 
 namespace mnm_rl {
 
+// Set inside each kernel's loop: the ATen calls there (products into views, steps of a buffer,
+// copies) go straight to the CPU implementations, past the dispatcher's autograd and
+// view-tracking (ADInplaceOrView) layers, whose cost per call does not depend on the size.
+// Nothing in a kernel is differentiated by autograd (each kernel has its own backward pass), and
+// what it returns is made outside the loop, so autograd still sees ordinary tensors and views.
+// An MNM training pass makes thousands of such calls.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
 // mnm_sequence.cpp: the MNM recurrence (see there for the arguments and outputs).
 std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
                                     const at::Tensor& h0, const at::Tensor& c0,

@@ -45,6 +45,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor
   const auto w_hh_t = w_hh.t();
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "lstm_forward", [&] {
     using T_ = scalar_t;
+    const BelowAutograd below_autograd;
     const T_* keep_p = keep.data_ptr<T_>();
     T_* c_p = c_state.data_ptr<T_>();
     T_* u = h_in.data_ptr<T_>();
@@ -94,6 +95,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& 
   auto dh_total = at::empty({B, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "lstm_backward", [&] {
     using T_ = scalar_t;
+    const BelowAutograd below_autograd;
     const T_* keep_p = keep.data_ptr<T_>();
     T_* dc_p = dc.data_ptr<T_>();
     std::vector<T_> tanh_c_buffer(B * H);

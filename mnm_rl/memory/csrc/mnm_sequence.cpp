@@ -337,6 +337,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_forward", [&] {
     using T_ = scalar_t;
+    const BelowAutograd below_autograd;
     const T_* keep_p = keep.data_ptr<T_>();
     int64_t n_ended = 0;
     const T_ norm_scale = T_(1) / std::sqrt(T_(L * D));
@@ -481,6 +482,7 @@ std::vector<at::Tensor> mnm_backward(
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_backward", [&] {
     using T_ = scalar_t;
+    const BelowAutograd below_autograd;
     const T_* keep_p = keep.data_ptr<T_>();
     const T_* w_beta_p = w_beta.data_ptr<T_>();
     T_* gw_beta = g_w_beta.data_ptr<T_>();
