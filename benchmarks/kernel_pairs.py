@@ -171,6 +171,11 @@ def main() -> list[dict]:
     p.add_argument("--sizes", nargs="+", metavar="HxL",
                    help="only these memory sizes (default: all of 1x1, 2x2, 4x3)")  # fmt: skip
     args = p.parse_args()
+    known = sorted({f"{heads}x{layers}" for (heads, layers), _ in CASES})
+    unknown = sorted(set(args.sizes or []) - set(known))
+    if unknown:
+        p.error(f"--sizes: {', '.join(unknown)} not among {', '.join(known)}")
+    cases = [c for c in CASES if args.sizes is None or f"{c[0][0]}x{c[0][1]}" in args.sizes]
     torch.set_num_threads(1)
     kernel = fused.load_extension()
     other = build_at(args.against) if args.against else None
@@ -187,9 +192,6 @@ def main() -> list[dict]:
             fused._extension = other
 
     rows = []
-    cases = [c for c in CASES if args.sizes is None or f"{c[0][0]}x{c[0][1]}" in args.sizes]
-    if not cases:
-        p.error(f"--sizes: none of {args.sizes} is one of 1x1, 2x2, 4x3")
     print(f"{'size':6s} {'batch':>5s} {'phase':8s} {label + ' ms':>12s} {'kernel ms':>10s} speedup"
           f" pair med  saved MB ({label} / kernel)")  # fmt: skip
     for (heads, layers), batch in cases:

@@ -50,3 +50,13 @@ def test_pair_speedup_is_the_median_of_each_pairs_ratio():
     assert kernel_pairs.pair_speedup(other, kernel) == 2.0
     with pytest.raises(ValueError):
         kernel_pairs.pair_speedup(other, kernel[:2])
+
+
+def test_an_unknown_size_is_refused_before_anything_is_built(monkeypatch, capsys):
+    kernel_pairs = load_script("kernel_pairs")
+    monkeypatch.setattr(kernel_pairs.fused, "load_extension", lambda: pytest.fail("built"))
+    monkeypatch.setattr("sys.argv", ["kernel_pairs.py", "--sizes", "4x3", "9x9"])
+    with pytest.raises(SystemExit) as exit_info:
+        kernel_pairs.main()
+    assert exit_info.value.code == 2
+    assert "--sizes: 9x9 not among 1x1, 2x2, 4x3" in capsys.readouterr().err
