@@ -163,9 +163,10 @@ def test_many_resets_match_pytorch(kernel, monkeypatch, rule):
 
 def test_start_weights_are_taken_as_they_come(kernel, monkeypatch):
     """The core's initial state holds the initial weights expanded over the batch (not copied),
-    and the kernel returns its final weights as a layer-major view: both go into the kernel as
-    they are (each D x D matrix contiguous is all it needs), and a second call from the first
-    one's final state matches PyTorch, outputs and gradients, in float64."""
+    and the kernel returns its final weights as a layer-major view of the transposed matrices
+    it works on: both go into the kernel as they are (each D x D matrix contiguous, as M or as
+    M^T, is all it needs), and a second call from the first one's final state matches PyTorch,
+    outputs and gradients, in float64."""
     core = _core("mnm-p", "tanh", 2, 2)
     x, starts, _ = _inputs(core, steps=6, batch=3)
     assert core.initial_state(3)["fast_weights"].stride(0) == 0
@@ -180,7 +181,7 @@ def test_start_weights_are_taken_as_they_come(kernel, monkeypatch):
         return mid["fast_weights"], [y1, y2, final["fast_weights"]], grads
 
     mid, fused_out, fused_grads = two_calls(True)
-    assert not mid.is_contiguous() and mid.stride()[-2:] == (mid.size(-1), 1)
+    assert not mid.is_contiguous() and mid.stride()[-2:] == (1, mid.size(-1))
     _, eager_out, eager_grads = two_calls(False)
     for got, expected in zip(fused_out, eager_out, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)

@@ -169,6 +169,11 @@ class FusedSequence(torch.autograd.Function):
         return None, g_gates, None, g_h, g_c0, g_r, g_m0, *g_params
 
 
+def _matrices_contiguous(weights: Tensor) -> bool:
+    """Whether each ``D x D`` matrix of ``weights [..., D, D]`` is contiguous."""
+    return weights.stride(-1) == 1 and weights.stride(-2) == weights.size(-1)
+
+
 def run_sequence(
     core,
     gates_x: Tensor,
@@ -190,10 +195,11 @@ def run_sequence(
     dtype = gates_x.dtype
     keep = (episode_starts == 0).to(dtype).contiguous()
     start = [state[k].to(dtype).contiguous() for k in ("h", "c", "read")]
-    # The kernel returns its final weights as a view with each D x D matrix contiguous, layers
-    # outermost; it takes them back as they are, without a copy per rollout step.
+    # The kernel returns its final weights as a view with each D x D matrix stored transposed,
+    # layers outermost; it takes them back as they are, without a copy per rollout step (and
+    # any weights whose matrices are each contiguous, as M or as M^T).
     weights = state["fast_weights"].to(dtype)
-    if weights.stride(-1) != 1 or weights.stride(-2) != weights.size(-1):
+    if not (_matrices_contiguous(weights) or _matrices_contiguous(weights.transpose(-1, -2))):
         weights = weights.contiguous()
     start.append(weights)
     if memory.feedback is not None:

@@ -19,10 +19,11 @@
 // dispatch, autograd bookkeeping and allocation whatever its size. Here one call does a whole
 // sequence. Every matrix product is one call per step and layer for the whole batch (the fast
 // weights are kept layer-major, [L, B, D, D], so that each layer is one contiguous batch of
-// matrices): BLAS for the controller's and for the passes through the memory's layers (x M^T),
-// the hand-written loops of row_products.h for the memory's other products (x M, and the rank-H
-// updates of the write and of the weights' gradient), where MKL spent much of its time
-// repacking each small matrix; everything elementwise is plain loops on preallocated buffers;
+// matrices): BLAS for the controller's, the hand-written loops of row_products.h for the
+// memory's (the passes through its layers, x M^T, on weights the forward pass holds
+// transposed; x M, and the rank-H updates of the write and of the weights' gradient), where MKL
+// spent much of its time repacking each small matrix; everything elementwise is plain loops on
+// preallocated buffers;
 // the weight gradients of the controller and of the BFPF are large products over all steps at
 // the end.
 // The backward pass recomputes the controller, keys, values and errors of each step from what the
@@ -51,6 +52,7 @@
 #include <cmath>
 #include <cstdint>
 #include <exception>
+#include <utility>
 #include <vector>
 
 #include "elementwise.h"
@@ -68,8 +70,9 @@ struct Dims {
   int64_t E() const { return 3 * H * D + D; }
 };
 
-// at::bmm_out into a view (a layer or a step of a larger buffer): the products x M^T, which
-// MKL does best (see row_products.h for the other two forms).
+// at::bmm_out into a view (a layer or a step of a larger buffer): the products x M^T that are
+// left (the backward pass's G z, and mnm-g's error pass in the forward pass, on weights held
+// transposed), which MKL does best (see row_products.h for the other two forms).
 inline void bmm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   at::bmm_out(out, a, b);
 }
@@ -87,7 +90,28 @@ template <typename T> struct Layers {
 // The slow weights the memory step reads, for one call.
 struct Weights {
   at::Tensor w_beta, b_beta, w_fb, b_fb, m_init;  // m_init [L, D, D]
+  at::Tensor m_init_t;  // the forward pass's: m_init with each matrix transposed
 };
+
+// dst = src^T for one D x D matrix, each contiguous; in blocks, so that both stay in cache lines.
+template <typename T> void transpose_into(const T* src, T* dst, int64_t D) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t i0 = 0; i0 < D; i0 += kBlock)
+    for (int64_t j0 = 0; j0 < D; j0 += kBlock)
+      for (int64_t i = i0; i < std::min(i0 + kBlock, D); ++i)
+        for (int64_t j = j0; j < std::min(j0 + kBlock, D); ++j) dst[j * D + i] = src[i * D + j];
+}
+
+// Every matrix of weights w [L, B, D, D] (each matrix contiguous, layer and batch strided),
+// transposed into out [L, B, D, D] (contiguous).
+template <typename T> void transpose_layers(const at::Tensor& w, const at::Tensor& out) {
+  const Layers<T> in(w);
+  const int64_t L = w.size(0), B = w.size(1), D = w.size(2);
+  T* o = out.data_ptr<T>();
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t b = 0; b < B; ++b)
+      transpose_into(in[l] + b * in.batch_stride, o + (l * B + b) * D * D, D);
+}
 
 // One step's activations for the whole batch (recomputed in the backward pass).
 struct StepBuffers {
@@ -123,7 +147,9 @@ struct StepBuffers {
 
 // The memory's step for the whole batch: from e [B, E] (the interaction output) and the
 // previous post-write weights prev [L, B, D, D], fill s and, with write, write the new weights
-// into post and the sum of their squares into s.squares. Without write (the backward pass's
+// into post and the sum of their squares into s.squares. With write (the forward pass) the
+// weights are held transposed, each matrix as N = M^T (see mnm_forward), and the initial
+// weights taken from w.m_init_t; without, as M. Without write (the backward pass's
 // recomputation), post already holds them and is only read, and the passes through the layers
 // are not recomputed: s.z and s.zr already hold what the forward pass computed, and s.raw
 // (mnm-p) the BFPF's outputs. Returns the pre-write weights: prev, where some sequence starts
@@ -143,7 +169,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
         s.pre.copy_(prev);
         pre = s.pre;
       }
-      const T* init = w.m_init.data_ptr<T>();
+      const T* init = (write ? w.m_init_t : w.m_init).data_ptr<T>();
       T* target = pre.data_ptr<T>();
       for (int64_t l = 0; l < L; ++l)
         std::copy(init + l * DD, init + (l + 1) * DD, target + (l * B + b) * DD);
@@ -170,18 +196,19 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
     if (write) std::copy(khat + (b * J + H) * D, khat + (b + 1) * J * D, z + b * HD);
     std::copy(eb + 2 * HD, eb + 3 * HD, values + b * HD);
   }
-  // Pre-write pass of the write keys: z^{l+1} = act(M^l z^l), one bmm per layer. The first
-  // layer takes every key, P = khat M^T [B, 2H, D] in zr^1's buffer: its write-key rows are
-  // z^1 before the activation, and the post-write pass's first layer is P corrected for the
-  // write (below), with no product of its own.
+  // Pre-write pass of the write keys: z^{l+1} = act(M^l z^l), rows z M^T = z N, one
+  // rows_times per layer. The first layer takes every key, P = khat M^T [B, 2H, D] in zr^1's
+  // buffer: its write-key rows are z^1 before the activation, and the post-write pass's first
+  // layer is P corrected for the write (below), with no product of its own.
   if (write) {
-    bmm_into(s.zr[0], s.khat, pre[0].transpose(1, 2));
-    const T* P = s.zr[0].data_ptr<T>();
+    T* P = s.zr[0].data_ptr<T>();
+    rows_times(khat, pre_l[0], pre_l.batch_stride, P, B, J, D, false);
     for (int64_t b = 0; b < B; ++b)
       std::copy(P + (b * J + H) * D, P + (b + 1) * J * D, z + (B + b) * HD);
     if (L > 1) apply_act(d.tanh_act, z + B * HD, B * HD);
     for (int64_t l = 1; l < L; ++l) {
-      bmm_into(s.z[l + 1], s.z[l], pre[l].transpose(1, 2));
+      rows_times(z + l * B * HD, pre_l[l], pre_l.batch_stride, z + (l + 1) * B * HD, B, H, D,
+                 false);
       if (l < L - 1) apply_act(d.tanh_act, z + (l + 1) * B * HD, B * HD);
     }
   }
@@ -203,14 +230,18 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
   } else {
     for (int64_t x = 0; x < B * HD; ++x) delta[(L - 1) * B * HD + x] = z[L * B * HD + x] - values[x];
     for (int64_t l = L - 2; l >= 0; --l) {
-      // rows (M^T delta)^T
-      rows_times(delta + (l + 1) * B * HD, pre_l[l + 1], pre_l.batch_stride, delta + l * B * HD,
-                 B, H, D, false);
+      // rows (M^T delta)^T = delta M, which is delta N^T where the weights are transposed
+      if (write)
+        bmm_into(s.delta[l], s.delta[l + 1], pre[l + 1].transpose(1, 2));
+      else
+        rows_times(delta + (l + 1) * B * HD, pre_l[l + 1], pre_l.batch_stride,
+                   delta + l * B * HD, B, H, D, false);
       for (int64_t x = 0; x < B * HD; ++x)
         delta[l * B * HD + x] *= act_grad(d.tanh_act, z[(l + 1) * B * HD + x]);
     }
   }
-  // The write: M' = M - beta / energy * sum_h delta_h z_h^T, a rank-H update per layer.
+  // The write: M' = M - beta / energy * sum_h delta_h z_h^T, a rank-H update per layer; on the
+  // transposed weights N' = N - sum_h z_h (scaled_h)^T, the same update with the factors swapped.
   T* energy = s.energy.data_ptr<T>();
   T* scaled = write ? s.scaled.data_ptr<T>() : nullptr;
   T* squares = s.squares.data_ptr<T>();
@@ -225,7 +256,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
         scaled[(l * B + b) * HD + x] = step * delta[(l * B + b) * HD + x];
     }
     if (write)
-      rank_update(pre_l[l], pre_l.batch_stride, scaled + l * B * HD, z + l * B * HD, T(-1),
+      rank_update(pre_l[l], pre_l.batch_stride, z + l * B * HD, scaled + l * B * HD, T(-1),
                   post.data_ptr<T>() + l * B * DD, DD, B, H, D, squares);
   }
   // Post-write pass of every key: zr^{l+1} = act(M'^l zr^l) from zr^0 = khat. In the first
@@ -243,9 +274,12 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
           for (int64_t i = 0; i < D; ++i) out[i] -= c * sc[i];
         }
       }
+    T* zr = s.zr.data_ptr<T>();  // [L, B, 2H, D]
     for (int64_t l = 0; l < L; ++l) {
-      if (l > 0) bmm_into(s.zr[l], s.zr[l - 1], post[l].transpose(1, 2));
-      if (l < L - 1) apply_act(d.tanh_act, s.zr[l].data_ptr<T>(), B * J * D);
+      if (l > 0)  // rows zr M'^T = zr N'
+        rows_times(zr + (l - 1) * B * J * D, post.data_ptr<T>() + l * B * DD, DD,
+                   zr + l * B * J * D, B, J, D, false);
+      if (l < L - 1) apply_act(d.tanh_act, zr + l * B * J * D, B * J * D);
     }
   }
   return pre;
@@ -260,6 +294,15 @@ int64_t ended_count(const at::Tensor& keep) {
 // An absent gradient (an output the loss does not use) arrives as an empty tensor.
 inline bool present(const at::Tensor& g) { return g.defined() && g.numel() > 0; }
 
+// Whether each D x D matrix of fast weights [B, L, D, D] is contiguous (the batch and layers
+// may be strided), or contiguous as its transpose (what mnm_forward returns).
+inline bool stored_as_is(const at::Tensor& w) {
+  return w.stride(3) == 1 && w.stride(2) == w.size(3);
+}
+inline bool stored_transposed(const at::Tensor& w) {
+  return w.stride(2) == 1 && w.stride(3) == w.size(2);
+}
+
 struct Checked {
   Dims dims;
   int64_t T;
@@ -269,8 +312,8 @@ Checked check(const at::Tensor& gates_x, const at::Tensor& m0, int64_t n_heads,
               bool gradient_rule, bool tanh_act, double eps) {
   TORCH_CHECK(gates_x.dim() == 3, "gates_x must be [T, B, 4 * hidden]");
   TORCH_CHECK(m0.dim() == 4, "fast weights must be [B, L, D, D]");
-  TORCH_CHECK(m0.stride(3) == 1 && m0.stride(2) == m0.size(3),
-              "each fast-weight matrix must be contiguous");
+  TORCH_CHECK(stored_as_is(m0) || stored_transposed(m0),
+              "each fast-weight matrix must be contiguous, or contiguous transposed");
   TORCH_CHECK(gates_x.device().is_cpu(), "the fused MNM kernel runs on the CPU only");
   Dims d{gates_x.size(1), gates_x.size(2) / 4, m0.size(2), n_heads, m0.size(1),
          gradient_rule, tanh_act, eps};
@@ -284,7 +327,8 @@ Checked check(const at::Tensor& gates_x, const at::Tensor& m0, int64_t n_heads,
 // the writes' factors and the weights of sequences whose episodes end. Returns [hs, reads,
 // after, before, values, beta, fw_norm, c_final, weights_final, last_post, u_in, c_in,
 // write_acts, write_scaled, read_acts, ended]; last_post the final weights layer-major
-// [L, B, D, D], weights_final a [B, L, D, D] view of it, u_in [T, B, hidden + D] the
+// [L, B, D, D], each matrix transposed (N = M^T), weights_final a [B, L, D, D] view of it
+// whose values are M, u_in [T, B, hidden + D] the
 // controller's recurrent inputs [h ; read] after the resets, write_acts [T, L + 1, B, H, D]
 // (z^0..z^L), write_scaled [T, L, B, H, D], read_acts [T, L, B, 2H, D] (zr^1..zr^L), ended
 // [n, L, D, D].
@@ -330,14 +374,25 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   auto e = at::empty({B, E}, opts);
   auto w_rec_t = w_rec.t();
   auto w_int_t = w_int.t();
-  auto m0_layers = m0.transpose(0, 1);  // [L, B, D, D], a view: each layer a strided batch
+  // The forward pass holds every fast-weight matrix transposed, N = M^T, so that the passes
+  // through the layers, x M^T, are x N: the hand-written form of row_products.h, where MKL's
+  // bmm for x M^T spent about as long packing each small matrix as multiplying with it. The
+  // write's rank-H update keeps its form (its factors swap), and the final weights go back as
+  // a view whose values are M (each matrix stored transposed), which the next call, a rollout
+  // step's, takes back without a copy. Start weights stored as M are transposed once per call
+  // into a buffer of this call's own ([L, B, D, D], layer-major), as are the initial weights.
+  const bool start_transposed = stored_transposed(m0);
+  const at::Tensor start =
+      start_transposed ? m0.permute({1, 0, 3, 2}) : at::empty({L, B, D, D}, opts);
+  const at::Tensor m_init_t = m_init.transpose(1, 2).contiguous();
   const bool per_step_int = b_int.dim() == 3;
-  const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init};
+  const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, m_init_t};
   StepBuffers s(d, opts, !store);
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_forward", [&] {
     using T_ = scalar_t;
     const BelowAutograd below_autograd;
+    if (!start_transposed) transpose_layers<T_>(m0.transpose(0, 1), start);
     const T_* keep_p = keep.data_ptr<T_>();
     int64_t n_ended = 0;
     const T_ norm_scale = T_(1) / std::sqrt(T_(L * D));
@@ -369,15 +424,15 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
       // The interaction's tanh with the kernel's own vectorised tanh_ (elementwise.h): ATen's
       // e.tanh_() took about 45 us for [16, 832], 3% of a training pass at 4 heads x 3 layers.
       apply_act(true, e.data_ptr<T_>(), e.numel());
-      const at::Tensor prev = t == 0 ? m0_layers : post[(t - 1) % 2];
+      const at::Tensor prev = t == 0 ? start : post[(t - 1) % 2];
       const at::Tensor post_t = post[t % 2];
-      if (store && t > 0) {
+      if (store && t > 0) {  // kept as M, the form the backward pass works in
         const T_* prev_p = prev.data_ptr<T_>();
         for (int64_t b = 0; b < B; ++b)
           if (keep_p[t * B + b] == T_(0)) {
             T_* out = ended.data_ptr<T_>() + n_ended++ * L * DD;
             for (int64_t l = 0; l < L; ++l)
-              std::copy(prev_p + (l * B + b) * DD, prev_p + (l * B + b + 1) * DD, out + l * DD);
+              transpose_into(prev_p + (l * B + b) * DD, out + l * DD, D);
           }
       }
       if (store) {  // the step's activations straight into what the backward pass keeps
@@ -385,8 +440,10 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
         s.scaled = write_scaled[t];
         s.zr = read_acts[t];
       }
-      // prev is scratch after step 0 (the ended sequences' weights are copied out above)
-      memory_forward<T_>(d, weights, e, prev, t > 0, keep_p + t * B, post_t, true, s);
+      // prev is scratch after step 0 (the ended sequences' weights are copied out above), and
+      // at step 0 where it is this call's own copy of the start weights
+      memory_forward<T_>(d, weights, e, prev, t > 0 || !start_transposed, keep_p + t * B, post_t,
+                         true, s);
       // Outputs.
       const T_* zr_out = s.zr[L - 1].data_ptr<T_>();  // [B, 2H, D]
       T_* read_p = reads.data_ptr<T_>() + t * B * D;
@@ -409,9 +466,9 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
     }
   });
   const auto last_post = post[(T - 1) % 2];
-  // [B, L, D, D] as a view of the layer-major buffer, not a copy: each matrix is contiguous,
-  // which is all the next call needs of its start weights (the rollout's every step).
-  auto final_weights = last_post.transpose(0, 1);
+  // [B, L, D, D], M, as a view of the layer-major buffer of N's, not a copy: the next call (the
+  // rollout's every step) takes it back as it is.
+  auto final_weights = last_post.permute({1, 0, 3, 2});
   return {hs, reads, after, before, values, beta, fw_norm, c_state, final_weights,
           last_post, u_in, c_in, write_acts, write_scaled, read_acts, ended};
 }
@@ -447,12 +504,12 @@ std::vector<at::Tensor> mnm_backward(
   auto g_w_beta = at::zeros_like(w_beta);
   auto g_m_init = at::zeros_like(m_init);
   // The post-write weights of the step being processed, and its pre-write weights (both
-  // layer-major [L, B, D, D]); the pre-write weights become the previous step's post-write
-  // ones. The forward pass's last weights are only read (a second backward pass reads them
-  // again): the undone writes go to two buffers of this call's own, taking turns.
-  at::Tensor post_w = last_post;
+  // layer-major [L, B, D, D], as M); the pre-write weights become the previous step's
+  // post-write ones. Two buffers of this call's own, taking turns; the first holds the forward
+  // pass's last weights, which it kept transposed (and which a second backward pass reads
+  // again), transposed back.
+  at::Tensor post_w = at::empty_like(last_post);
   at::Tensor pre_w = at::empty_like(last_post);
-  const at::Tensor spare = T > 1 ? at::empty_like(last_post) : at::Tensor();
   auto g_raw = at::empty({gradient_rule ? 0 : T, B * H, L * D}, opts);  // mnm-p BFPF outputs
   auto dh_total = at::empty({B, Hd}, opts);
   auto dzr = at::empty({L + 1, B, J, D}, opts);
@@ -463,9 +520,10 @@ std::vector<at::Tensor> mnm_backward(
   auto gw = at::empty({B, H, D}, opts);
   auto gq = at::empty({B, H, D}, opts);
   auto dv = at::empty({B * H, D}, opts);
-  auto m0_layers = m0.transpose(0, 1);
+  // [L, B, D, D], each matrix as M (start weights that came stored transposed, copied)
+  auto m0_layers = (stored_as_is(m0) ? m0 : m0.contiguous()).transpose(0, 1);
   const bool per_step_int = b_int.dim() == 3;
-  const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init};
+  const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, at::Tensor()};
   StepBuffers s(d, opts, false);
   double g_b_beta_value = 0;
   at::Tensor values_all, raw_all;  // mnm-p: [T * B * H, D], [T, B * H, L * D]
@@ -483,6 +541,7 @@ std::vector<at::Tensor> mnm_backward(
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_backward", [&] {
     using T_ = scalar_t;
     const BelowAutograd below_autograd;
+    transpose_layers<T_>(last_post, post_w);
     const T_* keep_p = keep.data_ptr<T_>();
     const T_* w_beta_p = w_beta.data_ptr<T_>();
     T_* gw_beta = g_w_beta.data_ptr<T_>();
@@ -717,9 +776,7 @@ std::vector<at::Tensor> mnm_backward(
       // Step t - 1's post-write weights: the undone write, except for a sequence that starts at
       // step t, whose weights before the reset the forward pass kept.
       if (t > 0) {
-        const at::Tensor next_pre = post_w.is_same(last_post) ? spare : post_w;
-        post_w = pre_w;
-        pre_w = next_pre;
+        std::swap(post_w, pre_w);
         T_* w_p = post_w.data_ptr<T_>();
         int64_t k = ended_from[t];
         for (int64_t b = 0; b < B; ++b)

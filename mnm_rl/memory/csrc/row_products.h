@@ -11,12 +11,15 @@
 //   rows_times:  out[r, :] (+)= sum_i x[r, i] M[i, :]          (out = x M, rows x of [m, D])
 //   rank_update: out[i, :] = M[i, :] + alpha sum_h s[h, i] z[h, :]   (out = M + alpha s^T z)
 //
-// Both walk M row by row and vectorise along the row (j): GCC's vector extension, one
-// 64-byte vector (16 floats, 8 doubles; two AVX2 registers where AVX-512 is absent), up to four
-// vectors per pass, and plain loops for the last D % lanes columns. They sum over i (or h) in
-// the natural order, so results differ from MKL's only in rounding. The third form the kernel
-// needs, x M^T (dot products of M's rows), stays with at::bmm: done by hand it needs a
-// horizontal sum per output or a transpose of M, which is what MKL's packing does.
+// (matrix_times is rows_times for one matrix of any shape, [K, N].) Both walk M row by row
+// and vectorise along the row (j): GCC's vector extension, one 64-byte vector (16 floats,
+// 8 doubles; two AVX2 registers where AVX-512 is absent), up to four vectors per pass, and
+// plain loops for the last N % lanes columns. They sum over i (or h) in the natural order, so
+// results differ from MKL's only in rounding. The third form, x M^T (dot products of M's
+// rows), needs a horizontal sum per output or a transpose of M, which is what MKL's packing
+// does: the kernel's forward pass avoids it by holding its weights transposed (N = M^T, so
+// x M^T = x N), and the backward pass's one use of it (the weights' gradient times the write
+// keys) stays with at::bmm.
 // tests/test_fused.py checks the kernel against the PyTorch code at widths with and without a
 // remainder (D = 4, 20 in float64; 20, 64 in float32).
 #pragma once
@@ -38,44 +41,61 @@ template <typename T> struct Vectors {
   static void store(T* p, const Vec& v) { std::memcpy(p, &v, sizeof(Vec)); }
 };
 
-// Columns [c0, c0 + NV * lanes) of rows r0..r0+R-1 of out = x M (+ out with accumulate).
+// Columns [c0, c0 + NV * lanes) of rows 0..R-1 of out = x M (+ out with accumulate): x [R, K],
+// M [K, N] and out [R, N], each contiguous.
 template <typename T, int R, int NV>
-inline void rows_times_tile(const T* x, const T* M, T* out, int64_t D, int64_t c0,
+inline void rows_times_tile(const T* x, const T* M, T* out, int64_t K, int64_t N, int64_t c0,
                             bool accumulate) {
   using V = Vectors<T>;
   typename V::Vec acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v)
-      acc[r][v] = accumulate ? V::load(out + r * D + c0 + v * V::kLanes) : typename V::Vec{};
-  for (int64_t i = 0; i < D; ++i) {
+      acc[r][v] = accumulate ? V::load(out + r * N + c0 + v * V::kLanes) : typename V::Vec{};
+  for (int64_t i = 0; i < K; ++i) {
     typename V::Vec row[NV];
-    for (int v = 0; v < NV; ++v) row[v] = V::load(M + i * D + c0 + v * V::kLanes);
+    for (int v = 0; v < NV; ++v) row[v] = V::load(M + i * N + c0 + v * V::kLanes);
     for (int r = 0; r < R; ++r) {
-      const T a = x[r * D + i];
+      const T a = x[r * K + i];
       for (int v = 0; v < NV; ++v) acc[r][v] += a * row[v];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) V::store(out + r * D + c0 + v * V::kLanes, acc[r][v]);
+    for (int v = 0; v < NV; ++v) V::store(out + r * N + c0 + v * V::kLanes, acc[r][v]);
 }
 
 template <typename T, int R>
-inline void rows_times_rows(const T* x, const T* M, T* out, int64_t D, bool accumulate) {
+inline void rows_times_rows(const T* x, const T* M, T* out, int64_t K, int64_t N,
+                            bool accumulate) {
   constexpr int64_t W = Vectors<T>::kLanes;
   int64_t c = 0;
-  for (; c + 4 * W <= D; c += 4 * W) rows_times_tile<T, R, 4>(x, M, out, D, c, accumulate);
-  switch ((D - c) / W) {
-    case 3: rows_times_tile<T, R, 3>(x, M, out, D, c, accumulate); break;
-    case 2: rows_times_tile<T, R, 2>(x, M, out, D, c, accumulate); break;
-    case 1: rows_times_tile<T, R, 1>(x, M, out, D, c, accumulate); break;
+  for (; c + 4 * W <= N; c += 4 * W) rows_times_tile<T, R, 4>(x, M, out, K, N, c, accumulate);
+  switch ((N - c) / W) {
+    case 3: rows_times_tile<T, R, 3>(x, M, out, K, N, c, accumulate); break;
+    case 2: rows_times_tile<T, R, 2>(x, M, out, K, N, c, accumulate); break;
+    case 1: rows_times_tile<T, R, 1>(x, M, out, K, N, c, accumulate); break;
     default: break;
   }
-  for (c += (D - c) / W * W; c < D; ++c)  // the columns a whole vector does not cover
+  for (c += (N - c) / W * W; c < N; ++c)  // the columns a whole vector does not cover
     for (int r = 0; r < R; ++r) {
-      T acc = accumulate ? out[r * D + c] : T(0);
-      for (int64_t i = 0; i < D; ++i) acc += x[r * D + i] * M[i * D + c];
-      out[r * D + c] = acc;
+      T acc = accumulate ? out[r * N + c] : T(0);
+      for (int64_t i = 0; i < K; ++i) acc += x[r * K + i] * M[i * N + c];
+      out[r * N + c] = acc;
     }
+}
+
+// out (+)= x M for one matrix: x [m, K], M [K, N] and out [m, N], each contiguous.
+template <typename T>
+void matrix_times(const T* x, const T* M, T* out, int64_t m, int64_t K, int64_t N,
+                  bool accumulate) {
+  int64_t r = 0;
+  for (; r + 4 <= m; r += 4)
+    rows_times_rows<T, 4>(x + r * K, M, out + r * N, K, N, accumulate);
+  switch (m - r) {
+    case 3: rows_times_rows<T, 3>(x + r * K, M, out + r * N, K, N, accumulate); break;
+    case 2: rows_times_rows<T, 2>(x + r * K, M, out + r * N, K, N, accumulate); break;
+    case 1: rows_times_rows<T, 1>(x + r * K, M, out + r * N, K, N, accumulate); break;
+    default: break;
+  }
 }
 
 // out[b] (+)= x[b] M[b] for each b of the batch: x, out [B, m, D] contiguous, M's matrices
@@ -83,19 +103,8 @@ inline void rows_times_rows(const T* x, const T* M, T* out, int64_t D, bool accu
 template <typename T>
 void rows_times(const T* x, const T* M, int64_t m_stride, T* out, int64_t B, int64_t m,
                 int64_t D, bool accumulate) {
-  for (int64_t b = 0; b < B; ++b) {
-    const T* xb = x + b * m * D;
-    const T* Mb = M + b * m_stride;
-    T* ob = out + b * m * D;
-    int64_t r = 0;
-    for (; r + 4 <= m; r += 4) rows_times_rows<T, 4>(xb + r * D, Mb, ob + r * D, D, accumulate);
-    switch (m - r) {
-      case 3: rows_times_rows<T, 3>(xb + r * D, Mb, ob + r * D, D, accumulate); break;
-      case 2: rows_times_rows<T, 2>(xb + r * D, Mb, ob + r * D, D, accumulate); break;
-      case 1: rows_times_rows<T, 1>(xb + r * D, Mb, ob + r * D, D, accumulate); break;
-      default: break;
-    }
-  }
+  for (int64_t b = 0; b < B; ++b)
+    matrix_times(x + b * m * D, M + b * m_stride, out + b * m * D, m, D, D, accumulate);
 }
 
 // Columns [c0, c0 + NV * lanes) of every row of out = M + alpha s^T z, for one matrix; with
