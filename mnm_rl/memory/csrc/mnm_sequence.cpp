@@ -520,6 +520,11 @@ std::vector<at::Tensor> mnm_backward(
   auto gw = at::empty({B, H, D}, opts);
   auto gq = at::empty({B, H, D}, opts);
   auto dv = at::empty({B * H, D}, opts);
+  auto du = at::empty({B, Hd + D}, opts);  // grad of [h ; read], the controller's input
+  // The per-step products with the slow weights, g W (the grad of x W^T), are rows_times' form
+  // on W as it lies: the hand-written loops, where MKL packed W (up to E x hidden) every step.
+  const at::Tensor w_rec_c = w_rec.contiguous(), w_int_c = w_int.contiguous();
+  const at::Tensor w_fb_c = w_fb.contiguous();
   // [L, B, D, D], each matrix as M (start weights that came stored transposed, copied)
   auto m0_layers = (stored_as_is(m0) ? m0 : m0.contiguous()).transpose(0, 1);
   const bool per_step_int = b_int.dim() == 3;
@@ -672,7 +677,7 @@ std::vector<at::Tensor> mnm_backward(
             else
               for (int64_t i = 0; i < D; ++i) gr_row[i] = -dd[i];
           }
-        at::mm_out(dv, g_raw[t], w_fb);
+        matrix_times(graw, w_fb_c.data_ptr<T_>(), dv_p, B * H, L * D, D, false);
       } else {
         for (int64_t l = 0; l < L - 1; ++l) {
           // rows (M^T delta^{l+1})^T
@@ -737,7 +742,7 @@ std::vector<at::Tensor> mnm_backward(
         at::add_out(dh_total, dh, g_hs[t]);
       else
         dh_total.copy_(dh);
-      dh_total.addmm_(g_pre_e[t], w_int);
+      matrix_times(gpe, w_int_c.data_ptr<T_>(), dh_total.data_ptr<T_>(), B, E, Hd, true);
       const T_* g = gates.data_ptr<T_>();
       const T_* ci = c_in[t].data_ptr<T_>();
       const T_* dht = dh_total.data_ptr<T_>();
@@ -755,7 +760,7 @@ std::vector<at::Tensor> mnm_backward(
           gg[r + 3 * Hd + i] = dht[n + i] * tc * a.o * (T_(1) - a.o);
           dc_p[n + i] = dcell * a.f;
         }
-      auto du = at::mm(g_gates[t], w_rec);
+      matrix_times(gg, w_rec_c.data_ptr<T_>(), du.data_ptr<T_>(), B, 4 * Hd, Hd + D, false);
       dh.copy_(du.narrow(1, 0, Hd));
       dr.copy_(du.narrow(1, Hd, D));
       // A sequence that starts at step t passes no gradient to the previous step's state; the
