@@ -93,15 +93,6 @@ struct Weights {
   at::Tensor m_init_t;  // the forward pass's: m_init with each matrix transposed
 };
 
-// dst = src^T for one D x D matrix, each contiguous; in blocks, so that both stay in cache lines.
-template <typename T> void transpose_into(const T* src, T* dst, int64_t D) {
-  constexpr int64_t kBlock = 16;
-  for (int64_t i0 = 0; i0 < D; i0 += kBlock)
-    for (int64_t j0 = 0; j0 < D; j0 += kBlock)
-      for (int64_t i = i0; i < std::min(i0 + kBlock, D); ++i)
-        for (int64_t j = j0; j < std::min(j0 + kBlock, D); ++j) dst[j * D + i] = src[i * D + j];
-}
-
 // Every matrix of weights w [L, B, D, D] (each matrix contiguous, layer and batch strided),
 // transposed into out [L, B, D, D] (contiguous).
 template <typename T> void transpose_layers(const at::Tensor& w, const at::Tensor& out) {

@@ -26,6 +26,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace mnm_rl {
 namespace {
@@ -105,6 +106,61 @@ void rows_times(const T* x, const T* M, int64_t m_stride, T* out, int64_t B, int
                 int64_t D, bool accumulate) {
   for (int64_t b = 0; b < B; ++b)
     matrix_times(x + b * m * D, M + b * m_stride, out + b * m * D, m, D, D, accumulate);
+}
+
+// A lanes x lanes block, one vector per row, transposed in registers: at each scale b (1, 2,
+// 4, ... lanes / 2), rows r and r + b (r without the bit b) swap their off-diagonal b-wide
+// pieces, two two-source shuffles per pair of rows; the scales commute, and after all of them
+// row k holds what was column k. The shuffles' lane indices are made once (static), and the
+// loops are unrolled so that the rows stay in registers.
+template <typename T, int b> struct BlockStage {
+  using V = Vectors<T>;
+  static constexpr int W = static_cast<int>(V::kLanes);
+  using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef Index Lanes __attribute__((vector_size(64)));
+  // Which lane of (row r, row r + b) each lane of the new row r (high: r + b) takes.
+  static Lanes lanes(bool high) {
+    Lanes m{};
+    for (int lane = 0; lane < W; ++lane)
+      m[lane] = (lane & b) == 0 ? lane + (high ? b : 0) : W + lane - (high ? 0 : b);
+    return m;
+  }
+  static void apply(typename V::Vec* rows) {
+    static const Lanes low = lanes(false), high = lanes(true);
+#pragma GCC unroll 16
+    for (int r = 0; r < W; ++r)
+      if ((r & b) == 0) {
+        const typename V::Vec x = rows[r], y = rows[r + b];
+        rows[r] = __builtin_shuffle(x, y, low);
+        rows[r + b] = __builtin_shuffle(x, y, high);
+      }
+  }
+};
+
+template <typename T> inline void transpose_block(typename Vectors<T>::Vec* rows) {
+  BlockStage<T, 1>::apply(rows);
+  BlockStage<T, 2>::apply(rows);
+  BlockStage<T, 4>::apply(rows);
+  if constexpr (Vectors<T>::kLanes == 16) BlockStage<T, 8>::apply(rows);
+}
+
+// dst = src^T for one D x D matrix, both contiguous: lanes x lanes blocks in registers, and
+// plain loops for the last D % lanes rows and columns.
+template <typename T> void transpose_into(const T* src, T* dst, int64_t D) {
+  using V = Vectors<T>;
+  constexpr int64_t W = V::kLanes;
+  const int64_t whole = D / W * W;
+  for (int64_t i0 = 0; i0 < whole; i0 += W)
+    for (int64_t j0 = 0; j0 < whole; j0 += W) {
+      typename V::Vec rows[W];
+#pragma GCC unroll 16
+      for (int64_t k = 0; k < W; ++k) rows[k] = V::load(src + (i0 + k) * D + j0);
+      transpose_block<T>(rows);
+#pragma GCC unroll 16
+      for (int64_t k = 0; k < W; ++k) V::store(dst + (j0 + k) * D + i0, rows[k]);
+    }
+  for (int64_t i = 0; i < D; ++i)
+    for (int64_t j = i < whole ? whole : 0; j < D; ++j) dst[j * D + i] = src[i * D + j];
 }
 
 // Columns [c0, c0 + NV * lanes) of every row of out = M + alpha s^T z, for one matrix; with
