@@ -316,3 +316,41 @@ def test_interaction_input_writes_an_observation_the_same_whatever_came_before(
     y, _, aux = core(x, start, no_starts)
     (y.sum() + aux["recon_after"].sum()).backward()
     assert core.input_interaction.weight.grad.abs().sum().item() > 0
+
+
+def test_diagnostics_are_computed_once_on_first_read():
+    """An MNM core's diagnostics cost nothing until read (a rollout step never reads them):
+    their keys, length and truth come without computing them, the first read computes all of
+    them once, later reads reuse them."""
+    from mnm_rl.memory.base import AUX_KEYS, LazyDiagnostics
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {key: torch.full((2, 3), float(i)) for i, key in enumerate(AUX_KEYS)}
+
+    aux = LazyDiagnostics(compute)
+    assert aux and len(aux) == len(AUX_KEYS) and list(aux) == list(AUX_KEYS)
+    assert "beta" in aux and not calls
+    assert aux["beta"][0, 0].item() == AUX_KEYS.index("beta")
+    assert float(aux["recon_after"].sum()) == 0.0 and dict(aux).keys() == set(AUX_KEYS)
+    assert calls == [1]
+
+
+def test_diagnostics_are_computed_in_the_autograd_mode_they_were_made_in():
+    """Read outside the mode a core ran in, the diagnostics are what they would have been had
+    they been computed at once: differentiable from a training pass even when read under
+    no_grad, plain tensors from a pass under no_grad even when read with grad on."""
+    core = build("mnm-p")
+    x, starts = sequence()
+    _, _, aux = core(x, core.initial_state(3), starts)
+    with torch.no_grad():
+        recon = aux["recon_after"]
+    assert recon.requires_grad
+    recon.mean().backward()
+    assert core.interaction.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        _, _, quiet = core(x, core.initial_state(3), starts)
+    assert not quiet["recon_after"].requires_grad
+    torch.testing.assert_close(quiet["recon_after"], aux["recon_after"].detach())

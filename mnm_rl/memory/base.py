@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +14,41 @@ from mnm_rl.memory.state import CoreState
 #: (``recon_retained`` is zero unless the core has a retention lag); cores without an external
 #: memory return an empty dict.
 AUX_KEYS = ("recon_after", "recon_before", "recon_retained", "beta", "fast_weight_norm")
+
+
+class LazyDiagnostics(Mapping[str, Tensor]):
+    """The diagnostics of :data:`AUX_KEYS`, computed from ``compute()`` on first access.
+
+    A rollout step does not read them, and at one step of a few environments their dozen small
+    ops cost about a tenth of an MNM core's step. They are computed in the autograd mode they
+    were created in (so a loss built from them in training backpropagates as if they had been
+    computed at once), and only once.
+    """
+
+    def __init__(self, compute: Callable[[], dict[str, Tensor]]):
+        self._compute: Callable[[], dict[str, Tensor]] | None = compute
+        self._values: dict[str, Tensor] = {}
+        self._inference = torch.is_inference_mode_enabled()
+        self._grad = torch.is_grad_enabled()
+
+    def _computed(self) -> dict[str, Tensor]:
+        if self._compute is not None:
+            with torch.inference_mode(self._inference), torch.set_grad_enabled(self._grad):
+                self._values = self._compute()
+            self._compute = None
+        return self._values
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._computed()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in AUX_KEYS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(AUX_KEYS)
+
+    def __len__(self) -> int:
+        return len(AUX_KEYS)
 
 
 class RecurrentCore(nn.Module, ABC):
@@ -34,7 +70,7 @@ class RecurrentCore(nn.Module, ABC):
     @abstractmethod
     def forward(
         self, x: Tensor, state: CoreState, episode_starts: Tensor
-    ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
+    ) -> tuple[Tensor, CoreState, Mapping[str, Tensor]]:
         """Run the core over a sequence.
 
         Args:
@@ -45,7 +81,8 @@ class RecurrentCore(nn.Module, ABC):
 
         Returns:
             ``(features [T, B, output_size], final_state, aux)`` where ``aux`` maps names in
-            :data:`AUX_KEYS` to ``[T, B]`` tensors (empty for cores without external memory).
+            :data:`AUX_KEYS` to ``[T, B]`` tensors (empty for cores without external memory; an
+            MNM core's computes them on first access, :class:`LazyDiagnostics`).
         """
 
     def memory_parameters(self) -> list[nn.Parameter]:

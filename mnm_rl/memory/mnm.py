@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from mnm_rl.memory import fused
-from mnm_rl.memory.base import RecurrentCore
+from mnm_rl.memory.base import LazyDiagnostics, RecurrentCore
 from mnm_rl.memory.fast_weights import (
     Activation,
     FastWeightMemory,
@@ -129,7 +129,7 @@ class MNMCore(RecurrentCore):
 
     def step(
         self, gates_x: Tensor, state: CoreState, interaction_x: Tensor | None = None
-    ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
+    ) -> tuple[Tensor, CoreState, Mapping[str, Tensor]]:
         """One step from the precomputed input gates ``gates_x [B, 4 * hidden]`` (and, with
         ``interaction_input``, ``interaction_x = U x_t [B, E]``)."""
         if (interaction_x is None) != (self.input_interaction is None):
@@ -217,17 +217,21 @@ class MNMCore(RecurrentCore):
             parts["answer_recalled"] = answers[1]
         return (h, c, read, layers), parts
 
-    def _aux(self, parts: dict[str, Tensor], retained: Tensor | None = None) -> dict[str, Tensor]:
-        """The diagnostics of :data:`AUX_KEYS` from :meth:`_step`'s parts (one step or stacked);
-        ``retained`` is the retention loss (zeros when not given)."""
+    def _aux(self, parts: dict[str, Tensor], retained: Tensor | None = None) -> LazyDiagnostics:
+        """The diagnostics of :data:`AUX_KEYS` from :meth:`_step`'s parts (one step or stacked),
+        computed when first read; ``retained`` is the retention loss (zeros when not given)."""
         loss = self.memory.reconstruction_loss
-        return {
-            "recon_after": loss(parts["answer_after"], parts["values"]),
-            "recon_before": loss(parts["answer_before"], parts["values"]),
-            "recon_retained": torch.zeros_like(parts["beta"]) if retained is None else retained,
-            "beta": parts["beta"],
-            "fast_weight_norm": parts["fast_weight_norm"],
-        }
+
+        def compute() -> dict[str, Tensor]:
+            return {
+                "recon_after": loss(parts["answer_after"], parts["values"]),
+                "recon_before": loss(parts["answer_before"], parts["values"]),
+                "recon_retained": torch.zeros_like(parts["beta"]) if retained is None else retained,
+                "beta": parts["beta"],
+                "fast_weight_norm": parts["fast_weight_norm"],
+            }
+
+        return LazyDiagnostics(compute)
 
     def _retention_loss(
         self, steps: list[dict[str, Tensor]], values: Tensor, episode_starts: Tensor
@@ -260,7 +264,7 @@ class MNMCore(RecurrentCore):
 
     def _forward_fused(
         self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel
-    ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
+    ) -> tuple[Tensor, CoreState, Mapping[str, Tensor]]:
         """:meth:`forward` by the compiled kernel: the same equations, one call per sequence."""
         interaction_x = self.input_interaction(x) if self.input_interaction is not None else None
         hs, reads, after, before, values, beta, norm, c, weights = fused.run_sequence(
@@ -279,7 +283,7 @@ class MNMCore(RecurrentCore):
 
     def forward(
         self, x: Tensor, state: CoreState, episode_starts: Tensor
-    ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
+    ) -> tuple[Tensor, CoreState, Mapping[str, Tensor]]:
         self._check_inputs(x, state, episode_starts)
         kernel = self._fused_kernel(x)
         if kernel is not None:
