@@ -103,7 +103,8 @@ def saved_mb(core: MNMCore, batch: int, runner) -> float:
     """MB kept for the backward pass of the training pass."""
     runner()
     x, starts = _training_inputs(core, batch)
-    return saved_bytes(lambda: core(x, core.initial_state(batch), starts)) / 2**20
+    # the diagnostics read, as the PPO loss reads them: an MNM core computes them then
+    return saved_bytes(lambda: dict(core(x, core.initial_state(batch), starts)[2])) / 2**20
 
 
 def turns(pair: int, runners: dict) -> list:

@@ -393,7 +393,7 @@ def run_scaling(args: argparse.Namespace) -> dict[str, Any]:
             _, _, _, aux = model.policy.forward_sequence(
                 batch.observations, batch.states, batch.episode_starts
             )
-            return aux
+            return dict(aux)  # read, as the PPO loss does: an MNM core computes them then
 
         rows.append(
             {
