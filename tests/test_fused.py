@@ -378,3 +378,30 @@ def test_an_error_in_a_thread_of_the_split_is_raised_not_fatal(kernel, monkeypat
     params[2] = params[2].view(1, -1)  # b_int must be [E] or [T, B, E]
     with pytest.raises(RuntimeError, match="b_int must be"):
         kernel.forward_parts(gates_x, keep, h0, c0, r0, m0, *params, *options, False, 2)
+
+
+def test_start_weights_stored_transposed_go_into_a_split_batch(kernel, monkeypatch):
+    """A training call split between threads, from the final state of an earlier call (its
+    weights stored transposed, as the kernel returns them), matches the same call in one part:
+    outputs, final weights and every gradient (float64, widths with remainders)."""
+    core = _core("mnm-p", "tanh", 2, 2, memory_size=20)
+    x, starts, state = _inputs(core, steps=6, batch=7)
+    monkeypatch.setenv("MNM_RL_FUSED", "1")
+    _, mid, _ = core(x[:3], state, starts[:3])
+    assert mid["fast_weights"].stride()[-2:] == (1, 20)
+    monkeypatch.setattr(fused, "MIN_PART_ROWS", 2)
+
+    def second_call(threads: str):
+        monkeypatch.setenv(fused.KERNEL_THREADS_VARIABLE, threads)
+        core.zero_grad()
+        y, final, aux = core(x[3:], mid, starts[3:])
+        loss = y.sum() + final["fast_weights"].pow(2).sum() + aux["recon_after"].sum()
+        loss.backward(retain_graph=True)
+        grads = {n: p.grad.clone() for n, p in core.named_parameters()}
+        return y.detach(), final["fast_weights"].detach(), grads
+
+    one, three = second_call("1"), second_call("3")
+    torch.testing.assert_close(three[0], one[0], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(three[1], one[1], rtol=1e-12, atol=1e-13)
+    for name, expected in one[2].items():
+        torch.testing.assert_close(three[2][name], expected, rtol=1e-12, atol=1e-13, msg=name)
