@@ -170,8 +170,11 @@ class FusedSequence(torch.autograd.Function):
 
 
 def _matrices_contiguous(weights: Tensor) -> bool:
-    """Whether each ``D x D`` matrix of ``weights [..., D, D]`` is contiguous."""
-    return weights.stride(-1) == 1 and weights.stride(-2) == weights.size(-1)
+    """Whether each ``D x D`` matrix of ``weights [..., D, D]`` is contiguous, as it is or as
+    its transpose (how the kernel returns its final weights)."""
+    rows, columns = weights.stride(-2), weights.stride(-1)
+    size = weights.size(-1)
+    return (columns == 1 and rows == size) or (rows == 1 and columns == size)
 
 
 def run_sequence(
@@ -199,7 +202,7 @@ def run_sequence(
     # layers outermost; it takes them back as they are, without a copy per rollout step (and
     # any weights whose matrices are each contiguous, as M or as M^T).
     weights = state["fast_weights"].to(dtype)
-    if not (_matrices_contiguous(weights) or _matrices_contiguous(weights.transpose(-1, -2))):
+    if not _matrices_contiguous(weights):
         weights = weights.contiguous()
     start.append(weights)
     if memory.feedback is not None:

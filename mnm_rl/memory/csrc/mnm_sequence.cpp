@@ -375,7 +375,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   const bool start_transposed = stored_transposed(m0);
   const at::Tensor start =
       start_transposed ? m0.permute({1, 0, 3, 2}) : at::empty({L, B, D, D}, opts);
-  const at::Tensor m_init_t = m_init.transpose(1, 2).contiguous();
+  const at::Tensor m_init_c = m_init.contiguous(), m_init_t = at::empty_like(m_init_c);
   const bool per_step_int = b_int.dim() == 3;
   const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, m_init_t};
   StepBuffers s(d, opts, !store);
@@ -384,6 +384,8 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
     using T_ = scalar_t;
     const BelowAutograd below_autograd;
     if (!start_transposed) transpose_layers<T_>(m0.transpose(0, 1), start);
+    for (int64_t l = 0; l < L; ++l)  // in registers: ATen's copy of a transposed view is slower
+      transpose_into(m_init_c.data_ptr<T_>() + l * DD, m_init_t.data_ptr<T_>() + l * DD, D);
     const T_* keep_p = keep.data_ptr<T_>();
     int64_t n_ended = 0;
     const T_ norm_scale = T_(1) / std::sqrt(T_(L * D));
