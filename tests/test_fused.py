@@ -9,6 +9,8 @@ episode starts inside the sequence and a start state that is not the initial one
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -405,3 +407,28 @@ def test_start_weights_stored_transposed_go_into_a_split_batch(kernel, monkeypat
     torch.testing.assert_close(three[1], one[1], rtol=1e-12, atol=1e-13)
     for name, expected in one[2].items():
         torch.testing.assert_close(three[2][name], expected, rtol=1e-12, atol=1e-13, msg=name)
+
+
+def test_a_split_batch_under_saved_tensor_hooks_does_not_hang(kernel):
+    """Saved-tensor hooks (Python objects in the thread-local state each part's thread copies)
+    around a training pass split between two kernel threads: forward and backward finish, in a
+    child process given two minutes (the parts' threads once waited for the GIL forever)."""
+    program = """
+import torch
+from mnm_rl.memory import MNMCore, fused
+fused.MIN_PART_ROWS = 2
+fused.set_kernel_threads(2)
+core = MNMCore(5, hidden_size=8, memory_size=8, n_heads=2, n_layers=2)
+x, starts = torch.randn(4, 6, 5), torch.zeros(4, 6)
+seen = []
+with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(1) or t, lambda t: t):
+    y, final, aux = core(x, core.initial_state(6), starts)
+    assert fused.batch_parts(4, 6) == 2
+(y.sum() + final["fast_weights"].sum()).backward()
+print("done", len(seen) > 0, core.interaction.weight.grad.abs().sum().item() > 0)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["done", "True", "True"]

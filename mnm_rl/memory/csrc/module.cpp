@@ -6,10 +6,15 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &mnm_rl::mnm_forward, "MNM recurrence over a sequence (forward)");
   m.def("backward", &mnm_rl::mnm_backward, "MNM recurrence over a sequence (backward)");
+  // The split runs without the GIL: each part's thread takes the caller's thread-local state,
+  // and where that holds Python objects (saved-tensor hooks, torch.autograd.graph's) copying it
+  // takes the GIL, which a caller holding it while it waits for the parts would never give.
   m.def("forward_parts", &mnm_rl::mnm_forward_parts,
-        "MNM recurrence over a sequence (forward), the batch split into parts run in parallel");
+        "MNM recurrence over a sequence (forward), the batch split into parts run in parallel",
+        py::call_guard<py::gil_scoped_release>());
   m.def("backward_parts", &mnm_rl::mnm_backward_parts,
-        "MNM recurrence over a sequence (backward) of forward_parts");
+        "MNM recurrence over a sequence (backward) of forward_parts",
+        py::call_guard<py::gil_scoped_release>());
   m.def("lstm_forward", &mnm_rl::lstm_forward, "LSTM with episode resets over a sequence");
   m.def("lstm_backward", &mnm_rl::lstm_backward, "its backward pass");
   m.def("gru_forward", &mnm_rl::gru_forward, "GRU with episode resets over a sequence");
