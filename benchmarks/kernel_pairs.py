@@ -46,6 +46,7 @@ import torch
 from throughput import build_agent, make_env, parse_args, saved_bytes
 from torch.utils.cpp_extension import load
 
+from mnm_rl import native
 from mnm_rl.memory import MNMCore, fused
 
 SOURCE_DIR = "mnm_rl/memory/csrc"
@@ -88,8 +89,8 @@ def build_at(rev: str):
         (folder / name).write_text(text)
     sources = [str(folder / n) for n in sorted(names) if n.endswith(".cpp")]
     return _TwelveOutputs(load(name=f"mnm_rl_sequence_{digest}", sources=sources,
-                               extra_cflags=fused.COMPILE_FLAGS,
-                               extra_ldflags=fused.LINK_FLAGS))  # fmt: skip
+                               extra_cflags=native.COMPILE_FLAGS,
+                               extra_ldflags=native.LINK_FLAGS))  # fmt: skip
 
 
 def _training_inputs(core: MNMCore, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,18 +144,26 @@ UPDATE_SETTING = parse_args(["--view-size", "7"])
 
 
 def time_updates(heads: int, layers: int, runners: dict, pairs: int) -> dict[str, list[float]]:
-    """CPU seconds of ``train()`` of the mnm-p agent with an H x L memory under each runner,
-    interleaved, every call from the same parameters and optimizer state and on the same rollout
-    (collected by one ``learn()`` of one rollout first)."""
+    """CPU seconds of ``train()`` of the mnm-p agent with an H x L memory under each runner
+    (a callable of no arguments): :func:`time_train_calls`."""
+    switches = {label: (lambda model, runner=runner: runner()) for label, runner in runners.items()}
+    return time_train_calls(f"mnm-p:{heads}x{layers}", switches, pairs)
+
+
+def time_train_calls(config: str, switches: dict, pairs: int) -> dict[str, list[float]]:
+    """CPU seconds of ``train()`` of ``throughput.py``'s agent ``config`` in the issue's setting
+    after each switch (a callable given the model), interleaved, every call from the same
+    parameters and optimizer state and on the same rollout (collected by one ``learn()`` of one
+    rollout first)."""
     env = make_env(UPDATE_SETTING)
-    model = build_agent(f"mnm-p:{heads}x{layers}", UPDATE_SETTING, env, "cpu")
+    model = build_agent(config, UPDATE_SETTING, env, "cpu")
     model.learn(UPDATE_SETTING.n_steps * UPDATE_SETTING.n_envs)
     policy = copy.deepcopy(model.policy.state_dict())
     optimizer = copy.deepcopy(model.policy.optimizer.state_dict())
-    times: dict[str, list[float]] = {label: [] for label in runners}
+    times: dict[str, list[float]] = {label: [] for label in switches}
     for pair in range(pairs):
-        for label, runner in turns(pair, runners):
-            runner()
+        for label, switch in turns(pair, switches):
+            switch(model)
             model.policy.load_state_dict(policy)
             model.policy.optimizer.load_state_dict(optimizer)
             start = time.process_time()

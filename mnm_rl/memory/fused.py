@@ -23,30 +23,25 @@ compiler, or with ``MNM_RL_FUSED=0`` in the environment, the PyTorch code runs i
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from mnm_rl import native
 from mnm_rl.memory.allocator import retain_freed_memory
 
 #: The kernels' C++ sources (the MNM recurrence, the baseline LSTM and GRU, the Python module),
 #: built into one extension.
 SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.cpp"))
-#: How the kernels are compiled. OpenMP runs the MNM kernel's batch split on threads (see
-#: :func:`kernel_threads`); the process's OpenMP runtime is torch's own ``libgomp.so.1``,
-#: already loaded, so the extension shares torch's thread pool rather than starting another.
-COMPILE_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
-LINK_FLAGS = ["-fopenmp"]
 _extension: ModuleType | None = None
 _load_failed = False
 
 
 def fused_enabled() -> bool:
     """Whether the fused kernel may be used: not switched off by ``MNM_RL_FUSED=0``."""
-    return os.environ.get("MNM_RL_FUSED", "1") != "0"
+    return native.compiled_enabled()
 
 
 def load_extension() -> ModuleType | None:
@@ -54,25 +49,11 @@ def load_extension() -> ModuleType | None:
     global _extension, _load_failed
     if _extension is not None or _load_failed:
         return _extension
-    try:
-        from torch.utils.cpp_extension import load
-
-        _extension = load(
-            name="mnm_rl_sequence",
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=COMPILE_FLAGS,
-            extra_ldflags=LINK_FLAGS,
-            verbose=False,
-        )
-    except Exception as error:  # no compiler, no headers: fall back to PyTorch
+    _extension = native.build_extension(
+        "mnm_rl_sequence", SOURCES, "the fused CPU kernels (MNM, LSTM, GRU)"
+    )
+    if _extension is None:
         _load_failed = True
-        warnings.warn(
-            f"mnm-rl: the fused CPU kernels (MNM, LSTM, GRU) could not be built "
-            f"({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); using the PyTorch code",
-            RuntimeWarning,
-            stacklevel=2,
-        )
     else:  # the kernel's per-call buffers: reuse freed memory instead of faulting in new pages
         retain_freed_memory()
     return _extension

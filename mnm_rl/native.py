@@ -1,0 +1,52 @@
+"""Building the package's C++ extensions with ``torch.utils.cpp_extension`` on first use.
+
+Two extensions: the memory's sequence kernels (:mod:`mnm_rl.memory.fused`) and the agent's
+symbol-grid encoder (:mod:`mnm_rl.agent.grid_linear`). Each compiles the first time it is needed
+(cached under ``~/.cache/torch_extensions``, or ``TORCH_EXTENSIONS_DIR``). Without a C++
+compiler, or with ``MNM_RL_FUSED=0`` in the environment, the PyTorch code runs instead.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+#: How the extensions are compiled. OpenMP runs the MNM kernel's batch split on threads; the
+#: process's OpenMP runtime is torch's own ``libgomp.so.1``, already loaded, so the extensions
+#: share torch's thread pool rather than starting another.
+COMPILE_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
+#: Environment variable: ``0`` switches every compiled kernel off.
+SWITCH_VARIABLE = "MNM_RL_FUSED"
+
+
+def compiled_enabled() -> bool:
+    """Whether compiled kernels may be used: not switched off by ``MNM_RL_FUSED=0``."""
+    return os.environ.get(SWITCH_VARIABLE, "1") != "0"
+
+
+def build_extension(name: str, sources: Sequence[Path], what: str) -> ModuleType | None:
+    """Compile (or load the cached build of) extension ``name`` from ``sources``; ``None``, with
+    a warning naming ``what`` falls back to PyTorch, if it cannot be built."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=name,
+            sources=[str(source) for source in sources],
+            extra_cflags=COMPILE_FLAGS,
+            extra_ldflags=LINK_FLAGS,
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no headers: fall back to PyTorch
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        warnings.warn(
+            f"mnm-rl: {what} could not be built ({type(error).__name__}: {first_line}); "
+            "using the PyTorch code",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
