@@ -16,8 +16,9 @@ from mnm_rl.agent.grid_linear import GridLayout
 #: Below this many rows, and without a backward pass, the grid's linear layer runs as plain
 #: PyTorch: the compiled kernel's fixed cost (projecting every table row through every cell's
 #: weights) is then larger than what it saves. Measured on MiniGrid's 7 x 7 view with 64
-#: features: 47 against 72 us at 8 rows, 101 against 87 at 32 (a throwaway timing).
-COMPILED_MIN_ROWS = 24
+#: features (a throwaway timing, plain against compiled): 24 against 37 us at 1 row, 34 against
+#: 39 at 4, 45 against 42 at 8, 101 against 56 at 32.
+COMPILED_MIN_ROWS = 8
 
 
 def is_symbolic_grid(space: spaces.Space) -> bool:

@@ -28,7 +28,16 @@
 #include <cstring>
 #include <vector>
 
+// The memory kernels' vector helpers: Vectors (64-byte vectors), transpose_block (a lanes x lanes
+// block transposed in registers) and matrix_times (x M with M's rows read once, accumulating in
+// registers).
+#include "../../memory/csrc/row_products.h"
+
 namespace {
+
+using mnm_rl::matrix_times;
+using mnm_rl::transpose_block;
+using mnm_rl::Vectors;
 
 // The grid's channels: each one's symbol count and first table row, and each row's channel.
 struct Channels {
@@ -52,22 +61,29 @@ struct Channels {
 struct Columns {
   int64_t grid, pool;  // pool < 0: no pooled columns
   std::vector<int64_t> dense;
+  std::vector<int64_t> others;  // every column outside the grid's and the pooled blocks
 };
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols, in tiles that stay in the L1
-// cache.
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols: lanes x lanes blocks in
+// registers, plain loops for the last rows % lanes rows and cols % lanes columns.
 template <typename scalar_t>
 void transpose(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld_src, scalar_t* dst,
                int64_t ld_dst) {
-  constexpr int64_t tile = 16;
-  for (int64_t i0 = 0; i0 < rows; i0 += tile) {
-    const int64_t i1 = std::min(rows, i0 + tile);
-    for (int64_t j0 = 0; j0 < cols; j0 += tile) {
-      const int64_t j1 = std::min(cols, j0 + tile);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = j0; j < j1; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+  using V = Vectors<scalar_t>;
+  constexpr int64_t W = V::kLanes;
+  const int64_t whole_rows = rows / W * W, whole_cols = cols / W * W;
+  for (int64_t i0 = 0; i0 < whole_rows; i0 += W)
+    for (int64_t j0 = 0; j0 < whole_cols; j0 += W) {
+      typename V::Vec block[W];
+#pragma GCC unroll 16
+      for (int64_t k = 0; k < W; ++k) block[k] = V::load(src + (i0 + k) * ld_src + j0);
+      transpose_block<scalar_t>(block);
+#pragma GCC unroll 16
+      for (int64_t k = 0; k < W; ++k) V::store(dst + (j0 + k) * ld_dst + i0, block[k]);
     }
-  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = i < whole_rows ? whole_cols : 0; j < cols; ++j)
+      dst[j * ld_dst + i] = src[i * ld_src + j];
 }
 
 // The rows of P each slot of each sample reads (cell * R + first_c + symbol), checking symbols.
@@ -104,66 +120,35 @@ void effective_weight(const scalar_t* weight, int64_t in, int64_t O, const Colum
   }
 }
 
-// P [cells * R, O] (zeroed) from the table and U.
+// P [cells * R, O] from the table and U: for each cell and channel, the channel's rows of the
+// table [size_c, E] times the slot's block of U [E, O].
 template <typename scalar_t>
 void project(const scalar_t* table, const scalar_t* u, const Channels& channels, int64_t cells,
              int64_t E, int64_t O, scalar_t* projected) {
   const int64_t C = channels.count(), R = channels.rows();
-  for (int64_t cell = 0; cell < cells; ++cell) {
-    for (int64_t r = 0; r < R; ++r) {
-      scalar_t* p = projected + (cell * R + r) * O;
-      const scalar_t* u_slot = u + (cell * C + channels.of_row[r]) * E * O;
-      for (int64_t e = 0; e < E; ++e) {
-        const scalar_t t = table[r * E + e];
-        const scalar_t* u_e = u_slot + e * O;
-#pragma omp simd
-        for (int64_t o = 0; o < O; ++o) p[o] += t * u_e[o];
-      }
-    }
-  }
+  for (int64_t cell = 0; cell < cells; ++cell)
+    for (int64_t c = 0; c < C; ++c)
+      matrix_times(table + channels.first_row[c] * E, u + (cell * C + c) * E * O,
+                   projected + (cell * R + channels.first_row[c]) * O, channels.size[c], E, O,
+                   false);
 }
 
 // Columns summed at once: 64 of them, held in registers (four AVX-512 registers of floats)
 // rather than stored and reloaded at every addition.
 constexpr int64_t kBlock = 64;
 
-// kBlock values as whole vectors of 64 bytes (GCC's vector extension; split into narrower
-// registers where the CPU has no 512-bit ones).
-template <typename scalar_t>
-struct Vec64;
-template <>
-struct Vec64<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct Vec64<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-
+// kBlock values in registers, as 64-byte vectors.
 template <typename scalar_t>
 struct Block {
-  using vec = typename Vec64<scalar_t>::type;
-  static_assert(sizeof(vec) == 64, "a vector of 64 bytes");
-  static constexpr int64_t lanes = 64 / sizeof(scalar_t), count = kBlock / lanes;
-  vec v[count];
+  using V = Vectors<scalar_t>;
+  static constexpr int64_t count = kBlock / V::kLanes;
+  typename V::Vec v[count] = {};
 
-  Block() {
-    for (int64_t k = 0; k < count; ++k) v[k] = vec{};
-  }
   void add(const scalar_t* src) {
-    for (int64_t k = 0; k < count; ++k) {
-      vec x;
-      std::memcpy(&x, src + k * lanes, sizeof(vec));
-      v[k] += x;
-    }
+    for (int64_t k = 0; k < count; ++k) v[k] += V::load(src + k * V::kLanes);
   }
   void add_to(scalar_t* dst) const {
-    for (int64_t k = 0; k < count; ++k) {
-      vec x;
-      std::memcpy(&x, dst + k * lanes, sizeof(vec));
-      x += v[k];
-      std::memcpy(dst + k * lanes, &x, sizeof(vec));
-    }
+    for (int64_t k = 0; k < count; ++k) V::store(dst + k * V::kLanes, V::load(dst + k * V::kLanes) + v[k]);
   }
 };
 
@@ -196,8 +181,8 @@ void sum_rows(const scalar_t* projected, const int32_t* rows, int64_t n, int64_t
   }
 }
 
-// The gradients of P (zeroed; rows no sample read are left zero and marked unused), of the
-// table and U (zeroed), from the output's.
+// The gradients of P (zeroed before), of the table (zeroed before) and of U (written whole),
+// from the output's.
 template <typename scalar_t>
 void backward_projected(const scalar_t* grad_out, const int32_t* rows, const scalar_t* table,
                         const scalar_t* u, const Channels& channels, int64_t n, int64_t slots,
@@ -230,29 +215,39 @@ void backward_projected(const scalar_t* grad_out, const int32_t* rows, const sca
       for (int64_t o = o0; o < O; ++o) gp[o] += grad_out[i * O + o];
     }
   }
+  // The table's gradient: each row of P a sample read, its gradient against U's rows.
   for (int64_t cell = 0; cell < cells; ++cell) {
     for (int64_t r = 0; r < R; ++r) {
       if (!used[cell * R + r]) continue;
       const scalar_t* gp = grad_projected + (cell * R + r) * O;
-      const int64_t base = (cell * C + channels.of_row[r]) * E;
+      const scalar_t* u_slot = u + (cell * C + channels.of_row[r]) * E * O;
       for (int64_t e = 0; e < E; ++e) {
-        const scalar_t* u_e = u + (base + e) * O;
-        scalar_t* gu_e = grad_u + (base + e) * O;
-        const scalar_t t = table[r * E + e];
+        const scalar_t* u_e = u_slot + e * O;
         scalar_t dot = 0;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t o = 0; o < O; ++o) {
-          dot += gp[o] * u_e[o];
-          gu_e[o] += t * gp[o];
-        }
+        for (int64_t o = 0; o < O; ++o) dot += gp[o] * u_e[o];
         grad_table[r * E + e] += dot;
       }
     }
   }
+  // U's gradient: for each cell and channel, the channel's table rows transposed [E, size_c]
+  // times their rows of P's gradient [size_c, O].
+  std::vector<scalar_t> table_t(static_cast<size_t>(R * E));
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t v = 0; v < channels.size[c]; ++v)
+      for (int64_t e = 0; e < E; ++e)
+        table_t[channels.first_row[c] * E + e * channels.size[c] + v] =
+            table[(channels.first_row[c] + v) * E + e];
+  for (int64_t cell = 0; cell < cells; ++cell)
+    for (int64_t c = 0; c < C; ++c)
+      matrix_times(table_t.data() + channels.first_row[c] * E,
+                   grad_projected + (cell * R + channels.first_row[c]) * O,
+                   grad_u + (cell * C + c) * E * O, E, channels.size[c], O, false);
 }
 
-// grad_weight [O, in] (zeroed): U's gradient into the grid's (and the pooled) columns, the dense
-// inputs' columns from the output's gradient.
+// grad_weight [O, in] (written whole): U's gradient into the grid's block (and its sum over
+// the cells into the pooled block), the dense inputs' columns from the output's gradient, zero
+// in any other column.
 template <typename scalar_t>
 void weight_gradient(const scalar_t* grad_u, const scalar_t* grad_out, const scalar_t* dense,
                      int64_t n, int64_t in, int64_t O, const Columns& columns, int64_t cells,
@@ -269,14 +264,21 @@ void weight_gradient(const scalar_t* grad_u, const scalar_t* grad_out, const sca
     }
   }
   const auto D = static_cast<int64_t>(columns.dense.size());
+  std::vector<scalar_t> dense_grad(static_cast<size_t>(D * O), 0);  // [D, O]
   for (int64_t i = 0; i < n; ++i) {
     const scalar_t* g = grad_out + i * O;
     for (int64_t j = 0; j < D; ++j) {
       const scalar_t x = dense[i * D + j];
-      if (x == 0) continue;
-      scalar_t* gw = grad_weight + columns.dense[j];
-      for (int64_t o = 0; o < O; ++o) gw[o * in] += x * g[o];
+      if (x == 0) continue;  // one-hot inputs are mostly zeros
+      scalar_t* gd = dense_grad.data() + j * O;
+#pragma omp simd
+      for (int64_t o = 0; o < O; ++o) gd[o] += x * g[o];
     }
+  }
+  for (int64_t o = 0; o < O; ++o) {
+    scalar_t* gw = grad_weight + o * in;
+    for (const int64_t column : columns.others) gw[column] = 0;
+    for (int64_t j = 0; j < D; ++j) gw[columns.dense[j]] = dense_grad[j * O + o];
   }
 }
 
@@ -287,10 +289,17 @@ Columns columns_of(int64_t grid_column, int64_t pool_column, const std::vector<i
               ") are outside the weight's ", in);
   TORCH_CHECK(pool_column < 0 || pool_column + pool_width <= in,
               "grid_linear: the pooled columns are outside the weight's ", in);
+  Columns columns{grid_column, pool_column, dense, {}};
+  std::vector<char> in_block(static_cast<size_t>(in), 0);
+  std::fill(in_block.begin() + grid_column, in_block.begin() + grid_column + grid_width, 1);
+  if (pool_column >= 0)
+    std::fill(in_block.begin() + pool_column, in_block.begin() + pool_column + pool_width, 1);
+  for (int64_t column = 0; column < in; ++column)
+    if (!in_block[column]) columns.others.push_back(column);
   for (const int64_t column : dense)
-    TORCH_CHECK(column >= 0 && column < in, "grid_linear: dense column ", column,
-                " is outside the weight's ", in);
-  return {grid_column, pool_column, dense};
+    TORCH_CHECK(column >= 0 && column < in && !in_block[column], "grid_linear: dense column ",
+                column, " is outside the weight's ", in, " or inside the grid's columns");
+  return columns;
 }
 
 std::vector<at::Tensor> grid_linear_forward(const at::Tensor& grid, const at::Tensor& table,
@@ -334,7 +343,7 @@ std::vector<at::Tensor> grid_linear_forward(const at::Tensor& grid, const at::Te
     slot_rows(grid_c.data_ptr<scalar_t>(), n, cells, channels, rows.data_ptr<int32_t>());
   });
   at::Tensor u = at::empty({slots * E, O}, table.options());
-  at::Tensor projected = at::zeros({cells * R, O}, table.options());
+  at::Tensor projected = at::empty({cells * R, O}, table.options());
   at::Tensor out = at::empty({n, O}, table.options());
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "grid_linear_forward", [&] {
     effective_weight(weight_c.data_ptr<scalar_t>(), in, O, columns, cells, C * E,
@@ -367,8 +376,8 @@ std::vector<at::Tensor> grid_linear_backward(const at::Tensor& grad_out, const a
   const at::Tensor table_c = table.contiguous(), dense_c = dense.contiguous();
   at::Tensor grad_projected = at::zeros({cells * R, O}, table.options());
   at::Tensor grad_table = at::zeros({R, E}, table.options());
-  at::Tensor grad_u = at::zeros({slots * E, O}, table.options());
-  at::Tensor grad_weight = at::zeros({O, in}, table.options());
+  at::Tensor grad_u = at::empty({slots * E, O}, table.options());
+  at::Tensor grad_weight = at::empty({O, in}, table.options());
   AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "grid_linear_backward", [&] {
     backward_projected(grad_c.data_ptr<scalar_t>(), rows.data_ptr<int32_t>(),
                        table_c.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), channels, n, slots,
