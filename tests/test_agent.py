@@ -358,3 +358,32 @@ def test_memory_lr_scale_gives_the_memory_its_own_learning_rate(tmp_path):
         {"name": "x", "core": "mnm-p", "policy": {"memory_lr_scale": 0.3}}
     )
     assert preset.model_kwargs()["policy_kwargs"]["memory_lr_scale"] == 0.3
+
+
+def test_minibatches_hold_each_chunk_once_per_epoch_and_follow_a_new_rollout():
+    """Chunk ``c * n_envs + e`` is steps ``c * seq_len ..`` of env ``e``, in every epoch (the
+    chunked observations are kept between epochs), and a new rollout replaces them."""
+    model = small_model("gru")
+
+    def check_epoch(buffer) -> None:
+        ids = torch.arange(buffer.values.numel(), dtype=torch.float32).view_as(buffer.values)
+        buffer.values = ids  # a step's id, to find each chunk's steps
+        seen = 0
+        for batch in buffer.minibatches(chunks_per_batch=2):
+            for j in range(batch.actions.shape[1]):
+                step, env = divmod(int(batch.old_values[0, j]), model.n_envs)
+                assert step % model.seq_len == 0
+                steps = slice(step, step + model.seq_len)
+                torch.testing.assert_close(batch.old_values[:, j], ids[steps, env])
+                stored = buffer.observations[steps, env]
+                torch.testing.assert_close(batch.observations[:, j], stored, rtol=0, atol=0)
+                seen += 1
+        assert seen == buffer.n_chunks
+
+    buffer = collect_one_rollout(model)
+    first = buffer.observations.clone()
+    check_epoch(buffer)
+    check_epoch(buffer)  # a second epoch, from the kept chunks
+    buffer = collect_one_rollout(model)  # the next rollout, into the same buffer
+    assert not torch.equal(buffer.observations, first)
+    check_epoch(buffer)

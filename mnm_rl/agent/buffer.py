@@ -75,6 +75,7 @@ class ChunkRolloutBuffer:
         self.advantages = torch.zeros(shape, device=dev)
         self.returns = torch.zeros(shape, device=dev)
         self.chunk_states: list[CoreState] = []
+        self._chunked_observations: Observation | None = None
         self.pos = 0
 
     def add(
@@ -95,6 +96,7 @@ class ChunkRolloutBuffer:
                 obs,
                 lambda v: torch.zeros((self.n_steps, *v.shape), dtype=v.dtype, device=self.device),
             )
+        self._chunked_observations = None
         if isinstance(obs, dict):
             for k, v in obs.items():
                 self.observations[k][self.pos] = v
@@ -152,7 +154,9 @@ class ChunkRolloutBuffer:
         if not self.full:
             raise RuntimeError(f"rollout buffer holds {self.pos} of {self.n_steps} steps")
         assert self.observations is not None
-        obs = map_obs(self.observations, self._as_chunks)
+        if self._chunked_observations is None:  # once per rollout, not once per epoch
+            self._chunked_observations = map_obs(self.observations, self._as_chunks)
+        obs = self._chunked_observations
         fields = [
             self._as_chunks(x)
             for x in (
@@ -169,7 +173,7 @@ class ChunkRolloutBuffer:
         for start in range(0, self.n_chunks, chunks_per_batch):
             idx = order[start : start + chunks_per_batch]
             yield ChunkBatch(
-                map_obs(obs, lambda v, i=idx: v[:, i]),
-                *(f[:, idx] for f in fields),
+                map_obs(obs, lambda v, i=idx: v.index_select(1, i)),
+                *(f.index_select(1, idx) for f in fields),
                 states=states.index(idx),
             )
