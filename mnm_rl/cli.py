@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mnm-rl",
         description="Recurrent PPO with Metalearned Neural Memory: train, evaluate, record, plot.",
-        epilog="On a CPU the MNM cores (and the lstm and gru cores' training passes) run C++ "
+        epilog="On a CPU the MNM cores (and the lstm and gru cores' training passes, and the "
+        "features extractor's layer over a symbol grid) run C++ "
         "kernels, compiled on first use (about 30 s, cached); MNM_RL_FUSED=0 in the environment "
         "runs the same equations in plain PyTorch. "
         "The kernel keeps the memory it frees for reuse (glibc); MNM_RL_RETAIN_MEMORY=0 hands it "

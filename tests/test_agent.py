@@ -377,6 +377,9 @@ def test_minibatches_hold_each_chunk_once_per_epoch_and_follow_a_new_rollout():
                 torch.testing.assert_close(batch.old_values[:, j], ids[steps, env])
                 stored = buffer.observations[steps, env]
                 torch.testing.assert_close(batch.observations[:, j], stored, rtol=0, atol=0)
+                start_state = buffer.chunk_states[step // model.seq_len]
+                for key, value in batch.states.items():
+                    torch.testing.assert_close(value[j], start_state[key][env], rtol=0, atol=0)
                 seen += 1
         assert seen == buffer.n_chunks
 

@@ -76,6 +76,7 @@ class ChunkRolloutBuffer:
         self.returns = torch.zeros(shape, device=dev)
         self.chunk_states: list[CoreState] = []
         self._chunked_observations: Observation | None = None
+        self._chunk_start_states: CoreState | None = None
         self.pos = 0
 
     def add(
@@ -96,7 +97,7 @@ class ChunkRolloutBuffer:
                 obs,
                 lambda v: torch.zeros((self.n_steps, *v.shape), dtype=v.dtype, device=self.device),
             )
-        self._chunked_observations = None
+        self._chunked_observations = self._chunk_start_states = None
         if isinstance(obs, dict):
             for k, v in obs.items():
                 self.observations[k][self.pos] = v
@@ -168,7 +169,9 @@ class ChunkRolloutBuffer:
                 self.returns,
             )
         ]
-        states = CoreState.cat(self.chunk_states)  # chunk c's states are rows c*n_envs .. +n_envs
+        if self._chunk_start_states is None:  # chunk c's states are rows c*n_envs .. +n_envs
+            self._chunk_start_states = CoreState.cat(self.chunk_states)
+        states = self._chunk_start_states
         order = torch.randperm(self.n_chunks, generator=generator).to(self.device)
         for start in range(0, self.n_chunks, chunks_per_batch):
             idx = order[start : start + chunks_per_batch]
