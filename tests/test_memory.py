@@ -156,11 +156,11 @@ def test_core_state_operations():
     assert state["fast_weights"].shape == (4, 3, HIDDEN, HIDDEN)
     assert state.index([1, 3]).batch_size == 2
     assert torch.equal(state.index(2)["h"], state["h"][2:3])
-    state = CoreState({k: torch.randn_like(v) for k, v in state.items()}, batch_size=4)
+    varied = CoreState({k: torch.randn_like(v) for k, v in state.items()}, batch_size=4)
     for idx in (torch.tensor([3, 0, 3]), torch.tensor([True, False, False, True])):
-        picked = state.index(idx)  # long tensors by index_select, masks by indexing
-        assert picked.batch_size == len(state["h"][idx])
-        assert all(torch.equal(picked[k], state[k][idx]) for k in state)
+        picked = varied.index(idx)  # long tensors by index_select, masks by indexing
+        assert picked.batch_size == len(varied["h"][idx])
+        assert all(torch.equal(picked[k], varied[k][idx]) for k in varied)
     joined = CoreState.cat([state.index(slice(0, 1)), state.index(slice(1, 4))])
     assert all(torch.equal(joined[k], state[k]) for k in state)
     moved = state.to("cpu").detach()
