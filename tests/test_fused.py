@@ -269,13 +269,7 @@ def test_options_the_kernel_lacks_use_pytorch(kernel, monkeypatch):
         assert y.shape == (4, 2, 6)
 
 
-def test_a_kernel_that_cannot_build_falls_back_with_one_warning(monkeypatch):
-    import torch.utils.cpp_extension
-
-    def no_compiler(**kwargs):
-        raise OSError("no C++ compiler here")
-
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+def test_a_kernel_that_cannot_build_falls_back_with_one_warning(monkeypatch, no_compiler):
     monkeypatch.setattr(fused, "_extension", None)
     monkeypatch.setattr(fused, "_load_failed", False)
     core = MNMCore(5, hidden_size=6, n_heads=1, n_layers=1)

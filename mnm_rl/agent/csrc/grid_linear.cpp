@@ -28,15 +28,15 @@
 #include <cstring>
 #include <vector>
 
-// The memory kernels' vector helpers: Vectors (64-byte vectors), transpose_block (a lanes x lanes
-// block transposed in registers) and matrix_times (x M with M's rows read once, accumulating in
-// registers).
+// The memory kernels' vector helpers: Vectors (64-byte vectors), transpose_strided (through
+// lanes x lanes blocks in registers) and matrix_times (x M with M's rows read once, accumulating
+// in registers).
 #include "../../memory/csrc/row_products.h"
 
 namespace {
 
 using mnm_rl::matrix_times;
-using mnm_rl::transpose_block;
+using mnm_rl::transpose_strided;
 using mnm_rl::Vectors;
 
 // The grid's channels: each one's symbol count and first table row, and each row's channel.
@@ -64,28 +64,6 @@ struct Columns {
   std::vector<int64_t> others;  // every column outside the grid's and the pooled blocks
 };
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols: lanes x lanes blocks in
-// registers, plain loops for the last rows % lanes rows and cols % lanes columns.
-template <typename scalar_t>
-void transpose(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld_src, scalar_t* dst,
-               int64_t ld_dst) {
-  using V = Vectors<scalar_t>;
-  constexpr int64_t W = V::kLanes;
-  const int64_t whole_rows = rows / W * W, whole_cols = cols / W * W;
-  for (int64_t i0 = 0; i0 < whole_rows; i0 += W)
-    for (int64_t j0 = 0; j0 < whole_cols; j0 += W) {
-      typename V::Vec block[W];
-#pragma GCC unroll 16
-      for (int64_t k = 0; k < W; ++k) block[k] = V::load(src + (i0 + k) * ld_src + j0);
-      transpose_block<scalar_t>(block);
-#pragma GCC unroll 16
-      for (int64_t k = 0; k < W; ++k) V::store(dst + (j0 + k) * ld_dst + i0, block[k]);
-    }
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = i < whole_rows ? whole_cols : 0; j < cols; ++j)
-      dst[j * ld_dst + i] = src[i * ld_src + j];
-}
-
 // The rows of P each slot of each sample reads (cell * R + first_c + symbol), checking symbols.
 template <typename grid_t>
 void slot_rows(const grid_t* grid, int64_t n, int64_t cells, const Channels& channels,
@@ -109,10 +87,10 @@ void slot_rows(const grid_t* grid, int64_t n, int64_t cells, const Channels& cha
 template <typename scalar_t>
 void effective_weight(const scalar_t* weight, int64_t in, int64_t O, const Columns& columns,
                       int64_t cells, int64_t CE, scalar_t* u) {
-  transpose(weight + columns.grid, O, cells * CE, in, u, O);
+  transpose_strided(weight + columns.grid, O, cells * CE, in, u, O);
   if (columns.pool < 0) return;
   std::vector<scalar_t> pool(static_cast<size_t>(CE * O));
-  transpose(weight + columns.pool, O, CE, in, pool.data(), O);
+  transpose_strided(weight + columns.pool, O, CE, in, pool.data(), O);
   for (int64_t cell = 0; cell < cells; ++cell) {
     scalar_t* u_cell = u + cell * CE * O;
 #pragma omp simd
@@ -252,7 +230,7 @@ template <typename scalar_t>
 void weight_gradient(const scalar_t* grad_u, const scalar_t* grad_out, const scalar_t* dense,
                      int64_t n, int64_t in, int64_t O, const Columns& columns, int64_t cells,
                      int64_t CE, scalar_t* grad_weight) {
-  transpose(grad_u, cells * CE, O, O, grad_weight + columns.grid, in);
+  transpose_strided(grad_u, cells * CE, O, O, grad_weight + columns.grid, in);
   if (columns.pool >= 0) {
     for (int64_t o = 0; o < O; ++o) {
       scalar_t* gw = grad_weight + o * in;

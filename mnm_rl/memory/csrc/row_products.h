@@ -144,23 +144,31 @@ template <typename T> inline void transpose_block(typename Vectors<T>::Vec* rows
   if constexpr (Vectors<T>::kLanes == 16) BlockStage<T, 8>::apply(rows);
 }
 
-// dst = src^T for one D x D matrix, both contiguous: lanes x lanes blocks in registers, and
-// plain loops for the last D % lanes rows and columns.
-template <typename T> void transpose_into(const T* src, T* dst, int64_t D) {
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols: lanes x lanes blocks in
+// registers, and plain loops for the last rows % lanes rows and cols % lanes columns.
+template <typename T>
+void transpose_strided(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst,
+                       int64_t ld_dst) {
   using V = Vectors<T>;
   constexpr int64_t W = V::kLanes;
-  const int64_t whole = D / W * W;
-  for (int64_t i0 = 0; i0 < whole; i0 += W)
-    for (int64_t j0 = 0; j0 < whole; j0 += W) {
-      typename V::Vec rows[W];
+  const int64_t whole_rows = rows / W * W, whole_cols = cols / W * W;
+  for (int64_t i0 = 0; i0 < whole_rows; i0 += W)
+    for (int64_t j0 = 0; j0 < whole_cols; j0 += W) {
+      typename V::Vec block[W];
 #pragma GCC unroll 16
-      for (int64_t k = 0; k < W; ++k) rows[k] = V::load(src + (i0 + k) * D + j0);
-      transpose_block<T>(rows);
+      for (int64_t k = 0; k < W; ++k) block[k] = V::load(src + (i0 + k) * ld_src + j0);
+      transpose_block<T>(block);
 #pragma GCC unroll 16
-      for (int64_t k = 0; k < W; ++k) V::store(dst + (j0 + k) * D + i0, rows[k]);
+      for (int64_t k = 0; k < W; ++k) V::store(dst + (j0 + k) * ld_dst + i0, block[k]);
     }
-  for (int64_t i = 0; i < D; ++i)
-    for (int64_t j = i < whole ? whole : 0; j < D; ++j) dst[j * D + i] = src[i * D + j];
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = i < whole_rows ? whole_cols : 0; j < cols; ++j)
+      dst[j * ld_dst + i] = src[i * ld_src + j];
+}
+
+// dst = src^T for one D x D matrix, both contiguous.
+template <typename T> void transpose_into(const T* src, T* dst, int64_t D) {
+  transpose_strided(src, D, D, D, dst, D);
 }
 
 // Columns [c0, c0 + NV * lanes) of every row of out = M + alpha s^T z, for one matrix; with
