@@ -19,6 +19,7 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from mnm_rl import native
 
@@ -54,6 +55,7 @@ class _GridLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         rows, table, effective, weight, dense = ctx.saved_tensors
         grad_table, grad_weight, grad_bias, grad_dense = ctx.kernel.grid_linear_backward(
