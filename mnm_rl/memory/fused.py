@@ -125,7 +125,8 @@ class FusedSequence(torch.autograd.Function):
                 gates_x, keep, h0, c0, r0, m0, *params, *options, store, parts
             )
         # The nine outputs, then what the backward pass takes (per part: the last post-write
-        # weights, u_in, c_in, the writes' factors, the weights of ended episodes).
+        # weights, u_in, c_in, the passes' activations, the writes' factors, the weights of
+        # ended episodes, the controller's gates, the interaction's and the BFPF's outputs).
         hs, reads, after, before, values, beta, norm, c, weights = outputs[:9]
         if store:  # all through save_for_backward, so that saved-tensor hooks see them too
             ctx.config = config

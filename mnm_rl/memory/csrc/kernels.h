@@ -32,6 +32,7 @@ std::vector<at::Tensor> mnm_backward(
     const at::Tensor& keep, const at::Tensor& m0, const at::Tensor& last_post,
     const at::Tensor& u_in, const at::Tensor& c_in, const at::Tensor& write_acts,
     const at::Tensor& write_scaled, const at::Tensor& read_acts, const at::Tensor& ended,
+    const at::Tensor& gates_all, const at::Tensor& e_all, const at::Tensor& raw_all,
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,

@@ -26,11 +26,11 @@
 // preallocated buffers;
 // the weight gradients of the controller and of the BFPF are large products over all steps at
 // the end.
-// The backward pass recomputes the controller, keys, values and errors of each step from what the
-// forward pass kept (the step's inputs h, c, read, and the activations of the passes through the
-// layers, [B, H, D] and [B, 2H, D] per layer, which the forward pass writes straight into the
-// buffers it keeps); the controller's gates, the interaction and mnm-p's BFPF outputs of all steps
-// at once, one product each, before its loop. It does not keep every step's fast weights
+// The backward pass recomputes the keys, values and errors of each step from what the forward
+// pass kept (the step's inputs h, c, read, the controller's gates, the interaction's output,
+// mnm-p's BFPF outputs, and the activations of the passes through the layers, [B, H, D] and
+// [B, 2H, D] per layer, all of which the forward pass writes straight into the buffers it
+// keeps). It does not keep every step's fast weights
 // ([L, B, D, D] per step, most of the memory autograd kept): it starts from the last step's and
 // undoes the writes one step at a time, M = M' + (beta / energy) sum_h delta_h z_h^T, from the
 // factors the forward pass kept; where an episode starts, the write began from the initial weights,
@@ -317,12 +317,15 @@ Checked check(const at::Tensor& gates_x, const at::Tensor& m0, int64_t n_heads,
 // the backward pass needs: the step inputs, the activations of the passes through the layers,
 // the writes' factors and the weights of sequences whose episodes end. Returns [hs, reads,
 // after, before, values, beta, fw_norm, c_final, weights_final, last_post, u_in, c_in,
-// write_acts, write_scaled, read_acts, ended]; last_post the final weights layer-major
+// write_acts, write_scaled, read_acts, ended, gates, e, raw]; last_post the final weights
+// layer-major
 // [L, B, D, D], each matrix transposed (N = M^T), weights_final a [B, L, D, D] view of it
 // whose values are M, u_in [T, B, hidden + D] the
 // controller's recurrent inputs [h ; read] after the resets, write_acts [T, L + 1, B, H, D]
 // (z^0..z^L), write_scaled [T, L, B, H, D], read_acts [T, L, B, 2H, D] (zr^1..zr^L), ended
-// [n, L, D, D].
+// [n, L, D, D], gates [T, B, 4 * hidden] the controller's gates before their activations, e
+// [T, B, E] the interaction's output (after its tanh), raw [T, B * H, L * D] mnm-p's BFPF
+// outputs before their activations (mnm-g: [0, B * H, L * D]).
 std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
                                     const at::Tensor& h0, const at::Tensor& c0,
                                     const at::Tensor& r0, const at::Tensor& m0,
@@ -360,9 +363,16 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   auto write_scaled = at::empty({store ? T : 0, L, B, H, D}, opts);
   auto read_acts = at::empty({store ? T : 0, L, B, 2 * H, D}, opts);
   auto ended = at::empty({store ? ended_count(keep) : 0, L, D, D}, opts);
+  // The controller's gates, the interaction's output and mnm-p's BFPF outputs of every step,
+  // kept as the forward pass computes them (1.9 MB for 16 sequences of 16 steps at 4 heads x 3
+  // layers): recomputing them in the backward pass, one product each for all steps, took about
+  // as long as the rest of its products with the slow weights.
+  auto gates_kept = at::empty({store ? T : 0, B, 4 * Hd}, opts);
+  auto e_kept = at::empty({store ? T : 0, B, E}, opts);
+  auto raw_kept = at::empty({store && !gradient_rule ? T : 0, B * H, L * D}, opts);
   auto u_scratch = at::empty({store ? 0 : B, Hd + D}, opts);
-  auto gates = at::empty({B, 4 * Hd}, opts);
-  auto e = at::empty({B, E}, opts);
+  const auto gates_scratch = at::empty({store ? 0 : B, 4 * Hd}, opts);
+  const auto e_scratch = at::empty({store ? 0 : B, E}, opts);
   auto w_rec_t = w_rec.t();
   auto w_int_t = w_int.t();
   // The forward pass holds every fast-weight matrix transposed, N = M^T, so that the passes
@@ -403,6 +413,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
         if (!k) std::fill(c_p + b * Hd, c_p + (b + 1) * Hd, T_(0));
       }
       if (store) c_in[t].copy_(c_state);
+      at::Tensor gates = store ? gates_kept[t] : gates_scratch;
       at::addmm_out(gates, gates_x[t], u, w_rec_t);
       const T_* g = gates.data_ptr<T_>();
       T_* h_p = hs[t].data_ptr<T_>();
@@ -413,6 +424,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
           c_p[b * Hd + i] = c;
           h_p[b * Hd + i] = a.o * tanh_(c);
         }
+      at::Tensor e = store ? e_kept[t] : e_scratch;
       at::addmm_out(e, per_step_int ? b_int[t] : b_int, hs[t], w_int_t);
       // The interaction's tanh with the kernel's own vectorised tanh_ (elementwise.h): ATen's
       // e.tanh_() took about 45 us for [16, 832], 3% of a training pass at 4 heads x 3 layers.
@@ -432,6 +444,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
         s.z = write_acts[t];
         s.scaled = write_scaled[t];
         s.zr = read_acts[t];
+        if (!gradient_rule) s.raw = raw_kept[t];
       }
       // prev is scratch after step 0 (the ended sequences' weights are copied out above), and
       // at step 0 where it is this call's own copy of the start weights
@@ -463,7 +476,8 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   // rollout's every step) takes it back as it is.
   auto final_weights = last_post.permute({1, 0, 3, 2});
   return {hs, reads, after, before, values, beta, fw_norm, c_state, final_weights,
-          last_post, u_in, c_in, write_acts, write_scaled, read_acts, ended};
+          last_post, u_in, c_in, write_acts, write_scaled, read_acts, ended,
+          gates_kept, e_kept, raw_kept};
 }
 
 // Backward over a sequence from the gradients of the forward's outputs (hs, reads, after,
@@ -477,6 +491,7 @@ std::vector<at::Tensor> mnm_backward(
     const at::Tensor& keep, const at::Tensor& m0, const at::Tensor& last_post,
     const at::Tensor& u_in, const at::Tensor& c_in, const at::Tensor& write_acts,
     const at::Tensor& write_scaled, const at::Tensor& read_acts, const at::Tensor& ended,
+    const at::Tensor& gates_all, const at::Tensor& e_all, const at::Tensor& raw_all,
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
@@ -524,17 +539,12 @@ std::vector<at::Tensor> mnm_backward(
   const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, at::Tensor()};
   StepBuffers s(d, opts, false);
   double g_b_beta_value = 0;
-  at::Tensor values_all, raw_all;  // mnm-p: [T * B * H, D], [T, B * H, L * D]
-  // The controller's gates and the interaction's output of every step, recomputed from the
-  // kept inputs before the loop: one product for all T * B rows each, where the forward pass
-  // (whose h it needed step by step) made one per step. The same sums, up to rounding.
+  TORCH_CHECK(gates_all.size(0) == T && e_all.size(0) == T &&
+                  (gradient_rule || raw_all.size(0) == T),
+              "the backward pass needs the gates, interaction and BFPF outputs the forward "
+              "pass kept");
+  at::Tensor values_all;  // mnm-p: [T * B * H, D]
   const auto u_all = u_in.view({T * B, Hd + D});
-  const auto gates_all =
-      at::addmm(gates_x.reshape({T * B, 4 * Hd}), u_all, w_rec.t()).view({T, B, 4 * Hd});
-  const auto e_all =
-      at::addmm(per_step_int ? b_int.reshape({T * B, E}) : b_int, hs.reshape({T * B, Hd}),
-                w_int.t())
-          .view({T, B, E});
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_backward", [&] {
     using T_ = scalar_t;
@@ -557,14 +567,10 @@ std::vector<at::Tensor> mnm_backward(
     auto grad_at = [](const at::Tensor& g, int64_t t) -> const T_* {
       return present(g) ? g[t].data_ptr<T_>() : nullptr;
     };
-    apply_act(true, e_all.data_ptr<T_>(), e_all.numel());  // as in the forward pass
-    // mnm-p: the write values and the BFPF's outputs of every step, also in one product.
-    if (!d.gradient_rule) {
-      values_all = e_all.narrow(2, 2 * HD, HD).reshape({T * B * H, D});
-      raw_all = at::addmm(b_fb, values_all, w_fb.t()).view({T, B * H, L * D});
-    }
+    // mnm-p: the write values of every step, for the BFPF's weight gradient
+    if (!d.gradient_rule) values_all = e_all.narrow(2, 2 * HD, HD).reshape({T * B * H, D});
     for (int64_t t = T - 1; t >= 0; --t) {
-      // Recompute step t's memory (its controller is in gates_all and e_all).
+      // Recompute step t's memory (its controller's outputs are the kept gates_all and e_all).
       const at::Tensor e = e_all[t];
       const at::Tensor gates = gates_all[t];
       const T_* keep_t = keep_p + t * B;
@@ -818,7 +824,7 @@ std::vector<at::Tensor> mnm_backward(
 namespace {
 
 // What mnm_forward returns for the backward pass, after its nine outputs.
-constexpr int64_t kSavedPerPart = 7;
+constexpr int64_t kSavedPerPart = 10;
 
 // Row b of `parts` equal parts of [0, B): parts first get B / parts rows, the first B % parts
 // one more.
@@ -872,7 +878,7 @@ at::Tensor total(const std::vector<std::vector<at::Tensor>>& outs, size_t k) {
 
 // mnm_forward over `parts` parts of the batch. Returns mnm_forward's first nine outputs for the
 // whole batch, then, per part, what the backward pass takes: last_post, u_in, c_in,
-// write_acts, write_scaled, read_acts, ended (kSavedPerPart * parts).
+// write_acts, write_scaled, read_acts, ended, gates, e, raw (kSavedPerPart * parts).
 std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::Tensor& keep,
                                           const at::Tensor& h0, const at::Tensor& c0,
                                           const at::Tensor& r0, const at::Tensor& m0,
@@ -927,6 +933,7 @@ std::vector<at::Tensor> mnm_backward_parts(
         rows(keep, 1, b0, b1), rows(m0, 0, b0, b1), saved[kSavedPerPart * i],
         saved[kSavedPerPart * i + 1], saved[kSavedPerPart * i + 2], saved[kSavedPerPart * i + 3],
         saved[kSavedPerPart * i + 4], saved[kSavedPerPart * i + 5], saved[kSavedPerPart * i + 6],
+        saved[kSavedPerPart * i + 7], saved[kSavedPerPart * i + 8], saved[kSavedPerPart * i + 9],
         rows(hs, 1, b0, b1), w_rec, w_int, per_step_int ? rows(b_int, 1, b0, b1) : b_int, w_beta,
         b_beta, w_fb, b_fb, m_init, n_heads, gradient_rule, tanh_act, eps);
   });
