@@ -358,26 +358,28 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   // what the backward pass keeps of them (the last step's) holds only one.
   const at::Tensor post[2] = {at::empty({L, B, D, D}, opts),
                               T > 1 ? at::empty({L, B, D, D}, opts) : at::Tensor()};
-  auto u_in = at::empty({store ? T : 0, B, Hd + D}, opts);
-  auto c_in = at::empty({store ? T : 0, B, Hd}, opts);
+  // What is only kept for the backward pass is one empty tensor without it (the rollout).
+  const auto none = at::empty({0}, opts);
+  auto u_in = store ? at::empty({T, B, Hd + D}, opts) : none;
+  auto c_in = store ? at::empty({T, B, Hd}, opts) : none;
   // The passes' activations (the write keys' before the write, every key's after it), the
   // writes' factors (M' = M - scaled^T z per layer) and the weights of every sequence whose
   // episode ends before a step t >= 1: from them and the final weights the backward pass
   // undoes the writes step by step (see mnm_backward), without recomputing the passes.
-  auto write_acts = at::empty({store ? T : 0, L + 1, B, H, D}, opts);
-  auto write_scaled = at::empty({store ? T : 0, L, B, H, D}, opts);
-  auto read_acts = at::empty({store ? T : 0, L, B, 2 * H, D}, opts);
-  auto ended = at::empty({store ? ended_count(keep) : 0, L, D, D}, opts);
+  auto write_acts = store ? at::empty({T, L + 1, B, H, D}, opts) : none;
+  auto write_scaled = store ? at::empty({T, L, B, H, D}, opts) : none;
+  auto read_acts = store ? at::empty({T, L, B, 2 * H, D}, opts) : none;
+  auto ended = store ? at::empty({ended_count(keep), L, D, D}, opts) : none;
   // The controller's gates, the interaction's output and mnm-p's BFPF outputs of every step,
   // kept as the forward pass computes them (1.9 MB for 16 sequences of 16 steps at 4 heads x 3
   // layers): recomputing them in the backward pass, one product each for all steps, took about
   // as long as the rest of its products with the slow weights.
-  auto gates_kept = at::empty({store ? T : 0, B, 4 * Hd}, opts);
-  auto e_kept = at::empty({store ? T : 0, B, E}, opts);
-  auto raw_kept = at::empty({store && !gradient_rule ? T : 0, B * H, L * D}, opts);
-  auto u_scratch = at::empty({store ? 0 : B, Hd + D}, opts);
-  const auto gates_scratch = at::empty({store ? 0 : B, 4 * Hd}, opts);
-  const auto e_scratch = at::empty({store ? 0 : B, E}, opts);
+  auto gates_kept = store ? at::empty({T, B, 4 * Hd}, opts) : none;
+  auto e_kept = store ? at::empty({T, B, E}, opts) : none;
+  auto raw_kept = store && !gradient_rule ? at::empty({T, B * H, L * D}, opts) : none;
+  const auto u_scratch = store ? none : at::empty({B, Hd + D}, opts);
+  const auto gates_scratch = store ? none : at::empty({B, 4 * Hd}, opts);
+  const auto e_scratch = store ? none : at::empty({B, E}, opts);
   auto w_rec_t = w_rec.t();
   auto w_int_t = w_int.t();
   // The forward pass holds every fast-weight matrix transposed, N = M^T, so that the passes
@@ -544,8 +546,8 @@ std::vector<at::Tensor> mnm_backward(
   const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, at::Tensor()};
   StepBuffers s(d, opts, false);
   double g_b_beta_value = 0;
-  TORCH_CHECK(gates_all.size(0) == T && e_all.size(0) == T &&
-                  (gradient_rule || raw_all.size(0) == T),
+  TORCH_CHECK(gates_all.dim() == 3 && gates_all.size(0) == T && e_all.dim() == 3 &&
+                  e_all.size(0) == T && (gradient_rule || (raw_all.dim() == 3 && raw_all.size(0) == T)),
               "the backward pass needs the gates, interaction and BFPF outputs the forward "
               "pass kept");
   at::Tensor values_all;  // mnm-p: [T * B * H, D]
