@@ -7,9 +7,9 @@ Eager PyTorch runs an MNM step as about 200 small operators, and at the sizes RL
 minibatch of 8-32 sequences, width 64) each costs microseconds of dispatch and allocation
 whatever its size. The kernel does a whole sequence, forward and backward, in one call each:
 every matrix product is one BLAS call per step (and fast-weight layer) for the whole batch,
-everything elementwise is plain loops, and the backward pass recomputes each step's activations
-instead of storing them, and each step's fast weights by undoing the writes from the last
-step's.
+everything elementwise is plain loops, and the backward pass recomputes each step's keys, values
+and errors instead of storing them, and each step's fast weights by undoing the writes from the
+last step's.
 
 It computes what :class:`mnm_rl.memory.MNMCore` computes (``tests/test_fused.py`` compares
 outputs, final states and every gradient in float64), for both write rules and activations, in
