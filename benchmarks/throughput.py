@@ -26,7 +26,10 @@ update. Every measurement runs in a fresh subprocess, so its peak memory is that
 resident set size (``ru_maxrss``); ``learn_mb`` is how much the timed ``learn()`` raised it. On a
 GPU, ``peak_mb`` is ``torch.cuda.max_memory_allocated`` instead. Configurations are run in
 interleaved rounds (every config once per round) and we report medians, so a change in the
-machine's load hits every configuration alike; ratios are ratios of the medians.
+machine's load hits every configuration alike; ratios are ratios of the medians. On a busy
+machine the rounds can disagree by more than the configs do, so the table is followed by each
+config's rate over one reference config's in the same round (``--ratio-to``; by default
+``lstm/par``, else ``lstm``, whichever was run), round by round, and their median.
 
 The mnm-p scaling section times one epoch of ``train()`` on a collected rollout of 8 envs x 256
 steps, with 8 chunks per minibatch, against the truncated-BPTT length ``seq_len`` and against the
@@ -130,12 +133,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rollouts", type=int, default=4, help="timed rollouts per measurement")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians reported")
     p.add_argument("--configs", nargs="+", default=["ceiling", *AGENTS])
+    p.add_argument(
+        "--ratio-to",
+        metavar="CONFIG",
+        help="the config every other is divided by, round by round (default: lstm/par if run,\n"
+        "else lstm)",
+    )
     p.add_argument("--no-scaling", action="store_true", help="skip the mnm-p scaling tables")
     p.add_argument("--quick", action="store_true", help="fewer rounds and sizes (< 5 minutes)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.view_size < 3 or args.view_size % 2 == 0:
         p.error(f"--view-size must be an odd number of at least 3 (MiniGrid), got {args.view_size}")
+    if args.ratio_to is None:
+        args.ratio_to = next((c for c in ("lstm/par", "lstm") if c in args.configs), None)
+    elif args.ratio_to not in args.configs:
+        p.error(f"--ratio-to {args.ratio_to}: not one of --configs")
     if args.quick:
         args.rounds = min(args.rounds, 3)
         args.rollouts = min(args.rollouts, 2)
@@ -440,6 +453,20 @@ def machine() -> str:
     )
 
 
+def round_ratios(
+    results: dict[str, list[dict[str, Any]]], reference: str
+) -> dict[str, list[float]]:
+    """Every config's wall-clock rate over ``reference``'s in the same round, round by round
+    (the ceiling and the reference itself left out): what a change in the machine's load between
+    rounds shifts less than the ratio of the medians."""
+    ref = [r["sps"] for r in results[reference]]
+    return {
+        name: [r["sps"] / q for r, q in zip(runs, ref, strict=True)]
+        for name, runs in results.items()
+        if name not in ("ceiling", reference)
+    }
+
+
 def summary(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> dict:
     med = {k: statistics.median(r["sps"] for r in v) for k, v in results.items()}
     cpu = {k: statistics.median(r["cpu_sps"] for r in v) for k, v in results.items()}
@@ -462,6 +489,8 @@ def summary(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) 
         "sps_by_config": med,  # every config, variants (/eager, @N) included
         "peak_mb": {k: peak[k] for k in AGENTS if k in peak},
         "cpu_sps": cpu,
+        "ratio_to": args.ratio_to,
+        "round_ratios": round_ratios(results, args.ratio_to) if args.ratio_to in results else {},
     }
 
 
@@ -492,6 +521,19 @@ def print_table(results: dict[str, list[dict[str, Any]]]) -> None:
             f"{ratio(cpu, name, 'ceiling', 100)} {max(r['peak_mb'] for r in runs):7.0f} "
             f"{statistics.median(r['learn_mb'] for r in runs):8.0f}"
         )
+
+
+def print_round_ratios(results: dict[str, list[dict[str, Any]]], reference: str) -> None:
+    """:func:`round_ratios` as a table: one column per round, then their median."""
+    ratios = round_ratios(results, reference)
+    if not ratios:
+        return
+    rounds = len(results[reference])
+    print(f"\nrate over {reference}'s in the same round")
+    print(f"{'config':<14} " + " ".join(f"{f'r{i + 1}':>5}" for i in range(rounds)) + "  median")
+    for name, values in ratios.items():
+        cells = " ".join(f"{v:5.2f}" for v in values)
+        print(f"{name:<14} {cells}  {statistics.median(values):6.2f}")
 
 
 def print_scaling(scaling: dict[str, Any], hidden: int, seq_len: int) -> None:
@@ -543,6 +585,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"round {round_ + 1}/{args.rounds}: {line}", flush=True)
     print()
     print_table(results)
+    if args.ratio_to is not None:
+        print_round_ratios(results, args.ratio_to)
     scaling = None
     if not args.no_scaling:
         scaling = _spawn("scaling", passthrough)

@@ -36,6 +36,39 @@ def test_summary_records_the_view_size(throughput):
     assert out["ceiling_sps"] == 100.0 and out["sps"] == {"lstm": 40.0}
 
 
+def test_rates_over_the_reference_are_taken_round_by_round(throughput, capsys):
+    """Each config's rate is divided by the reference's of the same round (lstm/par by default
+    when it was run, else lstm); the JSON line and the printed table carry them."""
+    args = throughput.parse_args(["--configs", "ceiling", "lstm", "lstm/par", "mnm-p"])
+    assert args.ratio_to == "lstm/par"
+    assert throughput.parse_args(["--configs", "lstm", "mnm-p"]).ratio_to == "lstm"
+    assert throughput.parse_args(["--configs", "ceiling", "mnm-p"]).ratio_to is None
+
+    def runs(*rates):
+        return [{"sps": r, "cpu_sps": r, "peak_mb": 300.0} for r in rates]
+
+    results = {
+        "ceiling": runs(1000.0, 900.0, 1100.0),
+        "lstm": runs(100.0, 50.0, 80.0),
+        "lstm/par": runs(200.0, 100.0, 160.0),
+        "mnm-p": runs(100.0, 60.0, 72.0),
+    }
+    out = throughput.summary(args, results)
+    assert out["ratio_to"] == "lstm/par"
+    assert out["round_ratios"] == {"lstm": [0.5, 0.5, 0.5], "mnm-p": [0.5, 0.6, 0.45]}
+    throughput.print_round_ratios(results, "lstm/par")
+    printed = capsys.readouterr().out
+    assert "rate over lstm/par's in the same round" in printed
+    assert "mnm-p           0.50  0.60  0.45    0.50" in printed
+
+
+def test_ratio_to_must_be_a_config_that_runs(throughput, capsys):
+    with pytest.raises(SystemExit) as raised:
+        throughput.parse_args(["--configs", "lstm", "mnm-p", "--ratio-to", "gru"])
+    assert raised.value.code == 2
+    assert "--ratio-to gru: not one of --configs" in capsys.readouterr().err
+
+
 def test_step_split_adds_up(capsys):
     """``benchmarks/step_split.py`` times env stepping, the rest of the rollout and the update
     of a whole ``learn()`` in a fresh process; the three parts fit in the total."""
