@@ -323,14 +323,14 @@ Checked check(const at::Tensor& gates_x, const at::Tensor& m0, int64_t n_heads,
 // the writes' factors and the weights of sequences whose episodes end. Returns [hs, reads,
 // after, before, values, beta, fw_norm, c_final, weights_final, last_post, u_in, c_in,
 // write_acts, write_scaled, read_acts, ended, gates, e, raw]; last_post the final weights
-// layer-major
-// [L, B, D, D], each matrix transposed (N = M^T), weights_final a [B, L, D, D] view of it
-// whose values are M, u_in [T, B, hidden + D] the
-// controller's recurrent inputs [h ; read] after the resets, write_acts [T, L + 1, B, H, D]
-// (z^0..z^L), write_scaled [T, L, B, H, D], read_acts [T, L, B, 2H, D] (zr^1..zr^L), ended
-// [n, L, D, D], gates [T, B, 4 * hidden] the controller's gates before their activations, e
-// [T, B, E] the interaction's output (after its tanh), raw [T, B * H, L * D] mnm-p's BFPF
-// outputs before their activations (mnm-g: [0, B * H, L * D]).
+// layer-major [L, B, D, D], each matrix transposed (N = M^T), weights_final a [B, L, D, D]
+// view of it whose values are M, u_in [T, B, hidden + D] the controller's recurrent inputs
+// [h ; read] after the resets, write_acts [T, L + 1, B, H, D] (z^0..z^L), write_scaled
+// [T, L, B, H, D], read_acts [T, L, B, 2H, D] (zr^1..zr^L), ended [n, L, D, D], gates
+// [T, B, 4 * hidden] the controller's gates before their activations, e [T, B, E] the
+// interaction's output (after its tanh), raw [T, B * H, L * D] mnm-p's BFPF outputs before
+// their activations (mnm-g: an empty tensor). Without store, everything after weights_final
+// but last_post is one empty tensor.
 std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
                                     const at::Tensor& h0, const at::Tensor& c0,
                                     const at::Tensor& r0, const at::Tensor& m0,
@@ -546,8 +546,9 @@ std::vector<at::Tensor> mnm_backward(
   const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, at::Tensor()};
   StepBuffers s(d, opts, false);
   double g_b_beta_value = 0;
+  const bool kept_mnm_p = raw_all.dim() == 3 && raw_all.size(0) == T;
   TORCH_CHECK(gates_all.dim() == 3 && gates_all.size(0) == T && e_all.dim() == 3 &&
-                  e_all.size(0) == T && (gradient_rule || (raw_all.dim() == 3 && raw_all.size(0) == T)),
+                  e_all.size(0) == T && (gradient_rule || kept_mnm_p),
               "the backward pass needs the gates, interaction and BFPF outputs the forward "
               "pass kept");
   at::Tensor values_all;  // mnm-p: [T * B * H, D]
