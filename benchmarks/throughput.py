@@ -349,19 +349,23 @@ def run_ceiling(args: argparse.Namespace, config: str = "ceiling") -> dict[str, 
 
 
 def saved_bytes(fn) -> int:
-    """Bytes of the unique storages autograd saves for backward while ``fn()`` runs."""
+    """Bytes of the unique storages autograd saves for backward while ``fn()`` runs.
+
+    The storages are held until ``fn()`` returns: one that a freed part of the graph let go of
+    (an output ``fn`` drops) could otherwise lend its address to another saved later, which
+    would then count in its place, so that the total depended on the allocator's reuse."""
     import torch
 
-    storages: dict[int, int] = {}
+    storages: dict[int, torch.UntypedStorage] = {}
 
     def pack(t: torch.Tensor):
         s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        storages.setdefault(s.data_ptr(), s)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(storages.values())
+    return sum(s.nbytes() for s in storages.values())
 
 
 def run_scaling(args: argparse.Namespace) -> dict[str, Any]:

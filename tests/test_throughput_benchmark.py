@@ -69,6 +69,29 @@ def test_ratio_to_must_be_a_config_that_runs(throughput, capsys):
     assert "--ratio-to gru: not one of --configs" in capsys.readouterr().err
 
 
+def test_saved_bytes_counts_each_saved_storage_once_and_keeps_them_apart(throughput):
+    """A tensor saved by two ops, or twice by one, counts once; one saved by a part of the graph
+    that is dropped while ``fn`` runs still counts, and does not let a later one take its
+    address and its place (the total would then depend on the allocator's reuse)."""
+    import torch
+
+    x = torch.randn(256, requires_grad=True)  # 1 KB
+
+    def squares():
+        return x * x + x * 3  # x saved twice by the product (x * 3 saves nothing for x)
+
+    assert throughput.saved_bytes(squares) == 1024
+
+    def dropped_then_more():
+        for _ in range(4):
+            h = x * 2  # a new 1 KB tensor (a product with a number saves nothing)
+            y = h * h  # saves h
+            del h, y  # y's graph goes, and with it the saved h
+        return [(x * 2) * (x * 2) for _ in range(3)]  # each saves two new 1 KB tensors
+
+    assert throughput.saved_bytes(dropped_then_more) == 10 * 1024
+
+
 def test_step_split_adds_up(capsys):
     """``benchmarks/step_split.py`` times env stepping, the rest of the rollout and the update
     of a whole ``learn()`` in a fresh process; the three parts fit in the total."""
