@@ -165,9 +165,11 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
     T* target = pre.data_ptr<T>();
     for (int64_t l = 0; l < L; ++l)
       for (int64_t b = 0; b < B; ++b) {
-        const T* source = keep[b] == T(0) ? init + l * DD : from[l] + b * from.batch_stride;
-        if (keep[b] == T(0) || !prev_is_scratch)
-          std::copy(source, source + DD, target + (l * B + b) * DD);
+        T* out = target + (l * B + b) * DD;
+        if (keep[b] == T(0))
+          std::copy(init + l * DD, init + (l + 1) * DD, out);
+        else if (!prev_is_scratch)  // s.pre: the sequence's own weights go in as well
+          std::copy(from[l] + b * from.batch_stride, from[l] + b * from.batch_stride + DD, out);
       }
   }
   const Layers<T> pre_l(pre);
@@ -490,7 +492,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
 // Backward over a sequence from the gradients of the forward's outputs (hs, reads, after,
 // before, values, beta, the final c and the final weights; an empty tensor is zero).
 // Returns the gradients of gates_x, h0, c0, r0, m0, w_rec, w_int, b_int, w_beta, b_beta, w_fb,
-// b_fb and m_init.
+// b_fb and m_init. Of gates_x only the shape and type are read (the gates are the kept ones).
 std::vector<at::Tensor> mnm_backward(
     const at::Tensor& g_hs, const at::Tensor& g_reads, const at::Tensor& g_after,
     const at::Tensor& g_before, const at::Tensor& g_values, const at::Tensor& g_beta,
@@ -937,7 +939,8 @@ std::vector<at::Tensor> mnm_backward_parts(
     outs[i] = mnm_backward(
         rows(g_hs, 1, b0, b1), rows(g_reads, 1, b0, b1), rows(g_after, 1, b0, b1),
         rows(g_before, 1, b0, b1), rows(g_values, 1, b0, b1), rows(g_beta, 1, b0, b1),
-        rows(g_c_final, 0, b0, b1), rows(g_m_final, 0, b0, b1), rows(gates_x, 1, b0, b1),
+        rows(g_c_final, 0, b0, b1), rows(g_m_final, 0, b0, b1),
+        gates_x.narrow(1, b0, b1 - b0),  // only its shape and type are read: not copied
         rows(keep, 1, b0, b1), rows(m0, 0, b0, b1), saved[kSavedPerPart * i],
         saved[kSavedPerPart * i + 1], saved[kSavedPerPart * i + 2], saved[kSavedPerPart * i + 3],
         saved[kSavedPerPart * i + 4], saved[kSavedPerPart * i + 5], saved[kSavedPerPart * i + 6],
