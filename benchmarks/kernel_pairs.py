@@ -193,13 +193,13 @@ def main() -> list[dict]:
 
     def use_kernel():
         os.environ["MNM_RL_FUSED"] = "1"
-        fused._extension = kernel
+        fused.EXTENSION.module = kernel
 
     def use_other():
         if other is None:
             os.environ["MNM_RL_FUSED"] = "0"
         else:
-            fused._extension = other
+            fused.EXTENSION.module = other
 
     rows = []
     print(f"{'size':6s} {'batch':>5s} {'phase':8s} {label + ' ms':>12s} {'kernel ms':>10s} speedup"

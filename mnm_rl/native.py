@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -50,3 +50,31 @@ def build_extension(name: str, sources: Sequence[Path], what: str) -> ModuleType
             stacklevel=3,
         )
         return None
+
+
+class LazyExtension:
+    """An extension compiled (or loaded from the build cache) the first time it is asked for.
+
+    :meth:`load` gives the module, or ``None``: under ``MNM_RL_FUSED=0`` (without building it),
+    or when it cannot be built (one warning, and no second attempt). ``on_load`` runs once,
+    after the first successful build.
+    """
+
+    def __init__(
+        self, name: str, sources: Sequence[Path], what: str,
+        on_load: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.name, self.sources, self.what, self.on_load = name, list(sources), what, on_load
+        self.module: ModuleType | None = None
+        self.failed = False
+
+    def load(self) -> ModuleType | None:
+        """The compiled module; ``None`` if switched off or if it cannot be built."""
+        if not compiled_enabled():
+            return None
+        if self.module is None and not self.failed:
+            self.module = build_extension(self.name, self.sources, self.what)
+            self.failed = self.module is None
+            if self.module is not None and self.on_load is not None:
+                self.on_load()
+        return self.module

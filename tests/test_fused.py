@@ -270,8 +270,8 @@ def test_options_the_kernel_lacks_use_pytorch(kernel, monkeypatch):
 
 
 def test_a_kernel_that_cannot_build_falls_back_with_one_warning(monkeypatch, no_compiler):
-    monkeypatch.setattr(fused, "_extension", None)
-    monkeypatch.setattr(fused, "_load_failed", False)
+    monkeypatch.setattr(fused.EXTENSION, "module", None)
+    monkeypatch.setattr(fused.EXTENSION, "failed", False)
     core = MNMCore(5, hidden_size=6, n_heads=1, n_layers=1)
     x = torch.randn(3, 2, 5)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler here"):
@@ -426,3 +426,10 @@ print("done", len(seen) > 0, core.interaction.weight.grad.abs().sum().item() > 0
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["done", "True", "True"]
+
+
+def test_switched_off_the_kernels_are_not_even_built(monkeypatch):
+    monkeypatch.setenv("MNM_RL_FUSED", "0")
+    monkeypatch.setattr(fused.EXTENSION, "module", None)
+    monkeypatch.setattr(fused.native, "build_extension", lambda *a: pytest.fail("built"))
+    assert fused.load_extension() is None

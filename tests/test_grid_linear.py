@@ -159,8 +159,8 @@ def test_small_batches_without_gradients_take_the_plain_path(kernel, monkeypatch
 
 
 def test_a_kernel_that_cannot_build_falls_back_with_one_warning(monkeypatch, no_compiler):
-    monkeypatch.setattr(grid_linear, "_extension", None)
-    monkeypatch.setattr(grid_linear, "_load_failed", False)
+    monkeypatch.setattr(grid_linear.EXTENSION, "module", None)
+    monkeypatch.setattr(grid_linear.EXTENSION, "failed", False)
     space = spaces.Dict({"image": grid_space(3), "direction": spaces.Discrete(4)})
     extractor = MemoryFeaturesExtractor(space, 8)
     obs = {k: v.float() for k, v in observations(space, 5, 3, False).items()}
@@ -173,6 +173,6 @@ def test_a_kernel_that_cannot_build_falls_back_with_one_warning(monkeypatch, no_
 
 def test_switched_off_it_is_not_even_built(monkeypatch):
     monkeypatch.setenv("MNM_RL_FUSED", "0")
-    monkeypatch.setattr(grid_linear, "_extension", None)
+    monkeypatch.setattr(grid_linear.EXTENSION, "module", None)
     monkeypatch.setattr(grid_linear.native, "build_extension", lambda *a: pytest.fail("built"))
     assert grid_linear.load_extension() is None

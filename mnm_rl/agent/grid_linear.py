@@ -25,22 +25,14 @@ from mnm_rl import native
 
 #: The encoder kernel's C++ source, built into its own extension.
 SOURCES = [Path(__file__).with_name("csrc") / "grid_linear.cpp"]
-_extension: ModuleType | None = None
-_load_failed = False
+#: The extension, built on first use.
+EXTENSION = native.LazyExtension("mnm_rl_grid_linear", SOURCES, "the symbol-grid encoder kernel")
 
 
 def load_extension() -> ModuleType | None:
     """The compiled encoder kernel, built on first use; ``None`` (with one warning) if it cannot
     be built, and ``None`` without building it under ``MNM_RL_FUSED=0``."""
-    global _extension, _load_failed
-    if not native.compiled_enabled():
-        return None
-    if _extension is None and not _load_failed:
-        _extension = native.build_extension(
-            "mnm_rl_grid_linear", SOURCES, "the symbol-grid encoder kernel"
-        )
-        _load_failed = _extension is None
-    return _extension
+    return EXTENSION.load()
 
 
 class _GridLinear(torch.autograd.Function):

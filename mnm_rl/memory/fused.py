@@ -35,8 +35,12 @@ from mnm_rl.memory.allocator import retain_freed_memory
 #: The kernels' C++ sources (the MNM recurrence, the baseline LSTM and GRU, the Python module),
 #: built into one extension.
 SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.cpp"))
-_extension: ModuleType | None = None
-_load_failed = False
+#: The extension, built on first use; its freed per-call buffers are kept for reuse instead of
+#: faulting in new pages (:func:`~mnm_rl.memory.allocator.retain_freed_memory`).
+EXTENSION = native.LazyExtension(
+    "mnm_rl_sequence", SOURCES, "the fused CPU kernels (MNM, LSTM, GRU)",
+    on_load=retain_freed_memory,
+)  # fmt: skip
 
 
 def fused_enabled() -> bool:
@@ -45,18 +49,9 @@ def fused_enabled() -> bool:
 
 
 def load_extension() -> ModuleType | None:
-    """The compiled kernel, built on first use; ``None`` (with one warning) if it cannot be."""
-    global _extension, _load_failed
-    if _extension is not None or _load_failed:
-        return _extension
-    _extension = native.build_extension(
-        "mnm_rl_sequence", SOURCES, "the fused CPU kernels (MNM, LSTM, GRU)"
-    )
-    if _extension is None:
-        _load_failed = True
-    else:  # the kernel's per-call buffers: reuse freed memory instead of faulting in new pages
-        retain_freed_memory()
-    return _extension
+    """The compiled kernels, built on first use; ``None`` (with one warning) if they cannot be,
+    and ``None`` without building them under ``MNM_RL_FUSED=0``."""
+    return EXTENSION.load()
 
 
 #: The fewest sequences a thread gets when the kernel splits a batch between threads: for a
