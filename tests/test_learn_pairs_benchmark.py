@@ -1,0 +1,137 @@
+"""benchmarks/learn_pairs.py: agents in one process take turns; ratios are taken turn by turn."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from benchmark_scripts import load_script
+
+SMALL = ["--n-envs", "2", "--n-steps", "16", "--batch-size", "16", "--n-epochs", "1",
+         "--seq-len", "8", "--hidden", "16"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def learn_pairs():
+    return load_script("learn_pairs")
+
+
+@pytest.mark.parametrize(
+    "config, parsed",
+    [("lstm", ("lstm", 1, 0)), ("mnm-p/k2/par", ("mnm-p", 2, 1)),
+     ("mnm-p:2x2/par", ("mnm-p:2x2", 1, 1)), ("mnm-g/k2", ("mnm-g", 2, 0))],
+)  # fmt: skip
+def test_configs_name_the_agent_its_kernel_threads_and_env_workers(learn_pairs, config, parsed):
+    assert learn_pairs.parse_config(config) == parsed
+
+
+@pytest.mark.parametrize(
+    "configs, message",
+    [
+        (["lstm"], "give a reference config and at least one more"),
+        (["lstm", "lstm"], "each config once"),
+        (["lstm", "ceiling"], "'ceiling' is not one of our agents"),
+        (["lstm", "sb3-contrib"], "'sb3-contrib' is not one of our agents"),
+        (["lstm", "mnm-p/eager"], "'mnm-p/eager' holds for a whole process"),
+        (["lstm", "lstm@2"], "'lstm@2' holds for a whole process"),
+    ],
+)
+def test_what_cannot_run_in_turns_is_refused(learn_pairs, configs, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        learn_pairs.parse_args(["--configs", *configs])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_kernel_threads_variable_is_refused(learn_pairs, monkeypatch, capsys):
+    monkeypatch.setenv("MNM_RL_KERNEL_THREADS", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        learn_pairs.parse_args([])
+    assert exit_info.value.code == 2
+    assert "unset MNM_RL_KERNEL_THREADS" in capsys.readouterr().err
+
+
+def test_the_setting_options_reach_every_agent(learn_pairs):
+    args = learn_pairs.parse_args(["--view-size", "7", *SMALL])
+    s = args.setting
+    assert (s.view_size, s.n_envs, s.n_steps, s.batch_size, s.n_epochs) == (7, 2, 16, 16, 1)
+    assert (s.seq_len, s.hidden, s.env) == (8, 16, "MiniGrid-MemoryS7-v0")
+    assert learn_pairs.parse_args([]).setting.view_size == 3  # throughput.py's default
+
+
+def test_ratios_are_taken_turn_by_turn(learn_pairs):
+    args = learn_pairs.parse_args(["--configs", "lstm", "mlp", "--pairs", "3"])
+    # the reference's rate swings 2x between turns; mlp is half of it in every turn
+    out = learn_pairs.summary(args, {"lstm": [100.0, 200.0, 100.0], "mlp": [50.0, 100.0, 50.0]})
+    assert out["ratio"] == {"mlp": 0.5}
+    assert out["ratios"] == {"mlp": [0.5, 0.5, 0.5]}
+    assert out["ratio_quartiles"] == {"mlp": [0.5, 0.5]}
+    assert out["ratio_ci95"] == {"mlp": [0.5, 0.5]}
+    assert out["sps"] == {"lstm": 100.0, "mlp": 50.0}
+    assert out["reference"] == "lstm" and out["pairs"] == 3
+
+
+def test_turns_alternate_and_the_warm_up_is_not_counted(learn_pairs):
+    seen: list[str] = []
+
+    class Recording:
+        def __init__(self, config):
+            self.config, self.steps = config, 10
+
+        def learn_once(self):
+            seen.append(self.config)
+            return 0.5
+
+    agents = {"lstm": Recording("lstm"), "mnm-p/k2": Recording("mnm-p/k2")}
+    rates = learn_pairs.run_pairs(agents, pairs=3, warm_up=1)
+    assert seen == ["lstm", "mnm-p/k2", "mnm-p/k2", "lstm"] * 2
+    assert rates == {"lstm": [20.0] * 3, "mnm-p/k2": [20.0] * 3}  # warm-up not counted
+
+
+def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monkeypatch):
+    from mnm_rl.memory import fused
+
+    monkeypatch.delenv("MNM_RL_KERNEL_THREADS", raising=False)
+    args = learn_pairs.parse_args(SMALL)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernel's threads follow torch's unless an agent sets them
+    agent = learn_pairs.Agent("mnm-p:1x1/k2", args.setting)
+    during: list[int] = []
+    original = agent.model.learn
+    monkeypatch.setattr(
+        agent.model,
+        "learn",
+        lambda *a, **k: during.append(fused.kernel_threads()) or original(*a, **k),
+    )
+    try:
+        assert agent.learn_once() > 0
+        assert during == [2]
+        assert fused.kernel_threads() == 1  # torch's again
+    finally:
+        agent.env.close()
+        torch.set_num_threads(threads)
+    assert agent.model.num_timesteps == 2 * 16
+
+
+def test_a_run_prints_a_table_and_a_json_last_line(learn_pairs, capsys):
+    threads = torch.get_num_threads()
+    try:  # main() runs with one torch thread, as throughput.py's workers do
+        out = learn_pairs.main(["--configs", "mlp", "mnm-p:1x1/par", "--pairs", "2",
+                                "--warm-up", "0", *SMALL])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == out
+    assert set(out["sps"]) == {"mlp", "mnm-p:1x1/par"} and all(v > 0 for v in out["sps"].values())
+    assert len(out["ratios"]["mnm-p:1x1/par"]) == 2
+    assert any(line.startswith("mnm-p:1x1/par") for line in lines)
+
+
+def test_the_median_interval_takes_the_binomial_order_statistics(learn_pairs):
+    values = [float(v) for v in range(100)]  # shuffled order does not matter
+    values.reverse()
+    # n = 100: k = floor((100 - 1.96 * 10) / 2) = 40, so the 41st and 60th smallest
+    assert learn_pairs.median_interval(values) == [40.0, 59.0]
+    assert learn_pairs.median_interval([3.0, 1.0, 2.0]) == [1.0, 3.0]  # too few: min and max
+    assert learn_pairs.median_interval([7.0]) == [7.0, 7.0]
