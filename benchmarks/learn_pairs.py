@@ -1,4 +1,4 @@
-"""Our agents' training throughput in pairs: a rollout plus update of each in turn, in one process.
+"""Training throughput in turns: a rollout plus update of each agent in turn, in one process.
 
 ``throughput.py`` times each config in a process of its own, one config after another, each
 for a few seconds; on a shared host the load changes between them, and its rounds disagree by up
@@ -6,27 +6,29 @@ to 1.5x (docs/benchmarks.md). Here every agent lives in one process and they tak
 ``learn()`` of one rollout (rollout plus update, a fraction of a second) each, the order
 reversed every other turn (``kernel_pairs.turns``). A change in the machine's load then hits the
 agents of one turn alike, and the figure is, for each config, the **median over the turns of
-its rate divided by the reference's** (the first config) in the same turn, with its quartiles
-and a 95% confidence interval of that median (the distribution-free one: the order statistics
+its rate divided by a reference's** in the same turn, with its quartiles and a 95% confidence
+interval of that median (the distribution-free one: the order statistics
 ``n / 2 -+ 0.98 sqrt(n)`` of the ``n`` ratios, a binomial interval that assumes only that the
 turns are independent).
 
-Configs are ``throughput.py``'s names for our agents (``lstm``, ``mnm-p``, ``mnm-p:2x2``, ...),
+Configs are ``throughput.py``'s names: our agents (``lstm``, ``mnm-p``, ``mnm-p:2x2``, ...),
 optionally ending in ``/k2`` (the MNM kernel splits a training batch between two threads while
-that agent runs: ``fused.set_kernel_threads(2)``) and then ``/par`` (the agent's own
-``ParallelVecEnv`` with one worker process; an idle agent's worker sleeps). Switches that hold
-for a whole process (``/eager``, ``/unmap``, ``@N``) and the non-agents (``ceiling``,
-``sb3-contrib``) are ``throughput.py``'s. Every agent is built in the same setting
-(``throughput.py``'s options: env, view size, envs, rollout length, epochs, minibatch, width).
+that agent runs: ``fused.set_kernel_threads(2)``); ``sb3-contrib`` (RecurrentPPO, one
+``learn()`` of one rollout per turn as well); ``ceiling`` (raw stepping of the same env,
+``n_steps`` random actions per turn). Each may end in ``/par`` (its own ``ParallelVecEnv`` with
+one worker process; an idle agent's worker sleeps). Switches that hold for a whole process
+(``/eager``, ``/unmap``, ``@N``) are ``throughput.py``'s. Every agent is built in the same
+setting (``throughput.py``'s options: env, view size, envs, rollout length, epochs, minibatch,
+width), with one torch thread.
 
     python benchmarks/learn_pairs.py                         # mnm-p/k2/par against lstm/par, 3x3
     python benchmarks/learn_pairs.py --view-size 7 --pairs 60
-    python benchmarks/learn_pairs.py --configs lstm/par mnm-p:2x2/par mnm-p:1x1/par
+    python benchmarks/learn_pairs.py --configs sb3-contrib ceiling lstm/par mnm-p/k2/par \
+        --ratio-to lstm/par sb3-contrib ceiling             # every target of issue 5
 
-The last line printed is a JSON object: ``{"env", "view_size", ..., "reference", "pairs",
-"sps": {config: median steps/s}, "ratio": {config: median of the turns' ratios},
-"ratio_quartiles": {config: [q1, q3]}, "ratio_ci95": {config: [low, high]},
-"ratios": {config: [every turn's ratio]}}``.
+The last line printed is a JSON object: ``{"env", "view_size", ..., "pairs", "sps": {config:
+median steps/s}, "rates": {config: [steps/s of every turn]}, "ratio_to": {reference:
+{"median": {config: ...}, "ci95": {config: [low, high]}, "quartiles": {config: [q1, q3]}}}}``.
 """
 
 from __future__ import annotations
@@ -41,20 +43,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import throughput  # noqa: E402
 from kernel_pairs import turns  # noqa: E402
 
 DEFAULT_CONFIGS = ["lstm/par", "mnm-p/k2/par"]
+#: The config name of raw env stepping with random actions.
+CEILING = "ceiling"
 #: A progress line every this many timed turns.
 PROGRESS_EVERY = 10
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
-                   help="the reference config first, then the configs to divide by it")  # fmt: skip
+    p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="what takes turns")
+    p.add_argument("--ratio-to", nargs="+", metavar="CONFIG",
+                   help="the configs every other is divided by, turn by turn (default: lstm/par\n"
+                   "if run, else lstm if run, else the first config)")  # fmt: skip
     p.add_argument("--pairs", type=int, default=40, help="timed turns of every agent")
     p.add_argument("--warm-up", type=int, default=2, help="untimed turns first")
     for flag in ("--env", "--n-envs", "--view-size", "--n-steps", "--batch-size", "--n-epochs",
@@ -67,9 +75,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                for x in (f"--{flag.replace('_', '-')}", str(getattr(args, flag)))]  # fmt: skip
     args.setting = throughput.parse_args(setting)
     if len(args.configs) < 2:
-        p.error("--configs: give a reference config and at least one more")
+        p.error("--configs: give at least two configs")
     if len(set(args.configs)) != len(args.configs):
         p.error("--configs: each config once")
+    if args.ratio_to is None:
+        args.ratio_to = [
+            next((c for c in ("lstm/par", "lstm") if c in args.configs), args.configs[0])
+        ]
+    for reference in args.ratio_to:
+        if reference not in args.configs:
+            p.error(f"--ratio-to {reference}: not one of --configs")
     for config in args.configs:
         problem = config_problem(config)
         if problem:
@@ -93,28 +108,48 @@ def parse_config(config: str) -> tuple[str, int, int]:
 
 def config_problem(config: str) -> str | None:
     """Why ``config`` cannot run here, or ``None``."""
-    name = parse_config(config)[0]
+    name, kernel_threads, _ = parse_config(config)
     if throughput.THREADS in config or any(name.endswith(s) for s in throughput.SUFFIXES):
         return "holds for a whole process: use throughput.py"
     core = throughput.split_config(name)[0]
-    if core not in {a.partition(":")[0] for a in throughput.AGENTS} - {"sb3-contrib"}:
-        return "is not one of our agents (lstm, gru, mlp, mnm-p, mnm-g, mnm-p:HxL)"
+    if core not in {a.partition(":")[0] for a in throughput.AGENTS} | {CEILING}:
+        return "is not one of lstm, gru, mlp, mnm-p, mnm-g, mnm-p:HxL, sb3-contrib, ceiling"
+    if kernel_threads > 1 and core in (CEILING, "sb3-contrib"):
+        return f"{throughput.KERNEL2} is for our agents"
     return None
 
 
 class Agent:
-    """One config's agent and env, and the kernel threads to set while it trains."""
+    """One config's agent (or, for ``ceiling``, its env alone), and the kernel threads to set
+    while it trains."""
 
     def __init__(self, config: str, setting: argparse.Namespace) -> None:
         name, self.kernel_threads, workers = parse_config(config)
-        self.env = throughput.make_env(setting, env_workers=workers)
-        self.model = throughput.build_agent(name, setting, self.env, "cpu")
+        self.env = throughput.make_env(
+            setting, for_sb3_contrib=name == "sb3-contrib", env_workers=workers
+        )
         self.steps = setting.n_steps * setting.n_envs
+        if name == CEILING:
+            self.model = None
+            self.env.reset()
+            self.random = np.random.default_rng(0)
+        else:
+            self.model = throughput.build_agent(name, setting, self.env, "cpu")
 
     def learn_once(self) -> float:
-        """Wall seconds of one ``learn()`` of one rollout (rollout plus update)."""
+        """Wall seconds of one ``learn()`` of one rollout (rollout plus update); for the ceiling,
+        of as many steps with random actions."""
         from mnm_rl.memory import fused
 
+        if self.model is None:
+            vec_steps = self.steps // self.env.num_envs
+            actions = self.random.integers(
+                self.env.action_space.n, size=(vec_steps, self.env.num_envs)
+            )
+            start = time.perf_counter()
+            for action in actions:
+                self.env.step(action)
+            return time.perf_counter() - start
         fused.set_kernel_threads(self.kernel_threads)
         try:
             start = time.perf_counter()
@@ -140,18 +175,26 @@ def run_pairs(agents: dict[str, Agent], pairs: int, warm_up: int) -> dict[str, l
 
 
 def summary(args: argparse.Namespace, rates: dict[str, list[float]]) -> dict[str, Any]:
-    reference, *others = args.configs
-    ratios = {c: [a / b for a, b in zip(rates[c], rates[reference], strict=True)] for c in others}
     s = args.setting
+    ratio_to = {}
+    for reference in args.ratio_to:
+        ratios = {
+            c: [a / b for a, b in zip(r, rates[reference], strict=True)]
+            for c, r in rates.items()
+            if c != reference
+        }
+        ratio_to[reference] = {
+            "median": {c: statistics.median(r) for c, r in ratios.items()},
+            "ci95": {c: median_interval(r) for c, r in ratios.items()},
+            "quartiles": {c: quartiles(r) for c, r in ratios.items()},
+        }
     return {
         "env": s.env, "view_size": s.view_size, "n_envs": s.n_envs, "n_steps": s.n_steps,
         "batch_size": s.batch_size, "n_epochs": s.n_epochs, "seq_len": s.seq_len,
-        "hidden": s.hidden, "threads": 1, "reference": reference, "pairs": args.pairs,
+        "hidden": s.hidden, "threads": 1, "pairs": args.pairs,
         "sps": {c: statistics.median(r) for c, r in rates.items()},
-        "ratio": {c: statistics.median(r) for c, r in ratios.items()},
-        "ratio_quartiles": {c: quartiles(r) for c, r in ratios.items()},
-        "ratio_ci95": {c: median_interval(r) for c, r in ratios.items()},
-        "ratios": ratios,
+        "rates": rates,
+        "ratio_to": ratio_to,
     }  # fmt: skip
 
 
@@ -174,18 +217,18 @@ def median_interval(values: list[float], z: float = 1.96) -> list[float]:
     return [ordered[k], ordered[n - 1 - k]]
 
 
-def print_table(out: dict[str, Any], rates: dict[str, list[float]]) -> None:
-    print(f"{'config':16s} {'steps/s':>8s} {'min..max':>13s}   rate over {out['reference']}"
-          " in the same turn: median [95% CI] (quartiles, min..max)")  # fmt: skip
-    for config, values in rates.items():
+def print_table(out: dict[str, Any]) -> None:
+    print(f"{'config':16s} {'steps/s':>8s} {'min..max':>13s}")
+    for config, values in out["rates"].items():
         low, high, median = min(values), max(values), statistics.median(values)
-        line = f"{config:16s} {median:8.0f} {low:6.0f}..{high:<6.0f}"
-        if config in out["ratio"]:
-            (q1, q3), r = out["ratio_quartiles"][config], out["ratios"][config]
-            ratio, (low, high) = out["ratio"][config], out["ratio_ci95"][config]
-            line += f"   {ratio:.3f} [{low:.3f}, {high:.3f}]"
-            line += f" ({q1:.3f}..{q3:.3f}, {min(r):.2f}..{max(r):.2f})"
-        print(line)
+        print(f"{config:16s} {median:8.0f} {low:6.0f}..{high:<6.0f}")
+    for reference, table in out["ratio_to"].items():
+        print(f"\nrate over {reference}'s in the same turn: median [95% CI] (quartiles, min..max)")
+        for config, ratio in table["median"].items():
+            (low, high), (q1, q3) = table["ci95"][config], table["quartiles"][config]
+            r = [a / b for a, b in zip(out["rates"][config], out["rates"][reference], strict=True)]
+            print(f"{config:16s} {ratio:7.3f} [{low:.3f}, {high:.3f}]"
+                  f" ({q1:.3f}..{q3:.3f}, {min(r):.2f}..{max(r):.2f})")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -211,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             agent.env.close()
     out = summary(args, rates)
     print()
-    print_table(out, rates)
+    print_table(out)
     print(json.dumps(out))
     return out
 

@@ -29,12 +29,14 @@ def test_configs_name_the_agent_its_kernel_threads_and_env_workers(learn_pairs, 
 @pytest.mark.parametrize(
     "configs, message",
     [
-        (["lstm"], "give a reference config and at least one more"),
+        (["lstm"], "give at least two configs"),
         (["lstm", "lstm"], "each config once"),
-        (["lstm", "ceiling"], "'ceiling' is not one of our agents"),
-        (["lstm", "sb3-contrib"], "'sb3-contrib' is not one of our agents"),
+        (["lstm", "lsmt"], "'lsmt' is not one of lstm, gru"),
+        (["lstm", "ceiling/k2"], "'ceiling/k2' /k2 is for our agents"),
+        (["lstm", "sb3-contrib/k2/par"], "'sb3-contrib/k2/par' /k2 is for our agents"),
         (["lstm", "mnm-p/eager"], "'mnm-p/eager' holds for a whole process"),
         (["lstm", "lstm@2"], "'lstm@2' holds for a whole process"),
+        (["lstm", "gru", "--ratio-to", "mlp"], "--ratio-to mlp: not one of --configs"),
     ],
 )
 def test_what_cannot_run_in_turns_is_refused(learn_pairs, configs, message, capsys):
@@ -60,16 +62,32 @@ def test_the_setting_options_reach_every_agent(learn_pairs):
     assert learn_pairs.parse_args([]).setting.view_size == 3  # throughput.py's default
 
 
+@pytest.mark.parametrize(
+    "configs, default",
+    [(["gru", "lstm", "lstm/par"], ["lstm/par"]), (["gru", "lstm"], ["lstm"]),
+     (["gru", "mlp"], ["gru"])],
+)  # fmt: skip
+def test_the_default_reference_is_the_fastest_lstm_run(learn_pairs, configs, default):
+    assert learn_pairs.parse_args(["--configs", *configs]).ratio_to == default
+
+
 def test_ratios_are_taken_turn_by_turn(learn_pairs):
-    args = learn_pairs.parse_args(["--configs", "lstm", "mlp", "--pairs", "3"])
-    # the reference's rate swings 2x between turns; mlp is half of it in every turn
-    out = learn_pairs.summary(args, {"lstm": [100.0, 200.0, 100.0], "mlp": [50.0, 100.0, 50.0]})
-    assert out["ratio"] == {"mlp": 0.5}
-    assert out["ratios"] == {"mlp": [0.5, 0.5, 0.5]}
-    assert out["ratio_quartiles"] == {"mlp": [0.5, 0.5]}
-    assert out["ratio_ci95"] == {"mlp": [0.5, 0.5]}
-    assert out["sps"] == {"lstm": 100.0, "mlp": 50.0}
-    assert out["reference"] == "lstm" and out["pairs"] == 3
+    args = learn_pairs.parse_args(
+        ["--configs", "lstm", "mlp", "sb3-contrib", "--ratio-to", "lstm", "sb3-contrib"]
+    )
+    # the rates swing 2x between turns; mlp is half of lstm and 5x sb3-contrib in every turn
+    rates = {
+        "lstm": [100.0, 200.0, 100.0],
+        "mlp": [50.0, 100.0, 50.0],
+        "sb3-contrib": [10.0, 20.0, 10.0],
+    }
+    out = learn_pairs.summary(args, rates)
+    by_lstm, by_sb3 = out["ratio_to"]["lstm"], out["ratio_to"]["sb3-contrib"]
+    assert by_lstm["median"] == {"mlp": 0.5, "sb3-contrib": 0.1}
+    assert by_lstm["quartiles"]["mlp"] == [0.5, 0.5] and by_lstm["ci95"]["mlp"] == [0.5, 0.5]
+    assert by_sb3["median"] == {"lstm": 10.0, "mlp": 5.0}
+    assert out["sps"] == {"lstm": 100.0, "mlp": 50.0, "sb3-contrib": 10.0}
+    assert out["rates"] == rates
 
 
 def test_turns_alternate_and_the_warm_up_is_not_counted(learn_pairs):
@@ -117,14 +135,16 @@ def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monk
 def test_a_run_prints_a_table_and_a_json_last_line(learn_pairs, capsys):
     threads = torch.get_num_threads()
     try:  # main() runs with one torch thread, as throughput.py's workers do
-        out = learn_pairs.main(["--configs", "mlp", "mnm-p:1x1/par", "--pairs", "2",
-                                "--warm-up", "0", *SMALL])  # fmt: skip
+        configs = ["mlp", "mnm-p:1x1/par", "ceiling", "sb3-contrib"]
+        out = learn_pairs.main(["--configs", *configs, "--pairs", "2", "--warm-up", "0", *SMALL])
     finally:
         torch.set_num_threads(threads)
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[-1]) == out
-    assert set(out["sps"]) == {"mlp", "mnm-p:1x1/par"} and all(v > 0 for v in out["sps"].values())
-    assert len(out["ratios"]["mnm-p:1x1/par"]) == 2
+    assert set(out["sps"]) == {"mlp", "mnm-p:1x1/par", "ceiling", "sb3-contrib"}
+    assert all(v > 0 for v in out["sps"].values())
+    assert [len(r) for r in out["rates"].values()] == [2, 2, 2, 2]
+    assert set(out["ratio_to"]["mlp"]["median"]) == {"mnm-p:1x1/par", "ceiling", "sb3-contrib"}
     assert any(line.startswith("mnm-p:1x1/par") for line in lines)
 
 
