@@ -192,6 +192,16 @@ def test_sample_matches_categorical():
     torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.03, rtol=0)
 
 
+def test_sample_never_draws_an_impossible_action():
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, float("-inf"), 2.0, float("-inf")]]).expand(20000, 4)
+    actions, log_probs = RecurrentMemoryPolicy.sample(logits)
+    assert set(actions.tolist()) == {0, 2}
+    assert torch.isfinite(log_probs).all()
+    share = (actions == 2).float().mean().item()  # e^2 / (1 + e^2) = 0.881
+    assert abs(share - 0.8808) < 0.01
+
+
 @pytest.mark.parametrize("kind", ["mnm-p", "mnm-g", "lstm", "gru", "mlp"])
 def test_one_step_at_a_time_equals_whole_sequence(kind):
     """The rollout runs cores with T=1 (the LSTM through its cell kernel), training replays whole
