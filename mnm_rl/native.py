@@ -47,7 +47,7 @@ def build_extension(name: str, sources: Sequence[Path], what: str) -> ModuleType
             f"mnm-rl: {what} could not be built ({type(error).__name__}: {first_line}); "
             "using the PyTorch code",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # past LazyExtension.load and load_extension: their caller
         )
         return None
 
