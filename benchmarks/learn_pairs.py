@@ -21,13 +21,20 @@ one worker process; an idle agent's worker sleeps). Switches that hold for a who
 setting (``throughput.py``'s options: env, view size, envs, rollout length, epochs, minibatch,
 width), with one torch thread.
 
+The table also gives each config's rate per CPU second of this process (``time.process_time``:
+with ``/k2`` both kernel threads, with ``/par`` not the worker). Where it swings between turns
+as much as the wall rate, the process had the core all along and ran slower: the host's load
+shows in the speed of the core itself (a sibling hyperthread, shared caches), which CPU time
+does not remove either.
+
     python benchmarks/learn_pairs.py                         # mnm-p/k2/par against lstm/par, 3x3
     python benchmarks/learn_pairs.py --view-size 7 --pairs 60
     python benchmarks/learn_pairs.py --configs sb3-contrib ceiling lstm/par mnm-p/k2/par \
         --ratio-to lstm/par sb3-contrib ceiling             # every target of issue 5
 
 The last line printed is a JSON object: ``{"env", "view_size", ..., "pairs", "sps": {config:
-median steps/s}, "rates": {config: [steps/s of every turn]}, "ratio_to": {reference:
+median steps/s}, "rates": {config: [steps/s of every turn]}, "cpu_rates": {config: [steps
+per CPU second of this process, every turn]}, "ratio_to": {reference:
 {"median": {config: ...}, "ci95": {config: [low, high]}, "quartiles": {config: [q1, q3]}}}}``.
 """
 
@@ -136,9 +143,9 @@ class Agent:
         else:
             self.model = throughput.build_agent(name, setting, self.env, "cpu")
 
-    def learn_once(self) -> float:
-        """Wall seconds of one ``learn()`` of one rollout (rollout plus update); for the ceiling,
-        of as many steps with random actions."""
+    def learn_once(self) -> tuple[float, float]:
+        """Wall seconds and this process's CPU seconds of one ``learn()`` of one rollout
+        (rollout plus update); for the ceiling, of as many steps with random actions."""
         from mnm_rl.memory import fused
 
         if self.model is None:
@@ -146,35 +153,42 @@ class Agent:
             actions = self.random.integers(
                 self.env.action_space.n, size=(vec_steps, self.env.num_envs)
             )
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for action in actions:
                 self.env.step(action)
-            return time.perf_counter() - start
+            return time.perf_counter() - start, time.process_time() - start_cpu
         fused.set_kernel_threads(self.kernel_threads)
         try:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             self.model.learn(self.steps, reset_num_timesteps=False)
-            return time.perf_counter() - start
+            return time.perf_counter() - start, time.process_time() - start_cpu
         finally:
             fused.set_kernel_threads(None)
 
 
-def run_pairs(agents: dict[str, Agent], pairs: int, warm_up: int) -> dict[str, list[float]]:
-    """Steps/s of every agent in each timed turn; the turns' order alternates."""
+def run_pairs(
+    agents: dict[str, Agent], pairs: int, warm_up: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Steps per wall second and per CPU second of this process, of every agent in each timed
+    turn; the turns' order alternates."""
     rates: dict[str, list[float]] = {config: [] for config in agents}
+    cpu_rates: dict[str, list[float]] = {config: [] for config in agents}
     for turn in range(warm_up + pairs):
         for config, agent in turns(turn, agents):
-            seconds = agent.learn_once()
+            seconds, cpu_seconds = agent.learn_once()
             if turn >= warm_up:
                 rates[config].append(agent.steps / seconds)
+                cpu_rates[config].append(agent.steps / cpu_seconds)
         done = turn + 1 - warm_up
         if done > 0 and (done % PROGRESS_EVERY == 0 or done == pairs):
             line = ", ".join(f"{c} {statistics.median(r):.0f}" for c, r in rates.items())
             print(f"turn {done}/{pairs}, median steps/s so far: {line}", flush=True)
-    return rates
+    return rates, cpu_rates
 
 
-def summary(args: argparse.Namespace, rates: dict[str, list[float]]) -> dict[str, Any]:
+def summary(
+    args: argparse.Namespace, rates: dict[str, list[float]], cpu_rates: dict[str, list[float]]
+) -> dict[str, Any]:
     s = args.setting
     ratio_to = {}
     for reference in args.ratio_to:
@@ -194,6 +208,7 @@ def summary(args: argparse.Namespace, rates: dict[str, list[float]]) -> dict[str
         "hidden": s.hidden, "threads": 1, "pairs": args.pairs,
         "sps": {c: statistics.median(r) for c, r in rates.items()},
         "rates": rates,
+        "cpu_rates": cpu_rates,
         "ratio_to": ratio_to,
     }  # fmt: skip
 
@@ -218,10 +233,13 @@ def median_interval(values: list[float], z: float = 1.96) -> list[float]:
 
 
 def print_table(out: dict[str, Any]) -> None:
-    print(f"{'config':16s} {'steps/s':>8s} {'min..max':>13s}")
-    for config, values in out["rates"].items():
-        low, high, median = min(values), max(values), statistics.median(values)
-        print(f"{config:16s} {median:8.0f} {low:6.0f}..{high:<6.0f}")
+    print(
+        f"{'config':16s} {'steps/s':>8s} {'min..max':>13s}  {'steps/CPU-s':>11s} {'min..max':>13s}"
+    )
+    for config, wall in out["rates"].items():
+        cpu = out["cpu_rates"][config]
+        print(f"{config:16s} {statistics.median(wall):8.0f} {min(wall):6.0f}..{max(wall):<6.0f}"
+              f"  {statistics.median(cpu):11.0f} {min(cpu):6.0f}..{max(cpu):<6.0f}")  # fmt: skip
     for reference, table in out["ratio_to"].items():
         print(f"\nrate over {reference}'s in the same turn: median [95% CI] (quartiles, min..max)")
         for config, ratio in table["median"].items():
@@ -248,11 +266,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     agents = {config: Agent(config, s) for config in args.configs}
     try:
-        rates = run_pairs(agents, args.pairs, args.warm_up)
+        rates, cpu_rates = run_pairs(agents, args.pairs, args.warm_up)
     finally:
         for agent in agents.values():
             agent.env.close()
-    out = summary(args, rates)
+    out = summary(args, rates, cpu_rates)
     print()
     print_table(out)
     print(json.dumps(out))

@@ -81,7 +81,7 @@ def test_ratios_are_taken_turn_by_turn(learn_pairs):
         "mlp": [50.0, 100.0, 50.0],
         "sb3-contrib": [10.0, 20.0, 10.0],
     }
-    out = learn_pairs.summary(args, rates)
+    out = learn_pairs.summary(args, rates, rates)
     by_lstm, by_sb3 = out["ratio_to"]["lstm"], out["ratio_to"]["sb3-contrib"]
     assert by_lstm["median"] == {"mlp": 0.5, "sb3-contrib": 0.1}
     assert by_lstm["quartiles"]["mlp"] == [0.5, 0.5] and by_lstm["ci95"]["mlp"] == [0.5, 0.5]
@@ -99,12 +99,13 @@ def test_turns_alternate_and_the_warm_up_is_not_counted(learn_pairs):
 
         def learn_once(self):
             seen.append(self.config)
-            return 0.5
+            return 0.5, 0.25
 
     agents = {"lstm": Recording("lstm"), "mnm-p/k2": Recording("mnm-p/k2")}
-    rates = learn_pairs.run_pairs(agents, pairs=3, warm_up=1)
+    rates, cpu_rates = learn_pairs.run_pairs(agents, pairs=3, warm_up=1)
     assert seen == ["lstm", "mnm-p/k2", "mnm-p/k2", "lstm"] * 2
     assert rates == {"lstm": [20.0] * 3, "mnm-p/k2": [20.0] * 3}  # warm-up not counted
+    assert cpu_rates == {"lstm": [40.0] * 3, "mnm-p/k2": [40.0] * 3}
 
 
 def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monkeypatch):
@@ -123,7 +124,8 @@ def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monk
         lambda *a, **k: during.append(fused.kernel_threads()) or original(*a, **k),
     )
     try:
-        assert agent.learn_once() > 0
+        wall, cpu = agent.learn_once()
+        assert wall > 0 and cpu > 0
         assert during == [2]
         assert fused.kernel_threads() == 1  # torch's again
     finally:
@@ -144,6 +146,7 @@ def test_a_run_prints_a_table_and_a_json_last_line(learn_pairs, capsys):
     assert set(out["sps"]) == {"mlp", "mnm-p:1x1/par", "ceiling", "sb3-contrib"}
     assert all(v > 0 for v in out["sps"].values())
     assert [len(r) for r in out["rates"].values()] == [2, 2, 2, 2]
+    assert [len(r) for r in out["cpu_rates"].values()] == [2, 2, 2, 2]
     assert set(out["ratio_to"]["mlp"]["median"]) == {"mnm-p:1x1/par", "ceiling", "sb3-contrib"}
     assert any(line.startswith("mnm-p:1x1/par") for line in lines)
 
