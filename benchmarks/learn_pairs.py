@@ -35,7 +35,8 @@ does not remove either.
 The last line printed is a JSON object: ``{"env", "view_size", ..., "pairs", "sps": {config:
 median steps/s}, "rates": {config: [steps/s of every turn]}, "cpu_rates": {config: [steps
 per CPU second of this process, every turn]}, "ratio_to": {reference:
-{"median": {config: ...}, "ci95": {config: [low, high]}, "quartiles": {config: [q1, q3]}}}}``.
+{"median": {config: ...}, "ci95": {config: [low, high]}, "quartiles": {config: [q1, q3]},
+"range": {config: [min, max]}}}}``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ from kernel_pairs import turns  # noqa: E402
 DEFAULT_CONFIGS = ["lstm/par", "mnm-p/k2/par"]
 #: The config name of raw env stepping with random actions.
 CEILING = "ceiling"
+#: throughput.py's options for the setting every agent is built in, passed on to its parser.
+SETTING_FLAGS = ("--env", "--n-envs", "--view-size", "--n-steps", "--batch-size", "--n-epochs",
+                 "--seq-len", "--hidden")  # fmt: skip
 #: A progress line every this many timed turns.
 PROGRESS_EVERY = 10
 
@@ -72,15 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "if run, else lstm if run, else the first config)")  # fmt: skip
     p.add_argument("--pairs", type=int, default=40, help="timed turns of every agent")
     p.add_argument("--warm-up", type=int, default=2, help="untimed turns first")
-    for flag in ("--env", "--n-envs", "--view-size", "--n-steps", "--batch-size", "--n-epochs",
-                 "--seq-len", "--hidden"):  # fmt: skip
+    for flag in SETTING_FLAGS:
         p.add_argument(flag, help=f"as throughput.py's {flag}")
     args = p.parse_args(argv)
-    setting = [x for flag in ("env", "n_envs", "view_size", "n_steps", "batch_size", "n_epochs",
-                              "seq_len", "hidden")
-               if getattr(args, flag) is not None
-               for x in (f"--{flag.replace('_', '-')}", str(getattr(args, flag)))]  # fmt: skip
-    args.setting = throughput.parse_args(setting)
+    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in SETTING_FLAGS}
+    args.setting = throughput.parse_args(
+        [x for flag, value in given.items() if value is not None for x in (flag, value)]
+    )
     if len(args.configs) < 2:
         p.error("--configs: give at least two configs")
     if len(set(args.configs)) != len(args.configs):
@@ -201,6 +203,7 @@ def summary(
             "median": {c: statistics.median(r) for c, r in ratios.items()},
             "ci95": {c: median_interval(r) for c, r in ratios.items()},
             "quartiles": {c: quartiles(r) for c, r in ratios.items()},
+            "range": {c: [min(r), max(r)] for c, r in ratios.items()},
         }
     return {
         "env": s.env, "view_size": s.view_size, "n_envs": s.n_envs, "n_steps": s.n_steps,
@@ -244,9 +247,9 @@ def print_table(out: dict[str, Any]) -> None:
         print(f"\nrate over {reference}'s in the same turn: median [95% CI] (quartiles, min..max)")
         for config, ratio in table["median"].items():
             (low, high), (q1, q3) = table["ci95"][config], table["quartiles"][config]
-            r = [a / b for a, b in zip(out["rates"][config], out["rates"][reference], strict=True)]
+            least, most = table["range"][config]
             print(f"{config:16s} {ratio:7.3f} [{low:.3f}, {high:.3f}]"
-                  f" ({q1:.3f}..{q3:.3f}, {min(r):.2f}..{max(r):.2f})")  # fmt: skip
+                  f" ({q1:.3f}..{q3:.3f}, {least:.2f}..{most:.2f})")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

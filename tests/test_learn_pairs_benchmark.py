@@ -85,6 +85,7 @@ def test_ratios_are_taken_turn_by_turn(learn_pairs):
     by_lstm, by_sb3 = out["ratio_to"]["lstm"], out["ratio_to"]["sb3-contrib"]
     assert by_lstm["median"] == {"mlp": 0.5, "sb3-contrib": 0.1}
     assert by_lstm["quartiles"]["mlp"] == [0.5, 0.5] and by_lstm["ci95"]["mlp"] == [0.5, 0.5]
+    assert by_lstm["range"] == {"mlp": [0.5, 0.5], "sb3-contrib": [0.1, 0.1]}
     assert by_sb3["median"] == {"lstm": 10.0, "mlp": 5.0}
     assert out["sps"] == {"lstm": 100.0, "mlp": 50.0, "sb3-contrib": 10.0}
     assert out["rates"] == rates

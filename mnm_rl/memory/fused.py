@@ -43,11 +43,6 @@ EXTENSION = native.LazyExtension(
 )  # fmt: skip
 
 
-def fused_enabled() -> bool:
-    """Whether the fused kernel may be used: not switched off by ``MNM_RL_FUSED=0``."""
-    return native.compiled_enabled()
-
-
 def load_extension() -> ModuleType | None:
     """The compiled kernels, built on first use; ``None`` (with one warning) if they cannot be,
     and ``None`` without building them under ``MNM_RL_FUSED=0``."""

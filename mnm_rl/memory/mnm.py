@@ -253,8 +253,7 @@ class MNMCore(RecurrentCore):
     def _fused_kernel(self, x: Tensor):
         """The compiled kernel if it applies here (:mod:`mnm_rl.memory.fused`), else ``None``."""
         if (
-            not fused.fused_enabled()
-            or x.device.type != "cpu"
+            x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.float64)
             or self.retention_lag
             or self.read_before_write

@@ -32,12 +32,7 @@ def rnn_kernel(x: Tensor) -> ModuleType | None:
     them only when an episode starts after the first step, since without resets one oneDNN
     ``nn.LSTM`` call is as fast; ``nn.GRU`` has no such fast path on the CPU, so the GRU takes
     them whatever the resets (``benchmarks/rnn_resets.py``)."""
-    if (
-        x.shape[0] < 2
-        or not fused.fused_enabled()
-        or x.device.type != "cpu"
-        or x.dtype not in (torch.float32, torch.float64)
-    ):
+    if x.shape[0] < 2 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
     return fused.load_extension()
 
