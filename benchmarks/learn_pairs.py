@@ -15,8 +15,10 @@ Configs are ``throughput.py``'s names: our agents (``lstm``, ``mnm-p``, ``mnm-p:
 optionally ending in ``/k2`` (the MNM kernel splits a training batch between two threads while
 that agent runs: ``fused.set_kernel_threads(2)``); ``sb3-contrib`` (RecurrentPPO, one
 ``learn()`` of one rollout per turn as well); ``ceiling`` (raw stepping of the same env,
-``n_steps`` random actions per turn). Each may end in ``/par`` (its own ``ParallelVecEnv`` with
-one worker process; an idle agent's worker sleeps). Switches that hold for a whole process
+``n_steps`` random actions per turn). Any may end in ``/mgview`` (its MiniGrid envs use
+MiniGrid's own observation code instead of mnm_rl's fast view, ``mnm_rl.envs.minigrid_view``),
+then in ``/par`` (its own ``ParallelVecEnv`` with one worker process; an idle agent's worker
+sleeps). Switches that hold for a whole process
 (``/eager``, ``/unmap``, ``@N``) are ``throughput.py``'s. Every agent is built in the same
 setting (``throughput.py``'s options: env, view size, envs, rollout length, epochs, minibatch,
 width), with one torch thread.
@@ -49,7 +51,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -100,25 +102,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--configs: {config!r} {problem}")
     if args.pairs < 1 or args.warm_up < 0:
         p.error("--pairs must be positive and --warm-up not negative")
-    if os.environ.get(throughput.SUFFIXES[throughput.KERNEL2][0]):
-        p.error(f"unset {throughput.SUFFIXES[throughput.KERNEL2][0]}: this script sets the "
-                "kernel's threads agent by agent (/k2)")  # fmt: skip
+    for suffix in PER_AGENT:
+        variable = throughput.SUFFIXES[suffix][0]
+        if variable in os.environ:
+            p.error(f"unset {variable}: this script sets it agent by agent ({suffix})")
     return args
 
 
-def parse_config(config: str) -> tuple[str, int, int]:
-    """``"mnm-p/k2/par"`` -> ``("mnm-p", 2, 1)``: the agent, its kernel threads (1, or 2 with
-    ``/k2``) and its env worker processes (1 with ``/par``)."""
+#: The suffixes this script applies agent by agent; throughput.py's others hold for a process.
+PER_AGENT = (throughput.KERNEL2, throughput.MINIGRID_VIEW)
+
+
+class Config(NamedTuple):
+    """What a config name says: the agent (with any suffix that holds for a whole process),
+    its kernel threads (2 with ``/k2``), its env worker processes (1 with ``/par``), and
+    whether its MiniGrid envs have mnm_rl's fast view (not with ``/mgview``)."""
+
+    agent: str
+    kernel_threads: int
+    env_workers: int
+    fast_view: bool
+
+
+def parse_config(config: str) -> Config:
+    """``"mnm-p/k2/par"`` -> ``Config("mnm-p", 2, 1, True)``."""
     name, workers = throughput.split_parallel(config)
-    if name.endswith(throughput.KERNEL2):
-        return name.removesuffix(throughput.KERNEL2), 2, workers
-    return name, 1, workers
+    base, suffixes = throughput.split_suffixes(name)
+    rest = "".join(s for s in reversed(suffixes) if s not in PER_AGENT)
+    return Config(
+        base + rest,
+        2 if throughput.KERNEL2 in suffixes else 1,
+        workers,
+        throughput.MINIGRID_VIEW not in suffixes,
+    )
 
 
 def config_problem(config: str) -> str | None:
     """Why ``config`` cannot run here, or ``None``."""
-    name, kernel_threads, _ = parse_config(config)
-    if throughput.THREADS in config or any(name.endswith(s) for s in throughput.SUFFIXES):
+    name, kernel_threads, _, _ = parse_config(config)
+    if throughput.THREADS in config or name != throughput.split_suffixes(name)[0]:
         return "holds for a whole process: use throughput.py"
     core = throughput.split_config(name)[0]
     if core not in {a.partition(":")[0] for a in throughput.AGENTS} | {CEILING}:
@@ -133,9 +155,12 @@ class Agent:
     while it trains."""
 
     def __init__(self, config: str, setting: argparse.Namespace) -> None:
-        name, self.kernel_threads, workers = parse_config(config)
+        name, self.kernel_threads, workers, fast_view = parse_config(config)
         self.env = throughput.make_env(
-            setting, for_sb3_contrib=name == "sb3-contrib", env_workers=workers
+            setting,
+            for_sb3_contrib=name == "sb3-contrib",
+            env_workers=workers,
+            fast_view=fast_view,
         )
         self.steps = setting.n_steps * setting.n_envs
         if name == CEILING:

@@ -12,7 +12,10 @@ For one environment, number of envs, rollout length, number of epochs and miniba
     ending in ``/eager`` (``mnm-p/eager``) runs the same core in plain PyTorch, one ending in
     ``/unmap`` lets glibc return the kernel's freed buffers to the OS (the default before the
     fifth session), one ending in ``/k2`` lets the kernel split a training batch between two
-    threads of its own (``MNM_RL_KERNEL_THREADS=2``; torch keeps ``--threads``). A config name
+    threads of its own (``MNM_RL_KERNEL_THREADS=2``; torch keeps ``--threads``). MiniGrid envs
+    compute their observations with mnm_rl's fast view (``mnm_rl.envs.minigrid_view``, the same
+    arrays as MiniGrid's) for every config, sb3-contrib included; a config name ending in
+    ``/mgview`` (``ceiling/mgview``, ``lstm/mgview``) uses MiniGrid's own code. A config name
     ending in ``/par`` (``lstm/par``, ``ceiling/par``, ``sb3-contrib/par``) steps its envs with
     ``mnm_rl.parallel_vec_env.ParallelVecEnv``: half of them in a worker process, at the same
     time as this process steps the other half. Any config may end in ``@N`` to run with N torch
@@ -67,10 +70,15 @@ UNMAP = "/unmap"
 #: A config name ending in this lets the MNM kernel split a training batch between two threads
 #: of its own (``MNM_RL_KERNEL_THREADS=2``) while torch keeps ``--threads``, e.g. ``mnm-p/k2``.
 KERNEL2 = "/k2"
+#: A config name ending in this steps MiniGrid envs with MiniGrid's own observation code instead
+#: of mnm_rl's fast view (``MNM_RL_FAST_VIEW=0``, see ``mnm_rl/envs/minigrid_view.py``), e.g.
+#: ``ceiling/mgview`` or ``lstm/mgview/par``.
+MINIGRID_VIEW = "/mgview"
 SUFFIXES = {
     EAGER: ("MNM_RL_FUSED", "0"),
     UNMAP: ("MNM_RL_RETAIN_MEMORY", "0"),
     KERNEL2: ("MNM_RL_KERNEL_THREADS", "2"),
+    MINIGRID_VIEW: ("MNM_RL_FAST_VIEW", "0"),
 }
 #: A config name ending in this (before any ``@N``) steps its envs in two groups at once, one in a
 #: worker process (``ParallelVecEnv(n_workers=1)``), e.g. ``lstm/par`` next to ``lstm``. The CPU
@@ -98,13 +106,22 @@ def split_parallel(name: str) -> tuple[str, int]:
     return name, 0
 
 
+def split_suffixes(name: str) -> tuple[str, list[str]]:
+    """``"mnm-p/k2/mgview"`` -> ``("mnm-p", ["/mgview", "/k2"])``: the name without its trailing
+    variant suffixes (``SUFFIXES``, in any order), and those suffixes."""
+    found: list[str] = []
+    while suffix := next((s for s in SUFFIXES if name.endswith(s)), None):
+        name = name.removesuffix(suffix)
+        found.append(suffix)
+    return name, found
+
+
 def split_config(name: str) -> tuple[str, dict[str, int]]:
     """``"mnm-p:2x2"`` -> ``("mnm-p", {"n_heads": 2, "n_layers": 2})``: an MNM core with H heads
-    and L fast-weight layers (the presets' sizes); a plain core name has no extra kwargs. A
-    trailing ``/eager``, ``/unmap`` or ``/k2`` (``"mnm-p:2x2/eager"``) is dropped here: see
+    and L fast-weight layers (the presets' sizes); a plain core name has no extra kwargs.
+    Trailing variant suffixes (``"mnm-p:2x2/eager"``, see ``SUFFIXES``) are dropped here: see
     :func:`run_agent`."""
-    for suffix in SUFFIXES:
-        name = name.removesuffix(suffix)
+    name = split_suffixes(name)[0]
     core, _, size = name.partition(":")
     if not size:
         return core, {}
@@ -173,12 +190,15 @@ def make_env(
     env_workers: int = 0,
     vec_env_cls: type | None = None,
     vec_env_kwargs: dict[str, Any] | None = None,
+    fast_view: bool = True,
 ):
     """The vectorised env of ``args.n_envs`` monitored ``args.env`` envs, seeded from 0. MiniGrid
-    gets ``agent_view_size=args.view_size`` (3 when ``args`` has none) and an observation
-    wrapper: our ``SymbolicMiniGrid`` for us, minigrid's ``ImgObsWrapper`` (a Box) for
-    sb3-contrib. With ``env_workers``, a ``ParallelVecEnv`` with that many worker processes; else
-    ``vec_env_cls(env_fns, **vec_env_kwargs)``, a ``DummyVecEnv`` by default."""
+    gets ``agent_view_size=args.view_size`` (3 when ``args`` has none), with ``fast_view`` the
+    fast view of mnm_rl's env builder (``mnm_rl.envs.minigrid_view``, for sb3-contrib too: the
+    same env for every agent; ``MNM_RL_FAST_VIEW=0`` switches it off as well), and an
+    observation wrapper: our ``SymbolicMiniGrid`` for us, minigrid's ``ImgObsWrapper`` (a Box)
+    for sb3-contrib. With ``env_workers``, a ``ParallelVecEnv`` with that many worker processes;
+    else ``vec_env_cls(env_fns, **vec_env_kwargs)``, a ``DummyVecEnv`` by default."""
     import gymnasium as gym
     from stable_baselines3.common.env_util import make_vec_env
 
@@ -191,9 +211,16 @@ def make_env(
         from minigrid.wrappers import ImgObsWrapper
 
         from mnm_rl.envs.minigrid import SymbolicMiniGrid
+        from mnm_rl.envs.minigrid_view import use_fast_view
 
         kwargs = dict(agent_view_size=getattr(args, "view_size", 3))
-        wrapper = ImgObsWrapper if for_sb3_contrib else SymbolicMiniGrid
+        observation = ImgObsWrapper if for_sb3_contrib else SymbolicMiniGrid
+
+        def wrapper(env):
+            if fast_view:
+                use_fast_view(env)
+            return observation(env)
+
     elif for_sb3_contrib and isinstance(gym.make(args.env).observation_space, gym.spaces.Dict):
         raise ValueError(f"{args.env} has Dict observations, which RecurrentPPO cannot take")
     if env_workers:
@@ -273,10 +300,11 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 
 def apply_suffixes(name: str) -> None:
     """Set the environment variable of each variant suffix ``name`` ends with (``/eager``,
-    ``/unmap``, ``/k2``; see ``SUFFIXES``), before mnm_rl loads its kernels."""
-    for suffix, (variable, value) in SUFFIXES.items():
-        if name.endswith(suffix):
-            os.environ[variable] = value
+    ``/unmap``, ``/k2``, ``/mgview``; see ``SUFFIXES``), before mnm_rl loads its kernels or
+    builds an env."""
+    for suffix in split_suffixes(name)[1]:
+        variable, value = SUFFIXES[suffix]
+        os.environ[variable] = value
 
 
 def run_agent(config: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -320,6 +348,7 @@ def run_ceiling(args: argparse.Namespace, config: str = "ceiling") -> dict[str, 
     """Raw stepping of the same VecEnv with uniformly random actions."""
     import numpy as np
 
+    apply_suffixes(split_parallel(config)[0])
     _setup_torch(args.threads)
     env = make_env(args, env_workers=split_parallel(config)[1])
     env.reset()
@@ -424,7 +453,7 @@ def run_scaling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker(args: argparse.Namespace) -> None:
-    if split_parallel(args.worker)[0] == "ceiling":
+    if split_config(split_parallel(args.worker)[0])[0] == "ceiling":
         out = run_ceiling(args, args.worker)
     elif args.worker == "scaling":
         out = run_scaling(args)

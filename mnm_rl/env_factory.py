@@ -2,12 +2,14 @@
 
 ``gymnasium.make(id, **kwargs)``, then (for training) the preset's ``train_wrappers``, then its
 wrappers in order, then (for training) stable-baselines3's ``Monitor``; a ``DummyVecEnv`` holds
-the parallel copies.
+the parallel copies. A MiniGrid env computes its observations with
+:func:`mnm_rl.envs.minigrid_view.use_fast_view` (the same arrays, 2.6-3.5x faster).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -149,7 +151,8 @@ def resolve_env(name: str) -> EnvPreset:
 def make_env(
     spec: EnvSpec, render_mode: str | None = None, monitor: bool = False, training: bool = False
 ) -> gym.Env:
-    """One env: ``gymnasium.make`` with the spec's kwargs, then (``training``) its
+    """One env: ``gymnasium.make`` with the spec's kwargs (a MiniGrid env with the fast view,
+    :func:`~mnm_rl.envs.minigrid_view.use_fast_view`), then (``training``) its
     ``train_wrappers``, then its wrappers (then ``Monitor``)."""
     if spec.id not in gym.registry:
         registered_ids()  # imports minigrid, which registers its ids
@@ -158,6 +161,10 @@ def make_env(
         kwargs["render_mode"] = render_mode
     try:
         env = gym.make(spec.id, **kwargs)
+        if "minigrid.minigrid_env" in sys.modules:  # else env cannot be a MiniGrid env
+            from mnm_rl.envs.minigrid_view import use_fast_view
+
+            use_fast_view(env)
         if training and spec.train_wrappers:
             plain = env
             for wrapper in spec.train_wrappers:

@@ -19,10 +19,12 @@ def learn_pairs():
 
 @pytest.mark.parametrize(
     "config, parsed",
-    [("lstm", ("lstm", 1, 0)), ("mnm-p/k2/par", ("mnm-p", 2, 1)),
-     ("mnm-p:2x2/par", ("mnm-p:2x2", 1, 1)), ("mnm-g/k2", ("mnm-g", 2, 0))],
+    [("lstm", ("lstm", 1, 0, True)), ("mnm-p/k2/par", ("mnm-p", 2, 1, True)),
+     ("mnm-p:2x2/par", ("mnm-p:2x2", 1, 1, True)), ("mnm-g/k2", ("mnm-g", 2, 0, True)),
+     ("ceiling/mgview", ("ceiling", 1, 0, False)), ("mnm-p/k2/mgview/par", ("mnm-p", 2, 1, False)),
+     ("mnm-p/mgview/k2", ("mnm-p", 2, 0, False)), ("mnm-p/eager", ("mnm-p/eager", 1, 0, True))],
 )  # fmt: skip
-def test_configs_name_the_agent_its_kernel_threads_and_env_workers(learn_pairs, config, parsed):
+def test_configs_name_agent_threads_workers_and_view(learn_pairs, config, parsed):
     assert learn_pairs.parse_config(config) == parsed
 
 
@@ -46,12 +48,13 @@ def test_what_cannot_run_in_turns_is_refused(learn_pairs, configs, message, caps
     assert message in capsys.readouterr().err
 
 
-def test_the_kernel_threads_variable_is_refused(learn_pairs, monkeypatch, capsys):
-    monkeypatch.setenv("MNM_RL_KERNEL_THREADS", "2")
+@pytest.mark.parametrize("variable", ["MNM_RL_KERNEL_THREADS", "MNM_RL_FAST_VIEW"])
+def test_the_variables_it_sets_by_agent_are_refused(learn_pairs, monkeypatch, capsys, variable):
+    monkeypatch.setenv(variable, "2")
     with pytest.raises(SystemExit) as exit_info:
         learn_pairs.parse_args([])
     assert exit_info.value.code == 2
-    assert "unset MNM_RL_KERNEL_THREADS" in capsys.readouterr().err
+    assert f"unset {variable}" in capsys.readouterr().err
 
 
 def test_the_setting_options_reach_every_agent(learn_pairs):
@@ -159,3 +162,17 @@ def test_the_median_interval_takes_the_binomial_order_statistics(learn_pairs):
     assert learn_pairs.median_interval(values) == [40.0, 59.0]
     assert learn_pairs.median_interval([3.0, 1.0, 2.0]) == [1.0, 3.0]  # too few: min and max
     assert learn_pairs.median_interval([7.0]) == [7.0, 7.0]
+
+
+def test_an_agent_steps_minigrid_view_only_with_mgview(learn_pairs):
+    from mnm_rl.envs.minigrid_view import FastGenObs
+
+    args = learn_pairs.parse_args(SMALL)
+    for config, fast in (("ceiling", True), ("ceiling/mgview", False), ("sb3-contrib", True)):
+        agent = learn_pairs.Agent(config, args.setting)
+        try:
+            views = [env.unwrapped.__dict__.get("gen_obs") for env in agent.env.envs]
+            assert [isinstance(v, FastGenObs) for v in views] == [fast] * args.setting.n_envs
+            assert agent.learn_once()[0] > 0
+        finally:
+            agent.env.close()
