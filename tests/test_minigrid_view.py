@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 
 import gymnasium as gym
@@ -152,3 +153,35 @@ def test_env_builder_installs_the_view(monkeypatch) -> None:
     monkeypatch.setenv(SWITCH_VARIABLE, "0")
     env = make_env(resolve_env("MiniGrid-MemoryS7-v0"))
     assert "gen_obs" not in env.unwrapped.__dict__
+
+
+def test_benchmark_prints_both_tables_and_a_json_last_line(capsys) -> None:
+    from benchmark_scripts import load_script
+
+    bench = load_script("minigrid_view")
+    out = bench.main(
+        ["--envs", "MiniGrid-MemoryS7-v0", "MiniGrid-DoorKey-5x5-v0", "--views", "3", "5",
+         "--states", "5", "--n-envs", "2", "--steps", "5", "--rounds", "2"]
+    )  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == out
+    assert [(r["env"], r["view"]) for r in out["gen_obs"]] == [
+        ("MiniGrid-MemoryS7-v0", 3), ("MiniGrid-MemoryS7-v0", 5),
+        ("MiniGrid-DoorKey-5x5-v0", 3), ("MiniGrid-DoorKey-5x5-v0", 5),
+    ]  # fmt: skip
+    assert [(r["view"], r["n_envs"]) for r in out["step"]] == [(3, 2), (5, 2)]
+    for row in out["gen_obs"]:
+        assert row["minigrid_us"] > 0 and row["fast_us"] > 0 and row["speedup"] > 0
+    for row in out["step"]:
+        assert row["minigrid_sps"] > 0 and row["fast_sps"] > 0 and row["speedup"] > 0
+    assert any(line.startswith("MiniGrid-DoorKey-5x5-v0") for line in lines)
+
+
+@pytest.mark.parametrize("argv", [["--views", "4"], ["--rounds", "0"]])
+def test_benchmark_refuses_bad_arguments(argv, capsys) -> None:
+    from benchmark_scripts import load_script
+
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("minigrid_view").parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "must be" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from benchmark_scripts import load_script
 
@@ -125,3 +127,47 @@ def test_view_size_must_be_an_odd_number_of_at_least_3(throughput, view, capsys)
         throughput.parse_args(["--view-size", view])
     assert exit_info.value.code == 2
     assert "--view-size must be an odd number of at least 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config, base, variables",
+    [
+        ("mnm-p:2x2", "mnm-p:2x2", {}),
+        ("mnm-p/k2/mgview", "mnm-p", {"MNM_RL_KERNEL_THREADS": "2", "MNM_RL_FAST_VIEW": "0"}),
+        ("lstm/mgview", "lstm", {"MNM_RL_FAST_VIEW": "0"}),
+        ("ceiling/mgview", "ceiling", {"MNM_RL_FAST_VIEW": "0"}),
+        ("mnm-g/eager/unmap", "mnm-g", {"MNM_RL_FUSED": "0", "MNM_RL_RETAIN_MEMORY": "0"}),
+    ],
+)
+def test_stacked_suffixes_each_set_their_variable(throughput, monkeypatch, config, base, variables):
+    for variable, _ in throughput.SUFFIXES.values():
+        monkeypatch.setenv(variable, "")  # recorded, so that what apply_suffixes sets is undone
+        monkeypatch.delenv(variable)
+    assert throughput.split_config(config)[0] == base.partition(":")[0]
+    assert throughput.split_suffixes(config)[0] == base
+    throughput.apply_suffixes(config)
+    assert {v: os.environ[v] for v, _ in throughput.SUFFIXES.values() if v in os.environ} == (
+        variables
+    )
+
+
+def test_every_agent_steps_the_fast_view_unless_told_not_to(throughput, monkeypatch):
+    from mnm_rl.envs.minigrid_view import FastGenObs
+
+    args = throughput.parse_args(["--n-envs", "2"])
+    monkeypatch.delenv("MNM_RL_FAST_VIEW", raising=False)
+    for kwargs, fast in (
+        ({}, True),
+        ({"for_sb3_contrib": True}, True),
+        ({"fast_view": False}, False),
+    ):
+        env = throughput.make_env(args, **kwargs)
+        try:
+            views = [e.unwrapped.__dict__.get("gen_obs") for e in env.envs]
+            assert [isinstance(v, FastGenObs) for v in views] == [fast, fast]
+        finally:
+            env.close()
+    monkeypatch.setenv("MNM_RL_FAST_VIEW", "0")  # what /mgview sets in its worker process
+    env = throughput.make_env(args)
+    assert all("gen_obs" not in e.unwrapped.__dict__ for e in env.envs)
+    env.close()

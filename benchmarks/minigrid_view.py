@@ -1,0 +1,176 @@
+"""MiniGrid's observation code against mnm_rl's fast view, side by side in one process.
+
+Two measurements, each in interleaved rounds (every variant once per round, medians reported):
+
+* ``gen_obs``: microseconds per call of MiniGrid's ``MiniGridEnv.gen_obs`` and of
+  ``mnm_rl.envs.minigrid_view.view_image``, over the states of a random walk (both functions
+  called once in each state, in alternating order), for each ``--envs`` id and ``--views`` size;
+* ``step``: raw stepping with random actions of ``--n-envs`` envs in a ``DummyVecEnv``, made as
+  ``throughput.py`` makes them (MiniGrid with ``SymbolicMiniGrid``, ``Monitor``; its
+  ``ceiling``), with MiniGrid's own view and with the fast one, for each view size of the
+  first env id.
+
+Prints two tables and, as its last line, a JSON object ``{"rounds", "gen_obs": [{"env",
+"view", "minigrid_us", "fast_us", "speedup"}], "step": [{"env", "view", "n_envs",
+"minigrid_sps", "fast_sps", "speedup"}]}``; every speedup is the median over rounds of the
+round's ratio.
+
+    python benchmarks/minigrid_view.py
+    python benchmarks/minigrid_view.py --envs MiniGrid-MemoryS7-v0 --views 3 7 --rounds 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import throughput  # noqa: E402
+
+DEFAULT_ENVS = [
+    "MiniGrid-MemoryS7-v0",
+    "MiniGrid-MemoryS13-v0",
+    "MiniGrid-DoorKey-8x8-v0",
+    "MiniGrid-KeyCorridorS3R3-v0",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--envs", nargs="+", default=DEFAULT_ENVS, help="MiniGrid env ids")
+    p.add_argument("--views", nargs="+", type=int, default=[3, 5, 7], help="agent_view_size")
+    p.add_argument("--states", type=int, default=500, help="random-walk states per gen_obs round")
+    p.add_argument("--n-envs", type=int, default=8, help="envs of the stepping measurement")
+    p.add_argument("--steps", type=int, default=300, help="vec steps per stepping round")
+    p.add_argument("--rounds", type=int, default=7)
+    args = p.parse_args(argv)
+    if any(v < 3 or v % 2 == 0 for v in args.views):
+        p.error(f"--views must be odd numbers of at least 3 (MiniGrid), got {args.views}")
+    if min(args.states, args.n_envs, args.steps, args.rounds) < 1:
+        p.error("--states, --n-envs, --steps and --rounds must be positive")
+    return args
+
+
+def time_gen_obs(env_id: str, view: int, states: int, rounds: int) -> dict[str, Any]:
+    """Per-call microseconds of MiniGrid's gen_obs and of view_image, round by round."""
+    import gymnasium as gym
+    import minigrid  # noqa: F401  (registers the MiniGrid envs)
+    from minigrid.minigrid_env import MiniGridEnv
+
+    from mnm_rl.envs.minigrid_view import view_image
+
+    env = gym.make(env_id, agent_view_size=view)
+    base = env.unwrapped
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    clock = time.perf_counter_ns
+    own: list[float] = []
+    fast: list[float] = []
+    for _ in range(rounds):
+        own_ns = fast_ns = 0
+        for state in range(states):
+            for which in (0, 1) if state % 2 else (1, 0):
+                start = clock()
+                if which:
+                    view_image(base)
+                else:
+                    MiniGridEnv.gen_obs(base)
+                elapsed = clock() - start
+                if which:
+                    fast_ns += elapsed
+                else:
+                    own_ns += elapsed
+            _, _, terminated, truncated, _ = env.step(int(rng.integers(base.action_space.n)))
+            if terminated or truncated:
+                env.reset()
+        own.append(own_ns / states / 1e3)
+        fast.append(fast_ns / states / 1e3)
+    env.close()
+    return {
+        "env": env_id,
+        "view": view,
+        "minigrid_us": statistics.median(own),
+        "fast_us": statistics.median(fast),
+        "speedup": statistics.median(a / b for a, b in zip(own, fast, strict=True)),
+    }
+
+
+def time_stepping(env_id: str, view: int, n_envs: int, steps: int, rounds: int) -> dict:
+    """Raw stepping (throughput.py's ceiling) with MiniGrid's view and with the fast one."""
+    setting = argparse.Namespace(env=env_id, n_envs=n_envs, view_size=view)
+    envs = {
+        "minigrid": throughput.make_env(setting, fast_view=False),
+        "fast": throughput.make_env(setting),
+    }
+    rng = np.random.default_rng(0)
+    n_actions = int(envs["fast"].action_space.n)
+    sps: dict[str, list[float]] = {name: [] for name in envs}
+    try:
+        for env in envs.values():
+            env.reset()
+            for action in rng.integers(n_actions, size=(50, n_envs)):  # warm-up
+                env.step(action)
+        for r in range(rounds):
+            actions = rng.integers(n_actions, size=(steps, n_envs))
+            for name in envs if r % 2 else reversed(envs):
+                start = time.perf_counter()
+                for action in actions:
+                    envs[name].step(action)
+                sps[name].append(steps * n_envs / (time.perf_counter() - start))
+    finally:
+        for env in envs.values():
+            env.close()
+    return {
+        "env": env_id,
+        "view": view,
+        "n_envs": n_envs,
+        "minigrid_sps": statistics.median(sps["minigrid"]),
+        "fast_sps": statistics.median(sps["fast"]),
+        "speedup": statistics.median(
+            f / m for f, m in zip(sps["fast"], sps["minigrid"], strict=True)
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    print(f"command: python benchmarks/minigrid_view.py {' '.join(argv or sys.argv[1:])}".rstrip())
+    print(f"machine: {throughput.machine()}", flush=True)
+    calls = [
+        time_gen_obs(env_id, view, args.states, args.rounds)
+        for env_id in args.envs
+        for view in args.views
+    ]
+    print(f"\ngen_obs, us per call (medians of {args.rounds} rounds of {args.states} states)")
+    print(f"{'env':<32}{'view':>5}{'MiniGrid':>10}{'fast':>8}{'speed-up':>10}")
+    for row in calls:
+        print(
+            f"{row['env']:<32}{row['view']:>5}{row['minigrid_us']:>10.1f}{row['fast_us']:>8.1f}"
+            f"{row['speedup']:>9.2f}x"
+        )
+    stepping = [
+        time_stepping(args.envs[0], view, args.n_envs, args.steps, args.rounds)
+        for view in args.views
+    ]
+    print(f"\nraw stepping, {args.n_envs} envs (DummyVecEnv), env steps/s (medians)")
+    print(f"{'env':<32}{'view':>5}{'MiniGrid':>10}{'fast':>8}{'speed-up':>10}")
+    for row in stepping:
+        print(
+            f"{row['env']:<32}{row['view']:>5}{row['minigrid_sps']:>10.0f}{row['fast_sps']:>8.0f}"
+            f"{row['speedup']:>9.2f}x"
+        )
+    out = {"rounds": args.rounds, "gen_obs": calls, "step": stepping}
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
