@@ -261,19 +261,22 @@ def median_interval(values: list[float], z: float = 1.96) -> list[float]:
 
 
 def print_table(out: dict[str, Any]) -> None:
+    width = max(16, *(len(config) for config in out["rates"]))
     print(
-        f"{'config':16s} {'steps/s':>8s} {'min..max':>13s}  {'steps/CPU-s':>11s} {'min..max':>13s}"
+        f"{'config':{width}s} {'steps/s':>8s} {'min..max':>13s}  {'steps/CPU-s':>11s} "
+        f"{'min..max':>13s}"
     )
     for config, wall in out["rates"].items():
         cpu = out["cpu_rates"][config]
-        print(f"{config:16s} {statistics.median(wall):8.0f} {min(wall):6.0f}..{max(wall):<6.0f}"
+        print(f"{config:{width}s} {statistics.median(wall):8.0f} "
+              f"{min(wall):6.0f}..{max(wall):<6.0f}"
               f"  {statistics.median(cpu):11.0f} {min(cpu):6.0f}..{max(cpu):<6.0f}")  # fmt: skip
     for reference, table in out["ratio_to"].items():
         print(f"\nrate over {reference}'s in the same turn: median [95% CI] (quartiles, min..max)")
         for config, ratio in table["median"].items():
             (low, high), (q1, q3) = table["ci95"][config], table["quartiles"][config]
             least, most = table["range"][config]
-            print(f"{config:16s} {ratio:7.3f} [{low:.3f}, {high:.3f}]"
+            print(f"{config:{width}s} {ratio:7.3f} [{low:.3f}, {high:.3f}]"
                   f" ({q1:.3f}..{q3:.3f}, {least:.2f}..{most:.2f})")  # fmt: skip
 
 

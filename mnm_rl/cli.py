@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         "back to the OS. MNM_RL_KERNEL_THREADS=N (or --set train.kernel_threads=N) lets the MNM "
         "kernel split each minibatch between N threads. --set train.env_workers=N steps the "
         "training envs in N worker processes alongside the trainer (docs/benchmarks.md says "
-        "when that pays).",
+        "when that pays). MiniGrid envs compute their observations straight from the grid, "
+        "the same arrays 3.5-5x faster than MiniGrid's code; MNM_RL_FAST_VIEW=0 keeps "
+        "MiniGrid's.",
     )
     from mnm_rl import __version__
 

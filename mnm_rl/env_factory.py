@@ -3,7 +3,7 @@
 ``gymnasium.make(id, **kwargs)``, then (for training) the preset's ``train_wrappers``, then its
 wrappers in order, then (for training) stable-baselines3's ``Monitor``; a ``DummyVecEnv`` holds
 the parallel copies. A MiniGrid env computes its observations with
-:func:`mnm_rl.envs.minigrid_view.use_fast_view` (the same arrays, 2.6-3.5x faster).
+:func:`mnm_rl.envs.minigrid_view.use_fast_view` (the same arrays, 3.5-5x faster).
 """
 
 from __future__ import annotations

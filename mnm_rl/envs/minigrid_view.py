@@ -9,7 +9,7 @@ about 80 of 130 us at the registered 7 x 7 on this project's 2-core VM.
 
 :func:`view_image` computes the same array from the grid's cell list, reading each view cell
 where the rotation would have put it, with plain lists for the visibility and one array built
-at the end: 2.6-3.5x faster than MiniGrid's (``benchmarks/minigrid_view.py``), and equal to
+at the end: 3.5-5x faster than MiniGrid's (``benchmarks/minigrid_view.py``), and equal to
 it element for element (``tests/test_minigrid_view.py`` compares them over random episodes of
 several MiniGrid envs and view sizes, with doors, carried objects and see-through walls).
 
