@@ -140,6 +140,17 @@ def time_stepping(env_id: str, view: int, n_envs: int, steps: int, rounds: int) 
     }
 
 
+def print_table(title: str, rows: list[dict[str, Any]], own: str, fast: str, fmt: str) -> None:
+    """One row per env and view: MiniGrid's figure (key ``own``), the fast view's, the speed-up."""
+    print(f"\n{title}")
+    print(f"{'env':<32}{'view':>5}{'MiniGrid':>10}{'fast':>8}{'speed-up':>10}")
+    for row in rows:
+        print(
+            f"{row['env']:<32}{row['view']:>5}{row[own]:>10{fmt}}{row[fast]:>8{fmt}}"
+            f"{row['speedup']:>9.2f}x"
+        )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     print(f"command: python benchmarks/minigrid_view.py {' '.join(argv or sys.argv[1:])}".rstrip())
@@ -149,24 +160,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for env_id in args.envs
         for view in args.views
     ]
-    print(f"\ngen_obs, us per call (medians of {args.rounds} rounds of {args.states} states)")
-    print(f"{'env':<32}{'view':>5}{'MiniGrid':>10}{'fast':>8}{'speed-up':>10}")
-    for row in calls:
-        print(
-            f"{row['env']:<32}{row['view']:>5}{row['minigrid_us']:>10.1f}{row['fast_us']:>8.1f}"
-            f"{row['speedup']:>9.2f}x"
-        )
+    print_table(
+        f"gen_obs, us per call (medians of {args.rounds} rounds of {args.states} states)",
+        calls, "minigrid_us", "fast_us", ".1f",
+    )  # fmt: skip
     stepping = [
         time_stepping(args.envs[0], view, args.n_envs, args.steps, args.rounds)
         for view in args.views
     ]
-    print(f"\nraw stepping, {args.n_envs} envs (DummyVecEnv), env steps/s (medians)")
-    print(f"{'env':<32}{'view':>5}{'MiniGrid':>10}{'fast':>8}{'speed-up':>10}")
-    for row in stepping:
-        print(
-            f"{row['env']:<32}{row['view']:>5}{row['minigrid_sps']:>10.0f}{row['fast_sps']:>8.0f}"
-            f"{row['speedup']:>9.2f}x"
-        )
+    print_table(
+        f"raw stepping, {args.n_envs} envs (DummyVecEnv), env steps/s (medians)",
+        stepping, "minigrid_sps", "fast_sps", ".0f",
+    )  # fmt: skip
     out = {"rounds": args.rounds, "gen_obs": calls, "step": stepping}
     print(json.dumps(out))
     return out
