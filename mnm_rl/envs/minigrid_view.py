@@ -24,18 +24,20 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+from minigrid.core.constants import DIR_TO_VEC, OBJECT_TO_IDX
 from minigrid.core.grid import Grid
 from minigrid.core.world_object import Wall
 from minigrid.minigrid_env import MiniGridEnv
 
 #: Set to ``0`` in the environment to keep MiniGrid's own ``gen_obs`` everywhere.
 SWITCH_VARIABLE = "MNM_RL_FAST_VIEW"
-#: The encoding of a visible empty cell (MiniGrid's ``OBJECT_TO_IDX["empty"]``) and of a cell
-#: out of sight.
-_EMPTY = (1, 0, 0)
+#: The encoding of a visible empty cell and of a cell out of sight (as ``Grid.encode`` writes
+#: them).
+_EMPTY = (OBJECT_TO_IDX["empty"], 0, 0)
 _UNSEEN = (0, 0, 0)
-#: ``DIR_TO_VEC`` as plain ints: (dx, dy) of facing east, south, west, north.
-_FORWARD = ((1, 0), (0, 1), (-1, 0), (0, -1))
+#: ``DIR_TO_VEC`` as plain ints (numpy scalars are slower in Python arithmetic): (dx, dy) of
+#: facing east, south, west, north.
+_FORWARD = tuple((int(dx), int(dy)) for dx, dy in DIR_TO_VEC)
 #: What a view cell outside the grid holds (MiniGrid makes a new wall for each).
 _OUTSIDE = Wall()
 
