@@ -10,6 +10,7 @@ import gymnasium as gym
 import minigrid  # noqa: F401  (registers the MiniGrid ids)
 import numpy as np
 import pytest
+import torch
 from minigrid.core.grid import Grid
 from minigrid.core.world_object import Ball, Door, Key
 from minigrid.envs import MemoryEnv
@@ -185,3 +186,30 @@ def test_benchmark_refuses_bad_arguments(argv, capsys) -> None:
         load_script("minigrid_view").parse_args(argv)
     assert exit_info.value.code == 2
     assert "must be" in capsys.readouterr().err
+
+
+def test_training_is_the_same_with_either_view(monkeypatch) -> None:
+    """The same seeds give the same policy, parameter for parameter, whichever code computes
+    the observations (the fast view is installed by the env builder; the switch turns it off)."""
+    from mnm_rl.agent import MemoryPPO
+    from mnm_rl.env_factory import make_vec_env
+
+    spec = resolve_env("MiniGrid-MemoryS7-v0")
+    policies = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(SWITCH_VARIABLE, switch)
+        env = make_vec_env(spec, n_envs=2, seed=0)
+        assert [isinstance(e.unwrapped.__dict__.get("gen_obs"), FastGenObs) for e in env.envs] == [
+            switch == "1"
+        ] * 2
+        model = MemoryPPO(
+            env=env, core="lstm", n_steps=32, batch_size=32, n_epochs=2, seq_len=8, seed=0,
+            policy_kwargs={"core_kwargs": {"hidden_size": 16}, "features_dim": 16},
+        )  # fmt: skip
+        model.learn(128)
+        assert model._n_updates == 4  # two rollouts of 2 envs x 32 steps, two epochs each
+        policies.append(model.policy.state_dict())
+        env.close()
+    assert policies[0].keys() == policies[1].keys()
+    for name, tensor in policies[0].items():
+        assert torch.equal(tensor, policies[1][name]), name
