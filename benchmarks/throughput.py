@@ -532,6 +532,7 @@ def print_table(results: dict[str, list[dict[str, Any]]]) -> None:
     this process's CPU time. Rollout/update split in CPU time."""
     wall = {k: statistics.median(r["sps"] for r in v) for k, v in results.items()}
     cpu = {k: statistics.median(r["cpu_sps"] for r in v) for k, v in results.items()}
+    width = max(12, *(len(name) for name in results))
 
     def ratio(values: dict[str, float], name: str, ref: str, scale: float = 1.0) -> str:
         if ref not in values or name in ("ceiling", ref):
@@ -539,7 +540,7 @@ def print_table(results: dict[str, list[dict[str, Any]]]) -> None:
         return f"{scale * values[name] / values[ref]:6.2f}"
 
     print(
-        f"{'config':<12} {'steps/s':>8} {'min..max':>13} {'steps/CPU-s':>11} {'rollout':>7} "
+        f"{'config':<{width}} {'steps/s':>8} {'min..max':>13} {'steps/CPU-s':>11} {'rollout':>7} "
         f"{'update':>6} {'x sb3':>6} {'(cpu)':>6} {'%ceil':>6} {'(cpu)':>6} {'peak MB':>7} "
         f"{'learn MB':>8}"
     )
@@ -548,7 +549,8 @@ def print_table(results: dict[str, list[dict[str, Any]]]) -> None:
         total = sum(r["rollout_cpu_s"] + r["update_cpu_s"] for r in runs)
         roll = sum(r["rollout_cpu_s"] for r in runs) / total if total else 0.0
         print(
-            f"{name:<12} {wall[name]:8.0f} {min(sps):6.0f}..{max(sps):<6.0f} {cpu[name]:11.0f} "
+            f"{name:<{width}} {wall[name]:8.0f} {min(sps):6.0f}..{max(sps):<6.0f} "
+            f"{cpu[name]:11.0f} "
             f"{100 * roll:6.0f}% {100 * (1 - roll):5.0f}% {ratio(wall, name, 'sb3-contrib')} "
             f"{ratio(cpu, name, 'sb3-contrib')} {ratio(wall, name, 'ceiling', 100)} "
             f"{ratio(cpu, name, 'ceiling', 100)} {max(r['peak_mb'] for r in runs):7.0f} "
