@@ -16,7 +16,8 @@ optionally ending in ``/k2`` (the MNM kernel splits a training batch between two
 that agent runs: ``fused.set_kernel_threads(2)``); ``sb3-contrib`` (RecurrentPPO, one
 ``learn()`` of one rollout per turn as well); ``ceiling`` (raw stepping of the same env,
 ``n_steps`` random actions per turn). Any may end in ``/mgview`` (its MiniGrid envs use
-MiniGrid's own observation code instead of mnm_rl's fast view, ``mnm_rl.envs.minigrid_view``),
+MiniGrid's own observation code instead of mnm_rl's fast view, ``mnm_rl.envs.minigrid_view``)
+and in ``/npact`` (they take numpy integer actions, not ints: ``mnm_rl.envs.minigrid_actions``),
 then in ``/par`` (its own ``ParallelVecEnv`` with one worker process; an idle agent's worker
 sleeps). Switches that hold for a whole process
 (``/eager``, ``/unmap``, ``@N``) are ``throughput.py``'s. Every agent is built in the same
@@ -110,22 +111,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 #: The suffixes this script applies agent by agent; throughput.py's others hold for a process.
-PER_AGENT = (throughput.KERNEL2, throughput.MINIGRID_VIEW)
+PER_AGENT = (throughput.KERNEL2, throughput.MINIGRID_VIEW, throughput.NUMPY_ACTIONS)
 
 
 class Config(NamedTuple):
     """What a config name says: the agent (with any suffix that holds for a whole process),
-    its kernel threads (2 with ``/k2``), its env worker processes (1 with ``/par``), and
-    whether its MiniGrid envs have mnm_rl's fast view (not with ``/mgview``)."""
+    its kernel threads (2 with ``/k2``), its env worker processes (1 with ``/par``), whether
+    its MiniGrid envs have mnm_rl's fast view (not with ``/mgview``), and whether they take
+    their actions as Python ints (not with ``/npact``)."""
 
     agent: str
     kernel_threads: int
     env_workers: int
     fast_view: bool
+    int_actions: bool
 
 
 def parse_config(config: str) -> Config:
-    """``"mnm-p/k2/par"`` -> ``Config("mnm-p", 2, 1, True)``."""
+    """``"mnm-p/k2/par"`` -> ``Config("mnm-p", 2, 1, True, True)``."""
     name, workers = throughput.split_parallel(config)
     base, suffixes = throughput.split_suffixes(name)
     rest = "".join(s for s in reversed(suffixes) if s not in PER_AGENT)
@@ -134,12 +137,13 @@ def parse_config(config: str) -> Config:
         2 if throughput.KERNEL2 in suffixes else 1,
         workers,
         throughput.MINIGRID_VIEW not in suffixes,
+        throughput.NUMPY_ACTIONS not in suffixes,
     )
 
 
 def config_problem(config: str) -> str | None:
     """Why ``config`` cannot run here, or ``None``."""
-    name, kernel_threads, _, _ = parse_config(config)
+    name, kernel_threads = parse_config(config)[:2]
     if throughput.THREADS in config or name != throughput.split_suffixes(name)[0]:
         return "holds for a whole process: use throughput.py"
     core = throughput.split_config(name)[0]
@@ -155,12 +159,14 @@ class Agent:
     while it trains."""
 
     def __init__(self, config: str, setting: argparse.Namespace) -> None:
-        name, self.kernel_threads, workers, fast_view = parse_config(config)
+        parsed = parse_config(config)
+        name, self.kernel_threads = parsed.agent, parsed.kernel_threads
         self.env = throughput.make_env(
             setting,
             for_sb3_contrib=name == "sb3-contrib",
-            env_workers=workers,
-            fast_view=fast_view,
+            env_workers=parsed.env_workers,
+            fast_view=parsed.fast_view,
+            int_actions=parsed.int_actions,
         )
         self.steps = setting.n_steps * setting.n_envs
         if name == CEILING:

@@ -1,4 +1,4 @@
-"""MiniGrid's observation code against mnm_rl's fast view, side by side in one process.
+"""MiniGrid's observation code against mnm_rl's fast view (and int actions), side by side.
 
 Two measurements, each in interleaved rounds (every variant once per round, medians reported):
 
@@ -7,13 +7,16 @@ Two measurements, each in interleaved rounds (every variant once per round, medi
   called once in each state, in alternating order), for each ``--envs`` id and ``--views`` size;
 * ``step``: raw stepping with random actions of ``--n-envs`` envs in a ``DummyVecEnv``, made as
   ``throughput.py`` makes them (MiniGrid with ``SymbolicMiniGrid``, ``Monitor``; its
-  ``ceiling``), with MiniGrid's own view and with the fast one, for each view size of the
-  first env id.
+  ``ceiling``), for each view size of the first env id, three ways: with MiniGrid's own view
+  and with the fast one, both given their actions as the numpy integers ``DummyVecEnv``
+  passes (``minigrid``, ``fast``), and with the fast view and the actions as Python ints
+  (``ints``: ``mnm_rl.envs.minigrid_actions``; what mnm_rl's env builder does).
 
 Prints two tables and, as its last line, a JSON object ``{"rounds", "gen_obs": [{"env",
 "view", "minigrid_us", "fast_us", "speedup"}], "step": [{"env", "view", "n_envs",
-"minigrid_sps", "fast_sps", "speedup"}]}``; every speedup is the median over rounds of the
-round's ratio.
+"minigrid_sps", "fast_sps", "ints_sps", "speedup", "ints_speedup", "total_speedup"}]}``:
+``speedup`` is fast over MiniGrid's, ``ints_speedup`` ints over fast, ``total_speedup`` ints
+over MiniGrid's; every speedup is the median over rounds of the round's ratio.
 
     python benchmarks/minigrid_view.py
     python benchmarks/minigrid_view.py --envs MiniGrid-MemoryS7-v0 --views 3 7 --rounds 9
@@ -59,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """The median over rounds of ``a[r] / b[r]``."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def time_gen_obs(env_id: str, view: int, states: int, rounds: int) -> dict[str, Any]:
     """Per-call microseconds of MiniGrid's gen_obs and of view_image, round by round."""
     import gymnasium as gym
@@ -99,16 +107,18 @@ def time_gen_obs(env_id: str, view: int, states: int, rounds: int) -> dict[str, 
         "view": view,
         "minigrid_us": statistics.median(own),
         "fast_us": statistics.median(fast),
-        "speedup": statistics.median(a / b for a, b in zip(own, fast, strict=True)),
+        "speedup": median_ratio(own, fast),
     }
 
 
 def time_stepping(env_id: str, view: int, n_envs: int, steps: int, rounds: int) -> dict:
-    """Raw stepping (throughput.py's ceiling) with MiniGrid's view and with the fast one."""
+    """Raw stepping (throughput.py's ceiling) with MiniGrid's view and with the fast one, both
+    with numpy integer actions, and with the fast view and int actions."""
     setting = argparse.Namespace(env=env_id, n_envs=n_envs, view_size=view)
     envs = {
-        "minigrid": throughput.make_env(setting, fast_view=False),
-        "fast": throughput.make_env(setting),
+        "minigrid": throughput.make_env(setting, fast_view=False, int_actions=False),
+        "fast": throughput.make_env(setting, int_actions=False),
+        "ints": throughput.make_env(setting),
     }
     rng = np.random.default_rng(0)
     n_actions = int(envs["fast"].action_space.n)
@@ -134,21 +144,22 @@ def time_stepping(env_id: str, view: int, n_envs: int, steps: int, rounds: int) 
         "n_envs": n_envs,
         "minigrid_sps": statistics.median(sps["minigrid"]),
         "fast_sps": statistics.median(sps["fast"]),
-        "speedup": statistics.median(
-            f / m for f, m in zip(sps["fast"], sps["minigrid"], strict=True)
-        ),
+        "ints_sps": statistics.median(sps["ints"]),
+        "speedup": median_ratio(sps["fast"], sps["minigrid"]),
+        "ints_speedup": median_ratio(sps["ints"], sps["fast"]),
+        "total_speedup": median_ratio(sps["ints"], sps["minigrid"]),
     }
 
 
-def print_table(title: str, rows: list[dict[str, Any]], own: str, fast: str, fmt: str) -> None:
-    """One row per env and view: MiniGrid's figure (key ``own``), the fast view's, the speed-up."""
+def print_table(
+    title: str, rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]
+) -> None:
+    """One row per env and view, then a column per ``(header, key, format)``."""
     print(f"\n{title}")
-    print(f"{'env':<32}{'view':>5}{'MiniGrid':>10}{'fast':>8}{'speed-up':>10}")
+    print(f"{'env':<32}{'view':>5}" + "".join(f"{header:>14}" for header, _, _ in columns))
     for row in rows:
-        print(
-            f"{row['env']:<32}{row['view']:>5}{row[own]:>10{fmt}}{row[fast]:>8{fmt}}"
-            f"{row['speedup']:>9.2f}x"
-        )
+        cells = "".join(f"{format(row[key], fmt):>14}" for _, key, fmt in columns)
+        print(f"{row['env']:<32}{row['view']:>5}{cells}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -162,15 +173,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     print_table(
         f"gen_obs, us per call (medians of {args.rounds} rounds of {args.states} states)",
-        calls, "minigrid_us", "fast_us", ".1f",
+        calls,
+        [("MiniGrid", "minigrid_us", ".1f"), ("fast", "fast_us", ".1f"),
+         ("speed-up", "speedup", ".2f")],
     )  # fmt: skip
     stepping = [
         time_stepping(args.envs[0], view, args.n_envs, args.steps, args.rounds)
         for view in args.views
     ]
     print_table(
-        f"raw stepping, {args.n_envs} envs (DummyVecEnv), env steps/s (medians)",
-        stepping, "minigrid_sps", "fast_sps", ".0f",
+        f"raw stepping, {args.n_envs} envs (DummyVecEnv), env steps/s (medians); numpy actions "
+        "but in the ints column",
+        stepping,
+        [("MiniGrid", "minigrid_sps", ".0f"), ("fast", "fast_sps", ".0f"),
+         ("fast+ints", "ints_sps", ".0f"), ("fast/MiniGrid", "speedup", ".2f"),
+         ("ints/fast", "ints_speedup", ".2f"), ("ints/MiniGrid", "total_speedup", ".2f")],
     )  # fmt: skip
     out = {"rounds": args.rounds, "gen_obs": calls, "step": stepping}
     print(json.dumps(out))

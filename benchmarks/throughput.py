@@ -15,12 +15,14 @@ For one environment, number of envs, rollout length, number of epochs and miniba
     threads of its own (``MNM_RL_KERNEL_THREADS=2``; torch keeps ``--threads``). MiniGrid envs
     compute their observations with mnm_rl's fast view (``mnm_rl.envs.minigrid_view``, the same
     arrays as MiniGrid's) for every config, sb3-contrib included; a config name ending in
-    ``/mgview`` (``ceiling/mgview``, ``lstm/mgview``) uses MiniGrid's own code. A config name
-    ending in ``/par`` (``lstm/par``, ``ceiling/par``, ``sb3-contrib/par``) steps its envs with
-    ``mnm_rl.parallel_vec_env.ParallelVecEnv``: half of them in a worker process, at the same
-    time as this process steps the other half. Any config may end in ``@N`` to run with N torch
-    threads instead of ``--threads`` (``lstm@2``, ``mnm-p:2x2/eager@2``): thread counts side by
-    side in one run.
+    ``/mgview`` (``ceiling/mgview``, ``lstm/mgview``) uses MiniGrid's own code. MiniGrid envs
+    take their actions as Python ints (``mnm_rl.envs.minigrid_actions``) for every config too;
+    one ending in ``/npact`` hands them numpy integers, as stable-baselines3's vec envs pass
+    them. A config name ending in ``/par`` (``lstm/par``, ``ceiling/par``, ``sb3-contrib/par``)
+    steps its envs with ``mnm_rl.parallel_vec_env.ParallelVecEnv``: half of them in a worker
+    process, at the same time as this process steps the other half. Any config may end in
+    ``@N`` to run with N torch threads instead of ``--threads`` (``lstm@2``,
+    ``mnm-p:2x2/eager@2``): thread counts side by side in one run.
 
 Each agent runs one warm-up ``learn()`` of one rollout, then a timed ``learn()`` of
 ``--rollouts`` rollouts (rollout plus update). ``collect_rollouts`` and ``train`` are wrapped with
@@ -74,11 +76,16 @@ KERNEL2 = "/k2"
 #: of mnm_rl's fast view (``MNM_RL_FAST_VIEW=0``, see ``mnm_rl/envs/minigrid_view.py``), e.g.
 #: ``ceiling/mgview`` or ``lstm/mgview/par``.
 MINIGRID_VIEW = "/mgview"
+#: A config name ending in this hands MiniGrid envs their actions as numpy integers, as
+#: stable-baselines3's vec envs pass them, instead of as Python ints (``MNM_RL_INT_ACTIONS=0``,
+#: see ``mnm_rl/envs/minigrid_actions.py``), e.g. ``ceiling/npact`` or ``lstm/npact/par``.
+NUMPY_ACTIONS = "/npact"
 SUFFIXES = {
     EAGER: ("MNM_RL_FUSED", "0"),
     UNMAP: ("MNM_RL_RETAIN_MEMORY", "0"),
     KERNEL2: ("MNM_RL_KERNEL_THREADS", "2"),
     MINIGRID_VIEW: ("MNM_RL_FAST_VIEW", "0"),
+    NUMPY_ACTIONS: ("MNM_RL_INT_ACTIONS", "0"),
 }
 #: A config name ending in this (before any ``@N``) steps its envs in two groups at once, one in a
 #: worker process (``ParallelVecEnv(n_workers=1)``), e.g. ``lstm/par`` next to ``lstm``. The CPU
@@ -191,14 +198,17 @@ def make_env(
     vec_env_cls: type | None = None,
     vec_env_kwargs: dict[str, Any] | None = None,
     fast_view: bool = True,
+    int_actions: bool = True,
 ):
     """The vectorised env of ``args.n_envs`` monitored ``args.env`` envs, seeded from 0. MiniGrid
     gets ``agent_view_size=args.view_size`` (3 when ``args`` has none), with ``fast_view`` the
     fast view of mnm_rl's env builder (``mnm_rl.envs.minigrid_view``, for sb3-contrib too: the
-    same env for every agent; ``MNM_RL_FAST_VIEW=0`` switches it off as well), and an
-    observation wrapper: our ``SymbolicMiniGrid`` for us, minigrid's ``ImgObsWrapper`` (a Box)
-    for sb3-contrib. With ``env_workers``, a ``ParallelVecEnv`` with that many worker processes;
-    else ``vec_env_cls(env_fns, **vec_env_kwargs)``, a ``DummyVecEnv`` by default."""
+    same env for every agent; ``MNM_RL_FAST_VIEW=0`` switches it off as well), with
+    ``int_actions`` its actions as Python ints (``mnm_rl.envs.minigrid_actions``, for sb3-contrib
+    too; ``MNM_RL_INT_ACTIONS=0`` switches it off as well), and an observation wrapper: our
+    ``SymbolicMiniGrid`` for us, minigrid's ``ImgObsWrapper`` (a Box) for sb3-contrib. With
+    ``env_workers``, a ``ParallelVecEnv`` with that many worker processes; else
+    ``vec_env_cls(env_fns, **vec_env_kwargs)``, a ``DummyVecEnv`` by default."""
     import gymnasium as gym
     from stable_baselines3.common.env_util import make_vec_env
 
@@ -211,6 +221,7 @@ def make_env(
         from minigrid.wrappers import ImgObsWrapper
 
         from mnm_rl.envs.minigrid import SymbolicMiniGrid
+        from mnm_rl.envs.minigrid_actions import use_int_actions
         from mnm_rl.envs.minigrid_view import use_fast_view
 
         kwargs = dict(agent_view_size=getattr(args, "view_size", 3))
@@ -219,7 +230,8 @@ def make_env(
         def wrapper(env):
             if fast_view:
                 use_fast_view(env)
-            return observation(env)
+            env = observation(env)
+            return use_int_actions(env) if int_actions else env
 
     elif for_sb3_contrib and isinstance(gym.make(args.env).observation_space, gym.spaces.Dict):
         raise ValueError(f"{args.env} has Dict observations, which RecurrentPPO cannot take")
@@ -300,8 +312,8 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 
 def apply_suffixes(name: str) -> None:
     """Set the environment variable of each variant suffix ``name`` ends with (``/eager``,
-    ``/unmap``, ``/k2``, ``/mgview``; see ``SUFFIXES``), before mnm_rl loads its kernels or
-    builds an env."""
+    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``; see ``SUFFIXES``), before mnm_rl loads its
+    kernels or builds an env."""
     for suffix in split_suffixes(name)[1]:
         variable, value = SUFFIXES[suffix]
         os.environ[variable] = value

@@ -3,7 +3,9 @@
 ``gymnasium.make(id, **kwargs)``, then (for training) the preset's ``train_wrappers``, then its
 wrappers in order, then (for training) stable-baselines3's ``Monitor``; a ``DummyVecEnv`` holds
 the parallel copies. A MiniGrid env computes its observations with
-:func:`mnm_rl.envs.minigrid_view.use_fast_view` (the same arrays, 3.5-5x faster).
+:func:`mnm_rl.envs.minigrid_view.use_fast_view` (the same arrays, 3.5-5x faster) and takes its
+actions as Python ints, :func:`mnm_rl.envs.minigrid_actions.use_int_actions` (numpy integers make
+MiniGrid's comparisons with its action enum slow).
 """
 
 from __future__ import annotations
@@ -152,7 +154,8 @@ def make_env(
     spec: EnvSpec, render_mode: str | None = None, monitor: bool = False, training: bool = False
 ) -> gym.Env:
     """One env: ``gymnasium.make`` with the spec's kwargs (a MiniGrid env with the fast view,
-    :func:`~mnm_rl.envs.minigrid_view.use_fast_view`), then (``training``) its
+    :func:`~mnm_rl.envs.minigrid_view.use_fast_view`, and its actions as ints,
+    :func:`~mnm_rl.envs.minigrid_actions.use_int_actions`), then (``training``) its
     ``train_wrappers``, then its wrappers (then ``Monitor``)."""
     if spec.id not in gym.registry:
         registered_ids()  # imports minigrid, which registers its ids
@@ -162,9 +165,11 @@ def make_env(
     try:
         env = gym.make(spec.id, **kwargs)
         if "minigrid.minigrid_env" in sys.modules:  # else env cannot be a MiniGrid env
+            from mnm_rl.envs.minigrid_actions import use_int_actions
             from mnm_rl.envs.minigrid_view import use_fast_view
 
             use_fast_view(env)
+            env = use_int_actions(env)
         if training and spec.train_wrappers:
             plain = env
             for wrapper in spec.train_wrappers:

@@ -19,12 +19,17 @@ def learn_pairs():
 
 @pytest.mark.parametrize(
     "config, parsed",
-    [("lstm", ("lstm", 1, 0, True)), ("mnm-p/k2/par", ("mnm-p", 2, 1, True)),
-     ("mnm-p:2x2/par", ("mnm-p:2x2", 1, 1, True)), ("mnm-g/k2", ("mnm-g", 2, 0, True)),
-     ("ceiling/mgview", ("ceiling", 1, 0, False)), ("mnm-p/k2/mgview/par", ("mnm-p", 2, 1, False)),
-     ("mnm-p/mgview/k2", ("mnm-p", 2, 0, False)), ("mnm-p/eager", ("mnm-p/eager", 1, 0, True))],
+    [("lstm", ("lstm", 1, 0, True, True)), ("mnm-p/k2/par", ("mnm-p", 2, 1, True, True)),
+     ("mnm-p:2x2/par", ("mnm-p:2x2", 1, 1, True, True)), ("mnm-g/k2", ("mnm-g", 2, 0, True, True)),
+     ("ceiling/mgview", ("ceiling", 1, 0, False, True)),
+     ("mnm-p/k2/mgview/par", ("mnm-p", 2, 1, False, True)),
+     ("mnm-p/mgview/k2", ("mnm-p", 2, 0, False, True)),
+     ("ceiling/npact", ("ceiling", 1, 0, True, False)),
+     ("lstm/mgview/npact/par", ("lstm", 1, 1, False, False)),
+     ("mnm-p/npact/eager", ("mnm-p/eager", 1, 0, True, False)),
+     ("mnm-p/eager", ("mnm-p/eager", 1, 0, True, True))],
 )  # fmt: skip
-def test_configs_name_agent_threads_workers_and_view(learn_pairs, config, parsed):
+def test_configs_name_agent_threads_workers_view_and_actions(learn_pairs, config, parsed):
     assert learn_pairs.parse_config(config) == parsed
 
 
@@ -48,7 +53,9 @@ def test_what_cannot_run_in_turns_is_refused(learn_pairs, configs, message, caps
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("variable", ["MNM_RL_KERNEL_THREADS", "MNM_RL_FAST_VIEW"])
+@pytest.mark.parametrize(
+    "variable", ["MNM_RL_KERNEL_THREADS", "MNM_RL_FAST_VIEW", "MNM_RL_INT_ACTIONS"]
+)
 def test_the_variables_it_sets_by_agent_are_refused(learn_pairs, monkeypatch, capsys, variable):
     monkeypatch.setenv(variable, "2")
     with pytest.raises(SystemExit) as exit_info:
@@ -164,15 +171,23 @@ def test_the_median_interval_takes_the_binomial_order_statistics(learn_pairs):
     assert learn_pairs.median_interval([7.0]) == [7.0, 7.0]
 
 
-def test_an_agent_steps_minigrid_view_only_with_mgview(learn_pairs):
+def test_an_agent_steps_minigrid_view_only_with_mgview_and_numpy_actions_with_npact(learn_pairs):
+    from mnm_rl.envs.minigrid_actions import has_int_actions
     from mnm_rl.envs.minigrid_view import FastGenObs
 
     args = learn_pairs.parse_args(SMALL)
-    for config, fast in (("ceiling", True), ("ceiling/mgview", False), ("sb3-contrib", True)):
+    for config, fast, ints in (
+        ("ceiling", True, True),
+        ("ceiling/mgview", False, True),
+        ("ceiling/npact", True, False),
+        ("sb3-contrib", True, True),
+        ("sb3-contrib/mgview/npact", False, False),
+    ):
         agent = learn_pairs.Agent(config, args.setting)
         try:
             views = [env.unwrapped.__dict__.get("gen_obs") for env in agent.env.envs]
             assert [isinstance(v, FastGenObs) for v in views] == [fast] * args.setting.n_envs
+            assert [has_int_actions(env) for env in agent.env.envs] == [ints] * len(views)
             assert agent.learn_once()[0] > 0
         finally:
             agent.env.close()

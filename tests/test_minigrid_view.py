@@ -10,11 +10,11 @@ import gymnasium as gym
 import minigrid  # noqa: F401  (registers the MiniGrid ids)
 import numpy as np
 import pytest
-import torch
 from minigrid.core.grid import Grid
 from minigrid.core.world_object import Ball, Door, Key
 from minigrid.envs import MemoryEnv
 from minigrid.minigrid_env import MiniGridEnv
+from minigrid_training import assert_same_parameters, trained_parameters
 
 from mnm_rl.env_factory import make_env, resolve_env
 from mnm_rl.envs.minigrid_view import SWITCH_VARIABLE, FastGenObs, use_fast_view, view_image
@@ -174,7 +174,10 @@ def test_benchmark_prints_both_tables_and_a_json_last_line(capsys) -> None:
     for row in out["gen_obs"]:
         assert row["minigrid_us"] > 0 and row["fast_us"] > 0 and row["speedup"] > 0
     for row in out["step"]:
-        assert row["minigrid_sps"] > 0 and row["fast_sps"] > 0 and row["speedup"] > 0
+        assert min(row[k] for k in ("minigrid_sps", "fast_sps", "ints_sps")) > 0
+        assert row["speedup"] > 0 and row["ints_speedup"] > 0 and row["total_speedup"] > 0
+    assert any(line.startswith("env") and line.split()[-3:] == [
+        "fast/MiniGrid", "ints/fast", "ints/MiniGrid"] for line in lines)  # fmt: skip
     assert any(line.startswith("MiniGrid-DoorKey-5x5-v0") for line in lines)
 
 
@@ -191,25 +194,13 @@ def test_benchmark_refuses_bad_arguments(argv, capsys) -> None:
 def test_training_is_the_same_with_either_view(monkeypatch) -> None:
     """The same seeds give the same policy, parameter for parameter, whichever code computes
     the observations (the fast view is installed by the env builder; the switch turns it off)."""
-    from mnm_rl.agent import MemoryPPO
-    from mnm_rl.env_factory import make_vec_env
-
-    spec = resolve_env("MiniGrid-MemoryS7-v0")
     policies = []
     for switch in ("1", "0"):
         monkeypatch.setenv(SWITCH_VARIABLE, switch)
-        env = make_vec_env(spec, n_envs=2, seed=0)
-        assert [isinstance(e.unwrapped.__dict__.get("gen_obs"), FastGenObs) for e in env.envs] == [
-            switch == "1"
-        ] * 2
-        model = MemoryPPO(
-            env=env, core="lstm", n_steps=32, batch_size=32, n_epochs=2, seq_len=8, seed=0,
-            policy_kwargs={"core_kwargs": {"hidden_size": 16}, "features_dim": 16},
-        )  # fmt: skip
-        model.learn(128)
-        assert model._n_updates == 4  # two rollouts of 2 envs x 32 steps, two epochs each
-        policies.append(model.policy.state_dict())
-        env.close()
-    assert policies[0].keys() == policies[1].keys()
-    for name, tensor in policies[0].items():
-        assert torch.equal(tensor, policies[1][name]), name
+
+        def check(envs, fast=switch == "1"):
+            views = [e.unwrapped.__dict__.get("gen_obs") for e in envs]
+            assert [isinstance(v, FastGenObs) for v in views] == [fast] * 2
+
+        policies.append(trained_parameters(check))
+    assert_same_parameters(*policies)

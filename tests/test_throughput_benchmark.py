@@ -136,6 +136,7 @@ def test_view_size_must_be_an_odd_number_of_at_least_3(throughput, view, capsys)
         ("mnm-p/k2/mgview", "mnm-p", {"MNM_RL_KERNEL_THREADS": "2", "MNM_RL_FAST_VIEW": "0"}),
         ("lstm/mgview", "lstm", {"MNM_RL_FAST_VIEW": "0"}),
         ("ceiling/mgview", "ceiling", {"MNM_RL_FAST_VIEW": "0"}),
+        ("lstm/npact/mgview", "lstm", {"MNM_RL_FAST_VIEW": "0", "MNM_RL_INT_ACTIONS": "0"}),
         ("mnm-g/eager/unmap", "mnm-g", {"MNM_RL_FUSED": "0", "MNM_RL_RETAIN_MEMORY": "0"}),
     ],
 )
@@ -170,4 +171,26 @@ def test_every_agent_steps_the_fast_view_unless_told_not_to(throughput, monkeypa
     monkeypatch.setenv("MNM_RL_FAST_VIEW", "0")  # what /mgview sets in its worker process
     env = throughput.make_env(args)
     assert all("gen_obs" not in e.unwrapped.__dict__ for e in env.envs)
+    env.close()
+
+
+def test_every_agent_steps_with_int_actions_unless_told_not_to(throughput, monkeypatch):
+    from mnm_rl.envs.minigrid_actions import has_int_actions
+
+    args = throughput.parse_args(["--n-envs", "2"])
+    monkeypatch.delenv("MNM_RL_INT_ACTIONS", raising=False)
+    for kwargs, ints in (
+        ({}, True),
+        ({"for_sb3_contrib": True}, True),
+        ({"int_actions": False}, False),
+        ({"for_sb3_contrib": True, "int_actions": False}, False),
+    ):
+        env = throughput.make_env(args, **kwargs)
+        try:
+            assert [has_int_actions(e) for e in env.envs] == [ints, ints]
+        finally:
+            env.close()
+    monkeypatch.setenv("MNM_RL_INT_ACTIONS", "0")  # what /npact sets in its worker process
+    env = throughput.make_env(args)
+    assert not any(has_int_actions(e) for e in env.envs)
     env.close()

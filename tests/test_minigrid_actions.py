@@ -1,0 +1,131 @@
+"""MiniGrid's actions as Python ints (``mnm_rl.envs.minigrid_actions``): the same episodes."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import gymnasium as gym
+import minigrid  # noqa: F401  (registers the MiniGrid ids)
+import numpy as np
+import pytest
+from minigrid_training import assert_same_parameters, trained_parameters
+
+from mnm_rl.env_factory import make_env, resolve_env
+from mnm_rl.envs.minigrid_actions import (
+    SWITCH_VARIABLE,
+    IntActions,
+    has_int_actions,
+    use_int_actions,
+)
+
+
+@pytest.mark.parametrize("kind", [np.int8, np.int32, np.int64, np.uint8, np.uint64])
+def test_numpy_integers_become_ints_of_the_same_value(kind) -> None:
+    env = IntActions(gym.make("MiniGrid-MemoryS7-v0"))
+    action = env.action(kind(5))
+    assert type(action) is int and action == 5
+
+
+@pytest.mark.parametrize("action", [3, np.array(2), np.array([1]), 2.0, "left"])
+def test_anything_else_passes_unchanged(action) -> None:
+    assert IntActions(gym.make("MiniGrid-MemoryS7-v0")).action(action) is action
+
+
+class ActionTypes(gym.Wrapper):
+    """Records the type of every action the base env gets."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.types: list[type] = []
+
+    def step(self, action):
+        self.types.append(type(action))
+        return self.env.step(action)
+
+
+@pytest.mark.parametrize(
+    "env_id", ["MiniGrid-MemoryS7-v0", "MiniGrid-DoorKey-5x5-v0", "MiniGrid-KeyCorridorS3R1-v0"]
+)
+def test_the_same_episodes_with_numpy_actions_and_with_ints(env_id: str) -> None:
+    """Every action MiniGrid has (turns, forward, pickup, drop, toggle, done), as the numpy
+    integers a vec env passes: the same observations, rewards, ends and agent states, and the
+    base env got ints."""
+    seen = ActionTypes(gym.make(env_id, agent_view_size=5))
+    ints, plain = IntActions(seen), gym.make(env_id, agent_view_size=5)
+    assert use_int_actions(ints) is ints  # it has the wrapper already
+    rng = np.random.default_rng(0)
+    n_actions = int(plain.action_space.n)
+    assert n_actions == 7
+    rewards = carried = 0
+    for episode in range(40):
+        observations = [env.reset(seed=episode)[0] for env in (ints, plain)]
+        done = False
+        while not done:
+            np.testing.assert_array_equal(observations[0]["image"], observations[1]["image"])
+            assert observations[0]["direction"] == observations[1]["direction"]
+            # mostly forward, so episodes reach their goals and doors
+            action = np.int64(2 if rng.random() < 0.4 else rng.integers(n_actions))
+            results = [env.step(action) for env in (ints, plain)]
+            assert results[0][1:] == results[1][1:]
+            bases = [env.unwrapped for env in (ints, plain)]
+            assert tuple(bases[0].agent_pos) == tuple(bases[1].agent_pos)
+            assert bases[0].agent_dir == bases[1].agent_dir
+            assert type(bases[0].carrying) is type(bases[1].carrying)
+            observations = [r[0] for r in results]
+            done = results[0][2] or results[0][3]
+            rewards += results[0][1] > 0
+            carried += bases[0].carrying is not None
+    assert set(seen.types) == {int}
+    assert rewards > 0  # some episode ended with the reward
+    if env_id != "MiniGrid-MemoryS7-v0":  # Memory turns pickup into toggle
+        assert carried > 0
+
+
+def test_installed_only_on_minigrid_envs_and_only_once(monkeypatch) -> None:
+    cartpole = gym.make("CartPole-v1")  # discrete actions, not MiniGrid
+    assert use_int_actions(cartpole) is cartpole
+    own = gym.make("mnm_rl/DelayedCueRecall-v0")
+    assert use_int_actions(own) is own
+    env = gym.make("MiniGrid-MemoryS7-v0")
+    wrapped = use_int_actions(env)
+    assert isinstance(wrapped, IntActions) and wrapped.env is env
+    assert use_int_actions(wrapped) is wrapped
+    assert has_int_actions(gym.wrappers.RecordEpisodeStatistics(wrapped))
+    assert not has_int_actions(env)
+    monkeypatch.setenv(SWITCH_VARIABLE, "0")
+    assert use_int_actions(env) is env
+
+
+def test_env_builder_wraps_minigrid_envs(monkeypatch) -> None:
+    memory = resolve_env("MiniGrid-Memory")  # the preset, with its training-only wrappers
+    for training in (False, True):
+        env = make_env(memory, monitor=True, training=training)
+        assert has_int_actions(env)
+        env.reset(seed=0)
+        assert env.step(np.int64(2))[1] == 0
+    assert not has_int_actions(make_env(resolve_env("mnm_rl/DelayedCueRecall-v0")))
+    monkeypatch.setenv(SWITCH_VARIABLE, "0")
+    assert not has_int_actions(make_env(memory, monitor=True, training=True))
+
+
+@pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda e: pickle.loads(pickle.dumps(e))])
+def test_copies_keep_the_wrapper(duplicate) -> None:
+    twin = duplicate(use_int_actions(gym.make("MiniGrid-MemoryS7-v0")))
+    assert has_int_actions(twin)
+    twin.reset(seed=0)
+    assert twin.step(np.int64(1))[1] == 0
+
+
+def test_training_is_the_same_with_numpy_actions_and_with_ints(monkeypatch) -> None:
+    """The same seeds give the same policy, parameter for parameter, whether MiniGrid gets its
+    actions as ints (the env builder's default) or as numpy integers (the switch)."""
+    policies = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(SWITCH_VARIABLE, switch)
+
+        def check(envs, ints=switch == "1"):
+            assert [has_int_actions(e) for e in envs] == [ints] * 2
+
+        policies.append(trained_parameters(check))
+    assert_same_parameters(*policies)
