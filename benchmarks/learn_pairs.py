@@ -34,6 +34,8 @@ does not remove either.
     python benchmarks/learn_pairs.py --view-size 7 --pairs 60
     python benchmarks/learn_pairs.py --configs sb3-contrib ceiling lstm/par mnm-p/k2/par \
         --ratio-to lstm/par sb3-contrib ceiling             # every target of issue 5
+    python benchmarks/learn_pairs.py --from-json run.txt --ratio-to mnm-p/k2/par
+        # a saved run's output (or its JSON line) summarised again against other references
 
 The last line printed is a JSON object: ``{"env", "view_size", ..., "pairs", "sps": {config:
 median steps/s}, "rates": {config: [steps/s of every turn]}, "cpu_rates": {config: [steps
@@ -77,11 +79,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratio-to", nargs="+", metavar="CONFIG",
                    help="the configs every other is divided by, turn by turn (default: lstm/par\n"
                    "if run, else lstm if run, else the first config)")  # fmt: skip
+    p.add_argument("--from-json", metavar="FILE",
+                   help="run nothing: take the turns' rates from a saved run (its output, or\n"
+                   "just its JSON line) and summarise them again with --ratio-to")  # fmt: skip
     p.add_argument("--pairs", type=int, default=40, help="timed turns of every agent")
     p.add_argument("--warm-up", type=int, default=2, help="untimed turns first")
     for flag in SETTING_FLAGS:
         p.add_argument(flag, help=f"as throughput.py's {flag}")
     args = p.parse_args(argv)
+    if args.from_json is not None:
+        try:
+            args.saved = load_saved_run(Path(args.from_json))
+        except (OSError, ValueError) as err:
+            p.error(f"--from-json {args.from_json}: {err}")
+        args.configs = list(args.saved["rates"])
+        for reference in args.ratio_to or []:
+            if reference not in args.configs:
+                p.error(f"--ratio-to {reference}: not one of the saved run's configs")
+        args.ratio_to = args.ratio_to or list(args.saved["ratio_to"])
+        return args
     given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in SETTING_FLAGS}
     args.setting = throughput.parse_args(
         [x for flag, value in given.items() if value is not None for x in (flag, value)]
@@ -219,12 +235,11 @@ def run_pairs(
     return rates, cpu_rates
 
 
-def summary(
-    args: argparse.Namespace, rates: dict[str, list[float]], cpu_rates: dict[str, list[float]]
-) -> dict[str, Any]:
-    s = args.setting
+def ratio_tables(rates: dict[str, list[float]], references: list[str]) -> dict[str, Any]:
+    """For each reference, every other config's rate over the reference's in the same turn:
+    the median, its 95% interval, the quartiles and the range of those ratios."""
     ratio_to = {}
-    for reference in args.ratio_to:
+    for reference in references:
         ratios = {
             c: [a / b for a, b in zip(r, rates[reference], strict=True)]
             for c, r in rates.items()
@@ -236,6 +251,28 @@ def summary(
             "quartiles": {c: quartiles(r) for c, r in ratios.items()},
             "range": {c: [min(r), max(r)] for c, r in ratios.items()},
         }
+    return ratio_to
+
+
+def load_saved_run(path: Path) -> dict[str, Any]:
+    """The JSON object of a saved run of this script: the last line of ``path`` that is a JSON
+    object with every turn's ``rates`` and ``cpu_rates``."""
+    for line in reversed(path.read_text().splitlines()):
+        if line.startswith("{"):
+            try:
+                saved = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(saved, dict) and {"rates", "cpu_rates"} <= saved.keys():
+                return saved
+    raise ValueError("no JSON line of learn_pairs.py with every turn's rates")
+
+
+def summary(
+    args: argparse.Namespace, rates: dict[str, list[float]], cpu_rates: dict[str, list[float]]
+) -> dict[str, Any]:
+    s = args.setting
+    ratio_to = ratio_tables(rates, args.ratio_to)
     return {
         "env": s.env, "view_size": s.view_size, "n_envs": s.n_envs, "n_steps": s.n_steps,
         "batch_size": s.batch_size, "n_epochs": s.n_epochs, "seq_len": s.seq_len,
@@ -289,6 +326,12 @@ def print_table(out: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     raw = sys.argv[1:] if argv is None else argv
+    if args.from_json is not None:
+        print(f"command: python benchmarks/learn_pairs.py {' '.join(raw)}")
+        out = {**args.saved, "ratio_to": ratio_tables(args.saved["rates"], args.ratio_to)}
+        print_table(out)
+        print(json.dumps(out))
+        return out
     import torch
 
     torch.set_num_threads(1)

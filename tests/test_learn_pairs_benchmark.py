@@ -145,7 +145,7 @@ def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monk
     assert agent.model.num_timesteps == 2 * 16
 
 
-def test_a_run_prints_a_table_and_a_json_last_line(learn_pairs, capsys):
+def test_a_run_prints_a_table_and_a_json_last_line(learn_pairs, capsys, tmp_path):
     threads = torch.get_num_threads()
     try:  # main() runs with one torch thread, as throughput.py's workers do
         configs = ["mlp", "mnm-p:1x1/par", "ceiling", "sb3-contrib"]
@@ -160,6 +160,52 @@ def test_a_run_prints_a_table_and_a_json_last_line(learn_pairs, capsys):
     assert [len(r) for r in out["cpu_rates"].values()] == [2, 2, 2, 2]
     assert set(out["ratio_to"]["mlp"]["median"]) == {"mnm-p:1x1/par", "ceiling", "sb3-contrib"}
     assert any(line.startswith("mnm-p:1x1/par") for line in lines)
+    # the saved output summarised again against another reference, running nothing
+    saved = tmp_path / "run.txt"
+    saved.write_text("\n".join(lines) + "\n")
+    again = learn_pairs.main(["--from-json", str(saved), "--ratio-to", "ceiling", "sb3-contrib"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == again
+    assert again["rates"] == out["rates"] and again["sps"] == out["sps"]
+    assert list(again["ratio_to"]) == ["ceiling", "sb3-contrib"]
+    mlp, ceiling = out["rates"]["mlp"], out["rates"]["ceiling"]
+    assert again["ratio_to"]["ceiling"]["median"]["mlp"] == pytest.approx(
+        (mlp[0] / ceiling[0] + mlp[1] / ceiling[1]) / 2
+    )
+    assert learn_pairs.main(["--from-json", str(saved)])["ratio_to"] == out["ratio_to"]
+
+
+RATES = {"a": [2.0, 4.0, 6.0], "b": [1.0, 2.0, 2.0]}
+SAVED = {"rates": RATES, "cpu_rates": RATES, "ratio_to": {"a": {}}}
+
+
+def test_a_saved_json_line_alone_is_summarised_again(learn_pairs, tmp_path, capsys):
+    saved = tmp_path / "line.json"
+    saved.write_text("turn 10/10 ...\n{not json\n" + json.dumps(SAVED) + "\n")
+    out = learn_pairs.main(["--from-json", str(saved), "--ratio-to", "b"])
+    assert out["ratio_to"]["b"]["median"] == {"a": 2.0}  # ratios 2, 2, 3
+    assert out["ratio_to"]["b"]["range"] == {"a": [2.0, 3.0]}
+    assert "rate over b's in the same turn" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "content, ratio_to, message",
+    [
+        (None, [], "No such file"),
+        ("lstm 5000 steps/s\n", [], "no JSON line of learn_pairs.py"),
+        (json.dumps({"sps": {"a": 1.0}}), [], "no JSON line of learn_pairs.py"),
+        (json.dumps(SAVED), ["--ratio-to", "c"], "--ratio-to c: not one of the saved run's"),
+    ],
+)
+def test_a_saved_run_that_cannot_be_read_is_refused(
+    learn_pairs, tmp_path, capsys, content, ratio_to, message
+):
+    saved = tmp_path / "run.txt"
+    if content is not None:
+        saved.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        learn_pairs.parse_args(["--from-json", str(saved), *ratio_to])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_the_median_interval_takes_the_binomial_order_statistics(learn_pairs):
