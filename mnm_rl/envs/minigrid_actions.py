@@ -4,11 +4,11 @@ A vectorised env hands each env its action as a numpy integer (stable-baselines3
 ``DummyVecEnv`` indexes an array of them). MiniGrid's ``step`` compares the action with members
 of its ``Actions`` enum, one after another (``MemoryEnv`` once more), and a numpy integer
 compared with an ``IntEnum`` member is slow: numpy looks for its array hooks on the member's
-class, and each missing one goes through ``EnumType.__getattr__`` and raises. On this project's
-2-core VM that took about 10 us of a wrapped MiniGrid-MemoryS7 step of 21 us; with a Python int
-the comparisons are plain integer ones and the same step takes 10 us
-(``python benchmarks/minigrid_view.py``: raw stepping of 8 envs 1.5-1.8x faster at a 3 x 3
-view, 1.3-1.4x at 7 x 7, on top of the fast view).
+class, and each missing one goes through ``EnumType.__getattr__`` and raises (about nine such
+lookups per step). With a Python int the comparisons are plain integer ones: on this project's
+2-core VM raw stepping of 8 MiniGrid-MemoryS7 envs with random actions takes 13.5 us per env
+step instead of 27.1 at a 3 x 3 view (1.99x as fast), 1.75x at 5 x 5 and 1.58x at 7 x 7, on top
+of the fast view (``python benchmarks/minigrid_view.py``; docs/benchmark_runs/).
 
 :class:`IntActions` converts numpy integers to ints and passes anything else on as it is, so the
 env takes the same branches and returns the same results (``tests/test_minigrid_actions.py``).
