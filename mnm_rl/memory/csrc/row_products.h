@@ -24,7 +24,6 @@
 // remainder (D = 4, 20 in float64; 20, 64 in float32).
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -65,23 +64,6 @@ inline void rows_times_tile(const T* x, const T* M, T* out, int64_t K, int64_t N
     for (int v = 0; v < NV; ++v) V::store(out + r * N + c0 + v * V::kLanes, acc[r][v]);
 }
 
-// Columns [c0, N) of rows 0..R-1 of out (+)= x M: tiles of NV vectors, then of one vector,
-// then plain loops for the last N % lanes columns.
-template <typename T, int R, int NV>
-inline void rows_times_cols(const T* x, const T* M, T* out, int64_t K, int64_t N, int64_t c0,
-                            bool accumulate) {
-  constexpr int64_t W = Vectors<T>::kLanes;
-  int64_t c = c0;
-  for (; c + NV * W <= N; c += NV * W) rows_times_tile<T, R, NV>(x, M, out, K, N, c, accumulate);
-  for (; c + W <= N; c += W) rows_times_tile<T, R, 1>(x, M, out, K, N, c, accumulate);
-  for (; c < N; ++c)  // the columns a whole vector does not cover
-    for (int r = 0; r < R; ++r) {
-      T acc = accumulate ? out[r * N + c] : T(0);
-      for (int64_t i = 0; i < K; ++i) acc += x[r * K + i] * M[i * N + c];
-      out[r * N + c] = acc;
-    }
-}
-
 template <typename T, int R>
 inline void rows_times_rows(const T* x, const T* M, T* out, int64_t K, int64_t N,
                             bool accumulate) {
@@ -94,22 +76,21 @@ inline void rows_times_rows(const T* x, const T* M, T* out, int64_t K, int64_t N
     case 1: rows_times_tile<T, R, 1>(x, M, out, K, N, c, accumulate); break;
     default: break;
   }
-  rows_times_cols<T, R, 1>(x, M, out, K, N, c + (N - c) / W * W, accumulate);
+  for (c += (N - c) / W * W; c < N; ++c)  // the columns a whole vector does not cover
+    for (int r = 0; r < R; ++r) {
+      T acc = accumulate ? out[r * N + c] : T(0);
+      for (int64_t i = 0; i < K; ++i) acc += x[r * K + i] * M[i * N + c];
+      out[r * N + c] = acc;
+    }
 }
 
-// out (+)= x M for one matrix: x [m, K], M [K, N] and out [m, N], each contiguous. Eight rows
-// at a time in tiles of two vectors, then four in tiles of one, then the last one to three in
-// tiles of up to four: on this project's AVX-512 CPU (benchmarks/row_products.cpp) the 8 x 2
-// tiles ran 2.1-2.4x as fast as the 4 x 4 ones before them, for the memory's 2H rows and the
-// controller's products alike, and the 4 x 1 tiles 1.2x as fast for H rows (the same 16 or 4
-// accumulators, fewer loads of M per multiply-add; the 4 x 4 tile is slower than both,
-// measured, not explained). Every output is the same sum in the same order whatever the tile.
+// out (+)= x M for one matrix: x [m, K], M [K, N] and out [m, N], each contiguous.
 template <typename T>
 void matrix_times(const T* x, const T* M, T* out, int64_t m, int64_t K, int64_t N,
                   bool accumulate) {
   int64_t r = 0;
-  for (; r + 8 <= m; r += 8) rows_times_cols<T, 8, 2>(x + r * K, M, out + r * N, K, N, 0, accumulate);
-  for (; r + 4 <= m; r += 4) rows_times_cols<T, 4, 1>(x + r * K, M, out + r * N, K, N, 0, accumulate);
+  for (; r + 4 <= m; r += 4)
+    rows_times_rows<T, 4>(x + r * K, M, out + r * N, K, N, accumulate);
   switch (m - r) {
     case 3: rows_times_rows<T, 3>(x + r * K, M, out + r * N, K, N, accumulate); break;
     case 2: rows_times_rows<T, 2>(x + r * K, M, out + r * N, K, N, accumulate); break;
@@ -190,24 +171,19 @@ template <typename T> void transpose_into(const T* src, T* dst, int64_t D) {
   transpose_strided(src, D, D, D, dst, D);
 }
 
-// Columns [c0, c0 + NV * lanes) of every row of out = M + alpha s^T z for MR rows of s and z,
-// whose vectors stay in registers for the whole pass (loaded once, not once per row of M: 2x
-// as fast at 4 rows, benchmarks/row_products.cpp); with kSquares, the squares of what it
-// writes are added to sq (lane by lane).
-template <typename T, int MR, int NV, bool kSquares>
-inline void rank_update_tile(const T* M, const T* s, const T* z, T alpha, T* out, int64_t D,
-                             int64_t c0, typename Vectors<T>::Vec& sq) {
+// Columns [c0, c0 + NV * lanes) of every row of out = M + alpha s^T z, for one matrix; with
+// kSquares, the squares of what it writes are added to sq (lane by lane).
+template <typename T, int NV, bool kSquares>
+inline void rank_update_tile(const T* M, const T* s, const T* z, T alpha, T* out, int64_t m,
+                             int64_t D, int64_t c0, typename Vectors<T>::Vec& sq) {
   using V = Vectors<T>;
-  typename V::Vec zs[MR][NV];
-  for (int h = 0; h < MR; ++h)
-    for (int v = 0; v < NV; ++v) zs[h][v] = V::load(z + h * D + c0 + v * V::kLanes);
   typename V::Vec squares[NV] = {};
   for (int64_t i = 0; i < D; ++i) {
     typename V::Vec acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = V::load(M + i * D + c0 + v * V::kLanes);
-    for (int h = 0; h < MR; ++h) {
+    for (int64_t h = 0; h < m; ++h) {
       const T a = alpha * s[h * D + i];
-      for (int v = 0; v < NV; ++v) acc[v] += a * zs[h][v];
+      for (int v = 0; v < NV; ++v) acc[v] += a * V::load(z + h * D + c0 + v * V::kLanes);
     }
     for (int v = 0; v < NV; ++v) {
       V::store(out + i * D + c0 + v * V::kLanes, acc[v]);
@@ -218,61 +194,24 @@ inline void rank_update_tile(const T* M, const T* s, const T* z, T alpha, T* out
     for (int v = 0; v < NV; ++v) sq += squares[v];
 }
 
-// The whole-vector columns of out = M + alpha s^T z for MR rows of s and z.
-template <typename T, int MR, bool kSquares>
-inline void rank_update_rows(const T* M, const T* s, const T* z, T alpha, T* out, int64_t D,
-                             typename Vectors<T>::Vec& sq) {
-  constexpr int64_t W = Vectors<T>::kLanes;
-  int64_t c = 0;
-  for (; c + 4 * W <= D; c += 4 * W) rank_update_tile<T, MR, 4, kSquares>(M, s, z, alpha, out, D, c, sq);
-  switch ((D - c) / W) {
-    case 3: rank_update_tile<T, MR, 3, kSquares>(M, s, z, alpha, out, D, c, sq); break;
-    case 2: rank_update_tile<T, MR, 2, kSquares>(M, s, z, alpha, out, D, c, sq); break;
-    case 1: rank_update_tile<T, MR, 1, kSquares>(M, s, z, alpha, out, D, c, sq); break;
-    default: break;
-  }
-}
-
-template <typename T, bool kSquares>
-inline void rank_update_group(int64_t rows, const T* M, const T* s, const T* z, T alpha, T* out,
-                              int64_t D, typename Vectors<T>::Vec& sq) {
-  switch (rows) {
-    case 4: rank_update_rows<T, 4, kSquares>(M, s, z, alpha, out, D, sq); break;
-    case 3: rank_update_rows<T, 3, kSquares>(M, s, z, alpha, out, D, sq); break;
-    case 2: rank_update_rows<T, 2, kSquares>(M, s, z, alpha, out, D, sq); break;
-    case 1: rank_update_rows<T, 1, kSquares>(M, s, z, alpha, out, D, sq); break;
-    default: break;
-  }
-}
-
 // One matrix of rank_update: out = M + alpha s^T z; with kSquares, returns the sum of out's
-// squared entries (else 0). The m rows of s and z go four at a time, a pass over the matrix
-// each: the first pass reads M, the later ones what the pass before wrote, so every entry is
-// the same sum in the same order as in one pass (M + the h = 0 term + the h = 1 term ...).
+// squared entries (else 0).
 template <typename T, bool kSquares>
 T rank_update_matrix(const T* M, const T* s, const T* z, T alpha, T* out, int64_t m, int64_t D) {
   using V = Vectors<T>;
   constexpr int64_t W = V::kLanes;
-  if (m == 0) {  // no rows: out = M
-    T total = 0;
-    for (int64_t x = 0; x < D * D; ++x) {
-      out[x] = M[x];
-      if constexpr (kSquares) total += M[x] * M[x];
-    }
-    return total;
-  }
   typename V::Vec sq{};
-  const T* from = M;
-  for (int64_t h = 0; h < m; h += 4) {
-    const int64_t rows = std::min<int64_t>(4, m - h);
-    if (kSquares && h + rows == m)
-      rank_update_group<T, true>(rows, from, s + h * D, z + h * D, alpha, out, D, sq);
-    else
-      rank_update_group<T, false>(rows, from, s + h * D, z + h * D, alpha, out, D, sq);
-    from = out;
+  int64_t c = 0;
+  for (; c + 4 * W <= D; c += 4 * W)
+    rank_update_tile<T, 4, kSquares>(M, s, z, alpha, out, m, D, c, sq);
+  switch ((D - c) / W) {
+    case 3: rank_update_tile<T, 3, kSquares>(M, s, z, alpha, out, m, D, c, sq); break;
+    case 2: rank_update_tile<T, 2, kSquares>(M, s, z, alpha, out, m, D, c, sq); break;
+    case 1: rank_update_tile<T, 1, kSquares>(M, s, z, alpha, out, m, D, c, sq); break;
+    default: break;
   }
   T total = 0;
-  for (int64_t c2 = D / W * W; c2 < D; ++c2)  // the columns a vector does not cover
+  for (int64_t c2 = c + (D - c) / W * W; c2 < D; ++c2)  // the columns a vector does not cover
     for (int64_t i = 0; i < D; ++i) {
       T acc = M[i * D + c2];
       for (int64_t h = 0; h < m; ++h) acc += alpha * s[h * D + i] * z[h * D + c2];
