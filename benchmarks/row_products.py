@@ -8,8 +8,9 @@ flags) that includes ``mnm_rl/memory/csrc/row_products.h`` as it is in the worki
 product over a batch of ``--batch`` D x D matrices (the fast weights of one layer, laid out as
 the kernel keeps them) for each shape: the memory's H and 2H rows, and the controller's
 products with its slow weights. Each shape runs in ``--rounds`` rounds, the two builds taking
-turns, each the best of a few repeats; the table gives GFLOP/s and the median of the rounds'
-ratios. The outputs of the two builds are compared too: they must be equal (the same sums in
+turns, each the best of a few repeats; the table gives GFLOP/s and the speed-up, the median
+of the rounds' ratios of REV's time to the working tree's (above 1: the working tree's is
+faster). The outputs of the two builds are compared too: they must be equal (the same sums in
 the same order), and the script exits with status 1 if they are not.
 
 These are the products alone, their operands in the caches a loop over one layer leaves them
