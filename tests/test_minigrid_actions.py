@@ -9,6 +9,7 @@ import gymnasium as gym
 import minigrid  # noqa: F401  (registers the MiniGrid ids)
 import numpy as np
 import pytest
+from minigrid.envs import MemoryEnv
 from minigrid_training import assert_same_parameters, trained_parameters
 
 from mnm_rl.env_factory import make_env, resolve_env
@@ -16,6 +17,7 @@ from mnm_rl.envs.minigrid_actions import (
     SWITCH_VARIABLE,
     IntActions,
     has_int_actions,
+    steps_like_minigrid,
     use_int_actions,
 )
 
@@ -95,6 +97,26 @@ def test_installed_only_on_minigrid_envs_and_only_once(monkeypatch) -> None:
     assert not has_int_actions(env)
     monkeypatch.setenv(SWITCH_VARIABLE, "0")
     assert use_int_actions(env) is env
+
+
+class ItemActions(MemoryEnv):
+    """A MiniGrid env of someone else's whose step uses what only a numpy integer has."""
+
+    def step(self, action):
+        return super().step(action.item())
+
+
+def test_a_class_with_a_step_of_its_own_keeps_numpy_actions() -> None:
+    own = ItemActions(size=7)
+    assert not steps_like_minigrid(own)
+    assert use_int_actions(own) is own
+    own.reset(seed=0)
+    assert own.step(np.int64(2))[1] == 0  # action.item() works: it got the numpy integer
+    with pytest.raises(AttributeError):
+        IntActions(ItemActions(size=7)).step(np.int64(2))  # what the wrapper would have done
+    # MiniGrid's own subclasses, BabyAI's too, step like MiniGrid
+    for env_id in ("MiniGrid-MemoryS7-v0", "MiniGrid-DoorKey-5x5-v0", "BabyAI-GoToRedBallGrey-v0"):
+        assert steps_like_minigrid(gym.make(env_id)), env_id
 
 
 def test_env_builder_wraps_minigrid_envs(monkeypatch) -> None:

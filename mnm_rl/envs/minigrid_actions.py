@@ -12,9 +12,10 @@ of the fast view (``python benchmarks/minigrid_view.py``; docs/benchmark_runs/).
 
 :class:`IntActions` converts numpy integers to ints and passes anything else on as it is, so the
 env takes the same branches and returns the same results (``tests/test_minigrid_actions.py``).
-:func:`use_int_actions` wraps one env with it; mnm_rl's env builder does so for every MiniGrid
-env with discrete actions (``MNM_RL_INT_ACTIONS=0`` in the environment leaves them as they
-come).
+:func:`use_int_actions` wraps one env with it; mnm_rl's env builder does so for every env whose
+``step`` is MiniGrid's own code (MiniGrid's and BabyAI's envs; a subclass with a ``step`` of its
+own may rely on numpy's integers and is left as it is), ``MNM_RL_INT_ACTIONS=0`` in the
+environment leaves them all as they come.
 """
 
 from __future__ import annotations
@@ -53,12 +54,21 @@ def has_int_actions(env: gym.Env) -> bool:
     return False
 
 
+def steps_like_minigrid(env: gym.Env) -> bool:
+    """Whether ``env``'s base is a ``MiniGridEnv`` whose ``step`` is MiniGrid's own code (from
+    the ``minigrid`` package: ``MiniGridEnv.step`` or one of its envs', BabyAI's included), which
+    only compares the action with ints. A class of someone else's may use what only a numpy
+    integer has (``action.item()``, ``action.dtype``)."""
+    base = env.unwrapped
+    return isinstance(base, MiniGridEnv) and type(base).step.__module__.startswith("minigrid.")
+
+
 def use_int_actions(env: gym.Env) -> gym.Env:
-    """``env`` wrapped in :class:`IntActions` if its base (``env.unwrapped``) is a
-    ``MiniGridEnv`` with a ``Discrete`` action space, unless ``MNM_RL_INT_ACTIONS=0`` or it has
-    the wrapper already; else ``env`` itself."""
+    """``env`` wrapped in :class:`IntActions` if it steps like MiniGrid
+    (:func:`steps_like_minigrid`) with a ``Discrete`` action space, unless
+    ``MNM_RL_INT_ACTIONS=0`` or it has the wrapper already; else ``env`` itself."""
     if (
-        not isinstance(env.unwrapped, MiniGridEnv)
+        not steps_like_minigrid(env)
         or not isinstance(env.action_space, gym.spaces.Discrete)
         or not int_actions_enabled()
         or has_int_actions(env)
