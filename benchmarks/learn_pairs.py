@@ -88,6 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(flag, help=f"as throughput.py's {flag}")
     args = p.parse_args(argv)
     if args.from_json is not None:
+        running = [
+            flag
+            for flag in ("--configs", "--pairs", "--warm-up", *SETTING_FLAGS)
+            if getattr(args, _dest(flag)) != p.get_default(_dest(flag))
+        ]
+        if running:
+            p.error(f"--from-json runs nothing and takes only --ratio-to, not {' '.join(running)}")
         try:
             args.saved = load_saved_run(Path(args.from_json))
         except (OSError, ValueError) as err:
@@ -98,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 p.error(f"--ratio-to {reference}: not one of the saved run's configs")
         args.ratio_to = args.ratio_to or list(args.saved["ratio_to"])
         return args
-    given = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in SETTING_FLAGS}
+    given = {flag: getattr(args, _dest(flag)) for flag in SETTING_FLAGS}
     args.setting = throughput.parse_args(
         [x for flag, value in given.items() if value is not None for x in (flag, value)]
     )
@@ -124,6 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if variable in os.environ:
             p.error(f"unset {variable}: this script sets it agent by agent ({suffix})")
     return args
+
+
+def _dest(flag: str) -> str:
+    """The attribute argparse stores ``flag`` under: ``"--n-envs"`` -> ``"n_envs"``."""
+    return flag[2:].replace("-", "_")
 
 
 #: The suffixes this script applies agent by agent; throughput.py's others hold for a process.

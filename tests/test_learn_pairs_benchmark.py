@@ -194,6 +194,12 @@ def test_a_saved_json_line_alone_is_summarised_again(learn_pairs, tmp_path, caps
         ("lstm 5000 steps/s\n", [], "no JSON line of learn_pairs.py"),
         (json.dumps({"sps": {"a": 1.0}}), [], "no JSON line of learn_pairs.py"),
         (json.dumps(SAVED), ["--ratio-to", "c"], "--ratio-to c: not one of the saved run's"),
+        (json.dumps(SAVED), ["--configs", "a", "b"], "takes only --ratio-to, not --configs"),
+        (
+            json.dumps(SAVED),
+            ["--pairs", "9", "--view-size", "7"],
+            "takes only --ratio-to, not --pairs --view-size",
+        ),
     ],
 )
 def test_a_saved_run_that_cannot_be_read_is_refused(
@@ -218,7 +224,9 @@ def test_the_median_interval_takes_the_binomial_order_statistics(learn_pairs):
 
 
 def test_an_agent_steps_minigrid_view_only_with_mgview_and_numpy_actions_with_npact(learn_pairs):
-    from mnm_rl.envs.minigrid_actions import has_int_actions
+    from stable_baselines3.common.env_util import is_wrapped
+
+    from mnm_rl.envs.minigrid_actions import IntActions
     from mnm_rl.envs.minigrid_view import FastGenObs
 
     args = learn_pairs.parse_args(SMALL)
@@ -233,7 +241,7 @@ def test_an_agent_steps_minigrid_view_only_with_mgview_and_numpy_actions_with_np
         try:
             views = [env.unwrapped.__dict__.get("gen_obs") for env in agent.env.envs]
             assert [isinstance(v, FastGenObs) for v in views] == [fast] * args.setting.n_envs
-            assert [has_int_actions(env) for env in agent.env.envs] == [ints] * len(views)
+            assert [is_wrapped(env, IntActions) for env in agent.env.envs] == [ints] * len(views)
             assert agent.learn_once()[0] > 0
         finally:
             agent.env.close()

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from minigrid.envs import MemoryEnv
 from minigrid_training import assert_same_parameters, trained_parameters
+from stable_baselines3.common.env_util import is_wrapped
 
 from mnm_rl.env_factory import make_env, resolve_env
 from mnm_rl.envs.minigrid_actions import (
     SWITCH_VARIABLE,
     IntActions,
-    has_int_actions,
     steps_like_minigrid,
     use_int_actions,
 )
@@ -93,8 +93,8 @@ def test_installed_only_on_minigrid_envs_and_only_once(monkeypatch) -> None:
     wrapped = use_int_actions(env)
     assert isinstance(wrapped, IntActions) and wrapped.env is env
     assert use_int_actions(wrapped) is wrapped
-    assert has_int_actions(gym.wrappers.RecordEpisodeStatistics(wrapped))
-    assert not has_int_actions(env)
+    assert is_wrapped(gym.wrappers.RecordEpisodeStatistics(wrapped), IntActions)
+    assert not is_wrapped(env, IntActions)
     monkeypatch.setenv(SWITCH_VARIABLE, "0")
     assert use_int_actions(env) is env
 
@@ -123,18 +123,18 @@ def test_env_builder_wraps_minigrid_envs(monkeypatch) -> None:
     memory = resolve_env("MiniGrid-Memory")  # the preset, with its training-only wrappers
     for training in (False, True):
         env = make_env(memory, monitor=True, training=training)
-        assert has_int_actions(env)
+        assert is_wrapped(env, IntActions)
         env.reset(seed=0)
         assert env.step(np.int64(2))[1] == 0
-    assert not has_int_actions(make_env(resolve_env("mnm_rl/DelayedCueRecall-v0")))
+    assert not is_wrapped(make_env(resolve_env("mnm_rl/DelayedCueRecall-v0")), IntActions)
     monkeypatch.setenv(SWITCH_VARIABLE, "0")
-    assert not has_int_actions(make_env(memory, monitor=True, training=True))
+    assert not is_wrapped(make_env(memory, monitor=True, training=True), IntActions)
 
 
 @pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda e: pickle.loads(pickle.dumps(e))])
 def test_copies_keep_the_wrapper(duplicate) -> None:
     twin = duplicate(use_int_actions(gym.make("MiniGrid-MemoryS7-v0")))
-    assert has_int_actions(twin)
+    assert is_wrapped(twin, IntActions)
     twin.reset(seed=0)
     assert twin.step(np.int64(1))[1] == 0
 
@@ -147,7 +147,7 @@ def test_training_is_the_same_with_numpy_actions_and_with_ints(monkeypatch) -> N
         monkeypatch.setenv(SWITCH_VARIABLE, switch)
 
         def check(envs, ints=switch == "1"):
-            assert [has_int_actions(e) for e in envs] == [ints] * 2
+            assert [is_wrapped(e, IntActions) for e in envs] == [ints] * 2
 
         policies.append(trained_parameters(check))
     assert_same_parameters(*policies)

@@ -26,6 +26,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from minigrid.minigrid_env import MiniGridEnv
+from stable_baselines3.common.env_util import is_wrapped
 
 #: Set to ``0`` in the environment to hand MiniGrid envs their actions as they come.
 SWITCH_VARIABLE = "MNM_RL_INT_ACTIONS"
@@ -45,15 +46,6 @@ def int_actions_enabled() -> bool:
     return os.environ.get(SWITCH_VARIABLE, "1") != "0"
 
 
-def has_int_actions(env: gym.Env) -> bool:
-    """Whether :class:`IntActions` is one of ``env``'s wrappers."""
-    while isinstance(env, gym.Wrapper):
-        if isinstance(env, IntActions):
-            return True
-        env = env.env
-    return False
-
-
 def steps_like_minigrid(env: gym.Env) -> bool:
     """Whether ``env``'s base is a ``MiniGridEnv`` whose ``step`` is MiniGrid's own code (from
     the ``minigrid`` package: ``MiniGridEnv.step`` or one of its envs', BabyAI's included), which
@@ -71,7 +63,7 @@ def use_int_actions(env: gym.Env) -> gym.Env:
         not steps_like_minigrid(env)
         or not isinstance(env.action_space, gym.spaces.Discrete)
         or not int_actions_enabled()
-        or has_int_actions(env)
+        or is_wrapped(env, IntActions)
     ):
         return env
     return IntActions(env)
