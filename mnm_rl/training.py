@@ -202,7 +202,7 @@ class EndTrainWrappers(BaseCallback):
             return True
         if self.until_success is not None:
             # the step's outcome as collect_rollouts sees it, before any bootstrap of timeouts
-            finished = np.flatnonzero(self.locals["dones_np"])
+            finished = np.flatnonzero(self.locals["dones"])
             self.outcomes.extend((self.locals["rewards"][finished] > 0).tolist())
         self._check()
         return True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -13,12 +13,23 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import Tensor, nn
 from torch.distributions import Categorical
 
+from mnm_rl.agent import action_heads
 from mnm_rl.agent.extractors import MemoryFeaturesExtractor
 from mnm_rl.memory import CoreState, RecurrentCore, make_core
 
 CRITIC_PREFIX = "critic/"
 
 Observation = Tensor | dict[str, Tensor]
+
+
+class PolicyStep(NamedTuple):
+    """What :meth:`RecurrentMemoryPolicy.act` gives for one step of ``B`` envs."""
+
+    actions: Tensor  #: ``[B]``, int64
+    log_probs: Tensor  #: ``[B]``, the actions' log-probabilities
+    values: Tensor  #: ``[B]``, the critic's
+    state: CoreState  #: after the step
+    finite: bool  #: whether every action logit was finite
 
 
 def map_obs(obs: Observation, fn) -> Observation:
@@ -224,23 +235,70 @@ class RecurrentMemoryPolicy(BasePolicy):
             ``(logits [T, B, A], values [T, B], final_state, aux)``; ``aux`` holds the memory
             diagnostics ``[T, B]`` (summed over actor and critic cores when they are separate).
         """
+        latent, value_latent, new_state, aux = self._latents(obs, state, episode_starts)
+        logits = self.action_net(latent)
+        values = self.value_net(value_latent).squeeze(-1)
+        return logits, values, new_state, aux
+
+    def act(
+        self,
+        obs: Observation,
+        state: CoreState,
+        episode_starts: Tensor,
+        deterministic: bool = False,
+    ) -> PolicyStep:
+        """One step for ``B`` envs, as the rollout and :meth:`predict` take it, without
+        gradients (call it under ``torch.no_grad()`` or ``torch.inference_mode()``).
+
+        Args:
+            obs: observations ``[B, ...]`` (tensor or dict of tensors), no time dimension.
+            state: the recurrent state before this step.
+            episode_starts: ``[B]``; the state of env ``b`` is reset first where it is nonzero.
+            deterministic: take the most likely actions instead of drawing them.
+
+        Returns:
+            :class:`PolicyStep`: actions drawn as :meth:`sample` draws them, their
+            log-probabilities and the values, each ``[B]``, the state after the step, and
+            whether every action logit was finite. On the CPU the heads and the draw run as one
+            compiled call (:mod:`mnm_rl.agent.action_heads`).
+        """
+        latent, value_latent, new_state, _ = self._latents(
+            map_obs(obs, lambda v: v.unsqueeze(0)), state, episode_starts.unsqueeze(0)
+        )
+        latent, value_latent = latent[0], value_latent[0]
+        if action_heads.applies(latent, self.activation_fn):
+            kernel = action_heads.load_extension()
+            if kernel is not None:
+                actions, log_probs, values, finite = action_heads.heads_step(
+                    kernel, latent, value_latent, self.action_net, self.value_net,
+                    self.activation_fn, deterministic,
+                )  # fmt: skip
+                return PolicyStep(actions, log_probs, values, new_state, finite)
+        logits = self.action_net(latent)
+        finite = bool(torch.isfinite(logits).all())  # one host read, like the actions' own
+        actions, log_probs = self.sample(logits, deterministic)
+        values = self.value_net(value_latent).squeeze(-1)
+        return PolicyStep(actions, log_probs, values, new_state, finite)
+
+    def _latents(
+        self, obs: Observation, state: CoreState, episode_starts: Tensor
+    ) -> tuple[Tensor, Tensor, CoreState, dict[str, Tensor]]:
+        """The heads' inputs over a sequence: ``(latent [T, B, H]`` (the actor's),
+        ``value_latent [T, B, H]`` (the critic's), ``final_state, aux)``."""
         features = self.encode(obs)
         actor_state, critic_state = self._split_state(state)
         latent, actor_state, aux = self.core(features, actor_state, episode_starts)
         if self.critic_core is None:
-            value_latent, new_state = latent, actor_state
-        else:
-            value_latent, critic_state, critic_aux = self.critic_core(
-                features, critic_state, episode_starts
-            )
-            aux = {k: aux[k] + critic_aux[k] for k in aux}
-            new_state = CoreState(
-                {**actor_state, **{CRITIC_PREFIX + k: v for k, v in critic_state.items()}},
-                batch_size=state.batch_size,
-            )
-        logits = self.action_net(latent)
-        values = self.value_net(value_latent).squeeze(-1)
-        return logits, values, new_state, aux
+            return latent, latent, actor_state, aux
+        value_latent, critic_state, critic_aux = self.critic_core(
+            features, critic_state, episode_starts
+        )
+        aux = {k: aux[k] + critic_aux[k] for k in aux}
+        new_state = CoreState(
+            {**actor_state, **{CRITIC_PREFIX + k: v for k, v in critic_state.items()}},
+            batch_size=state.batch_size,
+        )
+        return latent, value_latent, new_state, aux
 
     def forward(self, obs: Observation, deterministic: bool = False) -> Tensor:  # noqa: D401
         raise TypeError(
@@ -314,12 +372,14 @@ class RecurrentMemoryPolicy(BasePolicy):
                 ).reshape(n_envs)
             )
         with torch.no_grad():
-            logits, _, state, _ = self.forward_sequence(
-                map_obs(obs_tensor, lambda v: v.unsqueeze(0)), state, starts.unsqueeze(0)
+            step = self.act(obs_tensor, state, starts, deterministic)
+        if not step.finite:
+            raise ValueError(
+                "non-finite policy output (action logits): the observation or the recurrent "
+                "state holds NaN or inf"
             )
-            logits = logits[0]
-            actions = logits.argmax(-1) if deterministic else self.distribution(logits).sample()
-        actions = actions.cpu().numpy()
+        state = step.state
+        actions = step.actions.cpu().numpy()
         if not vectorized:
             actions = actions.squeeze(0)
         return actions, state

@@ -229,36 +229,35 @@ class MemoryPPO(OnPolicyAlgorithm):
             # a policy step). What leaves it is copied into the buffer or, for the recurrent
             # state, cloned into ordinary tensors at chunk starts and at the end of the rollout.
             with torch.inference_mode():
-                logits, values, new_state, _ = self.policy.forward_sequence(
-                    map_obs(obs, lambda v: v.unsqueeze(0)), state, starts.unsqueeze(0)
+                step = self.policy.act(obs, state, starts)
+            if not step.finite:
+                raise NonFiniteError(
+                    f"non-finite policy output (action logits) in the rollout at step "
+                    f"{self.num_timesteps}: an observation or the recurrent state holds NaN "
+                    "or inf; no update was made from this rollout"
                 )
-                if not torch.isfinite(logits).all():  # one host read, like actions.cpu() below
-                    raise NonFiniteError(
-                        f"non-finite policy output (action logits) in the rollout at step "
-                        f"{self.num_timesteps}: an observation or the recurrent state holds NaN "
-                        "or inf; no update was made from this rollout"
-                    )
-                actions, log_probs = self.policy.sample(logits[0])
-            new_obs, rewards, dones_np, infos = env.step(actions.cpu().numpy())
+            # named as stable-baselines3's rollout names them, for callbacks that read locals
+            actions, log_probs, values, new_state, _ = step
+            new_obs, rewards, dones, infos = env.step(actions.cpu().numpy())
             self.num_timesteps += env.num_envs
             callback.update_locals(locals())
             if not callback.on_step():
                 return False
-            self._update_info_buffer(infos, dones_np, rewards)
-            rewards = self._bootstrap_truncated(rewards, dones_np, infos, new_state)
+            self._update_info_buffer(infos, dones, rewards)
+            rewards = self._bootstrap_truncated(rewards, dones, infos, new_state)
             buffer.add(
                 obs,
                 actions,
                 torch.as_tensor(rewards, dtype=torch.float32, device=self.device),
                 starts,
-                values[0],
+                values,
                 log_probs,
                 state,
             )
             state = new_state
             obs = self._obs_tensor(new_obs)
-            starts = torch.as_tensor(dones_np, dtype=torch.float32, device=self.device)
-            self._last_obs, self._last_episode_starts = new_obs, dones_np
+            starts = torch.as_tensor(dones, dtype=torch.float32, device=self.device)
+            self._last_obs, self._last_episode_starts = new_obs, dones
         self._last_state = state.detach().clone()  # an ordinary tensor again, usable anywhere
         with torch.inference_mode():
             _, last_values, _, _ = self.policy.forward_sequence(

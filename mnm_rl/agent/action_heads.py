@@ -1,0 +1,80 @@
+"""The policy's action and value heads for one step, with the actions drawn, as one compiled call
+(``csrc/action_heads.cpp``).
+
+At every rollout step :class:`~mnm_rl.agent.policy.RecurrentMemoryPolicy` runs its two heads on
+the core's output, draws the actions and takes their log-probabilities: in PyTorch about fifteen
+small operators (two MLPs, the log-softmax and exponential race of
+:meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.sample`, a gather, a finiteness check), each a
+few microseconds at a batch of 8 envs, whatever its size. The kernel does the same in one call:
+the heads' layers through ATen's ``addmm``, the rest in one loop over the batch. It draws the
+race from torch's default generator as ``sample`` does, so the same seed gives the same actions.
+``tests/test_action_heads.py`` compares it with the PyTorch code.
+
+Used without gradients (rollouts and ``predict``) on CPU tensors, for heads whose activation is
+``nn.Tanh`` or ``nn.ReLU``; otherwise, or with ``MNM_RL_FUSED=0``, the PyTorch code runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+
+from mnm_rl import native
+
+#: The kernel's C++ source, built into its own extension.
+SOURCES = [Path(__file__).with_name("csrc") / "action_heads.cpp"]
+#: The extension, built on first use.
+EXTENSION = native.LazyExtension("mnm_rl_action_heads", SOURCES, "the compiled action heads")
+#: The activations the kernel runs between a head's layers, and its code for each.
+ACTIVATION_CODES: dict[type[nn.Module], int] = {nn.Tanh: 0, nn.ReLU: 1}
+
+
+def load_extension() -> ModuleType | None:
+    """The compiled heads, built on first use; ``None`` (with one warning) if they cannot be
+    built, and ``None`` without building them under ``MNM_RL_FUSED=0``."""
+    return EXTENSION.load()
+
+
+def layer_tensors(head: nn.Sequential) -> list[Tensor]:
+    """``[W_0, b_0, W_1, b_1, ...]``: the weights and biases of a head's ``Linear`` layers."""
+    return [t for layer in head if isinstance(layer, nn.Linear) for t in (layer.weight, layer.bias)]
+
+
+def applies(latent: Tensor, activation_fn: type[nn.Module]) -> bool:
+    """Whether the kernel can run heads with ``activation_fn`` on ``latent``: a CPU float tensor,
+    no gradient wanted."""
+    return (
+        activation_fn in ACTIVATION_CODES
+        and latent.device.type == "cpu"
+        and latent.dtype in (torch.float32, torch.float64)
+        and not torch.is_grad_enabled()
+    )
+
+
+def heads_step(
+    kernel: ModuleType,
+    latent: Tensor,
+    value_latent: Tensor,
+    action_net: nn.Sequential,
+    value_net: nn.Sequential,
+    activation_fn: type[nn.Module],
+    deterministic: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """The heads on ``latent [B, F]`` (actor) and ``value_latent [B, F]`` (critic), through the
+    compiled kernel (:func:`load_extension`).
+
+    Returns ``(actions [B], log_probs [B], values [B], finite)``: the actions drawn from the
+    logits as :meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.sample` draws them (the mode if
+    ``deterministic``), their log-probabilities, the values, and whether every logit is finite.
+    """
+    return kernel.heads_step(
+        latent.contiguous(),
+        value_latent.contiguous(),
+        layer_tensors(action_net),
+        layer_tensors(value_net),
+        ACTIVATION_CODES[activation_fn],
+        deterministic,
+    )

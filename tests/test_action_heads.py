@@ -1,0 +1,182 @@
+"""The compiled action heads (``mnm_rl.agent.action_heads``) against the PyTorch code they stand
+in for: the policy's heads, ``RecurrentMemoryPolicy.sample`` and the finiteness check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.callbacks import StopTrainingOnMaxEpisodes
+from test_agent import collect_one_rollout, small_model
+from torch import nn
+
+from mnm_rl.agent import action_heads
+from mnm_rl.agent.policy import RecurrentMemoryPolicy, _mlp
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    built = action_heads.load_extension()
+    if built is None:
+        pytest.skip("no C++ compiler: the compiled action heads cannot be built")
+    return built
+
+
+def pytorch_heads(latent, value_latent, action_net, value_net, deterministic):
+    logits = action_net(latent)
+    actions, log_probs = RecurrentMemoryPolicy.sample(logits, deterministic)
+    return actions, log_probs, value_net(value_latent).squeeze(-1), bool(logits.isfinite().all())
+
+
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
+@pytest.mark.parametrize("hidden", [(64,), (32, 16), ()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_the_kernel_draws_the_same_actions_as_pytorch(
+    kernel, activation, hidden, dtype, deterministic
+):
+    torch.manual_seed(0)
+    action_net = _mlp(24, hidden, 7, activation).to(dtype)
+    value_net = _mlp(24, hidden, 1, activation).to(dtype)
+    latent, value_latent = torch.randn(2, 300, 24, dtype=dtype) * 3
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = pytorch_heads(latent, value_latent, action_net, value_net, deterministic)
+        next_expected = torch.rand(3)
+        torch.manual_seed(1)
+        got = action_heads.heads_step(
+            kernel, latent, value_latent, action_net, value_net, activation, deterministic
+        )
+        next_got = torch.rand(3)
+    assert torch.equal(next_got, next_expected)  # the same draws taken from the generator
+    actions, log_probs, values, finite = got
+    assert actions.dtype == torch.int64 and actions.shape == (300,)
+    assert torch.equal(actions, expected[0])
+    torch.testing.assert_close(log_probs, expected[1])
+    torch.testing.assert_close(values, expected[2])
+    assert finite is True
+    assert len(set(actions.tolist())) > 1  # not one action everywhere
+
+
+def test_the_kernel_draws_from_the_softmax(kernel):
+    torch.manual_seed(0)
+    action_net, value_net = _mlp(4, (), 5, nn.Tanh), _mlp(4, (), 1, nn.Tanh)
+    latent = torch.randn(1, 4).expand(20000, 4)
+    with torch.no_grad():
+        actions, log_probs, _, _ = action_heads.heads_step(
+            kernel, latent, latent, action_net, value_net, nn.Tanh
+        )
+        probs = action_net(latent[:1]).softmax(-1)[0]
+    freq = torch.bincount(actions, minlength=5).double() / actions.numel()
+    torch.testing.assert_close(freq, probs.double(), atol=0.015, rtol=0)
+    torch.testing.assert_close(log_probs, probs.log()[actions])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_logit_is_reported(kernel, bad):
+    action_net, value_net = _mlp(3, (), 4, nn.Tanh), _mlp(3, (), 1, nn.Tanh)
+    latent = torch.zeros(5, 3)
+    with torch.no_grad():
+        action_net[0].bias[2] = bad
+        *_, finite = action_heads.heads_step(kernel, latent, latent, action_net, value_net, nn.Tanh)
+        assert finite is False
+        action_net[0].bias[2] = 0.0
+        *_, finite = action_heads.heads_step(kernel, latent, latent, action_net, value_net, nn.Tanh)
+        assert finite is True
+
+
+def test_it_applies_only_without_gradients_on_cpu_floats_with_its_activations():
+    latent = torch.zeros(2, 3)
+    with torch.no_grad():
+        assert action_heads.applies(latent, nn.Tanh)
+        assert action_heads.applies(latent, nn.ReLU)
+        assert action_heads.applies(latent.double(), nn.Tanh)
+        assert not action_heads.applies(latent, nn.ELU)
+        assert not action_heads.applies(latent.half(), nn.Tanh)
+    with torch.inference_mode():
+        assert action_heads.applies(latent, nn.Tanh)
+    assert not action_heads.applies(latent, nn.Tanh)  # gradients on
+
+
+def policy_steps(model, steps: int = 12, seed: int = 3):
+    """Steps of ``model.policy.act`` on the model's env with random resets, from a fixed seed."""
+    env, policy = model.env, model.policy
+    obs = policy.obs_to_tensor(env.reset())[0]
+    state = policy.initial_state(env.num_envs)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    out = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            starts = torch.as_tensor(rng.random(env.num_envs) < 0.2, dtype=torch.float32)
+            step = policy.act(obs, state, starts)
+            out.append(step)
+            state = step.state
+            obs = policy.obs_to_tensor(env.step(step.actions.numpy())[0])[0]
+    return out
+
+
+@pytest.mark.parametrize(
+    "core, kwargs",
+    [
+        ("lstm", {}),
+        ("mnm-p", {}),
+        ("gru", {"policy_kwargs": dict(shared_core=False, net_arch=(16, 8), features_dim=16,
+                                       core_kwargs=dict(hidden_size=16))}),
+        ("mlp", {"policy_kwargs": dict(activation_fn=nn.ReLU, features_dim=16,
+                                       core_kwargs=dict(hidden_size=16))}),
+    ],
+)  # fmt: skip
+def test_policy_steps_are_the_same_with_and_without_the_kernel(kernel, monkeypatch, core, kwargs):
+    calls = []
+    real = action_heads.heads_step
+    monkeypatch.setattr(action_heads, "heads_step", lambda *args: calls.append(1) or real(*args))
+    with_kernel = policy_steps(small_model(core, **kwargs))
+    assert len(calls) == len(with_kernel)
+    monkeypatch.setattr(action_heads, "load_extension", lambda: None)
+    without = policy_steps(small_model(core, **kwargs))
+    assert len(calls) == len(with_kernel)  # not called again
+    for a, b in zip(with_kernel, without, strict=True):
+        assert torch.equal(a.actions, b.actions)
+        torch.testing.assert_close(a.log_probs, b.log_probs)
+        torch.testing.assert_close(a.values, b.values)
+        assert a.finite and b.finite
+        assert a.state.keys() == b.state.keys()
+        for key in a.state.keys():
+            torch.testing.assert_close(a.state[key], b.state[key])
+
+
+def test_other_activations_take_the_pytorch_heads(kernel, monkeypatch):
+    monkeypatch.setattr(action_heads, "heads_step", lambda *args: pytest.fail("kernel called"))
+    model = small_model("lstm", policy_kwargs=dict(activation_fn=nn.ELU))
+    steps = policy_steps(model, steps=3)
+    assert all(s.finite and s.actions.shape == (model.n_envs,) for s in steps)
+
+
+def test_a_rollout_is_the_same_with_and_without_the_kernel(kernel, monkeypatch):
+    with_kernel = collect_one_rollout(small_model("mnm-p"))
+    monkeypatch.setattr(action_heads, "load_extension", lambda: None)
+    without = collect_one_rollout(small_model("mnm-p"))
+    assert torch.equal(with_kernel.actions, without.actions)
+    for name in ("log_probs", "values", "rewards", "episode_starts", "advantages"):
+        torch.testing.assert_close(getattr(with_kernel, name), getattr(without, name))
+
+
+def test_predict_refuses_non_finite_policy_output():
+    model = small_model("lstm")
+    obs = model.env.reset()
+    with torch.no_grad():
+        model.policy.action_net[-1].bias[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite policy output"):
+        model.predict(obs)
+
+
+def test_stable_baselines3_callbacks_find_the_rollouts_dones():
+    # StopTrainingOnMaxEpisodes reads ``dones`` from the rollout's locals, as SB3 names them;
+    # it stops after max_episodes per env, max_episodes * n_envs in all
+    model = small_model("mlp", n_steps=64)
+    stop = StopTrainingOnMaxEpisodes(max_episodes=4)
+    model.learn(10_000, callback=stop)
+    total = 4 * model.n_envs
+    assert total <= stop.n_episodes < total + model.n_envs
+    assert model.num_timesteps < 64 * model.n_envs
