@@ -1,7 +1,8 @@
 """Building the package's C++ extensions with ``torch.utils.cpp_extension`` on first use.
 
-Two extensions: the memory's sequence kernels (:mod:`mnm_rl.memory.fused`) and the agent's
-symbol-grid encoder (:mod:`mnm_rl.agent.grid_linear`). Each compiles the first time it is needed
+Three extensions: the memory's sequence kernels (:mod:`mnm_rl.memory.fused`), the agent's
+symbol-grid encoder (:mod:`mnm_rl.agent.grid_linear`) and its action heads for a rollout step
+(:mod:`mnm_rl.agent.action_heads`). Each compiles the first time it is needed
 (cached under ``~/.cache/torch_extensions``, or ``TORCH_EXTENSIONS_DIR``). Without a C++
 compiler, or with ``MNM_RL_FUSED=0`` in the environment, the PyTorch code runs instead.
 """

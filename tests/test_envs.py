@@ -568,7 +568,7 @@ def test_train_wrappers_end_once_the_training_episodes_succeed():
     for step, success in enumerate([1, 0, 0, 0, 1, 1], start=1):
         model.num_timesteps = 2 * step
         callback.update_locals(
-            {"dones_np": np.array([True, False]), "rewards": np.array([success, 0.0])}
+            {"dones": np.array([True, False]), "rewards": np.array([success, 0.0])}
         )
         callback.on_step()
         # window [1,0,0] not full; [1,0,0,0] and [0,0,0,1] at 1/4; [0,0,1,1] at 2/4: switch
@@ -581,7 +581,7 @@ def test_train_wrappers_end_once_the_training_episodes_succeed():
     callback.on_training_start({}, {})
     for steps, enabled in [(9, True), (10, False)]:
         model.num_timesteps = steps
-        callback.update_locals({"dones_np": np.array([False]), "rewards": np.array([0.0])})
+        callback.update_locals({"dones": np.array([False]), "rewards": np.array([0.0])})
         callback.on_step()
         assert _gates(model.vec_env) == [enabled]
     assert model.train_wrappers_ended_at == 10
