@@ -180,3 +180,11 @@ def test_stable_baselines3_callbacks_find_the_rollouts_dones():
     total = 4 * model.n_envs
     assert total <= stop.n_episodes < total + model.n_envs
     assert model.num_timesteps < 64 * model.n_envs
+
+
+def test_the_switch_runs_the_pytorch_heads(kernel, monkeypatch):
+    monkeypatch.setenv("MNM_RL_COMPILED_HEADS", "0")
+    assert action_heads.load_extension() is None
+    monkeypatch.setattr(action_heads, "heads_step", lambda *args: pytest.fail("kernel called"))
+    steps = policy_steps(small_model("lstm"), steps=3)
+    assert all(s.finite and s.actions.shape == (3,) for s in steps)

@@ -11,11 +11,14 @@ race from torch's default generator as ``sample`` does, so the same seed gives t
 ``tests/test_action_heads.py`` compares it with the PyTorch code.
 
 Used without gradients (rollouts and ``predict``) on CPU tensors, for heads whose activation is
-``nn.Tanh`` or ``nn.ReLU``; otherwise, or with ``MNM_RL_FUSED=0``, the PyTorch code runs.
+``nn.Tanh`` or ``nn.ReLU``; otherwise the PyTorch code runs, and also with
+``MNM_RL_COMPILED_HEADS=0`` in the environment (only these heads) or ``MNM_RL_FUSED=0`` (every
+compiled kernel).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -28,13 +31,18 @@ from mnm_rl import native
 SOURCES = [Path(__file__).with_name("csrc") / "action_heads.cpp"]
 #: The extension, built on first use.
 EXTENSION = native.LazyExtension("mnm_rl_action_heads", SOURCES, "the compiled action heads")
+#: Environment variable: ``0`` runs the heads in PyTorch, whatever the other kernels do.
+SWITCH_VARIABLE = "MNM_RL_COMPILED_HEADS"
 #: The activations the kernel runs between a head's layers, and its code for each.
 ACTIVATION_CODES: dict[type[nn.Module], int] = {nn.Tanh: 0, nn.ReLU: 1}
 
 
 def load_extension() -> ModuleType | None:
     """The compiled heads, built on first use; ``None`` (with one warning) if they cannot be
-    built, and ``None`` without building them under ``MNM_RL_FUSED=0``."""
+    built, and ``None`` without building them under ``MNM_RL_COMPILED_HEADS=0`` or
+    ``MNM_RL_FUSED=0``."""
+    if os.environ.get(SWITCH_VARIABLE, "1") == "0":
+        return None
     return EXTENSION.load()
 
 
