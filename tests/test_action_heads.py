@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from compiled import built
 from stable_baselines3.common.callbacks import StopTrainingOnMaxEpisodes
 from test_agent import collect_one_rollout, small_model
 from torch import nn
@@ -16,10 +17,7 @@ from mnm_rl.agent.policy import RecurrentMemoryPolicy, _mlp
 
 @pytest.fixture(scope="module")
 def kernel():
-    built = action_heads.load_extension()
-    if built is None:
-        pytest.skip("no C++ compiler: the compiled action heads cannot be built")
-    return built
+    return built(action_heads.EXTENSION)
 
 
 def pytorch_heads(latent, value_latent, action_net, value_net, deterministic):

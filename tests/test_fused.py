@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from compiled import built
 from kernel_accuracy import assert_as_accurate_as_pytorch
 
 from mnm_rl.memory import CoreState, MNMCore, fused
@@ -22,9 +23,7 @@ from mnm_rl.memory import CoreState, MNMCore, fused
 
 @pytest.fixture(scope="module")
 def kernel():
-    ext = fused.load_extension()
-    assert ext is not None, "the fused MNM kernel did not build"
-    return ext
+    return built(fused.EXTENSION)
 
 
 def _core(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compiled import built
 from kernel_accuracy import assert_as_accurate_as_pytorch
 
 from mnm_rl.memory import CoreState, GRUCore, LSTMCore, fused, rnn_kernels
@@ -20,9 +21,7 @@ CORES = {"lstm": (LSTMCore, "FusedLSTMSequence"), "gru": (GRUCore, "FusedGRUSequ
 
 @pytest.fixture(scope="module")
 def kernel():
-    ext = fused.load_extension()
-    assert ext is not None, "the fused kernels did not build"
-    return ext
+    return built(fused.EXTENSION)
 
 
 def _core(kind: str, size: int, hidden: int, dtype=torch.float64):
