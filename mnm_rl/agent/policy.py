@@ -323,8 +323,9 @@ class RecurrentMemoryPolicy(BasePolicy):
     @staticmethod
     def sample(logits: Tensor, deterministic: bool = False) -> tuple[Tensor, Tensor]:
         """Actions from ``Categorical(logits)`` (the mode if ``deterministic``) and their
-        log-probabilities, in a few ops and without building a distribution object: the rollout
-        calls this at every step.
+        log-probabilities, in a few ops and without building a distribution object: a rollout
+        step's draw where the compiled action heads do not run (:meth:`act`), which draw the
+        same way.
 
         The draw is an exponential race, ``argmax_i log p_i - log E_i`` with ``E_i ~ Exp(1)``
         (``E_i / p_i`` is exponential with rate ``p_i``, and the smallest of such is ``i``
@@ -349,7 +350,8 @@ class RecurrentMemoryPolicy(BasePolicy):
     ) -> tuple[np.ndarray, CoreState]:
         """Actions for a batch of observations, with the same contract as sb3-contrib's
         RecurrentPPO: pass back the returned ``state`` at the next call, and
-        ``episode_start[b] = True`` where env ``b`` has just been reset."""
+        ``episode_start[b] = True`` where env ``b`` has just been reset. Raises ``ValueError``
+        if the policy's action logits are not finite (NaN or inf in the observation or state)."""
         self.set_training_mode(False)
         obs_tensor, vectorized = self.obs_to_tensor(observation)
         n_envs = (
