@@ -19,11 +19,12 @@ that agent runs: ``fused.set_kernel_threads(2)``); ``sb3-contrib`` (RecurrentPPO
 MiniGrid's own observation code instead of mnm_rl's fast view, ``mnm_rl.envs.minigrid_view``)
 and in ``/npact`` (they take numpy integer actions, not ints: ``mnm_rl.envs.minigrid_actions``),
 our agents in ``/pyheads`` (their rollout steps run the action heads and the draw as PyTorch
-operators, not one compiled call: ``mnm_rl.agent.action_heads``), then in ``/par`` (its own
-``ParallelVecEnv`` with one worker process; an idle agent's worker sleeps). Switches that hold
-for a whole process (``/eager``, ``/unmap``, ``@N``) are ``throughput.py``'s. Every agent is
-built in the same setting (``throughput.py``'s options: env, view size, envs, rollout length,
-epochs, minibatch, width), with one torch thread.
+operators, not one compiled call: ``mnm_rl.agent.action_heads``) and in ``/pyloss`` (their
+updates compute PPO's loss and its gradient as PyTorch operators: ``mnm_rl.agent.ppo_loss``),
+then in ``/par`` (its own ``ParallelVecEnv`` with one worker process; an idle agent's worker
+sleeps). Switches that hold for a whole process (``/eager``, ``/unmap``, ``@N``) are
+``throughput.py``'s. Every agent is built in the same setting (``throughput.py``'s options: env,
+view size, envs, rollout length, epochs, minibatch, width), with one torch thread.
 
 The table also gives each config's rate per CPU second of this process (``time.process_time``:
 with ``/k2`` both kernel threads, with ``/par`` not the worker). Where it swings between turns
@@ -145,6 +146,7 @@ PER_AGENT = (
     throughput.MINIGRID_VIEW,
     throughput.NUMPY_ACTIONS,
     throughput.PYTORCH_HEADS,
+    throughput.PYTORCH_LOSS,
 )
 
 
@@ -152,8 +154,9 @@ class Config(NamedTuple):
     """What a config name says: the agent (with any suffix that holds for a whole process),
     its kernel threads (2 with ``/k2``), its env worker processes (1 with ``/par``), whether
     its MiniGrid envs have mnm_rl's fast view (not with ``/mgview``), whether they take
-    their actions as Python ints (not with ``/npact``), and whether its rollout steps run the
-    compiled action heads (not with ``/pyheads``)."""
+    their actions as Python ints (not with ``/npact``), whether its rollout steps run the
+    compiled action heads (not with ``/pyheads``) and whether its updates run the compiled PPO
+    loss (not with ``/pyloss``)."""
 
     agent: str
     kernel_threads: int
@@ -161,10 +164,11 @@ class Config(NamedTuple):
     fast_view: bool
     int_actions: bool
     compiled_heads: bool
+    compiled_loss: bool
 
 
 def parse_config(config: str) -> Config:
-    """``"mnm-p/k2/par"`` -> ``Config("mnm-p", 2, 1, True, True, True)``."""
+    """``"mnm-p/k2/par"`` -> ``Config("mnm-p", 2, 1, True, True, True, True)``."""
     name, workers = throughput.split_parallel(config)
     base, suffixes = throughput.split_suffixes(name)
     rest = "".join(s for s in reversed(suffixes) if s not in PER_AGENT)
@@ -175,6 +179,7 @@ def parse_config(config: str) -> Config:
         throughput.MINIGRID_VIEW not in suffixes,
         throughput.NUMPY_ACTIONS not in suffixes,
         throughput.PYTORCH_HEADS not in suffixes,
+        throughput.PYTORCH_LOSS not in suffixes,
     )
 
 
@@ -189,19 +194,27 @@ def config_problem(config: str) -> str | None:
         return "is not one of lstm, gru, mlp, mnm-p, mnm-g, mnm-p:HxL, sb3-contrib, ceiling"
     if kernel_threads > 1 and core in (CEILING, "sb3-contrib"):
         return f"{throughput.KERNEL2} is for our agents"
-    if not parsed.compiled_heads and core in (CEILING, "sb3-contrib"):
-        return f"{throughput.PYTORCH_HEADS} is for our agents"
+    for suffix, compiled in ((throughput.PYTORCH_HEADS, parsed.compiled_heads),
+                             (throughput.PYTORCH_LOSS, parsed.compiled_loss)):  # fmt: skip
+        if not compiled and core in (CEILING, "sb3-contrib"):
+            return f"{suffix} is for our agents"
     return None
 
 
 class Agent:
-    """One config's agent (or, for ``ceiling``, its env alone), and the kernel threads and action
-    heads to use while it trains."""
+    """One config's agent (or, for ``ceiling``, its env alone), the kernel threads to use while it
+    trains and the compiled pieces to run in PyTorch instead."""
 
     def __init__(self, config: str, setting: argparse.Namespace) -> None:
         parsed = parse_config(config)
         name, self.kernel_threads = parsed.agent, parsed.kernel_threads
-        self.compiled_heads = parsed.compiled_heads
+        #: the environment variables that switch compiled pieces off while this agent trains
+        self.pytorch_switches = [
+            throughput.SUFFIXES[suffix][0]
+            for suffix, compiled in ((throughput.PYTORCH_HEADS, parsed.compiled_heads),
+                                     (throughput.PYTORCH_LOSS, parsed.compiled_loss))
+            if not compiled
+        ]  # fmt: skip
         self.env = throughput.make_env(
             setting,
             for_sb3_contrib=name == "sb3-contrib",
@@ -232,16 +245,16 @@ class Agent:
                 self.env.step(action)
             return time.perf_counter() - start, time.process_time() - start_cpu
         fused.set_kernel_threads(self.kernel_threads)
-        heads_variable = throughput.SUFFIXES[throughput.PYTORCH_HEADS][0]
-        if not self.compiled_heads:
-            os.environ[heads_variable] = "0"
+        for variable in self.pytorch_switches:
+            os.environ[variable] = "0"
         try:
             start, start_cpu = time.perf_counter(), time.process_time()
             self.model.learn(self.steps, reset_num_timesteps=False)
             return time.perf_counter() - start, time.process_time() - start_cpu
         finally:
             fused.set_kernel_threads(None)
-            os.environ.pop(heads_variable, None)
+            for variable in self.pytorch_switches:
+                os.environ.pop(variable, None)
 
 
 def run_pairs(

@@ -84,6 +84,10 @@ NUMPY_ACTIONS = "/npact"
 #: actions as PyTorch operators instead of one compiled call (``MNM_RL_COMPILED_HEADS=0``, see
 #: ``mnm_rl/agent/action_heads.py``), e.g. ``lstm/pyheads`` or ``mnm-p/k2/pyheads/par``.
 PYTORCH_HEADS = "/pyheads"
+#: A config name ending in this computes PPO's loss and its gradient as PyTorch operators instead
+#: of one compiled call (``MNM_RL_COMPILED_LOSS=0``, see ``mnm_rl/agent/ppo_loss.py``), e.g.
+#: ``lstm/pyloss`` or ``mnm-p/k2/pyloss/par``.
+PYTORCH_LOSS = "/pyloss"
 SUFFIXES = {
     EAGER: ("MNM_RL_FUSED", "0"),
     UNMAP: ("MNM_RL_RETAIN_MEMORY", "0"),
@@ -91,6 +95,7 @@ SUFFIXES = {
     MINIGRID_VIEW: ("MNM_RL_FAST_VIEW", "0"),
     NUMPY_ACTIONS: ("MNM_RL_INT_ACTIONS", "0"),
     PYTORCH_HEADS: ("MNM_RL_COMPILED_HEADS", "0"),
+    PYTORCH_LOSS: ("MNM_RL_COMPILED_LOSS", "0"),
 }
 #: A config name ending in this (before any ``@N``) steps its envs in two groups at once, one in a
 #: worker process (``ParallelVecEnv(n_workers=1)``), e.g. ``lstm/par`` next to ``lstm``. The CPU
@@ -317,8 +322,8 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 
 def apply_suffixes(name: str) -> None:
     """Set the environment variable of each variant suffix ``name`` ends with (``/eager``,
-    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/pyheads``; see ``SUFFIXES``), before mnm_rl
-    loads its kernels or builds an env."""
+    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/pyheads``, ``/pyloss``; see ``SUFFIXES``),
+    before mnm_rl loads its kernels or builds an env."""
     for suffix in split_suffixes(name)[1]:
         variable, value = SUFFIXES[suffix]
         os.environ[variable] = value

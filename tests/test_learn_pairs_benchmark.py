@@ -20,21 +20,23 @@ def learn_pairs():
 
 @pytest.mark.parametrize(
     "config, parsed",
-    [("lstm", ("lstm", 1, 0, True, True, True)),
-     ("mnm-p/k2/par", ("mnm-p", 2, 1, True, True, True)),
-     ("mnm-p:2x2/par", ("mnm-p:2x2", 1, 1, True, True, True)),
-     ("mnm-g/k2", ("mnm-g", 2, 0, True, True, True)),
-     ("ceiling/mgview", ("ceiling", 1, 0, False, True, True)),
-     ("mnm-p/k2/mgview/par", ("mnm-p", 2, 1, False, True, True)),
-     ("mnm-p/mgview/k2", ("mnm-p", 2, 0, False, True, True)),
-     ("ceiling/npact", ("ceiling", 1, 0, True, False, True)),
-     ("lstm/mgview/npact/par", ("lstm", 1, 1, False, False, True)),
-     ("mnm-p/npact/eager", ("mnm-p/eager", 1, 0, True, False, True)),
-     ("mnm-p/eager", ("mnm-p/eager", 1, 0, True, True, True)),
-     ("lstm/pyheads/par", ("lstm", 1, 1, True, True, False)),
-     ("mnm-p/k2/pyheads/npact", ("mnm-p", 2, 0, True, False, False))],
+    [("lstm", ("lstm", 1, 0, True, True, True, True)),
+     ("mnm-p/k2/par", ("mnm-p", 2, 1, True, True, True, True)),
+     ("mnm-p:2x2/par", ("mnm-p:2x2", 1, 1, True, True, True, True)),
+     ("mnm-g/k2", ("mnm-g", 2, 0, True, True, True, True)),
+     ("ceiling/mgview", ("ceiling", 1, 0, False, True, True, True)),
+     ("mnm-p/k2/mgview/par", ("mnm-p", 2, 1, False, True, True, True)),
+     ("mnm-p/mgview/k2", ("mnm-p", 2, 0, False, True, True, True)),
+     ("ceiling/npact", ("ceiling", 1, 0, True, False, True, True)),
+     ("lstm/mgview/npact/par", ("lstm", 1, 1, False, False, True, True)),
+     ("mnm-p/npact/eager", ("mnm-p/eager", 1, 0, True, False, True, True)),
+     ("mnm-p/eager", ("mnm-p/eager", 1, 0, True, True, True, True)),
+     ("lstm/pyheads/par", ("lstm", 1, 1, True, True, False, True)),
+     ("mnm-p/k2/pyheads/npact", ("mnm-p", 2, 0, True, False, False, True)),
+     ("lstm/pyloss/par", ("lstm", 1, 1, True, True, True, False)),
+     ("mnm-p/k2/pyloss/pyheads", ("mnm-p", 2, 0, True, True, False, False))],
 )  # fmt: skip
-def test_configs_name_agent_threads_workers_view_actions_and_heads(learn_pairs, config, parsed):
+def test_configs_name_agent_threads_workers_view_actions_heads_loss(learn_pairs, config, parsed):
     assert learn_pairs.parse_config(config) == parsed
 
 
@@ -47,6 +49,7 @@ def test_configs_name_agent_threads_workers_view_actions_and_heads(learn_pairs, 
         (["lstm", "ceiling/k2"], "'ceiling/k2' /k2 is for our agents"),
         (["lstm", "sb3-contrib/k2/par"], "'sb3-contrib/k2/par' /k2 is for our agents"),
         (["lstm", "ceiling/pyheads"], "'ceiling/pyheads' /pyheads is for our agents"),
+        (["lstm", "sb3-contrib/pyloss"], "'sb3-contrib/pyloss' /pyloss is for our agents"),
         (["lstm", "mnm-p/eager"], "'mnm-p/eager' holds for a whole process"),
         (["lstm", "lstm@2"], "'lstm@2' holds for a whole process"),
         (["lstm", "gru", "--ratio-to", "mlp"], "--ratio-to mlp: not one of --configs"),
@@ -61,7 +64,8 @@ def test_what_cannot_run_in_turns_is_refused(learn_pairs, configs, message, caps
 
 @pytest.mark.parametrize(
     "variable",
-    ["MNM_RL_KERNEL_THREADS", "MNM_RL_FAST_VIEW", "MNM_RL_INT_ACTIONS", "MNM_RL_COMPILED_HEADS"],
+    ["MNM_RL_KERNEL_THREADS", "MNM_RL_FAST_VIEW", "MNM_RL_INT_ACTIONS", "MNM_RL_COMPILED_HEADS",
+     "MNM_RL_COMPILED_LOSS"],
 )
 def test_the_variables_it_sets_by_agent_are_refused(learn_pairs, monkeypatch, capsys, variable):
     monkeypatch.setenv(variable, "2")
@@ -171,6 +175,28 @@ def test_an_agent_runs_the_pytorch_heads_only_with_pyheads(
         agent.env.close()
     assert len(calls) == (16 if compiled else 0)  # one call per rollout step, or none
     assert "MNM_RL_COMPILED_HEADS" not in os.environ  # set only while that agent learned
+
+
+@pytest.mark.parametrize("config, compiled", [("lstm", True), ("lstm/pyloss", False)])
+def test_an_agent_computes_the_pytorch_loss_only_with_pyloss(
+    learn_pairs, monkeypatch, config, compiled
+):
+    from mnm_rl.agent import ppo_loss
+
+    if ppo_loss.load_extension() is None:
+        pytest.skip("the compiled PPO loss cannot be built here")
+    monkeypatch.delenv("MNM_RL_COMPILED_LOSS", raising=False)
+    calls: list[int] = []
+    apply = ppo_loss._CompiledLoss.apply
+    monkeypatch.setattr(ppo_loss._CompiledLoss, "apply", lambda *a: calls.append(1) or apply(*a))
+    agent = learn_pairs.Agent(config, learn_pairs.parse_args(SMALL).setting)
+    try:
+        agent.learn_once()
+    finally:
+        agent.env.close()
+    # SMALL: 2 envs x 16 steps in chunks of 8, 2 chunks a minibatch, 1 epoch: 2 minibatches
+    assert len(calls) == (2 if compiled else 0)  # one call per minibatch, or none
+    assert "MNM_RL_COMPILED_LOSS" not in os.environ  # set only while that agent learned
 
 
 def test_a_run_prints_a_table_and_a_json_last_line(learn_pairs, capsys, tmp_path):

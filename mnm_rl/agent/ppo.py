@@ -18,10 +18,10 @@ from stable_baselines3.common.utils import (
     obs_as_tensor,
 )
 from stable_baselines3.common.vec_env import VecEnv
-from torch.nn import functional as F
 
 from mnm_rl.agent.buffer import ChunkBatch, ChunkRolloutBuffer
 from mnm_rl.agent.policy import RecurrentMemoryPolicy, check_action_space, map_obs
+from mnm_rl.agent.ppo_loss import STAT_NAMES, LossSettings, RolloutSteps, ppo_loss
 from mnm_rl.memory import CoreState
 
 SelfMemoryPPO = TypeVar("SelfMemoryPPO", bound="MemoryPPO")
@@ -371,41 +371,19 @@ class MemoryPPO(OnPolicyAlgorithm):
         logits, values, _, aux = self.policy.forward_sequence(
             batch.observations, batch.states, batch.episode_starts
         )
-        dist = self.policy.distribution(logits)
-        log_prob = dist.log_prob(batch.actions)
-        entropy = dist.entropy()
-        advantages = batch.advantages
-        if self.normalize_advantage and advantages.numel() > 1:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        log_ratio = log_prob - batch.old_log_probs
-        ratio = torch.exp(log_ratio)
-        policy_loss = -torch.min(
-            advantages * ratio, advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-        ).mean()
-        if clip_range_vf is not None:
-            values = batch.old_values + torch.clamp(
-                values - batch.old_values, -clip_range_vf, clip_range_vf
-            )
-        value_loss = F.mse_loss(batch.returns, values)
-        entropy_loss = -entropy.mean()
-        loss = policy_loss + ent_coef * entropy_loss + self.vf_coef * value_loss
-        with torch.no_grad():
-            approx_kl = float(((ratio - 1) - log_ratio).mean())
-            clip_fraction = float((torch.abs(ratio - 1) > clip_range).float().mean())
-        checks = {
-            "policy loss": policy_loss.item(),
-            "value loss": value_loss.item(),
-            "entropy": entropy_loss.item(),
-        }
-        record(
-            **{
-                "train/policy_gradient_loss": policy_loss.item(),
-                "train/value_loss": value_loss.item(),
-                "train/entropy_loss": entropy_loss.item(),
-                "train/approx_kl": approx_kl,
-                "train/clip_fraction": clip_fraction,
-            }
-        )
+        loss, stats = ppo_loss(
+            logits,
+            values,
+            RolloutSteps(
+                batch.actions, batch.old_log_probs, batch.advantages, batch.returns,
+                batch.old_values,
+            ),
+            LossSettings(clip_range, clip_range_vf, ent_coef, self.vf_coef,
+                         self.normalize_advantage),
+        )  # fmt: skip
+        policy_loss, value_loss, entropy_loss, approx_kl, _ = terms = stats.tolist()
+        checks = {"policy loss": policy_loss, "value loss": value_loss, "entropy": entropy_loss}
+        record(**{f"train/{name}": value for name, value in zip(STAT_NAMES, terms, strict=True)})
         if aux:
             retention_loss = aux["recon_retained"].mean()
             memory_loss = aux["recon_after"].mean() + retention_loss
