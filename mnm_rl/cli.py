@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mnm-rl",
         description="Recurrent PPO with Metalearned Neural Memory: train, evaluate, record, plot.",
         epilog="On a CPU the MNM cores (and the lstm and gru cores' training passes, and the "
-        "features extractor's layer over a symbol grid, and a rollout step's action heads and "
-        "draw) run C++ kernels, compiled on first use (about 30 s, cached); MNM_RL_FUSED=0 in "
+        "features extractor's layer over a symbol grid, a rollout step's action heads and "
+        "draw, and an update's PPO loss) run C++ kernels, compiled on first use (about 30 s, cached); MNM_RL_FUSED=0 in "
         "the environment "
         "runs the same equations in plain PyTorch. "
         "The kernel keeps the memory it frees for reuse (glibc); MNM_RL_RETAIN_MEMORY=0 hands it "
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the same arrays 3.5-5x faster than MiniGrid's code; MNM_RL_FAST_VIEW=0 keeps "
         "MiniGrid's. They take their actions as Python ints, which MiniGrid compares with its "
         "action enum much faster than numpy's; MNM_RL_INT_ACTIONS=0 passes numpy's on. "
-        "MNM_RL_COMPILED_HEADS=0 runs only the action heads in plain PyTorch.",
+        "MNM_RL_COMPILED_HEADS=0 runs only the action heads in plain PyTorch, "
+        "MNM_RL_COMPILED_LOSS=0 only PPO's loss.",
     )
     from mnm_rl import __version__
 

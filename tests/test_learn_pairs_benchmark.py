@@ -64,8 +64,13 @@ def test_what_cannot_run_in_turns_is_refused(learn_pairs, configs, message, caps
 
 @pytest.mark.parametrize(
     "variable",
-    ["MNM_RL_KERNEL_THREADS", "MNM_RL_FAST_VIEW", "MNM_RL_INT_ACTIONS", "MNM_RL_COMPILED_HEADS",
-     "MNM_RL_COMPILED_LOSS"],
+    [
+        "MNM_RL_KERNEL_THREADS",
+        "MNM_RL_FAST_VIEW",
+        "MNM_RL_INT_ACTIONS",
+        "MNM_RL_COMPILED_HEADS",
+        "MNM_RL_COMPILED_LOSS",
+    ],
 )
 def test_the_variables_it_sets_by_agent_are_refused(learn_pairs, monkeypatch, capsys, variable):
     monkeypatch.setenv(variable, "2")
