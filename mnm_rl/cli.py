@@ -55,11 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mnm-rl",
         description="Recurrent PPO with Metalearned Neural Memory: train, evaluate, record, plot.",
-        epilog="On a CPU the MNM cores (and the lstm and gru cores' training passes, and the "
-        "features extractor's layer over a symbol grid, a rollout step's action heads and "
-        "draw, and an update's PPO loss) run C++ kernels, compiled on first use (about 30 s, cached); MNM_RL_FUSED=0 in "
-        "the environment "
-        "runs the same equations in plain PyTorch. "
+        epilog="On a CPU the MNM cores (and the lstm and gru cores, the features extractor's "
+        "layer over a symbol grid, a rollout step's action heads and draw, and an update's PPO "
+        "loss) run C++ kernels, compiled on first use (about 30 s, cached); MNM_RL_FUSED=0 in "
+        "the environment runs the same equations in plain PyTorch. "
         "The kernel keeps the memory it frees for reuse (glibc); MNM_RL_RETAIN_MEMORY=0 hands it "
         "back to the OS. MNM_RL_KERNEL_THREADS=N (or --set train.kernel_threads=N) lets the MNM "
         "kernel split each minibatch between N threads. --set train.env_workers=N steps the "

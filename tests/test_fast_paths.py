@@ -204,8 +204,9 @@ def test_sample_never_draws_an_impossible_action():
 
 @pytest.mark.parametrize("kind", ["mnm-p", "mnm-g", "lstm", "gru", "mlp"])
 def test_one_step_at_a_time_equals_whole_sequence(kind):
-    """The rollout runs cores with T=1 (the LSTM through its cell kernel), training replays whole
-    chunks (the LSTM through the fused nn.LSTM over reset-free spans): same outputs and state."""
+    """The rollout runs cores with T=1 (the LSTM and GRU through their compiled kernels' single
+    step), training replays whole chunks (the LSTM through the fused nn.LSTM over reset-free
+    spans): same outputs and state."""
     from mnm_rl.memory import make_core
 
     torch.manual_seed(0)
@@ -227,11 +228,14 @@ def test_one_step_at_a_time_equals_whole_sequence(kind):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_a_rollout_step_through_the_cell_op_equals_the_module(kind):
-    """A single step goes through ``torch.lstm_cell``/``gru_cell`` with the module's weights:
-    what the ``nn.LSTM``/``nn.GRU`` call gives, with a reset for one env."""
+@pytest.mark.parametrize("compiled", ["1", "0"])
+def test_a_rollout_step_equals_the_module(monkeypatch, kind, compiled):
+    """A single step goes through the compiled kernel or, without it (``MNM_RL_FUSED=0``),
+    ``torch.lstm_cell``/``gru_cell`` with the module's weights: what the ``nn.LSTM``/``nn.GRU``
+    call gives, with a reset for one env."""
     from mnm_rl.memory import make_core
 
+    monkeypatch.setenv("MNM_RL_FUSED", compiled)
     torch.manual_seed(0)
     core = make_core(kind, 6, hidden_size=16)
     x = torch.randn(1, 3, 6)

@@ -161,47 +161,35 @@ def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monk
     assert agent.model.num_timesteps == 2 * 16
 
 
-@pytest.mark.parametrize("config, compiled", [("lstm", True), ("lstm/pyheads", False)])
-def test_an_agent_runs_the_pytorch_heads_only_with_pyheads(
-    learn_pairs, monkeypatch, config, compiled
+@pytest.mark.parametrize(
+    "config, compiled_heads, compiled_loss",
+    [("lstm", True, True), ("lstm/pyheads", False, True), ("lstm/pyloss", True, False),
+     ("lstm/pyloss/pyheads", False, False)],
+)  # fmt: skip
+def test_an_agent_runs_pytorch_code_only_where_its_suffixes_say(
+    learn_pairs, monkeypatch, config, compiled_heads, compiled_loss
 ):
-    from mnm_rl.agent import action_heads
+    from mnm_rl.agent import action_heads, ppo_loss
 
-    if action_heads.load_extension() is None:
-        pytest.skip("the compiled action heads cannot be built here")
-    monkeypatch.delenv("MNM_RL_COMPILED_HEADS", raising=False)
-    calls: list[int] = []
-    heads_step = action_heads.heads_step
-    monkeypatch.setattr(action_heads, "heads_step", lambda *a: calls.append(1) or heads_step(*a))
+    if action_heads.load_extension() is None or ppo_loss.load_extension() is None:
+        pytest.skip("the compiled action heads or PPO loss cannot be built here")
+    switches = ("MNM_RL_COMPILED_HEADS", "MNM_RL_COMPILED_LOSS")
+    for variable in switches:
+        monkeypatch.delenv(variable, raising=False)
+    heads: list[int] = []
+    losses: list[int] = []
+    heads_step, apply = action_heads.heads_step, ppo_loss._CompiledLoss.apply
+    monkeypatch.setattr(action_heads, "heads_step", lambda *a: heads.append(1) or heads_step(*a))
+    monkeypatch.setattr(ppo_loss._CompiledLoss, "apply", lambda *a: losses.append(1) or apply(*a))
     agent = learn_pairs.Agent(config, learn_pairs.parse_args(SMALL).setting)
     try:
         agent.learn_once()
     finally:
         agent.env.close()
-    assert len(calls) == (16 if compiled else 0)  # one call per rollout step, or none
-    assert "MNM_RL_COMPILED_HEADS" not in os.environ  # set only while that agent learned
-
-
-@pytest.mark.parametrize("config, compiled", [("lstm", True), ("lstm/pyloss", False)])
-def test_an_agent_computes_the_pytorch_loss_only_with_pyloss(
-    learn_pairs, monkeypatch, config, compiled
-):
-    from mnm_rl.agent import ppo_loss
-
-    if ppo_loss.load_extension() is None:
-        pytest.skip("the compiled PPO loss cannot be built here")
-    monkeypatch.delenv("MNM_RL_COMPILED_LOSS", raising=False)
-    calls: list[int] = []
-    apply = ppo_loss._CompiledLoss.apply
-    monkeypatch.setattr(ppo_loss._CompiledLoss, "apply", lambda *a: calls.append(1) or apply(*a))
-    agent = learn_pairs.Agent(config, learn_pairs.parse_args(SMALL).setting)
-    try:
-        agent.learn_once()
-    finally:
-        agent.env.close()
-    # SMALL: 2 envs x 16 steps in chunks of 8, 2 chunks a minibatch, 1 epoch: 2 minibatches
-    assert len(calls) == (2 if compiled else 0)  # one call per minibatch, or none
-    assert "MNM_RL_COMPILED_LOSS" not in os.environ  # set only while that agent learned
+    # SMALL: 2 envs x 16 steps (16 rollout steps) in chunks of 8, 2 chunks a minibatch, 1 epoch
+    assert len(heads) == (16 if compiled_heads else 0)  # one call per rollout step, or none
+    assert len(losses) == (2 if compiled_loss else 0)  # one call per minibatch, or none
+    assert not any(v in os.environ for v in switches)  # set only while that agent learned
 
 
 def test_a_run_prints_a_table_and_a_json_last_line(learn_pairs, capsys, tmp_path):

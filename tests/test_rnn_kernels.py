@@ -128,31 +128,55 @@ def test_kernel_gradients_pass_gradcheck(kernel):
 
 
 @pytest.mark.parametrize("kind", CORES)
-def test_rollout_steps_lstm_sequences_without_resets_and_the_switch_use_the_module(
-    kernel, monkeypatch, kind
-):
+def test_lstm_sequences_without_resets_and_the_switch_use_the_module(kernel, monkeypatch, kind):
     def refuse(*args):
         raise AssertionError("the kernel was called")
 
     monkeypatch.setattr(getattr(rnn_kernels, CORES[kind][1]), "apply", refuse)
     core = _core(kind, 5, 7, dtype=torch.float32)
     x, starts, state = _inputs(core, steps=4, batch=3, dtype=torch.float32)
-    y, _, _ = core(x[:1], state, starts[:1])  # a rollout step: the cell op
-    assert y.shape == (1, 3, 7)
     if kind == "lstm":  # without resets after the first step: one oneDNN nn.LSTM call
         no_resets_after_the_first_step = torch.zeros(4, 3)
         no_resets_after_the_first_step[0] = 1
         y, _, _ = core(x, state, no_resets_after_the_first_step)
         assert y.shape == (4, 3, 7)
     monkeypatch.setenv("MNM_RL_FUSED", "0")
+    y, _, _ = core(x[:1], state, starts[:1])  # a rollout step: the cell op
+    assert y.shape == (1, 3, 7)
     y, _, _ = core(x, state, starts)
     assert y.shape == (4, 3, 7)
 
 
+def _rollout_step_inputs(core):
+    """One step of 4 sequences, two of which start an episode: the reset is the kernel's mask,
+    where the cell op needs it applied around it (and a host read to know whether to)."""
+    x, _, state = _inputs(core, steps=3, batch=4, dtype=torch.float64)
+    return x[:1], torch.tensor([[1.0, 0.0, 0.0, 1.0]]), state
+
+
 @pytest.mark.parametrize("kind", CORES)
-def test_without_grad_the_kernel_stores_nothing_and_agrees(kernel, monkeypatch, kind):
+def test_a_rollout_steps_gradients_through_the_kernel_are_the_cell_ops(kernel, monkeypatch, kind):
     core = _core(kind, 5, 7)
-    x, starts, state = _inputs(core, steps=6, batch=4, dtype=torch.float64)
+    x, starts, state = _rollout_step_inputs(core)
+    calls = _count_calls(monkeypatch, kind)
+    got = _run(core, x, starts, state, monkeypatch, use_kernel=True)
+    assert len(calls) == 1
+    expected = _run(core, x, starts, state, monkeypatch, use_kernel=False)
+    assert len(calls) == 1  # not called again
+    assert got.keys() == expected.keys()
+    for name, value in got.items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("kind", CORES)
+@pytest.mark.parametrize("steps", [6, 1])
+def test_without_grad_the_kernel_stores_nothing_and_agrees(kernel, monkeypatch, kind, steps):
+    # one step: a rollout step, which takes the kernel too
+    core = _core(kind, 5, 7)
+    if steps == 1:
+        x, starts, state = _rollout_step_inputs(core)
+    else:
+        x, starts, state = _inputs(core, steps=steps, batch=4, dtype=torch.float64)
     monkeypatch.setenv("MNM_RL_FUSED", "1")
     calls = _count_calls(monkeypatch, kind)
     with torch.inference_mode():

@@ -52,8 +52,9 @@ class _FusedRNNCore(RecurrentCore):
         new = new if isinstance(new, tuple) else (new,)
         return out, [h.squeeze(0) for h in new]
 
-    #: Take the compiled kernel (:mod:`mnm_rl.memory.rnn_kernels`) only when an episode starts
-    #: after a sequence's first step; otherwise for every sequence of several steps.
+    #: Over several steps, take the compiled kernel (:mod:`mnm_rl.memory.rnn_kernels`) only
+    #: when an episode starts after a sequence's first step; otherwise always. A single step
+    #: (a rollout step) always takes it.
     kernel_only_with_resets: bool
 
     def _forward_kernel(
@@ -67,7 +68,7 @@ class _FusedRNNCore(RecurrentCore):
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         self._check_inputs(x, state, episode_starts)
         kernel = rnn_kernel(x)
-        if kernel is not None and not self.kernel_only_with_resets:
+        if kernel is not None and (x.shape[0] == 1 or not self.kernel_only_with_resets):
             return (*self._forward_kernel(x, state, episode_starts, kernel), {})
         resets = episode_starts.any(dim=1).tolist()  # one host read per call
         if kernel is not None and any(resets[1:]):
@@ -91,7 +92,8 @@ class LSTMCore(_FusedRNNCore):
     A sequence in which some episode starts after the first step runs, on the CPU, through the
     compiled kernel of :mod:`mnm_rl.memory.rnn_kernels` (one call whatever the resets) when it
     is available; otherwise span by span through ``nn.LSTM``. Without such resets one fused
-    ``nn.LSTM`` call (oneDNN) is as fast, so it keeps that.
+    ``nn.LSTM`` call (oneDNN) is as fast, so it keeps that. A single step (the rollout's) takes
+    the kernel too, or, without it, the LSTM cell op.
     """
 
     rnn_type = nn.LSTM
@@ -107,8 +109,9 @@ class LSTMCore(_FusedRNNCore):
     def _run(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if x.shape[0] != 1:
             return super()._run(x, hidden)
-        # One step (a rollout step): the LSTM cell kernel with nn.LSTM's own weights computes the
-        # same equations without nn.LSTM's per-call overhead (about a third of the call's time).
+        # One step without the compiled kernel (CUDA, MNM_RL_FUSED=0): the LSTM cell op with
+        # nn.LSTM's own weights computes the same equations without nn.LSTM's per-call overhead
+        # (about a third of the call's time).
         rnn = self.rnn
         h, c = torch.lstm_cell(
             x[0],
@@ -122,10 +125,11 @@ class LSTMCore(_FusedRNNCore):
 
 
 class GRUCore(_FusedRNNCore):
-    """GRU baseline; state ``h`` of shape ``[B, hidden_size]``. On the CPU a sequence of several
-    steps runs through the compiled kernel of :mod:`mnm_rl.memory.rnn_kernels` when it is
-    available, with or without resets (``nn.GRU`` has no fused CPU path: the kernel is about
-    2x faster even for one span); otherwise span by span through ``nn.GRU``."""
+    """GRU baseline; state ``h`` of shape ``[B, hidden_size]``. On the CPU a sequence runs
+    through the compiled kernel of :mod:`mnm_rl.memory.rnn_kernels` when it is available, with
+    or without resets (``nn.GRU`` has no fused CPU path: the kernel is about 2x faster even for
+    one span); otherwise span by span through ``nn.GRU``, and a single step through the GRU
+    cell op."""
 
     rnn_type = nn.GRU
     state_keys = ("h",)
@@ -140,8 +144,9 @@ class GRUCore(_FusedRNNCore):
     def _run(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if x.shape[0] != 1:
             return super()._run(x, hidden)
-        # One step (a rollout step): the GRU cell op with nn.GRU's own weights, as LSTMCore does:
-        # the same equations without nn.GRU's per-call overhead (tests/test_fast_paths.py).
+        # One step without the compiled kernel: the GRU cell op with nn.GRU's own weights, as
+        # LSTMCore does: the same equations without nn.GRU's per-call overhead
+        # (tests/test_fast_paths.py).
         rnn = self.rnn
         h = torch.gru_cell(
             x[0], hidden[0], rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0
