@@ -100,6 +100,16 @@ def test_any_batch_shape_and_a_single_step(kernel, shape):
     assert got[2][0].shape == (*shape, 3) and got[2][1].shape == shape
 
 
+def test_values_in_another_dtype_get_their_gradient_in_theirs(kernel):
+    logits, values, steps = minibatch(dtype=torch.float64)
+    values = values.detach().float().requires_grad_()
+    expected = loss_and_gradients(ppo_loss.ppo_loss_torch, logits, values, steps, SETTINGS)
+    got = loss_and_gradients(ppo_loss.ppo_loss, logits, values, steps, SETTINGS)
+    assert got[2][1].dtype == torch.float32 and got[2][0].dtype == torch.float64
+    torch.testing.assert_close(got[2][1], expected[2][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2][0], expected[2][0], rtol=1e-5, atol=1e-6)
+
+
 def test_impossible_actions_add_nothing(kernel):
     # a logit of -inf (an action masked out) has probability 0: no entropy, no gradient
     logits, values, steps = minibatch(actions=5)

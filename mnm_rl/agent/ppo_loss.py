@@ -145,10 +145,12 @@ class _CompiledLoss(torch.autograd.Function):
             float(settings.ent_coef), float(settings.vf_coef), bool(settings.normalize_advantage),
         )  # fmt: skip
         ctx.save_for_backward(grad_logits, grad_values)
+        ctx.values_dtype = values.dtype  # the kernel computes in the logits' dtype
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):  # noqa: D102
         grad_logits, grad_values = ctx.saved_tensors
-        return grad_logits * grad_loss, grad_values * grad_loss, None, None, None
+        grad_values = (grad_values * grad_loss).to(ctx.values_dtype)
+        return grad_logits * grad_loss, grad_values, None, None, None
