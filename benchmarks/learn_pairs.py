@@ -194,11 +194,18 @@ def config_problem(config: str) -> str | None:
         return "is not one of lstm, gru, mlp, mnm-p, mnm-g, mnm-p:HxL, sb3-contrib, ceiling"
     if kernel_threads > 1 and core in (CEILING, "sb3-contrib"):
         return f"{throughput.KERNEL2} is for our agents"
-    for suffix, compiled in ((throughput.PYTORCH_HEADS, parsed.compiled_heads),
-                             (throughput.PYTORCH_LOSS, parsed.compiled_loss)):  # fmt: skip
-        if not compiled and core in (CEILING, "sb3-contrib"):
+    for suffix in pytorch_suffixes(parsed):
+        if core in (CEILING, "sb3-contrib"):
             return f"{suffix} is for our agents"
     return None
+
+
+def pytorch_suffixes(parsed: Config) -> list[str]:
+    """The suffixes of ``parsed`` that run a compiled piece of our agents in PyTorch instead
+    (``/pyheads``, ``/pyloss``)."""
+    pieces = ((throughput.PYTORCH_HEADS, parsed.compiled_heads),
+              (throughput.PYTORCH_LOSS, parsed.compiled_loss))  # fmt: skip
+    return [suffix for suffix, compiled in pieces if not compiled]
 
 
 class Agent:
@@ -209,12 +216,7 @@ class Agent:
         parsed = parse_config(config)
         name, self.kernel_threads = parsed.agent, parsed.kernel_threads
         #: the environment variables that switch compiled pieces off while this agent trains
-        self.pytorch_switches = [
-            throughput.SUFFIXES[suffix][0]
-            for suffix, compiled in ((throughput.PYTORCH_HEADS, parsed.compiled_heads),
-                                     (throughput.PYTORCH_LOSS, parsed.compiled_loss))
-            if not compiled
-        ]  # fmt: skip
+        self.pytorch_switches = [throughput.SUFFIXES[s][0] for s in pytorch_suffixes(parsed)]
         self.env = throughput.make_env(
             setting,
             for_sb3_contrib=name == "sb3-contrib",
