@@ -1,0 +1,53 @@
+"""benchmarks/step_pieces.py: the compiled PPO loss and rollout core steps against PyTorch."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from benchmark_scripts import load_script
+
+
+@pytest.fixture(scope="module")
+def step_pieces():
+    return load_script("step_pieces")
+
+
+def test_times_every_piece_both_ways_and_prints_a_json_last_line(step_pieces, capsys):
+    before = os.environ.get("MNM_RL_FUSED")
+    out = step_pieces.main(["--rounds", "2", "--calls", "3", "--envs", "2", "--chunks", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == out
+    assert out["rounds"] == 2 and out["calls"] == 3
+    assert list(out["pieces"]) == ["ppo loss", "lstm step", "gru step"]
+    for piece in out["pieces"].values():
+        assert piece["compiled_us"] > 0 and piece["pytorch_us"] > 0
+        assert piece["speedup"] == pytest.approx(piece["pytorch_us"] / piece["compiled_us"])
+    assert os.environ.get("MNM_RL_FUSED") == before  # the switch is restored
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--calls", "0"], ["--envs", "-1"]])
+def test_bad_numbers_exit_with_status_2(step_pieces, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        step_pieces.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "must be positive" in capsys.readouterr().err
+
+
+def test_the_cell_op_runs_when_the_switch_is_off(step_pieces, monkeypatch):
+    # time_calls sets MNM_RL_FUSED for the call only: the core takes the kernel with "1", the
+    # cell op with "0"
+    from mnm_rl.memory import rnn_kernels
+
+    calls: list[int] = []
+    apply = rnn_kernels.FusedLSTMSequence.apply
+    monkeypatch.setattr(
+        rnn_kernels.FusedLSTMSequence, "apply", lambda *a: calls.append(1) or apply(*a)
+    )
+    args = step_pieces.parse_args(["--envs", "3", "--hidden", "8"])
+    step = step_pieces.core_step(step_pieces.LSTMCore, args)
+    step_pieces.time_calls(step, 4, "0")
+    assert calls == []
+    step_pieces.time_calls(step, 4, "1")
+    assert len(calls) == 5  # the warm-up call and four timed ones
