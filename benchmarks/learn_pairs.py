@@ -20,7 +20,10 @@ MiniGrid's own observation code instead of mnm_rl's fast view, ``mnm_rl.envs.min
 and in ``/npact`` (they take numpy integer actions, not ints: ``mnm_rl.envs.minigrid_actions``),
 our agents in ``/pyheads`` (their rollout steps run the action heads and the draw as PyTorch
 operators, not one compiled call: ``mnm_rl.agent.action_heads``) and in ``/pyloss`` (their
-updates compute PPO's loss and its gradient as PyTorch operators: ``mnm_rl.agent.ppo_loss``),
+updates compute PPO's loss and its gradient as PyTorch operators: ``mnm_rl.agent.ppo_loss``) and
+in ``/pystep`` (a baseline core's rollout steps run as PyTorch operators, not one compiled call
+of the whole policy: ``mnm_rl.agent.policy_step``; its heads are then the compiled ones unless
+``/pyheads`` too),
 then in ``/par`` (its own ``ParallelVecEnv`` with one worker process; an idle agent's worker
 sleeps). Switches that hold for a whole process (``/eager``, ``/unmap``, ``@N``) are
 ``throughput.py``'s. Every agent is built in the same setting (``throughput.py``'s options: env,
@@ -147,6 +150,7 @@ PER_AGENT = (
     throughput.NUMPY_ACTIONS,
     throughput.PYTORCH_HEADS,
     throughput.PYTORCH_LOSS,
+    throughput.PYTORCH_STEP,
 )
 
 
@@ -155,8 +159,9 @@ class Config(NamedTuple):
     its kernel threads (2 with ``/k2``), its env worker processes (1 with ``/par``), whether
     its MiniGrid envs have mnm_rl's fast view (not with ``/mgview``), whether they take
     their actions as Python ints (not with ``/npact``), whether its rollout steps run the
-    compiled action heads (not with ``/pyheads``) and whether its updates run the compiled PPO
-    loss (not with ``/pyloss``)."""
+    compiled action heads (not with ``/pyheads``), whether its updates run the compiled PPO
+    loss (not with ``/pyloss``) and whether its rollout steps run the compiled policy step (not
+    with ``/pystep``)."""
 
     agent: str
     kernel_threads: int
@@ -165,10 +170,11 @@ class Config(NamedTuple):
     int_actions: bool
     compiled_heads: bool
     compiled_loss: bool
+    compiled_step: bool
 
 
 def parse_config(config: str) -> Config:
-    """``"mnm-p/k2/par"`` -> ``Config("mnm-p", 2, 1, True, True, True, True)``."""
+    """``"mnm-p/k2/par"`` -> ``Config("mnm-p", 2, 1, True, True, True, True, True)``."""
     name, workers = throughput.split_parallel(config)
     base, suffixes = throughput.split_suffixes(name)
     rest = "".join(s for s in reversed(suffixes) if s not in PER_AGENT)
@@ -180,6 +186,7 @@ def parse_config(config: str) -> Config:
         throughput.NUMPY_ACTIONS not in suffixes,
         throughput.PYTORCH_HEADS not in suffixes,
         throughput.PYTORCH_LOSS not in suffixes,
+        throughput.PYTORCH_STEP not in suffixes,
     )
 
 
@@ -202,9 +209,10 @@ def config_problem(config: str) -> str | None:
 
 def pytorch_suffixes(parsed: Config) -> list[str]:
     """The suffixes of ``parsed`` that run a compiled piece of our agents in PyTorch instead
-    (``/pyheads``, ``/pyloss``)."""
+    (``/pyheads``, ``/pyloss``, ``/pystep``)."""
     pieces = ((throughput.PYTORCH_HEADS, parsed.compiled_heads),
-              (throughput.PYTORCH_LOSS, parsed.compiled_loss))  # fmt: skip
+              (throughput.PYTORCH_LOSS, parsed.compiled_loss),
+              (throughput.PYTORCH_STEP, parsed.compiled_step))  # fmt: skip
     return [suffix for suffix, compiled in pieces if not compiled]
 
 

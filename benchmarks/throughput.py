@@ -88,6 +88,11 @@ PYTORCH_HEADS = "/pyheads"
 #: of one compiled call (``MNM_RL_COMPILED_LOSS=0``, see ``mnm_rl/agent/ppo_loss.py``), e.g.
 #: ``lstm/pyloss`` or ``mnm-p/k2/pyloss/par``.
 PYTORCH_LOSS = "/pyloss"
+#: A config name ending in this runs a rollout step of a baseline core's policy (extractor, core,
+#: heads, draw) as PyTorch operators, heads included, instead of one compiled call
+#: (``MNM_RL_COMPILED_STEP=0``, see ``mnm_rl/agent/policy_step.py``), e.g. ``lstm/pystep``;
+#: ``lstm/pystep/pyheads`` runs the heads in PyTorch too.
+PYTORCH_STEP = "/pystep"
 SUFFIXES = {
     EAGER: ("MNM_RL_FUSED", "0"),
     UNMAP: ("MNM_RL_RETAIN_MEMORY", "0"),
@@ -96,6 +101,7 @@ SUFFIXES = {
     NUMPY_ACTIONS: ("MNM_RL_INT_ACTIONS", "0"),
     PYTORCH_HEADS: ("MNM_RL_COMPILED_HEADS", "0"),
     PYTORCH_LOSS: ("MNM_RL_COMPILED_LOSS", "0"),
+    PYTORCH_STEP: ("MNM_RL_COMPILED_STEP", "0"),
 }
 #: A config name ending in this (before any ``@N``) steps its envs in two groups at once, one in a
 #: worker process (``ParallelVecEnv(n_workers=1)``), e.g. ``lstm/par`` next to ``lstm``. The CPU
@@ -322,7 +328,8 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 
 def apply_suffixes(name: str) -> None:
     """Set the environment variable of each variant suffix ``name`` ends with (``/eager``,
-    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/pyheads``, ``/pyloss``; see ``SUFFIXES``),
+    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/pyheads``, ``/pyloss``, ``/pystep``; see
+    ``SUFFIXES``),
     before mnm_rl loads its kernels or builds an env."""
     for suffix in split_suffixes(name)[1]:
         variable, value = SUFFIXES[suffix]

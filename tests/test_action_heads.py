@@ -11,12 +11,15 @@ from stable_baselines3.common.callbacks import StopTrainingOnMaxEpisodes
 from test_agent import collect_one_rollout, small_model
 from torch import nn
 
-from mnm_rl.agent import action_heads
+from mnm_rl.agent import action_heads, policy_step
 from mnm_rl.agent.policy import RecurrentMemoryPolicy, _mlp
 
 
-@pytest.fixture(scope="module")
-def kernel():
+@pytest.fixture
+def kernel(monkeypatch):
+    """The heads' kernel, with the whole policy's compiled step (which runs the heads itself,
+    ``tests/test_policy_step.py``) switched off, so that a policy's steps take the heads."""
+    monkeypatch.setenv(policy_step.SWITCH_VARIABLE, "0")
     return built(action_heads.EXTENSION)
 
 

@@ -20,23 +20,25 @@ def learn_pairs():
 
 @pytest.mark.parametrize(
     "config, parsed",
-    [("lstm", ("lstm", 1, 0, True, True, True, True)),
-     ("mnm-p/k2/par", ("mnm-p", 2, 1, True, True, True, True)),
-     ("mnm-p:2x2/par", ("mnm-p:2x2", 1, 1, True, True, True, True)),
-     ("mnm-g/k2", ("mnm-g", 2, 0, True, True, True, True)),
-     ("ceiling/mgview", ("ceiling", 1, 0, False, True, True, True)),
-     ("mnm-p/k2/mgview/par", ("mnm-p", 2, 1, False, True, True, True)),
-     ("mnm-p/mgview/k2", ("mnm-p", 2, 0, False, True, True, True)),
-     ("ceiling/npact", ("ceiling", 1, 0, True, False, True, True)),
-     ("lstm/mgview/npact/par", ("lstm", 1, 1, False, False, True, True)),
-     ("mnm-p/npact/eager", ("mnm-p/eager", 1, 0, True, False, True, True)),
-     ("mnm-p/eager", ("mnm-p/eager", 1, 0, True, True, True, True)),
-     ("lstm/pyheads/par", ("lstm", 1, 1, True, True, False, True)),
-     ("mnm-p/k2/pyheads/npact", ("mnm-p", 2, 0, True, False, False, True)),
-     ("lstm/pyloss/par", ("lstm", 1, 1, True, True, True, False)),
-     ("mnm-p/k2/pyloss/pyheads", ("mnm-p", 2, 0, True, True, False, False))],
+    [("lstm", ("lstm", 1, 0, True, True, True, True, True)),
+     ("mnm-p/k2/par", ("mnm-p", 2, 1, True, True, True, True, True)),
+     ("mnm-p:2x2/par", ("mnm-p:2x2", 1, 1, True, True, True, True, True)),
+     ("mnm-g/k2", ("mnm-g", 2, 0, True, True, True, True, True)),
+     ("ceiling/mgview", ("ceiling", 1, 0, False, True, True, True, True)),
+     ("mnm-p/k2/mgview/par", ("mnm-p", 2, 1, False, True, True, True, True)),
+     ("mnm-p/mgview/k2", ("mnm-p", 2, 0, False, True, True, True, True)),
+     ("ceiling/npact", ("ceiling", 1, 0, True, False, True, True, True)),
+     ("lstm/mgview/npact/par", ("lstm", 1, 1, False, False, True, True, True)),
+     ("mnm-p/npact/eager", ("mnm-p/eager", 1, 0, True, False, True, True, True)),
+     ("mnm-p/eager", ("mnm-p/eager", 1, 0, True, True, True, True, True)),
+     ("lstm/pyheads/par", ("lstm", 1, 1, True, True, False, True, True)),
+     ("mnm-p/k2/pyheads/npact", ("mnm-p", 2, 0, True, False, False, True, True)),
+     ("lstm/pyloss/par", ("lstm", 1, 1, True, True, True, False, True)),
+     ("mnm-p/k2/pyloss/pyheads", ("mnm-p", 2, 0, True, True, False, False, True)),
+     ("lstm/pystep/par", ("lstm", 1, 1, True, True, True, True, False)),
+     ("gru/pystep/pyheads", ("gru", 1, 0, True, True, False, True, False))],
 )  # fmt: skip
-def test_configs_name_agent_threads_workers_view_actions_heads_loss(learn_pairs, config, parsed):
+def test_configs_name_threads_workers_view_actions_heads_loss_step(learn_pairs, config, parsed):
     assert learn_pairs.parse_config(config) == parsed
 
 
@@ -50,6 +52,7 @@ def test_configs_name_agent_threads_workers_view_actions_heads_loss(learn_pairs,
         (["lstm", "sb3-contrib/k2/par"], "'sb3-contrib/k2/par' /k2 is for our agents"),
         (["lstm", "ceiling/pyheads"], "'ceiling/pyheads' /pyheads is for our agents"),
         (["lstm", "sb3-contrib/pyloss"], "'sb3-contrib/pyloss' /pyloss is for our agents"),
+        (["lstm", "ceiling/pystep"], "'ceiling/pystep' /pystep is for our agents"),
         (["lstm", "mnm-p/eager"], "'mnm-p/eager' holds for a whole process"),
         (["lstm", "lstm@2"], "'lstm@2' holds for a whole process"),
         (["lstm", "gru", "--ratio-to", "mlp"], "--ratio-to mlp: not one of --configs"),
@@ -162,33 +165,45 @@ def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monk
 
 
 @pytest.mark.parametrize(
-    "config, compiled_heads, compiled_loss",
-    [("lstm", True, True), ("lstm/pyheads", False, True), ("lstm/pyloss", True, False),
-     ("lstm/pyloss/pyheads", False, False)],
+    "config, steps, heads, losses",
+    [("lstm", 16, 0, 2), ("lstm/pystep", 0, 16, 2), ("lstm/pystep/pyheads", 0, 0, 2),
+     ("lstm/pyheads", 16, 0, 2), ("lstm/pyloss", 16, 0, 0), ("mnm-p:1x1", 0, 16, 2),
+     ("mnm-p:1x1/pyheads/pyloss", 0, 0, 0)],
 )  # fmt: skip
 def test_an_agent_runs_pytorch_code_only_where_its_suffixes_say(
-    learn_pairs, monkeypatch, config, compiled_heads, compiled_loss
+    learn_pairs, monkeypatch, config, steps, heads, losses
 ):
-    from mnm_rl.agent import action_heads, ppo_loss
+    """How many compiled policy steps, heads and losses an agent's turn calls; SMALL: 2 envs x
+    16 steps (16 rollout steps) in chunks of 8, 2 chunks a minibatch, 1 epoch. A policy step
+    runs the heads itself: with it, the heads' own kernel is not called."""
+    from mnm_rl.agent import action_heads, policy_step, ppo_loss
 
-    if action_heads.load_extension() is None or ppo_loss.load_extension() is None:
-        pytest.skip("the compiled action heads or PPO loss cannot be built here")
-    switches = ("MNM_RL_COMPILED_HEADS", "MNM_RL_COMPILED_LOSS")
+    if None in (action_heads.load_extension(), ppo_loss.load_extension(),
+                policy_step.load_extension()):  # fmt: skip
+        pytest.skip("a compiled piece cannot be built here")
+    switches = ("MNM_RL_COMPILED_HEADS", "MNM_RL_COMPILED_LOSS", "MNM_RL_COMPILED_STEP")
     for variable in switches:
         monkeypatch.delenv(variable, raising=False)
-    heads: list[int] = []
-    losses: list[int] = []
-    heads_step, apply = action_heads.heads_step, ppo_loss._CompiledLoss.apply
-    monkeypatch.setattr(action_heads, "heads_step", lambda *a: heads.append(1) or heads_step(*a))
-    monkeypatch.setattr(ppo_loss._CompiledLoss, "apply", lambda *a: losses.append(1) or apply(*a))
+    calls: dict[str, int] = {"steps": 0, "heads": 0, "losses": 0}
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+
+        return call
+
+    monkeypatch.setattr(policy_step, "policy_step", counted("steps", policy_step.policy_step))
+    monkeypatch.setattr(action_heads, "heads_step", counted("heads", action_heads.heads_step))
+    monkeypatch.setattr(
+        ppo_loss._CompiledLoss, "apply", counted("losses", ppo_loss._CompiledLoss.apply)
+    )
     agent = learn_pairs.Agent(config, learn_pairs.parse_args(SMALL).setting)
     try:
         agent.learn_once()
     finally:
         agent.env.close()
-    # SMALL: 2 envs x 16 steps (16 rollout steps) in chunks of 8, 2 chunks a minibatch, 1 epoch
-    assert len(heads) == (16 if compiled_heads else 0)  # one call per rollout step, or none
-    assert len(losses) == (2 if compiled_loss else 0)  # one call per minibatch, or none
+    assert calls == {"steps": steps, "heads": heads, "losses": losses}
     assert not any(v in os.environ for v in switches)  # set only while that agent learned
 
 

@@ -13,7 +13,7 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import Tensor, nn
 from torch.distributions import Categorical
 
-from mnm_rl.agent import action_heads
+from mnm_rl.agent import action_heads, policy_step
 from mnm_rl.agent.extractors import MemoryFeaturesExtractor
 from mnm_rl.memory import CoreState, RecurrentCore, make_core
 
@@ -148,6 +148,10 @@ class RecurrentMemoryPolicy(BasePolicy):
         self.optimizer = self.optimizer_class(
             self._parameter_groups(lr_schedule(1)), **self.optimizer_kwargs
         )
+        #: How a rollout step reaches the compiled policy step (``None``: it does not apply to
+        #: this policy), and the grid's projected table it keeps (:mod:`mnm_rl.agent.policy_step`).
+        self._step_layout = policy_step.step_layout(self)
+        self._projected_table = policy_step.ProjectedTable()
 
     def _parameter_groups(self, lr: float) -> list[dict[str, Any]]:
         """One optimizer group, or two when ``memory_lr_scale`` is not 1: the cores' memory
@@ -259,9 +263,19 @@ class RecurrentMemoryPolicy(BasePolicy):
         Returns:
             :class:`PolicyStep`: actions drawn as :meth:`sample` draws them, their
             log-probabilities and the values, each ``[B]``, the state after the step, and
-            whether every action logit was finite. On the CPU the heads and the draw run as one
-            compiled call (:mod:`mnm_rl.agent.action_heads`).
+            whether every action logit was finite. On the CPU a baseline core's whole step
+            runs as one compiled call (:mod:`mnm_rl.agent.policy_step`), and otherwise the
+            heads and the draw do (:mod:`mnm_rl.agent.action_heads`).
         """
+        layout = getattr(self, "_step_layout", None)
+        kernel = policy_step.load_extension() if layout is not None else None
+        if kernel is not None:
+            step = policy_step.policy_step(
+                kernel, self, layout, self._projected_table, obs, state, episode_starts,
+                deterministic,
+            )  # fmt: skip
+            if step is not None:
+                return PolicyStep(*step)
         latent, value_latent, new_state, _ = self._latents(
             map_obs(obs, lambda v: v.unsqueeze(0)), state, episode_starts.unsqueeze(0)
         )

@@ -1,0 +1,99 @@
+// The action heads' MLPs and the draw of the actions, shared by action_heads.cpp (the heads of a
+// rollout step) and policy_step.cpp (the whole policy's rollout step). See action_heads.cpp for
+// the equations.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+// Internal linkage, as for the memory kernels' headers: each extension compiles its own copy.
+namespace {
+
+// The activations between a head's layers (mnm_rl/agent/action_heads.py: ACTIVATION_CODES).
+enum Activation : int64_t { kTanh = 0, kReLU = 1 };
+
+// x through the layers [W_0, b_0, W_1, b_1, ...], the activation after every layer but the last
+// (and after the last too with activate_last).
+at::Tensor run_head(at::Tensor x, const std::vector<at::Tensor>& layers, int64_t activation,
+                    bool activate_last = false) {
+  TORCH_CHECK(!layers.empty() && layers.size() % 2 == 0,
+              "action_heads: a head is a list of weight, bias pairs; got ", layers.size(),
+              " tensors");
+  const size_t count = layers.size() / 2;
+  for (size_t i = 0; i < count; ++i) {
+    x = at::addmm(layers[2 * i + 1], x, layers[2 * i].t());
+    if (i + 1 == count && !activate_last) break;
+    if (activation == kTanh) {
+      x.tanh_();
+    } else {
+      x.relu_();
+    }
+  }
+  return x;
+}
+
+// Log-probabilities and the drawn (or most likely) action of every row of logits [B, A].
+template <typename T>
+bool draw(const T* logits, const T* races, int64_t B, int64_t A, int64_t* actions,
+          T* log_probs) {
+  bool finite = true;
+  for (int64_t b = 0; b < B; ++b) {
+    const T* l = logits + b * A;
+    T top = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < A; ++j) {
+      finite = finite && std::isfinite(l[j]);
+      top = std::max(top, l[j]);
+    }
+    T total = 0;
+    for (int64_t j = 0; j < A; ++j) total += std::exp(l[j] - top);
+    const T log_total = std::log(total);
+    int64_t best = 0;
+    T best_score = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < A; ++j) {
+      const T log_p = (l[j] - top) - log_total;
+      const T score = races == nullptr ? log_p : log_p - std::log(races[b * A + j]);
+      if (score > best_score) {  // the first of equal scores, as argmax takes it
+        best_score = score;
+        best = j;
+      }
+    }
+    actions[b] = best;
+    log_probs[b] = (l[best] - top) - log_total;
+  }
+  return finite;
+}
+
+// (actions [B] int64, log_probs [B], values [B], every logit finite) for latent [B, F] (the
+// actor's input) and value_latent [B, F] (the critic's).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> heads_step(
+    const at::Tensor& latent, const at::Tensor& value_latent, const std::vector<at::Tensor>& actor,
+    const std::vector<at::Tensor>& critic, int64_t activation, bool deterministic) {
+  TORCH_CHECK(activation == kTanh || activation == kReLU, "action_heads: unknown activation ",
+              activation);
+  TORCH_CHECK(latent.dim() == 2 && value_latent.dim() == 2 &&
+                  latent.size(0) == value_latent.size(0),
+              "action_heads: expected latents [B, F] with the same B; got ", latent.sizes(),
+              " and ", value_latent.sizes());
+  const at::Tensor logits = run_head(latent, actor, activation).contiguous();
+  const at::Tensor values = run_head(value_latent, critic, activation);
+  TORCH_CHECK(values.size(1) == 1, "action_heads: the critic gives ", values.size(1),
+              " outputs per row, not 1");
+  const int64_t B = logits.size(0), A = logits.size(1);
+  auto actions = at::empty({B}, logits.options().dtype(at::kLong));
+  auto log_probs = at::empty({B}, logits.options());
+  at::Tensor races;
+  if (!deterministic) races = at::empty({B, A}, logits.options()).exponential_();
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "heads_step", [&] {
+    finite = draw<scalar_t>(logits.data_ptr<scalar_t>(),
+                            deterministic ? nullptr : races.data_ptr<scalar_t>(), B, A,
+                            actions.data_ptr<int64_t>(), log_probs.data_ptr<scalar_t>());
+  });
+  return {actions, log_probs, values.reshape({B}), finite};
+}
+
+}  // namespace

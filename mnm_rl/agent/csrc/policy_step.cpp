@@ -1,0 +1,329 @@
+// One rollout step of the whole policy as one call (mnm_rl/agent/policy_step.py): the features
+// extractor, a baseline core (LSTM, GRU or the memoryless MLP) and the heads with the actions'
+// draw, for a batch of B envs and no gradients. The same step runs as about forty PyTorch
+// operators and a dozen Python functions otherwise, each a few microseconds at B = 8, which
+// together cost several times the arithmetic (about 150 us for an LSTM policy on MiniGrid).
+//
+// It computes what RecurrentMemoryPolicy.act computes, in the same order and with the same
+// operators where there are operators:
+//
+//   x        = the observation's inputs in the extractor's column order: a symbol grid (at most
+//              one) through its embeddings, Discrete inputs one-hot, Box inputs flattened
+//   features = relu(W_enc x + b_enc)     the grid's part through P, grid_linear.cpp's projected
+//                                        table, which the caller keeps between steps (it only
+//                                        changes with W_enc and the embeddings)
+//   core     LSTM:  (h, c) = keep * (h, c);  gates = W_ih features + b_ih + b_hh + W_hh h;
+//                   the cell as in lstm_sequence.cpp (keep = 0 where an episode starts)
+//            GRU:   h = keep * h;  the cell as in gru_sequence.cpp
+//            MLP:   tanh(W_2 tanh(W_1 features + b_1) + b_2), no state
+//   heads    heads.h's heads_step: the logits and values, the actions drawn from torch's
+//            default generator as RecurrentMemoryPolicy.sample draws them.
+//
+// tests/test_policy_step.py checks it against the policy's PyTorch step: actions, log-probs,
+// values and state, for every core, grid and non-grid observations, float32 and float64.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "../../memory/csrc/elementwise.h"
+#include "grid_projection.h"
+#include "heads.h"
+
+namespace {
+
+using mnm_rl::sigmoid;
+using mnm_rl::tanh_;
+
+// The cores this step runs (mnm_rl/agent/policy_step.py: CORE_KINDS).
+enum CoreKind : int64_t { kMLPCore = 0, kLSTMCore = 1, kGRUCore = 2 };
+
+// The grid's part of the extractor's layer: which columns of W_enc, and its channels.
+struct GridSpec {
+  Channels channels;
+  Columns columns;
+  int64_t cells;
+};
+
+GridSpec grid_spec(const at::Tensor& weight, int64_t slots, int64_t E, int64_t grid_column,
+                   int64_t pool_column, const std::vector<int64_t>& dense_columns,
+                   const std::vector<int64_t>& sizes) {
+  Channels channels(sizes);
+  const int64_t C = channels.count();
+  TORCH_CHECK(slots % C == 0, "policy_step: ", slots, " grid slots are not cells x ", C,
+              " channels");
+  Columns columns = columns_of(grid_column, pool_column, dense_columns, weight.size(1), slots * E,
+                               C * E);
+  return {std::move(channels), std::move(columns), slots / C};
+}
+
+// P [cells * R, O], the grid's projected table (grid_linear.cpp), for the caller to keep.
+at::Tensor project_grid(const at::Tensor& table, const at::Tensor& weight, int64_t slots,
+                        int64_t grid_column, int64_t pool_column,
+                        const std::vector<int64_t>& dense_columns,
+                        const std::vector<int64_t>& sizes) {
+  TORCH_CHECK(table.dim() == 2 && weight.dim() == 2 && table.is_cpu() && weight.is_cpu() &&
+                  table.scalar_type() == weight.scalar_type(),
+              "policy_step: table [R, E] and weight [O, in], CPU tensors of one dtype");
+  const int64_t E = table.size(1), O = weight.size(0);
+  const GridSpec g = grid_spec(weight, slots, E, grid_column, pool_column, dense_columns, sizes);
+  TORCH_CHECK(table.size(0) == g.channels.rows(), "policy_step: the table has ", table.size(0),
+              " rows, the channels ", g.channels.rows());
+  const int64_t C = g.channels.count(), R = g.channels.rows();
+  TORCH_CHECK(g.cells * R < INT32_MAX, "policy_step: ", g.cells, " cells x ", R, " rows: too many");
+  const at::Tensor table_c = table.contiguous(), weight_c = weight.contiguous();
+  at::Tensor u = at::empty({slots * E, O}, table.options());
+  at::Tensor projected = at::empty({g.cells * R, O}, table.options());
+  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "project_grid", [&] {
+    effective_weight(weight_c.data_ptr<scalar_t>(), weight.size(1), O, g.columns, g.cells, C * E,
+                     u.data_ptr<scalar_t>());
+    project(table_c.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), g.channels, g.cells, E, O,
+            projected.data_ptr<scalar_t>());
+  });
+  return projected;
+}
+
+// The non-grid inputs as the layer's dense columns [B, D], in order: input k one-hot over
+// kinds[k] columns where kinds[k] > 0 (a Discrete space), else flattened and cast (a Box).
+at::Tensor dense_inputs(const std::vector<at::Tensor>& inputs, const std::vector<int64_t>& kinds,
+                        int64_t B, const at::TensorOptions& options) {
+  TORCH_CHECK(inputs.size() == kinds.size(), "policy_step: ", inputs.size(), " inputs, ",
+              kinds.size(), " kinds");
+  int64_t width = 0;
+  std::vector<int64_t> widths;
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    TORCH_CHECK(inputs[k].dim() >= 1 && inputs[k].size(0) == B, "policy_step: input ", k,
+                " must have ", B, " rows, got ", inputs[k].sizes());
+    widths.push_back(kinds[k] > 0 ? kinds[k] : inputs[k].numel() / B);
+    width += widths.back();
+  }
+  at::Tensor dense = at::zeros({B, width}, options);
+  int64_t column = 0;
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    if (kinds[k] > 0) {
+      TORCH_CHECK(inputs[k].numel() == B, "policy_step: Discrete input ", k, " must be [", B,
+                  "], got ", inputs[k].sizes());
+      const at::Tensor index = inputs[k].contiguous();
+      AT_DISPATCH_ALL_TYPES(index.scalar_type(), "policy_step_one_hot", [&] {
+        using in_t = scalar_t;
+        const in_t* idx = index.data_ptr<in_t>();
+        AT_DISPATCH_FLOATING_TYPES(dense.scalar_type(), "policy_step_dense", [&] {
+          using out_t = scalar_t;
+          out_t* out = dense.data_ptr<out_t>();
+          for (int64_t b = 0; b < B; ++b) {
+            const auto v = static_cast<int64_t>(idx[b]);
+            TORCH_CHECK(v >= 0 && v < kinds[k] && static_cast<in_t>(v) == idx[b],
+                        "policy_step: Discrete input ", k, " is ", idx[b], ", not in [0, ",
+                        kinds[k], ")");
+            out[b * width + column + v] = out_t(1);
+          }
+        });
+      });
+    } else {
+      dense.narrow(1, column, widths[k]).copy_(inputs[k].reshape({B, widths[k]}));
+    }
+    column += widths[k];
+  }
+  return dense;
+}
+
+// features [B, O] = relu(W_enc x + b_enc): through P where there is a grid (grid defined), else
+// one product over the dense inputs, which are then all of x.
+at::Tensor encode(const c10::optional<at::Tensor>& grid, const c10::optional<at::Tensor>& projected,
+                  const at::Tensor& dense, const at::Tensor& weight, const at::Tensor& bias,
+                  int64_t embedding_dim, int64_t grid_column, int64_t pool_column,
+                  const std::vector<int64_t>& dense_columns, const std::vector<int64_t>& sizes) {
+  const int64_t B = dense.size(0), O = weight.size(0), in = weight.size(1);
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == O, "policy_step: the extractor's bias must be [",
+              O, "]");
+  if (!grid.has_value() || !grid->defined()) {
+    TORCH_CHECK(dense.size(1) == in, "policy_step: ", dense.size(1),
+                " input columns for an extractor layer of ", in);
+    return at::addmm(bias, dense, weight.t()).relu_();  // as nn.Linear and nn.ReLU
+  }
+  TORCH_CHECK(projected.has_value() && projected->defined(),
+              "policy_step: a grid input needs its projected table");
+  const at::Tensor grid_c = grid->contiguous();
+  TORCH_CHECK(grid_c.dim() >= 1 && grid_c.size(0) == B, "policy_step: the grid must have ", B,
+              " rows, got ", grid_c.sizes());
+  const int64_t slots = B > 0 ? grid_c.numel() / B : 0;
+  const GridSpec g =
+      grid_spec(weight, slots, embedding_dim, grid_column, pool_column, dense_columns, sizes);
+  TORCH_CHECK(projected->dim() == 2 && projected->size(0) == g.cells * g.channels.rows() &&
+                  projected->size(1) == O && projected->is_contiguous(),
+              "policy_step: the projected table must be [", g.cells * g.channels.rows(), ", ", O,
+              "], contiguous");
+  TORCH_CHECK(dense.size(1) == static_cast<int64_t>(dense_columns.size()), "policy_step: ",
+              dense.size(1), " dense inputs for ", dense_columns.size(), " dense columns");
+  at::Tensor rows = at::empty({B, slots}, grid_c.options().dtype(at::kInt));
+  AT_DISPATCH_ALL_TYPES(grid_c.scalar_type(), "policy_step_rows", [&] {
+    slot_rows(grid_c.data_ptr<scalar_t>(), B, g.cells, g.channels, rows.data_ptr<int32_t>());
+  });
+  const at::Tensor weight_c = weight.contiguous(), bias_c = bias.contiguous();
+  at::Tensor out = at::empty({B, O}, weight.options());
+  AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "policy_step_encode", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    sum_rows(projected->data_ptr<scalar_t>(), rows.data_ptr<int32_t>(), B, slots,
+             bias_c.data_ptr<scalar_t>(), dense.data_ptr<scalar_t>(),
+             weight_c.data_ptr<scalar_t>(), in, g.columns, O, o);
+    for (int64_t i = 0; i < B * O; ++i) o[i] = o[i] > scalar_t(0) ? o[i] : scalar_t(0);  // ReLU
+  });
+  return out;
+}
+
+// A copy of a state tensor [B, H] with the rows of sequences whose episode starts set to zero
+// (set, not multiplied: a state that holds inf or NaN still starts from zero).
+at::Tensor kept_state(const at::Tensor& state, const std::vector<char>& starts) {
+  const at::Tensor in = state.contiguous();
+  at::Tensor out = at::empty(in.sizes(), in.options());
+  const int64_t B = in.size(0), n = B > 0 ? in.numel() / B : 0;
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "policy_step_kept_state", [&] {
+    const scalar_t* from = in.data_ptr<scalar_t>();
+    scalar_t* to = out.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      if (starts[static_cast<size_t>(b)])
+        std::fill(to + b * n, to + (b + 1) * n, scalar_t(0));
+      else
+        std::copy(from + b * n, from + (b + 1) * n, to + b * n);
+    }
+  });
+  return out;
+}
+
+// The LSTM's step from x [B, F] and (h, c) [B, H]: (h', c'), new tensors. layers: W_ih, W_hh,
+// b_ih, b_hh (nn.LSTM's, gate order i, f, g, o).
+std::vector<at::Tensor> lstm_step(const at::Tensor& x, const std::vector<at::Tensor>& state,
+                                  const std::vector<char>& starts,
+                                  const std::vector<at::Tensor>& layers) {
+  TORCH_CHECK(layers.size() == 4 && state.size() == 2,
+              "policy_step: an LSTM takes W_ih, W_hh, b_ih, b_hh and the state h, c");
+  const int64_t B = x.size(0), H = layers[1].size(1);
+  TORCH_CHECK(state[0].sizes() == at::IntArrayRef({B, H}) &&
+                  state[1].sizes() == at::IntArrayRef({B, H}),
+              "policy_step: the LSTM's state must be [", B, ", ", H, "]");
+  // gates_x as run_lstm computes it, then the recurrent product added as lstm_forward adds it
+  at::Tensor gates = at::addmm(layers[2] + layers[3], x, layers[0].t());
+  at::Tensor h = kept_state(state[0], starts), c = kept_state(state[1], starts);
+  gates.addmm_(h, layers[1].t());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_lstm", [&] {
+    using T = scalar_t;
+    T* c_p = c.data_ptr<T>();
+    T* h_p = h.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b) {
+      T* __restrict__ a = gates.data_ptr<T>() + b * 4 * H;
+      for (int64_t i = 0; i < 2 * H; ++i) a[i] = sigmoid(a[i]);
+      for (int64_t i = 2 * H; i < 3 * H; ++i) a[i] = tanh_(a[i]);
+      for (int64_t i = 3 * H; i < 4 * H; ++i) a[i] = sigmoid(a[i]);
+      T* __restrict__ cb = c_p + b * H;
+      T* __restrict__ hb = h_p + b * H;
+      for (int64_t i = 0; i < H; ++i) {
+        const T cell = a[H + i] * cb[i] + a[i] * a[2 * H + i];
+        cb[i] = cell;
+        hb[i] = a[3 * H + i] * tanh_(cell);
+      }
+    }
+  });
+  return {h, c};
+}
+
+// The GRU's step from x [B, F] and h [B, H]: h', a new tensor. layers: W_ih, W_hh, b_ih, b_hh
+// (nn.GRU's, gate order r, z, n).
+std::vector<at::Tensor> gru_step(const at::Tensor& x, const std::vector<at::Tensor>& state,
+                                 const std::vector<char>& starts,
+                                 const std::vector<at::Tensor>& layers) {
+  TORCH_CHECK(layers.size() == 4 && state.size() == 1,
+              "policy_step: a GRU takes W_ih, W_hh, b_ih, b_hh and the state h");
+  const int64_t B = x.size(0), H = layers[1].size(1);
+  TORCH_CHECK(state[0].sizes() == at::IntArrayRef({B, H}), "policy_step: the GRU's state must be [",
+              B, ", ", H, "]");
+  const at::Tensor gx = at::addmm(layers[2], x, layers[0].t());
+  const at::Tensor h_in = kept_state(state[0], starts);
+  const at::Tensor gh = at::addmm(layers[3], h_in, layers[1].t());
+  at::Tensor h = at::empty({B, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_gru", [&] {
+    using T = scalar_t;
+    for (int64_t b = 0; b < B; ++b) {
+      const T* __restrict__ gxb = gx.data_ptr<T>() + b * 3 * H;
+      const T* __restrict__ g = gh.data_ptr<T>() + b * 3 * H;
+      const T* __restrict__ ub = h_in.data_ptr<T>() + b * H;
+      T* __restrict__ hb = h.data_ptr<T>() + b * H;
+      for (int64_t i = 0; i < H; ++i) {
+        const T r = sigmoid(gxb[i] + g[i]);
+        const T z = sigmoid(gxb[H + i] + g[H + i]);
+        const T n = tanh_(gxb[2 * H + i] + r * g[2 * H + i]);
+        hb[i] = (T(1) - z) * n + z * ub[i];
+      }
+    }
+  });
+  return {h};
+}
+
+// (actions [B] int64, log_probs [B], values [B], every logit finite, the core's state after the
+// step) for one step of B envs. grid [B, ...] (or None) with its projected table from
+// project_grid; inputs/kinds: the other inputs (see dense_inputs); encoder: W_enc, b_enc;
+// core_kind: CoreKind, core: its parameters (LSTM, GRU: W_ih, W_hh, b_ih, b_hh; MLP: W_1, b_1,
+// W_2, b_2), state: its state tensors ([B, H] each: LSTM h, c; GRU h; MLP none); episode_starts
+// [B]: nonzero where an episode starts (the state is reset first); actor, critic, activation:
+// the heads, as for heads_step.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<at::Tensor>> policy_step(
+    const c10::optional<at::Tensor>& grid, const c10::optional<at::Tensor>& projected,
+    const std::vector<at::Tensor>& inputs, const std::vector<int64_t>& kinds,
+    const at::Tensor& encoder_weight, const at::Tensor& encoder_bias, int64_t embedding_dim,
+    int64_t grid_column, int64_t pool_column, const std::vector<int64_t>& dense_columns,
+    const std::vector<int64_t>& sizes, int64_t core_kind, const std::vector<at::Tensor>& core,
+    const std::vector<at::Tensor>& state, const at::Tensor& episode_starts,
+    const std::vector<at::Tensor>& actor, const std::vector<at::Tensor>& critic,
+    int64_t activation, bool deterministic) {
+  TORCH_CHECK(encoder_weight.is_cpu() && encoder_weight.dim() == 2,
+              "policy_step: a CPU kernel; the extractor's weight must be [O, in]");
+  TORCH_CHECK(episode_starts.dim() == 1, "policy_step: episode_starts must be [B]");
+  const int64_t B = episode_starts.size(0);
+  const at::TensorOptions options = encoder_weight.options();
+  const at::Tensor dense = dense_inputs(inputs, kinds, B, options);
+  const at::Tensor features =
+      encode(grid, projected, dense, encoder_weight, encoder_bias, embedding_dim, grid_column,
+             pool_column, dense_columns, sizes);
+  std::vector<char> starts(static_cast<size_t>(B));
+  const at::Tensor starts_c = episode_starts.contiguous();
+  AT_DISPATCH_ALL_TYPES_AND(at::kBool, starts_c.scalar_type(), "policy_step_starts", [&] {
+    const scalar_t* p = starts_c.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) starts[static_cast<size_t>(b)] = p[b] != scalar_t(0);
+  });
+  std::vector<at::Tensor> new_state;
+  at::Tensor latent;
+  switch (core_kind) {
+    case kLSTMCore:
+      new_state = lstm_step(features, state, starts, core);
+      latent = new_state[0];
+      break;
+    case kGRUCore:
+      new_state = gru_step(features, state, starts, core);
+      latent = new_state[0];
+      break;
+    case kMLPCore:
+      TORCH_CHECK(state.empty(), "policy_step: the MLP core has no state");
+      latent = run_head(features, core, kTanh, /*activate_last=*/true);
+      break;
+    default:
+      TORCH_CHECK(false, "policy_step: unknown core kind ", core_kind);
+  }
+  auto [actions, log_probs, values, finite] =
+      heads_step(latent, latent, actor, critic, activation, deterministic);
+  return {actions, log_probs, values, finite, new_state};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "One rollout step of the whole policy (extractor, baseline core, heads) as one call";
+  m.def("project_grid", &project_grid,
+        "(table [R, E], weight [O, in], slots, grid_column, pool_column, dense_columns, channel "
+        "sizes) -> the projected table P [cells * R, O]");
+  m.def("policy_step", &policy_step,
+        "(grid, P, inputs, kinds, W_enc, b_enc, embedding_dim, grid_column, pool_column, "
+        "dense_columns, channel sizes, core_kind, core, state, episode_starts, actor, critic, "
+        "activation, deterministic) -> (actions, log_probs, values, finite, state)");
+}

@@ -1,0 +1,238 @@
+"""A rollout step of the whole policy (features extractor, baseline core, heads and the actions'
+draw) as one compiled call (``csrc/policy_step.cpp``).
+
+:meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.act` runs once per rollout step for a batch of
+a few envs. Through PyTorch that is about forty small operators and a dozen Python functions
+(the observation's preprocessing, the extractor, the core with its state bookkeeping, the heads,
+the draw), each a few microseconds whatever its size: about 150 us for an LSTM policy on 8
+MiniGrid envs, several times the arithmetic. This module runs the same step as one call. It
+also keeps, between steps, the grid encoder's projected table (:mod:`mnm_rl.agent.grid_linear`),
+which depends only on the extractor's weights: it is rebuilt when any of them changes (an
+optimizer step, ``load_state_dict``), as their version counters tell.
+
+It applies on the CPU, without gradients, to policies whose core is one of the baselines
+(``lstm``, ``gru``, ``mlp``) shared by actor and critic, whose heads' activation is ``nn.Tanh``
+or ``nn.ReLU``, and whose observations are a symbol grid (at most one), Discrete and Box inputs.
+Elsewhere (the MNM cores, which run their own fused kernel; a separate critic core; CUDA) the
+PyTorch step runs, as it does with ``MNM_RL_COMPILED_STEP=0`` in the environment (only this
+step) or ``MNM_RL_FUSED=0`` (every compiled kernel). It draws the actions from torch's default
+generator as :meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.sample` does, so the same seed
+gives the same actions; ``tests/test_policy_step.py`` compares it with the PyTorch step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+from gymnasium import spaces
+from torch import Tensor, nn
+
+from mnm_rl import native
+from mnm_rl.agent import action_heads
+from mnm_rl.agent.extractors import MemoryFeaturesExtractor, SymbolicGridEncoder
+from mnm_rl.memory import CoreState
+from mnm_rl.memory.baselines import GRUCore, LSTMCore, MLPCore
+
+if TYPE_CHECKING:
+    from mnm_rl.agent.policy import RecurrentMemoryPolicy
+
+#: The kernel's C++ source, built into its own extension.
+SOURCES = [Path(__file__).with_name("csrc") / "policy_step.cpp"]
+#: The extension, built on first use.
+EXTENSION = native.LazyExtension("mnm_rl_policy_step", SOURCES, "the compiled policy step")
+#: Environment variable: ``0`` runs the policy's rollout step in PyTorch, whatever the other
+#: kernels do.
+SWITCH_VARIABLE = "MNM_RL_COMPILED_STEP"
+#: The cores the kernel runs, and its code for each (``csrc/policy_step.cpp``: ``CoreKind``).
+CORE_KINDS: dict[type[nn.Module], int] = {MLPCore: 0, LSTMCore: 1, GRUCore: 2}
+
+
+def load_extension() -> ModuleType | None:
+    """The compiled step, built on first use; ``None`` (with one warning) if it cannot be built,
+    and ``None`` without building it under ``MNM_RL_COMPILED_STEP=0`` or ``MNM_RL_FUSED=0``."""
+    if os.environ.get(SWITCH_VARIABLE, "1") == "0":
+        return None
+    return EXTENSION.load()
+
+
+@dataclass(frozen=True)
+class StepLayout:
+    """How a policy's observation reaches the kernel: the grid's key (``None``: no grid) with
+    its encoder's column layout, and every other input's key and kind (``n`` for a Discrete
+    space of ``n`` values, one-hot; ``0`` for a Box or MultiBinary, flattened), in the
+    extractor's column order. A key is ``None`` for an observation that is not a dict."""
+
+    grid_key: str | None
+    other_keys: tuple[str | None, ...]
+    kinds: tuple[int, ...]
+    embedding_dim: int
+    grid_column: int
+    pool_column: int
+    dense_columns: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+def step_layout(policy: RecurrentMemoryPolicy) -> StepLayout | None:
+    """The policy's :class:`StepLayout`, or ``None`` where the kernel does not apply to it (see
+    the module's docstring)."""
+    extractor = policy.features_extractor
+    if (
+        type(policy.core) not in CORE_KINDS
+        or policy.critic_core is not None
+        or policy.activation_fn not in action_heads.ACTIVATION_CODES
+        or not isinstance(extractor, MemoryFeaturesExtractor)
+    ):
+        return None
+    space = policy.observation_space
+    subspaces = dict(space.spaces) if isinstance(space, spaces.Dict) else {None: space}
+    grid_key, other_keys, kinds = None, [], []
+    for key in extractor.keys:
+        encoder = extractor.encoders["obs" if key is None else str(key)]
+        if isinstance(encoder, SymbolicGridEncoder):
+            if grid_key is not None:
+                return None
+            grid_key = key
+            continue
+        subspace = subspaces[key]
+        if isinstance(subspace, spaces.Discrete):
+            if subspace.start != 0:
+                return None
+            kinds.append(int(subspace.n))
+        elif isinstance(subspace, spaces.Box | spaces.MultiBinary):
+            kinds.append(0)
+        else:
+            return None
+        other_keys.append(key)
+    if grid_key is None:
+        return StepLayout(None, tuple(other_keys), tuple(kinds), 0, 0, -1, (), ())
+    _, layout = extractor.grid_layout
+    grid: SymbolicGridEncoder = extractor.encoders["obs" if grid_key is None else str(grid_key)]
+    return StepLayout(
+        grid_key,
+        tuple(other_keys),
+        tuple(kinds),
+        grid.cell_dim // len(grid.sizes),
+        layout.grid_column,
+        layout.pool_column,
+        layout.dense_columns,
+        layout.sizes,
+    )
+
+
+# The step reads the policy's modules and parameters through their ``_modules`` and
+# ``_parameters`` dicts: ``nn.Module.__getattr__`` took about 0.6 us per name, 20 us of a step.
+# Read anew at every step, so that replaced modules or parameters (``load_state_dict`` with
+# ``assign=True``, say) are what the kernel gets.
+
+
+def _linear_tensors(sequential: nn.Module) -> list[Tensor]:
+    """``[W_0, b_0, W_1, b_1, ...]`` of a ``Sequential``'s ``Linear`` layers, as
+    :func:`~mnm_rl.agent.action_heads.layer_tensors` gives them."""
+    tensors = []
+    for layer in sequential._modules.values():
+        if isinstance(layer, nn.Linear):
+            params = layer._parameters
+            tensors += (params["weight"], params["bias"])
+    return tensors
+
+
+def _core_tensors(core: nn.Module) -> list[Tensor]:
+    if type(core) is MLPCore:
+        return _linear_tensors(core._modules["net"])
+    params = core._modules["rnn"]._parameters
+    return [params["weight_ih_l0"], params["weight_hh_l0"], params["bias_ih_l0"],
+            params["bias_hh_l0"]]  # fmt: skip
+
+
+class ProjectedTable:
+    """The grid encoder's projected table, kept between steps and rebuilt when the weights it
+    is made from change (their storage, or their version counter: every in-place update)."""
+
+    def __init__(self) -> None:
+        self.key: tuple[tuple[int, int], ...] | None = None
+        self.table: Tensor | None = None
+
+    def get(self, kernel: ModuleType, layout: StepLayout, slots: int,
+            grid: SymbolicGridEncoder, weight: Tensor) -> Tensor:  # fmt: skip
+        """``P`` for the current weights (``slots``: the grid's symbols per observation)."""
+        sources = [emb._parameters["weight"] for emb in grid.embeddings] + [weight]
+        key = (slots, *((t.data_ptr(), t._version) for t in sources))
+        if key != self.key or self.table is None:
+            self.table = kernel.project_grid(
+                grid.table(), weight, slots, layout.grid_column, layout.pool_column,
+                list(layout.dense_columns), list(layout.sizes),
+            )  # fmt: skip
+            self.key = key
+        return self.table
+
+
+def policy_step(
+    kernel: ModuleType,
+    policy: RecurrentMemoryPolicy,
+    layout: StepLayout,
+    projected: ProjectedTable,
+    obs: Tensor | dict[str, Tensor],
+    state: CoreState,
+    episode_starts: Tensor,
+    deterministic: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, CoreState, bool] | None:
+    """One step of ``policy`` for ``B`` envs through the kernel (:func:`load_extension`), for a
+    policy that has a ``layout`` (:func:`step_layout`); ``None`` where the kernel does not
+    apply now (gradients wanted, tensors not on the CPU or not float32/64, no envs, a core it
+    does not run), for the caller to take the PyTorch step.
+
+    Args:
+        obs: observations ``[B, ...]`` (tensor or dict of tensors).
+        state: the core's state before the step.
+        episode_starts: ``[B]``; the state of env ``b`` is reset first where it is nonzero.
+        projected: where the grid's projected table is kept between calls.
+
+    Returns:
+        ``(actions [B], log_probs [B], values [B], state after the step, finite)``, as
+        :meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.act` gives them.
+    """
+    modules = policy._modules
+    core = modules["core"]
+    kind = CORE_KINDS.get(type(core))
+    linear = modules["features_extractor"]._modules["linear"]._modules["0"]
+    weight = linear._parameters["weight"]
+    if (
+        kind is None
+        or modules.get("critic_core") is not None
+        or torch.is_grad_enabled()
+        or weight.device.type != "cpu"
+        or weight.dtype not in (torch.float32, torch.float64)
+        or episode_starts.device.type != "cpu"
+        or episode_starts.dim() != 1
+        or episode_starts.shape[0] == 0
+    ):
+        return None
+    batch = episode_starts.shape[0]
+    if state.batch_size != batch:
+        raise ValueError(f"state has batch size {state.batch_size}, episode_starts has {batch}")
+    named = obs if isinstance(obs, dict) else {None: obs}
+    grid = table = None
+    if layout.grid_key is not None:
+        grid = named[layout.grid_key]
+        encoder = (
+            modules["features_extractor"]
+            ._modules["encoders"]
+            ._modules["obs" if layout.grid_key is None else str(layout.grid_key)]
+        )
+        table = projected.get(kernel, layout, grid[0].numel(), encoder, weight)
+    keys = getattr(core, "state_keys", ())
+    actions, log_probs, values, finite, new_state = kernel.policy_step(
+        grid, table, [named[k] for k in layout.other_keys], layout.kinds, weight,
+        linear._parameters["bias"], layout.embedding_dim, layout.grid_column, layout.pool_column,
+        layout.dense_columns, layout.sizes, kind, _core_tensors(core), [state[k] for k in keys],
+        episode_starts, _linear_tensors(modules["action_net"]),
+        _linear_tensors(modules["value_net"]),
+        action_heads.ACTIVATION_CODES[policy.activation_fn], deterministic,
+    )  # fmt: skip
+    new = CoreState(dict(zip(keys, new_state, strict=True)), batch_size=batch)
+    return actions, log_probs, values, new, finite

@@ -1,0 +1,254 @@
+"""The compiled policy step (``mnm_rl.agent.policy_step``) against the PyTorch step it stands in
+for: ``RecurrentMemoryPolicy.act`` with ``MNM_RL_COMPILED_STEP=0``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from compiled import built
+from gymnasium import spaces
+from test_action_heads import policy_steps
+from test_agent import collect_one_rollout, small_model
+from torch import nn
+
+from mnm_rl.agent import action_heads, policy_step
+from mnm_rl.agent.policy import RecurrentMemoryPolicy
+from mnm_rl.memory import CoreState
+
+#: MiniGrid's observation after SymbolicMiniGrid (a 3 x 3 view): a symbol grid and a direction.
+MINIGRID = spaces.Dict(
+    {
+        "direction": spaces.Discrete(4),
+        "image": spaces.Box(0, np.broadcast_to([10, 5, 2], (3, 3, 3)), dtype=np.int64),
+    }
+)
+#: Observations without a grid: a Box vector (our own tasks'), Discrete and MultiBinary inputs.
+MIXED = spaces.Dict(
+    {
+        "cue": spaces.Box(-1.0, 1.0, shape=(2, 3), dtype=np.float32),
+        "room": spaces.Discrete(5),
+        "flags": spaces.MultiBinary(3),
+    }
+)
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    monkeypatch.delenv(policy_step.SWITCH_VARIABLE, raising=False)
+    return built(policy_step.EXTENSION)
+
+
+def make_policy(space: spaces.Space, core: str, dtype=torch.float32, **kwargs):
+    torch.manual_seed(0)
+    policy = RecurrentMemoryPolicy(
+        space, spaces.Discrete(5), lambda _: 1e-3, core=core, features_dim=24,
+        core_kwargs=dict(hidden_size=16), **kwargs,
+    )  # fmt: skip
+    return policy.to(dtype)
+
+
+def random_obs(space: spaces.Space, batch: int, seed: int) -> torch.Tensor | dict:
+    space.seed(seed)
+    samples = [space.sample() for _ in range(batch)]
+    if isinstance(space, spaces.Dict):
+        return {k: torch.as_tensor(np.stack([s[k] for s in samples])) for k in space.spaces}
+    return torch.as_tensor(np.stack(samples))
+
+
+def random_state(policy, batch: int, dtype) -> CoreState:
+    state = policy.initial_state(batch)
+    gen = torch.Generator().manual_seed(5)
+    return CoreState(
+        {k: torch.randn(v.shape, generator=gen, dtype=dtype) for k, v in state.items()},
+        batch_size=batch,
+    )
+
+
+def both_steps(policy, obs, state, starts, deterministic=False, seed=3):
+    """``act`` through the compiled step and through PyTorch, from the same generator seed."""
+    steps = []
+    for switch in ("1", "0"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv(policy_step.SWITCH_VARIABLE, switch)
+            torch.manual_seed(seed)
+            with torch.inference_mode():
+                steps.append(policy.act(obs, state, starts, deterministic))
+            steps.append(torch.rand(2))  # where the generator is after the step
+    return steps[0], steps[2], steps[1], steps[3]
+
+
+def assert_same_step(a, b, exact_actions=True):
+    if exact_actions:
+        assert torch.equal(a.actions, b.actions)
+    torch.testing.assert_close(a.log_probs, b.log_probs)
+    torch.testing.assert_close(a.values, b.values)
+    assert a.finite == b.finite
+    assert a.state.keys() == b.state.keys() and a.state.batch_size == b.state.batch_size
+    for key in a.state:
+        torch.testing.assert_close(a.state[key], b.state[key])
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru", "mlp"])
+@pytest.mark.parametrize(
+    "space, dtype",
+    # not MIXED in float64: the PyTorch step feeds Box inputs as float32 (SB3's preprocess_obs)
+    [(MINIGRID, torch.float32), (MINIGRID, torch.float64), (MIXED, torch.float32)],
+    ids=["grid-float32", "grid-float64", "no-grid-float32"],
+)
+@pytest.mark.parametrize("batch", [1, 3, 8, 20])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_the_compiled_step_is_the_pytorch_step(kernel, core, space, dtype, batch, deterministic):
+    policy = make_policy(space, core, dtype)
+    assert policy._step_layout is not None
+    obs = random_obs(space, batch, seed=batch)
+    state = random_state(policy, batch, dtype)
+    starts = (torch.arange(batch) % 3 == 1).float()  # some envs start an episode
+    calls = []
+    real = policy_step.policy_step
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(policy_step, "policy_step", lambda *a: calls.append(1) or real(*a))
+        compiled, pytorch, rand_after_compiled, rand_after_pytorch = both_steps(
+            policy, obs, state, starts, deterministic
+        )
+    assert len(calls) == 1  # switched off, act does not ask the kernel
+    assert_same_step(compiled, pytorch)
+    assert torch.equal(rand_after_compiled, rand_after_pytorch)  # the same draws taken
+    assert compiled.actions.dtype == torch.int64 and compiled.actions.shape == (batch,)
+    assert compiled.log_probs.dtype == dtype and compiled.values.shape == (batch,)
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru"])
+def test_grid_pooling_relu_heads_and_deep_heads(kernel, core):
+    policy = make_policy(MINIGRID, core, grid_pooling=True, activation_fn=nn.ReLU, net_arch=(32, 8))
+    obs = random_obs(MINIGRID, 8, seed=1)
+    state = random_state(policy, 8, torch.float32)
+    compiled, pytorch, _, _ = both_steps(policy, obs, state, torch.zeros(8))
+    assert_same_step(compiled, pytorch)
+
+
+def test_a_state_holding_nan_starts_from_zero_where_an_episode_starts(kernel):
+    policy = make_policy(MINIGRID, "lstm")
+    obs = random_obs(MINIGRID, 4, seed=2)
+    state = random_state(policy, 4, torch.float32)
+    state["h"][1] = float("nan")
+    state["c"][1] = float("inf")
+    starts = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    compiled, pytorch, _, _ = both_steps(policy, obs, state, starts)
+    assert compiled.finite and torch.isfinite(compiled.state["h"]).all()
+    assert_same_step(compiled, pytorch)
+
+
+def test_the_projected_table_follows_every_change_of_the_weights(kernel):
+    policy = make_policy(MINIGRID, "lstm")
+    obs = random_obs(MINIGRID, 8, seed=4)
+    state = random_state(policy, 8, torch.float32)
+    starts = torch.zeros(8)
+    first, _, _, _ = both_steps(policy, obs, state, starts)
+    table = policy._projected_table.table
+    # an optimizer step on the embeddings and the extractor's weight (in place)
+    extractor = policy.features_extractor
+    with torch.no_grad():
+        extractor.encoders["image"].embeddings[1].weight.add_(0.5)
+    compiled, pytorch, _, _ = both_steps(policy, obs, state, starts)
+    assert_same_step(compiled, pytorch)
+    assert not torch.allclose(compiled.values, first.values)
+    assert policy._projected_table.table is not table  # rebuilt
+    with torch.no_grad():
+        extractor.linear[0].weight.mul_(1.5)
+    compiled, pytorch, _, _ = both_steps(policy, obs, state, starts)
+    assert_same_step(compiled, pytorch)
+    # load_state_dict, copying into the parameters and replacing them
+    other = make_policy(MINIGRID, "lstm")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    for assign in (False, True):
+        policy.load_state_dict(other.state_dict(), assign=assign)
+        compiled, pytorch, _, _ = both_steps(policy, obs, state, starts)
+        assert_same_step(compiled, pytorch)
+        expected, _, _, _ = both_steps(other, obs, state, starts)
+        assert_same_step(compiled, expected)
+    # an unchanged policy keeps its table
+    table = policy._projected_table.table
+    both_steps(policy, obs, state, starts)
+    assert policy._projected_table.table is table
+
+
+@pytest.mark.parametrize(
+    "core, kwargs",
+    [("mnm-p", {}), ("lstm", {"shared_core": False}), ("gru", {"activation_fn": nn.ELU})],
+)
+def test_other_policies_take_the_pytorch_step(kernel, monkeypatch, core, kwargs):
+    policy = make_policy(MINIGRID, core, **kwargs)
+    assert policy._step_layout is None
+    monkeypatch.setattr(policy_step, "policy_step", lambda *a: pytest.fail("kernel called"))
+    with torch.inference_mode():
+        step = policy.act(random_obs(MINIGRID, 3, 0), policy.initial_state(3), torch.zeros(3))
+    assert step.finite and step.actions.shape == (3,)
+
+
+def test_two_grids_take_the_pytorch_step(kernel):
+    grid = spaces.Box(0, 3, shape=(2, 2, 1), dtype=np.int64)
+    policy = make_policy(spaces.Dict({"a": grid, "b": grid}), "lstm")
+    assert policy._step_layout is None
+
+
+def test_with_gradients_the_pytorch_step_runs(kernel, monkeypatch):
+    policy = make_policy(MINIGRID, "lstm")
+    calls = []
+    real = policy_step.load_extension
+    monkeypatch.setattr(action_heads, "heads_step", lambda *a: pytest.fail("heads called"))
+    monkeypatch.setattr(policy_step, "load_extension", lambda: calls.append(1) or real())
+    step = policy.act(random_obs(MINIGRID, 3, 0), policy.initial_state(3), torch.zeros(3))
+    assert calls and step.values.requires_grad  # asked, declined: the PyTorch step's graph
+
+
+def test_a_discrete_input_out_of_range_is_an_error(kernel):
+    policy = make_policy(MINIGRID, "lstm")
+    obs = random_obs(MINIGRID, 3, 0)
+    obs["direction"][2] = 4
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="Discrete input 0 is 4"):
+        policy.act(obs, policy.initial_state(3), torch.zeros(3))
+
+
+def test_a_symbol_out_of_range_is_an_error(kernel):
+    policy = make_policy(MINIGRID, "gru")
+    obs = random_obs(MINIGRID, 3, 0)
+    obs["image"][1, 0, 0, 0] = 11
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="symbol 11 of channel 0"):
+        policy.act(obs, policy.initial_state(3), torch.zeros(3))
+
+
+def test_a_state_of_another_batch_size_is_an_error(kernel):
+    policy = make_policy(MINIGRID, "lstm")
+    with torch.inference_mode(), pytest.raises(ValueError, match="state has batch size 4"):
+        policy.act(random_obs(MINIGRID, 3, 0), policy.initial_state(4), torch.zeros(3))
+
+
+def test_the_switch_is_read_at_every_step(kernel, monkeypatch):
+    assert policy_step.load_extension() is not None
+    monkeypatch.setenv(policy_step.SWITCH_VARIABLE, "0")
+    assert policy_step.load_extension() is None
+    monkeypatch.setenv(policy_step.SWITCH_VARIABLE, "1")
+    monkeypatch.setenv("MNM_RL_FUSED", "0")
+    assert policy_step.load_extension() is None
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru", "mlp"])
+def test_episodes_of_steps_are_the_same_with_and_without_the_kernel(kernel, monkeypatch, core):
+    """Twelve steps on a real env, each fed the last one's state and the env's observations."""
+    with_kernel = policy_steps(small_model(core))
+    monkeypatch.setenv(policy_step.SWITCH_VARIABLE, "0")
+    without = policy_steps(small_model(core))
+    for a, b in zip(with_kernel, without, strict=True):
+        assert_same_step(a, b)
+
+
+def test_a_rollout_is_the_same_with_and_without_the_kernel(kernel, monkeypatch):
+    with_kernel = collect_one_rollout(small_model("lstm"))
+    monkeypatch.setenv(policy_step.SWITCH_VARIABLE, "0")
+    without = collect_one_rollout(small_model("lstm"))
+    assert torch.equal(with_kernel.actions, without.actions)
+    for name in ("log_probs", "values", "rewards", "episode_starts", "advantages"):
+        torch.testing.assert_close(getattr(with_kernel, name), getattr(without, name))
