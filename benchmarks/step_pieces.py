@@ -7,7 +7,13 @@ Times, per call and in interleaved rounds (the medians are printed):
   ``mnm_rl.agent.ppo_loss.ppo_loss`` (the compiled kernel) and ``ppo_loss_torch``;
 * ``lstm step``, ``gru step``: one rollout step of the lstm and gru cores for ``--envs`` envs,
   one of which starts an episode, without gradients: through the compiled sequence kernel, and
-  with ``MNM_RL_FUSED=0`` through the cell op (``torch.lstm_cell``/``gru_cell``) after the resets.
+  with ``MNM_RL_FUSED=0`` through the cell op (``torch.lstm_cell``/``gru_cell``) after the resets;
+* ``lstm policy``, ``gru policy``, ``mlp policy``: one rollout step of a whole policy with that
+  core (``RecurrentMemoryPolicy.act``: extractor, core, heads, draw) on MiniGrid's observation
+  (a ``--view-size`` symbol grid and a direction) for ``--envs`` envs, one of which starts an
+  episode: as one compiled call (``mnm_rl.agent.policy_step``), and with
+  ``MNM_RL_COMPILED_STEP=0`` as before it (PyTorch operators around the compiled core step,
+  grid encoder and heads).
 
 Prints a table and, last, a JSON object ``{"rounds", "calls", "pieces": {piece: {"compiled_us",
 "pytorch_us", "speedup"}}}``.
@@ -25,10 +31,13 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from gymnasium import spaces
 
 from mnm_rl import native
-from mnm_rl.agent import ppo_loss
+from mnm_rl.agent import policy_step, ppo_loss
+from mnm_rl.agent.policy import RecurrentMemoryPolicy
 from mnm_rl.memory import fused
 from mnm_rl.memory.baselines import GRUCore, LSTMCore
 
@@ -44,8 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=16, help="chunks of a minibatch")
     p.add_argument("--actions", type=int, default=7)
     p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--view-size", type=int, default=3, help="MiniGrid view of the policy steps")
     args = p.parse_args(argv)
-    for name in ("rounds", "calls", "envs", "seq_len", "chunks", "actions", "hidden"):
+    names = ("rounds", "calls", "envs", "seq_len", "chunks", "actions", "hidden", "view_size")
+    for name in names:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     return args
@@ -92,11 +103,43 @@ def core_step(core_class, args: argparse.Namespace) -> Callable[[], None]:
     return call
 
 
-def time_calls(call: Callable[[], None], calls: int, fused_switch: str | None) -> float:
-    """Microseconds per call, with ``MNM_RL_FUSED`` set to ``fused_switch`` meanwhile."""
-    before = os.environ.get(native.SWITCH_VARIABLE)
-    if fused_switch is not None:
-        os.environ[native.SWITCH_VARIABLE] = fused_switch
+def policy_act(core: str, args: argparse.Namespace) -> Callable[[], None]:
+    """One rollout step of a policy with ``core`` on MiniGrid's observation (a symbol grid of
+    ``args.view_size`` cells a side and a direction) for ``args.envs`` envs, the second of which
+    starts an episode."""
+    view = args.view_size
+    space = spaces.Dict(
+        {
+            "direction": spaces.Discrete(4),
+            "image": spaces.Box(0, np.broadcast_to([10, 5, 2], (view, view, 3)), dtype=np.int64),
+        }
+    )
+    torch.manual_seed(0)
+    policy = RecurrentMemoryPolicy(
+        space, spaces.Discrete(args.actions), lambda _: 1e-3, core=core,
+        features_dim=args.hidden, core_kwargs=dict(hidden_size=args.hidden),
+    )  # fmt: skip
+    space.seed(0)
+    samples = [space.sample() for _ in range(args.envs)]
+    obs = {k: torch.as_tensor(np.stack([s[k] for s in samples])) for k in space.spaces}
+    state = policy.initial_state(args.envs)
+    starts = torch.zeros(args.envs)
+    starts[min(1, args.envs - 1)] = 1
+
+    def call() -> None:
+        with torch.inference_mode():
+            policy.act(obs, state, starts)
+
+    return call
+
+
+def time_calls(call: Callable[[], None], calls: int, switch: tuple[str, str] | None) -> float:
+    """Microseconds per call, with the environment variable ``switch = (name, value)`` set
+    meanwhile."""
+    name, value = switch if switch is not None else (native.SWITCH_VARIABLE, None)
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
         call()  # warm
         start = time.perf_counter()
@@ -105,22 +148,28 @@ def time_calls(call: Callable[[], None], calls: int, fused_switch: str | None) -
         return (time.perf_counter() - start) / calls * 1e6
     finally:
         if before is None:
-            os.environ.pop(native.SWITCH_VARIABLE, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[native.SWITCH_VARIABLE] = before
+            os.environ[name] = before
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    if ppo_loss.load_extension() is None or fused.load_extension() is None:
+    kernels = (ppo_loss.load_extension(), fused.load_extension(), policy_step.load_extension())
+    if None in kernels:
         raise SystemExit("step_pieces.py: the compiled kernels are not available")
     loss = loss_pieces(args)
-    # (piece, compiled call and its MNM_RL_FUSED, PyTorch call and its MNM_RL_FUSED)
+    # (piece, compiled call and its switch, PyTorch call and its switch)
     pieces = [("ppo loss", loss["compiled"], None, loss["pytorch"], None)]
+    fused_on, fused_off = (native.SWITCH_VARIABLE, "1"), (native.SWITCH_VARIABLE, "0")
     for name, core_class in (("lstm step", LSTMCore), ("gru step", GRUCore)):
         step = core_step(core_class, args)
-        pieces.append((name, step, "1", step, "0"))
+        pieces.append((name, step, fused_on, step, fused_off))
+    step_on, step_off = (policy_step.SWITCH_VARIABLE, "1"), (policy_step.SWITCH_VARIABLE, "0")
+    for core in ("lstm", "gru", "mlp"):
+        act = policy_act(core, args)
+        pieces.append((f"{core} policy", act, step_on, act, step_off))
     times: dict[str, dict[str, list[float]]] = {
         p[0]: {"compiled": [], "pytorch": []} for p in pieces
     }
