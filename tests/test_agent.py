@@ -390,3 +390,46 @@ def test_minibatches_hold_each_chunk_once_per_epoch_and_follow_a_new_rollout():
     buffer = collect_one_rollout(model)  # the next rollout, into the same buffer
     assert not torch.equal(buffer.observations, first)
     check_epoch(buffer)
+
+
+def bootstrap_by_forward_sequence(model: MemoryPPO, calls: list[int]):
+    """The reference bootstrap: ``gamma * V`` of each truncated episode's terminal observation
+    through ``forward_sequence`` (one more step of the core), counting its truncations."""
+
+    def bootstrap(rewards, dones, infos, state):
+        truncated = [i for i in np.flatnonzero(dones) if infos[i].get("TimeLimit.truncated", False)]
+        calls.append(len(truncated))
+        if not truncated:
+            return rewards
+        rewards = rewards.astype(np.float32, copy=True)
+        terminal = np.stack([infos[i]["terminal_observation"] for i in truncated])
+        with torch.no_grad():
+            _, values, _, _ = model.policy.forward_sequence(
+                torch.as_tensor(terminal).unsqueeze(0),
+                state.index(truncated),
+                torch.zeros(1, len(truncated)),
+            )
+        rewards[truncated] += model.gamma * values[0].numpy()
+        return rewards
+
+    return bootstrap
+
+
+@pytest.mark.parametrize("core", ["lstm", "mnm-p"])
+def test_time_limits_bootstrap_the_value_of_the_terminal_observation(core):
+    def env():
+        make = lambda: gym.make("mnm_rl/DelayedCueRecall-v0", n_cues=3, delay=8,  # noqa: E731
+                                max_episode_steps=5)  # fmt: skip
+        vec = DummyVecEnv([make, make])
+        vec.seed(0)
+        return vec
+
+    got = collect_one_rollout(small_model(core, env=env(), n_steps=32, batch_size=32))
+    reference = small_model(core, env=env(), n_steps=32, batch_size=32)  # the same seed
+    calls: list[int] = []
+    reference._bootstrap_truncated = bootstrap_by_forward_sequence(reference, calls)
+    expected = collect_one_rollout(reference)
+    assert sum(calls) >= 10  # every fifth step of each env is cut by the time limit
+    assert torch.equal(got.actions, expected.actions)
+    torch.testing.assert_close(got.rewards, expected.rewards)
+    assert (got.rewards != 0).sum() >= 10  # the bootstrapped values (the env pays only at the end)

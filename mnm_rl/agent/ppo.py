@@ -271,7 +271,12 @@ class MemoryPPO(OnPolicyAlgorithm):
     def _bootstrap_truncated(
         self, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]], state: CoreState
     ) -> np.ndarray:
-        """Add ``gamma * V(terminal obs)`` to the reward of episodes cut by a time limit."""
+        """Add ``gamma * V(terminal obs)`` to the reward of episodes cut by a time limit.
+
+        ``V`` is the critic's value after one more step of the core from ``state`` (the state
+        after this step) on the terminal observation: :meth:`RecurrentMemoryPolicy.act` with the
+        most likely action, which draws nothing from the generator and on the CPU is the one
+        compiled call of a rollout step where the policy has one."""
         truncated = [
             i
             for i in np.flatnonzero(dones).tolist()
@@ -284,13 +289,14 @@ class MemoryPPO(OnPolicyAlgorithm):
         terminal = self.policy.obs_to_tensor(
             _stack_obs([infos[i]["terminal_observation"] for i in truncated])
         )[0]
-        with torch.no_grad():
-            _, values, _, _ = self.policy.forward_sequence(
-                map_obs(terminal, lambda v: v.unsqueeze(0)),
+        with torch.inference_mode():
+            step = self.policy.act(
+                terminal,
                 state.index(truncated),
-                torch.zeros(1, len(truncated), device=self.device),
+                torch.zeros(len(truncated), device=self.device),
+                deterministic=True,
             )
-        rewards[truncated] += self.gamma * values[0].cpu().numpy()
+        rewards[truncated] += self.gamma * step.values.cpu().numpy()
         return rewards
 
     def _update_learning_rate(self, optimizers) -> None:
