@@ -433,3 +433,20 @@ def test_time_limits_bootstrap_the_value_of_the_terminal_observation(core):
     assert torch.equal(got.actions, expected.actions)
     torch.testing.assert_close(got.rewards, expected.rewards)
     assert (got.rewards != 0).sum() >= 10  # the bootstrapped values (the env pays only at the end)
+
+
+@pytest.mark.parametrize("core", ["lstm", "mnm-p"])
+def test_the_last_step_bootstraps_the_value_of_the_next_observation(core):
+    model = small_model(core)
+    buffer = collect_one_rollout(model)
+    obs = model.policy.obs_to_tensor(model._last_obs)[0]
+    starts = torch.as_tensor(model._last_episode_starts, dtype=torch.float32)
+    with torch.no_grad():
+        _, values, _, _ = model.policy.forward_sequence(
+            obs.unsqueeze(0), model._last_state, starts.unsqueeze(0)
+        )
+    # the last step's advantage is its TD error alone: r + gamma V(next) (1 - done) - V
+    next_value = (buffer.advantages[-1] + buffer.values[-1] - buffer.rewards[-1]) / model.gamma
+    live = starts == 0
+    assert live.any()
+    torch.testing.assert_close(next_value[live], values[0][live], rtol=1e-4, atol=1e-5)

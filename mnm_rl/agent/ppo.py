@@ -20,7 +20,7 @@ from stable_baselines3.common.utils import (
 from stable_baselines3.common.vec_env import VecEnv
 
 from mnm_rl.agent.buffer import ChunkBatch, ChunkRolloutBuffer
-from mnm_rl.agent.policy import RecurrentMemoryPolicy, check_action_space, map_obs
+from mnm_rl.agent.policy import RecurrentMemoryPolicy, check_action_space
 from mnm_rl.agent.ppo_loss import STAT_NAMES, LossSettings, RolloutSteps, ppo_loss
 from mnm_rl.memory import CoreState
 
@@ -259,11 +259,9 @@ class MemoryPPO(OnPolicyAlgorithm):
             starts = torch.as_tensor(dones, dtype=torch.float32, device=self.device)
             self._last_obs, self._last_episode_starts = new_obs, dones
         self._last_state = state.detach().clone()  # an ordinary tensor again, usable anywhere
-        with torch.inference_mode():
-            _, last_values, _, _ = self.policy.forward_sequence(
-                map_obs(obs, lambda v: v.unsqueeze(0)), state, starts.unsqueeze(0)
-            )
-        buffer.compute_returns_and_advantage(last_values[0], starts)
+        with torch.inference_mode():  # the critic's value of the last observation, as a step
+            last_values = self.policy.act(obs, state, starts, deterministic=True).values
+        buffer.compute_returns_and_advantage(last_values, starts)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
