@@ -209,22 +209,9 @@ std::vector<at::Tensor> lstm_step(const at::Tensor& x, const std::vector<at::Ten
   at::Tensor h = kept_state(state[0], starts), c = kept_state(state[1], starts);
   gates.addmm_(h, layers[1].t());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_lstm", [&] {
-    using T = scalar_t;
-    T* c_p = c.data_ptr<T>();
-    T* h_p = h.data_ptr<T>();
-    for (int64_t b = 0; b < B; ++b) {
-      T* __restrict__ a = gates.data_ptr<T>() + b * 4 * H;
-      for (int64_t i = 0; i < 2 * H; ++i) a[i] = sigmoid(a[i]);
-      for (int64_t i = 2 * H; i < 3 * H; ++i) a[i] = tanh_(a[i]);
-      for (int64_t i = 3 * H; i < 4 * H; ++i) a[i] = sigmoid(a[i]);
-      T* __restrict__ cb = c_p + b * H;
-      T* __restrict__ hb = h_p + b * H;
-      for (int64_t i = 0; i < H; ++i) {
-        const T cell = a[H + i] * cb[i] + a[i] * a[2 * H + i];
-        cb[i] = cell;
-        hb[i] = a[3 * H + i] * tanh_(cell);
-      }
-    }
+    for (int64_t b = 0; b < B; ++b)
+      mnm_rl::lstm_cell_row(gates.data_ptr<scalar_t>() + b * 4 * H, c.data_ptr<scalar_t>() + b * H,
+                            h.data_ptr<scalar_t>() + b * H, H);
   });
   return {h, c};
 }

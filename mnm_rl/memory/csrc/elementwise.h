@@ -86,5 +86,20 @@ template <typename T> struct LstmGates {
         o(sigmoid(g[3 * n + k])) {}
 };
 
+// One LSTM step for one row, in place: a [4H] holds the gates' pre-activations (PyTorch's order
+// i, f, g, o) and gets their activations, block by block (simple loops over contiguous values,
+// which the compiler vectorises); c [H], the cell state, gets the new one; h [H] the output.
+template <typename T>
+inline void lstm_cell_row(T* __restrict__ a, T* __restrict__ c, T* __restrict__ h, int64_t H) {
+  for (int64_t i = 0; i < 2 * H; ++i) a[i] = sigmoid(a[i]);
+  for (int64_t i = 2 * H; i < 3 * H; ++i) a[i] = tanh_(a[i]);
+  for (int64_t i = 3 * H; i < 4 * H; ++i) a[i] = sigmoid(a[i]);
+  for (int64_t i = 0; i < H; ++i) {
+    const T cell = a[H + i] * c[i] + a[i] * a[2 * H + i];
+    c[i] = cell;
+    h[i] = a[3 * H + i] * tanh_(cell);
+  }
+}
+
 }  // namespace
 }  // namespace mnm_rl

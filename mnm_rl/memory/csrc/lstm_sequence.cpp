@@ -56,22 +56,10 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor
       kept_rows(c_p, c_p, keep_p + t * B, B, H);
       at::Tensor out = store ? acts[t] : gates;
       at::addmm_out(out, gates_x[t], h_in, w_hh_t);
-      // The activations in place, block by block (simple loops over contiguous rows, which
-      // the compiler vectorises), then the cell.
+      // The activations in place, then the cell (elementwise.h).
       T_* h_p = h_all + t * B * H;
-      for (int64_t b = 0; b < B; ++b) {
-        T_* __restrict__ a = out.data_ptr<T_>() + b * 4 * H;
-        for (int64_t i = 0; i < 2 * H; ++i) a[i] = sigmoid(a[i]);
-        for (int64_t i = 2 * H; i < 3 * H; ++i) a[i] = tanh_(a[i]);
-        for (int64_t i = 3 * H; i < 4 * H; ++i) a[i] = sigmoid(a[i]);
-        T_* __restrict__ cb = c_p + b * H;
-        T_* __restrict__ hb = h_p + b * H;
-        for (int64_t i = 0; i < H; ++i) {
-          const T_ c = a[H + i] * cb[i] + a[i] * a[2 * H + i];
-          cb[i] = c;
-          hb[i] = a[3 * H + i] * tanh_(c);
-        }
-      }
+      for (int64_t b = 0; b < B; ++b)
+        lstm_cell_row(out.data_ptr<T_>() + b * 4 * H, c_p + b * H, h_p + b * H, H);
       if (store) cs[t].copy_(c_state);
       h_prev = h_p;
     }
