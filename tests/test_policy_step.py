@@ -188,6 +188,22 @@ def test_other_policies_take_the_pytorch_step(kernel, monkeypatch, core, kwargs)
     assert step.finite and step.actions.shape == (3,)
 
 
+@pytest.mark.parametrize(
+    "space",
+    [MINIGRID["image"], spaces.Box(-1.0, 1.0, shape=(6,), dtype=np.float32), spaces.Discrete(7)],
+    ids=["grid", "box", "discrete"],
+)
+@pytest.mark.parametrize("core", ["lstm", "mlp"])
+def test_observations_that_are_not_dicts(kernel, space, core):
+    policy = make_policy(space, core)
+    assert policy._step_layout is not None
+    assert policy._step_layout.has_grid == (space is MINIGRID["image"])
+    obs = random_obs(space, 5, seed=6)
+    state = random_state(policy, 5, torch.float32)
+    compiled, pytorch, _, _ = both_steps(policy, obs, state, torch.tensor([1.0, 0, 0, 1, 0]))
+    assert_same_step(compiled, pytorch)
+
+
 def test_two_grids_take_the_pytorch_step(kernel):
     grid = spaces.Box(0, 3, shape=(2, 2, 1), dtype=np.int64)
     policy = make_policy(spaces.Dict({"a": grid, "b": grid}), "lstm")

@@ -62,11 +62,12 @@ def load_extension() -> ModuleType | None:
 
 @dataclass(frozen=True)
 class StepLayout:
-    """How a policy's observation reaches the kernel: the grid's key (``None``: no grid) with
-    its encoder's column layout, and every other input's key and kind (``n`` for a Discrete
-    space of ``n`` values, one-hot; ``0`` for a Box or MultiBinary, flattened), in the
+    """How a policy's observation reaches the kernel: whether it has a symbol grid, the grid's
+    key with its encoder's column layout, and every other input's key and kind (``n`` for a
+    Discrete space of ``n`` values, one-hot; ``0`` for a Box or MultiBinary, flattened), in the
     extractor's column order. A key is ``None`` for an observation that is not a dict."""
 
+    has_grid: bool
     grid_key: str | None
     other_keys: tuple[str | None, ...]
     kinds: tuple[int, ...]
@@ -75,6 +76,11 @@ class StepLayout:
     pool_column: int
     dense_columns: tuple[int, ...]
     sizes: tuple[int, ...]
+
+
+def _name(key: str | None) -> str:
+    """The extractor's name for an observation's key (``"obs"`` for one that is not a dict)."""
+    return "obs" if key is None else str(key)
 
 
 def step_layout(policy: RecurrentMemoryPolicy) -> StepLayout | None:
@@ -90,13 +96,14 @@ def step_layout(policy: RecurrentMemoryPolicy) -> StepLayout | None:
         return None
     space = policy.observation_space
     subspaces = dict(space.spaces) if isinstance(space, spaces.Dict) else {None: space}
-    grid_key, other_keys, kinds = None, [], []
+    grids = [
+        k for k in extractor.keys if isinstance(extractor.encoders[_name(k)], SymbolicGridEncoder)
+    ]
+    if len(grids) > 1:
+        return None
+    other_keys, kinds = [], []
     for key in extractor.keys:
-        encoder = extractor.encoders["obs" if key is None else str(key)]
-        if isinstance(encoder, SymbolicGridEncoder):
-            if grid_key is not None:
-                return None
-            grid_key = key
+        if key in grids:
             continue
         subspace = subspaces[key]
         if isinstance(subspace, spaces.Discrete):
@@ -108,12 +115,13 @@ def step_layout(policy: RecurrentMemoryPolicy) -> StepLayout | None:
         else:
             return None
         other_keys.append(key)
-    if grid_key is None:
-        return StepLayout(None, tuple(other_keys), tuple(kinds), 0, 0, -1, (), ())
+    if not grids:
+        return StepLayout(False, None, tuple(other_keys), tuple(kinds), 0, 0, -1, (), ())
     _, layout = extractor.grid_layout
-    grid: SymbolicGridEncoder = extractor.encoders["obs" if grid_key is None else str(grid_key)]
+    grid: SymbolicGridEncoder = extractor.encoders[_name(grids[0])]
     return StepLayout(
-        grid_key,
+        True,
+        grids[0],
         tuple(other_keys),
         tuple(kinds),
         grid.cell_dim // len(grid.sizes),
@@ -217,12 +225,10 @@ def policy_step(
         raise ValueError(f"state has batch size {state.batch_size}, episode_starts has {batch}")
     named = obs if isinstance(obs, dict) else {None: obs}
     grid = table = None
-    if layout.grid_key is not None:
+    if layout.has_grid:
         grid = named[layout.grid_key]
         encoder = (
-            modules["features_extractor"]
-            ._modules["encoders"]
-            ._modules["obs" if layout.grid_key is None else str(layout.grid_key)]
+            modules["features_extractor"]._modules["encoders"]._modules[_name(layout.grid_key)]
         )
         table = projected.get(kernel, layout, grid[0].numel(), encoder, weight)
     keys = getattr(core, "state_keys", ())
