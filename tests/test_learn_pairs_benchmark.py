@@ -166,16 +166,17 @@ def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monk
 
 @pytest.mark.parametrize(
     "config, steps, heads, losses",
-    [("lstm", 16, 0, 2), ("lstm/pystep", 0, 16, 2), ("lstm/pystep/pyheads", 0, 0, 2),
-     ("lstm/pyheads", 16, 0, 2), ("lstm/pyloss", 16, 0, 0), ("mnm-p:1x1", 0, 16, 2),
+    [("lstm", 17, 0, 2), ("lstm/pystep", 0, 17, 2), ("lstm/pystep/pyheads", 0, 0, 2),
+     ("lstm/pyheads", 17, 0, 2), ("lstm/pyloss", 17, 0, 0), ("mnm-p:1x1", 0, 17, 2),
      ("mnm-p:1x1/pyheads/pyloss", 0, 0, 0)],
 )  # fmt: skip
 def test_an_agent_runs_pytorch_code_only_where_its_suffixes_say(
     learn_pairs, monkeypatch, config, steps, heads, losses
 ):
     """How many compiled policy steps, heads and losses an agent's turn calls; SMALL: 2 envs x
-    16 steps (16 rollout steps) in chunks of 8, 2 chunks a minibatch, 1 epoch. A policy step
-    runs the heads itself: with it, the heads' own kernel is not called."""
+    16 steps (16 rollout steps and one for the last observation's value) in chunks of 8, 2
+    chunks a minibatch, 1 epoch. A policy step runs the heads itself: with it, the heads' own
+    kernel is not called."""
     from mnm_rl.agent import action_heads, policy_step, ppo_loss
 
     if None in (action_heads.load_extension(), ppo_loss.load_extension(),
