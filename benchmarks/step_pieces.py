@@ -8,12 +8,12 @@ Times, per call and in interleaved rounds (the medians are printed):
 * ``lstm step``, ``gru step``: one rollout step of the lstm and gru cores for ``--envs`` envs,
   one of which starts an episode, without gradients: through the compiled sequence kernel, and
   with ``MNM_RL_FUSED=0`` through the cell op (``torch.lstm_cell``/``gru_cell``) after the resets;
-* ``lstm policy``, ``gru policy``, ``mlp policy``: one rollout step of a whole policy with that
-  core (``RecurrentMemoryPolicy.act``: extractor, core, heads, draw) on MiniGrid's observation
-  (a ``--view-size`` symbol grid and a direction) for ``--envs`` envs, one of which starts an
-  episode: as one compiled call (``mnm_rl.agent.policy_step``), and with
-  ``MNM_RL_COMPILED_STEP=0`` as before it (PyTorch operators around the compiled core step,
-  grid encoder and heads).
+* ``lstm policy``, ``gru policy``, ``mlp policy``, ``mnm-p policy`` (4 heads x 3 layers): one
+  rollout step of a whole policy with that core (``RecurrentMemoryPolicy.act``: extractor,
+  core, heads, draw) on MiniGrid's observation (a ``--view-size`` symbol grid and a direction)
+  for ``--envs`` envs, one of which starts an episode: as one compiled call
+  (``mnm_rl.agent.policy_step``), and with ``MNM_RL_COMPILED_STEP=0`` as before it (PyTorch
+  operators around the compiled core step, grid encoder and heads).
 
 Prints a table and, last, a JSON object ``{"rounds", "calls", "pieces": {piece: {"compiled_us",
 "pytorch_us", "speedup"}}}``.
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         step = core_step(core_class, args)
         pieces.append((name, step, fused_on, step, fused_off))
     step_on, step_off = (policy_step.SWITCH_VARIABLE, "1"), (policy_step.SWITCH_VARIABLE, "0")
-    for core in ("lstm", "gru", "mlp"):
+    for core in ("lstm", "gru", "mlp", "mnm-p"):
         act = policy_act(core, args)
         pieces.append((f"{core} policy", act, step_on, act, step_off))
     times: dict[str, dict[str, list[float]]] = {

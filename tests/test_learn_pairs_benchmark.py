@@ -167,8 +167,8 @@ def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monk
 @pytest.mark.parametrize(
     "config, steps, heads, losses",
     [("lstm", 17, 0, 2), ("lstm/pystep", 0, 17, 2), ("lstm/pystep/pyheads", 0, 0, 2),
-     ("lstm/pyheads", 17, 0, 2), ("lstm/pyloss", 17, 0, 0), ("mnm-p:1x1", 0, 17, 2),
-     ("mnm-p:1x1/pyheads/pyloss", 0, 0, 0)],
+     ("lstm/pyheads", 17, 0, 2), ("lstm/pyloss", 17, 0, 0), ("mnm-p:1x1", 17, 0, 2),
+     ("mnm-p:1x1/pystep", 0, 17, 2), ("mnm-p:1x1/pystep/pyheads/pyloss", 0, 0, 0)],
 )  # fmt: skip
 def test_an_agent_runs_pytorch_code_only_where_its_suffixes_say(
     learn_pairs, monkeypatch, config, steps, heads, losses

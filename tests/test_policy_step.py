@@ -14,7 +14,7 @@ from torch import nn
 
 from mnm_rl.agent import action_heads, policy_step
 from mnm_rl.agent.policy import RecurrentMemoryPolicy
-from mnm_rl.memory import CoreState
+from mnm_rl.memory import CoreState, fused
 
 #: MiniGrid's observation after SymbolicMiniGrid (a 3 x 3 view): a symbol grid and a direction.
 MINIGRID = spaces.Dict(
@@ -39,11 +39,13 @@ def kernel(monkeypatch):
     return built(policy_step.EXTENSION)
 
 
-def make_policy(space: spaces.Space, core: str, dtype=torch.float32, **kwargs):
+def make_policy(space: spaces.Space, core: str, dtype=torch.float32, core_kwargs=None, **kwargs):
     torch.manual_seed(0)
+    if core.startswith("mnm"):  # a small memory: 2 heads, 2 layers of 8 x 8
+        core_kwargs = dict(memory_size=8, n_heads=2, n_layers=2, **(core_kwargs or {}))
     policy = RecurrentMemoryPolicy(
         space, spaces.Discrete(5), lambda _: 1e-3, core=core, features_dim=24,
-        core_kwargs=dict(hidden_size=16), **kwargs,
+        core_kwargs=dict(hidden_size=16, **(core_kwargs or {})), **kwargs,
     )  # fmt: skip
     return policy.to(dtype)
 
@@ -89,7 +91,7 @@ def assert_same_step(a, b, exact_actions=True):
         torch.testing.assert_close(a.state[key], b.state[key])
 
 
-@pytest.mark.parametrize("core", ["lstm", "gru", "mlp"])
+@pytest.mark.parametrize("core", ["lstm", "gru", "mlp", "mnm-p", "mnm-g"])
 @pytest.mark.parametrize(
     "space, dtype",
     # not MIXED in float64: the PyTorch step feeds Box inputs as float32 (SB3's preprocess_obs)
@@ -131,12 +133,13 @@ def test_grid_pooling_relu_heads_and_deep_heads(kernel, core):
     assert_same_step(compiled, pytorch)
 
 
-def test_a_state_holding_nan_starts_from_zero_where_an_episode_starts(kernel):
-    policy = make_policy(MINIGRID, "lstm")
+@pytest.mark.parametrize("core", ["lstm", "mnm-p"])
+def test_a_state_holding_nan_starts_from_zero_where_an_episode_starts(kernel, core):
+    policy = make_policy(MINIGRID, core)
     obs = random_obs(MINIGRID, 4, seed=2)
     state = random_state(policy, 4, torch.float32)
-    state["h"][1] = float("nan")
-    state["c"][1] = float("inf")
+    for key in state:
+        state[key][1] = float("nan")
     starts = torch.tensor([0.0, 1.0, 0.0, 0.0])
     compiled, pytorch, _, _ = both_steps(policy, obs, state, starts)
     assert compiled.finite and torch.isfinite(compiled.state["h"]).all()
@@ -181,7 +184,13 @@ def test_the_projected_table_follows_every_change_of_the_weights(kernel):
 
 @pytest.mark.parametrize(
     "core, kwargs",
-    [("mnm-p", {}), ("lstm", {"shared_core": False}), ("gru", {"activation_fn": nn.ELU})],
+    [
+        ("lstm", {"shared_core": False}),
+        ("gru", {"activation_fn": nn.ELU}),
+        ("mnm-p", {"core_kwargs": {"retention_lag": 2}}),
+        ("mnm-p", {"core_kwargs": {"read_before_write": True}}),
+        ("mnm-g", {"core_kwargs": {"interaction_input": True}}),
+    ],
 )
 def test_other_policies_take_the_pytorch_step(kernel, monkeypatch, core, kwargs):
     policy = make_policy(MINIGRID, core, **kwargs)
@@ -255,7 +264,7 @@ def test_the_switch_is_read_at_every_step(kernel, monkeypatch):
     assert policy_step.load_extension() is None
 
 
-@pytest.mark.parametrize("core", ["lstm", "gru", "mlp"])
+@pytest.mark.parametrize("core", ["lstm", "gru", "mlp", "mnm-p", "mnm-g"])
 def test_episodes_of_steps_are_the_same_with_and_without_the_kernel(kernel, monkeypatch, core):
     """Twelve steps on a real env, each fed the last one's state and the env's observations."""
     with_kernel = policy_steps(small_model(core))
@@ -265,10 +274,24 @@ def test_episodes_of_steps_are_the_same_with_and_without_the_kernel(kernel, monk
         assert_same_step(a, b)
 
 
-def test_a_rollout_is_the_same_with_and_without_the_kernel(kernel, monkeypatch):
-    with_kernel = collect_one_rollout(small_model("lstm"))
+@pytest.mark.parametrize("core", ["lstm", "mnm-p"])
+def test_a_rollout_is_the_same_with_and_without_the_kernel(kernel, monkeypatch, core):
+    with_kernel = collect_one_rollout(small_model(core))
     monkeypatch.setenv(policy_step.SWITCH_VARIABLE, "0")
-    without = collect_one_rollout(small_model("lstm"))
+    without = collect_one_rollout(small_model(core))
     assert torch.equal(with_kernel.actions, without.actions)
     for name in ("log_probs", "values", "rewards", "episode_starts", "advantages"):
         torch.testing.assert_close(getattr(with_kernel, name), getattr(without, name))
+
+
+def test_an_mnm_step_split_between_two_kernel_threads(kernel, monkeypatch):
+    """32 envs and two kernel threads: the MNM kernel splits the step into two parts
+    (``fused.batch_parts``), run without the GIL."""
+    monkeypatch.setenv(fused.KERNEL_THREADS_VARIABLE, "2")
+    assert fused.batch_parts(1, 32) == 2
+    policy = make_policy(MINIGRID, "mnm-p")
+    obs = random_obs(MINIGRID, 32, seed=8)
+    state = random_state(policy, 32, torch.float32)
+    starts = (torch.arange(32) % 5 == 0).float()
+    compiled, pytorch, _, _ = both_steps(policy, obs, state, starts)
+    assert_same_step(compiled, pytorch)

@@ -22,6 +22,7 @@ def test_times_every_piece_both_ways_and_prints_a_json_last_line(step_pieces, ca
     assert out["rounds"] == 2 and out["calls"] == 3
     assert list(out["pieces"]) == [
         "ppo loss", "lstm step", "gru step", "lstm policy", "gru policy", "mlp policy",
+        "mnm-p policy",
     ]  # fmt: skip
     for piece in out["pieces"].values():
         assert piece["compiled_us"] > 0 and piece["pytorch_us"] > 0

@@ -35,21 +35,33 @@ from torch import Tensor, nn
 from mnm_rl import native
 from mnm_rl.agent import action_heads
 from mnm_rl.agent.extractors import MemoryFeaturesExtractor, SymbolicGridEncoder
-from mnm_rl.memory import CoreState
+from mnm_rl.memory import CoreState, fused
 from mnm_rl.memory.baselines import GRUCore, LSTMCore, MLPCore
+from mnm_rl.memory.mnm import MNMCore
 
 if TYPE_CHECKING:
     from mnm_rl.agent.policy import RecurrentMemoryPolicy
 
-#: The kernel's C++ source, built into its own extension.
-SOURCES = [Path(__file__).with_name("csrc") / "policy_step.cpp"]
+#: The kernel's C++ source, built into its own extension with the MNM kernel's (which it calls
+#: for the MNM cores).
+SOURCES = [
+    Path(__file__).with_name("csrc") / "policy_step.cpp",
+    Path(fused.__file__).with_name("csrc") / "mnm_sequence.cpp",
+]
 #: The extension, built on first use.
 EXTENSION = native.LazyExtension("mnm_rl_policy_step", SOURCES, "the compiled policy step")
 #: Environment variable: ``0`` runs the policy's rollout step in PyTorch, whatever the other
 #: kernels do.
 SWITCH_VARIABLE = "MNM_RL_COMPILED_STEP"
 #: The cores the kernel runs, and its code for each (``csrc/policy_step.cpp``: ``CoreKind``).
-CORE_KINDS: dict[type[nn.Module], int] = {MLPCore: 0, LSTMCore: 1, GRUCore: 2}
+CORE_KINDS: dict[type[nn.Module], int] = {MLPCore: 0, LSTMCore: 1, GRUCore: 2, MNMCore: 3}
+#: Each core's state, in the kernel's order.
+STATE_KEYS: dict[type[nn.Module], tuple[str, ...]] = {
+    MLPCore: (),
+    LSTMCore: ("h", "c"),
+    GRUCore: ("h",),
+    MNMCore: ("h", "c", "read", "fast_weights"),
+}
 
 
 def load_extension() -> ModuleType | None:
@@ -86,9 +98,13 @@ def _name(key: str | None) -> str:
 def step_layout(policy: RecurrentMemoryPolicy) -> StepLayout | None:
     """The policy's :class:`StepLayout`, or ``None`` where the kernel does not apply to it (see
     the module's docstring)."""
-    extractor = policy.features_extractor
+    extractor, core = policy.features_extractor, policy.core
+    if isinstance(core, MNMCore) and (
+        core.retention_lag or core.read_before_write or core.interaction_input
+    ):
+        return None  # what the MNM kernel does not run, or not in one step (its input part)
     if (
-        type(policy.core) not in CORE_KINDS
+        type(core) not in CORE_KINDS
         or policy.critic_core is not None
         or policy.activation_fn not in action_heads.ACTIVATION_CODES
         or not isinstance(extractor, MemoryFeaturesExtractor)
@@ -138,11 +154,11 @@ def step_layout(policy: RecurrentMemoryPolicy) -> StepLayout | None:
 # ``assign=True``, say) are what the kernel gets.
 
 
-def _linear_tensors(sequential: nn.Module) -> list[Tensor]:
-    """``[W_0, b_0, W_1, b_1, ...]`` of a ``Sequential``'s ``Linear`` layers, as
+def _linear_tensors(layers: nn.Module | list[nn.Module]) -> list[Tensor]:
+    """``[W_0, b_0, W_1, b_1, ...]`` of a ``Sequential``'s (or a list's) ``Linear`` layers, as
     :func:`~mnm_rl.agent.action_heads.layer_tensors` gives them."""
     tensors = []
-    for layer in sequential._modules.values():
+    for layer in layers._modules.values() if isinstance(layers, nn.Module) else layers:
         if isinstance(layer, nn.Linear):
             params = layer._parameters
             tensors += (params["weight"], params["bias"])
@@ -152,6 +168,12 @@ def _linear_tensors(sequential: nn.Module) -> list[Tensor]:
 def _core_tensors(core: nn.Module) -> list[Tensor]:
     if type(core) is MLPCore:
         return _linear_tensors(core._modules["net"])
+    if type(core) is MNMCore:
+        modules = core._modules
+        return [
+            *_linear_tensors([modules["input_gates"], modules["output"]]),
+            *fused.kernel_weights(core),
+        ]
     params = core._modules["rnn"]._parameters
     return [params["weight_ih_l0"], params["weight_hh_l0"], params["bias_ih_l0"],
             params["bias_hh_l0"]]  # fmt: skip
@@ -231,14 +253,18 @@ def policy_step(
             modules["features_extractor"]._modules["encoders"]._modules[_name(layout.grid_key)]
         )
         table = projected.get(kernel, layout, grid[0].numel(), encoder, weight)
-    keys = getattr(core, "state_keys", ())
+    keys = STATE_KEYS[type(core)]
+    # an MNM core's kernel options and batch parts (fused.run_sequence's); unused by the others
+    mnm = (0, False, False, 0.0, 1)
+    if type(core) is MNMCore:
+        mnm = (*fused.kernel_options(core), fused.batch_parts(1, batch))
     actions, log_probs, values, finite, new_state = kernel.policy_step(
         grid, table, [named[k] for k in layout.other_keys], layout.kinds, weight,
         linear._parameters["bias"], layout.embedding_dim, layout.grid_column, layout.pool_column,
         layout.dense_columns, layout.sizes, kind, _core_tensors(core), [state[k] for k in keys],
         episode_starts, _linear_tensors(modules["action_net"]),
         _linear_tensors(modules["value_net"]),
-        action_heads.ACTIVATION_CODES[policy.activation_fn], deterministic,
+        action_heads.ACTIVATION_CODES[policy.activation_fn], deterministic, *mnm,
     )  # fmt: skip
     new = CoreState(dict(zip(keys, new_state, strict=True)), batch_size=batch)
     return actions, log_probs, values, new, finite

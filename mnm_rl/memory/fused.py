@@ -149,6 +149,31 @@ def _matrices_contiguous(weights: Tensor) -> bool:
     return (columns == 1 and rows == size) or (rows == 1 and columns == size)
 
 
+def kernel_weights(core, interaction_x: Tensor | None = None) -> tuple[Tensor, ...]:
+    """``MNMCore``'s slow weights in the kernel's argument order: ``(w_rec, w_int, b_int, w_beta,
+    b_beta, w_fb, b_fb, m_init)``; ``b_int`` plus ``interaction_x [T, B, E]`` per step where
+    given (``interaction_input``), and empty ``w_fb, b_fb`` for mnm-g (no feedback functions)."""
+    memory = core.memory
+    if memory.feedback is not None:
+        w_fb, b_fb = memory.feedback.weight, memory.feedback.bias
+    else:  # mnm-g has no feedback functions: the kernel ignores these
+        w_fb = b_fb = memory.initial_weights.new_empty(0)
+    interaction_bias = core.interaction.bias
+    if interaction_x is not None:
+        interaction_bias = (interaction_x + interaction_bias).contiguous()
+    return (
+        core.recurrent_gates.weight, core.interaction.weight, interaction_bias,
+        core.beta_gate.weight.view(-1), core.beta_gate.bias, w_fb, b_fb, memory.initial_weights,
+    )  # fmt: skip
+
+
+def kernel_options(core) -> tuple[int, bool, bool, float]:
+    """``MNMCore``'s options in the kernel's argument order: ``(n_heads, gradient_rule,
+    tanh_act, eps)``."""
+    memory = core.memory
+    return core.n_heads, memory.write_rule == "mnm-g", memory.activation == "tanh", memory.eps
+
+
 def run_sequence(
     core,
     gates_x: Tensor,
@@ -166,7 +191,6 @@ def run_sequence(
     answer_before, values [T, B, H, D], beta [T, B], fast_weight_norm [T, B], c [B, hidden],
     fast_weights [B, L, D, D])``.
     """
-    memory = core.memory
     dtype = gates_x.dtype
     keep = (episode_starts == 0).to(dtype).contiguous()
     start = [state[k].to(dtype).contiguous() for k in ("h", "c", "read")]
@@ -177,20 +201,10 @@ def run_sequence(
     if not _matrices_contiguous(weights):
         weights = weights.contiguous()
     start.append(weights)
-    if memory.feedback is not None:
-        w_fb, b_fb = memory.feedback.weight, memory.feedback.bias
-    else:  # mnm-g has no feedback functions: the kernel ignores these
-        w_fb = b_fb = gates_x.new_empty(0)
-    interaction_bias = core.interaction.bias
-    if interaction_x is not None:
-        interaction_bias = (interaction_x + interaction_bias).contiguous()
-    params = (
-        core.recurrent_gates.weight, core.interaction.weight, interaction_bias,
-        core.beta_gate.weight.view(-1), core.beta_gate.bias, w_fb, b_fb, memory.initial_weights,
-    )  # fmt: skip
+    params = kernel_weights(core, interaction_x)
+    options = kernel_options(core)
     # Keep what the backward pass needs only when there will be one (not in the rollout).
     store = torch.is_grad_enabled() and any(t.requires_grad for t in (gates_x, *start, *params))
-    options = (core.n_heads, memory.write_rule == "mnm-g", memory.activation == "tanh", memory.eps)
     parts = batch_parts(*gates_x.shape[:2])
     if not store:  # no backward pass: the kernel straight, without autograd's Function (~14 us)
         args = (gates_x.contiguous(), keep, *start, *params, *options, False)

@@ -1,6 +1,7 @@
 // One rollout step of the whole policy as one call (mnm_rl/agent/policy_step.py): the features
-// extractor, a baseline core (LSTM, GRU or the memoryless MLP) and the heads with the actions'
-// draw, for a batch of B envs and no gradients. The same step runs as about forty PyTorch
+// extractor, the core (LSTM, GRU, the memoryless MLP, or MNM through its own kernel, whose
+// source this extension compiles too) and the heads with the actions' draw, for a batch of B
+// envs and no gradients. The same step runs as about forty PyTorch
 // operators and a dozen Python functions otherwise, each a few microseconds at B = 8, which
 // together cost several times the arithmetic (about 150 us for an LSTM policy on MiniGrid).
 //
@@ -16,6 +17,7 @@
 //                   the cell as in lstm_sequence.cpp (keep = 0 where an episode starts)
 //            GRU:   h = keep * h;  the cell as in gru_sequence.cpp
 //            MLP:   tanh(W_2 tanh(W_1 features + b_1) + b_2), no state
+//            MNM:   its kernel's step from W_in features + b_in, then W_out [h ; read] + b_out
 //   heads    heads.h's heads_step: the logits and values, the actions drawn from torch's
 //            default generator as RecurrentMemoryPolicy.sample draws them.
 //
@@ -30,6 +32,7 @@
 #include <vector>
 
 #include "../../memory/csrc/elementwise.h"
+#include "../../memory/csrc/kernels.h"  // the MNM kernel, compiled into this extension too
 #include "grid_projection.h"
 #include "heads.h"
 
@@ -39,7 +42,16 @@ using mnm_rl::sigmoid;
 using mnm_rl::tanh_;
 
 // The cores this step runs (mnm_rl/agent/policy_step.py: CORE_KINDS).
-enum CoreKind : int64_t { kMLPCore = 0, kLSTMCore = 1, kGRUCore = 2 };
+enum CoreKind : int64_t { kMLPCore = 0, kLSTMCore = 1, kGRUCore = 2, kMNMCore = 3 };
+
+// The MNM core's options for its kernel (mnm_rl/memory/fused.py: kernel_options), and into how
+// many parts the kernel splits the batch (fused.batch_parts).
+struct MNMOptions {
+  int64_t n_heads;
+  bool gradient_rule, tanh_act;
+  double eps;
+  int64_t parts;
+};
 
 // The grid's part of the extractor's layer: which columns of W_enc, and its channels.
 struct GridSpec {
@@ -248,13 +260,55 @@ std::vector<at::Tensor> gru_step(const at::Tensor& x, const std::vector<at::Tens
   return {h};
 }
 
+// The MNM core's step from x [B, F] and its state (h, c, read, fast weights), through the MNM
+// kernel (memory/csrc/mnm_sequence.cpp) as MNMCore's forward runs it (fused.run_sequence):
+// returns (output [B, O], h', c', read', fast weights'). layers: the input gates' W, b, the
+// output layer's W, b, then the kernel's slow weights (fused.kernel_weights).
+std::vector<at::Tensor> mnm_step(const at::Tensor& x, const std::vector<at::Tensor>& state,
+                                 const std::vector<char>& starts,
+                                 const std::vector<at::Tensor>& layers, const MNMOptions& o) {
+  TORCH_CHECK(layers.size() == 12 && state.size() == 4,
+              "policy_step: an MNM core takes 12 weights and the state h, c, read, fast weights");
+  const int64_t B = x.size(0);
+  const at::Tensor gates_x = at::addmm(layers[1], x, layers[0].t()).unsqueeze(0);
+  at::Tensor keep = at::empty({1, B}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_keep", [&] {
+    scalar_t* k = keep.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) k[b] = starts[static_cast<size_t>(b)] ? 0 : 1;
+  });
+  at::Tensor weights = state[3];
+  const bool as_is = weights.stride(3) == 1 && weights.stride(2) == weights.size(3);
+  const bool transposed = weights.stride(2) == 1 && weights.stride(3) == weights.size(2);
+  if (!as_is && !transposed) weights = weights.contiguous();
+  const std::vector<at::Tensor>& w = layers;
+  std::vector<at::Tensor> out;
+  {
+    // The parts' threads take this thread's thread-local state, whose copy may need the GIL
+    // (see memory/csrc/module.cpp): not held while they run.
+    pybind11::gil_scoped_release no_gil;
+    if (o.parts > 1)
+      out = mnm_rl::mnm_forward_parts(gates_x, keep, state[0].contiguous(), state[1].contiguous(),
+                                      state[2].contiguous(), weights, w[4], w[5], w[6], w[7], w[8],
+                                      w[9], w[10], w[11], o.n_heads, o.gradient_rule, o.tanh_act,
+                                      o.eps, false, o.parts);
+    else
+      out = mnm_rl::mnm_forward(gates_x, keep, state[0].contiguous(), state[1].contiguous(),
+                                state[2].contiguous(), weights, w[4], w[5], w[6], w[7], w[8], w[9],
+                                w[10], w[11], o.n_heads, o.gradient_rule, o.tanh_act, o.eps, false);
+  }
+  const at::Tensor h = out[0][0], read = out[1][0];
+  const at::Tensor y = at::addmm(layers[3], at::cat({h, read}, 1), layers[2].t());
+  return {y, h, out[7], read, out[8]};
+}
+
 // (actions [B] int64, log_probs [B], values [B], every logit finite, the core's state after the
 // step) for one step of B envs. grid [B, ...] (or None) with its projected table from
 // project_grid; inputs/kinds: the other inputs (see dense_inputs); encoder: W_enc, b_enc;
 // core_kind: CoreKind, core: its parameters (LSTM, GRU: W_ih, W_hh, b_ih, b_hh; MLP: W_1, b_1,
-// W_2, b_2), state: its state tensors ([B, H] each: LSTM h, c; GRU h; MLP none); episode_starts
-// [B]: nonzero where an episode starts (the state is reset first); actor, critic, activation:
-// the heads, as for heads_step.
+// W_2, b_2; MNM: see mnm_step), state: its state tensors ([B, H] each: LSTM h, c; GRU h; MLP
+// none; MNM h, c, read and the fast weights [B, L, D, D]); episode_starts [B]: nonzero where an
+// episode starts (the state is reset first); actor, critic, activation: the heads, as for
+// heads_step; mnm_*: an MNM core's kernel options (MNMOptions; ignored by the other cores).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<at::Tensor>> policy_step(
     const c10::optional<at::Tensor>& grid, const c10::optional<at::Tensor>& projected,
     const std::vector<at::Tensor>& inputs, const std::vector<int64_t>& kinds,
@@ -263,7 +317,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<at::Tensor>> po
     const std::vector<int64_t>& sizes, int64_t core_kind, const std::vector<at::Tensor>& core,
     const std::vector<at::Tensor>& state, const at::Tensor& episode_starts,
     const std::vector<at::Tensor>& actor, const std::vector<at::Tensor>& critic,
-    int64_t activation, bool deterministic) {
+    int64_t activation, bool deterministic, int64_t mnm_heads, bool mnm_gradient_rule,
+    bool mnm_tanh, double mnm_eps, int64_t mnm_parts) {
   TORCH_CHECK(encoder_weight.is_cpu() && encoder_weight.dim() == 2,
               "policy_step: a CPU kernel; the extractor's weight must be [O, in]");
   TORCH_CHECK(episode_starts.dim() == 1, "policy_step: episode_starts must be [B]");
@@ -290,6 +345,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<at::Tensor>> po
       new_state = gru_step(features, state, starts, core);
       latent = new_state[0];
       break;
+    case kMNMCore: {
+      std::vector<at::Tensor> out =
+          mnm_step(features, state, starts, core,
+                   {mnm_heads, mnm_gradient_rule, mnm_tanh, mnm_eps, mnm_parts});
+      latent = out[0];
+      new_state.assign(out.begin() + 1, out.end());
+      break;
+    }
     case kMLPCore:
       TORCH_CHECK(state.empty(), "policy_step: the MLP core has no state");
       latent = run_head(features, core, kTanh, /*activate_last=*/true);
@@ -312,5 +375,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("policy_step", &policy_step,
         "(grid, P, inputs, kinds, W_enc, b_enc, embedding_dim, grid_column, pool_column, "
         "dense_columns, channel sizes, core_kind, core, state, episode_starts, actor, critic, "
-        "activation, deterministic) -> (actions, log_probs, values, finite, state)");
+        "activation, deterministic, mnm_heads, mnm_gradient_rule, mnm_tanh, mnm_eps, mnm_parts) "
+        "-> (actions, log_probs, values, finite, state)");
 }
