@@ -88,10 +88,10 @@ PYTORCH_HEADS = "/pyheads"
 #: of one compiled call (``MNM_RL_COMPILED_LOSS=0``, see ``mnm_rl/agent/ppo_loss.py``), e.g.
 #: ``lstm/pyloss`` or ``mnm-p/k2/pyloss/par``.
 PYTORCH_LOSS = "/pyloss"
-#: A config name ending in this runs a rollout step of a baseline core's policy (extractor, core,
-#: heads, draw) as PyTorch operators, heads included, instead of one compiled call
-#: (``MNM_RL_COMPILED_STEP=0``, see ``mnm_rl/agent/policy_step.py``), e.g. ``lstm/pystep``;
-#: ``lstm/pystep/pyheads`` runs the heads in PyTorch too.
+#: A config name ending in this runs a rollout step of the policy (extractor, core, heads, draw)
+#: as PyTorch operators around the compiled core step, grid encoder and heads, instead of one
+#: compiled call (``MNM_RL_COMPILED_STEP=0``, see ``mnm_rl/agent/policy_step.py``), e.g.
+#: ``lstm/pystep``; ``lstm/pystep/pyheads`` runs the heads in PyTorch too.
 PYTORCH_STEP = "/pystep"
 SUFFIXES = {
     EAGER: ("MNM_RL_FUSED", "0"),

@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "MiniGrid's. They take their actions as Python ints, which MiniGrid compares with its "
         "action enum much faster than numpy's; MNM_RL_INT_ACTIONS=0 passes numpy's on. "
         "MNM_RL_COMPILED_HEADS=0 runs only the action heads in plain PyTorch, "
-        "MNM_RL_COMPILED_LOSS=0 only PPO's loss, MNM_RL_COMPILED_STEP=0 only the rollout step "
-        "of an lstm, gru or mlp policy (extractor, core and heads in one call otherwise).",
+        "MNM_RL_COMPILED_LOSS=0 only PPO's loss, MNM_RL_COMPILED_STEP=0 only the policy's "
+        "rollout step (extractor, core and heads in one call otherwise).",
     )
     from mnm_rl import __version__
 

@@ -2,9 +2,9 @@
 
 Five extensions: the memory's sequence kernels (:mod:`mnm_rl.memory.fused`), the agent's
 symbol-grid encoder (:mod:`mnm_rl.agent.grid_linear`), its action heads for a rollout step
-(:mod:`mnm_rl.agent.action_heads`), a rollout step of a baseline core's whole policy
-(:mod:`mnm_rl.agent.policy_step`) and PPO's loss (:mod:`mnm_rl.agent.ppo_loss`). Each compiles
-the first time it is needed
+(:mod:`mnm_rl.agent.action_heads`), a rollout step of the whole policy
+(:mod:`mnm_rl.agent.policy_step`, which compiles the MNM kernel's source as well) and PPO's loss
+(:mod:`mnm_rl.agent.ppo_loss`). Each compiles the first time it is needed
 (cached under ``~/.cache/torch_extensions``, or ``TORCH_EXTENSIONS_DIR``). Without a C++
 compiler, or with ``MNM_RL_FUSED=0`` in the environment, the PyTorch code runs instead.
 """

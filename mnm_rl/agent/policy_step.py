@@ -1,23 +1,26 @@
-"""A rollout step of the whole policy (features extractor, baseline core, heads and the actions'
-draw) as one compiled call (``csrc/policy_step.cpp``).
+"""A rollout step of the whole policy (features extractor, core, heads and the actions' draw) as
+one compiled call (``csrc/policy_step.cpp``).
 
 :meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.act` runs once per rollout step for a batch of
 a few envs. Through PyTorch that is about forty small operators and a dozen Python functions
 (the observation's preprocessing, the extractor, the core with its state bookkeeping, the heads,
 the draw), each a few microseconds whatever its size: about 150 us for an LSTM policy on 8
-MiniGrid envs, several times the arithmetic. This module runs the same step as one call. It
-also keeps, between steps, the grid encoder's projected table (:mod:`mnm_rl.agent.grid_linear`),
-which depends only on the extractor's weights: it is rebuilt when any of them changes (an
-optimizer step, ``load_state_dict``), as their version counters tell.
+MiniGrid envs, several times the arithmetic. This module runs the same step as one call; an MNM
+core's step inside it is the MNM kernel's (``mnm_rl/memory/csrc/mnm_sequence.cpp``, compiled
+into this extension too). It also keeps, between steps, the grid encoder's projected table
+(:mod:`mnm_rl.agent.grid_linear`), which depends only on the extractor's weights: it is rebuilt
+when any of them changes (an optimizer step, ``load_state_dict``), as their version counters
+tell.
 
-It applies on the CPU, without gradients, to policies whose core is one of the baselines
-(``lstm``, ``gru``, ``mlp``) shared by actor and critic, whose heads' activation is ``nn.Tanh``
-or ``nn.ReLU``, and whose observations are a symbol grid (at most one), Discrete and Box inputs.
-Elsewhere (the MNM cores, which run their own fused kernel; a separate critic core; CUDA) the
-PyTorch step runs, as it does with ``MNM_RL_COMPILED_STEP=0`` in the environment (only this
-step) or ``MNM_RL_FUSED=0`` (every compiled kernel). It draws the actions from torch's default
-generator as :meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.sample` does, so the same seed
-gives the same actions; ``tests/test_policy_step.py`` compares it with the PyTorch step.
+It applies on the CPU, without gradients, to policies whose core (``lstm``, ``gru``, ``mlp``,
+``mnm-p``, ``mnm-g``) is shared by actor and critic, whose heads' activation is ``nn.Tanh`` or
+``nn.ReLU``, and whose observations are a symbol grid (at most one), Discrete and Box inputs;
+for an MNM core, not with a retention loss, reads before the write or an interaction that sees
+the input. Elsewhere (a separate critic core, CUDA, ...) the PyTorch step runs, as it does with
+``MNM_RL_COMPILED_STEP=0`` in the environment (only this step) or ``MNM_RL_FUSED=0`` (every
+compiled kernel). It draws the actions from torch's default generator as
+:meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.sample` does, so the same seed gives the same
+actions; ``tests/test_policy_step.py`` compares it with the PyTorch step.
 """
 
 from __future__ import annotations
