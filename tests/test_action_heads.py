@@ -189,3 +189,106 @@ def test_the_switch_runs_the_pytorch_heads(kernel, monkeypatch):
     monkeypatch.setattr(action_heads, "heads_step", lambda *args: pytest.fail("kernel called"))
     steps = policy_steps(small_model("lstm"), steps=3)
     assert all(s.finite and s.actions.shape == (3,) for s in steps)
+
+
+# ------------------------------------------------------------------------ the heads in training
+def module_heads(latent, value_latent, action_net, value_net):
+    return action_net(latent), value_net(value_latent).squeeze(-1)
+
+
+def heads_and_grads(run, latent, value_latent, action_net, value_net, g_logits, g_values):
+    """The heads' outputs and the gradients of ``(logits * g_logits).sum() + (values *
+    g_values).sum()`` (a gradient of ``None`` leaves that output out) with respect to the
+    latents and every parameter."""
+    logits, values = run(latent, value_latent, action_net, value_net)
+    outputs, grads = zip(
+        *[(o, g) for o, g in ((logits, g_logits), (values, g_values)) if g is not None],
+        strict=True,
+    )
+    inputs = [latent, value_latent, *action_net.parameters(), *value_net.parameters()]
+    return logits, values, torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+
+
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
+@pytest.mark.parametrize("hidden", [(64,), (32, 16), ()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("which", ["both", "logits", "values"])
+def test_the_training_heads_give_the_modules_outputs_and_gradients(
+    kernel, activation, hidden, dtype, which
+):
+    torch.manual_seed(0)
+    action_net = _mlp(24, hidden, 7, activation).to(dtype)
+    value_net = _mlp(24, hidden, 1, activation).to(dtype)
+    latent = torch.randn(5, 6, 24, dtype=dtype, requires_grad=True)
+    value_latent = torch.randn(5, 6, 24, dtype=dtype, requires_grad=True)
+    g_logits = torch.randn(5, 6, 7, dtype=dtype) if which != "values" else None
+    g_values = torch.randn(5, 6, dtype=dtype) if which != "logits" else None
+
+    def compiled(*args):
+        return action_heads.train_heads(kernel, *args, activation)
+
+    assert action_heads.trains(latent, action_net, activation)
+    args = (latent, value_latent, action_net, value_net, g_logits, g_values)
+    got, expected = heads_and_grads(compiled, *args), heads_and_grads(module_heads, *args)
+    # float32: the kernel's tanh is a few ulps from torch.tanh
+    tolerance = {} if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert got[0].shape == (5, 6, 7) and got[1].shape == (5, 6)
+    torch.testing.assert_close(got[0], expected[0], **tolerance)
+    torch.testing.assert_close(got[1], expected[1], **tolerance)
+    for a, b in zip(got[2], expected[2], strict=True):
+        if b is None:  # an input the chosen outputs do not depend on
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, **tolerance)
+
+
+def test_one_latent_for_both_heads_gets_both_gradients(kernel):
+    torch.manual_seed(1)
+    action_net, value_net = _mlp(16, (8,), 3, nn.Tanh), _mlp(16, (8,), 1, nn.Tanh)
+    latent = torch.randn(4, 16, requires_grad=True)
+    logits, values = action_heads.train_heads(
+        kernel, latent, latent, action_net, value_net, nn.Tanh
+    )
+    (grad,) = torch.autograd.grad(logits.sum() + values.sum(), [latent])
+    (expected,) = torch.autograd.grad(action_net(latent).sum() + value_net(latent).sum(), [latent])
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_training_heads_apply_with_gradients_on_cpu_floats_only():
+    action_net = _mlp(8, (8,), 3, nn.Tanh)
+    latent = torch.randn(2, 8)
+    assert action_heads.trains(latent, action_net, nn.Tanh)
+    assert action_heads.trains(latent.double(), action_net, nn.ReLU)
+    assert not action_heads.trains(latent, action_net, nn.ELU)
+    assert not action_heads.trains(latent.half(), action_net, nn.Tanh)
+    with torch.no_grad():
+        assert not action_heads.trains(latent, action_net, nn.Tanh)
+
+
+@pytest.mark.parametrize("core", ["lstm", "mnm-p"])
+def test_an_update_gets_the_same_loss_and_gradients_with_the_training_heads(
+    kernel, monkeypatch, core
+):
+    model = small_model(core)
+    buffer = collect_one_rollout(model)
+    batch = next(buffer.minibatches(chunks_per_batch=4))
+    parameters = list(model.policy.parameters())
+    calls = []
+    real = action_heads.train_heads
+    monkeypatch.setattr(action_heads, "train_heads", lambda *a: calls.append(1) or real(*a))
+
+    def loss_and_grads():
+        loss, _, _ = model._loss(batch, 0.2, None, 0.01, lambda **_: None)
+        return loss.detach(), torch.autograd.grad(loss, parameters, allow_unused=True)
+
+    compiled = loss_and_grads()
+    assert calls == [1]
+    monkeypatch.setenv(action_heads.SWITCH_VARIABLE, "0")
+    pytorch = loss_and_grads()
+    assert calls == [1]  # switched off: the modules
+    torch.testing.assert_close(compiled[0], pytorch[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled[1], pytorch[1], strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

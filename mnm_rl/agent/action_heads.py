@@ -24,6 +24,7 @@ from types import ModuleType
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from mnm_rl import native
 
@@ -86,3 +87,71 @@ def heads_step(
         ACTIVATION_CODES[activation_fn],
         deterministic,
     )
+
+
+def trains(latent: Tensor, action_net: nn.Sequential, activation_fn: type[nn.Module]) -> bool:
+    """Whether :func:`train_heads` can run the heads on ``latent`` with a backward pass to come:
+    CPU float tensors, an activation the kernel has, gradients on."""
+    return (
+        activation_fn in ACTIVATION_CODES
+        and latent.device.type == "cpu"
+        and latent.dtype in (torch.float32, torch.float64)
+        and torch.is_grad_enabled()
+        and action_net[0].weight.device.type == "cpu"
+    )
+
+
+class _TrainHeads(torch.autograd.Function):
+    """``apply(kernel, activation, n_actor, latent, value_latent, *actor, *critic)`` ->
+    ``(logits [N, A], values [N])``, with the heads' backward pass in the kernel too; ``actor``
+    is ``n_actor`` tensors ``[W_0, b_0, ...]``, ``critic`` the rest."""
+
+    @staticmethod
+    def forward(ctx, kernel, activation, n_actor, latent, value_latent, *params):  # noqa: D102
+        actor, critic = list(params[:n_actor]), list(params[n_actor:])
+        logits, values, actor_in, critic_in = kernel.heads_forward(
+            latent, value_latent, actor, critic, activation
+        )
+        ctx.kernel, ctx.activation = kernel, activation
+        ctx.counts = (n_actor, len(critic), len(actor_in))
+        ctx.save_for_backward(*params, *actor_in, *critic_in)
+        ctx.set_materialize_grads(False)
+        return logits, values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_logits, g_values):  # noqa: D102
+        n_actor, n_critic, n_actor_in = ctx.counts
+        saved = ctx.saved_tensors
+        actor, critic = saved[:n_actor], saved[n_actor : n_actor + n_critic]
+        inputs = saved[n_actor + n_critic :]
+        empty = torch.Tensor()  # stands for a zero gradient
+        d_latent, d_value_latent, d_actor, d_critic = ctx.kernel.heads_backward(
+            empty if g_logits is None else g_logits,
+            empty if g_values is None else g_values,
+            list(actor), list(critic), list(inputs[:n_actor_in]), list(inputs[n_actor_in:]),
+            ctx.activation,
+        )  # fmt: skip
+        return None, None, None, d_latent, d_value_latent, *d_actor, *d_critic
+
+
+def train_heads(
+    kernel: ModuleType,
+    latent: Tensor,
+    value_latent: Tensor,
+    action_net: nn.Sequential,
+    value_net: nn.Sequential,
+    activation_fn: type[nn.Module],
+) -> tuple[Tensor, Tensor]:
+    """The heads on ``latent [..., F]`` (actor) and ``value_latent [..., F]`` (critic) with a
+    backward pass to come, through the kernel: ``(logits [..., A], values [...])``, what
+    ``action_net(latent)`` and ``value_net(value_latent).squeeze(-1)`` give, their tanh the
+    kernels' own (a few float ulps from ``torch.tanh``, several times faster on the CPU)."""
+    lead = latent.shape[:-1]
+    actor, critic = layer_tensors(action_net), layer_tensors(value_net)
+    logits, values = _TrainHeads.apply(
+        kernel, ACTIVATION_CODES[activation_fn], len(actor),
+        latent.reshape(-1, latent.shape[-1]), value_latent.reshape(-1, value_latent.shape[-1]),
+        *actor, *critic,
+    )  # fmt: skip
+    return logits.view(*lead, -1), values.view(lead)

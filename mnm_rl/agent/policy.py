@@ -240,6 +240,14 @@ class RecurrentMemoryPolicy(BasePolicy):
             diagnostics ``[T, B]`` (summed over actor and critic cores when they are separate).
         """
         latent, value_latent, new_state, aux = self._latents(obs, state, episode_starts)
+        if action_heads.trains(latent, self.action_net, self.activation_fn):
+            kernel = action_heads.load_extension()
+            if kernel is not None:
+                logits, values = action_heads.train_heads(
+                    kernel, latent, value_latent, self.action_net, self.value_net,
+                    self.activation_fn,
+                )  # fmt: skip
+                return logits, values, new_state, aux
         logits = self.action_net(latent)
         values = self.value_net(value_latent).squeeze(-1)
         return logits, values, new_state, aux
