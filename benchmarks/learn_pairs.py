@@ -18,12 +18,12 @@ that agent runs: ``fused.set_kernel_threads(2)``); ``sb3-contrib`` (RecurrentPPO
 ``n_steps`` random actions per turn). Any may end in ``/mgview`` (its MiniGrid envs use
 MiniGrid's own observation code instead of mnm_rl's fast view, ``mnm_rl.envs.minigrid_view``)
 and in ``/npact`` (they take numpy integer actions, not ints: ``mnm_rl.envs.minigrid_actions``),
-our agents in ``/pyheads`` (their rollout steps run the action heads and the draw as PyTorch
-operators, not one compiled call: ``mnm_rl.agent.action_heads``) and in ``/pyloss`` (their
-updates compute PPO's loss and its gradient as PyTorch operators: ``mnm_rl.agent.ppo_loss``) and
-in ``/pystep`` (its rollout steps run as PyTorch operators around the compiled core step, not one
-compiled call of the whole policy: ``mnm_rl.agent.policy_step``; its heads are then the compiled
-ones unless ``/pyheads`` too),
+our agents in ``/pyheads`` (their heads run as PyTorch modules, not compiled calls, in the
+updates and in rollout steps that are not one compiled call: ``mnm_rl.agent.action_heads``), in
+``/pyloss`` (their updates compute PPO's loss and its gradient as PyTorch operators:
+``mnm_rl.agent.ppo_loss``) and in ``/pystep`` (its rollout steps run as PyTorch operators around
+the compiled core step, not one compiled call of the whole policy: ``mnm_rl.agent.policy_step``;
+its heads are then the compiled ones unless ``/pyheads`` too),
 then in ``/par`` (its own ``ParallelVecEnv`` with one worker process; an idle agent's worker
 sleeps). Switches that hold for a whole process (``/eager``, ``/unmap``, ``@N``) are
 ``throughput.py``'s. Every agent is built in the same setting (``throughput.py``'s options: env,

@@ -80,9 +80,10 @@ MINIGRID_VIEW = "/mgview"
 #: stable-baselines3's vec envs pass them, instead of as Python ints (``MNM_RL_INT_ACTIONS=0``,
 #: see ``mnm_rl/envs/minigrid_actions.py``), e.g. ``ceiling/npact`` or ``lstm/npact/par``.
 NUMPY_ACTIONS = "/npact"
-#: A config name ending in this runs a rollout step's action and value heads and its draw of the
-#: actions as PyTorch operators instead of one compiled call (``MNM_RL_COMPILED_HEADS=0``, see
-#: ``mnm_rl/agent/action_heads.py``), e.g. ``lstm/pyheads`` or ``mnm-p/k2/pyheads/par``.
+#: A config name ending in this runs the action and value heads as PyTorch modules instead of
+#: compiled calls (``MNM_RL_COMPILED_HEADS=0``, see ``mnm_rl/agent/action_heads.py``): in the
+#: updates, and in a rollout step that is not one compiled call itself (``/pystep``), e.g.
+#: ``lstm/pyheads`` or ``mnm-p/k2/pyheads/par``.
 PYTORCH_HEADS = "/pyheads"
 #: A config name ending in this computes PPO's loss and its gradient as PyTorch operators instead
 #: of one compiled call (``MNM_RL_COMPILED_LOSS=0``, see ``mnm_rl/agent/ppo_loss.py``), e.g.

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the same arrays 3.5-5x faster than MiniGrid's code; MNM_RL_FAST_VIEW=0 keeps "
         "MiniGrid's. They take their actions as Python ints, which MiniGrid compares with its "
         "action enum much faster than numpy's; MNM_RL_INT_ACTIONS=0 passes numpy's on. "
-        "MNM_RL_COMPILED_HEADS=0 runs only the action heads in plain PyTorch, "
+        "MNM_RL_COMPILED_HEADS=0 runs only the action heads (rollout and training) in plain "
+        "PyTorch, "
         "MNM_RL_COMPILED_LOSS=0 only PPO's loss, MNM_RL_COMPILED_STEP=0 only the policy's "
         "rollout step (extractor, core and heads in one call otherwise).",
     )

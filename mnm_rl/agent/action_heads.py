@@ -1,19 +1,26 @@
-"""The policy's action and value heads for one step, with the actions drawn, as one compiled call
-(``csrc/action_heads.cpp``).
+"""The policy's action and value heads as compiled calls (``csrc/action_heads.cpp``): for one
+rollout step, with the actions drawn, and over a training minibatch, forward and backward.
 
 At every rollout step :class:`~mnm_rl.agent.policy.RecurrentMemoryPolicy` runs its two heads on
 the core's output, draws the actions and takes their log-probabilities: in PyTorch about fifteen
 small operators (two MLPs, the log-softmax and exponential race of
 :meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.sample`, a gather, a finiteness check), each a
-few microseconds at a batch of 8 envs, whatever its size. The kernel does the same in one call:
-the heads' layers through ATen's ``addmm``, the rest in one loop over the batch. It draws the
-race from torch's default generator as ``sample`` does, so the same seed gives the same actions.
-``tests/test_action_heads.py`` compares it with the PyTorch code.
+few microseconds at a batch of 8 envs, whatever its size. :func:`heads_step` does the same in
+one call: the heads' layers through ATen's ``addmm``, the rest in one loop over the batch. It
+draws the race from torch's default generator as ``sample`` does, so the same seed gives the
+same actions. (Where the whole step is one call, :mod:`mnm_rl.agent.policy_step`, that call runs
+the heads itself.)
 
-Used without gradients (rollouts and ``predict``) on CPU tensors, for heads whose activation is
-``nn.Tanh`` or ``nn.ReLU``; otherwise the PyTorch code runs, and also with
-``MNM_RL_COMPILED_HEADS=0`` in the environment (only these heads) or ``MNM_RL_FUSED=0`` (every
-compiled kernel).
+In training, :func:`train_heads` runs both heads over a minibatch in one call forward and one
+backward, instead of about twenty operators and their autograd nodes; its tanh is the kernels'
+own (a few float ulps from ``torch.tanh``, which on an AMD CPU goes through MKL's generic code at
+2.4 ns a float, 8x ``torch.sigmoid``'s). ``tests/test_action_heads.py`` compares both with the
+PyTorch code.
+
+Used on CPU float tensors, for heads whose activation is ``nn.Tanh`` or ``nn.ReLU``: the step
+without gradients (rollouts and ``predict``), the training heads with them; otherwise the
+PyTorch code runs, and also with ``MNM_RL_COMPILED_HEADS=0`` in the environment (only these
+heads) or ``MNM_RL_FUSED=0`` (every compiled kernel).
 """
 
 from __future__ import annotations
