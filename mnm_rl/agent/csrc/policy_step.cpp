@@ -33,6 +33,7 @@
 
 #include "../../memory/csrc/elementwise.h"
 #include "../../memory/csrc/kernels.h"  // the MNM kernel, compiled into this extension too
+#include "../../memory/csrc/rnn_common.h"  // kept_rows
 #include "grid_projection.h"
 #include "heads.h"
 
@@ -186,21 +187,16 @@ at::Tensor encode(const c10::optional<at::Tensor>& grid, const c10::optional<at:
   return out;
 }
 
-// A copy of a state tensor [B, H] with the rows of sequences whose episode starts set to zero
-// (set, not multiplied: a state that holds inf or NaN still starts from zero).
-at::Tensor kept_state(const at::Tensor& state, const std::vector<char>& starts) {
+// A copy of a state tensor [B, ...] with the rows of sequences whose episode starts (keep [1, B]
+// is 0) set to zero: set, not multiplied, so a state that holds inf or NaN still starts from zero
+// (rnn_common.h's kept_rows, as the sequence kernels reset theirs).
+at::Tensor kept_state(const at::Tensor& state, const at::Tensor& keep) {
   const at::Tensor in = state.contiguous();
   at::Tensor out = at::empty(in.sizes(), in.options());
   const int64_t B = in.size(0), n = B > 0 ? in.numel() / B : 0;
   AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "policy_step_kept_state", [&] {
-    const scalar_t* from = in.data_ptr<scalar_t>();
-    scalar_t* to = out.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      if (starts[static_cast<size_t>(b)])
-        std::fill(to + b * n, to + (b + 1) * n, scalar_t(0));
-      else
-        std::copy(from + b * n, from + (b + 1) * n, to + b * n);
-    }
+    mnm_rl::kept_rows(out.data_ptr<scalar_t>(), in.data_ptr<scalar_t>(),
+                      keep.data_ptr<scalar_t>(), B, n);
   });
   return out;
 }
@@ -208,7 +204,7 @@ at::Tensor kept_state(const at::Tensor& state, const std::vector<char>& starts) 
 // The LSTM's step from x [B, F] and (h, c) [B, H]: (h', c'), new tensors. layers: W_ih, W_hh,
 // b_ih, b_hh (nn.LSTM's, gate order i, f, g, o).
 std::vector<at::Tensor> lstm_step(const at::Tensor& x, const std::vector<at::Tensor>& state,
-                                  const std::vector<char>& starts,
+                                  const at::Tensor& keep,
                                   const std::vector<at::Tensor>& layers) {
   TORCH_CHECK(layers.size() == 4 && state.size() == 2,
               "policy_step: an LSTM takes W_ih, W_hh, b_ih, b_hh and the state h, c");
@@ -218,7 +214,7 @@ std::vector<at::Tensor> lstm_step(const at::Tensor& x, const std::vector<at::Ten
               "policy_step: the LSTM's state must be [", B, ", ", H, "]");
   // gates_x as run_lstm computes it, then the recurrent product added as lstm_forward adds it
   at::Tensor gates = at::addmm(layers[2] + layers[3], x, layers[0].t());
-  at::Tensor h = kept_state(state[0], starts), c = kept_state(state[1], starts);
+  at::Tensor h = kept_state(state[0], keep), c = kept_state(state[1], keep);
   gates.addmm_(h, layers[1].t());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_lstm", [&] {
     for (int64_t b = 0; b < B; ++b)
@@ -231,7 +227,7 @@ std::vector<at::Tensor> lstm_step(const at::Tensor& x, const std::vector<at::Ten
 // The GRU's step from x [B, F] and h [B, H]: h', a new tensor. layers: W_ih, W_hh, b_ih, b_hh
 // (nn.GRU's, gate order r, z, n).
 std::vector<at::Tensor> gru_step(const at::Tensor& x, const std::vector<at::Tensor>& state,
-                                 const std::vector<char>& starts,
+                                 const at::Tensor& keep,
                                  const std::vector<at::Tensor>& layers) {
   TORCH_CHECK(layers.size() == 4 && state.size() == 1,
               "policy_step: a GRU takes W_ih, W_hh, b_ih, b_hh and the state h");
@@ -239,7 +235,7 @@ std::vector<at::Tensor> gru_step(const at::Tensor& x, const std::vector<at::Tens
   TORCH_CHECK(state[0].sizes() == at::IntArrayRef({B, H}), "policy_step: the GRU's state must be [",
               B, ", ", H, "]");
   const at::Tensor gx = at::addmm(layers[2], x, layers[0].t());
-  const at::Tensor h_in = kept_state(state[0], starts);
+  const at::Tensor h_in = kept_state(state[0], keep);
   const at::Tensor gh = at::addmm(layers[3], h_in, layers[1].t());
   at::Tensor h = at::empty({B, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_gru", [&] {
@@ -265,17 +261,11 @@ std::vector<at::Tensor> gru_step(const at::Tensor& x, const std::vector<at::Tens
 // returns (output [B, O], h', c', read', fast weights'). layers: the input gates' W, b, the
 // output layer's W, b, then the kernel's slow weights (fused.kernel_weights).
 std::vector<at::Tensor> mnm_step(const at::Tensor& x, const std::vector<at::Tensor>& state,
-                                 const std::vector<char>& starts,
+                                 const at::Tensor& keep,
                                  const std::vector<at::Tensor>& layers, const MNMOptions& o) {
   TORCH_CHECK(layers.size() == 12 && state.size() == 4,
               "policy_step: an MNM core takes 12 weights and the state h, c, read, fast weights");
-  const int64_t B = x.size(0);
   const at::Tensor gates_x = at::addmm(layers[1], x, layers[0].t()).unsqueeze(0);
-  at::Tensor keep = at::empty({1, B}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_keep", [&] {
-    scalar_t* k = keep.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < B; ++b) k[b] = starts[static_cast<size_t>(b)] ? 0 : 1;
-  });
   at::Tensor weights = state[3];
   const bool as_is = weights.stride(3) == 1 && weights.stride(2) == weights.size(3);
   const bool transposed = weights.stride(2) == 1 && weights.stride(3) == weights.size(2);
@@ -328,26 +318,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<at::Tensor>> po
   const at::Tensor features =
       encode(grid, projected, dense, encoder_weight, encoder_bias, embedding_dim, grid_column,
              pool_column, dense_columns, sizes);
-  std::vector<char> starts(static_cast<size_t>(B));
-  const at::Tensor starts_c = episode_starts.contiguous();
-  AT_DISPATCH_ALL_TYPES_AND(at::kBool, starts_c.scalar_type(), "policy_step_starts", [&] {
-    const scalar_t* p = starts_c.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < B; ++b) starts[static_cast<size_t>(b)] = p[b] != scalar_t(0);
-  });
+  // keep [1, B]: 0 where an episode starts (the state is reset first), else 1; every core's
+  // step takes it (the MNM kernel as its keep [T, B])
+  const at::Tensor keep = episode_starts.eq(0).to(options.dtype()).reshape({1, B});
   std::vector<at::Tensor> new_state;
   at::Tensor latent;
   switch (core_kind) {
     case kLSTMCore:
-      new_state = lstm_step(features, state, starts, core);
+      new_state = lstm_step(features, state, keep, core);
       latent = new_state[0];
       break;
     case kGRUCore:
-      new_state = gru_step(features, state, starts, core);
+      new_state = gru_step(features, state, keep, core);
       latent = new_state[0];
       break;
     case kMNMCore: {
       std::vector<at::Tensor> out =
-          mnm_step(features, state, starts, core,
+          mnm_step(features, state, keep, core,
                    {mnm_heads, mnm_gradient_rule, mnm_tanh, mnm_eps, mnm_parts});
       latent = out[0];
       new_state.assign(out.begin() + 1, out.end());
