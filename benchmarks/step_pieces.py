@@ -13,7 +13,11 @@ Times, per call and in interleaved rounds (the medians are printed):
   core, heads, draw) on MiniGrid's observation (a ``--view-size`` symbol grid and a direction)
   for ``--envs`` envs, one of which starts an episode: as one compiled call
   (``mnm_rl.agent.policy_step``), and with ``MNM_RL_COMPILED_STEP=0`` as before it (PyTorch
-  operators around the compiled core step, grid encoder and heads).
+  operators around the compiled core step, grid encoder and heads);
+* ``training heads``: the two heads (width ``--hidden``, one hidden layer, tanh) over a minibatch
+  of ``--seq-len`` x ``--chunks`` steps, forward and backward into the latent and every
+  parameter: through ``mnm_rl.agent.action_heads.train_heads``, and with
+  ``MNM_RL_COMPILED_HEADS=0`` as the modules.
 
 Prints a table and, last, a JSON object ``{"rounds", "calls", "pieces": {piece: {"compiled_us",
 "pytorch_us", "speedup"}}}``.
@@ -36,8 +40,8 @@ import torch
 from gymnasium import spaces
 
 from mnm_rl import native
-from mnm_rl.agent import policy_step, ppo_loss
-from mnm_rl.agent.policy import RecurrentMemoryPolicy
+from mnm_rl.agent import action_heads, policy_step, ppo_loss
+from mnm_rl.agent.policy import RecurrentMemoryPolicy, _mlp
 from mnm_rl.memory import fused
 from mnm_rl.memory.baselines import GRUCore, LSTMCore
 
@@ -133,6 +137,29 @@ def policy_act(core: str, args: argparse.Namespace) -> Callable[[], None]:
     return call
 
 
+def training_heads(args: argparse.Namespace) -> Callable[[], None]:
+    """The heads' forward and backward over one minibatch, as ``forward_sequence`` runs them:
+    through the compiled kernel, or the modules where ``MNM_RL_COMPILED_HEADS=0``."""
+    torch.manual_seed(0)
+    action_net = _mlp(args.hidden, (args.hidden,), args.actions, torch.nn.Tanh)
+    value_net = _mlp(args.hidden, (args.hidden,), 1, torch.nn.Tanh)
+    latent = torch.randn(args.seq_len, args.chunks, args.hidden, requires_grad=True)
+    g_logits = torch.randn(args.seq_len, args.chunks, args.actions)
+    g_values = torch.randn(args.seq_len, args.chunks)
+
+    def call() -> None:
+        kernel = action_heads.load_extension()
+        if kernel is not None:
+            logits, values = action_heads.train_heads(
+                kernel, latent, latent, action_net, value_net, torch.nn.Tanh
+            )
+        else:
+            logits, values = action_net(latent), value_net(latent).squeeze(-1)
+        torch.autograd.backward([logits, values], [g_logits, g_values])
+
+    return call
+
+
 def time_calls(call: Callable[[], None], calls: int, switch: tuple[str, str] | None) -> float:
     """Microseconds per call, with the environment variable ``switch = (name, value)`` set
     meanwhile."""
@@ -156,7 +183,10 @@ def time_calls(call: Callable[[], None], calls: int, switch: tuple[str, str] | N
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
-    kernels = (ppo_loss.load_extension(), fused.load_extension(), policy_step.load_extension())
+    kernels = (
+        ppo_loss.load_extension(), fused.load_extension(), policy_step.load_extension(),
+        action_heads.load_extension(),
+    )  # fmt: skip
     if None in kernels:
         raise SystemExit("step_pieces.py: the compiled kernels are not available")
     loss = loss_pieces(args)
@@ -170,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     for core in ("lstm", "gru", "mlp", "mnm-p"):
         act = policy_act(core, args)
         pieces.append((f"{core} policy", act, step_on, act, step_off))
+    heads = training_heads(args)
+    heads_switch = action_heads.SWITCH_VARIABLE
+    pieces.append(("training heads", heads, (heads_switch, "1"), heads, (heads_switch, "0")))
     times: dict[str, dict[str, list[float]]] = {
         p[0]: {"compiled": [], "pytorch": []} for p in pieces
     }

@@ -22,7 +22,7 @@ def test_times_every_piece_both_ways_and_prints_a_json_last_line(step_pieces, ca
     assert out["rounds"] == 2 and out["calls"] == 3
     assert list(out["pieces"]) == [
         "ppo loss", "lstm step", "gru step", "lstm policy", "gru policy", "mlp policy",
-        "mnm-p policy",
+        "mnm-p policy", "training heads",
     ]  # fmt: skip
     for piece in out["pieces"].values():
         assert piece["compiled_us"] > 0 and piece["pytorch_us"] > 0
@@ -70,4 +70,18 @@ def test_the_policy_steps_take_the_compiled_step_only_when_it_is_on(step_pieces,
     step_pieces.time_calls(act, 4, ("MNM_RL_COMPILED_STEP", "0"))
     assert calls == []
     step_pieces.time_calls(act, 4, ("MNM_RL_COMPILED_STEP", "1"))
+    assert len(calls) == 5
+
+
+def test_the_training_heads_take_the_kernel_only_when_it_is_on(step_pieces, monkeypatch):
+    from mnm_rl.agent import action_heads
+
+    calls: list[int] = []
+    real = action_heads.train_heads
+    monkeypatch.setattr(action_heads, "train_heads", lambda *a: calls.append(1) or real(*a))
+    args = step_pieces.parse_args(["--hidden", "8", "--chunks", "2", "--seq-len", "3"])
+    heads = step_pieces.training_heads(args)
+    step_pieces.time_calls(heads, 4, ("MNM_RL_COMPILED_HEADS", "0"))
+    assert calls == []
+    step_pieces.time_calls(heads, 4, ("MNM_RL_COMPILED_HEADS", "1"))
     assert len(calls) == 5
