@@ -23,8 +23,9 @@ updates and in rollout steps that are not one compiled call: ``mnm_rl.agent.acti
 ``/pyloss`` (their updates compute PPO's loss and its gradient as PyTorch operators:
 ``mnm_rl.agent.ppo_loss``) and in ``/pystep`` (its rollout steps run as PyTorch operators around
 the compiled core step, not one compiled call of the whole policy: ``mnm_rl.agent.policy_step``;
-its heads are then the compiled ones unless ``/pyheads`` too),
-then in ``/par`` (its own ``ParallelVecEnv`` with one worker process; an idle agent's worker
+its heads are then the compiled ones unless ``/pyheads`` too) and in ``/atenmm`` (their kernels'
+and input projections' matrix products through ATen, MKL, not the kernels' own:
+``mnm_rl.memory.products``), then in ``/par`` (its own ``ParallelVecEnv`` with one worker process; an idle agent's worker
 sleeps). Switches that hold for a whole process (``/eager``, ``/unmap``, ``@N``) are
 ``throughput.py``'s. Every agent is built in the same setting (``throughput.py``'s options: env,
 view size, envs, rollout length, epochs, minibatch, width), with one torch thread.
@@ -151,6 +152,7 @@ PER_AGENT = (
     throughput.PYTORCH_HEADS,
     throughput.PYTORCH_LOSS,
     throughput.PYTORCH_STEP,
+    throughput.ATEN_PRODUCTS,
 )
 
 
@@ -160,8 +162,8 @@ class Config(NamedTuple):
     its MiniGrid envs have mnm_rl's fast view (not with ``/mgview``), whether they take
     their actions as Python ints (not with ``/npact``), whether its rollout steps run the
     compiled action heads (not with ``/pyheads``), whether its updates run the compiled PPO
-    loss (not with ``/pyloss``) and whether its rollout steps run the compiled policy step (not
-    with ``/pystep``)."""
+    loss (not with ``/pyloss``), whether its rollout steps run the compiled policy step (not
+    with ``/pystep``) and whether its products are the kernels' own (not with ``/atenmm``)."""
 
     agent: str
     kernel_threads: int
@@ -171,10 +173,11 @@ class Config(NamedTuple):
     compiled_heads: bool
     compiled_loss: bool
     compiled_step: bool
+    dense_products: bool
 
 
 def parse_config(config: str) -> Config:
-    """``"mnm-p/k2/par"`` -> ``Config("mnm-p", 2, 1, True, True, True, True, True)``."""
+    """``"mnm-p/k2/par"`` -> ``Config("mnm-p", 2, 1, True, True, True, True, True, True)``."""
     name, workers = throughput.split_parallel(config)
     base, suffixes = throughput.split_suffixes(name)
     rest = "".join(s for s in reversed(suffixes) if s not in PER_AGENT)
@@ -187,6 +190,7 @@ def parse_config(config: str) -> Config:
         throughput.PYTORCH_HEADS not in suffixes,
         throughput.PYTORCH_LOSS not in suffixes,
         throughput.PYTORCH_STEP not in suffixes,
+        throughput.ATEN_PRODUCTS not in suffixes,
     )
 
 
@@ -209,10 +213,11 @@ def config_problem(config: str) -> str | None:
 
 def pytorch_suffixes(parsed: Config) -> list[str]:
     """The suffixes of ``parsed`` that run a compiled piece of our agents in PyTorch instead
-    (``/pyheads``, ``/pyloss``, ``/pystep``)."""
+    (``/pyheads``, ``/pyloss``, ``/pystep``, ``/atenmm``)."""
     pieces = ((throughput.PYTORCH_HEADS, parsed.compiled_heads),
               (throughput.PYTORCH_LOSS, parsed.compiled_loss),
-              (throughput.PYTORCH_STEP, parsed.compiled_step))  # fmt: skip
+              (throughput.PYTORCH_STEP, parsed.compiled_step),
+              (throughput.ATEN_PRODUCTS, parsed.dense_products))  # fmt: skip
     return [suffix for suffix, compiled in pieces if not compiled]
 
 

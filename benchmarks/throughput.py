@@ -94,6 +94,10 @@ PYTORCH_LOSS = "/pyloss"
 #: compiled call (``MNM_RL_COMPILED_STEP=0``, see ``mnm_rl/agent/policy_step.py``), e.g.
 #: ``lstm/pystep``; ``lstm/pystep/pyheads`` runs the heads in PyTorch too.
 PYTORCH_STEP = "/pystep"
+#: A config name ending in this runs the matrix products of our compiled kernels and of the cores'
+#: input projections through ATen (MKL) instead of the kernels' own hand-written products
+#: (``MNM_RL_DENSE_PRODUCTS=0``, see ``mnm_rl/memory/products.py``), e.g. ``lstm/atenmm/par``.
+ATEN_PRODUCTS = "/atenmm"
 SUFFIXES = {
     EAGER: ("MNM_RL_FUSED", "0"),
     UNMAP: ("MNM_RL_RETAIN_MEMORY", "0"),
@@ -103,6 +107,7 @@ SUFFIXES = {
     PYTORCH_HEADS: ("MNM_RL_COMPILED_HEADS", "0"),
     PYTORCH_LOSS: ("MNM_RL_COMPILED_LOSS", "0"),
     PYTORCH_STEP: ("MNM_RL_COMPILED_STEP", "0"),
+    ATEN_PRODUCTS: ("MNM_RL_DENSE_PRODUCTS", "0"),
 }
 #: A config name ending in this (before any ``@N``) steps its envs in two groups at once, one in a
 #: worker process (``ParallelVecEnv(n_workers=1)``), e.g. ``lstm/par`` next to ``lstm``. The CPU
@@ -329,7 +334,8 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 
 def apply_suffixes(name: str) -> None:
     """Set the environment variable of each variant suffix ``name`` ends with (``/eager``,
-    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/pyheads``, ``/pyloss``, ``/pystep``; see
+    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/pyheads``, ``/pyloss``, ``/pystep``,
+    ``/atenmm``; see
     ``SUFFIXES``),
     before mnm_rl loads its kernels or builds an env."""
     for suffix in split_suffixes(name)[1]:

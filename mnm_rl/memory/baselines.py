@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mnm_rl.memory import products
 from mnm_rl.memory.base import RecurrentCore
 from mnm_rl.memory.rnn_kernels import rnn_kernel, run_gru, run_lstm
 from mnm_rl.memory.state import CoreState
@@ -176,4 +177,10 @@ class MLPCore(RecurrentCore):
         self, x: Tensor, state: CoreState, episode_starts: Tensor
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         self._check_inputs(x, state, episode_starts)
-        return self.net(x), state, {}
+        for layer in self.net:  # the Linear layers by the kernels' products where they apply
+            x = (
+                products.linear(x, layer.weight, layer.bias)
+                if isinstance(layer, nn.Linear)
+                else layer(x)
+            )
+        return x, state, {}

@@ -22,7 +22,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from mnm_rl.memory import fused
+from mnm_rl.memory import fused, products
 
 
 def rnn_kernel(x: Tensor) -> ModuleType | None:
@@ -98,7 +98,7 @@ def run_lstm(
     """A one-layer ``rnn`` over ``x [T, B, F]`` from ``(h0, c0)`` ``[B, H]``, the state of
     sequence ``b`` set to zero before step ``t`` where ``episode_starts[t, b]`` is nonzero.
     Returns ``(outputs [T, B, H], h [B, H], c [B, H])`` after the last step."""
-    gates_x = nn.functional.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0 + rnn.bias_hh_l0)
+    gates_x = products.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0 + rnn.bias_hh_l0)
     keep = (episode_starts == 0).to(x.dtype).contiguous()
     h0, c0, w_hh = h0.contiguous(), c0.contiguous(), rnn.weight_hh_l0
     store = _store(gates_x, h0, c0, w_hh)
@@ -111,7 +111,7 @@ def run_gru(
 ) -> tuple[Tensor, Tensor]:
     """A one-layer ``rnn`` over ``x [T, B, F]`` from ``h0 [B, H]``, with resets as in
     :func:`run_lstm`. Returns ``(outputs [T, B, H], h [B, H])`` after the last step."""
-    gates_x = nn.functional.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0)
+    gates_x = products.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0)
     keep = (episode_starts == 0).to(x.dtype).contiguous()
     h0, w_hh, b_hh = h0.contiguous(), rnn.weight_hh_l0, rnn.bias_hh_l0
     store = _store(gates_x, h0, w_hh, b_hh)

@@ -17,7 +17,7 @@
 //
 // For training it also runs the two heads over a minibatch, forward and backward, as one call
 // each (heads_forward, heads_backward; mnm_rl/agent/action_heads.py: train_heads): the products
-// through ATen's addmm/mm, the activations in place with the kernels' own tanh (elementwise.h:
+// through the kernels' hand-written products (memory/csrc/dense_products.h), the activations in place with the kernels' own tanh (elementwise.h:
 // branch-free, a few float ulps from torch.tanh, which on an AMD CPU goes through MKL's generic
 // code at 2.4 ns a float) and their derivatives through the outputs.
 
@@ -67,7 +67,9 @@ std::vector<at::Tensor> head_forward(const at::Tensor& x, const std::vector<at::
   std::vector<at::Tensor> out{x.contiguous()};
   const size_t count = layers.size() / 2;
   for (size_t i = 0; i < count; ++i) {
-    at::Tensor y = at::addmm(layers[2 * i + 1], out.back(), layers[2 * i].t());
+    at::Tensor y = at::empty({x.size(0), layers[2 * i].size(0)}, x.options());
+    mnm_rl::biased_product_into(y, layers[2 * i + 1], out.back(),
+                                mnm_rl::packed_transpose(layers[2 * i]));
     if (i + 1 < count) activate(y, activation);
     out.push_back(y);
   }
@@ -82,9 +84,9 @@ std::vector<at::Tensor> head_backward(at::Tensor g, const std::vector<at::Tensor
   const size_t count = layers.size() / 2;
   std::vector<at::Tensor> grads(layers.size() + 1);
   for (size_t i = count; i-- > 0;) {
-    grads[1 + 2 * i] = g.t().mm(inputs[i]);
+    grads[1 + 2 * i] = mnm_rl::product(g.t(), inputs[i]);
     grads[2 + 2 * i] = g.sum(0);
-    at::Tensor gx = g.mm(layers[2 * i]);
+    at::Tensor gx = mnm_rl::product(g, layers[2 * i].contiguous());
     if (i > 0) times_derivative(gx, inputs[i], activation);
     g = gx;
   }

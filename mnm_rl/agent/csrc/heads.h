@@ -10,6 +10,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../../memory/csrc/dense_products.h"
+
 // Internal linkage, as for the memory kernels' headers: each extension compiles its own copy.
 namespace {
 
@@ -25,7 +27,9 @@ at::Tensor run_head(at::Tensor x, const std::vector<at::Tensor>& layers, int64_t
               " tensors");
   const size_t count = layers.size() / 2;
   for (size_t i = 0; i < count; ++i) {
-    x = at::addmm(layers[2 * i + 1], x, layers[2 * i].t());
+    at::Tensor y = at::empty({x.size(0), layers[2 * i].size(0)}, x.options());
+    mnm_rl::biased_product_into(y, layers[2 * i + 1], x, mnm_rl::packed_transpose(layers[2 * i]));
+    x = y;
     if (i + 1 == count && !activate_last) break;
     if (activation == kTanh) {
       x.tanh_();

@@ -31,6 +31,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../../memory/csrc/dense_products.h"
 #include "../../memory/csrc/elementwise.h"
 #include "../../memory/csrc/kernels.h"  // the MNM kernel, compiled into this extension too
 #include "../../memory/csrc/rnn_common.h"  // kept_rows
@@ -212,10 +213,12 @@ std::vector<at::Tensor> lstm_step(const at::Tensor& x, const std::vector<at::Ten
   TORCH_CHECK(state[0].sizes() == at::IntArrayRef({B, H}) &&
                   state[1].sizes() == at::IntArrayRef({B, H}),
               "policy_step: the LSTM's state must be [", B, ", ", H, "]");
-  // gates_x as run_lstm computes it, then the recurrent product added as lstm_forward adds it
-  at::Tensor gates = at::addmm(layers[2] + layers[3], x, layers[0].t());
+  // gates_x as run_lstm computes it (products.linear), then the recurrent product added as
+  // lstm_forward adds it: the same products (dense_products.h), so the same rounding
+  at::Tensor gates = at::empty({B, 4 * H}, x.options());
+  mnm_rl::biased_product_into(gates, layers[2] + layers[3], x, mnm_rl::packed_transpose(layers[0]));
   at::Tensor h = kept_state(state[0], keep), c = kept_state(state[1], keep);
-  gates.addmm_(h, layers[1].t());
+  mnm_rl::product_into(gates, h, mnm_rl::packed_transpose(layers[1]), true);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_lstm", [&] {
     for (int64_t b = 0; b < B; ++b)
       mnm_rl::lstm_cell_row(gates.data_ptr<scalar_t>() + b * 4 * H, c.data_ptr<scalar_t>() + b * H,
@@ -234,9 +237,11 @@ std::vector<at::Tensor> gru_step(const at::Tensor& x, const std::vector<at::Tens
   const int64_t B = x.size(0), H = layers[1].size(1);
   TORCH_CHECK(state[0].sizes() == at::IntArrayRef({B, H}), "policy_step: the GRU's state must be [",
               B, ", ", H, "]");
-  const at::Tensor gx = at::addmm(layers[2], x, layers[0].t());
+  // as run_gru and gru_forward compute them
+  const at::Tensor gx = at::empty({B, 3 * H}, x.options()), gh = at::empty({B, 3 * H}, x.options());
+  mnm_rl::biased_product_into(gx, layers[2], x, mnm_rl::packed_transpose(layers[0]));
   const at::Tensor h_in = kept_state(state[0], keep);
-  const at::Tensor gh = at::addmm(layers[3], h_in, layers[1].t());
+  mnm_rl::biased_product_into(gh, layers[3], h_in, mnm_rl::packed_transpose(layers[1]));
   at::Tensor h = at::empty({B, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_gru", [&] {
     using T = scalar_t;

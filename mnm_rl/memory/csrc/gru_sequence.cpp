@@ -15,6 +15,7 @@
 
 #include <vector>
 
+#include "dense_products.h"
 #include "elementwise.h"
 #include "kernels.h"
 #include "rnn_common.h"
@@ -33,7 +34,7 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& gates_x, const at::Tensor&
   auto acts = at::empty({store ? T : 0, B, 4 * H}, opts);
   auto h_in = at::empty({B, H}, opts);
   auto gh = at::empty({B, 3 * H}, opts);
-  const auto w_hh_t = w_hh.t();
+  const auto w_hh_t = packed_transpose(w_hh);  // [H, 3H], for every step's product
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "gru_forward", [&] {
     using T_ = scalar_t;
     const BelowAutograd below_autograd;
@@ -44,7 +45,7 @@ std::vector<at::Tensor> gru_forward(const at::Tensor& gates_x, const at::Tensor&
     T_* h_all = hs.data_ptr<T_>();
     for (int64_t t = 0; t < T; ++t) {
       kept_rows(u, h_prev, keep_p + t * B, B, H);
-      at::addmm_out(gh, b_hh, h_in, w_hh_t);
+      biased_product_into(gh, b_hh, h_in, w_hh_t);
       T_* h_p = h_all + t * B * H;
       for (int64_t b = 0; b < B; ++b) {
         const T_* __restrict__ gx = gx_all + (t * B + b) * 3 * H;
@@ -107,13 +108,13 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& k
           du_p[b * H + i] = d * z;
         }
       }
-      at::addmm_out(dh, du, g_gh[t], w_hh);
+      biased_product_into(dh, du, g_gh[t], w_hh);
       kept_rows(dh.data_ptr<T_>(), dh.data_ptr<T_>(), keep_p + t * B, B, H);
     }
   });
   // The recurrent weight's and bias's gradients, once over all steps.
   auto flat = g_gh.reshape({T * B, 3 * H});
-  auto g_w_hh = at::mm(flat.t(), h_prev.reshape({T * B, H}));
+  auto g_w_hh = product(flat.t(), h_prev.reshape({T * B, H}));
   return {g_gates_x, dh, g_w_hh, flat.sum(0)};
 }
 

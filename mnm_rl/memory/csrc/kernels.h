@@ -74,4 +74,11 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& k
                                      const at::Tensor& h0, const at::Tensor& w_hh,
                                      const at::Tensor& hs, const at::Tensor& acts);
 
+// linear.cpp: a Linear layer by the hand-written products of dense_products.h (see there).
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias);
+std::vector<at::Tensor> linear_backward(const at::Tensor& grad, const at::Tensor& x,
+                                        const at::Tensor& weight, bool needs_x, bool needs_weight,
+                                        bool needs_bias);
+
 }  // namespace mnm_rl

@@ -21,6 +21,7 @@
 
 #include <vector>
 
+#include "dense_products.h"
 #include "elementwise.h"
 #include "kernels.h"
 #include "rnn_common.h"
@@ -42,7 +43,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor
   auto acts = at::empty({store ? T : 0, B, 4 * H}, opts);
   auto h_in = at::empty({B, H}, opts);
   auto gates = at::empty({B, 4 * H}, opts);  // without store; else each step's row of acts
-  const auto w_hh_t = w_hh.t();
+  const auto w_hh_t = packed_transpose(w_hh);  // [H, 4H], for every step's product
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "lstm_forward", [&] {
     using T_ = scalar_t;
     const BelowAutograd below_autograd;
@@ -55,7 +56,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor
       kept_rows(u, h_prev, keep_p + t * B, B, H);
       kept_rows(c_p, c_p, keep_p + t * B, B, H);
       at::Tensor out = store ? acts[t] : gates;
-      at::addmm_out(out, gates_x[t], h_in, w_hh_t);
+      biased_product_into(out, gates_x[t], h_in, w_hh_t);
       // The activations in place, then the cell (elementwise.h).
       T_* h_p = h_all + t * B * H;
       for (int64_t b = 0; b < B; ++b)
@@ -113,13 +114,13 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& 
           dc_p[b * H + i] = dcell * fg * k;  // a reset passes nothing to the previous step
         }
       }
-      at::mm_out(dh, g_gates[t], w_hh);
+      product_into(dh, g_gates[t], w_hh);
       kept_rows(dh.data_ptr<T_>(), dh.data_ptr<T_>(), keep_t, B, H);
     }
   });
   // The recurrent weight's gradient, once over all steps: sum_t g_gates[t]^T (keep[t] h_{t-1}).
   auto h_prev = entering_states(h0, hs, keep);
-  auto g_w_hh = at::mm(g_gates.reshape({T * B, 4 * H}).t(), h_prev.reshape({T * B, H}));
+  auto g_w_hh = product(g_gates.reshape({T * B, 4 * H}).t(), h_prev.reshape({T * B, H}));
   return {g_gates, dh, dc, g_w_hh};
 }
 

@@ -19,7 +19,8 @@
 // dispatch, autograd bookkeeping and allocation whatever its size. Here one call does a whole
 // sequence. Every matrix product is one call per step and layer for the whole batch (the fast
 // weights are kept layer-major, [L, B, D, D], so that each layer is one contiguous batch of
-// matrices): BLAS for the controller's, the hand-written loops of row_products.h for the
+// matrices): dense_products.h's for the controller's (MKL ran its AVX2 code on our AMD CPUs at
+// less than half their speed), the hand-written loops of row_products.h for the
 // memory's (the passes through its layers, x M^T, on weights the forward pass holds
 // transposed; x M, and the rank-H updates of the write and of the weights' gradient), where MKL
 // spent much of its time repacking each small matrix; everything elementwise is plain loops on
@@ -55,6 +56,7 @@
 #include <utility>
 #include <vector>
 
+#include "dense_products.h"
 #include "elementwise.h"
 #include "kernels.h"
 #include "row_products.h"
@@ -91,6 +93,7 @@ template <typename T> struct Layers {
 struct Weights {
   at::Tensor w_beta, b_beta, w_fb, b_fb, m_init;  // m_init [L, D, D]
   at::Tensor m_init_t;  // the forward pass's: m_init with each matrix transposed
+  at::Tensor w_fb_t;    // the forward pass's (mnm-p): w_fb^T, packed for dense_products.h
 };
 
 // Every matrix of weights w [L, B, D, D] (each matrix contiguous, layer and batch strided),
@@ -213,7 +216,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
   // Errors per layer.
   T* delta = s.delta.data_ptr<T>();
   if (!d.gradient_rule) {
-    if (write) at::addmm_out(s.raw, w.b_fb, s.values.view({B * H, D}), w.w_fb.t());
+    if (write) biased_product_into(s.raw, w.b_fb, s.values.view({B * H, D}), w.w_fb_t);
     const T* raw = s.raw.data_ptr<T>();
     T* target = s.target.data_ptr<T>();
     for (int64_t l = 0; l < L; ++l)
@@ -382,8 +385,9 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   const auto u_scratch = store ? none : at::empty({B, Hd + D}, opts);
   const auto gates_scratch = store ? none : at::empty({B, 4 * Hd}, opts);
   const auto e_scratch = store ? none : at::empty({B, E}, opts);
-  auto w_rec_t = w_rec.t();
-  auto w_int_t = w_int.t();
+  // The slow weights transposed and packed once, for every step's products (dense_products.h).
+  const auto w_rec_t = packed_transpose(w_rec);
+  const auto w_int_t = packed_transpose(w_int);
   // The forward pass holds every fast-weight matrix transposed, N = M^T, so that the passes
   // through the layers, x M^T, are x N: the hand-written form of row_products.h, where MKL's
   // bmm for x M^T spent about as long packing each small matrix as multiplying with it. The
@@ -396,7 +400,8 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
       start_transposed ? m0.permute({1, 0, 3, 2}) : at::empty({L, B, D, D}, opts);
   const at::Tensor m_init_c = m_init.contiguous(), m_init_t = at::empty_like(m_init_c);
   const bool per_step_int = b_int.dim() == 3;
-  const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, m_init_t};
+  const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, m_init_t,
+                        gradient_rule ? at::Tensor() : packed_transpose(w_fb)};
   StepBuffers s(d, opts, !store);
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_forward", [&] {
@@ -423,7 +428,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
       }
       if (store) c_in[t].copy_(c_state);
       at::Tensor gates = store ? gates_kept[t] : gates_scratch;
-      at::addmm_out(gates, gates_x[t], u, w_rec_t);
+      biased_product_into(gates, gates_x[t], u, w_rec_t);
       const T_* g = gates.data_ptr<T_>();
       T_* h_p = hs[t].data_ptr<T_>();
       for (int64_t b = 0; b < B; ++b)
@@ -434,7 +439,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
           h_p[b * Hd + i] = a.o * tanh_(c);
         }
       at::Tensor e = store ? e_kept[t] : e_scratch;
-      at::addmm_out(e, per_step_int ? b_int[t] : b_int, hs[t], w_int_t);
+      biased_product_into(e, per_step_int ? b_int[t] : b_int, hs[t], w_int_t);
       // The interaction's tanh with the kernel's own vectorised tanh_ (elementwise.h): ATen's
       // e.tanh_() took about 45 us for [16, 832], 3% of a training pass at 4 heads x 3 layers.
       apply_act(true, e.data_ptr<T_>(), e.numel());
@@ -545,7 +550,7 @@ std::vector<at::Tensor> mnm_backward(
   // [L, B, D, D], each matrix as M (start weights that came stored transposed, copied)
   auto m0_layers = (stored_as_is(m0) ? m0 : m0.contiguous()).transpose(0, 1);
   const bool per_step_int = b_int.dim() == 3;
-  const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, at::Tensor()};
+  const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, at::Tensor(), at::Tensor()};
   StepBuffers s(d, opts, false);
   double g_b_beta_value = 0;
   const bool kept_mnm_p = raw_all.dim() == 3 && raw_all.size(0) == T;
@@ -807,8 +812,8 @@ std::vector<at::Tensor> mnm_backward(
   // The controller's and the BFPF's weight gradients, once over all steps.
   auto flat_gates = g_gates.reshape({T * B, 4 * Hd});
   auto flat_pre_e = g_pre_e.reshape({T * B, E});
-  auto g_w_rec = at::mm(flat_gates.t(), u_all);
-  auto g_w_int = at::mm(flat_pre_e.t(), hs.reshape({T * B, Hd}));
+  auto g_w_rec = product(flat_gates.t(), u_all);
+  auto g_w_int = product(flat_pre_e.t(), hs.reshape({T * B, Hd}));
   auto g_b_int = per_step_int ? g_pre_e : flat_pre_e.sum(0);
   at::Tensor g_w_fb, g_b_fb;
   if (gradient_rule) {
@@ -816,7 +821,7 @@ std::vector<at::Tensor> mnm_backward(
     g_b_fb = at::zeros_like(b_fb);
   } else {
     auto flat_raw = g_raw.reshape({T * B * H, L * D});
-    g_w_fb = at::mm(flat_raw.t(), values_all);
+    g_w_fb = product(flat_raw.t(), values_all);
     g_b_fb = flat_raw.sum(0);
   }
   auto g_m0 = G.transpose(0, 1);  // a view: not copied where the start weights need no grad

@@ -1,6 +1,7 @@
 // The Python module of the fused CPU kernels (loaded by mnm_rl/memory/fused.py).
 #include <torch/extension.h>
 
+#include "dense_products.h"
 #include "kernels.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,4 +20,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &mnm_rl::lstm_backward, "its backward pass");
   m.def("gru_forward", &mnm_rl::gru_forward, "GRU with episode resets over a sequence");
   m.def("gru_backward", &mnm_rl::gru_backward, "its backward pass");
+  m.def("linear_forward", &mnm_rl::linear_forward, "x W^T + b by the hand-written products");
+  m.def("linear_backward", &mnm_rl::linear_backward,
+        "its backward pass: (grad, x, W, needs_x, needs_W, needs_b) -> (dx, dW, db)");
+  m.def(
+      "dense_product",
+      [](const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& out) {
+        // out = a b, or out += a b into a given out: the kernels' hand-written products
+        // (dense_products.h), for tests/test_dense_products.py and benchmarks/dense_products.py
+        // b given transposed (x W^T) is packed as the kernels pack their weights
+        const at::Tensor rows = b.dim() == 2 && b.stride(1) != 1 ? mnm_rl::packed_transpose(b.t()) : b;
+        if (!out.has_value()) return mnm_rl::product(a, rows);
+        mnm_rl::product_into(*out, a, rows, true);
+        return *out;
+      },
+      "a @ b by the kernels' hand-written products; with out, out += a @ b in place",
+      py::arg("a"), py::arg("b"), py::arg("out") = py::none());
 }

@@ -1,0 +1,60 @@
+"""``F.linear`` by the compiled kernels' own matrix products (``csrc/dense_products.h``).
+
+On the CPU, ATen hands float32 products to MKL's sgemm, which on our AMD EPYC machines runs its
+AVX2 code (70-95 GFLOP/s at the shapes a PPO update has); the kernels' hand-written products
+use 64-byte vectors and run them at 210-230 (``benchmarks/dense_products.py``). :func:`linear`
+is ``F.linear`` through them, forward and backward, for the cores' input projections over a
+whole sequence. ``tests/test_dense_products.py`` checks it against ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from mnm_rl.memory import fused
+
+#: Environment variable: ``0`` runs ATen's products instead, here and in the kernels (timings
+#: side by side; ``benchmarks/throughput.py``'s ``/atenmm`` configs).
+SWITCH_VARIABLE = "MNM_RL_DENSE_PRODUCTS"
+
+
+class _DenseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kernel: ModuleType, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: D102
+        ctx.kernel = kernel
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return kernel.linear_forward(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g_x, g_weight, g_bias = ctx.kernel.linear_backward(
+            grad, x, weight, needs[1], needs[2], ctx.has_bias and needs[3]
+        )
+        return None, g_x, g_weight, g_bias if ctx.has_bias else None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for ``x [..., in]``: through the compiled products on the
+    CPU in float32 and float64 when the kernels are built (and not switched off by
+    ``MNM_RL_FUSED=0`` or ``MNM_RL_DENSE_PRODUCTS=0``), else ``F.linear`` itself."""
+    usable = (
+        os.environ.get(SWITCH_VARIABLE) != "0"
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+    )
+    kernel = fused.load_extension() if usable else None
+    if kernel is None:
+        return nn.functional.linear(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    return _DenseLinear.apply(kernel, flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
