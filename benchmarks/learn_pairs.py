@@ -25,10 +25,11 @@ updates and in rollout steps that are not one compiled call: ``mnm_rl.agent.acti
 the compiled core step, not one compiled call of the whole policy: ``mnm_rl.agent.policy_step``;
 its heads are then the compiled ones unless ``/pyheads`` too) and in ``/atenmm`` (their kernels'
 and input projections' matrix products through ATen, MKL, not the kernels' own:
-``mnm_rl.memory.products``), then in ``/par`` (its own ``ParallelVecEnv`` with one worker process; an idle agent's worker
-sleeps). Switches that hold for a whole process (``/eager``, ``/unmap``, ``@N``) are
-``throughput.py``'s. Every agent is built in the same setting (``throughput.py``'s options: env,
-view size, envs, rollout length, epochs, minibatch, width), with one torch thread.
+``mnm_rl.memory.products``), then in ``/par`` (its own ``ParallelVecEnv`` with one worker
+process; an idle agent's worker sleeps). Switches that hold for a whole process (``/eager``,
+``/unmap``, ``@N``) are ``throughput.py``'s. Every agent is built in the same setting
+(``throughput.py``'s options: env, view size, envs, rollout length, epochs, minibatch, width),
+with one torch thread.
 
 The table also gives each config's rate per CPU second of this process (``time.process_time``:
 with ``/k2`` both kernel threads, with ``/par`` not the worker). Where it swings between turns
