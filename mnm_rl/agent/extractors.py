@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from mnm_rl.agent import grid_linear
 from mnm_rl.agent.grid_linear import GridLayout
+from mnm_rl.memory import products
 
 #: Below this many rows, and without a backward pass, the grid's linear layer runs as plain
 #: PyTorch: the compiled kernel's fixed cost (projecting every table row through every cell's
@@ -160,7 +161,8 @@ class MemoryFeaturesExtractor(BaseFeaturesExtractor):
         if kernel is not None:
             return self._forward_compiled(kernel, named)
         parts = [self.encoders[name](x) for name, x in named.items()]
-        return self.linear(torch.cat(parts, dim=-1))
+        linear: nn.Linear = self.linear[0]  # by the kernels' products where they apply
+        return self.linear[1](products.linear(torch.cat(parts, dim=-1), linear.weight, linear.bias))
 
     def _grid_kernel(self, named: dict[str, Tensor]) -> ModuleType | None:
         """The compiled grid kernel where it applies and pays: one grid, CPU tensors, and a

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from mnm_rl.memory import fused
+from mnm_rl.memory import fused, products
 from mnm_rl.memory.base import LazyDiagnostics, RecurrentCore
 from mnm_rl.memory.fast_weights import (
     Activation,
@@ -266,10 +266,11 @@ class MNMCore(RecurrentCore):
     ) -> tuple[Tensor, CoreState, Mapping[str, Tensor]]:
         """:meth:`forward` by the compiled kernel: the same equations, one call per sequence."""
         interaction_x = self.input_interaction(x) if self.input_interaction is not None else None
+        gates_x = products.linear(x, self.input_gates.weight, self.input_gates.bias)
         hs, reads, after, before, values, beta, norm, c, weights = fused.run_sequence(
-            self, self.input_gates(x), episode_starts, state, kernel, interaction_x
+            self, gates_x, episode_starts, state, kernel, interaction_x
         )
-        y = self.output(torch.cat([hs, reads], dim=-1))
+        y = products.linear(torch.cat([hs, reads], dim=-1), self.output.weight, self.output.bias)
         parts = {
             "answer_after": after,
             "answer_before": before,

@@ -156,7 +156,10 @@ at::Tensor encode(const c10::optional<at::Tensor>& grid, const c10::optional<at:
   if (!grid.has_value() || !grid->defined()) {
     TORCH_CHECK(dense.size(1) == in, "policy_step: ", dense.size(1),
                 " input columns for an extractor layer of ", in);
-    return at::addmm(bias, dense, weight.t()).relu_();  // as nn.Linear and nn.ReLU
+    // as MemoryFeaturesExtractor computes it: products.linear, then nn.ReLU
+    at::Tensor out = at::empty({B, O}, dense.options());
+    mnm_rl::biased_product_into(out, bias, dense, mnm_rl::packed_transpose(weight));
+    return out.relu_();
   }
   TORCH_CHECK(projected.has_value() && projected->defined(),
               "policy_step: a grid input needs its projected table");
@@ -270,7 +273,10 @@ std::vector<at::Tensor> mnm_step(const at::Tensor& x, const std::vector<at::Tens
                                  const std::vector<at::Tensor>& layers, const MNMOptions& o) {
   TORCH_CHECK(layers.size() == 12 && state.size() == 4,
               "policy_step: an MNM core takes 12 weights and the state h, c, read, fast weights");
-  const at::Tensor gates_x = at::addmm(layers[1], x, layers[0].t()).unsqueeze(0);
+  // the input gates and the output layer as MNMCore's forward computes them (products.linear)
+  at::Tensor gates_x = at::empty({x.size(0), layers[0].size(0)}, x.options());
+  mnm_rl::biased_product_into(gates_x, layers[1], x, mnm_rl::packed_transpose(layers[0]));
+  gates_x = gates_x.unsqueeze(0);
   at::Tensor weights = state[3];
   const bool as_is = weights.stride(3) == 1 && weights.stride(2) == weights.size(3);
   const bool transposed = weights.stride(2) == 1 && weights.stride(3) == weights.size(2);
@@ -292,7 +298,8 @@ std::vector<at::Tensor> mnm_step(const at::Tensor& x, const std::vector<at::Tens
                                 w[10], w[11], o.n_heads, o.gradient_rule, o.tanh_act, o.eps, false);
   }
   const at::Tensor h = out[0][0], read = out[1][0];
-  const at::Tensor y = at::addmm(layers[3], at::cat({h, read}, 1), layers[2].t());
+  const at::Tensor y = at::empty({h.size(0), layers[2].size(0)}, h.options());
+  mnm_rl::biased_product_into(y, layers[3], at::cat({h, read}, 1), mnm_rl::packed_transpose(layers[2]));
   return {y, h, out[7], read, out[8]};
 }
 
