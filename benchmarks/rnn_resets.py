@@ -4,7 +4,8 @@ One ``LSTMCore`` / ``GRUCore`` (width 64, input 64), a minibatch of 16 sequences
 S9 preset's), forward and backward, 1 torch thread, wall time, medians of interleaved pairs in
 one process: the ``nn`` module run span by span between episode starts (``MNM_RL_FUSED=0``, the
 code before the thirteenth session) against the compiled kernel (``mnm_rl.memory.rnn_kernels``,
-which the core uses when an episode starts after the first step). Each step of each sequence
+which the core uses for every sequence; until the twenty-ninth session the LSTM took it only
+when an episode starts after the first step). Each step of each sequence
 starts an episode with probability ``p``: with 16 sequences, ``p = 0.04`` (25-step episodes,
 as a trained agent on MiniGrid-MemoryS9 has) already puts a start in about half of the steps.
 

@@ -128,23 +128,21 @@ def test_kernel_gradients_pass_gradcheck(kernel):
 
 
 @pytest.mark.parametrize("kind", CORES)
-def test_lstm_sequences_without_resets_and_the_switch_use_the_module(kernel, monkeypatch, kind):
-    def refuse(*args):
-        raise AssertionError("the kernel was called")
-
-    monkeypatch.setattr(getattr(rnn_kernels, CORES[kind][1]), "apply", refuse)
+def test_sequences_without_resets_take_the_kernel_and_the_switch_the_module(
+    kernel, monkeypatch, kind
+):
+    calls = _count_calls(monkeypatch, kind)
     core = _core(kind, 5, 7, dtype=torch.float32)
     x, starts, state = _inputs(core, steps=4, batch=3, dtype=torch.float32)
-    if kind == "lstm":  # without resets after the first step: one oneDNN nn.LSTM call
-        no_resets_after_the_first_step = torch.zeros(4, 3)
-        no_resets_after_the_first_step[0] = 1
-        y, _, _ = core(x, state, no_resets_after_the_first_step)
-        assert y.shape == (4, 3, 7)
+    no_resets_after_the_first_step = torch.zeros(4, 3)
+    no_resets_after_the_first_step[0] = 1
+    y, _, _ = core(x, state, no_resets_after_the_first_step)
+    assert y.shape == (4, 3, 7) and len(calls) == 1  # the kernel, faster than one oneDNN call
     monkeypatch.setenv("MNM_RL_FUSED", "0")
     y, _, _ = core(x[:1], state, starts[:1])  # a rollout step: the cell op
     assert y.shape == (1, 3, 7)
     y, _, _ = core(x, state, starts)
-    assert y.shape == (4, 3, 7)
+    assert y.shape == (4, 3, 7) and len(calls) == 1
 
 
 def _rollout_step_inputs(core):

@@ -53,11 +53,6 @@ class _FusedRNNCore(RecurrentCore):
         new = new if isinstance(new, tuple) else (new,)
         return out, [h.squeeze(0) for h in new]
 
-    #: Over several steps, take the compiled kernel (:mod:`mnm_rl.memory.rnn_kernels`) only
-    #: when an episode starts after a sequence's first step; otherwise always. A single step
-    #: (a rollout step) always takes it.
-    kernel_only_with_resets: bool
-
     def _forward_kernel(
         self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel
     ) -> tuple[Tensor, CoreState]:
@@ -69,11 +64,9 @@ class _FusedRNNCore(RecurrentCore):
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
         self._check_inputs(x, state, episode_starts)
         kernel = rnn_kernel(x)
-        if kernel is not None and (x.shape[0] == 1 or not self.kernel_only_with_resets):
+        if kernel is not None:
             return (*self._forward_kernel(x, state, episode_starts, kernel), {})
         resets = episode_starts.any(dim=1).tolist()  # one host read per call
-        if kernel is not None and any(resets[1:]):
-            return (*self._forward_kernel(x, state, episode_starts, kernel), {})
         hidden = [state[k] for k in self.state_keys]
         outputs = []
         for start, end in _spans(resets):
@@ -90,16 +83,13 @@ class _FusedRNNCore(RecurrentCore):
 class LSTMCore(_FusedRNNCore):
     """LSTM baseline; state ``h, c`` of shape ``[B, hidden_size]``.
 
-    A sequence in which some episode starts after the first step runs, on the CPU, through the
-    compiled kernel of :mod:`mnm_rl.memory.rnn_kernels` (one call whatever the resets) when it
-    is available; otherwise span by span through ``nn.LSTM``. Without such resets one fused
-    ``nn.LSTM`` call (oneDNN) is as fast, so it keeps that. A single step (the rollout's) takes
-    the kernel too, or, without it, the LSTM cell op.
+    On the CPU a sequence runs through the compiled kernel of :mod:`mnm_rl.memory.rnn_kernels`
+    (one call whatever the resets) when it is available; otherwise span by span between episode
+    starts through ``nn.LSTM``, and a single step (the rollout's) through the LSTM cell op.
     """
 
     rnn_type = nn.LSTM
     state_keys = ("h", "c")
-    kernel_only_with_resets = True
 
     def _forward_kernel(
         self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel
@@ -134,7 +124,6 @@ class GRUCore(_FusedRNNCore):
 
     rnn_type = nn.GRU
     state_keys = ("h",)
-    kernel_only_with_resets = False
 
     def _forward_kernel(
         self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel

@@ -10,9 +10,11 @@ kernels (``csrc/lstm_sequence.cpp``, ``csrc/gru_sequence.cpp``, in the extension
 whatever the resets, with the ``nn.LSTM``/``nn.GRU`` module's own weights.
 
 ``tests/test_rnn_kernels.py`` compares them with the module run span by span: outputs, final
-state and every gradient, in float64. The cores use them on the CPU (the LSTM, whose oneDNN
-``nn.LSTM`` call is as fast over a reset-free sequence, for a single step, the rollout's, and
-when an episode starts after the first step), unless ``MNM_RL_FUSED=0``.
+state and every gradient, in float64. The cores use them on the CPU, whatever the resets,
+unless ``MNM_RL_FUSED=0``: with the kernels' own products (``csrc/dense_products.h``) the LSTM
+kernel is also faster than one oneDNN ``nn.LSTM`` call over a sequence without resets
+(``benchmarks/rnn_resets.py``, twenty-ninth session; before them it took the kernel only where
+an episode starts after the first step).
 """
 
 from __future__ import annotations
@@ -27,13 +29,10 @@ from mnm_rl.memory import fused, products
 
 def rnn_kernel(x: Tensor) -> ModuleType | None:
     """The compiled kernels if they apply to ``x [T, B, F]`` (CPU, float32/64, not switched off
-    by ``MNM_RL_FUSED=0``), else ``None``. Whether they pay off is the core's call
-    (``kernel_only_with_resets`` in :mod:`mnm_rl.memory.baselines`): over several steps the LSTM
-    takes them only when an episode starts after the first step, since without resets one
-    oneDNN ``nn.LSTM`` call is as fast; ``nn.GRU`` has no such fast path on the CPU, so the GRU
-    takes them whatever the resets (``benchmarks/rnn_resets.py``). For a single step (the
-    rollout's) both take them: the reset is a mask, with no host read, and the step costs
-    about two thirds of ``torch.lstm_cell``'s with the resets applied around it."""
+    by ``MNM_RL_FUSED=0``), else ``None``. The cores take them for every sequence
+    (``benchmarks/rnn_resets.py``) and for a single step, the rollout's: the reset is a mask,
+    with no host read, and the step costs about two thirds of ``torch.lstm_cell``'s with the
+    resets applied around it."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
     return fused.load_extension()
