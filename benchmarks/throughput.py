@@ -230,7 +230,9 @@ def make_env(
     too; ``MNM_RL_INT_ACTIONS=0`` switches it off as well), and an observation wrapper: our
     ``SymbolicMiniGrid`` for us, minigrid's ``ImgObsWrapper`` (a Box) for sb3-contrib. With
     ``env_workers``, a ``ParallelVecEnv`` with that many worker processes; else
-    ``vec_env_cls(env_fns, **vec_env_kwargs)``, a ``DummyVecEnv`` by default."""
+    ``vec_env_cls(env_fns, **vec_env_kwargs)``, by default the ``LeanDummyVecEnv`` that
+    ``mnm-rl train`` steps its envs in (``mnm_rl.lean_vec_env``: ``DummyVecEnv`` without its deep
+    copies), for every config, the ceiling and sb3-contrib included."""
     import gymnasium as gym
     from stable_baselines3.common.env_util import make_vec_env
 
@@ -261,6 +263,10 @@ def make_env(
         from mnm_rl.parallel_vec_env import ParallelVecEnv
 
         vec_env_cls, vec_env_kwargs = ParallelVecEnv, {"n_workers": env_workers}
+    elif vec_env_cls is None:
+        from mnm_rl.lean_vec_env import LeanDummyVecEnv
+
+        vec_env_cls = LeanDummyVecEnv
     return make_vec_env(
         args.env,
         n_envs=args.n_envs,

@@ -1,15 +1,17 @@
-"""Raw stepping of one env by four vec envs, side by side: how much a second process gains.
+"""Raw stepping of one env by five vec envs, side by side: how much a second process gains.
 
 Times ``step()`` with uniformly random actions of ``--n-envs`` envs of ``--env``, made as
 ``throughput.py`` makes them (MiniGrid: ``agent_view_size=3``, our symbolic observation), in:
 
 * ``dummy``: SB3's ``DummyVecEnv``, every env in this process;
+* ``lean``: ``mnm_rl.lean_vec_env.LeanDummyVecEnv``, the same without its deep copies (what
+  ``mnm-rl train`` and ``throughput.py`` step in one process);
 * ``parallel``: ``ParallelVecEnv`` with ``--workers`` worker processes, waits that watch shared
   memory before sleeping (the default on x86);
 * ``parallel/pipes``: the same with waits on pipes only (``spin=False``, the default elsewhere);
 * ``subproc``: SB3's ``SubprocVecEnv``, one process per env, pipes.
 
-All four are built once; then rounds of ``--steps`` vec steps each, every vec env once per round
+All five are built once; then rounds of ``--steps`` vec steps each, every vec env once per round
 in turn. Prints a table of medians (env steps per second of wall time, and the ratio to
 ``dummy``) and, as its last line, a JSON object ``{"env", "n_envs", "workers", "rounds",
 "sps": {name: median}, "ratio_to_dummy": {name: ratio}}``.
@@ -43,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
+    from mnm_rl.lean_vec_env import LeanDummyVecEnv
     from mnm_rl.parallel_vec_env import ParallelVecEnv
 
     args = parse_args(argv)
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     parallel = {"n_workers": args.workers}
     envs = {
         "dummy": make_env(args, vec_env_cls=DummyVecEnv),
+        "lean": make_env(args, vec_env_cls=LeanDummyVecEnv),
         "parallel": make_env(args, vec_env_cls=ParallelVecEnv, vec_env_kwargs=parallel),
         "parallel/pipes": make_env(
             args, vec_env_cls=ParallelVecEnv, vec_env_kwargs={**parallel, "spin": False}

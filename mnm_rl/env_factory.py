@@ -222,11 +222,11 @@ def train_base_seed(spec: EnvSpec, run_seed: int, n_envs: int, num_timesteps: in
 
 def make_vec_env(spec: EnvSpec, n_envs: int, seed: int | None = None, env_workers: int = 0):
     """The training envs: ``n_envs`` monitored envs with the spec's ``train_wrappers``; env ``i``
-    first resets with ``seed + i``. A ``DummyVecEnv``, or with ``env_workers`` a
+    first resets with ``seed + i``. A :class:`~mnm_rl.lean_vec_env.LeanDummyVecEnv`
+    (stable-baselines3's ``DummyVecEnv`` without its deep copies), or with ``env_workers`` a
     :class:`~mnm_rl.parallel_vec_env.ParallelVecEnv` stepping them in ``env_workers + 1`` groups
     at once (the same episodes either way)."""
-    from stable_baselines3.common.vec_env import DummyVecEnv
-
+    from mnm_rl.lean_vec_env import LeanDummyVecEnv
     from mnm_rl.parallel_vec_env import ParallelVecEnv
 
     if n_envs < 1:
@@ -237,7 +237,7 @@ def make_vec_env(spec: EnvSpec, n_envs: int, seed: int | None = None, env_worker
         )
     make_env(spec, training=True).close()  # fail here, clearly, rather than inside the vec env
     env_fns = [partial(make_env, spec, monitor=True, training=True) for _ in range(n_envs)]
-    vec_env = ParallelVecEnv(env_fns, env_workers) if env_workers else DummyVecEnv(env_fns)
+    vec_env = ParallelVecEnv(env_fns, env_workers) if env_workers else LeanDummyVecEnv(env_fns)
     if seed is not None:
         vec_env.seed(seed)
     return vec_env

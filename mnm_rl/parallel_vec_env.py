@@ -10,9 +10,10 @@ whole group, the calling process steps its own group meanwhile instead of waitin
 waits for the other by first watching a counter in shared memory (a round trip of about 2 us)
 and only then sleeping (see :class:`_Bell`).
 
-Every group is a ``DummyVecEnv``, so resets, ``terminal_observation``, ``reset_infos`` and seeding
-are the same as stepping all environments in one ``DummyVecEnv``: the same seeds and actions give
-the same observations, rewards, dones and infos.
+Every group is a ``DummyVecEnv`` (:class:`~mnm_rl.lean_vec_env.LeanDummyVecEnv`), so resets,
+``terminal_observation``, ``reset_infos`` and seeding are the same as stepping all environments
+in one ``DummyVecEnv``: the same seeds and actions give the same observations, rewards, dones
+and infos.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
+from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.common.vec_env.base_vec_env import (
     CloudpickleWrapper,
     VecEnvIndices,
@@ -39,6 +40,8 @@ from stable_baselines3.common.vec_env.base_vec_env import (
     VecEnvStepReturn,
 )
 from stable_baselines3.common.vec_env.util import dict_to_obs, obs_space_info
+
+from mnm_rl.lean_vec_env import LeanDummyVecEnv
 
 #: How long a waiting process watches the shared counter before it sleeps on a pipe. Longer than
 #: a small policy's step (0.3-1 ms on a CPU), so that in a rollout neither side sleeps; short
@@ -205,7 +208,7 @@ def _worker(
     # checkpoint, say) and then closes the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        venv = DummyVecEnv(env_fns.var)
+        venv = LeanDummyVecEnv(env_fns.var)
     except BaseException:  # noqa: BLE001  (reported to the caller, which raises)
         pipe.send(("failed", traceback.format_exc()))
         return
@@ -400,7 +403,7 @@ class ParallelVecEnv(VecEnv):
         if start_method is None:
             start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         context = mp.get_context(start_method)
-        self._local = DummyVecEnv(env_fns[: groups[0].stop])
+        self._local = LeanDummyVecEnv(env_fns[: groups[0].stop])
         observation_space, action_space = self._local.observation_space, self._local.action_space
         self._workers: list[_WorkerHandle] = []
         self._closed = False

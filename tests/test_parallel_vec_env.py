@@ -314,7 +314,7 @@ def test_ctrl_c_with_env_workers_saves_a_checkpoint_and_leaves_no_process(tmp_pa
 
 
 def test_the_benchmarks_take_parallel_configs(capsys):
-    """``benchmarks/vec_env_step.py`` runs its four vec envs and ends with its JSON line; the
+    """``benchmarks/vec_env_step.py`` runs its five vec envs and ends with its JSON line; the
     ``/par`` suffix of ``throughput.py`` names one env worker and leaves the rest of the
     config to the other suffixes."""
     import json
@@ -324,7 +324,7 @@ def test_the_benchmarks_take_parallel_configs(capsys):
     out = load_script("vec_env_step").main(
         ["--env", "CartPole-v1", "--n-envs", "2", "--steps", "20", "--rounds", "1"]
     )
-    assert set(out["sps"]) == {"dummy", "parallel", "parallel/pipes", "subproc"}
+    assert set(out["sps"]) == {"dummy", "lean", "parallel", "parallel/pipes", "subproc"}
     assert out["ratio_to_dummy"]["dummy"] == 1.0 and all(v > 0 for v in out["sps"].values())
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
 
