@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "MNM_RL_COMPILED_HEADS=0 runs only the action heads (rollout and training) in plain "
         "PyTorch, "
         "MNM_RL_COMPILED_LOSS=0 only PPO's loss, MNM_RL_COMPILED_STEP=0 only the policy's "
-        "rollout step (extractor, core and heads in one call otherwise).",
+        "rollout step (extractor, core and heads in one call otherwise). The kernels' matrix "
+        "products are their own (MKL runs its AVX2 code on AMD CPUs); "
+        "MNM_RL_DENSE_PRODUCTS=0 runs ATen's instead.",
     )
     from mnm_rl import __version__
 

@@ -19,6 +19,7 @@ Everything else (resets, seeding, ``reset_infos``, ``get_attr`` ...) is ``DummyV
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -28,12 +29,13 @@ from stable_baselines3.common.vec_env.util import dict_to_obs
 
 
 def _copied(value: Any) -> Any:
-    """A copy of an observation: a new array, or a dict (tuple) of new arrays."""
+    """A copy of an observation: new arrays in a dict or tuple as the observation had them
+    (anything else, a Discrete space's int say, as ``deepcopy`` copies it)."""
     if isinstance(value, dict):
         return {k: _copied(v) for k, v in value.items()}
     if isinstance(value, tuple):
         return tuple(_copied(v) for v in value)
-    return np.array(value, copy=True)
+    return value.copy() if isinstance(value, np.ndarray) else copy.deepcopy(value)
 
 
 class LeanDummyVecEnv(DummyVecEnv):

@@ -64,3 +64,26 @@ def test_what_a_step_returns_is_the_callers_own():
     for key in obs:  # later steps did not write into an earlier step's observation
         np.testing.assert_array_equal(obs[key], kept[key])
     lean.close()
+
+
+def test_a_terminal_observation_keeps_its_type():
+    """A Discrete space's observation is an int: its terminal copy is an int too, as
+    ``DummyVecEnv``'s deep copy leaves it."""
+    import gymnasium as gym
+
+    def make():
+        return gym.make("FrozenLake-v1", is_slippery=False)
+
+    dummy, lean = DummyVecEnv([make]), LeanDummyVecEnv([make])
+    dummy.seed(0)
+    lean.seed(0)
+    dummy.reset(), lean.reset()
+    for _ in range(100):  # left, into the corner, until the time limit or a hole
+        expected, got = dummy.step(np.array([1])), lean.step(np.array([1]))
+        if got[2][0]:
+            want = expected[3][0]["terminal_observation"]
+            have = got[3][0]["terminal_observation"]
+            assert type(have) is type(want) and have == want
+            break
+    else:
+        raise AssertionError("no episode ended")

@@ -17,8 +17,8 @@
 //
 // For training it also runs the two heads over a minibatch, forward and backward, as one call
 // each (heads_forward, heads_backward; mnm_rl/agent/action_heads.py: train_heads): the products
-// through the kernels' hand-written products (memory/csrc/dense_products.h), the activations in place with the kernels' own tanh (elementwise.h:
-// branch-free, a few float ulps from torch.tanh, which on an AMD CPU goes through MKL's generic
+// through the kernels' hand-written products (memory/csrc/dense_products.h), the activations
+// in place with the kernels' own tanh (elementwise.h: branch-free, a few float ulps from torch.tanh, which on an AMD CPU goes through MKL's generic
 // code at 2.4 ns a float) and their derivatives through the outputs.
 
 #include <torch/extension.h>
@@ -67,9 +67,7 @@ std::vector<at::Tensor> head_forward(const at::Tensor& x, const std::vector<at::
   std::vector<at::Tensor> out{x.contiguous()};
   const size_t count = layers.size() / 2;
   for (size_t i = 0; i < count; ++i) {
-    at::Tensor y = at::empty({x.size(0), layers[2 * i].size(0)}, x.options());
-    mnm_rl::biased_product_into(y, layers[2 * i + 1], out.back(),
-                                mnm_rl::packed_transpose(layers[2 * i]));
+    at::Tensor y = mnm_rl::linear_out(out.back(), layers[2 * i], layers[2 * i + 1]);
     if (i + 1 < count) activate(y, activation);
     out.push_back(y);
   }

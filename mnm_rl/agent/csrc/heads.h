@@ -27,9 +27,7 @@ at::Tensor run_head(at::Tensor x, const std::vector<at::Tensor>& layers, int64_t
               " tensors");
   const size_t count = layers.size() / 2;
   for (size_t i = 0; i < count; ++i) {
-    at::Tensor y = at::empty({x.size(0), layers[2 * i].size(0)}, x.options());
-    mnm_rl::biased_product_into(y, layers[2 * i + 1], x, mnm_rl::packed_transpose(layers[2 * i]));
-    x = y;
+    x = mnm_rl::linear_out(x, layers[2 * i], layers[2 * i + 1]);
     if (i + 1 == count && !activate_last) break;
     if (activation == kTanh) {
       x.tanh_();

@@ -157,9 +157,7 @@ at::Tensor encode(const c10::optional<at::Tensor>& grid, const c10::optional<at:
     TORCH_CHECK(dense.size(1) == in, "policy_step: ", dense.size(1),
                 " input columns for an extractor layer of ", in);
     // as MemoryFeaturesExtractor computes it: products.linear, then nn.ReLU
-    at::Tensor out = at::empty({B, O}, dense.options());
-    mnm_rl::biased_product_into(out, bias, dense, mnm_rl::packed_transpose(weight));
-    return out.relu_();
+    return mnm_rl::linear_out(dense, weight, bias).relu_();
   }
   TORCH_CHECK(projected.has_value() && projected->defined(),
               "policy_step: a grid input needs its projected table");
@@ -218,8 +216,7 @@ std::vector<at::Tensor> lstm_step(const at::Tensor& x, const std::vector<at::Ten
               "policy_step: the LSTM's state must be [", B, ", ", H, "]");
   // gates_x as run_lstm computes it (products.linear), then the recurrent product added as
   // lstm_forward adds it: the same products (dense_products.h), so the same rounding
-  at::Tensor gates = at::empty({B, 4 * H}, x.options());
-  mnm_rl::biased_product_into(gates, layers[2] + layers[3], x, mnm_rl::packed_transpose(layers[0]));
+  at::Tensor gates = mnm_rl::linear_out(x, layers[0], layers[2] + layers[3]);
   at::Tensor h = kept_state(state[0], keep), c = kept_state(state[1], keep);
   mnm_rl::product_into(gates, h, mnm_rl::packed_transpose(layers[1]), true);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_lstm", [&] {
@@ -241,10 +238,9 @@ std::vector<at::Tensor> gru_step(const at::Tensor& x, const std::vector<at::Tens
   TORCH_CHECK(state[0].sizes() == at::IntArrayRef({B, H}), "policy_step: the GRU's state must be [",
               B, ", ", H, "]");
   // as run_gru and gru_forward compute them
-  const at::Tensor gx = at::empty({B, 3 * H}, x.options()), gh = at::empty({B, 3 * H}, x.options());
-  mnm_rl::biased_product_into(gx, layers[2], x, mnm_rl::packed_transpose(layers[0]));
+  const at::Tensor gx = mnm_rl::linear_out(x, layers[0], layers[2]);
   const at::Tensor h_in = kept_state(state[0], keep);
-  mnm_rl::biased_product_into(gh, layers[3], h_in, mnm_rl::packed_transpose(layers[1]));
+  const at::Tensor gh = mnm_rl::linear_out(h_in, layers[1], layers[3]);
   at::Tensor h = at::empty({B, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_gru", [&] {
     using T = scalar_t;
@@ -274,9 +270,7 @@ std::vector<at::Tensor> mnm_step(const at::Tensor& x, const std::vector<at::Tens
   TORCH_CHECK(layers.size() == 12 && state.size() == 4,
               "policy_step: an MNM core takes 12 weights and the state h, c, read, fast weights");
   // the input gates and the output layer as MNMCore's forward computes them (products.linear)
-  at::Tensor gates_x = at::empty({x.size(0), layers[0].size(0)}, x.options());
-  mnm_rl::biased_product_into(gates_x, layers[1], x, mnm_rl::packed_transpose(layers[0]));
-  gates_x = gates_x.unsqueeze(0);
+  const at::Tensor gates_x = mnm_rl::linear_out(x, layers[0], layers[1]).unsqueeze(0);
   at::Tensor weights = state[3];
   const bool as_is = weights.stride(3) == 1 && weights.stride(2) == weights.size(3);
   const bool transposed = weights.stride(2) == 1 && weights.stride(3) == weights.size(2);
@@ -298,8 +292,7 @@ std::vector<at::Tensor> mnm_step(const at::Tensor& x, const std::vector<at::Tens
                                 w[10], w[11], o.n_heads, o.gradient_rule, o.tanh_act, o.eps, false);
   }
   const at::Tensor h = out[0][0], read = out[1][0];
-  const at::Tensor y = at::empty({h.size(0), layers[2].size(0)}, h.options());
-  mnm_rl::biased_product_into(y, layers[3], at::cat({h, read}, 1), mnm_rl::packed_transpose(layers[2]));
+  const at::Tensor y = mnm_rl::linear_out(at::cat({h, read}, 1), layers[2], layers[3]);
   return {y, h, out[7], read, out[8]};
 }
 

@@ -104,8 +104,9 @@ inline bool dense_products_on() {
 // contiguous, b's rows contiguous (else, for another dtype, ATen's products run).
 inline bool products_apply(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const auto type = out.scalar_type();
-  return dense_products_on() && (type == at::kFloat || type == at::kDouble) && a.scalar_type() == type &&
-         b.scalar_type() == type && (out.size(1) <= 1 || out.stride(1) == 1) && (b.size(1) <= 1 || b.stride(1) == 1);
+  return dense_products_on() && (type == at::kFloat || type == at::kDouble) &&
+         a.scalar_type() == type && b.scalar_type() == type &&
+         (out.size(1) <= 1 || out.stride(1) == 1) && (b.size(1) <= 1 || b.stride(1) == 1);
 }
 
 // out [M, N] = a [M, K] b [K, N], or out += a b with accumulate. a any strides; b's rows and
@@ -162,6 +163,19 @@ inline at::Tensor packed_transpose(const at::Tensor& w) {
     transpose_strided(src.data_ptr<scalar_t>(), w.size(0), w.size(1), src.stride(0),
                       out.data_ptr<scalar_t>(), w.size(0));
   });
+  return out;
+}
+
+// A Linear layer's x [N, in] W^T (+ b) as a new tensor [N, out], from W [out, in] as it lies:
+// what products.linear (linear.cpp) computes, so that the compiled steps and heads that mirror
+// a module round exactly as it does.
+inline at::Tensor linear_out(const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& bias = at::Tensor()) {
+  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  if (bias.defined())
+    biased_product_into(out, bias, x, packed_transpose(weight));
+  else
+    product_into(out, x, packed_transpose(weight));
   return out;
 }
 

@@ -16,12 +16,7 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight,
               "linear_forward: x [N, in] and weight [out, in], got ", x.sizes(), " and ",
               weight.sizes());
   const BelowAutograd below_autograd;
-  at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
-  if (bias.has_value() && bias->defined())
-    biased_product_into(out, *bias, x, packed_transpose(weight));
-  else
-    product_into(out, x, packed_transpose(weight));
-  return out;
+  return linear_out(x, weight, bias.has_value() ? *bias : at::Tensor());
 }
 
 std::vector<at::Tensor> linear_backward(const at::Tensor& grad, const at::Tensor& x,

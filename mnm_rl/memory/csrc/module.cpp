@@ -29,7 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         // out = a b, or out += a b into a given out: the kernels' hand-written products
         // (dense_products.h), for tests/test_dense_products.py and benchmarks/dense_products.py
         // b given transposed (x W^T) is packed as the kernels pack their weights
-        const at::Tensor rows = b.dim() == 2 && b.stride(1) != 1 ? mnm_rl::packed_transpose(b.t()) : b;
+        const at::Tensor rows =
+            b.dim() == 2 && b.stride(1) != 1 ? mnm_rl::packed_transpose(b.t()) : b;
         if (!out.has_value()) return mnm_rl::product(a, rows);
         mnm_rl::product_into(*out, a, rows, true);
         return *out;
