@@ -23,10 +23,15 @@ and, as the last line, a JSON list of
 ``{"size", "batch", "phase", "other_ms", "kernel_ms", "speedup", "pair_speedup"}``
 (``speedup`` = the ratio of the medians, other / kernel; ``pair_speedup`` = the median of the
 pairs' own ratios, which a slow stretch of a busy machine shifts less; train rows also
-``other_saved_mb`` and ``kernel_saved_mb``).
+``other_saved_mb`` and ``kernel_saved_mb``). ``--update-configs`` times only whole updates, of
+any of ``throughput.py``'s agents (the LSTM and GRU kernels are in the same sources), and lists
+``{"config", "other_ms", "kernel_ms", "speedup", "pair_speedup"}``; with ``--off VARIABLE`` the
+other side is this build with ``VARIABLE=0`` in the environment (a compiled piece switched off).
 
     python benchmarks/kernel_pairs.py --against 476c786 --update   # also whole PPO updates
     python benchmarks/kernel_pairs.py --against 476c786 --sizes 4x3 1x1 --pairs 300
+    python benchmarks/kernel_pairs.py --against cb7d90a --update-configs lstm gru  # their updates
+    python benchmarks/kernel_pairs.py --off MNM_RL_COMPILED_OPTIMIZER --update-configs lstm mnm-p
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ class _TwelveOutputs:
 
     def backward(self, *args):
         return self.ext.backward(*args)
+
+    def __getattr__(self, name: str):  # the LSTM and GRU kernels, the products
+        return getattr(self.ext, name)
 
 
 def build_at(rev: str):
@@ -173,11 +181,38 @@ def time_train_calls(config: str, switches: dict, pairs: int) -> dict[str, list[
     return times
 
 
+def time_configs(configs: list[str], label: str, use_other, use_kernel, pairs: int) -> list[dict]:
+    """Paired ``train()`` times of each agent with the other build and with this one; prints a
+    table and the JSON list of ``{"config", "other_ms", "kernel_ms", "speedup",
+    "pair_speedup"}``."""
+    rows = []
+    print(f"{'config':14s} {label + ' ms':>12s} {'kernel ms':>10s} speedup pair med")
+    for config in configs:
+        switches = {"other": lambda model: use_other(), "kernel": lambda model: use_kernel()}
+        times = time_train_calls(config, switches, pairs)
+        a, b = statistics.median(times["other"]), statistics.median(times["kernel"])
+        paired = pair_speedup(times["other"], times["kernel"])
+        rows.append({"config": config, "other_ms": a * 1e3, "kernel_ms": b * 1e3,
+                     "speedup": a / b, "pair_speedup": paired})  # fmt: skip
+        print(f"{config:14s} {a * 1e3:12.2f} {b * 1e3:10.2f} {a / b:6.2f}x {paired:7.3f}x")
+    use_kernel()
+    print(json.dumps(rows))
+    return rows
+
+
 def main() -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--against", help="git revision whose kernel source to compare with")
     p.add_argument("--pairs", type=int, default=9)
     p.add_argument("--update", action="store_true", help="also time whole PPO updates")
+    p.add_argument("--off", metavar="VARIABLE",
+                   help="with --update-configs: the other side runs with VARIABLE=0 in the "
+                        "environment (MNM_RL_COMPILED_OPTIMIZER, ...), not another "
+                        "build")  # fmt: skip
+    p.add_argument("--update-configs", nargs="+", metavar="CONFIG",
+                   help="time whole PPO updates of these throughput.py agents (lstm, gru, "
+                        "mnm-p:2x2, ...) instead of the training passes and mnm-p's "
+                        "updates")  # fmt: skip
     p.add_argument("--sizes", nargs="+", metavar="HxL",
                    help="only these memory sizes (default: all of 1x1, 2x2, 4x3)")  # fmt: skip
     args = p.parse_args()
@@ -185,22 +220,31 @@ def main() -> list[dict]:
     unknown = sorted(set(args.sizes or []) - set(known))
     if unknown:
         p.error(f"--sizes: {', '.join(unknown)} not among {', '.join(known)}")
+    if args.off and not args.update_configs:
+        p.error("--off goes with --update-configs")
     cases = [c for c in CASES if args.sizes is None or f"{c[0][0]}x{c[0][1]}" in args.sizes]
     torch.set_num_threads(1)
     kernel = fused.load_extension()
     other = build_at(args.against) if args.against else None
-    label = args.against or "pytorch"
+    label = f"{args.off}=0" if args.off else args.against or "pytorch"
 
     def use_kernel():
+        if args.off:
+            os.environ.pop(args.off, None)
+            return
         os.environ["MNM_RL_FUSED"] = "1"
         fused.EXTENSION.module = kernel
 
     def use_other():
-        if other is None:
+        if args.off:
+            os.environ[args.off] = "0"
+        elif other is None:
             os.environ["MNM_RL_FUSED"] = "0"
         else:
             fused.EXTENSION.module = other
 
+    if args.update_configs:
+        return time_configs(args.update_configs, label, use_other, use_kernel, args.pairs)
     rows = []
     print(f"{'size':6s} {'batch':>5s} {'phase':8s} {label + ' ms':>12s} {'kernel ms':>10s} speedup"
           f" pair med  saved MB ({label} / kernel)")  # fmt: skip

@@ -25,7 +25,9 @@ updates and in rollout steps that are not one compiled call: ``mnm_rl.agent.acti
 the compiled core step, not one compiled call of the whole policy: ``mnm_rl.agent.policy_step``;
 its heads are then the compiled ones unless ``/pyheads`` too) and in ``/atenmm`` (their kernels'
 and input projections' matrix products through ATen, MKL, not the kernels' own:
-``mnm_rl.memory.products``), then in ``/par`` (its own ``ParallelVecEnv`` with one worker
+``mnm_rl.memory.products``) and in ``/pyopt`` (their updates clip the gradients and take Adam's
+steps with PyTorch's code, not one compiled call each: ``mnm_rl.agent.gradient_step``), then in
+``/par`` (its own ``ParallelVecEnv`` with one worker
 process; an idle agent's worker sleeps). Switches that hold for a whole process (``/eager``,
 ``/unmap``, ``@N``) are ``throughput.py``'s. Every agent is built in the same setting
 (``throughput.py``'s options: env, view size, envs, rollout length, epochs, minibatch, width),
@@ -154,6 +156,7 @@ PER_AGENT = (
     throughput.PYTORCH_LOSS,
     throughput.PYTORCH_STEP,
     throughput.ATEN_PRODUCTS,
+    throughput.PYTORCH_OPTIMIZER,
 )
 
 
@@ -164,7 +167,8 @@ class Config(NamedTuple):
     their actions as Python ints (not with ``/npact``), whether its rollout steps run the
     compiled action heads (not with ``/pyheads``), whether its updates run the compiled PPO
     loss (not with ``/pyloss``), whether its rollout steps run the compiled policy step (not
-    with ``/pystep``) and whether its products are the kernels' own (not with ``/atenmm``)."""
+    with ``/pystep``), whether its products are the kernels' own (not with ``/atenmm``) and
+    whether its updates clip and step in one compiled call each (not with ``/pyopt``)."""
 
     agent: str
     kernel_threads: int
@@ -175,10 +179,11 @@ class Config(NamedTuple):
     compiled_loss: bool
     compiled_step: bool
     dense_products: bool
+    compiled_optimizer: bool
 
 
 def parse_config(config: str) -> Config:
-    """``"mnm-p/k2/par"`` -> ``Config("mnm-p", 2, 1, True, True, True, True, True, True)``."""
+    """``"mnm-p/k2/par"`` -> ``Config("mnm-p", 2, 1, True, ...)``: every compiled piece on."""
     name, workers = throughput.split_parallel(config)
     base, suffixes = throughput.split_suffixes(name)
     rest = "".join(s for s in reversed(suffixes) if s not in PER_AGENT)
@@ -192,6 +197,7 @@ def parse_config(config: str) -> Config:
         throughput.PYTORCH_LOSS not in suffixes,
         throughput.PYTORCH_STEP not in suffixes,
         throughput.ATEN_PRODUCTS not in suffixes,
+        throughput.PYTORCH_OPTIMIZER not in suffixes,
     )
 
 
@@ -214,11 +220,12 @@ def config_problem(config: str) -> str | None:
 
 def pytorch_suffixes(parsed: Config) -> list[str]:
     """The suffixes of ``parsed`` that run a compiled piece of our agents in PyTorch instead
-    (``/pyheads``, ``/pyloss``, ``/pystep``, ``/atenmm``)."""
+    (``/pyheads``, ``/pyloss``, ``/pystep``, ``/atenmm``, ``/pyopt``)."""
     pieces = ((throughput.PYTORCH_HEADS, parsed.compiled_heads),
               (throughput.PYTORCH_LOSS, parsed.compiled_loss),
               (throughput.PYTORCH_STEP, parsed.compiled_step),
-              (throughput.ATEN_PRODUCTS, parsed.dense_products))  # fmt: skip
+              (throughput.ATEN_PRODUCTS, parsed.dense_products),
+              (throughput.PYTORCH_OPTIMIZER, parsed.compiled_optimizer))  # fmt: skip
     return [suffix for suffix, compiled in pieces if not compiled]
 
 

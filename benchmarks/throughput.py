@@ -98,6 +98,10 @@ PYTORCH_STEP = "/pystep"
 #: input projections through ATen (MKL) instead of the kernels' own hand-written products
 #: (``MNM_RL_DENSE_PRODUCTS=0``, see ``mnm_rl/memory/products.py``), e.g. ``lstm/atenmm/par``.
 ATEN_PRODUCTS = "/atenmm"
+#: A config name ending in this clips its gradients and takes Adam's steps with PyTorch's code
+#: (``clip_grad_norm_``, ``optimizer.step()``) instead of one compiled call each
+#: (``MNM_RL_COMPILED_OPTIMIZER=0``, see ``mnm_rl/agent/gradient_step.py``), e.g. ``lstm/pyopt``.
+PYTORCH_OPTIMIZER = "/pyopt"
 SUFFIXES = {
     EAGER: ("MNM_RL_FUSED", "0"),
     UNMAP: ("MNM_RL_RETAIN_MEMORY", "0"),
@@ -108,6 +112,7 @@ SUFFIXES = {
     PYTORCH_LOSS: ("MNM_RL_COMPILED_LOSS", "0"),
     PYTORCH_STEP: ("MNM_RL_COMPILED_STEP", "0"),
     ATEN_PRODUCTS: ("MNM_RL_DENSE_PRODUCTS", "0"),
+    PYTORCH_OPTIMIZER: ("MNM_RL_COMPILED_OPTIMIZER", "0"),
 }
 #: A config name ending in this (before any ``@N``) steps its envs in two groups at once, one in a
 #: worker process (``ParallelVecEnv(n_workers=1)``), e.g. ``lstm/par`` next to ``lstm``. The CPU
@@ -341,7 +346,7 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 def apply_suffixes(name: str) -> None:
     """Set the environment variable of each variant suffix ``name`` ends with (``/eager``,
     ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/pyheads``, ``/pyloss``, ``/pystep``,
-    ``/atenmm``; see
+    ``/atenmm``, ``/pyopt``; see
     ``SUFFIXES``),
     before mnm_rl loads its kernels or builds an env."""
     for suffix in split_suffixes(name)[1]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -60,3 +61,42 @@ def test_an_unknown_size_is_refused_before_anything_is_built(monkeypatch, capsys
         kernel_pairs.main()
     assert exit_info.value.code == 2
     assert "--sizes: 9x9 not among 1x1, 2x2, 4x3" in capsys.readouterr().err
+
+
+def test_off_needs_update_configs_and_is_refused_before_anything_is_built(monkeypatch, capsys):
+    kernel_pairs = load_script("kernel_pairs")
+    monkeypatch.setattr(kernel_pairs.fused, "load_extension", lambda: pytest.fail("built"))
+    monkeypatch.setattr("sys.argv", ["kernel_pairs.py", "--off", "MNM_RL_COMPILED_OPTIMIZER"])
+    with pytest.raises(SystemExit) as exit_info:
+        kernel_pairs.main()
+    assert exit_info.value.code == 2
+    assert "--off goes with --update-configs" in capsys.readouterr().err
+
+
+def test_off_times_each_update_with_and_without_the_variable(monkeypatch, capsys):
+    """``--off VARIABLE --update-configs lstm``: the other side's updates run with VARIABLE=0,
+    this side's without it; a row per config, and the variable unset at the end."""
+    kernel_pairs = load_script("kernel_pairs")
+    small = argparse.Namespace(
+        env="MiniGrid-MemoryS7-v0", view_size=7, n_envs=2, n_steps=16, batch_size=16,
+        n_epochs=1, seq_len=8, hidden=16,
+    )  # fmt: skip
+    monkeypatch.setattr(kernel_pairs, "UPDATE_SETTING", small)
+    monkeypatch.delenv("MNM_RL_COMPILED_OPTIMIZER", raising=False)
+    seen: list[str | None] = []
+    original = MemoryPPO.train
+
+    def recording_train(self):
+        seen.append(os.environ.get("MNM_RL_COMPILED_OPTIMIZER"))
+        original(self)
+
+    monkeypatch.setattr(MemoryPPO, "train", recording_train)
+    monkeypatch.setattr("sys.argv", ["kernel_pairs.py", "--off", "MNM_RL_COMPILED_OPTIMIZER",
+                                     "--update-configs", "lstm", "--pairs", "2"])  # fmt: skip
+    rows = kernel_pairs.main()
+    assert [row["config"] for row in rows] == ["lstm"]
+    assert rows[0]["other_ms"] > 0 and rows[0]["kernel_ms"] > 0
+    # the warm-up learn() (this side), then pairs: other first, then this side first
+    assert seen == [None, "0", None, None, "0"]
+    assert "MNM_RL_COMPILED_OPTIMIZER" not in os.environ
+    assert "MNM_RL_COMPILED_OPTIMIZER=0 ms" in capsys.readouterr().out

@@ -74,7 +74,10 @@ def _count_calls(monkeypatch, kind: str) -> list[int]:
 
 
 @pytest.mark.parametrize("kind", CORES)
-def test_kernel_matches_the_module_in_float64(kernel, monkeypatch, kind):
+@pytest.mark.parametrize("own_products", [True, False], ids=["own-products", "aten-products"])
+def test_kernel_matches_the_module_in_float64(kernel, monkeypatch, kind, own_products):
+    """With the kernels' own products and with ATen's (``MNM_RL_DENSE_PRODUCTS=0``)."""
+    monkeypatch.setenv("MNM_RL_DENSE_PRODUCTS", "1" if own_products else "0")
     core = _core(kind, 5, 7)
     x, starts, state = _inputs(core, steps=6, batch=4, dtype=torch.float64)
     calls = _count_calls(monkeypatch, kind)

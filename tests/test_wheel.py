@@ -54,6 +54,7 @@ def test_wheel_installs_in_a_fresh_venv_and_finds_presets(tmp_path: Path):
     assert "mnm_rl/agent/csrc/grid_linear.cpp" in names  # the grid encoder's kernel
     assert "mnm_rl/agent/csrc/action_heads.cpp" in names  # a rollout step's heads
     assert "mnm_rl/agent/csrc/ppo_loss.cpp" in names  # PPO's loss
+    assert "mnm_rl/agent/csrc/gradient_step.cpp" in names  # clipping and Adam's step
     assert "mnm_rl/agent/csrc/policy_step.cpp" in names  # a rollout step of the whole policy
     assert "mnm_rl/agent/csrc/heads.h" in names  # and what it shares with the others
     assert "mnm_rl/agent/csrc/grid_projection.h" in names

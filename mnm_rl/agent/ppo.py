@@ -19,6 +19,7 @@ from stable_baselines3.common.utils import (
 )
 from stable_baselines3.common.vec_env import VecEnv
 
+from mnm_rl.agent import gradient_step
 from mnm_rl.agent.buffer import ChunkBatch, ChunkRolloutBuffer
 from mnm_rl.agent.policy import RecurrentMemoryPolicy, check_action_space
 from mnm_rl.agent.ppo_loss import STAT_NAMES, LossSettings, RolloutSteps, ppo_loss
@@ -343,11 +344,11 @@ class MemoryPPO(OnPolicyAlgorithm):
                     break
                 self.policy.optimizer.zero_grad()
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                if self._skip_nonfinite({"gradients": float(grad_norm)}):
+                grad_norm = gradient_step.clip_grad_norm(params, self.max_grad_norm)
+                if self._skip_nonfinite({"gradients": grad_norm}):
                     self.policy.optimizer.zero_grad()
                     continue
-                self.policy.optimizer.step()
+                gradient_step.adam_step(self.policy.optimizer)
             self._n_updates += 1
             if not continue_training:
                 break

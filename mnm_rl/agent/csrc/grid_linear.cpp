@@ -37,12 +37,13 @@ void backward_projected(const scalar_t* grad_out, const int32_t* rows, const sca
                         int64_t E, int64_t O, scalar_t* grad_projected, scalar_t* grad_table,
                         scalar_t* grad_u) {
   const int64_t C = channels.count(), R = channels.rows(), cells = slots / C;
-  // Slot by slot. Consecutive samples (a sequence's steps) mostly see the same symbol in a
-  // slot, so the gradient is summed in registers while the row stays the same and added to P's
-  // row when it changes, instead of every sample's load and store of the same row.
+  // Which rows of P some sample read.
   std::vector<char> used(static_cast<size_t>(cells * R), 0);
+  for (int64_t x = 0; x < n * slots; ++x) used[rows[x]] = 1;
+  // Slot by slot. Consecutive samples often see the same symbol in a slot (walls, the floor),
+  // so the gradient is summed in registers while the row stays the same and added to P's row
+  // when it changes, instead of every sample's load and store of the same row.
   for (int64_t s = 0; s < slots; ++s) {
-    for (int64_t i = 0; i < n; ++i) used[rows[i * slots + s]] = 1;
     int64_t o0 = 0;
     for (; o0 + kBlock <= O; o0 += kBlock) {
       Block<scalar_t> run;

@@ -37,31 +37,37 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor
   const int64_t H = check_rnn_inputs(gates_x, keep, {h0, c0}, 4, "lstm_forward");
   const int64_t T = gates_x.size(0), B = gates_x.size(1);
   const auto opts = gates_x.options();
+  const at::Tensor gates_x_c = gates_x.contiguous(), keep_c = keep.contiguous();
+  const at::Tensor h0_c = h0.contiguous();
   auto hs = at::empty({T, B, H}, opts);
-  auto c_state = c0.clone();
+  auto c_state = c0.clone(at::MemoryFormat::Contiguous);
   auto cs = at::empty({store ? T : 0, B, H}, opts);
   auto acts = at::empty({store ? T : 0, B, 4 * H}, opts);
   auto h_in = at::empty({B, H}, opts);
   auto gates = at::empty({B, 4 * H}, opts);  // without store; else each step's row of acts
   const auto w_hh_t = packed_transpose(w_hh);  // [H, 4H], for every step's product
+  const bool own = dense_products_on();
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "lstm_forward", [&] {
     using T_ = scalar_t;
     const BelowAutograd below_autograd;
-    const T_* keep_p = keep.data_ptr<T_>();
+    const T_* keep_p = keep_c.data_ptr<T_>();
+    const T_* gx = gates_x_c.data_ptr<T_>();
+    const T_* w_t = w_hh_t.data_ptr<T_>();
     T_* c_p = c_state.data_ptr<T_>();
     T_* u = h_in.data_ptr<T_>();
-    const T_* h_prev = h0.data_ptr<T_>();
+    const T_* h_prev = h0_c.data_ptr<T_>();
     T_* h_all = hs.data_ptr<T_>();
+    const int64_t step_gates = B * 4 * H, step_states = B * H;
     for (int64_t t = 0; t < T; ++t) {
       kept_rows(u, h_prev, keep_p + t * B, B, H);
       kept_rows(c_p, c_p, keep_p + t * B, B, H);
-      at::Tensor out = store ? acts[t] : gates;
-      biased_product_into(out, gates_x[t], h_in, w_hh_t);
+      T_* out = store ? acts.data_ptr<T_>() + t * step_gates : gates.data_ptr<T_>();
+      std::copy(gx + t * step_gates, gx + (t + 1) * step_gates, out);
+      product_raw(out, u, w_t, B, H, 4 * H, /*accumulate=*/true, own);
       // The activations in place, then the cell (elementwise.h).
-      T_* h_p = h_all + t * B * H;
-      for (int64_t b = 0; b < B; ++b)
-        lstm_cell_row(out.data_ptr<T_>() + b * 4 * H, c_p + b * H, h_p + b * H, H);
-      if (store) cs[t].copy_(c_state);
+      T_* h_p = h_all + t * step_states;
+      for (int64_t b = 0; b < B; ++b) lstm_cell_row(out + b * 4 * H, c_p + b * H, h_p + b * H, H);
+      if (store) std::copy(c_p, c_p + step_states, cs.data_ptr<T_>() + t * step_states);
       h_prev = h_p;
     }
   });
@@ -78,25 +84,34 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& 
                                       const at::Tensor& acts) {
   const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
   const auto opts = hs.options();
+  const at::Tensor w_hh_c = w_hh.contiguous(), c0_c = c0.contiguous();
   auto g_gates = at::empty({T, B, 4 * H}, opts);
   auto dh = at::zeros({B, H}, opts);  // grad of the (unmasked) state entering step t + 1
-  auto dc = g_c_final.defined() && g_c_final.numel() > 0 ? g_c_final.clone() : at::zeros({B, H}, opts);
-  auto dh_total = at::empty({B, H}, opts);
+  auto dc = g_c_final.defined() && g_c_final.numel() > 0 ? g_c_final.clone(at::MemoryFormat::Contiguous)
+                                                          : at::zeros({B, H}, opts);
+  const bool own = dense_products_on();
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "lstm_backward", [&] {
     using T_ = scalar_t;
     const BelowAutograd below_autograd;
     const T_* keep_p = keep.data_ptr<T_>();
+    const T_* g_hs_p = loss_grads<T_>(g_hs);
+    const T_* acts_p = acts.data_ptr<T_>();
+    const T_* cs_p = cs.data_ptr<T_>();
+    const T_* w = w_hh_c.data_ptr<T_>();
+    T_* dh_p = dh.data_ptr<T_>();
     T_* dc_p = dc.data_ptr<T_>();
-    std::vector<T_> tanh_c_buffer(B * H);
+    T_* g_all = g_gates.data_ptr<T_>();
+    std::vector<T_> tanh_c_buffer(B * H), dh_total(B * H);
     T_* tanh_c = tanh_c_buffer.data();
+    const T_* dht = dh_total.data();
+    const int64_t step_gates = B * 4 * H, step_states = B * H;
     for (int64_t t = T - 1; t >= 0; --t) {
-      output_grad(dh_total, dh, g_hs, t);
-      const T_* dht = dh_total.data_ptr<T_>();
-      const T_* a_p = acts[t].data_ptr<T_>();
-      const T_* c_p = cs[t].data_ptr<T_>();
-      const T_* c_prev = t == 0 ? c0.data_ptr<T_>() : cs[t - 1].data_ptr<T_>();
+      output_grad(dh_total.data(), dh_p, g_hs_p, t, step_states);
+      const T_* a_p = acts_p + t * step_gates;
+      const T_* c_p = cs_p + t * step_states;
+      const T_* c_prev = t == 0 ? c0_c.data_ptr<T_>() : cs_p + (t - 1) * step_states;
       const T_* keep_t = keep_p + t * B;
-      T_* gg = g_gates[t].data_ptr<T_>();
+      T_* gg = g_all + t * step_gates;
       for (int64_t x = 0; x < B * H; ++x) tanh_c[x] = tanh_(c_p[x]);  // a loop it vectorises
       for (int64_t b = 0; b < B; ++b) {
         const T_ k = keep_t[b] != T_(0) ? T_(1) : T_(0);
@@ -114,8 +129,8 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& 
           dc_p[b * H + i] = dcell * fg * k;  // a reset passes nothing to the previous step
         }
       }
-      product_into(dh, g_gates[t], w_hh);
-      kept_rows(dh.data_ptr<T_>(), dh.data_ptr<T_>(), keep_t, B, H);
+      product_raw(dh_p, gg, w, B, 4 * H, H, /*accumulate=*/false, own);
+      kept_rows(dh_p, dh_p, keep_t, B, H);
     }
   });
   // The recurrent weight's gradient, once over all steps: sum_t g_gates[t]^T (keep[t] h_{t-1}).

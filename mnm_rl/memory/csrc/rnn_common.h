@@ -38,14 +38,25 @@ inline void kept_rows(T* out, const T* in, const T* keep, int64_t B, int64_t n) 
   }
 }
 
-// out = the gradient of step t's output h: what the next step passed back (carried) plus the
-// loss's own gradient of it, g_hs[t] (g_hs empty: none).
-inline void output_grad(at::Tensor& out, const at::Tensor& carried, const at::Tensor& g_hs,
-                        int64_t t) {
-  if (g_hs.defined() && g_hs.numel() > 0)
-    at::add_out(out, carried, g_hs[t]);
-  else
-    out.copy_(carried);
+// The loss's gradients of a kernel's outputs hs [T, B, H] as a pointer, or nullptr where the
+// gradient is an empty tensor (zero). Made contiguous beforehand (rnn_kernels.py).
+template <typename T>
+inline const T* loss_grads(const at::Tensor& g_hs) {
+  if (!g_hs.defined() || g_hs.numel() == 0) return nullptr;
+  TORCH_CHECK(g_hs.is_contiguous(), "the sequence kernels take a contiguous gradient");
+  return g_hs.data_ptr<T>();
+}
+
+// out [n] = the gradient of step t's output h: what the next step passed back (carried) plus
+// the loss's own gradient of it, row t of g_hs (nullptr: none); n = B * H.
+template <typename T>
+inline void output_grad(T* out, const T* carried, const T* g_hs, int64_t t, int64_t n) {
+  if (g_hs == nullptr) {
+    std::copy(carried, carried + n, out);
+    return;
+  }
+  const T* g = g_hs + t * n;
+  for (int64_t x = 0; x < n; ++x) out[x] = carried[x] + g[x];
 }
 
 // The states that entered every step, keep[t] * h_{t-1} with h_{-1} = h0: [T, B, H].
