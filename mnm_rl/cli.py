@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         "MNM_RL_COMPILED_HEADS=0 runs only the action heads (rollout and training) in plain "
         "PyTorch, "
         "MNM_RL_COMPILED_LOSS=0 only PPO's loss, MNM_RL_COMPILED_STEP=0 only the policy's "
-        "rollout step (extractor, core and heads in one call otherwise). The kernels' matrix "
+        "rollout step (extractor, core and heads in one call otherwise), "
+        "MNM_RL_COMPILED_OPTIMIZER=0 only the gradients' clipping and Adam's step. The kernels' "
+        "matrix "
         "products are their own (MKL runs its AVX2 code on AMD CPUs); "
         "MNM_RL_DENSE_PRODUCTS=0 runs ATen's instead.",
     )

@@ -187,3 +187,20 @@ def test_a_ppo_update_clips_and_steps_as_pytorchs_code_does(kernel, monkeypatch)
     for k, state in our_state["state"].items():
         assert torch.equal(state["step"], theirs[k]["step"])
         torch.testing.assert_close(state["exp_avg"], theirs[k]["exp_avg"], rtol=1e-4, atol=1e-7)
+
+
+def test_zero_grad_sets_every_gradient_to_none_or_runs_the_optimizers_own():
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    _set_grads(model, 50)
+    gradient_step.zero_grad(optimizer)
+    assert all(p.grad is None for p in model.parameters())
+
+    class Keeping(torch.optim.Adam):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            super().zero_grad(set_to_none=False)
+
+    keeping = Keeping(model.parameters())
+    _set_grads(model, 51)
+    gradient_step.zero_grad(keeping)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())

@@ -342,11 +342,11 @@ class MemoryPPO(OnPolicyAlgorithm):
                             f"Early stopping at step {self._n_updates} (approx_kl {approx_kl:.3f})"
                         )
                     break
-                self.policy.optimizer.zero_grad()
+                gradient_step.zero_grad(self.policy.optimizer)
                 loss.backward()
                 grad_norm = gradient_step.clip_grad_norm(params, self.max_grad_norm)
                 if self._skip_nonfinite({"gradients": grad_norm}):
-                    self.policy.optimizer.zero_grad()
+                    gradient_step.zero_grad(self.policy.optimizer)
                     continue
                 gradient_step.adam_step(self.policy.optimizer)
             self._n_updates += 1
