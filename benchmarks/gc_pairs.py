@@ -30,8 +30,9 @@ def measure(name: str, rounds: int, args: argparse.Namespace) -> dict[str, float
     steps = 2 * args.n_steps * args.n_envs
     model.learn(steps // 2)
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for _ in range(rounds):
-        for mode in MODES:
+    for round_ in range(rounds):
+        # the modes in turn, the order rotated every round (a fixed order favours one position)
+        for mode in MODES[round_ % len(MODES) :] + MODES[: round_ % len(MODES)]:
             gc.unfreeze()
             gc.enable()
             gc.collect()

@@ -100,16 +100,22 @@ def _assert_same(a: nn.Module, opt_a, b: nn.Module, opt_b) -> None:
             assert torch.equal(value, sb["state"][k][name]), (k, name)
 
 
+def _step_both(a: nn.Module, opt_a, b: nn.Module, opt_b, seed: int) -> None:
+    """The same gradients into both models; a steps through adam_step, b through its own
+    optimizer; then both must agree."""
+    _set_grads(a, seed)
+    _set_grads(b, seed)
+    gradient_step.adam_step(opt_a)
+    opt_b.step()
+    _assert_same(a, opt_a, b, opt_b)
+
+
 def test_adam_step_is_the_fused_adam_step_bit_for_bit(kernel, monkeypatch):
     a, opt_a, b, opt_b = _optimizers()
     calls, compiled = [], kernel.adam_step
     monkeypatch.setattr(kernel, "adam_step", lambda *args: calls.append(1) or compiled(*args))
     for step in range(5):
-        _set_grads(a, 10 + step)
-        _set_grads(b, 10 + step)
-        gradient_step.adam_step(opt_a)
-        opt_b.step()
-        _assert_same(a, opt_a, b, opt_b)
+        _step_both(a, opt_a, b, opt_b, 10 + step)
     assert len(calls) == 4  # the first step makes the state: the optimizer's own step
 
 
@@ -123,19 +129,15 @@ def test_adam_step_after_load_state_dict_uses_the_loaded_state(kernel):
     a.load_state_dict(b.state_dict())
     opt_a.load_state_dict(copy.deepcopy(opt_b.state_dict()))
     for step in range(3):
-        _set_grads(a, 30 + step)
-        _set_grads(b, 30 + step)
-        gradient_step.adam_step(opt_a)
-        opt_b.step()
-        _assert_same(a, opt_a, b, opt_b)
+        _step_both(a, opt_a, b, opt_b, 30 + step)
 
 
 @pytest.mark.parametrize("case", ["missing-gradient", "amsgrad", "hook", "switched-off"])
 def test_adam_step_falls_back_to_the_optimizers_own_step(kernel, monkeypatch, case):
     a, opt_a, b, opt_b = _optimizers(amsgrad=case == "amsgrad")
     hooked = []
-    if case == "hook":
-        opt_a.register_step_post_hook(lambda *args: hooked.append(1))
+    if case == "hook":  # a pre-hook may change the step's arguments: the optimizer's own step
+        opt_a.register_step_pre_hook(lambda *args: hooked.append(1))
     if case == "switched-off":
         monkeypatch.setenv(gradient_step.SWITCH_VARIABLE, "0")
     monkeypatch.setattr(kernel, "adam_step", lambda *args: pytest.fail("the compiled step ran"))
@@ -148,6 +150,18 @@ def test_adam_step_falls_back_to_the_optimizers_own_step(kernel, monkeypatch, ca
         opt_b.step()
         _assert_same(a, opt_a, b, opt_b)
     assert len(hooked) == (3 if case == "hook" else 0)
+
+
+def test_the_compiled_step_runs_the_optimizers_post_hooks(kernel, monkeypatch):
+    a, opt_a, b, opt_b = _optimizers()
+    calls, compiled = [], kernel.adam_step
+    monkeypatch.setattr(kernel, "adam_step", lambda *args: calls.append(1) or compiled(*args))
+    hooked = []
+    opt_a.register_step_post_hook(lambda opt, args, kwargs: hooked.append((opt, args, kwargs)))
+    for step in range(3):
+        _step_both(a, opt_a, b, opt_b, 60 + step)
+    assert len(calls) == 2  # the compiled step ran after the first
+    assert hooked == [(opt_a, (opt_a,), {})] * 3  # as torch.optim calls them
 
 
 def test_a_ppo_update_clips_and_steps_as_pytorchs_code_does(kernel, monkeypatch):

@@ -11,17 +11,19 @@ from benchmark_scripts import load_script
 
 from mnm_rl.agent import MemoryPPO
 
+#: The issue's setting, shrunk: 2 envs x 16 steps, one epoch of 8-step chunks.
+SMALL = argparse.Namespace(
+    env="MiniGrid-MemoryS7-v0", view_size=7, n_envs=2, n_steps=16, batch_size=16,
+    n_epochs=1, seq_len=8, hidden=16,
+)  # fmt: skip
+
 
 def test_updates_alternate_and_each_starts_from_the_same_parameters(monkeypatch):
     """Every timed ``train()`` starts from the parameters the collected rollout was made with
     (the update before it is undone), and the two builds take turns, each going first in every
     other pair."""
     kernel_pairs = load_script("kernel_pairs")
-    small = argparse.Namespace(
-        env="MiniGrid-MemoryS7-v0", view_size=7, n_envs=2, n_steps=16, batch_size=16,
-        n_epochs=1, seq_len=8, hidden=16,
-    )  # fmt: skip
-    monkeypatch.setattr(kernel_pairs, "UPDATE_SETTING", small)
+    monkeypatch.setattr(kernel_pairs, "UPDATE_SETTING", SMALL)
     starts: list[torch.Tensor] = []
     original = MemoryPPO.train
 
@@ -77,11 +79,7 @@ def test_off_times_each_update_with_and_without_the_variable(monkeypatch, capsys
     """``--off VARIABLE --update-configs lstm``: the other side's updates run with VARIABLE=0,
     this side's without it; a row per config, and the variable unset at the end."""
     kernel_pairs = load_script("kernel_pairs")
-    small = argparse.Namespace(
-        env="MiniGrid-MemoryS7-v0", view_size=7, n_envs=2, n_steps=16, batch_size=16,
-        n_epochs=1, seq_len=8, hidden=16,
-    )  # fmt: skip
-    monkeypatch.setattr(kernel_pairs, "UPDATE_SETTING", small)
+    monkeypatch.setattr(kernel_pairs, "UPDATE_SETTING", SMALL)
     monkeypatch.delenv("MNM_RL_COMPILED_OPTIMIZER", raising=False)
     seen: list[str | None] = []
     original = MemoryPPO.train

@@ -165,6 +165,15 @@ def test_the_projected_table_follows_every_change_of_the_weights(kernel):
         extractor.linear[0].weight.mul_(1.5)
     compiled, pytorch, _, _ = both_steps(policy, obs, state, starts)
     assert_same_step(compiled, pytorch)
+    # a step of the policy's own optimizer (fused Adam, which does not bump the parameters'
+    # versions: the policy's step hook does)
+    for p in policy.parameters():
+        p.grad = torch.randn_like(p)
+    table = policy._projected_table.table
+    policy.optimizer.step()
+    compiled, pytorch, _, _ = both_steps(policy, obs, state, starts)
+    assert_same_step(compiled, pytorch)
+    assert policy._projected_table.table is not table
     # load_state_dict, copying into the parameters and replacing them
     other = make_policy(MINIGRID, "lstm")
     with torch.no_grad():
@@ -180,6 +189,48 @@ def test_the_projected_table_follows_every_change_of_the_weights(kernel):
     table = policy._projected_table.table
     both_steps(policy, obs, state, starts)
     assert policy._projected_table.table is table
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru", "mlp", "mnm-p"])
+def test_the_kept_weight_transposes_follow_every_change_of_the_weights(kernel, core):
+    """The compiled step keeps each weight's packed transpose between steps
+    (``cached_packed_transpose``): after an in-place update, an optimizer's step, a replaced
+    tensor and ``load_state_dict``, it is still the PyTorch step."""
+    from mnm_rl.agent import gradient_step
+
+    policy = make_policy(MINIGRID, core)
+    obs = random_obs(MINIGRID, 8, seed=6)
+    state = random_state(policy, 8, torch.float32)
+    starts = torch.zeros(8)
+    before, _, _, _ = both_steps(policy, obs, state, starts)
+    params = [p for name, p in policy.named_parameters() if not name.startswith("features")]
+
+    def changes():
+        with torch.no_grad():  # in place, as an optimizer's step
+            for p in params:
+                p.add_(0.05 * torch.randn_like(p))
+        yield "in place"
+        # the policy's fused Adam, which does not bump the versions itself (its hook does),
+        # through torch.optim and through gradient_step's compiled call
+        for p in policy.parameters():
+            p.grad = torch.randn_like(p)
+        policy.optimizer.param_groups[0]["lr"] = 0.05
+        policy.optimizer.step()
+        yield "optimizer.step()"
+        gradient_step.adam_step(policy.optimizer)
+        yield "gradient_step.adam_step"
+        for p in params:  # replaced storage, same tensor
+            p.data = p.data * 1.1
+        yield ".data replaced"
+        other = make_policy(MINIGRID, core)
+        policy.load_state_dict(other.state_dict(), assign=True)
+        yield "load_state_dict(assign=True)"
+
+    for change in changes():
+        compiled, pytorch, _, _ = both_steps(policy, obs, state, starts)
+        assert_same_step(compiled, pytorch)
+        assert not torch.equal(compiled.values, before.values), change
+        before = compiled
 
 
 @pytest.mark.parametrize(
@@ -279,6 +330,26 @@ def test_a_rollout_is_the_same_with_and_without_the_kernel(kernel, monkeypatch, 
     with_kernel = collect_one_rollout(small_model(core))
     monkeypatch.setenv(policy_step.SWITCH_VARIABLE, "0")
     without = collect_one_rollout(small_model(core))
+    assert torch.equal(with_kernel.actions, without.actions)
+    for name in ("log_probs", "values", "rewards", "episode_starts", "advantages"):
+        torch.testing.assert_close(getattr(with_kernel, name), getattr(without, name))
+
+
+@pytest.mark.parametrize("core", ["lstm", "mnm-p"])
+def test_a_rollout_after_an_update_is_the_same_with_and_without_the_kernel(
+    kernel, monkeypatch, core
+):
+    """The update between two rollouts changes the weights in place (fused Adam, which does not
+    bump their versions itself): the compiled step's kept weight transposes follow them."""
+
+    def rollout_after_an_update():
+        model = small_model(core)
+        model.learn(model.n_steps * model.n_envs)  # one rollout, one update
+        return collect_one_rollout(model)
+
+    with_kernel = rollout_after_an_update()
+    monkeypatch.setenv(policy_step.SWITCH_VARIABLE, "0")
+    without = rollout_after_an_update()
     assert torch.equal(with_kernel.actions, without.actions)
     for name in ("log_probs", "values", "rewards", "episode_starts", "advantages"):
         torch.testing.assert_close(getattr(with_kernel, name), getattr(without, name))

@@ -10,11 +10,12 @@ optimizer's Python bookkeeping: about 230 us per minibatch for an lstm agent's 1
 
 :func:`adam_step` runs the optimizer's own state (``exp_avg``, ``exp_avg_sq``, ``step``) through
 ATen's fused Adam kernel, the kernel ``torch.optim.Adam(fused=True)`` runs: the same update, and
-the optimizer's ``state_dict`` is untouched in form. It applies to a plain ``torch.optim.Adam``
-with ``fused=True`` (:class:`~mnm_rl.agent.policy.RecurrentMemoryPolicy`'s default), no step
-hooks, no AMSGrad and every parameter with a gradient and a state; anything else is
-``optimizer.step()``. :func:`clip_grad_norm` sums the squares in double precision, so its norm
-can differ from PyTorch's in the last bits.
+the optimizer's ``state_dict`` is untouched in form, and its step post-hooks run after it as
+after ``optimizer.step()``. It applies to a plain ``torch.optim.Adam`` with ``fused=True``
+(:class:`~mnm_rl.agent.policy.RecurrentMemoryPolicy`'s default), no step pre-hooks, no AMSGrad
+and every parameter with a gradient and a state; anything else is ``optimizer.step()``.
+:func:`clip_grad_norm` sums the squares in double precision, so its norm can differ from
+PyTorch's in the last bits.
 
 ``MNM_RL_COMPILED_OPTIMIZER=0`` (or ``MNM_RL_FUSED=0``) in the environment runs PyTorch's.
 ``tests/test_gradient_step.py`` compares both.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
@@ -79,6 +81,11 @@ def adam_step(optimizer: torch.optim.Optimizer) -> None:
             params, grads, exp_avgs, exp_avg_sqs, steps, sizes,
             [_settings(group) for group in optimizer.param_groups],
         ):  # fmt: skip
+            # the step's post-hooks, as torch.optim runs them after its own step (the policy's
+            # marks the parameters changed: RecurrentMemoryPolicy)
+            for hook in chain(optimizer._optimizer_step_post_hooks.values(),
+                              torch_optimizer._global_optimizer_post_hooks.values()):  # fmt: skip
+                hook(optimizer, (optimizer,), {})  # torch.optim's arguments: step's own
             return
     optimizer.step()
 
@@ -126,10 +133,8 @@ def _adam_state(optimizer: torch.optim.Optimizer) -> tuple | None:
     if (
         type(optimizer) is not torch.optim.Adam
         or "step" in vars(optimizer)  # wrapped on the instance (an LR scheduler's counter)
-        or optimizer._optimizer_step_pre_hooks
-        or optimizer._optimizer_step_post_hooks
+        or optimizer._optimizer_step_pre_hooks  # (they may change the step's arguments)
         or torch_optimizer._global_optimizer_pre_hooks
-        or torch_optimizer._global_optimizer_post_hooks
         or getattr(optimizer, "grad_scale", None) is not None
         or getattr(optimizer, "found_inf", None) is not None
     ):

@@ -46,6 +46,14 @@ def _mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, activation: type[nn
     return nn.Sequential(*layers)
 
 
+def bump_parameter_versions(optimizer: torch.optim.Optimizer, *_) -> None:
+    """An optimizer's step post-hook: marks every parameter it holds as changed in place (bumps
+    its version counter), which torch's fused optimizers do not do themselves."""
+    torch.autograd.graph.increment_version(
+        [p for group in optimizer.param_groups for p in group["params"]]
+    )
+
+
 def check_action_space(action_space: spaces.Space) -> None:
     """Raise a precise error for action spaces the agent does not support."""
     if not isinstance(action_space, spaces.Discrete):
@@ -148,6 +156,11 @@ class RecurrentMemoryPolicy(BasePolicy):
         self.optimizer = self.optimizer_class(
             self._parameter_groups(lr_schedule(1)), **self.optimizer_kwargs
         )
+        # torch's fused optimizers (Adam's, the default here) update the parameters in place
+        # without bumping their version counters (torch 2.13), which the compiled rollout step's
+        # kept tables key on (mnm_rl/agent/policy_step.py): every step of this optimizer bumps
+        # them, so that the next rollout step sees the new weights.
+        self.optimizer.register_step_post_hook(bump_parameter_versions)
         #: How a rollout step reaches the compiled policy step (``None``: it does not apply to
         #: this policy), and the grid's projected table it keeps (:mod:`mnm_rl.agent.policy_step`).
         self._step_layout = policy_step.step_layout(self)

@@ -19,7 +19,8 @@ namespace {
 enum Activation : int64_t { kTanh = 0, kReLU = 1 };
 
 // x through the layers [W_0, b_0, W_1, b_1, ...], the activation after every layer but the last
-// (and after the last too with activate_last).
+// (and after the last too with activate_last). Rollout steps only: the weights' transposes are
+// kept between calls (cached_packed_transpose).
 at::Tensor run_head(at::Tensor x, const std::vector<at::Tensor>& layers, int64_t activation,
                     bool activate_last = false) {
   TORCH_CHECK(!layers.empty() && layers.size() % 2 == 0,
@@ -27,7 +28,7 @@ at::Tensor run_head(at::Tensor x, const std::vector<at::Tensor>& layers, int64_t
               " tensors");
   const size_t count = layers.size() / 2;
   for (size_t i = 0; i < count; ++i) {
-    x = mnm_rl::linear_out(x, layers[2 * i], layers[2 * i + 1]);
+    x = mnm_rl::linear_out(x, layers[2 * i], layers[2 * i + 1], /*cache_transpose=*/true);
     if (i + 1 == count && !activate_last) break;
     if (activation == kTanh) {
       x.tanh_();

@@ -157,7 +157,7 @@ at::Tensor encode(const c10::optional<at::Tensor>& grid, const c10::optional<at:
     TORCH_CHECK(dense.size(1) == in, "policy_step: ", dense.size(1),
                 " input columns for an extractor layer of ", in);
     // as MemoryFeaturesExtractor computes it: products.linear, then nn.ReLU
-    return mnm_rl::linear_out(dense, weight, bias).relu_();
+    return mnm_rl::linear_out(dense, weight, bias, /*cache_transpose=*/true).relu_();
   }
   TORCH_CHECK(projected.has_value() && projected->defined(),
               "policy_step: a grid input needs its projected table");
@@ -216,9 +216,9 @@ std::vector<at::Tensor> lstm_step(const at::Tensor& x, const std::vector<at::Ten
               "policy_step: the LSTM's state must be [", B, ", ", H, "]");
   // gates_x as run_lstm computes it (products.linear), then the recurrent product added as
   // lstm_forward adds it: the same products (dense_products.h), so the same rounding
-  at::Tensor gates = mnm_rl::linear_out(x, layers[0], layers[2] + layers[3]);
+  at::Tensor gates = mnm_rl::linear_out(x, layers[0], layers[2] + layers[3], true);
   at::Tensor h = kept_state(state[0], keep), c = kept_state(state[1], keep);
-  mnm_rl::product_into(gates, h, mnm_rl::packed_transpose(layers[1]), true);
+  mnm_rl::product_into(gates, h, mnm_rl::cached_packed_transpose(layers[1]), true);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_lstm", [&] {
     for (int64_t b = 0; b < B; ++b)
       mnm_rl::lstm_cell_row(gates.data_ptr<scalar_t>() + b * 4 * H, c.data_ptr<scalar_t>() + b * H,
@@ -238,9 +238,9 @@ std::vector<at::Tensor> gru_step(const at::Tensor& x, const std::vector<at::Tens
   TORCH_CHECK(state[0].sizes() == at::IntArrayRef({B, H}), "policy_step: the GRU's state must be [",
               B, ", ", H, "]");
   // as run_gru and gru_forward compute them
-  const at::Tensor gx = mnm_rl::linear_out(x, layers[0], layers[2]);
+  const at::Tensor gx = mnm_rl::linear_out(x, layers[0], layers[2], true);
   const at::Tensor h_in = kept_state(state[0], keep);
-  const at::Tensor gh = mnm_rl::linear_out(h_in, layers[1], layers[3]);
+  const at::Tensor gh = mnm_rl::linear_out(h_in, layers[1], layers[3], true);
   at::Tensor h = at::empty({B, H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_gru", [&] {
     using T = scalar_t;
@@ -270,7 +270,7 @@ std::vector<at::Tensor> mnm_step(const at::Tensor& x, const std::vector<at::Tens
   TORCH_CHECK(layers.size() == 12 && state.size() == 4,
               "policy_step: an MNM core takes 12 weights and the state h, c, read, fast weights");
   // the input gates and the output layer as MNMCore's forward computes them (products.linear)
-  const at::Tensor gates_x = mnm_rl::linear_out(x, layers[0], layers[1]).unsqueeze(0);
+  const at::Tensor gates_x = mnm_rl::linear_out(x, layers[0], layers[1], true).unsqueeze(0);
   at::Tensor weights = state[3];
   const bool as_is = weights.stride(3) == 1 && weights.stride(2) == weights.size(3);
   const bool transposed = weights.stride(2) == 1 && weights.stride(3) == weights.size(2);
@@ -292,7 +292,7 @@ std::vector<at::Tensor> mnm_step(const at::Tensor& x, const std::vector<at::Tens
                                 w[10], w[11], o.n_heads, o.gradient_rule, o.tanh_act, o.eps, false);
   }
   const at::Tensor h = out[0][0], read = out[1][0];
-  const at::Tensor y = mnm_rl::linear_out(at::cat({h, read}, 1), layers[2], layers[3]);
+  const at::Tensor y = mnm_rl::linear_out(at::cat({h, read}, 1), layers[2], layers[3], true);
   return {y, h, out[7], read, out[8]};
 }
 

@@ -23,6 +23,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
+#include <mutex>
+#include <unordered_map>
 
 #include "row_products.h"
 
@@ -187,16 +190,56 @@ inline at::Tensor packed_transpose(const at::Tensor& w) {
   return out;
 }
 
+// packed_transpose(w), kept from one call to the next while w is the same tensor with the same
+// storage at the same version (every in-place update bumps it: an optimizer's step,
+// load_state_dict's copy): a rollout step, one call per step, otherwise packed every weight it
+// multiplies with anew (for an lstm policy about 60,000 floats a step, a fifth of the compiled
+// step's own time; for mnm-p's kernel about 100,000). For calls without a backward pass only: a
+// weight changed in place behind autograd's back (through .data) is not seen, as the grid
+// encoder's projected table that the compiled step keeps (mnm_rl/agent/policy_step.py) is not.
+inline at::Tensor cached_packed_transpose(const at::Tensor& w) {
+  if (w.is_inference() || !w.is_cpu()) return packed_transpose(w);
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> source;
+    const void* data;
+    uint32_t version;
+    at::Tensor packed;
+  };
+  // Keyed by the weight's TensorImpl, which the weak pointer keeps from being reused while
+  // the entry lives; entries of weights that are gone are dropped at the next miss.
+  static std::unordered_map<const c10::TensorImpl*, Entry> cache;
+  static std::mutex guard;
+  const std::lock_guard<std::mutex> hold(guard);
+  const c10::TensorImpl* key = w.unsafeGetTensorImpl();
+  const uint32_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
+  const auto found = cache.find(key);
+  if (found != cache.end() && !found->second.source.expired() &&
+      found->second.data == w.data_ptr() && found->second.version == version &&
+      found->second.packed.size(0) == w.size(1) && found->second.packed.size(1) == w.size(0))
+    return found->second.packed;
+  for (auto it = cache.begin(); it != cache.end();)
+    it = it->second.source.expired() ? cache.erase(it) : std::next(it);
+  at::Tensor packed = packed_transpose(w);
+  cache.insert_or_assign(
+      key, Entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+                     w.getIntrusivePtr()),
+                 w.data_ptr(), version, packed});
+  return packed;
+}
+
 // A Linear layer's x [N, in] W^T (+ b) as a new tensor [N, out], from W [out, in] as it lies:
 // what products.linear (linear.cpp) computes, so that the compiled steps and heads that mirror
-// a module round exactly as it does.
+// a module round exactly as it does. cache_transpose: W^T from cached_packed_transpose (calls
+// without a backward pass).
 inline at::Tensor linear_out(const at::Tensor& x, const at::Tensor& weight,
-                             const at::Tensor& bias = at::Tensor()) {
+                             const at::Tensor& bias = at::Tensor(), bool cache_transpose = false) {
   at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
+  const at::Tensor weight_t =
+      cache_transpose ? cached_packed_transpose(weight) : packed_transpose(weight);
   if (bias.defined())
-    biased_product_into(out, bias, x, packed_transpose(weight));
+    biased_product_into(out, bias, x, weight_t);
   else
-    product_into(out, x, packed_transpose(weight));
+    product_into(out, x, weight_t);
   return out;
 }
 

@@ -385,9 +385,13 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   const auto u_scratch = store ? none : at::empty({B, Hd + D}, opts);
   const auto gates_scratch = store ? none : at::empty({B, 4 * Hd}, opts);
   const auto e_scratch = store ? none : at::empty({B, E}, opts);
-  // The slow weights transposed and packed once, for every step's products (dense_products.h).
-  const auto w_rec_t = packed_transpose(w_rec);
-  const auto w_int_t = packed_transpose(w_int);
+  // The slow weights transposed and packed once, for every step's products (dense_products.h);
+  // without a backward pass to come (a rollout step: one call per step) kept between calls.
+  const auto pack = [store](const at::Tensor& w) {
+    return store ? packed_transpose(w) : cached_packed_transpose(w);
+  };
+  const auto w_rec_t = pack(w_rec);
+  const auto w_int_t = pack(w_int);
   // The forward pass holds every fast-weight matrix transposed, N = M^T, so that the passes
   // through the layers, x M^T, are x N: the hand-written form of row_products.h, where MKL's
   // bmm for x M^T spent about as long packing each small matrix as multiplying with it. The
@@ -401,7 +405,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
   const at::Tensor m_init_c = m_init.contiguous(), m_init_t = at::empty_like(m_init_c);
   const bool per_step_int = b_int.dim() == 3;
   const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, m_init_t,
-                        gradient_rule ? at::Tensor() : packed_transpose(w_fb)};
+                        gradient_rule ? at::Tensor() : pack(w_fb)};
   StepBuffers s(d, opts, !store);
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_forward", [&] {
