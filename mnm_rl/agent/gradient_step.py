@@ -4,9 +4,10 @@ torch.optim's wrappers (:func:`zero_grad`).
 
 ``torch.nn.utils.clip_grad_norm_`` and ``torch.optim.Adam(fused=True).step()`` on a CPU dispatch
 one operator per parameter tensor for the norms, the scaling and the step counters, around the
-optimizer's Python bookkeeping: about 230 us per minibatch for an lstm agent's 17 tensors, some
-8% of its update, of which about 60 us is arithmetic. :func:`clip_grad_norm` and
-:func:`adam_step` do the same work in one call each where they can and call PyTorch's otherwise.
+optimizer's Python bookkeeping: with ``zero_grad`` about a fifth of an lstm agent's update in
+py-spy, for 17 tensors and some 60 us of arithmetic a minibatch. :func:`clip_grad_norm` and
+:func:`adam_step` do the same work in one call each where they can and call PyTorch's
+otherwise (an lstm agent's ``train()`` 1.23x faster, mnm-p's 1.08x: docs/benchmarks.md).
 
 :func:`adam_step` runs the optimizer's own state (``exp_avg``, ``exp_avg_sq``, ``step``) through
 ATen's fused Adam kernel, the kernel ``torch.optim.Adam(fused=True)`` runs: the same update, and
