@@ -99,9 +99,8 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& k
     T_* g_x_all = g_gates_x.data_ptr<T_>();
     T_* g_gh_all = g_gh.data_ptr<T_>();
     T_* dh_p = dh.data_ptr<T_>();
-    std::vector<T_> dh_total(B * H), du(B * H);
+    std::vector<T_> dh_total(B * H);
     const T_* dht = dh_total.data();
-    T_* du_p = du.data();
     for (int64_t t = T - 1; t >= 0; --t) {
       output_grad(dh_total.data(), dh_p, g_hs_p, t, B * H);
       for (int64_t b = 0; b < B; ++b) {
@@ -119,10 +118,9 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& k
           gx[H + i] = gg[H + i] = dz;
           gx[2 * H + i] = dn;
           gg[2 * H + i] = dn * r;
-          du_p[b * H + i] = d * z;
+          dh_p[b * H + i] = d * z;  // h's direct path, z h'; the gates' path is added below
         }
       }
-      std::copy(du_p, du_p + B * H, dh_p);
       product_raw(dh_p, g_gh_all + t * B * 3 * H, w, B, 3 * H, H, /*accumulate=*/true, own);
       kept_rows(dh_p, dh_p, keep_p + t * B, B, H);
     }
