@@ -11,7 +11,7 @@ from stable_baselines3.common.callbacks import StopTrainingOnMaxEpisodes
 from test_agent import collect_one_rollout, small_model
 from torch import nn
 
-from mnm_rl.agent import action_heads, policy_step
+from mnm_rl.agent import action_heads, explicit, policy_step
 from mnm_rl.agent.policy import RecurrentMemoryPolicy, _mlp
 
 
@@ -269,6 +269,7 @@ def test_the_training_heads_apply_with_gradients_on_cpu_floats_only():
 def test_an_update_gets_the_same_loss_and_gradients_with_the_training_heads(
     kernel, monkeypatch, core
 ):
+    monkeypatch.setenv(explicit.SWITCH_VARIABLE, "0")  # the heads through autograd
     model = small_model(core)
     buffer = collect_one_rollout(model)
     batch = next(buffer.minibatches(chunks_per_batch=4))
@@ -278,7 +279,7 @@ def test_an_update_gets_the_same_loss_and_gradients_with_the_training_heads(
     monkeypatch.setattr(action_heads, "train_heads", lambda *a: calls.append(1) or real(*a))
 
     def loss_and_grads():
-        loss, _, _ = model._loss(batch, 0.2, None, 0.01, lambda **_: None)
+        loss, _, _, _ = model._loss(batch, 0.2, None, 0.01, lambda **_: None)
         return loss.detach(), torch.autograd.grad(loss, parameters, allow_unused=True)
 
     compiled = loss_and_grads()

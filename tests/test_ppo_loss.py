@@ -10,7 +10,7 @@ import torch
 from compiled import built
 from test_agent import collect_one_rollout, small_model
 
-from mnm_rl.agent import ppo_loss
+from mnm_rl.agent import explicit, ppo_loss
 from mnm_rl.agent.ppo_loss import LossSettings, RolloutSteps
 
 SETTINGS = LossSettings(
@@ -175,6 +175,7 @@ def test_the_switch_computes_the_loss_in_pytorch(kernel, monkeypatch):
 
 @pytest.mark.parametrize("core", ["lstm", "mnm-p"])
 def test_an_update_gets_the_same_loss_and_gradients_either_way(kernel, monkeypatch, core):
+    monkeypatch.setenv(explicit.SWITCH_VARIABLE, "0")  # the loss through autograd
     model = small_model(core, clip_range_vf=0.1)
     buffer = collect_one_rollout(model)
     batch = next(buffer.minibatches(chunks_per_batch=4))
@@ -187,7 +188,7 @@ def test_an_update_gets_the_same_loss_and_gradients_either_way(kernel, monkeypat
             for key, value in values.items():
                 records.setdefault(key, []).append(float(value))
 
-        loss, approx_kl, checks = model._loss(batch, 0.2, 0.1, 0.01, record)
+        loss, approx_kl, checks, _ = model._loss(batch, 0.2, 0.1, 0.01, record)
         grads = torch.autograd.grad(loss, parameters, allow_unused=True)
         return loss.detach(), approx_kl, checks, records, grads
 

@@ -26,6 +26,7 @@ heads) or ``MNM_RL_FUSED=0`` (every compiled kernel).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -34,6 +35,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from mnm_rl import native
+from mnm_rl.memory.base import Gradients
 
 #: The kernel's C++ source, built into its own extension.
 SOURCES = [Path(__file__).with_name("csrc") / "action_heads.cpp"]
@@ -162,3 +164,34 @@ def train_heads(
         *actor, *critic,
     )  # fmt: skip
     return logits.view(*lead, -1), values.view(lead)
+
+
+#: The heads' backward pass in an explicit pass: the logits' and values' gradients in; the
+#: latents' gradients and the heads' parameters' gradients out.
+HeadsBackward = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Gradients]]
+
+
+def explicit_heads(
+    kernel: ModuleType,
+    latent: Tensor,
+    value_latent: Tensor,
+    action_net: nn.Sequential,
+    value_net: nn.Sequential,
+    activation_fn: type[nn.Module],
+) -> tuple[Tensor, Tensor, HeadsBackward]:
+    """:func:`train_heads`'s ``(logits [N, A], values [N])`` for latents ``[N, F]`` without
+    autograd, and their backward pass by the kernel's (:mod:`mnm_rl.agent.explicit`); run both
+    under ``torch.no_grad()``. Where :func:`trains` holds but for the gradient mode."""
+    actor, critic = layer_tensors(action_net), layer_tensors(value_net)
+    code = ACTIVATION_CODES[activation_fn]
+    logits, values, actor_in, critic_in = kernel.heads_forward(latent, value_latent, actor,
+                                                               critic, code)  # fmt: skip
+
+    def backward(g_logits: Tensor, g_values: Tensor) -> tuple[Tensor, Tensor, Gradients]:
+        d_latent, d_value_latent, d_actor, d_critic = kernel.heads_backward(
+            g_logits, g_values, actor, critic, actor_in, critic_in, code
+        )
+        pairs = list(zip(actor + critic, d_actor + d_critic, strict=True))
+        return d_latent, d_value_latent, pairs
+
+    return logits, values, backward

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from mnm_rl.agent import grid_linear
 from mnm_rl.agent.grid_linear import GridLayout
 from mnm_rl.memory import products
+from mnm_rl.memory.base import Gradients
 
 #: Below this many rows, and without a backward pass, the grid's linear layer runs as plain
 #: PyTorch: the compiled kernel's fixed cost (projecting every table row through every cell's
@@ -163,6 +165,66 @@ class MemoryFeaturesExtractor(BaseFeaturesExtractor):
         parts = [self.encoders[name](x) for name, x in named.items()]
         linear: nn.Linear = self.linear[0]  # by the kernels' products where they apply
         return self.linear[1](products.linear(torch.cat(parts, dim=-1), linear.weight, linear.bias))
+
+    def explicit_forward(
+        self, observations: Tensor | dict[str, Tensor]
+    ) -> tuple[Tensor, Callable[[Tensor], Gradients]] | None:
+        """:meth:`forward` without autograd, and its backward pass from the features' gradient
+        to the parameters' (:mod:`mnm_rl.agent.explicit`); run both under ``torch.no_grad()``.
+        With one grid, by the compiled grid kernel's forward and backward (``None`` on other
+        devices or where it is not built); without a grid, by
+        :func:`~mnm_rl.memory.products.linear_explicit`; ``None`` with several grids."""
+        named = (
+            {str(k): observations[k] for k in self.keys}
+            if isinstance(observations, dict)
+            else {"obs": observations}
+        )
+        linear: nn.Linear = self.linear[0]
+        if self.grid_layout is None:
+            if any(isinstance(e, SymbolicGridEncoder) for e in self.encoders.values()):
+                return None
+            x = torch.cat([self.encoders[name](x) for name, x in named.items()], dim=-1)
+            out, linear_backward = products.linear_explicit(x, linear.weight, linear.bias)
+            features = out.relu_()
+
+            def backward(grad: Tensor) -> Gradients:
+                grad = grad.masked_fill(features <= 0, 0)  # ReLU's, as autograd's
+                _, g_weight, g_bias = linear_backward(grad, False)
+                return [(linear.weight, g_weight), (linear.bias, g_bias)]
+
+            return features, backward
+        grid_name, layout = self.grid_layout
+        grid = named[grid_name]
+        kernel = (
+            grid_linear.load_extension()
+            if grid.device.type == "cpu" and linear.weight.device.type == "cpu"
+            else None
+        )
+        if kernel is None:
+            return None
+        encoder: SymbolicGridEncoder = self.encoders[grid_name]
+        rows = grid.shape[0]
+        dense = [x.reshape(rows, -1) for name, x in named.items() if name != grid_name]
+        dense = torch.cat(dense, 1) if dense else grid.new_empty(rows, 0)
+        dense = dense.to(linear.weight.dtype)
+        grid, table, arguments = grid.reshape(rows, -1), encoder.table(), layout.arguments()
+        out, symbol_rows, effective = kernel.grid_linear_forward(
+            grid, table, linear.weight, linear.bias, dense, *arguments
+        )
+        features = out.relu_()
+
+        def grid_backward(grad: Tensor) -> Gradients:
+            grad = grad.masked_fill(features <= 0, 0)
+            g_table, g_weight, g_bias, _ = kernel.grid_linear_backward(
+                grad, symbol_rows, table, effective, linear.weight, dense, *arguments, False
+            )
+            tables = [emb.weight for emb in encoder.embeddings]
+            return [
+                *zip(tables, g_table.split(encoder.sizes), strict=True),
+                (linear.weight, g_weight), (linear.bias, g_bias),
+            ]  # fmt: skip
+
+        return features, grid_backward
 
     def _grid_kernel(self, named: dict[str, Tensor]) -> ModuleType | None:
         """The compiled grid kernel where it applies and pays: one grid, CPU tensors, and a

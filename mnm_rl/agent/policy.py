@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -13,13 +14,17 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import Tensor, nn
 from torch.distributions import Categorical
 
-from mnm_rl.agent import action_heads, policy_step
+from mnm_rl.agent import action_heads, explicit, policy_step
 from mnm_rl.agent.extractors import MemoryFeaturesExtractor
 from mnm_rl.memory import CoreState, RecurrentCore, make_core
+from mnm_rl.memory.base import Gradients
 
 CRITIC_PREFIX = "critic/"
 
 Observation = Tensor | dict[str, Tensor]
+#: The backward pass of :meth:`RecurrentMemoryPolicy.explicit_forward_sequence`: the logits' and
+#: values' gradients in, every parameter's gradient out.
+PolicyBackward = Callable[[Tensor, Tensor], Gradients]
 
 
 class PolicyStep(NamedTuple):
@@ -264,6 +269,73 @@ class RecurrentMemoryPolicy(BasePolicy):
         logits = self.action_net(latent)
         values = self.value_net(value_latent).squeeze(-1)
         return logits, values, new_state, aux
+
+    def explicit_forward_sequence(
+        self, obs: Observation, state: CoreState, episode_starts: Tensor
+    ) -> tuple[Tensor, Tensor, PolicyBackward] | None:
+        """:meth:`forward_sequence`'s ``(logits [T, B, A], values [T, B])`` without autograd,
+        and the backward pass from their gradients to every parameter's gradient
+        (:mod:`mnm_rl.agent.explicit`): ``backward(grad_logits, grad_values)`` gives
+        ``(parameter, gradient)`` pairs for :func:`~mnm_rl.agent.explicit.apply_gradients`.
+
+        ``None`` where some piece has no explicit pass (then train through
+        :meth:`forward_sequence`): off the CPU, under ``MNM_RL_EXPLICIT_BACKWARD=0``, heads
+        without the compiled kernel, an extractor or core without one (an MNM core, several
+        grids).
+        """
+        if (
+            not explicit.enabled()
+            or self.activation_fn not in action_heads.ACTIVATION_CODES
+            or self.action_net[0].weight.device.type != "cpu"
+        ):
+            return None
+        heads = action_heads.load_extension()
+        if heads is None:
+            return None
+        with torch.no_grad():
+            steps, batch = episode_starts.shape
+            flat = map_obs(obs, lambda v: v.reshape(steps * batch, *v.shape[2:]))
+            encoded = self.features_extractor.explicit_forward(
+                preprocess_obs(flat, self.observation_space, normalize_images=False)
+            )
+            if encoded is None:
+                return None
+            features, extractor_backward = encoded
+            features = features.view(steps, batch, -1)
+            actor_state, critic_state = self._split_state(state)
+            actor = self.core.explicit_forward(features, actor_state, episode_starts)
+            critic = (
+                actor
+                if self.critic_core is None or actor is None
+                else self.critic_core.explicit_forward(features, critic_state, episode_starts)
+            )
+            if actor is None or critic is None:
+                return None
+            width = self.core.output_size
+            logits, values, heads_backward = action_heads.explicit_heads(
+                heads, actor[0].reshape(-1, width), critic[0].reshape(-1, width),
+                self.action_net, self.value_net, self.activation_fn,
+            )  # fmt: skip
+
+        def backward(grad_logits: Tensor, grad_values: Tensor) -> Gradients:
+            with torch.no_grad():
+                d_latent, d_value_latent, gradients = heads_backward(
+                    grad_logits.reshape(logits.shape), grad_values.reshape(values.shape)
+                )
+                if critic is actor:
+                    d_features, core_gradients = actor[1](
+                        d_latent.add_(d_value_latent).view(steps, batch, -1)
+                    )
+                    gradients += core_gradients
+                else:
+                    d_features, actor_gradients = actor[1](d_latent.view(steps, batch, -1))
+                    d_critic, critic_gradients = critic[1](d_value_latent.view(steps, batch, -1))
+                    d_features = d_features + d_critic
+                    gradients += actor_gradients + critic_gradients
+                gradients += extractor_backward(d_features.reshape(steps * batch, -1))
+                return gradients
+
+        return logits.view(steps, batch, -1), values.view(steps, batch), backward
 
     def act(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -19,10 +20,17 @@ from stable_baselines3.common.utils import (
 )
 from stable_baselines3.common.vec_env import VecEnv
 
-from mnm_rl.agent import gradient_step
+from mnm_rl.agent import explicit, gradient_step
 from mnm_rl.agent.buffer import ChunkBatch, ChunkRolloutBuffer
 from mnm_rl.agent.policy import RecurrentMemoryPolicy, check_action_space
-from mnm_rl.agent.ppo_loss import STAT_NAMES, LossSettings, RolloutSteps, ppo_loss
+from mnm_rl.agent.ppo_loss import (
+    STAT_NAMES,
+    LossSettings,
+    RolloutSteps,
+    ppo_loss,
+    ppo_loss_explicit,
+)
+from mnm_rl.agent.ppo_loss import load_extension as load_loss_kernel
 from mnm_rl.memory import CoreState
 
 SelfMemoryPPO = TypeVar("SelfMemoryPPO", bound="MemoryPPO")
@@ -329,7 +337,7 @@ class MemoryPPO(OnPolicyAlgorithm):
         for _ in range(self.n_epochs):
             approx_kls = []
             for batch in buffer.minibatches(self.batch_size // self.seq_len):
-                loss, approx_kl, checks = self._loss(
+                loss, approx_kl, checks, backward = self._loss(
                     batch, clip_range, clip_range_vf, ent_coef, record
                 )
                 if self._skip_nonfinite(checks):
@@ -343,7 +351,7 @@ class MemoryPPO(OnPolicyAlgorithm):
                         )
                     break
                 gradient_step.zero_grad(self.policy.optimizer)
-                loss.backward()
+                backward()
                 grad_norm = gradient_step.clip_grad_norm(params, self.max_grad_norm)
                 if self._skip_nonfinite({"gradients": grad_norm}):
                     gradient_step.zero_grad(self.policy.optimizer)
@@ -373,19 +381,37 @@ class MemoryPPO(OnPolicyAlgorithm):
         ent_coef: float,
         record,
     ):
-        logits, values, _, aux = self.policy.forward_sequence(
-            batch.observations, batch.states, batch.episode_starts
+        """The minibatch's loss, approx_kl, the values to check for finiteness, and the backward
+        pass that stores the loss's gradients in the parameters' ``.grad``: without autograd
+        where every piece of the policy has an explicit pass (:mod:`mnm_rl.agent.explicit`),
+        else ``loss.backward``."""
+        steps = RolloutSteps(
+            batch.actions, batch.old_log_probs, batch.advantages, batch.returns, batch.old_values
         )
-        loss, stats = ppo_loss(
-            logits,
-            values,
-            RolloutSteps(
-                batch.actions, batch.old_log_probs, batch.advantages, batch.returns,
-                batch.old_values,
-            ),
-            LossSettings(clip_range, clip_range_vf, ent_coef, self.vf_coef,
-                         self.normalize_advantage),
-        )  # fmt: skip
+        settings = LossSettings(
+            clip_range, clip_range_vf, ent_coef, self.vf_coef, self.normalize_advantage
+        )
+        aux: Mapping[str, torch.Tensor] = {}
+        passed = (
+            self.policy.explicit_forward_sequence(
+                batch.observations, batch.states, batch.episode_starts
+            )
+            if load_loss_kernel() is not None
+            else None
+        )
+        explicit_loss = None if passed is None else ppo_loss_explicit(*passed[:2], steps, settings)
+        if explicit_loss is not None:
+            loss, stats, grad_logits, grad_values = explicit_loss
+            policy_backward = passed[2]
+
+            def backward() -> None:
+                explicit.apply_gradients(policy_backward(grad_logits, grad_values))
+        else:
+            logits, values, _, aux = self.policy.forward_sequence(
+                batch.observations, batch.states, batch.episode_starts
+            )
+            loss, stats = ppo_loss(logits, values, steps, settings)
+            backward = None  # loss.backward, once the memory loss is added below
         policy_loss, value_loss, entropy_loss, approx_kl, _ = terms = stats.tolist()
         checks = {"policy loss": policy_loss, "value loss": value_loss, "entropy": entropy_loss}
         record(**{f"train/{name}": value for name, value in zip(STAT_NAMES, terms, strict=True)})
@@ -408,7 +434,7 @@ class MemoryPPO(OnPolicyAlgorithm):
                     }
                 )
         record(**{"train/loss": loss.item()})
-        return loss, approx_kl, checks
+        return loss, approx_kl, checks, backward or loss.backward
 
     def _skip_nonfinite(self, checks: dict[str, float]) -> bool:
         """True (after counting and logging) when a checked quantity is NaN or infinite.

@@ -91,15 +91,45 @@ def ppo_loss(
         ``stats [5]`` (no gradient) in the order of :data:`STAT_NAMES`. Through the compiled
         kernel where :func:`applies` and it loads, else :func:`ppo_loss_torch`.
     """
-    for name in ("clip_range", "clip_range_vf"):
-        value = getattr(settings, name)
-        if value is not None and not value >= 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value}")
+    _check_settings(settings)
     if applies(logits):
         kernel = load_extension()
         if kernel is not None:
             return _CompiledLoss.apply(logits, values, kernel, steps, settings)
     return ppo_loss_torch(logits, values, steps, settings)
+
+
+def ppo_loss_explicit(
+    logits: Tensor, values: Tensor, steps: RolloutSteps, settings: LossSettings
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+    """:func:`ppo_loss` by the kernel with the loss's gradients, for a backward pass without
+    autograd (:mod:`mnm_rl.agent.explicit`): ``(loss, stats, grad_logits, grad_values)``, the
+    gradients shaped as ``logits`` and ``values``. ``None`` where :func:`ppo_loss` would not
+    take the kernel."""
+    _check_settings(settings)
+    kernel = load_extension() if applies(logits) else None
+    if kernel is None:
+        return None
+    return _kernel_loss(kernel, logits, values, steps, settings)
+
+
+def _check_settings(settings: LossSettings) -> None:
+    for name in ("clip_range", "clip_range_vf"):
+        value = getattr(settings, name)
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value}")
+
+
+def _kernel_loss(
+    kernel: ModuleType, logits: Tensor, values: Tensor, steps: RolloutSteps,
+    settings: LossSettings,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    clip_range_vf = -1.0 if settings.clip_range_vf is None else settings.clip_range_vf
+    return kernel.ppo_loss(
+        logits, values, steps.actions, steps.old_log_probs, steps.advantages,
+        steps.returns, steps.old_values, float(settings.clip_range), float(clip_range_vf),
+        float(settings.ent_coef), float(settings.vf_coef), bool(settings.normalize_advantage),
+    )  # fmt: skip
 
 
 def ppo_loss_torch(
@@ -138,12 +168,8 @@ class _CompiledLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, values, kernel, steps, settings):  # noqa: D102
-        clip_range_vf = -1.0 if settings.clip_range_vf is None else settings.clip_range_vf
-        loss, stats, grad_logits, grad_values = kernel.ppo_loss(
-            logits, values, steps.actions, steps.old_log_probs, steps.advantages,
-            steps.returns, steps.old_values, float(settings.clip_range), float(clip_range_vf),
-            float(settings.ent_coef), float(settings.vf_coef), bool(settings.normalize_advantage),
-        )  # fmt: skip
+        loss, stats, grad_logits, grad_values = _kernel_loss(kernel, logits, values, steps,
+                                                             settings)  # fmt: skip
         ctx.save_for_backward(grad_logits, grad_values)
         ctx.values_dtype = values.dtype  # the kernel computes in the logits' dtype
         ctx.mark_non_differentiable(stats)

@@ -15,6 +15,13 @@ from mnm_rl.memory.state import CoreState
 #: memory return an empty dict.
 AUX_KEYS = ("recon_after", "recon_before", "recon_retained", "beta", "fast_weight_norm")
 
+#: Parameters' gradients as an explicit backward pass gives them: ``(parameter, gradient)`` pairs.
+Gradients = list[tuple[nn.Parameter, Tensor]]
+#: The backward pass of :meth:`RecurrentCore.explicit_forward`: the outputs' gradient
+#: ``[T, B, output_size]`` in; the inputs' gradient ``[T, B, input_size]`` and the parameters'
+#: gradients out.
+CoreBackward = Callable[[Tensor], tuple[Tensor, Gradients]]
+
 
 class LazyDiagnostics(Mapping[str, Tensor]):
     """The diagnostics of :data:`AUX_KEYS`, computed from ``compute()`` on first access.
@@ -84,6 +91,20 @@ class RecurrentCore(nn.Module, ABC):
             :data:`AUX_KEYS` to ``[T, B]`` tensors (empty for cores without external memory; an
             MNM core's computes them on first access, :class:`LazyDiagnostics`).
         """
+
+    def explicit_forward(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor
+    ) -> tuple[Tensor, CoreBackward] | None:
+        """:meth:`forward`'s features without autograd, and the backward pass that maps their
+        gradient to the gradients of ``x`` and of the parameters, by the compiled kernels' own
+        backward passes (training without the autograd engine: :mod:`mnm_rl.agent.explicit`).
+
+        Arguments as for :meth:`forward`; call it and the backward pass under
+        ``torch.no_grad()``. The final state gets no gradient (a PPO minibatch does not use
+        it). ``None`` where the core has no such pass (then train through :meth:`forward`):
+        the default, and cores with a memory loss.
+        """
+        return None
 
     def memory_parameters(self) -> list[nn.Parameter]:
         """The parameters that decide how an external memory is written and read (empty for

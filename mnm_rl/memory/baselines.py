@@ -6,8 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from mnm_rl.memory import products
-from mnm_rl.memory.base import RecurrentCore
-from mnm_rl.memory.rnn_kernels import rnn_kernel, run_gru, run_lstm
+from mnm_rl.memory.base import CoreBackward, Gradients, RecurrentCore
+from mnm_rl.memory.rnn_kernels import (
+    explicit_gru,
+    explicit_lstm,
+    rnn_kernel,
+    run_gru,
+    run_lstm,
+)
 from mnm_rl.memory.state import CoreState
 
 
@@ -97,6 +103,17 @@ class LSTMCore(_FusedRNNCore):
         out, h, c = run_lstm(self.rnn, x, state["h"], state["c"], episode_starts, kernel)
         return out, CoreState({"h": h, "c": c})
 
+    def explicit_forward(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor
+    ) -> tuple[Tensor, CoreBackward] | None:
+        """By the compiled kernel where it applies (:func:`~mnm_rl.memory.rnn_kernels.rnn_kernel`),
+        else ``None``."""
+        self._check_inputs(x, state, episode_starts)
+        kernel = rnn_kernel(x)
+        if kernel is None:
+            return None
+        return explicit_lstm(self.rnn, x, state["h"], state["c"], episode_starts, kernel)
+
     def _run(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if x.shape[0] != 1:
             return super()._run(x, hidden)
@@ -130,6 +147,17 @@ class GRUCore(_FusedRNNCore):
     ) -> tuple[Tensor, CoreState]:
         out, h = run_gru(self.rnn, x, state["h"], episode_starts, kernel)
         return out, CoreState({"h": h})
+
+    def explicit_forward(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor
+    ) -> tuple[Tensor, CoreBackward] | None:
+        """By the compiled kernel where it applies (:func:`~mnm_rl.memory.rnn_kernels.rnn_kernel`),
+        else ``None``."""
+        self._check_inputs(x, state, episode_starts)
+        kernel = rnn_kernel(x)
+        if kernel is None:
+            return None
+        return explicit_gru(self.rnn, x, state["h"], episode_starts, kernel)
 
     def _run(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if x.shape[0] != 1:
@@ -173,3 +201,31 @@ class MLPCore(RecurrentCore):
                 else layer(x)
             )
         return x, state, {}
+
+    def explicit_forward(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor
+    ) -> tuple[Tensor, CoreBackward] | None:
+        """The two layers by :func:`~mnm_rl.memory.products.linear_explicit`, the tanh
+        derivative from the outputs (``1 - y^2``, as autograd's)."""
+        self._check_inputs(x, state, episode_starts)
+        lead = x.shape[:-1]
+        hidden = x.reshape(-1, x.shape[-1])
+        layers = [layer for layer in self.net if isinstance(layer, nn.Linear)]
+        outputs, backwards = [], []
+        for layer in layers:
+            hidden, backward = products.linear_explicit(hidden, layer.weight, layer.bias)
+            hidden = hidden.tanh_()
+            outputs.append(hidden)
+            backwards.append(backward)
+
+        def backward(grad: Tensor) -> tuple[Tensor, Gradients]:
+            grad = grad.reshape(-1, grad.shape[-1])
+            gradients: Gradients = []
+            for layer, y, layer_backward in zip(
+                reversed(layers), reversed(outputs), reversed(backwards), strict=True
+            ):
+                grad, g_weight, g_bias = layer_backward(grad * (1 - y * y), True)
+                gradients += [(layer.weight, g_weight), (layer.bias, g_bias)]
+            return grad.view(*lead, -1), gradients
+
+        return hidden.view(*lead, -1), backward

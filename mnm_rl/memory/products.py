@@ -58,3 +58,37 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return nn.functional.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
     return _DenseLinear.apply(kernel, flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_explicit(x: Tensor, weight: Tensor, bias: Tensor | None = None):
+    """``F.linear(x, weight, bias)`` for ``x [N, in]`` without autograd, and its backward pass:
+    ``(y [N, out], backward)``, ``backward(grad [N, out], needs_x) -> (grad_x or None,
+    grad_weight, grad_bias or None)``. By the compiled products where :func:`linear` takes
+    them, else by ATen's; call both under ``torch.no_grad()``."""
+    usable = (
+        os.environ.get(SWITCH_VARIABLE) != "0"
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and weight.dtype == x.dtype
+    )
+    kernel = fused.load_extension() if usable else None
+    if kernel is not None:
+        y = kernel.linear_forward(x, weight, bias)
+
+        def backward(grad: Tensor, needs_x: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
+            g_x, g_weight, g_bias = kernel.linear_backward(
+                grad, x, weight, needs_x, True, bias is not None
+            )
+            return (g_x if needs_x else None), g_weight, (g_bias if bias is not None else None)
+
+        return y, backward
+    y = nn.functional.linear(x, weight, bias)
+
+    def aten_backward(grad: Tensor, needs_x: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        return (
+            grad @ weight if needs_x else None,
+            grad.t() @ x,
+            grad.sum(0) if bias is not None else None,
+        )
+
+    return y, aten_backward

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mnm_rl.memory import fused, products
+from mnm_rl.memory.base import CoreBackward, Gradients
 
 
 def rnn_kernel(x: Tensor) -> ModuleType | None:
@@ -116,3 +117,55 @@ def run_gru(
     store = _store(gates_x, h0, w_hh, b_hh)
     hs = FusedGRUSequence.apply((kernel, store), gates_x.contiguous(), keep, h0, w_hh, b_hh)
     return hs, hs[-1]
+
+
+def explicit_lstm(
+    rnn: nn.LSTM, x: Tensor, h0: Tensor, c0: Tensor, episode_starts: Tensor, kernel: ModuleType
+) -> tuple[Tensor, CoreBackward]:
+    """:func:`run_lstm`'s outputs ``[T, B, H]`` without autograd, and their backward pass by
+    the kernel's (``LSTMCore.explicit_forward``); run both under ``torch.no_grad()``."""
+    steps, batch, _ = x.shape
+    bias = rnn.bias_ih_l0 + rnn.bias_hh_l0
+    flat = x.reshape(steps * batch, -1)
+    gates_x, linear_backward = products.linear_explicit(flat, rnn.weight_ih_l0, bias)
+    keep = (episode_starts == 0).to(x.dtype).contiguous()
+    h0, c0, w_hh = h0.contiguous(), c0.contiguous(), rnn.weight_hh_l0
+    hs, _, cs, acts = kernel.lstm_forward(gates_x.view(steps, batch, -1), keep, h0, c0, w_hh, True)
+
+    def backward(g_hs: Tensor) -> tuple[Tensor, Gradients]:
+        g_gates, _, _, g_w_hh = kernel.lstm_backward(
+            g_hs.contiguous(), torch.Tensor(), keep, h0, c0, w_hh, hs, cs, acts
+        )
+        g_x, g_w_ih, g_bias = linear_backward(g_gates.view(steps * batch, -1), True)
+        # Both biases get the gradient of their sum: two tensors, as the optimizer's clipping
+        # scales each gradient in place.
+        return g_x.view(steps, batch, -1), [
+            (rnn.weight_ih_l0, g_w_ih), (rnn.weight_hh_l0, g_w_hh),
+            (rnn.bias_ih_l0, g_bias), (rnn.bias_hh_l0, g_bias.clone()),
+        ]  # fmt: skip
+
+    return hs, backward
+
+
+def explicit_gru(
+    rnn: nn.GRU, x: Tensor, h0: Tensor, episode_starts: Tensor, kernel: ModuleType
+) -> tuple[Tensor, CoreBackward]:
+    """:func:`run_gru`'s outputs ``[T, B, H]`` without autograd, and their backward pass by the
+    kernel's (``GRUCore.explicit_forward``); run both under ``torch.no_grad()``."""
+    steps, batch, _ = x.shape
+    flat = x.reshape(steps * batch, -1)
+    gates_x, linear_backward = products.linear_explicit(flat, rnn.weight_ih_l0, rnn.bias_ih_l0)
+    keep = (episode_starts == 0).to(x.dtype).contiguous()
+    h0, w_hh, b_hh = h0.contiguous(), rnn.weight_hh_l0, rnn.bias_hh_l0
+    hs, acts = kernel.gru_forward(gates_x.view(steps, batch, -1), keep, h0, w_hh, b_hh, True)
+
+    def backward(g_hs: Tensor) -> tuple[Tensor, Gradients]:
+        g_gates, _, g_w_hh, g_b_hh = kernel.gru_backward(g_hs.contiguous(), keep, h0, w_hh, hs,
+                                                         acts)  # fmt: skip
+        g_x, g_w_ih, g_b_ih = linear_backward(g_gates.view(steps * batch, -1), True)
+        return g_x.view(steps, batch, -1), [
+            (rnn.weight_ih_l0, g_w_ih), (rnn.weight_hh_l0, g_w_hh),
+            (rnn.bias_ih_l0, g_b_ih), (rnn.bias_hh_l0, g_b_hh),
+        ]  # fmt: skip
+
+    return hs, backward

@@ -1,0 +1,52 @@
+"""A PPO minibatch's gradients without the autograd engine: every piece's compiled backward
+pass, called in turn.
+
+Every piece of an lstm, gru or mlp agent's training pass on a CPU is a compiled kernel with a
+backward pass of its own: the grid encoder's linear layer (:mod:`mnm_rl.agent.grid_linear`), the
+cores' input products and recurrences (:mod:`mnm_rl.memory.rnn_kernels`), the heads
+(:mod:`mnm_rl.agent.action_heads`) and the loss, which gives its gradients with its value
+(:mod:`mnm_rl.agent.ppo_loss`). Through autograd each runs inside a Python
+``autograd.Function``, between a dozen small PyTorch operators (the ReLU, the biases' sum, views,
+the tables' concatenation) and the engine's own work per node and per parameter; py-spy put
+that glue at about 40% of an lstm agent's backward pass. Here
+:meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.explicit_forward_sequence` runs the kernels'
+forward passes under ``torch.no_grad()`` and returns a backward pass that calls their backward
+passes in reverse order, from the loss's gradients to every parameter's, which
+:func:`apply_gradients` stores in ``.grad`` as ``loss.backward()`` would. The same kernels in the
+same order give the same gradients as autograd, bit for bit in float32
+(``tests/test_explicit.py``); an lstm agent's minibatch forward and backward takes about 0.6x
+the time (docs/benchmarks.md).
+
+:class:`~mnm_rl.agent.ppo.MemoryPPO` trains this way where every piece has such a pass (CPU,
+the baseline cores, heads with ``nn.Tanh`` or ``nn.ReLU``, at most one symbol grid, the
+compiled loss); MNM cores, whose meta-loss needs autograd, and every other case train through
+autograd. ``MNM_RL_EXPLICIT_BACKWARD=0`` in the environment (or ``MNM_RL_FUSED=0``) trains
+through autograd always.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mnm_rl.memory.base import Gradients
+
+#: Environment variable: ``0`` trains through autograd, whatever the other kernels do.
+SWITCH_VARIABLE = "MNM_RL_EXPLICIT_BACKWARD"
+
+
+def enabled() -> bool:
+    """Whether explicit backward passes may be used (not switched off by
+    ``MNM_RL_EXPLICIT_BACKWARD=0``)."""
+    return os.environ.get(SWITCH_VARIABLE, "1") != "0"
+
+
+def apply_gradients(gradients: Gradients) -> None:
+    """Store each gradient in its parameter's ``.grad`` (added to one already there), as
+    ``loss.backward()`` does; parameters that do not require gradients are left alone."""
+    for param, grad in gradients:
+        if not param.requires_grad:
+            continue
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad += grad

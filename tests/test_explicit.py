@@ -1,0 +1,178 @@
+"""Explicit backward passes (``mnm_rl.agent.explicit``): a minibatch's loss and gradients by the
+kernels' own backward passes, against autograd through ``forward_sequence`` and ``ppo_loss``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from compiled import built
+from test_agent import collect_one_rollout, small_model
+from test_policy_step import MINIGRID, MIXED, make_policy, random_obs, random_state
+from torch import nn
+
+from mnm_rl.agent import action_heads, explicit, grid_linear, ppo_loss
+from mnm_rl.agent.ppo_loss import LossSettings, RolloutSteps
+from mnm_rl.memory import fused
+
+T, B = 6, 4
+SETTINGS = LossSettings(clip_range=0.2, clip_range_vf=0.3, ent_coef=0.01, vf_coef=0.5,
+                        normalize_advantage=True)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def kernels(monkeypatch):
+    monkeypatch.delenv(explicit.SWITCH_VARIABLE, raising=False)
+    for extension in (fused.EXTENSION, grid_linear.EXTENSION, action_heads.EXTENSION,
+                      ppo_loss.EXTENSION):  # fmt: skip
+        built(extension)
+
+
+def sequence_batch(policy, space, dtype, seed=0):
+    """Observations ``[T, B, ...]``, a random state, resets inside the chunk, rollout steps."""
+    flat = random_obs(space, T * B, seed)
+    obs = (
+        {k: v.reshape(T, B, *v.shape[1:]) for k, v in flat.items()}
+        if isinstance(flat, dict)
+        else flat.reshape(T, B, *flat.shape[1:])
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    starts = (torch.rand(T, B, generator=gen) < 0.3).to(dtype)
+    starts[2, 1] = 1.0
+    steps = RolloutSteps(
+        actions=torch.randint(0, 5, (T, B), generator=gen),
+        old_log_probs=-torch.rand(T, B, generator=gen, dtype=dtype) * 2,
+        advantages=torch.randn(T, B, generator=gen, dtype=dtype),
+        returns=torch.randn(T, B, generator=gen, dtype=dtype),
+        old_values=torch.randn(T, B, generator=gen, dtype=dtype),
+    )
+    return obs, random_state(policy, B, dtype), starts, steps
+
+
+def autograd_gradients(policy, obs, state, starts, steps):
+    policy.zero_grad(set_to_none=True)
+    logits, values, _, _ = policy.forward_sequence(obs, state, starts)
+    loss, stats = ppo_loss.ppo_loss(logits, values, steps, SETTINGS)
+    loss.backward()
+    return loss.detach(), stats, {n: p.grad for n, p in policy.named_parameters()}
+
+
+def explicit_gradients(policy, obs, state, starts, steps):
+    policy.zero_grad(set_to_none=True)
+    passed = policy.explicit_forward_sequence(obs, state, starts)
+    assert passed is not None
+    logits, values, backward = passed
+    assert not logits.requires_grad and not values.requires_grad
+    loss, stats, grad_logits, grad_values = ppo_loss.ppo_loss_explicit(logits, values, steps,
+                                                                       SETTINGS)  # fmt: skip
+    explicit.apply_gradients(backward(grad_logits, grad_values))
+    return loss, stats, {n: p.grad for n, p in policy.named_parameters()}
+
+
+def assert_same_gradients(policy, space, dtype, tolerance):
+    obs, state, starts, steps = sequence_batch(policy, space, dtype)
+    loss_a, stats_a, grads_a = autograd_gradients(policy, obs, state, starts, steps)
+    loss_e, stats_e, grads_e = explicit_gradients(policy, obs, state, starts, steps)
+    torch.testing.assert_close(loss_e, loss_a, **tolerance)
+    torch.testing.assert_close(stats_e, stats_a, **tolerance)
+    assert grads_e.keys() == grads_a.keys()
+    for name, grad in grads_a.items():
+        assert grad is not None and grads_e[name] is not None, name
+        assert grads_e[name].dtype == grad.dtype and grads_e[name].shape == grad.shape, name
+        torch.testing.assert_close(grads_e[name], grad, **tolerance, msg=name)
+        assert grad.abs().max() > 0, name  # every parameter takes part in the loss
+
+
+FLOAT64 = dict(rtol=1e-10, atol=1e-12)
+FLOAT32 = dict(rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru", "mlp"])
+@pytest.mark.parametrize("shared_core", [True, False])
+def test_explicit_gradients_match_autograd_grid_float64(core, shared_core):
+    policy = make_policy(MINIGRID, core, torch.float64, shared_core=shared_core)
+    assert_same_gradients(policy, MINIGRID, torch.float64, FLOAT64)
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru", "mlp"])
+@pytest.mark.parametrize("shared_core", [True, False])
+def test_explicit_gradients_match_autograd_without_grid(core, shared_core):
+    """Box, Discrete and MultiBinary inputs (float32: preprocessing gives float32 inputs)."""
+    policy = make_policy(MIXED, core, shared_core=shared_core)
+    assert_same_gradients(policy, MIXED, torch.float32, FLOAT32)
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru"])
+def test_explicit_gradients_match_autograd_float32_relu_pooling(core):
+    policy = make_policy(MINIGRID, core, activation_fn=nn.ReLU, grid_pooling=True,
+                         net_arch=(16, 16))  # fmt: skip
+    assert_same_gradients(policy, MINIGRID, torch.float32, FLOAT32)
+
+
+def test_lstm_float32_gradients_are_autograds_bit_for_bit():
+    """The same kernels in the same order: not only close, equal."""
+    policy = make_policy(MINIGRID, "lstm")
+    assert_same_gradients(policy, MINIGRID, torch.float32, dict(rtol=0, atol=0))
+
+
+def test_frozen_parameters_get_no_gradient():
+    policy = make_policy(MINIGRID, "lstm", torch.float64)
+    policy.core.rnn.bias_hh_l0.requires_grad_(False)
+    obs, state, starts, steps = sequence_batch(policy, MINIGRID, torch.float64)
+    _, _, grads_a = autograd_gradients(policy, obs, state, starts, steps)
+    _, _, grads_e = explicit_gradients(policy, obs, state, starts, steps)
+    assert grads_a["core.rnn.bias_hh_l0"] is None and grads_e["core.rnn.bias_hh_l0"] is None
+    torch.testing.assert_close(grads_e["core.rnn.bias_ih_l0"], grads_a["core.rnn.bias_ih_l0"],
+                               **FLOAT64)  # fmt: skip
+
+
+def test_apply_gradients_adds_to_existing_gradients():
+    param = nn.Parameter(torch.ones(3))
+    frozen = nn.Parameter(torch.ones(2), requires_grad=False)
+    explicit.apply_gradients([(param, torch.full((3,), 2.0)), (frozen, torch.ones(2))])
+    explicit.apply_gradients([(param, torch.full((3,), 0.5))])
+    assert param.grad.tolist() == [2.5, 2.5, 2.5] and frozen.grad is None
+    with pytest.raises(RuntimeError):  # a gradient of the wrong shape is refused, as autograd's
+        explicit.apply_gradients([(nn.Parameter(torch.ones(3)), torch.ones(4))])
+
+
+def test_no_explicit_pass_where_a_piece_has_none(monkeypatch):
+    obs, state, starts, _ = sequence_batch(make_policy(MINIGRID, "lstm"), MINIGRID, torch.float32)
+    lstm = make_policy(MINIGRID, "lstm")
+    assert lstm.explicit_forward_sequence(obs, state, starts) is not None
+    mnm = make_policy(MINIGRID, "mnm-p")  # its meta-loss needs autograd
+    assert mnm.explicit_forward_sequence(obs, random_state(mnm, B, torch.float32), starts) is None
+    elu = make_policy(MINIGRID, "lstm", activation_fn=nn.ELU)  # heads the kernel has not
+    assert elu.explicit_forward_sequence(obs, state, starts) is None
+    monkeypatch.setenv(explicit.SWITCH_VARIABLE, "0")
+    assert lstm.explicit_forward_sequence(obs, state, starts) is None
+
+
+@pytest.mark.parametrize("core", ["lstm", "mlp"])
+def test_train_takes_the_explicit_pass_and_updates_as_autograd(core, monkeypatch):
+    """A whole ``train()`` (two epochs of minibatches, clipping, Adam) from the same rollout:
+    the same parameters and the same logged losses either way."""
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(explicit.SWITCH_VARIABLE, switch)
+        model = small_model(core)
+        collect_one_rollout(model)
+        taken = []
+        original = model.policy.explicit_forward_sequence
+
+        def counted(*args):
+            passed = original(*args)
+            taken.append(passed is not None)
+            return passed
+
+        monkeypatch.setattr(model.policy, "explicit_forward_sequence", counted)
+        model.train()
+        # every minibatch of both epochs through the explicit pass unless switched off
+        assert len(taken) >= 4 and set(taken) == {switch == "1"}
+        logged = dict(model.logger.name_to_value)
+        results.append(({n: p.detach().clone() for n, p in model.policy.named_parameters()},
+                        logged))  # fmt: skip
+    (explicit_params, explicit_log), (autograd_params, autograd_log) = results
+    for name, value in autograd_params.items():
+        torch.testing.assert_close(explicit_params[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for key in ("train/loss", "train/value_loss", "train/approx_kl"):
+        assert explicit_log[key] == pytest.approx(autograd_log[key], rel=1e-5, abs=1e-7)
