@@ -26,7 +26,9 @@ the compiled core step, not one compiled call of the whole policy: ``mnm_rl.agen
 its heads are then the compiled ones unless ``/pyheads`` too) and in ``/atenmm`` (their kernels'
 and input projections' matrix products through ATen, MKL, not the kernels' own:
 ``mnm_rl.memory.products``) and in ``/pyopt`` (their updates clip the gradients and take Adam's
-steps with PyTorch's code, not one compiled call each: ``mnm_rl.agent.gradient_step``), then in
+steps with PyTorch's code, not one compiled call each: ``mnm_rl.agent.gradient_step``) and in
+``/autograd`` (their updates' gradients through autograd, not the kernels' explicit backward
+passes: ``mnm_rl.agent.explicit``), then in
 ``/par`` (its own ``ParallelVecEnv`` with one worker
 process; an idle agent's worker sleeps). Switches that hold for a whole process (``/eager``,
 ``/unmap``, ``@N``) are ``throughput.py``'s. Every agent is built in the same setting
@@ -157,6 +159,7 @@ PER_AGENT = (
     throughput.PYTORCH_STEP,
     throughput.ATEN_PRODUCTS,
     throughput.PYTORCH_OPTIMIZER,
+    throughput.AUTOGRAD,
 )
 
 
@@ -167,8 +170,9 @@ class Config(NamedTuple):
     their actions as Python ints (not with ``/npact``), whether its rollout steps run the
     compiled action heads (not with ``/pyheads``), whether its updates run the compiled PPO
     loss (not with ``/pyloss``), whether its rollout steps run the compiled policy step (not
-    with ``/pystep``), whether its products are the kernels' own (not with ``/atenmm``) and
-    whether its updates clip and step in one compiled call each (not with ``/pyopt``)."""
+    with ``/pystep``), whether its products are the kernels' own (not with ``/atenmm``),
+    whether its updates clip and step in one compiled call each (not with ``/pyopt``) and
+    whether they take the explicit backward passes (not with ``/autograd``)."""
 
     agent: str
     kernel_threads: int
@@ -180,6 +184,7 @@ class Config(NamedTuple):
     compiled_step: bool
     dense_products: bool
     compiled_optimizer: bool
+    explicit_backward: bool
 
 
 def parse_config(config: str) -> Config:
@@ -198,6 +203,7 @@ def parse_config(config: str) -> Config:
         throughput.PYTORCH_STEP not in suffixes,
         throughput.ATEN_PRODUCTS not in suffixes,
         throughput.PYTORCH_OPTIMIZER not in suffixes,
+        throughput.AUTOGRAD not in suffixes,
     )
 
 
@@ -220,12 +226,13 @@ def config_problem(config: str) -> str | None:
 
 def pytorch_suffixes(parsed: Config) -> list[str]:
     """The suffixes of ``parsed`` that run a compiled piece of our agents in PyTorch instead
-    (``/pyheads``, ``/pyloss``, ``/pystep``, ``/atenmm``, ``/pyopt``)."""
+    (``/pyheads``, ``/pyloss``, ``/pystep``, ``/atenmm``, ``/pyopt``, ``/autograd``)."""
     pieces = ((throughput.PYTORCH_HEADS, parsed.compiled_heads),
               (throughput.PYTORCH_LOSS, parsed.compiled_loss),
               (throughput.PYTORCH_STEP, parsed.compiled_step),
               (throughput.ATEN_PRODUCTS, parsed.dense_products),
-              (throughput.PYTORCH_OPTIMIZER, parsed.compiled_optimizer))  # fmt: skip
+              (throughput.PYTORCH_OPTIMIZER, parsed.compiled_optimizer),
+              (throughput.AUTOGRAD, parsed.explicit_backward))  # fmt: skip
     return [suffix for suffix, compiled in pieces if not compiled]
 
 

@@ -102,6 +102,10 @@ ATEN_PRODUCTS = "/atenmm"
 #: (``clip_grad_norm_``, ``optimizer.step()``) instead of one compiled call each
 #: (``MNM_RL_COMPILED_OPTIMIZER=0``, see ``mnm_rl/agent/gradient_step.py``), e.g. ``lstm/pyopt``.
 PYTORCH_OPTIMIZER = "/pyopt"
+#: A config name ending in this computes its updates' gradients through autograd instead of the
+#: kernels' explicit backward passes (``MNM_RL_EXPLICIT_BACKWARD=0``, see
+#: ``mnm_rl/agent/explicit.py``; MNM agents always take autograd), e.g. ``lstm/autograd``.
+AUTOGRAD = "/autograd"
 SUFFIXES = {
     EAGER: ("MNM_RL_FUSED", "0"),
     UNMAP: ("MNM_RL_RETAIN_MEMORY", "0"),
@@ -113,6 +117,7 @@ SUFFIXES = {
     PYTORCH_STEP: ("MNM_RL_COMPILED_STEP", "0"),
     ATEN_PRODUCTS: ("MNM_RL_DENSE_PRODUCTS", "0"),
     PYTORCH_OPTIMIZER: ("MNM_RL_COMPILED_OPTIMIZER", "0"),
+    AUTOGRAD: ("MNM_RL_EXPLICIT_BACKWARD", "0"),
 }
 #: A config name ending in this (before any ``@N``) steps its envs in two groups at once, one in a
 #: worker process (``ParallelVecEnv(n_workers=1)``), e.g. ``lstm/par`` next to ``lstm``. The CPU
@@ -346,7 +351,7 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 def apply_suffixes(name: str) -> None:
     """Set the environment variable of each variant suffix ``name`` ends with (``/eager``,
     ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/pyheads``, ``/pyloss``, ``/pystep``,
-    ``/atenmm``, ``/pyopt``; see
+    ``/atenmm``, ``/pyopt``, ``/autograd``; see
     ``SUFFIXES``),
     before mnm_rl loads its kernels or builds an env."""
     for suffix in split_suffixes(name)[1]:

@@ -20,25 +20,26 @@ def learn_pairs():
 
 @pytest.mark.parametrize(
     "config, parsed",
-    [("lstm", ("lstm", 1, 0, True, True, True, True, True, True, True)),
-     ("mnm-p/k2/par", ("mnm-p", 2, 1, True, True, True, True, True, True, True)),
-     ("mnm-p:2x2/par", ("mnm-p:2x2", 1, 1, True, True, True, True, True, True, True)),
-     ("mnm-g/k2", ("mnm-g", 2, 0, True, True, True, True, True, True, True)),
-     ("ceiling/mgview", ("ceiling", 1, 0, False, True, True, True, True, True, True)),
-     ("mnm-p/k2/mgview/par", ("mnm-p", 2, 1, False, True, True, True, True, True, True)),
-     ("mnm-p/mgview/k2", ("mnm-p", 2, 0, False, True, True, True, True, True, True)),
-     ("ceiling/npact", ("ceiling", 1, 0, True, False, True, True, True, True, True)),
-     ("lstm/mgview/npact/par", ("lstm", 1, 1, False, False, True, True, True, True, True)),
-     ("mnm-p/npact/eager", ("mnm-p/eager", 1, 0, True, False, True, True, True, True, True)),
-     ("mnm-p/eager", ("mnm-p/eager", 1, 0, True, True, True, True, True, True, True)),
-     ("lstm/pyheads/par", ("lstm", 1, 1, True, True, False, True, True, True, True)),
-     ("mnm-p/k2/pyheads/npact", ("mnm-p", 2, 0, True, False, False, True, True, True, True)),
-     ("lstm/pyloss/par", ("lstm", 1, 1, True, True, True, False, True, True, True)),
-     ("mnm-p/k2/pyloss/pyheads", ("mnm-p", 2, 0, True, True, False, False, True, True, True)),
-     ("lstm/pystep/par", ("lstm", 1, 1, True, True, True, True, False, True, True)),
-     ("gru/pystep/pyheads", ("gru", 1, 0, True, True, False, True, False, True, True)),
-     ("lstm/atenmm/par", ("lstm", 1, 1, True, True, True, True, True, False, True)),
-     ("mnm-p/pyopt/par", ("mnm-p", 1, 1, True, True, True, True, True, True, False))],
+    [("lstm", ("lstm", 1, 0, True, True, True, True, True, True, True, True)),
+     ("mnm-p/k2/par", ("mnm-p", 2, 1, True, True, True, True, True, True, True, True)),
+     ("mnm-p:2x2/par", ("mnm-p:2x2", 1, 1, True, True, True, True, True, True, True, True)),
+     ("mnm-g/k2", ("mnm-g", 2, 0, True, True, True, True, True, True, True, True)),
+     ("ceiling/mgview", ("ceiling", 1, 0, False, True, True, True, True, True, True, True)),
+     ("mnm-p/k2/mgview/par", ("mnm-p", 2, 1, False, True, True, True, True, True, True, True)),
+     ("mnm-p/mgview/k2", ("mnm-p", 2, 0, False, True, True, True, True, True, True, True)),
+     ("ceiling/npact", ("ceiling", 1, 0, True, False, True, True, True, True, True, True)),
+     ("lstm/mgview/npact/par", ("lstm", 1, 1, False, False, True, True, True, True, True, True)),
+     ("mnm-p/npact/eager", ("mnm-p/eager", 1, 0, True, False, True, True, True, True, True, True)),
+     ("mnm-p/eager", ("mnm-p/eager", 1, 0, True, True, True, True, True, True, True, True)),
+     ("lstm/pyheads/par", ("lstm", 1, 1, True, True, False, True, True, True, True, True)),
+     ("mnm-p/k2/pyheads/npact", ("mnm-p", 2, 0, True, False, False, True, True, True, True, True)),
+     ("lstm/pyloss/par", ("lstm", 1, 1, True, True, True, False, True, True, True, True)),
+     ("mnm-p/k2/pyloss/pyheads", ("mnm-p", 2, 0, True, True, False, False, True, True, True, True)),
+     ("lstm/pystep/par", ("lstm", 1, 1, True, True, True, True, False, True, True, True)),
+     ("gru/pystep/pyheads", ("gru", 1, 0, True, True, False, True, False, True, True, True)),
+     ("lstm/atenmm/par", ("lstm", 1, 1, True, True, True, True, True, False, True, True)),
+     ("mnm-p/pyopt/par", ("mnm-p", 1, 1, True, True, True, True, True, True, False, True)),
+     ("lstm/autograd/par", ("lstm", 1, 1, True, True, True, True, True, True, True, False))],
 )  # fmt: skip
 def test_configs_name_threads_workers_view_actions_heads_loss_step(learn_pairs, config, parsed):
     assert learn_pairs.parse_config(config) == parsed
@@ -57,6 +58,7 @@ def test_configs_name_threads_workers_view_actions_heads_loss_step(learn_pairs, 
         (["lstm", "ceiling/pystep"], "'ceiling/pystep' /pystep is for our agents"),
         (["lstm", "ceiling/atenmm"], "'ceiling/atenmm' /atenmm is for our agents"),
         (["lstm", "sb3-contrib/pyopt"], "'sb3-contrib/pyopt' /pyopt is for our agents"),
+        (["lstm", "ceiling/autograd"], "'ceiling/autograd' /autograd is for our agents"),
         (["lstm", "mnm-p/eager"], "'mnm-p/eager' holds for a whole process"),
         (["lstm", "lstm@2"], "'lstm@2' holds for a whole process"),
         (["lstm", "gru", "--ratio-to", "mlp"], "--ratio-to mlp: not one of --configs"),
@@ -169,27 +171,30 @@ def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monk
 
 
 @pytest.mark.parametrize(
-    "config, steps, heads, losses",
-    [("lstm", 17, 0, 2), ("lstm/pystep", 0, 17, 2), ("lstm/pystep/pyheads", 0, 0, 2),
-     ("lstm/pyheads", 17, 0, 2), ("lstm/pyloss", 17, 0, 0), ("mnm-p:1x1", 17, 0, 2),
-     ("mnm-p:1x1/pystep", 0, 17, 2), ("mnm-p:1x1/pystep/pyheads/pyloss", 0, 0, 0)],
+    "config, steps, heads, losses, explicit_passes",
+    [("lstm", 17, 0, 2, 2), ("lstm/pystep", 0, 17, 2, 2), ("lstm/pystep/pyheads", 0, 0, 2, 0),
+     ("lstm/pyheads", 17, 0, 2, 0), ("lstm/pyloss", 17, 0, 0, 0), ("lstm/autograd", 17, 0, 2, 0),
+     ("mnm-p:1x1", 17, 0, 2, 0), ("mnm-p:1x1/pystep", 0, 17, 2, 0),
+     ("mnm-p:1x1/pystep/pyheads/pyloss", 0, 0, 0, 0)],
 )  # fmt: skip
 def test_an_agent_runs_pytorch_code_only_where_its_suffixes_say(
-    learn_pairs, monkeypatch, config, steps, heads, losses
+    learn_pairs, monkeypatch, config, steps, heads, losses, explicit_passes
 ):
-    """How many compiled policy steps, heads and losses an agent's turn calls; SMALL: 2 envs x
-    16 steps (16 rollout steps and one for the last observation's value) in chunks of 8, 2
-    chunks a minibatch, 1 epoch. A policy step runs the heads itself: with it, the heads' own
-    kernel is not called."""
-    from mnm_rl.agent import action_heads, policy_step, ppo_loss
+    """How many compiled policy steps, heads, losses and explicit backward passes an agent's
+    turn calls; SMALL: 2 envs x 16 steps (16 rollout steps and one for the last observation's
+    value) in chunks of 8, 2 chunks a minibatch, 1 epoch. A policy step runs the heads itself:
+    with it, the heads' own kernel is not called. The explicit pass needs the compiled loss
+    and heads (not with ``/pyloss``, ``/pyheads``); MNM cores have none."""
+    from mnm_rl.agent import action_heads, explicit, policy_step, ppo_loss
 
     if None in (action_heads.load_extension(), ppo_loss.load_extension(),
                 policy_step.load_extension()):  # fmt: skip
         pytest.skip("a compiled piece cannot be built here")
-    switches = ("MNM_RL_COMPILED_HEADS", "MNM_RL_COMPILED_LOSS", "MNM_RL_COMPILED_STEP")
+    switches = ("MNM_RL_COMPILED_HEADS", "MNM_RL_COMPILED_LOSS", "MNM_RL_COMPILED_STEP",
+                "MNM_RL_EXPLICIT_BACKWARD")  # fmt: skip
     for variable in switches:
         monkeypatch.delenv(variable, raising=False)
-    calls: dict[str, int] = {"steps": 0, "heads": 0, "losses": 0}
+    calls: dict[str, int] = {"steps": 0, "heads": 0, "losses": 0, "explicit": 0}
 
     def counted(name, fn):
         def call(*args):
@@ -200,15 +205,15 @@ def test_an_agent_runs_pytorch_code_only_where_its_suffixes_say(
 
     monkeypatch.setattr(policy_step, "policy_step", counted("steps", policy_step.policy_step))
     monkeypatch.setattr(action_heads, "heads_step", counted("heads", action_heads.heads_step))
-    monkeypatch.setattr(
-        ppo_loss._CompiledLoss, "apply", counted("losses", ppo_loss._CompiledLoss.apply)
-    )
+    monkeypatch.setattr(ppo_loss, "_kernel_loss", counted("losses", ppo_loss._kernel_loss))
+    monkeypatch.setattr(explicit, "apply_gradients", counted("explicit", explicit.apply_gradients))
     agent = learn_pairs.Agent(config, learn_pairs.parse_args(SMALL).setting)
     try:
         agent.learn_once()
     finally:
         agent.env.close()
-    assert calls == {"steps": steps, "heads": heads, "losses": losses}
+    assert calls == {"steps": steps, "heads": heads, "losses": losses,
+                     "explicit": explicit_passes}  # fmt: skip
     assert not any(v in os.environ for v in switches)  # set only while that agent learned
 
 

@@ -140,6 +140,7 @@ def test_view_size_must_be_an_odd_number_of_at_least_3(throughput, view, capsys)
         ("mnm-g/eager/unmap", "mnm-g", {"MNM_RL_FUSED": "0", "MNM_RL_RETAIN_MEMORY": "0"}),
         ("lstm/pyheads", "lstm", {"MNM_RL_COMPILED_HEADS": "0"}),
         ("mnm-p/pyopt", "mnm-p", {"MNM_RL_COMPILED_OPTIMIZER": "0"}),
+        ("lstm/autograd", "lstm", {"MNM_RL_EXPLICIT_BACKWARD": "0"}),
         (
             "lstm/pyheads/pyloss",
             "lstm",
