@@ -176,3 +176,16 @@ def test_train_takes_the_explicit_pass_and_updates_as_autograd(core, monkeypatch
         torch.testing.assert_close(explicit_params[name], value, rtol=1e-5, atol=1e-6, msg=name)
     for key in ("train/loss", "train/value_loss", "train/approx_kl"):
         assert explicit_log[key] == pytest.approx(autograd_log[key], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("hook", ["register_hook", "register_post_accumulate_grad_hook"])
+def test_a_gradient_hook_sends_train_through_autograd(hook, monkeypatch):
+    model = small_model("lstm")
+    collect_one_rollout(model)
+    seen = []
+    getattr(model.policy.action_net[0].weight, hook)(lambda g: seen.append(1))
+    assert explicit.has_gradient_hooks(model.policy.parameters())
+    applied = []
+    monkeypatch.setattr(explicit, "apply_gradients", lambda g: applied.append(1))
+    model.train()
+    assert seen and not applied  # the hook ran on every minibatch; no explicit pass

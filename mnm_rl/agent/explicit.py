@@ -19,14 +19,17 @@ the time (docs/benchmarks.md).
 
 :class:`~mnm_rl.agent.ppo.MemoryPPO` trains this way where every piece has such a pass (CPU,
 the baseline cores, heads with ``nn.Tanh`` or ``nn.ReLU``, at most one symbol grid, the
-compiled loss); MNM cores, whose meta-loss needs autograd, and every other case train through
-autograd. ``MNM_RL_EXPLICIT_BACKWARD=0`` in the environment (or ``MNM_RL_FUSED=0``) trains
-through autograd always.
+compiled loss, no gradient hooks on the parameters); MNM cores, whose meta-loss needs
+autograd, and every other case train through autograd. ``MNM_RL_EXPLICIT_BACKWARD=0`` in the
+environment (or ``MNM_RL_FUSED=0``) trains through autograd always.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+
+from torch import Tensor
 
 from mnm_rl.memory.base import Gradients
 
@@ -38,6 +41,13 @@ def enabled() -> bool:
     """Whether explicit backward passes may be used (not switched off by
     ``MNM_RL_EXPLICIT_BACKWARD=0``)."""
     return os.environ.get(SWITCH_VARIABLE, "1") != "0"
+
+
+def has_gradient_hooks(params: Iterable[Tensor]) -> bool:
+    """Whether any of ``params`` has a hook that autograd runs on its gradient
+    (``Tensor.register_hook``, ``register_post_accumulate_grad_hook``): an explicit pass would
+    not run it, so :class:`~mnm_rl.agent.ppo.MemoryPPO` then trains through autograd."""
+    return any(p._backward_hooks or p._post_accumulate_grad_hooks for p in params)
 
 
 def apply_gradients(gradients: Gradients) -> None:

@@ -281,7 +281,8 @@ class RecurrentMemoryPolicy(BasePolicy):
         ``None`` where some piece has no explicit pass (then train through
         :meth:`forward_sequence`): off the CPU, under ``MNM_RL_EXPLICIT_BACKWARD=0``, heads
         without the compiled kernel, an extractor or core without one (an MNM core, several
-        grids).
+        grids). Hooks on the parameters' gradients (``Tensor.register_hook``) are not run
+        (:func:`~mnm_rl.agent.explicit.has_gradient_hooks`).
         """
         if (
             not explicit.enabled()

@@ -333,12 +333,13 @@ class MemoryPPO(OnPolicyAlgorithm):
                 stats.setdefault(k, []).append(float(v))
 
         params = list(self.policy.parameters())  # walk the module tree once, not per minibatch
+        try_explicit = not explicit.has_gradient_hooks(params)
         continue_training = True
         for _ in range(self.n_epochs):
             approx_kls = []
             for batch in buffer.minibatches(self.batch_size // self.seq_len):
                 loss, approx_kl, checks, backward = self._loss(
-                    batch, clip_range, clip_range_vf, ent_coef, record
+                    batch, clip_range, clip_range_vf, ent_coef, record, try_explicit
                 )
                 if self._skip_nonfinite(checks):
                     continue
@@ -380,11 +381,12 @@ class MemoryPPO(OnPolicyAlgorithm):
         clip_range_vf: float | None,
         ent_coef: float,
         record,
+        try_explicit: bool = True,
     ):
         """The minibatch's loss, approx_kl, the values to check for finiteness, and the backward
         pass that stores the loss's gradients in the parameters' ``.grad``: without autograd
-        where every piece of the policy has an explicit pass (:mod:`mnm_rl.agent.explicit`),
-        else ``loss.backward``."""
+        where ``try_explicit`` and every piece of the policy has an explicit pass
+        (:mod:`mnm_rl.agent.explicit`), else ``loss.backward``."""
         steps = RolloutSteps(
             batch.actions, batch.old_log_probs, batch.advantages, batch.returns, batch.old_values
         )
@@ -396,7 +398,7 @@ class MemoryPPO(OnPolicyAlgorithm):
             self.policy.explicit_forward_sequence(
                 batch.observations, batch.states, batch.episode_starts
             )
-            if load_loss_kernel() is not None
+            if try_explicit and load_loss_kernel() is not None
             else None
         )
         explicit_loss = None if passed is None else ppo_loss_explicit(*passed[:2], steps, settings)
