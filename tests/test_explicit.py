@@ -189,3 +189,11 @@ def test_a_gradient_hook_sends_train_through_autograd(hook, monkeypatch):
     monkeypatch.setattr(explicit, "apply_gradients", lambda g: applied.append(1))
     model.train()
     assert seen and not applied  # the hook ran on every minibatch; no explicit pass
+
+
+def test_a_core_without_an_explicit_pass_costs_no_extractor_pass(monkeypatch):
+    mnm = make_policy(MINIGRID, "mnm-p")
+    assert not mnm.core.has_explicit_backward
+    obs, state, starts, _ = sequence_batch(mnm, MINIGRID, torch.float32)
+    monkeypatch.setattr(mnm.features_extractor, "explicit_forward", lambda *_: pytest.fail())
+    assert mnm.explicit_forward_sequence(obs, state, starts) is None

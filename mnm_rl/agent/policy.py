@@ -284,8 +284,10 @@ class RecurrentMemoryPolicy(BasePolicy):
         grids). Hooks on the parameters' gradients (``Tensor.register_hook``) are not run
         (:func:`~mnm_rl.agent.explicit.has_gradient_hooks`).
         """
+        cores = [self.core] if self.critic_core is None else [self.core, self.critic_core]
         if (
             not explicit.enabled()
+            or not all(core.has_explicit_backward for core in cores)
             or self.activation_fn not in action_heads.ACTIVATION_CODES
             or self.action_net[0].weight.device.type != "cpu"
         ):

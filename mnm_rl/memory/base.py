@@ -69,6 +69,8 @@ class RecurrentCore(nn.Module, ABC):
     output_size: int
     #: Whether the core returns the memory diagnostics in ``aux`` (and thus a meta-loss).
     has_memory_loss: bool = False
+    #: Whether :meth:`explicit_forward` can give a pass (where its kernels apply).
+    has_explicit_backward: bool = False
 
     @abstractmethod
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> CoreState:
@@ -102,7 +104,8 @@ class RecurrentCore(nn.Module, ABC):
         Arguments as for :meth:`forward`; call it and the backward pass under
         ``torch.no_grad()``. The final state gets no gradient (a PPO minibatch does not use
         it). ``None`` where the core has no such pass (then train through :meth:`forward`):
-        the default, and cores with a memory loss.
+        the default, and cores with a memory loss; a core that has one sets
+        :attr:`has_explicit_backward`.
         """
         return None
 

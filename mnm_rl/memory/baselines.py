@@ -38,6 +38,7 @@ class _FusedRNNCore(RecurrentCore):
 
     rnn_type: type[nn.RNNBase]
     state_keys: tuple[str, ...]
+    has_explicit_backward = True
 
     def __init__(self, input_size: int, hidden_size: int = 64):
         super().__init__()
@@ -174,6 +175,8 @@ class GRUCore(_FusedRNNCore):
 
 class MLPCore(RecurrentCore):
     """No memory: a two-layer tanh MLP applied to each step independently; empty state."""
+
+    has_explicit_backward = True
 
     def __init__(self, input_size: int, hidden_size: int = 64):
         super().__init__()
