@@ -206,6 +206,8 @@ class MemoryPPO(OnPolicyAlgorithm):
         reward is positive."""
         assert self.ep_info_buffer is not None and self.ep_success_buffer is not None
         # Only finished episodes carry statistics: look at those envs, not at every env.
+        if dones is not None and not dones.any():
+            return
         finished = range(len(infos)) if dones is None else np.flatnonzero(dones)
         for i in finished:
             episode = infos[i].get("episode")
@@ -217,6 +219,13 @@ class MemoryPPO(OnPolicyAlgorithm):
     # -------------------------------------------------------------------------------- rollout
     def _obs_tensor(self, obs) -> Any:
         return obs_as_tensor(obs, self.device)
+
+    def _float_tensor(self, array: np.ndarray) -> torch.Tensor:
+        """A step's rewards or dones as a float32 tensor on the device (on the CPU through
+        ``torch.from_numpy``: about a third of ``torch.as_tensor``'s 2 us)."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(np.asarray(array, dtype=np.float32))
+        return torch.as_tensor(array, dtype=torch.float32, device=self.device)
 
     def collect_rollouts(
         self,
@@ -231,7 +240,7 @@ class MemoryPPO(OnPolicyAlgorithm):
         buffer.reset()
         callback.on_rollout_start()
         state = self._last_state
-        starts = torch.as_tensor(self._last_episode_starts, dtype=torch.float32, device=self.device)
+        starts = self._float_tensor(self._last_episode_starts)
         obs = self._obs_tensor(self._last_obs)
         for _ in range(n_rollout_steps):
             # inference_mode, not no_grad: no version counters or view tracking (about 12% of
@@ -254,18 +263,10 @@ class MemoryPPO(OnPolicyAlgorithm):
                 return False
             self._update_info_buffer(infos, dones, rewards)
             rewards = self._bootstrap_truncated(rewards, dones, infos, new_state)
-            buffer.add(
-                obs,
-                actions,
-                torch.as_tensor(rewards, dtype=torch.float32, device=self.device),
-                starts,
-                values,
-                log_probs,
-                state,
-            )
+            buffer.add(obs, actions, self._float_tensor(rewards), starts, values, log_probs, state)
             state = new_state
             obs = self._obs_tensor(new_obs)
-            starts = torch.as_tensor(dones, dtype=torch.float32, device=self.device)
+            starts = self._float_tensor(dones)
             self._last_obs, self._last_episode_starts = new_obs, dones
         self._last_state = state.detach().clone()  # an ordinary tensor again, usable anywhere
         with torch.inference_mode():  # the critic's value of the last observation, as a step
@@ -284,6 +285,8 @@ class MemoryPPO(OnPolicyAlgorithm):
         after this step) on the terminal observation: :meth:`RecurrentMemoryPolicy.act` with the
         most likely action, which draws nothing from the generator and on the CPU is the one
         compiled call of a rollout step where the policy has one."""
+        if not dones.any():
+            return rewards
         truncated = [
             i
             for i in np.flatnonzero(dones).tolist()
