@@ -268,36 +268,3 @@ def test_grid_pooling_adds_what_is_in_view_wherever_it_is():
     plain = SymbolicGridEncoder(space, embedding_dim=4)
     plain.load_state_dict(encoder.state_dict())
     torch.testing.assert_close(plain(torch.stack([left, right]).float()), flat)
-
-
-def test_buffer_rows_through_numpy_views_hold_what_tensor_rows_hold():
-    """On the CPU ``ChunkRolloutBuffer.add`` writes through numpy views of its tensors; the
-    buffer holds what tensor assignments store (float64 values cast to float32, a step with a
-    tensor that requires grad through the tensors' own assignment)."""
-    space = spaces.Dict({"direction": spaces.Discrete(4),
-                         "image": spaces.Box(0, 10, (3, 3, 3), dtype=np.int64)})  # fmt: skip
-    buffers = [ChunkRolloutBuffer(8, 3, space, 4, torch.device("cpu")) for _ in range(2)]
-    buffers[1]._step_rows = None  # tensor rows
-    g = torch.Generator().manual_seed(0)
-    for t in range(8):
-        obs = {"direction": torch.randint(0, 4, (3,), generator=g),
-               "image": torch.randint(0, 11, (3, 3, 3, 3), generator=g)}  # fmt: skip
-        step = [
-            torch.randint(0, 5, (3,), generator=g),
-            torch.rand(3, generator=g),
-            (torch.rand(3, generator=g) < 0.5).float(),
-            torch.rand(3, generator=g, dtype=torch.float64),
-            torch.rand(3, generator=g),
-        ]
-        if t == 5:
-            step[4] = step[4].requires_grad_()
-        state = CoreState({"h": torch.rand(3, 2, generator=g)}, batch_size=3)
-        for buffer in buffers:
-            buffer.add(obs, *step, state)
-    numpy_rows, tensor_rows = buffers
-    assert numpy_rows._step_rows is not None
-    for name in ("actions", "rewards", "episode_starts", "values", "log_probs"):
-        assert torch.equal(getattr(numpy_rows, name), getattr(tensor_rows, name)), name
-    for key in ("direction", "image"):
-        assert torch.equal(numpy_rows.observations[key], tensor_rows.observations[key])
-    assert numpy_rows.values.dtype == torch.float32 and numpy_rows.values.abs().sum() > 0
