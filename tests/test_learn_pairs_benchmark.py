@@ -174,7 +174,7 @@ def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monk
     "config, steps, heads, losses, explicit_passes",
     [("lstm", 17, 0, 2, 2), ("lstm/pystep", 0, 17, 2, 2), ("lstm/pystep/pyheads", 0, 0, 2, 0),
      ("lstm/pyheads", 17, 0, 2, 0), ("lstm/pyloss", 17, 0, 0, 0), ("lstm/autograd", 17, 0, 2, 0),
-     ("mnm-p:1x1", 17, 0, 2, 0), ("mnm-p:1x1/pystep", 0, 17, 2, 0),
+     ("mnm-p:1x1", 17, 0, 2, 2), ("mnm-p:1x1/pystep", 0, 17, 2, 2),
      ("mnm-p:1x1/pystep/pyheads/pyloss", 0, 0, 0, 0)],
 )  # fmt: skip
 def test_an_agent_runs_pytorch_code_only_where_its_suffixes_say(
@@ -184,7 +184,7 @@ def test_an_agent_runs_pytorch_code_only_where_its_suffixes_say(
     turn calls; SMALL: 2 envs x 16 steps (16 rollout steps and one for the last observation's
     value) in chunks of 8, 2 chunks a minibatch, 1 epoch. A policy step runs the heads itself:
     with it, the heads' own kernel is not called. The explicit pass needs the compiled loss
-    and heads (not with ``/pyloss``, ``/pyheads``); MNM cores have none."""
+    and heads (not with ``/pyloss``, ``/pyheads``)."""
     from mnm_rl.agent import action_heads, explicit, policy_step, ppo_loss
 
     if None in (action_heads.load_extension(), ppo_loss.load_extension(),

@@ -271,18 +271,20 @@ class RecurrentMemoryPolicy(BasePolicy):
         return logits, values, new_state, aux
 
     def explicit_forward_sequence(
-        self, obs: Observation, state: CoreState, episode_starts: Tensor
-    ) -> tuple[Tensor, Tensor, PolicyBackward] | None:
-        """:meth:`forward_sequence`'s ``(logits [T, B, A], values [T, B])`` without autograd,
-        and the backward pass from their gradients to every parameter's gradient
-        (:mod:`mnm_rl.agent.explicit`): ``backward(grad_logits, grad_values)`` gives
-        ``(parameter, gradient)`` pairs for :func:`~mnm_rl.agent.explicit.apply_gradients`.
+        self, obs: Observation, state: CoreState, episode_starts: Tensor, memory_weight: float = 0.0
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor], PolicyBackward] | None:
+        """:meth:`forward_sequence`'s ``(logits [T, B, A], values [T, B], aux)`` without
+        autograd, and the backward pass from the logits' and values' gradients to every
+        parameter's gradient (:mod:`mnm_rl.agent.explicit`), with that of ``memory_weight *
+        memory_loss(aux)`` (:func:`mnm_rl.memory.base.memory_loss`; MNM cores):
+        ``backward(grad_logits, grad_values)`` gives ``(parameter, gradient)`` pairs for
+        :func:`~mnm_rl.agent.explicit.apply_gradients`.
 
         ``None`` where some piece has no explicit pass (then train through
         :meth:`forward_sequence`): off the CPU, under ``MNM_RL_EXPLICIT_BACKWARD=0``, heads
-        without the compiled kernel, an extractor or core without one (an MNM core, several
-        grids). Hooks on the parameters' gradients (``Tensor.register_hook``) are not run
-        (:func:`~mnm_rl.agent.explicit.has_gradient_hooks`).
+        without the compiled kernel, an extractor or core without one (several grids; an MNM
+        core with an interaction input or a retention lag). Hooks on the parameters' gradients
+        (``Tensor.register_hook``) are not run (:func:`~mnm_rl.agent.explicit.has_gradient_hooks`).
         """
         cores = [self.core] if self.critic_core is None else [self.core, self.critic_core]
         if (
@@ -306,14 +308,20 @@ class RecurrentMemoryPolicy(BasePolicy):
             features, extractor_backward = encoded
             features = features.view(steps, batch, -1)
             actor_state, critic_state = self._split_state(state)
-            actor = self.core.explicit_forward(features, actor_state, episode_starts)
+            actor = self.core.explicit_forward(features, actor_state, episode_starts,
+                                               memory_weight)  # fmt: skip
             critic = (
                 actor
                 if self.critic_core is None or actor is None
-                else self.critic_core.explicit_forward(features, critic_state, episode_starts)
+                else self.critic_core.explicit_forward(
+                    features, critic_state, episode_starts, memory_weight
+                )
             )
             if actor is None or critic is None:
                 return None
+            aux = dict(actor[1])
+            if critic is not actor:
+                aux = {k: aux[k] + critic[1][k] for k in aux}
             width = self.core.output_size
             logits, values, heads_backward = action_heads.explicit_heads(
                 heads, actor[0].reshape(-1, width), critic[0].reshape(-1, width),
@@ -326,19 +334,19 @@ class RecurrentMemoryPolicy(BasePolicy):
                     grad_logits.reshape(logits.shape), grad_values.reshape(values.shape)
                 )
                 if critic is actor:
-                    d_features, core_gradients = actor[1](
+                    d_features, core_gradients = actor[2](
                         d_latent.add_(d_value_latent).view(steps, batch, -1)
                     )
                     gradients += core_gradients
                 else:
-                    d_features, actor_gradients = actor[1](d_latent.view(steps, batch, -1))
-                    d_critic, critic_gradients = critic[1](d_value_latent.view(steps, batch, -1))
+                    d_features, actor_gradients = actor[2](d_latent.view(steps, batch, -1))
+                    d_critic, critic_gradients = critic[2](d_value_latent.view(steps, batch, -1))
                     d_features = d_features + d_critic
                     gradients += actor_gradients + critic_gradients
                 gradients += extractor_backward(d_features.reshape(steps * batch, -1))
                 return gradients
 
-        return logits.view(steps, batch, -1), values.view(steps, batch), backward
+        return logits.view(steps, batch, -1), values.view(steps, batch), aux, backward
 
     def act(
         self,

@@ -32,6 +32,7 @@ from mnm_rl.agent.ppo_loss import (
 )
 from mnm_rl.agent.ppo_loss import load_extension as load_loss_kernel
 from mnm_rl.memory import CoreState
+from mnm_rl.memory.base import memory_loss as core_memory_loss
 
 SelfMemoryPPO = TypeVar("SelfMemoryPPO", bound="MemoryPPO")
 
@@ -397,18 +398,18 @@ class MemoryPPO(OnPolicyAlgorithm):
         settings = LossSettings(
             clip_range, clip_range_vf, ent_coef, self.vf_coef, self.normalize_advantage
         )
-        aux: Mapping[str, torch.Tensor] = {}
         passed = (
             self.policy.explicit_forward_sequence(
-                batch.observations, batch.states, batch.episode_starts
+                batch.observations, batch.states, batch.episode_starts, self.mem_coef
             )
             if try_explicit and load_loss_kernel() is not None
             else None
         )
         explicit_loss = None if passed is None else ppo_loss_explicit(*passed[:2], steps, settings)
+        aux: Mapping[str, torch.Tensor]
         if explicit_loss is not None:
             loss, stats, grad_logits, grad_values = explicit_loss
-            policy_backward = passed[2]
+            _, _, aux, policy_backward = passed
 
             def backward() -> None:
                 explicit.apply_gradients(policy_backward(grad_logits, grad_values))
@@ -423,7 +424,7 @@ class MemoryPPO(OnPolicyAlgorithm):
         record(**{f"train/{name}": value for name, value in zip(STAT_NAMES, terms, strict=True)})
         if aux:
             retention_loss = aux["recon_retained"].mean()
-            memory_loss = aux["recon_after"].mean() + retention_loss
+            memory_loss = core_memory_loss(aux)
             loss = loss + self.mem_coef * memory_loss
             checks["memory loss"] = memory_loss.item()
             checks["fast weights"] = aux["fast_weight_norm"].max().item()

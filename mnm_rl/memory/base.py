@@ -23,6 +23,12 @@ Gradients = list[tuple[nn.Parameter, Tensor]]
 CoreBackward = Callable[[Tensor], tuple[Tensor, Gradients]]
 
 
+def memory_loss(aux: Mapping[str, Tensor]) -> Tensor:
+    """The memory's meta-loss from a core's diagnostics ``aux`` (:data:`AUX_KEYS`): the mean
+    post-write reconstruction error plus the mean retention error, a scalar."""
+    return aux["recon_after"].mean() + aux["recon_retained"].mean()
+
+
 class LazyDiagnostics(Mapping[str, Tensor]):
     """The diagnostics of :data:`AUX_KEYS`, computed from ``compute()`` on first access.
 
@@ -95,17 +101,18 @@ class RecurrentCore(nn.Module, ABC):
         """
 
     def explicit_forward(
-        self, x: Tensor, state: CoreState, episode_starts: Tensor
-    ) -> tuple[Tensor, CoreBackward] | None:
-        """:meth:`forward`'s features without autograd, and the backward pass that maps their
-        gradient to the gradients of ``x`` and of the parameters, by the compiled kernels' own
-        backward passes (training without the autograd engine: :mod:`mnm_rl.agent.explicit`).
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, memory_weight: float = 0.0
+    ) -> tuple[Tensor, Mapping[str, Tensor], CoreBackward] | None:
+        """:meth:`forward`'s features and diagnostics without autograd, and the backward pass
+        that maps the features' gradient to the gradients of ``x`` and of the parameters, by
+        the compiled kernels' own backward passes (training without the autograd engine:
+        :mod:`mnm_rl.agent.explicit`). The backward pass adds the gradient of
+        ``memory_weight * memory_loss(aux)`` (:func:`memory_loss`; cores with a memory).
 
         Arguments as for :meth:`forward`; call it and the backward pass under
         ``torch.no_grad()``. The final state gets no gradient (a PPO minibatch does not use
-        it). ``None`` where the core has no such pass (then train through :meth:`forward`):
-        the default, and cores with a memory loss; a core that has one sets
-        :attr:`has_explicit_backward`.
+        it). ``None`` where the core has no such pass here (then train through
+        :meth:`forward`); a core that may have one sets :attr:`has_explicit_backward`.
         """
         return None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -105,15 +107,16 @@ class LSTMCore(_FusedRNNCore):
         return out, CoreState({"h": h, "c": c})
 
     def explicit_forward(
-        self, x: Tensor, state: CoreState, episode_starts: Tensor
-    ) -> tuple[Tensor, CoreBackward] | None:
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, memory_weight: float = 0.0
+    ) -> tuple[Tensor, Mapping[str, Tensor], CoreBackward] | None:
         """By the compiled kernel where it applies (:func:`~mnm_rl.memory.rnn_kernels.rnn_kernel`),
-        else ``None``."""
+        else ``None``; no memory, no diagnostics."""
         self._check_inputs(x, state, episode_starts)
         kernel = rnn_kernel(x)
         if kernel is None:
             return None
-        return explicit_lstm(self.rnn, x, state["h"], state["c"], episode_starts, kernel)
+        out, backward = explicit_lstm(self.rnn, x, state["h"], state["c"], episode_starts, kernel)
+        return out, {}, backward
 
     def _run(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if x.shape[0] != 1:
@@ -150,15 +153,16 @@ class GRUCore(_FusedRNNCore):
         return out, CoreState({"h": h})
 
     def explicit_forward(
-        self, x: Tensor, state: CoreState, episode_starts: Tensor
-    ) -> tuple[Tensor, CoreBackward] | None:
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, memory_weight: float = 0.0
+    ) -> tuple[Tensor, Mapping[str, Tensor], CoreBackward] | None:
         """By the compiled kernel where it applies (:func:`~mnm_rl.memory.rnn_kernels.rnn_kernel`),
-        else ``None``."""
+        else ``None``; no memory, no diagnostics."""
         self._check_inputs(x, state, episode_starts)
         kernel = rnn_kernel(x)
         if kernel is None:
             return None
-        return explicit_gru(self.rnn, x, state["h"], episode_starts, kernel)
+        out, backward = explicit_gru(self.rnn, x, state["h"], episode_starts, kernel)
+        return out, {}, backward
 
     def _run(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if x.shape[0] != 1:
@@ -206,10 +210,10 @@ class MLPCore(RecurrentCore):
         return x, state, {}
 
     def explicit_forward(
-        self, x: Tensor, state: CoreState, episode_starts: Tensor
-    ) -> tuple[Tensor, CoreBackward] | None:
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, memory_weight: float = 0.0
+    ) -> tuple[Tensor, Mapping[str, Tensor], CoreBackward] | None:
         """The two layers by :func:`~mnm_rl.memory.products.linear_explicit`, the tanh
-        derivative from the outputs (``1 - y^2``, as autograd's)."""
+        derivative from the outputs (``1 - y^2``, as autograd's); no memory, no diagnostics."""
         self._check_inputs(x, state, episode_starts)
         lead = x.shape[:-1]
         hidden = x.reshape(-1, x.shape[-1])
@@ -231,4 +235,4 @@ class MLPCore(RecurrentCore):
                 gradients += [(layer.weight, g_weight), (layer.bias, g_bias)]
             return grad.view(*lead, -1), gradients
 
-        return hidden.view(*lead, -1), backward
+        return hidden.view(*lead, -1), {}, backward

@@ -27,10 +27,11 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from mnm_rl import native
 from mnm_rl.memory.allocator import retain_freed_memory
+from mnm_rl.memory.base import CoreBackward, Gradients
 
 #: The kernels' C++ sources (the MNM recurrence, the baseline LSTM and GRU, the Python module),
 #: built into one extension.
@@ -174,6 +175,106 @@ def kernel_options(core) -> tuple[int, bool, bool, float]:
     return core.n_heads, memory.write_rule == "mnm-g", memory.activation == "tanh", memory.eps
 
 
+def _start(
+    gates_x: Tensor, episode_starts: Tensor, state: dict[str, Tensor]
+) -> tuple[Tensor, list[Tensor]]:
+    """The kernel's reset mask ``keep [T, B]`` and start state ``[h, c, read, fast_weights]``."""
+    dtype = gates_x.dtype
+    keep = (episode_starts == 0).to(dtype).contiguous()
+    start = [state[k].to(dtype).contiguous() for k in ("h", "c", "read")]
+    # The kernel returns its final weights as a view with each D x D matrix stored transposed,
+    # layers outermost; it takes them back as they are, without a copy per rollout step (and
+    # any weights whose matrices are each contiguous, as M or as M^T).
+    weights = state["fast_weights"].to(dtype)
+    if not _matrices_contiguous(weights):
+        weights = weights.contiguous()
+    start.append(weights)
+    return keep, start
+
+
+def explicit_sequence(
+    core, x: Tensor, episode_starts: Tensor, state: dict[str, Tensor], kernel: ModuleType,
+    memory_weight: float,
+) -> tuple[Tensor, dict[str, Tensor], CoreBackward]:  # fmt: skip
+    """``MNMCore``'s forward pass over ``x [T, B, F]`` by the kernel without autograd: ``(y [T,
+    B, output_size], aux, backward)`` (``MNMCore.explicit_forward``; not with an interaction
+    input or a retention lag). ``backward(grad_y)`` runs the output layer's, the kernel's and
+    the input gates' backward passes, with the gradient of ``memory_weight * memory_loss(aux)``
+    (``mean(recon_after)``: the kernel has no retention loss) given to the kernel through its
+    ``answer_after`` and ``values`` outputs. Run both under ``torch.no_grad()``."""
+    from mnm_rl.memory import products  # which imports this module
+
+    steps, batch, _ = x.shape
+    gates_x, gates_backward = products.linear_explicit(
+        x.reshape(steps * batch, -1), core.input_gates.weight, core.input_gates.bias
+    )
+    gates_x = gates_x.view(steps, batch, -1)
+    keep, start = _start(gates_x, episode_starts, state)
+    params = kernel_weights(core)
+    options = kernel_options(core)
+    parts = batch_parts(steps, batch)
+    if parts == 1:
+        outputs = kernel.forward(gates_x, keep, *start, *params, *options, True)
+    else:
+        outputs = kernel.forward_parts(gates_x, keep, *start, *params, *options, True, parts)
+    hs, reads, after, before, values, beta, norm = outputs[:7]
+    saved = outputs[9:]
+    hidden = hs.shape[-1]
+    joined = torch.cat([hs, reads], dim=-1).view(steps * batch, -1)
+    y, output_backward = products.linear_explicit(joined, core.output.weight, core.output.bias)
+    loss = core.memory.reconstruction_loss
+    aux = {
+        "recon_after": loss(after, values),
+        "recon_before": loss(before, values),
+        "recon_retained": torch.zeros_like(beta),
+        "beta": beta,
+        "fast_weight_norm": norm,
+    }
+
+    def backward(grad_y: Tensor) -> tuple[Tensor, Gradients]:
+        g_joined, g_w_out, g_b_out = output_backward(grad_y.reshape(steps * batch, -1), True)
+        g_joined = g_joined.view(steps, batch, -1)
+        g_hs = g_joined[..., :hidden].contiguous()
+        g_reads = g_joined[..., hidden:].contiguous()
+        empty = torch.Tensor()  # a zero gradient
+        g_after = g_values = empty
+        if memory_weight:
+            # d/d after of w * mean((after - values)^2) over every element; values get minus it
+            g_after = (after - values).mul_(2.0 * memory_weight / after.numel())
+            g_values = -g_after
+        grads = (g_hs, g_reads, g_after, empty, g_values, empty, empty, empty)
+        if parts == 1:
+            results = kernel.backward(*grads, gates_x, keep, start[3], *saved, hs, *params,
+                                      *options)  # fmt: skip
+        else:
+            results = kernel.backward_parts(*grads, gates_x, keep, start[3], saved, hs,
+                                            *params, *options)  # fmt: skip
+        g_gates, _, _, _, _, *g_params = results
+        g_x, g_w_in, g_b_in = gates_backward(g_gates.view(steps * batch, -1), True)
+        gradients: Gradients = [
+            (core.input_gates.weight, g_w_in), (core.input_gates.bias, g_b_in),
+            (core.output.weight, g_w_out), (core.output.bias, g_b_out),
+        ]  # fmt: skip
+        for param, grad in zip(_kernel_parameters(core), g_params, strict=True):
+            if param is not None:
+                gradients.append((param, grad.view(param.shape)))
+        return g_x.view(steps, batch, -1), gradients
+
+    return y.view(steps, batch, -1), aux, backward
+
+
+def _kernel_parameters(core) -> list[nn.Parameter | None]:
+    """The parameters behind :func:`kernel_weights`' tensors, in their order (``None`` for
+    mnm-g's absent feedback functions)."""
+    feedback = core.memory.feedback
+    return [
+        core.recurrent_gates.weight, core.interaction.weight, core.interaction.bias,
+        core.beta_gate.weight, core.beta_gate.bias,
+        None if feedback is None else feedback.weight, None if feedback is None else feedback.bias,
+        core.memory.initial_weights,
+    ]  # fmt: skip
+
+
 def run_sequence(
     core,
     gates_x: Tensor,
@@ -191,16 +292,7 @@ def run_sequence(
     answer_before, values [T, B, H, D], beta [T, B], fast_weight_norm [T, B], c [B, hidden],
     fast_weights [B, L, D, D])``.
     """
-    dtype = gates_x.dtype
-    keep = (episode_starts == 0).to(dtype).contiguous()
-    start = [state[k].to(dtype).contiguous() for k in ("h", "c", "read")]
-    # The kernel returns its final weights as a view with each D x D matrix stored transposed,
-    # layers outermost; it takes them back as they are, without a copy per rollout step (and
-    # any weights whose matrices are each contiguous, as M or as M^T).
-    weights = state["fast_weights"].to(dtype)
-    if not _matrices_contiguous(weights):
-        weights = weights.contiguous()
-    start.append(weights)
+    keep, start = _start(gates_x, episode_starts, state)
     params = kernel_weights(core, interaction_x)
     options = kernel_options(core)
     # Keep what the backward pass needs only when there will be one (not in the rollout).

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from mnm_rl.memory import fused, products
-from mnm_rl.memory.base import LazyDiagnostics, RecurrentCore
+from mnm_rl.memory.base import CoreBackward, LazyDiagnostics, RecurrentCore
 from mnm_rl.memory.fast_weights import (
     Activation,
     FastWeightMemory,
@@ -260,6 +260,25 @@ class MNMCore(RecurrentCore):
         ):
             return None
         return fused.load_extension()
+
+    @property
+    def has_explicit_backward(self) -> bool:  # type: ignore[override]
+        """Whether :meth:`explicit_forward` can give a pass: not with an interaction input or a
+        retention lag, which the kernel's explicit pass does not run."""
+        return (
+            self.input_interaction is None and not self.retention_lag and not self.read_before_write
+        )
+
+    def explicit_forward(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, memory_weight: float = 0.0
+    ) -> tuple[Tensor, Mapping[str, Tensor], CoreBackward] | None:
+        """By the compiled kernel (:func:`~mnm_rl.memory.fused.explicit_sequence`) where it
+        applies and :attr:`has_explicit_backward`, else ``None``."""
+        self._check_inputs(x, state, episode_starts)
+        kernel = self._fused_kernel(x) if self.has_explicit_backward else None
+        if kernel is None:
+            return None
+        return fused.explicit_sequence(self, x, episode_starts, state, kernel, memory_weight)
 
     def _forward_fused(
         self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel
