@@ -104,7 +104,7 @@ ATEN_PRODUCTS = "/atenmm"
 PYTORCH_OPTIMIZER = "/pyopt"
 #: A config name ending in this computes its updates' gradients through autograd instead of the
 #: kernels' explicit backward passes (``MNM_RL_EXPLICIT_BACKWARD=0``, see
-#: ``mnm_rl/agent/explicit.py``; MNM agents always take autograd), e.g. ``lstm/autograd``.
+#: ``mnm_rl/agent/explicit.py``), e.g. ``lstm/autograd``.
 AUTOGRAD = "/autograd"
 SUFFIXES = {
     EAGER: ("MNM_RL_FUSED", "0"),

@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         "MNM_RL_COMPILED_LOSS=0 only PPO's loss, MNM_RL_COMPILED_STEP=0 only the policy's "
         "rollout step (extractor, core and heads in one call otherwise), "
         "MNM_RL_COMPILED_OPTIMIZER=0 only the gradients' clipping and Adam's step, "
-        "MNM_RL_EXPLICIT_BACKWARD=0 trains lstm, gru and mlp agents through autograd instead "
-        "of the kernels' own backward passes. The kernels' "
+        "MNM_RL_EXPLICIT_BACKWARD=0 trains through autograd instead of the kernels' own "
+        "backward passes. The kernels' "
         "matrix "
         "products are their own (MKL runs its AVX2 code on AMD CPUs); "
         "MNM_RL_DENSE_PRODUCTS=0 runs ATen's instead.",

@@ -1,27 +1,28 @@
 """A PPO minibatch's gradients without the autograd engine: every piece's compiled backward
 pass, called in turn.
 
-Every piece of an lstm, gru or mlp agent's training pass on a CPU is a compiled kernel with a
-backward pass of its own: the grid encoder's linear layer (:mod:`mnm_rl.agent.grid_linear`), the
-cores' input products and recurrences (:mod:`mnm_rl.memory.rnn_kernels`), the heads
-(:mod:`mnm_rl.agent.action_heads`) and the loss, which gives its gradients with its value
+Every piece of an agent's training pass on a CPU is a compiled kernel with a backward pass of
+its own: the grid encoder's linear layer (:mod:`mnm_rl.agent.grid_linear`), the cores' input
+products and recurrences (:mod:`mnm_rl.memory.rnn_kernels`, :mod:`mnm_rl.memory.fused`), the
+heads (:mod:`mnm_rl.agent.action_heads`) and the loss, which gives its gradients with its value
 (:mod:`mnm_rl.agent.ppo_loss`). Through autograd each runs inside a Python
 ``autograd.Function``, between a dozen small PyTorch operators (the ReLU, the biases' sum, views,
-the tables' concatenation) and the engine's own work per node and per parameter; py-spy put
-that glue at about 40% of an lstm agent's backward pass. Here
-:meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.explicit_forward_sequence` runs the kernels'
-forward passes under ``torch.no_grad()`` and returns a backward pass that calls their backward
-passes in reverse order, from the loss's gradients to every parameter's, which
+the tables' concatenation, an MNM core's output layer and diagnostics) and the engine's own
+work per node and per parameter; py-spy put that glue at about 40% of an lstm agent's backward
+pass. Here :meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.explicit_forward_sequence` runs
+the kernels' forward passes under ``torch.no_grad()`` and returns a backward pass that calls
+their backward passes in reverse order, from the loss's gradients (and an MNM core's memory
+loss, :func:`mnm_rl.memory.base.memory_loss`) to every parameter's, which
 :func:`apply_gradients` stores in ``.grad`` as ``loss.backward()`` would. The same kernels in the
-same order give the same gradients as autograd, bit for bit in float32
-(``tests/test_explicit.py``); an lstm agent's minibatch forward and backward takes about 0.6x
-the time (docs/benchmarks.md).
+same order give the same gradients as autograd, bit for bit for an lstm agent in float32 and to
+rounding otherwise (``tests/test_explicit.py``); an lstm agent's ``train()`` takes about 0.8x
+the time, an MNM agent's 0.93x (docs/benchmarks.md).
 
 :class:`~mnm_rl.agent.ppo.MemoryPPO` trains this way where every piece has such a pass (CPU,
-the baseline cores, heads with ``nn.Tanh`` or ``nn.ReLU``, at most one symbol grid, the
-compiled loss, no gradient hooks on the parameters); MNM cores, whose meta-loss needs
-autograd, and every other case train through autograd. ``MNM_RL_EXPLICIT_BACKWARD=0`` in the
-environment (or ``MNM_RL_FUSED=0``) trains through autograd always.
+heads with ``nn.Tanh`` or ``nn.ReLU``, at most one symbol grid, the compiled loss, an MNM core
+without an interaction input or retention lag, no gradient hooks on the parameters); everything
+else trains through autograd. ``MNM_RL_EXPLICIT_BACKWARD=0`` in the environment (or
+``MNM_RL_FUSED=0``) trains through autograd always.
 """
 
 from __future__ import annotations
