@@ -203,11 +203,8 @@ class MemoryFeaturesExtractor(BaseFeaturesExtractor):
         if kernel is None:
             return None
         encoder: SymbolicGridEncoder = self.encoders[grid_name]
-        rows = grid.shape[0]
-        dense = [x.reshape(rows, -1) for name, x in named.items() if name != grid_name]
-        dense = torch.cat(dense, 1) if dense else grid.new_empty(rows, 0)
-        dense = dense.to(linear.weight.dtype)
-        grid, table, arguments = grid.reshape(rows, -1), encoder.table(), layout.arguments()
+        grid, table, dense = self._grid_inputs(named)
+        arguments = layout.arguments()
         out, symbol_rows, effective = kernel.grid_linear_forward(
             grid, table, linear.weight, linear.bias, dense, *arguments
         )
@@ -240,16 +237,21 @@ class MemoryFeaturesExtractor(BaseFeaturesExtractor):
             return None
         return grid_linear.load_extension()
 
-    def _forward_compiled(self, kernel: ModuleType, named: dict[str, Tensor]) -> Tensor:
-        grid_name, layout = self.grid_layout
+    def _grid_inputs(self, named: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """The grid kernel's inputs: the grid ``[N, S]``, the embedding tables one after
+        another, and the other inputs ``[N, D]`` in the linear layer's dtype."""
+        grid_name, _ = self.grid_layout
         encoder: SymbolicGridEncoder = self.encoders[grid_name]
-        linear: nn.Linear = self.linear[0]
         grid = named[grid_name]
         rows = grid.shape[0]
         dense = [x.reshape(rows, -1) for name, x in named.items() if name != grid_name]
         dense = torch.cat(dense, 1) if dense else grid.new_empty(rows, 0)
+        return grid.reshape(rows, -1), encoder.table(), dense.to(self.linear[0].weight.dtype)
+
+    def _forward_compiled(self, kernel: ModuleType, named: dict[str, Tensor]) -> Tensor:
+        linear: nn.Linear = self.linear[0]
+        grid, table, dense = self._grid_inputs(named)
         out = grid_linear.grid_linear(
-            kernel, layout, grid.reshape(rows, -1), encoder.table(), linear.weight, linear.bias,
-            dense.to(linear.weight.dtype),
-        )  # fmt: skip
+            kernel, self.grid_layout[1], grid, table, linear.weight, linear.bias, dense
+        )
         return self.linear[1](out)

@@ -109,12 +109,8 @@ class FusedSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, config, gates_x, keep, h0, c0, r0, m0, *params):  # noqa: D102
         kernel, options, store, parts = config
-        if parts == 1:
-            outputs = kernel.forward(gates_x, keep, h0, c0, r0, m0, *params, *options, store)
-        else:
-            outputs = kernel.forward_parts(
-                gates_x, keep, h0, c0, r0, m0, *params, *options, store, parts
-            )
+        outputs = _kernel_forward(kernel, parts, gates_x, keep, (h0, c0, r0, m0), params,
+                                  options, store)  # fmt: skip
         # The nine outputs, then what the backward pass takes (per part: the last post-write
         # weights, u_in, c_in, the passes' activations, the writes' factors, the weights of
         # ended episodes, the controller's gates, the interaction's and the BFPF's outputs).
@@ -134,12 +130,25 @@ class FusedSequence(torch.autograd.Function):
         params, saved = rest[: ctx.n_params], rest[ctx.n_params :]
         grads = [torch.Tensor() if g is None else g.contiguous() for g in output_grads]
         del grads[6]  # an empty tensor stands for a zero gradient; the norm has none
-        if parts == 1:
-            results = kernel.backward(*grads, gates_x, keep, m0, *saved, hs, *params, *options)
-        else:
-            results = kernel.backward_parts(*grads, gates_x, keep, m0, saved, hs, *params, *options)
+        results = _kernel_backward(kernel, parts, grads, gates_x, keep, m0, saved, hs, params,
+                                   options)  # fmt: skip
         g_gates, g_h, g_c0, g_r, g_m0, *g_params = results
         return None, g_gates, None, g_h, g_c0, g_r, g_m0, *g_params
+
+
+def _kernel_forward(kernel, parts, gates_x, keep, start, params, options, store) -> list[Tensor]:
+    """The kernel's forward call, whole (``parts == 1``) or in ``parts`` parallel parts."""
+    if parts == 1:
+        return kernel.forward(gates_x, keep, *start, *params, *options, store)
+    return kernel.forward_parts(gates_x, keep, *start, *params, *options, store, parts)
+
+
+def _kernel_backward(kernel, parts, grads, gates_x, keep, m0, saved, hs, params, options):
+    """The kernel's backward call for :func:`_kernel_forward`'s ``saved`` outputs (from the
+    tenth on); ``grads``: those of the nine outputs but the norm, empty for zero."""
+    if parts == 1:
+        return kernel.backward(*grads, gates_x, keep, m0, *saved, hs, *params, *options)
+    return kernel.backward_parts(*grads, gates_x, keep, m0, saved, hs, *params, *options)
 
 
 def _matrices_contiguous(weights: Tensor) -> bool:
@@ -213,10 +222,7 @@ def explicit_sequence(
     params = kernel_weights(core)
     options = kernel_options(core)
     parts = batch_parts(steps, batch)
-    if parts == 1:
-        outputs = kernel.forward(gates_x, keep, *start, *params, *options, True)
-    else:
-        outputs = kernel.forward_parts(gates_x, keep, *start, *params, *options, True, parts)
+    outputs = _kernel_forward(kernel, parts, gates_x, keep, start, params, options, True)
     hs, reads, after, before, values, beta, norm = outputs[:7]
     saved = outputs[9:]
     hidden = hs.shape[-1]
@@ -243,12 +249,8 @@ def explicit_sequence(
             g_after = (after - values).mul_(2.0 * memory_weight / after.numel())
             g_values = -g_after
         grads = (g_hs, g_reads, g_after, empty, g_values, empty, empty, empty)
-        if parts == 1:
-            results = kernel.backward(*grads, gates_x, keep, start[3], *saved, hs, *params,
-                                      *options)  # fmt: skip
-        else:
-            results = kernel.backward_parts(*grads, gates_x, keep, start[3], saved, hs,
-                                            *params, *options)  # fmt: skip
+        results = _kernel_backward(kernel, parts, grads, gates_x, keep, start[3], saved, hs,
+                                   params, options)  # fmt: skip
         g_gates, _, _, _, _, *g_params = results
         g_x, g_w_in, g_b_in = gates_backward(g_gates.view(steps * batch, -1), True)
         gradients: Gradients = [
@@ -299,8 +301,8 @@ def run_sequence(
     store = torch.is_grad_enabled() and any(t.requires_grad for t in (gates_x, *start, *params))
     parts = batch_parts(*gates_x.shape[:2])
     if not store:  # no backward pass: the kernel straight, without autograd's Function (~14 us)
-        args = (gates_x.contiguous(), keep, *start, *params, *options, False)
-        outputs = kernel.forward(*args) if parts == 1 else kernel.forward_parts(*args, parts)
+        outputs = _kernel_forward(kernel, parts, gates_x.contiguous(), keep, start, params,
+                                  options, False)  # fmt: skip
         return tuple(outputs[:9])
     config = (kernel, options, store, parts)
     return FusedSequence.apply(config, gates_x.contiguous(), keep, *start, *params)
