@@ -12,7 +12,7 @@ from torch import nn
 
 from mnm_rl.agent import action_heads, explicit, grid_linear, ppo_loss
 from mnm_rl.agent.ppo_loss import LossSettings, RolloutSteps
-from mnm_rl.memory import fused
+from mnm_rl.memory import fused, products
 from mnm_rl.memory.base import memory_loss
 
 T, B = 6, 4
@@ -218,3 +218,30 @@ def test_a_core_without_an_explicit_pass_costs_no_extractor_pass(monkeypatch):
     obs, state, starts, _ = sequence_batch(mnm, MINIGRID, torch.float32)
     monkeypatch.setattr(mnm.features_extractor, "explicit_forward", lambda *_: pytest.fail())
     assert mnm.explicit_forward_sequence(obs, state, starts) is None
+
+
+@pytest.mark.parametrize("products_switch", ["1", "0"], ids=["compiled", "aten"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_explicit_is_autograds_linear(monkeypatch, products_switch, with_bias):
+    """``products.linear_explicit`` by the compiled products and by ATen's
+    (``MNM_RL_DENSE_PRODUCTS=0``): the output and every gradient of ``F.linear``."""
+    monkeypatch.setenv(products.SWITCH_VARIABLE, products_switch)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = bias if with_bias else None
+    grad = torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    expected.backward(grad)
+    with torch.no_grad():
+        y, backward = products.linear_explicit(x, weight, bias)
+        g_x, g_weight, g_bias = backward(grad, True)
+        assert backward(grad, False)[0] is None
+    torch.testing.assert_close(y, expected.detach(), **FLOAT64)
+    torch.testing.assert_close(g_x, x.grad, **FLOAT64)
+    torch.testing.assert_close(g_weight, weight.grad, **FLOAT64)
+    if with_bias:
+        torch.testing.assert_close(g_bias, bias.grad, **FLOAT64)
+    else:
+        assert g_bias is None

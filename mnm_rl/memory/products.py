@@ -10,6 +10,7 @@ whole sequence. ``tests/test_dense_products.py`` checks it against ``F.linear``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -42,10 +43,8 @@ class _DenseLinear(torch.autograd.Function):
         return None, g_x, g_weight, g_bias if ctx.has_bias else None
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` for ``x [..., in]``: through the compiled products on the
-    CPU in float32 and float64 when the kernels are built (and not switched off by
-    ``MNM_RL_FUSED=0`` or ``MNM_RL_DENSE_PRODUCTS=0``), else ``F.linear`` itself."""
+def _kernel(x: Tensor, weight: Tensor, bias: Tensor | None) -> ModuleType | None:
+    """The compiled products where they take ``F.linear(x, weight, bias)``, else ``None``."""
     usable = (
         os.environ.get(SWITCH_VARIABLE) != "0"
         and x.device.type == "cpu"
@@ -53,25 +52,32 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and weight.dtype == x.dtype
         and (bias is None or bias.dtype == x.dtype)
     )
-    kernel = fused.load_extension() if usable else None
+    return fused.load_extension() if usable else None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for ``x [..., in]``: through the compiled products on the
+    CPU in float32 and float64 when the kernels are built (and not switched off by
+    ``MNM_RL_FUSED=0`` or ``MNM_RL_DENSE_PRODUCTS=0``), else ``F.linear`` itself."""
+    kernel = _kernel(x, weight, bias)
     if kernel is None:
         return nn.functional.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
     return _DenseLinear.apply(kernel, flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_explicit(x: Tensor, weight: Tensor, bias: Tensor | None = None):
-    """``F.linear(x, weight, bias)`` for ``x [N, in]`` without autograd, and its backward pass:
-    ``(y [N, out], backward)``, ``backward(grad [N, out], needs_x) -> (grad_x or None,
-    grad_weight, grad_bias or None)``. By the compiled products where :func:`linear` takes
-    them, else by ATen's; call both under ``torch.no_grad()``."""
-    usable = (
-        os.environ.get(SWITCH_VARIABLE) != "0"
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and weight.dtype == x.dtype
-    )
-    kernel = fused.load_extension() if usable else None
+#: :func:`linear_explicit`'s backward pass: ``(grad [N, out], needs_x) -> (grad_x or None,
+#: grad_weight, grad_bias or None)``.
+LinearBackward = Callable[[Tensor, bool], tuple[Tensor | None, Tensor, Tensor | None]]
+
+
+def linear_explicit(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None
+) -> tuple[Tensor, LinearBackward]:
+    """``F.linear(x, weight, bias)`` for ``x [N, in]`` without autograd, and its backward pass
+    (:data:`LinearBackward`): ``(y [N, out], backward)``. By the compiled products where
+    :func:`linear` takes them, else by ATen's; call both under ``torch.no_grad()``."""
+    kernel = _kernel(x, weight, bias)
     if kernel is not None:
         y = kernel.linear_forward(x, weight, bias)
 
