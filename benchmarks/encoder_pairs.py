@@ -6,6 +6,8 @@ view, 8 envs x 128 steps, 4 epochs of minibatches of 16 sequences x 16 steps), o
 extractor's grid taking the compiled kernel (:mod:`mnm_rl.agent.grid_linear`) or the plain
 embeddings and ``Linear`` in turn, parameters and optimizer state put back before each call
 (``kernel_pairs.py``'s update phase, with the encoder switched instead of the MNM kernel).
+Both train through autograd (``MNM_RL_EXPLICIT_BACKWARD=0`` while it runs: the plain path has
+no explicit backward pass, ``mnm_rl.agent.explicit``), so that only the encoder differs.
 
     python benchmarks/encoder_pairs.py                          # lstm and mnm-p, 9 pairs
     python benchmarks/encoder_pairs.py --configs lstm mnm-p:1x1 --pairs 30
@@ -18,11 +20,15 @@ Prints a table and, as the last line, a JSON list of ``{"config", "plain_ms", "c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 
 import torch
 from kernel_pairs import pair_speedup, time_train_calls
+
+from mnm_rl.agent import explicit
 
 
 def use_plain(model) -> None:
@@ -38,6 +44,20 @@ def use_compiled(model) -> None:
         raise RuntimeError("this agent's observations have no grid for the compiled path")
 
 
+@contextlib.contextmanager
+def autograd_only():
+    """``MNM_RL_EXPLICIT_BACKWARD=0`` inside, as it was after."""
+    before = os.environ.get(explicit.SWITCH_VARIABLE)
+    os.environ[explicit.SWITCH_VARIABLE] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[explicit.SWITCH_VARIABLE]
+        else:
+            os.environ[explicit.SWITCH_VARIABLE] = before
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="+", default=["lstm", "mnm-p"],
@@ -48,8 +68,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     print(f"{'config':12s} {'plain ms':>9s} {'compiled ms':>12s} speedup pair med")
     for config in args.configs:
-        times = time_train_calls(config, {"plain": use_plain, "compiled": use_compiled},
-                                 args.pairs)  # fmt: skip
+        with autograd_only():
+            times = time_train_calls(config, {"plain": use_plain, "compiled": use_compiled},
+                                     args.pairs)  # fmt: skip
         a, b = statistics.median(times["plain"]), statistics.median(times["compiled"])
         paired = pair_speedup(times["plain"], times["compiled"])
         rows.append({"config": config, "plain_ms": a * 1e3, "compiled_ms": b * 1e3,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 from benchmark_scripts import load_script
@@ -35,8 +36,11 @@ def test_each_update_runs_the_path_it_is_timed_for(monkeypatch, capsys):
         compiled.append(bool(calls))
 
     monkeypatch.setattr(MemoryPPO, "train", recording_train)
+    monkeypatch.delenv("MNM_RL_EXPLICIT_BACKWARD", raising=False)
     rows = encoder_pairs.main(["--configs", "lstm", "--pairs", "2"])
-    assert compiled == [True, False, True, True, False]  # the warm-up, then plain/compiled turns
+    # the warm-up, then plain/compiled turns, both through autograd (the grid Function's path)
+    assert compiled == [True, False, True, True, False]
+    assert "MNM_RL_EXPLICIT_BACKWARD" not in os.environ  # switched back after the run
     assert rows[0]["config"] == "lstm" and rows[0]["plain_ms"] > 0 and rows[0]["compiled_ms"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == rows
 
