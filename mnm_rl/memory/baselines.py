@@ -68,6 +68,24 @@ class _FusedRNNCore(RecurrentCore):
         """:meth:`forward` by the compiled kernel: ``(outputs [T, B, H], final state)``."""
         raise NotImplementedError
 
+    def _explicit_kernel(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel
+    ) -> tuple[Tensor, CoreBackward]:
+        """:meth:`explicit_forward` by the compiled kernel: ``(outputs [T, B, H], backward)``."""
+        raise NotImplementedError
+
+    def explicit_forward(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, memory_weight: float = 0.0
+    ) -> tuple[Tensor, Mapping[str, Tensor], CoreBackward] | None:
+        """By the compiled kernel where it applies (:func:`~mnm_rl.memory.rnn_kernels.rnn_kernel`),
+        else ``None``; no memory, no diagnostics."""
+        self._check_inputs(x, state, episode_starts)
+        kernel = rnn_kernel(x)
+        if kernel is None:
+            return None
+        out, backward = self._explicit_kernel(x, state, episode_starts, kernel)
+        return out, {}, backward
+
     def forward(
         self, x: Tensor, state: CoreState, episode_starts: Tensor
     ) -> tuple[Tensor, CoreState, dict[str, Tensor]]:
@@ -106,17 +124,10 @@ class LSTMCore(_FusedRNNCore):
         out, h, c = run_lstm(self.rnn, x, state["h"], state["c"], episode_starts, kernel)
         return out, CoreState({"h": h, "c": c})
 
-    def explicit_forward(
-        self, x: Tensor, state: CoreState, episode_starts: Tensor, memory_weight: float = 0.0
-    ) -> tuple[Tensor, Mapping[str, Tensor], CoreBackward] | None:
-        """By the compiled kernel where it applies (:func:`~mnm_rl.memory.rnn_kernels.rnn_kernel`),
-        else ``None``; no memory, no diagnostics."""
-        self._check_inputs(x, state, episode_starts)
-        kernel = rnn_kernel(x)
-        if kernel is None:
-            return None
-        out, backward = explicit_lstm(self.rnn, x, state["h"], state["c"], episode_starts, kernel)
-        return out, {}, backward
+    def _explicit_kernel(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel
+    ) -> tuple[Tensor, CoreBackward]:
+        return explicit_lstm(self.rnn, x, state["h"], state["c"], episode_starts, kernel)
 
     def _run(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if x.shape[0] != 1:
@@ -152,17 +163,10 @@ class GRUCore(_FusedRNNCore):
         out, h = run_gru(self.rnn, x, state["h"], episode_starts, kernel)
         return out, CoreState({"h": h})
 
-    def explicit_forward(
-        self, x: Tensor, state: CoreState, episode_starts: Tensor, memory_weight: float = 0.0
-    ) -> tuple[Tensor, Mapping[str, Tensor], CoreBackward] | None:
-        """By the compiled kernel where it applies (:func:`~mnm_rl.memory.rnn_kernels.rnn_kernel`),
-        else ``None``; no memory, no diagnostics."""
-        self._check_inputs(x, state, episode_starts)
-        kernel = rnn_kernel(x)
-        if kernel is None:
-            return None
-        out, backward = explicit_gru(self.rnn, x, state["h"], episode_starts, kernel)
-        return out, {}, backward
+    def _explicit_kernel(
+        self, x: Tensor, state: CoreState, episode_starts: Tensor, kernel
+    ) -> tuple[Tensor, CoreBackward]:
+        return explicit_gru(self.rnn, x, state["h"], episode_starts, kernel)
 
     def _run(self, x: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         if x.shape[0] != 1:
