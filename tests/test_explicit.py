@@ -52,34 +52,35 @@ def sequence_batch(policy, space, dtype, seed=0, B=B):
 MEMORY_WEIGHT = 0.7  # the memory loss's weight (mem_coef), for the MNM cores
 
 
-def autograd_gradients(policy, obs, state, starts, steps):
+def autograd_gradients(policy, obs, state, starts, steps, memory_weight=MEMORY_WEIGHT):
     policy.zero_grad(set_to_none=True)
     logits, values, _, aux = policy.forward_sequence(obs, state, starts)
     loss, stats = ppo_loss.ppo_loss(logits, values, steps, SETTINGS)
     if aux:
-        loss = loss + MEMORY_WEIGHT * memory_loss(aux)
+        loss = loss + memory_weight * memory_loss(aux)
     loss.backward()
     return loss.detach(), stats, {n: p.grad for n, p in policy.named_parameters()}
 
 
-def explicit_gradients(policy, obs, state, starts, steps):
+def explicit_gradients(policy, obs, state, starts, steps, memory_weight=MEMORY_WEIGHT):
     policy.zero_grad(set_to_none=True)
-    passed = policy.explicit_forward_sequence(obs, state, starts, MEMORY_WEIGHT)
+    passed = policy.explicit_forward_sequence(obs, state, starts, memory_weight)
     assert passed is not None
     logits, values, aux, backward = passed
     assert not logits.requires_grad and not values.requires_grad
     loss, stats, grad_logits, grad_values = ppo_loss.ppo_loss_explicit(logits, values, steps,
                                                                        SETTINGS)  # fmt: skip
     if aux:
-        loss = loss + MEMORY_WEIGHT * memory_loss(aux)
+        loss = loss + memory_weight * memory_loss(aux)
     explicit.apply_gradients(backward(grad_logits, grad_values))
     return loss, stats, {n: p.grad for n, p in policy.named_parameters()}
 
 
-def assert_same_gradients(policy, space, dtype, tolerance, batch=B):
+def assert_same_gradients(policy, space, dtype, tolerance, batch=B, memory_weight=MEMORY_WEIGHT):
     obs, state, starts, steps = sequence_batch(policy, space, dtype, B=batch)
-    loss_a, stats_a, grads_a = autograd_gradients(policy, obs, state, starts, steps)
-    loss_e, stats_e, grads_e = explicit_gradients(policy, obs, state, starts, steps)
+    passes = (policy, obs, state, starts, steps, memory_weight)
+    loss_a, stats_a, grads_a = autograd_gradients(*passes)
+    loss_e, stats_e, grads_e = explicit_gradients(*passes)
     torch.testing.assert_close(loss_e, loss_a, **tolerance)
     torch.testing.assert_close(stats_e, stats_a, **tolerance)
     assert grads_e.keys() == grads_a.keys()
@@ -123,6 +124,12 @@ def test_mnm_explicit_gradients_with_the_kernel_in_two_parts(core, monkeypatch):
     assert fused.batch_parts(T, 8) == 2
     policy = make_policy(MINIGRID, core, torch.float64, core_kwargs=dict(activation="sigmoid"))
     assert_same_gradients(policy, MINIGRID, torch.float64, FLOAT64, batch=8)
+
+
+def test_mnm_without_the_memory_loss():
+    """``memory_weight`` 0 (``mem_coef=0``): the kernel gets no gradient for its answers."""
+    policy = make_policy(MINIGRID, "mnm-p", torch.float64)
+    assert_same_gradients(policy, MINIGRID, torch.float64, FLOAT64, memory_weight=0.0)
 
 
 def test_lstm_float32_gradients_are_autograds_bit_for_bit():
