@@ -3,6 +3,8 @@ kernels' own backward passes, against autograd through ``forward_sequence`` and 
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from compiled import built
@@ -10,7 +12,7 @@ from test_agent import collect_one_rollout, small_model
 from test_policy_step import MINIGRID, MIXED, make_policy, random_obs, random_state
 from torch import nn
 
-from mnm_rl.agent import action_heads, explicit, grid_linear, ppo_loss
+from mnm_rl.agent import action_heads, explicit, gradient_step, grid_linear, ppo_loss
 from mnm_rl.agent.ppo_loss import LossSettings, RolloutSteps
 from mnm_rl.memory import fused, products
 from mnm_rl.memory.base import memory_loss
@@ -252,3 +254,28 @@ def test_linear_explicit_is_autograds_linear(monkeypatch, products_switch, with_
         torch.testing.assert_close(g_bias, bias.grad, **FLOAT64)
     else:
         assert g_bias is None
+
+
+def test_a_minibatchs_explicit_pass_is_freed_after_its_backward(monkeypatch):
+    """What the pass saved goes once its gradients are stored, as a graph's buffers go in
+    ``backward()``: not held while the next minibatch runs (twice the peak memory)."""
+    model = small_model("mnm-p")
+    collect_one_rollout(model)
+    passes, alive_at_clip = [], []
+    original = model.policy.explicit_forward_sequence
+
+    def recorded(*args):
+        passed = original(*args)
+        passes.append(weakref.ref(passed[3]))
+        return passed
+
+    clip = gradient_step.clip_grad_norm
+
+    def checked_clip(params, max_norm):
+        alive_at_clip.append(passes[-1]() is not None)
+        return clip(params, max_norm)
+
+    monkeypatch.setattr(model.policy, "explicit_forward_sequence", recorded)
+    monkeypatch.setattr(gradient_step, "clip_grad_norm", checked_clip)
+    model.train()
+    assert len(alive_at_clip) >= 4 and not any(alive_at_clip)

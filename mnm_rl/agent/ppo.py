@@ -358,6 +358,9 @@ class MemoryPPO(OnPolicyAlgorithm):
                     break
                 gradient_step.zero_grad(self.policy.optimizer)
                 backward()
+                # An explicit pass's backward keeps what it saved while it is referenced (a
+                # graph frees its buffers in backward()): let it go before the next minibatch.
+                del backward
                 grad_norm = gradient_step.clip_grad_norm(params, self.max_grad_norm)
                 if self._skip_nonfinite({"gradients": grad_norm}):
                     gradient_step.zero_grad(self.policy.optimizer)
