@@ -9,7 +9,9 @@ builds take turns going first):
   issue's setting (MiniGrid-MemoryS7 with its 7 x 7 view, 8 envs x 128 steps, 4 epochs of
   minibatches of 16 sequences x 16 steps) with this core, on one collected rollout, its
   parameters and optimizer state put back before each timed call: what a kernel change is worth
-  to the whole update, encoder, heads, loss and optimizer included;
+  to the whole update, encoder, heads, loss and optimizer included (since the thirty-first
+  session the kernel's side takes the explicit backward passes, ``mnm_rl.agent.explicit``,
+  which the PyTorch side, ``MNM_RL_FUSED=0``, cannot; against another build both do);
 
 and, for the training pass, the memory each build keeps for the backward pass (MB of the
 unique storages autograd's saved-tensor hooks see, as in ``throughput.py``'s scaling table).
