@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -57,6 +57,11 @@ def bump_parameter_versions(optimizer: torch.optim.Optimizer, *_) -> None:
     torch.autograd.graph.increment_version(
         [p for group in optimizer.param_groups for p in group["params"]]
     )
+
+
+def _summed_aux(actor: Mapping[str, Tensor], critic: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The memory diagnostics of separate actor and critic cores, summed per key."""
+    return {k: actor[k] + critic[k] for k in actor}
 
 
 def check_action_space(action_space: spaces.Space) -> None:
@@ -232,16 +237,19 @@ class RecurrentMemoryPolicy(BasePolicy):
         )
 
     # --------------------------------------------------------------------------------- forward
-    def encode(self, obs: Observation) -> Tensor:
-        """Encode observations ``[T, B, ...]`` into features ``[T, B, features_dim]``."""
+    def _flat_observations(self, obs: Observation) -> tuple[int, int, Observation]:
+        """``(T, B, observations [T * B, ...])`` preprocessed for the extractor (SB3's
+        ``preprocess_obs``: one-hot Discrete, float Box) from observations ``[T, B, ...]``."""
         steps, batch = (
             next(iter(obs.values())).shape[:2] if isinstance(obs, dict) else obs.shape[:2]
         )
         flat = map_obs(obs, lambda v: v.reshape(steps * batch, *v.shape[2:]))
-        features = self.features_extractor(
-            preprocess_obs(flat, self.observation_space, normalize_images=False)
-        )
-        return features.view(steps, batch, -1)
+        return steps, batch, preprocess_obs(flat, self.observation_space, normalize_images=False)
+
+    def encode(self, obs: Observation) -> Tensor:
+        """Encode observations ``[T, B, ...]`` into features ``[T, B, features_dim]``."""
+        steps, batch, flat = self._flat_observations(obs)
+        return self.features_extractor(flat).view(steps, batch, -1)
 
     def forward_sequence(
         self, obs: Observation, state: CoreState, episode_starts: Tensor
@@ -298,11 +306,8 @@ class RecurrentMemoryPolicy(BasePolicy):
         if heads is None:
             return None
         with torch.no_grad():
-            steps, batch = episode_starts.shape
-            flat = map_obs(obs, lambda v: v.reshape(steps * batch, *v.shape[2:]))
-            encoded = self.features_extractor.explicit_forward(
-                preprocess_obs(flat, self.observation_space, normalize_images=False)
-            )
+            steps, batch, flat = self._flat_observations(obs)
+            encoded = self.features_extractor.explicit_forward(flat)
             if encoded is None:
                 return None
             features, extractor_backward = encoded
@@ -319,9 +324,7 @@ class RecurrentMemoryPolicy(BasePolicy):
             )
             if actor is None or critic is None:
                 return None
-            aux = dict(actor[1])
-            if critic is not actor:
-                aux = {k: aux[k] + critic[1][k] for k in aux}
+            aux = dict(actor[1]) if critic is actor else _summed_aux(actor[1], critic[1])
             width = self.core.output_size
             logits, values, heads_backward = action_heads.explicit_heads(
                 heads, actor[0].reshape(-1, width), critic[0].reshape(-1, width),
@@ -411,7 +414,7 @@ class RecurrentMemoryPolicy(BasePolicy):
         value_latent, critic_state, critic_aux = self.critic_core(
             features, critic_state, episode_starts
         )
-        aux = {k: aux[k] + critic_aux[k] for k in aux}
+        aux = _summed_aux(aux, critic_aux)
         new_state = CoreState(
             {**actor_state, **{CRITIC_PREFIX + k: v for k, v in critic_state.items()}},
             batch_size=state.batch_size,

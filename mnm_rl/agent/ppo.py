@@ -207,8 +207,6 @@ class MemoryPPO(OnPolicyAlgorithm):
         reward is positive."""
         assert self.ep_info_buffer is not None and self.ep_success_buffer is not None
         # Only finished episodes carry statistics: look at those envs, not at every env.
-        if dones is not None and not dones.any():
-            return
         finished = range(len(infos)) if dones is None else np.flatnonzero(dones)
         for i in finished:
             episode = infos[i].get("episode")
@@ -263,8 +261,9 @@ class MemoryPPO(OnPolicyAlgorithm):
             callback.update_locals(locals())
             if not callback.on_step():
                 return False
-            self._update_info_buffer(infos, dones, rewards)
-            rewards = self._bootstrap_truncated(rewards, dones, infos, new_state)
+            if dones.any():  # episode statistics and time-limit bootstraps: ended episodes only
+                self._update_info_buffer(infos, dones, rewards)
+                rewards = self._bootstrap_truncated(rewards, dones, infos, new_state)
             buffer.add(obs, actions, self._float_tensor(rewards), starts, values, log_probs, state)
             state = new_state
             obs = self._obs_tensor(new_obs)
@@ -287,8 +286,6 @@ class MemoryPPO(OnPolicyAlgorithm):
         after this step) on the terminal observation: :meth:`RecurrentMemoryPolicy.act` with the
         most likely action, which draws nothing from the generator and on the CPU is the one
         compiled call of a rollout step where the policy has one."""
-        if not dones.any():
-            return rewards
         truncated = [
             i
             for i in np.flatnonzero(dones).tolist()
