@@ -10,6 +10,7 @@ JSON object ``{"config", "seconds", "updates", "groups": {...}, "top": [[symbol,
 
     python benchmarks/update_profile.py                   # mnm-p, 4 heads x 3 layers
     python benchmarks/update_profile.py --config mnm-p:2x2 --seconds 10
+    python benchmarks/update_profile.py --config lstm/autograd   # throughput.py's variant suffixes
     PYTHONPATH=<a worktree of another commit> python benchmarks/update_profile.py   # its code
 
 Needs ``perf`` on the PATH and permission to attach to this process (``perf_event_paranoid``).
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 from kernel_pairs import UPDATE_SETTING
-from throughput import build_agent, make_env
+from throughput import apply_suffixes, build_agent, make_env
 
 #: Symbol groups: a name and a pattern matched against "dso symbol".
 GROUPS = {
@@ -64,9 +65,18 @@ def group_shares(rows: list[tuple[str, float]]) -> dict[str, float]:
     return shares
 
 
+def build(config: str):
+    """``(env, agent)``: ``throughput.py``'s agent for ``config`` in the issue's setting, the
+    config's variant suffixes (``/autograd``, ``/eager``, ...) set in the environment first."""
+    apply_suffixes(config)
+    env = make_env(UPDATE_SETTING)
+    return env, build_agent(config, UPDATE_SETTING, env, "cpu")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default="mnm-p", help="a core as throughput.py names it")
+    p.add_argument("--config", default="mnm-p",
+                   help="a core as throughput.py names it, variant suffixes included")  # fmt: skip
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)
@@ -74,8 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     if perf is None:
         sys.exit("update_profile.py: needs Linux perf on the PATH")
     torch.set_num_threads(1)
-    env = make_env(UPDATE_SETTING)
-    model = build_agent(args.config, UPDATE_SETTING, env, "cpu")
+    env, model = build(args.config)
     model.learn(UPDATE_SETTING.n_steps * UPDATE_SETTING.n_envs)
     model.train()  # warm
     with tempfile.TemporaryDirectory() as folder:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from benchmark_scripts import load_script
 
@@ -41,3 +43,15 @@ def test_groups_add_up_their_symbols(update_profile):
         "aten copies": 4.46,
         "python interpreter": 1.46,
     }
+
+
+def test_a_configs_variant_suffix_takes_effect(update_profile, monkeypatch):
+    """``--config lstm/autograd`` profiles the lstm agent with ``MNM_RL_EXPLICIT_BACKWARD=0``
+    (the suffix used to be dropped without a word)."""
+    monkeypatch.setenv("MNM_RL_EXPLICIT_BACKWARD", "1")  # restored after the test
+    env, model = update_profile.build("lstm/autograd")
+    try:
+        assert os.environ["MNM_RL_EXPLICIT_BACKWARD"] == "0"
+        assert model.policy.core_name == "lstm"
+    finally:
+        env.close()
