@@ -8,9 +8,9 @@ heads (:mod:`mnm_rl.agent.action_heads`) and the loss, which gives its gradients
 (:mod:`mnm_rl.agent.ppo_loss`). Through autograd each runs inside a Python
 ``autograd.Function``, between a dozen small PyTorch operators (the ReLU, the biases' sum, views,
 the tables' concatenation, an MNM core's output layer and diagnostics) and the engine's own
-work per node and per parameter; py-spy put that glue at about 40% of an lstm agent's backward
-pass. Here :meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.explicit_forward_sequence` runs
-the kernels' forward passes under ``torch.no_grad()`` and returns a backward pass that calls
+work per node and per parameter. Here
+:meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.explicit_forward_sequence` runs the kernels'
+forward passes under ``torch.no_grad()`` and returns a backward pass that calls
 their backward passes in reverse order, from the loss's gradients (and an MNM core's memory
 loss, :func:`mnm_rl.memory.base.memory_loss`) to every parameter's, which
 :func:`apply_gradients` stores in ``.grad`` as ``loss.backward()`` would. The same kernels in the
