@@ -20,6 +20,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -165,6 +166,16 @@ inline void product_raw(T* c, const T* a, const T* b, int64_t M, int64_t K, int6
     c_view.addmm_(a_view, b_view);
   else
     at::mm_out(c_view, a_view, b_view);
+}
+
+// c [M, N] = bias + a [M, K] b [K, N] on raw pointers, every operand contiguous: bias a row
+// [N] for every row of c (bias_rs 0) or a matrix [M, N] (bias_rs N). What biased_product_into
+// computes, in the same order, without a tensor per operand (see product_raw).
+template <typename T>
+inline void biased_product_raw(T* c, const T* bias, int64_t bias_rs, const T* a, const T* b,
+                               int64_t M, int64_t K, int64_t N, bool own) {
+  for (int64_t r = 0; r < M; ++r) std::copy(bias + r * bias_rs, bias + r * bias_rs + N, c + r * N);
+  product_raw<T>(c, a, b, M, K, N, true, own);
 }
 
 // a [M, K] b [K, N] as a new tensor.

@@ -94,6 +94,7 @@ struct Weights {
   at::Tensor w_beta, b_beta, w_fb, b_fb, m_init;  // m_init [L, D, D]
   at::Tensor m_init_t;  // the forward pass's: m_init with each matrix transposed
   at::Tensor w_fb_t;    // the forward pass's (mnm-p): w_fb^T, packed for dense_products.h
+  bool own_products = dense_products_on();  // read once per call, not once per product
 };
 
 // Every matrix of weights w [L, B, D, D] (each matrix contiguous, layer and batch strided),
@@ -107,35 +108,52 @@ template <typename T> void transpose_layers(const at::Tensor& w, const at::Tenso
       transpose_into(in[l] + b * in.batch_stride, o + (l * B + b) * D * D, D);
 }
 
-// One step's activations for the whole batch (recomputed in the backward pass).
-struct StepBuffers {
-  at::Tensor khat;     // [B, 2H, D] RMS-normalised keys (read heads first): zr^0
-  at::Tensor kscale;   // [B, 2H] their rsqrt factors
-  at::Tensor values;   // [B, H, D] write values
-  at::Tensor beta;     // [B]
-  at::Tensor raw;      // [B * H, L * D] mnm-p: BFPF outputs before the activation
-  at::Tensor target;   // [L, B, H, D] mnm-p's targets
-  at::Tensor delta;    // [L, B, H, D] errors per layer
-  at::Tensor energy;   // [B, L]
-  at::Tensor squares;  // [B] the sum of the post-write weights' squared entries (the write's)
-  at::Tensor pre;      // [L, B, D, D] pre-write weights of a step where a sequence starts
+// One step's activations for the whole batch (recomputed in the backward pass), as pointers
+// into tensors of this struct's own or, for what the backward pass keeps, into the caller's
+// stores. The step loops reach every buffer by pointer arithmetic: a tensor per step and buffer
+// (x[t], a select, or a copy_ through ATen, each a microsecond or more of dispatch and
+// allocation) cost the forward pass about a fifth of its time at 8 sequences.
+template <typename T> struct StepBuffers {
+  std::vector<at::Tensor> owned;  // the storage of those of the buffers below that are its own
+  T* khat;                        // [B, 2H, D] RMS-normalised keys (read heads first): zr^0
+  T* kscale;                      // [B, 2H] their rsqrt factors
+  T* values;                      // [B, H, D] write values
+  T* beta;                        // [B]
+  T* raw;                         // [B * H, L * D] mnm-p: BFPF outputs before the activation
+  T* target;                      // [L, B, H, D] mnm-p's targets
+  at::Tensor delta_tensor;        // [L, B, H, D] errors per layer (mnm-g's products take it)
+  T* delta;
+  T* energy;                      // [B, L]
+  T* squares;  // [B] the sum of the post-write weights' squared entries (the write's)
+  at::Tensor pre;  // [L, B, D, D] pre-write weights of a step where a sequence starts
   // What the backward pass keeps of a step. Buffers of their own in the rollout; in training
   // the caller points them at step t of its stores (write_acts[t], ...) before each step, so
   // the forward pass writes them in place and the backward pass reads them there, uncopied.
-  at::Tensor z;       // [L + 1, B, H, D] pre-write activations of the write keys, z^0..z^L
-  at::Tensor scaled;  // [L, B, H, D] delta * beta / energy, the write's left factors
-  at::Tensor zr;      // [L, B, 2H, D] post-write activations of every key, zr^1..zr^L
+  T* z = nullptr;       // [L + 1, B, H, D] pre-write activations of the write keys, z^0..z^L
+  T* scaled = nullptr;  // [L, B, H, D] delta * beta / energy, the write's left factors
+  T* zr = nullptr;      // [L, B, 2H, D] post-write activations of every key, zr^1..zr^L
 
   StepBuffers(const Dims& d, const at::TensorOptions& o, bool own_kept)
-      : khat(at::empty({d.B, 2 * d.H, d.D}, o)), kscale(at::empty({d.B, 2 * d.H}, o)),
-        values(at::empty({d.B, d.H, d.D}, o)), beta(at::empty({d.B}, o)),
-        raw(at::empty({d.B * d.H, d.L * d.D}, o)), target(at::empty({d.L, d.B, d.H, d.D}, o)),
-        delta(at::empty({d.L, d.B, d.H, d.D}, o)), energy(at::empty({d.B, d.L}, o)),
-        squares(at::empty({d.B}, o)), pre(at::empty({d.L, d.B, d.D, d.D}, o)) {
+      : delta_tensor(at::empty({d.L, d.B, d.H, d.D}, o)), pre(at::empty({d.L, d.B, d.D, d.D}, o)) {
+    khat = own({d.B, 2 * d.H, d.D}, o);
+    kscale = own({d.B, 2 * d.H}, o);
+    values = own({d.B, d.H, d.D}, o);
+    beta = own({d.B}, o);
+    raw = own({d.B * d.H, d.L * d.D}, o);
+    target = own({d.L, d.B, d.H, d.D}, o);
+    delta = delta_tensor.data_ptr<T>();
+    energy = own({d.B, d.L}, o);
+    squares = own({d.B}, o);
     if (!own_kept) return;
-    z = at::empty({d.L + 1, d.B, d.H, d.D}, o);
-    scaled = at::empty({d.L, d.B, d.H, d.D}, o);
-    zr = at::empty({d.L, d.B, 2 * d.H, d.D}, o);
+    z = own({d.L + 1, d.B, d.H, d.D}, o);
+    scaled = own({d.L, d.B, d.H, d.D}, o);
+    zr = own({d.L, d.B, 2 * d.H, d.D}, o);
+  }
+
+ private:
+  T* own(at::IntArrayRef sizes, const at::TensorOptions& o) {
+    owned.push_back(at::empty(sizes, o));
+    return owned.back().data_ptr<T>();
   }
 };
 
@@ -151,9 +169,9 @@ struct StepBuffers {
 // prev_is_scratch (a buffer of the caller's whose old contents it no longer needs), else into
 // s.pre, a copy of prev.
 template <typename T>
-at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
-                          const at::Tensor& prev, bool prev_is_scratch, const T* keep,
-                          const at::Tensor& post, bool write, StepBuffers& s) {
+at::Tensor memory_forward(const Dims& d, const Weights& w, const T* e_p, const at::Tensor& prev,
+                          bool prev_is_scratch, const T* keep, const at::Tensor& post, bool write,
+                          StepBuffers<T>& s) {
   const int64_t B = d.B, D = d.D, H = d.H, L = d.L, HD = H * D, E = d.E(), DD = D * D;
   const int64_t J = 2 * H;
   at::Tensor pre = prev;
@@ -177,14 +195,13 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
   }
   const Layers<T> pre_l(pre);
   // beta, the keys, the values.
-  const T* e_p = e.data_ptr<T>();
   const T* w_beta = w.w_beta.data_ptr<T>();
-  const T b_beta = w.b_beta.item<T>();
-  T* khat = s.khat.data_ptr<T>();
-  T* kscale = s.kscale.data_ptr<T>();
-  T* values = s.values.data_ptr<T>();
-  T* beta = s.beta.data_ptr<T>();
-  T* z = s.z.data_ptr<T>();
+  const T b_beta = *w.b_beta.data_ptr<T>();
+  T* khat = s.khat;
+  T* kscale = s.kscale;
+  T* values = s.values;
+  T* beta = s.beta;
+  T* z = s.z;
   for (int64_t b = 0; b < B; ++b) {
     const T* eb = e_p + b * E;
     beta[b] = sigmoid(dot(w_beta, eb + 3 * HD, D) + b_beta);
@@ -202,7 +219,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
   // buffer: its write-key rows are z^1 before the activation, and the post-write pass's first
   // layer is P corrected for the write (below), with no product of its own.
   if (write) {
-    T* P = s.zr[0].data_ptr<T>();
+    T* P = s.zr;
     rows_times(khat, pre_l[0], pre_l.batch_stride, P, B, J, D, false);
     for (int64_t b = 0; b < B; ++b)
       std::copy(P + (b * J + H) * D, P + (b + 1) * J * D, z + (B + b) * HD);
@@ -214,11 +231,13 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
     }
   }
   // Errors per layer.
-  T* delta = s.delta.data_ptr<T>();
+  T* delta = s.delta;
   if (!d.gradient_rule) {
-    if (write) biased_product_into(s.raw, w.b_fb, s.values.view({B * H, D}), w.w_fb_t);
-    const T* raw = s.raw.data_ptr<T>();
-    T* target = s.target.data_ptr<T>();
+    if (write)
+      biased_product_raw<T>(s.raw, w.b_fb.data_ptr<T>(), 0, values, w.w_fb_t.data_ptr<T>(),
+                            B * H, D, L * D, w.own_products);
+    const T* raw = s.raw;
+    T* target = s.target;
     for (int64_t l = 0; l < L; ++l)
       for (int64_t bh = 0; bh < B * H; ++bh) {
         // Row by row, the activation's branch outside the loops, so that they vectorise.
@@ -233,7 +252,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
     for (int64_t l = L - 2; l >= 0; --l) {
       // rows (M^T delta)^T = delta M, which is delta N^T where the weights are transposed
       if (write)
-        bmm_into(s.delta[l], s.delta[l + 1], pre[l + 1].transpose(1, 2));
+        bmm_into(s.delta_tensor[l], s.delta_tensor[l + 1], pre[l + 1].transpose(1, 2));
       else
         rows_times(delta + (l + 1) * B * HD, pre_l[l + 1], pre_l.batch_stride,
                    delta + l * B * HD, B, H, D, false);
@@ -243,9 +262,9 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
   }
   // The write: M' = M - beta / energy * sum_h delta_h z_h^T, a rank-H update per layer; on the
   // transposed weights N' = N - sum_h z_h (scaled_h)^T, the same update with the factors swapped.
-  T* energy = s.energy.data_ptr<T>();
-  T* scaled = write ? s.scaled.data_ptr<T>() : nullptr;
-  T* squares = s.squares.data_ptr<T>();
+  T* energy = s.energy;
+  T* scaled = write ? s.scaled : nullptr;
+  T* squares = s.squares;
   if (write) std::fill(squares, squares + B, T(0));
   for (int64_t l = 0; l < L; ++l) {
     for (int64_t b = 0; b < B; ++b) {
@@ -264,7 +283,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
   // layer M' = M - scaled^T z^0, so khat M'^T = P - (khat z^0^T) scaled: per key j, P_j minus
   // sum_h (khat_j . z^0_h) scaled_h, a few dot products instead of a pass over the weights.
   if (write) {
-    T* zr1 = s.zr[0].data_ptr<T>();
+    T* zr1 = s.zr;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < J; ++j) {
         const T* kj = khat + (b * J + j) * D;
@@ -275,7 +294,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const at::Tensor& e,
           for (int64_t i = 0; i < D; ++i) out[i] -= c * sc[i];
         }
       }
-    T* zr = s.zr.data_ptr<T>();  // [L, B, 2H, D]
+    T* zr = s.zr;  // [L, B, 2H, D]
     for (int64_t l = 0; l < L; ++l) {
       if (l > 0)  // rows zr M'^T = zr N'
         rows_times(zr + (l - 1) * B * J * D, post.data_ptr<T>() + l * B * DD, DD,
@@ -404,13 +423,20 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
       start_transposed ? m0.permute({1, 0, 3, 2}) : at::empty({L, B, D, D}, opts);
   const at::Tensor m_init_c = m_init.contiguous(), m_init_t = at::empty_like(m_init_c);
   const bool per_step_int = b_int.dim() == 3;
-  const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, m_init_t,
+  const Weights weights{w_beta, b_beta, w_fb, b_fb.contiguous(), m_init, m_init_t,
                         gradient_rule ? at::Tensor() : pack(w_fb)};
-  StepBuffers s(d, opts, !store);
+  // The step's operands as raw pointers: see StepBuffers.
+  const at::Tensor gates_x_c = gates_x.contiguous(), b_int_c = b_int.contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_forward", [&] {
     using T_ = scalar_t;
     const BelowAutograd below_autograd;
+    StepBuffers<T_> s(d, opts, !store);
+    // Step t of a [T, ...] tensor, by pointer arithmetic (nullptr for an empty one).
+    const auto at_step = [](const at::Tensor& x, int64_t t) -> T_* {
+      return x.numel() == 0 ? nullptr : x.data_ptr<T_>() + t * x.stride(0);
+    };
+    const bool own = weights.own_products;
     if (!start_transposed) transpose_layers<T_>(m0.transpose(0, 1), start);
     for (int64_t l = 0; l < L; ++l)  // in registers: ATen's copy of a transposed view is slower
       transpose_into(m_init_c.data_ptr<T_>() + l * DD, m_init_t.data_ptr<T_>() + l * DD, D);
@@ -418,23 +444,22 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
     int64_t n_ended = 0;
     const T_ norm_scale = T_(1) / std::sqrt(T_(L * D));
     for (int64_t t = 0; t < T; ++t) {
-      const T_* h_prev = t == 0 ? h0.data_ptr<T_>() : hs[t - 1].data_ptr<T_>();
-      const T_* r_prev = t == 0 ? r0.data_ptr<T_>() : reads[t - 1].data_ptr<T_>();
+      const T_* h_prev = t == 0 ? h0.data_ptr<T_>() : at_step(hs, t - 1);
+      const T_* r_prev = t == 0 ? r0.data_ptr<T_>() : at_step(reads, t - 1);
       T_* c_p = c_state.data_ptr<T_>();
       // Reset, then [h ; read] for the controller, straight into what the backward pass keeps.
-      const at::Tensor u = store ? u_in[t] : u_scratch;
-      T_* u_p = u.data_ptr<T_>();
+      T_* u_p = store ? at_step(u_in, t) : u_scratch.data_ptr<T_>();
       for (int64_t b = 0; b < B; ++b) {
         const bool k = keep_p[t * B + b] != T_(0);
         for (int64_t i = 0; i < Hd; ++i) u_p[b * (Hd + D) + i] = k ? h_prev[b * Hd + i] : T_(0);
         for (int64_t i = 0; i < D; ++i) u_p[b * (Hd + D) + Hd + i] = k ? r_prev[b * D + i] : T_(0);
         if (!k) std::fill(c_p + b * Hd, c_p + (b + 1) * Hd, T_(0));
       }
-      if (store) c_in[t].copy_(c_state);
-      at::Tensor gates = store ? gates_kept[t] : gates_scratch;
-      biased_product_into(gates, gates_x[t], u, w_rec_t);
-      const T_* g = gates.data_ptr<T_>();
-      T_* h_p = hs[t].data_ptr<T_>();
+      if (store) std::copy(c_p, c_p + B * Hd, at_step(c_in, t));
+      T_* g = store ? at_step(gates_kept, t) : gates_scratch.data_ptr<T_>();
+      biased_product_raw<T_>(g, at_step(gates_x_c, t), 4 * Hd, u_p, w_rec_t.data_ptr<T_>(), B,
+                             Hd + D, 4 * Hd, own);
+      T_* h_p = at_step(hs, t);
       for (int64_t b = 0; b < B; ++b)
         for (int64_t i = 0; i < Hd; ++i) {
           const LstmGates<T_> a(g + b * 4 * Hd, Hd, i);
@@ -442,11 +467,16 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
           c_p[b * Hd + i] = c;
           h_p[b * Hd + i] = a.o * tanh_(c);
         }
-      at::Tensor e = store ? e_kept[t] : e_scratch;
-      biased_product_into(e, per_step_int ? b_int[t] : b_int, hs[t], w_int_t);
+      T_* e = store ? at_step(e_kept, t) : e_scratch.data_ptr<T_>();
+      if (per_step_int)
+        biased_product_raw<T_>(e, at_step(b_int_c, t), E, h_p, w_int_t.data_ptr<T_>(), B, Hd, E,
+                               own);
+      else
+        biased_product_raw<T_>(e, b_int_c.data_ptr<T_>(), 0, h_p, w_int_t.data_ptr<T_>(), B, Hd,
+                               E, own);
       // The interaction's tanh with the kernel's own vectorised tanh_ (elementwise.h): ATen's
       // e.tanh_() took about 45 us for [16, 832], 3% of a training pass at 4 heads x 3 layers.
-      apply_act(true, e.data_ptr<T_>(), e.numel());
+      apply_act(true, e, B * E);
       const at::Tensor prev = t == 0 ? start : post[(t - 1) % 2];
       const at::Tensor post_t = post[t % 2];
       if (store && t > 0) {  // kept as M, the form the backward pass works in
@@ -459,21 +489,21 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
           }
       }
       if (store) {  // the step's activations straight into what the backward pass keeps
-        s.z = write_acts[t];
-        s.scaled = write_scaled[t];
-        s.zr = read_acts[t];
-        if (!gradient_rule) s.raw = raw_kept[t];
+        s.z = at_step(write_acts, t);
+        s.scaled = at_step(write_scaled, t);
+        s.zr = at_step(read_acts, t);
+        if (!gradient_rule) s.raw = at_step(raw_kept, t);
       }
       // prev is scratch after step 0 (the ended sequences' weights are copied out above), and
       // at step 0 where it is this call's own copy of the start weights
       memory_forward<T_>(d, weights, e, prev, t > 0 || !start_transposed, keep_p + t * B, post_t,
                          true, s);
       // Outputs.
-      const T_* zr_out = s.zr[L - 1].data_ptr<T_>();  // [B, 2H, D]
-      T_* read_p = reads.data_ptr<T_>() + t * B * D;
-      T_* after_p = after.data_ptr<T_>() + t * B * HD;
-      T_* norm_p = fw_norm.data_ptr<T_>() + t * B;
-      const T_* squares = s.squares.data_ptr<T_>();
+      const T_* zr_out = s.zr + (L - 1) * B * 2 * HD;  // [B, 2H, D]
+      T_* read_p = at_step(reads, t);
+      T_* after_p = at_step(after, t);
+      T_* norm_p = at_step(fw_norm, t);
+      const T_* squares = s.squares;
       for (int64_t b = 0; b < B; ++b) {
         const T_* ans = zr_out + b * 2 * HD;
         for (int64_t i = 0; i < D; ++i) {
@@ -484,9 +514,9 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
         std::copy(ans + HD, ans + 2 * HD, after_p + b * HD);
         norm_p[b] = std::sqrt(squares[b]) * norm_scale;
       }
-      before[t].copy_(s.z[L]);
-      values[t].copy_(s.values);
-      beta[t].copy_(s.beta);
+      std::copy(s.z + L * B * HD, s.z + (L + 1) * B * HD, at_step(before, t));
+      std::copy(s.values, s.values + B * HD, at_step(values, t));
+      std::copy(s.beta, s.beta + B, at_step(beta, t));
     }
   });
   const auto last_post = post[(T - 1) % 2];
@@ -555,7 +585,11 @@ std::vector<at::Tensor> mnm_backward(
   auto m0_layers = (stored_as_is(m0) ? m0 : m0.contiguous()).transpose(0, 1);
   const bool per_step_int = b_int.dim() == 3;
   const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, at::Tensor(), at::Tensor()};
-  StepBuffers s(d, opts, false);
+  // The outputs' gradients, each step's contiguous for the step loop's pointers.
+  const auto grads = [](const at::Tensor& g) { return present(g) ? g.contiguous() : g; };
+  const at::Tensor g_hs_c = grads(g_hs), g_reads_c = grads(g_reads), g_after_c = grads(g_after),
+                   g_before_c = grads(g_before), g_values_c = grads(g_values),
+                   g_beta_c = grads(g_beta);
   double g_b_beta_value = 0;
   const bool kept_mnm_p = raw_all.dim() == 3 && raw_all.size(0) == T;
   TORCH_CHECK(gates_all.dim() == 3 && gates_all.size(0) == T && e_all.dim() == 3 &&
@@ -568,6 +602,7 @@ std::vector<at::Tensor> mnm_backward(
   AT_DISPATCH_FLOATING_TYPES(gates_x.scalar_type(), "mnm_backward", [&] {
     using T_ = scalar_t;
     const BelowAutograd below_autograd;
+    StepBuffers<T_> s(d, opts, false);
     transpose_layers<T_>(last_post, post_w);
     const T_* keep_p = keep.data_ptr<T_>();
     const T_* w_beta_p = w_beta.data_ptr<T_>();
@@ -583,15 +618,17 @@ std::vector<at::Tensor> mnm_backward(
       ended_from[t + 1] =
           ended_from[t] + std::count(keep_p + t * B, keep_p + (t + 1) * B, T_(0));
     TORCH_CHECK(ended_from[T] == ended.size(0), "ended must hold the weights of every reset");
-    auto grad_at = [](const at::Tensor& g, int64_t t) -> const T_* {
-      return present(g) ? g[t].data_ptr<T_>() : nullptr;
+    // Step t of a [T, ...] tensor, by pointer arithmetic (see StepBuffers); nullptr for an
+    // absent gradient.
+    const auto at_step = [](const at::Tensor& x, int64_t t) -> T_* {
+      return present(x) ? x.data_ptr<T_>() + t * x.stride(0) : nullptr;
     };
     // mnm-p: the write values of every step, for the BFPF's weight gradient
     if (!d.gradient_rule) values_all = e_all.narrow(2, 2 * HD, HD).reshape({T * B * H, D});
     for (int64_t t = T - 1; t >= 0; --t) {
       // Recompute step t's memory (its controller's outputs are the kept gates_all and e_all).
-      const at::Tensor e = e_all[t];
-      const at::Tensor gates = gates_all[t];
+      const T_* e_p = at_step(e_all, t);
+      const T_* g = at_step(gates_all, t);
       const T_* keep_t = keep_p + t * B;
       // The step's weights: post_t holds its post-write weights; its pre-write weights are the
       // start weights at t = 0, else the write undone, M = M' + scaled^T z per layer, from the
@@ -605,27 +642,26 @@ std::vector<at::Tensor> mnm_backward(
                       write_acts.data_ptr<T_>() + (t * (L + 1) + l) * B * HD, T_(1),
                       pre_w.data_ptr<T_>() + l * B * DD, DD, B, H, D);
       const at::Tensor prev = t == 0 ? m0_layers : pre_w;
-      s.z = write_acts[t];  // the passes' activations as the forward pass kept them
-      s.zr = read_acts[t];
-      if (!d.gradient_rule) s.raw = raw_all[t];
+      s.z = at_step(write_acts, t);  // the passes' activations as the forward pass kept them
+      s.zr = at_step(read_acts, t);
+      if (!d.gradient_rule) s.raw = at_step(raw_all, t);
       // pre_w is scratch: where a sequence starts, the kept weights replace it below
       const at::Tensor pre =
-          memory_forward<T_>(d, weights, e, prev, t > 0, keep_t, post_t, false, s);
+          memory_forward<T_>(d, weights, e_p, prev, t > 0, keep_t, post_t, false, s);
       const Layers<T_> pre_l(pre);
-      const T_* e_p = e.data_ptr<T_>();
-      const T_* z = s.z.data_ptr<T_>();
+      const T_* z = s.z;
       // zr^l, the input of layer l of the post-write pass: the keys, then the kept activations.
-      const T_* khat = s.khat.data_ptr<T_>();
-      const T_* zr_kept = s.zr.data_ptr<T_>();
+      const T_* khat = s.khat;
+      const T_* zr_kept = s.zr;
       auto zr = [&](int64_t l) { return l == 0 ? khat : zr_kept + (l - 1) * B * J * D; };
-      const T_* delta = s.delta.data_ptr<T_>();
-      const T_* beta = s.beta.data_ptr<T_>();
-      const T_* energy = s.energy.data_ptr<T_>();
-      const T_* gr = grad_at(g_reads, t);
-      const T_* ga = grad_at(g_after, t);
-      const T_* gbf = grad_at(g_before, t);
-      const T_* gv = grad_at(g_values, t);
-      const T_* gbeta = grad_at(g_beta, t);
+      const T_* delta = s.delta;
+      const T_* beta = s.beta;
+      const T_* energy = s.energy;
+      const T_* gr = at_step(g_reads_c, t);
+      const T_* ga = at_step(g_after_c, t);
+      const T_* gbf = at_step(g_before_c, t);
+      const T_* gv = at_step(g_values_c, t);
+      const T_* gbeta = at_step(g_beta_c, t);
       const T_* dr_p = dr.data_ptr<T_>();
       T_* dzr_p = dzr.data_ptr<T_>();
       T_* dz_p = dz.data_ptr<T_>();
@@ -656,11 +692,12 @@ std::vector<at::Tensor> mnm_backward(
                    false);
       }
       // The write M' = M - beta / energy * sum_h delta_h z_h^T.
-      dz.zero_();
+      std::fill(dz_p, dz_p + (L + 1) * B * HD, T_(0));
       if (gbf) std::copy(gbf, gbf + B * HD, dz_p + L * B * HD);
       for (int64_t b = 0; b < B; ++b) dbeta[b] = gbeta ? gbeta[b] : T_(0);
       for (int64_t l = 0; l < L; ++l) {
-        bmm_into(gw, s.z[l], G[l].transpose(1, 2));  // rows (G z_h)^T
+        // rows (G z_h)^T
+        bmm_into(gw, at::from_blob(s.z + l * B * HD, {B, H, D}, opts), G[l].transpose(1, 2));
         // rows (G^T delta_h)^T
         rows_times(delta + l * B * HD, G_p + l * B * DD, DD, gq.data_ptr<T_>(), B, H, D, false);
         const T_* w_p = gw.data_ptr<T_>();
@@ -680,8 +717,8 @@ std::vector<at::Tensor> mnm_backward(
       // From here on G is the grad of the pre-write weights: the identity path of the write,
       // plus the error and pre-write-pass paths below.
       if (!d.gradient_rule) {
-        const T_* target = s.target.data_ptr<T_>();
-        T_* graw = g_raw[t].data_ptr<T_>();
+        const T_* target = s.target;
+        T_* graw = at_step(g_raw, t);
         for (int64_t l = 0; l < L; ++l)
           for (int64_t bh = 0; bh < B * H; ++bh) {  // row by row, as the targets were made
             const int64_t x = (l * B * H + bh) * D;
@@ -730,8 +767,8 @@ std::vector<at::Tensor> mnm_backward(
         rows_times(daw_p, pre_l[l], pre_l.batch_stride, dz_p + l * B * HD, B, H, D, true);
       }
       // Into e = tanh(pre_e): keys through rms_norm, values, beta.
-      const T_* kscale = s.kscale.data_ptr<T_>();
-      T_* gpe = g_pre_e[t].data_ptr<T_>();
+      const T_* kscale = s.kscale;
+      T_* gpe = at_step(g_pre_e, t);
       for (int64_t b = 0; b < B; ++b) {
         const T_* eb = e_p + b * E;
         T_* ge = gpe + b * E;
@@ -756,16 +793,14 @@ std::vector<at::Tensor> mnm_backward(
         for (int64_t i = 0; i < E; ++i) ge[i] *= T_(1) - eb[i] * eb[i];
       }
       // The controller: h gets the grad of hs[t], of the next step, and of the interaction.
-      if (present(g_hs))
-        at::add_out(dh_total, dh, g_hs[t]);
-      else
-        dh_total.copy_(dh);
-      matrix_times(gpe, w_int_c.data_ptr<T_>(), dh_total.data_ptr<T_>(), B, E, Hd, true);
-      const T_* g = gates.data_ptr<T_>();
-      const T_* ci = c_in[t].data_ptr<T_>();
-      const T_* dht = dh_total.data_ptr<T_>();
+      T_* dh_p = dh.data_ptr<T_>();
+      T_* dht = dh_total.data_ptr<T_>();
+      const T_* ghs = at_step(g_hs_c, t);
+      for (int64_t x = 0; x < B * Hd; ++x) dht[x] = ghs ? dh_p[x] + ghs[x] : dh_p[x];
+      matrix_times(gpe, w_int_c.data_ptr<T_>(), dht, B, E, Hd, true);
+      const T_* ci = at_step(c_in, t);
       T_* dc_p = dc.data_ptr<T_>();
-      T_* gg = g_gates[t].data_ptr<T_>();
+      T_* gg = at_step(g_gates, t);
       for (int64_t b = 0; b < B; ++b)
         for (int64_t i = 0; i < Hd; ++i) {
           const int64_t n = b * Hd, r = b * 4 * Hd;
@@ -778,13 +813,15 @@ std::vector<at::Tensor> mnm_backward(
           gg[r + 3 * Hd + i] = dht[n + i] * tc * a.o * (T_(1) - a.o);
           dc_p[n + i] = dcell * a.f;
         }
-      matrix_times(gg, w_rec_c.data_ptr<T_>(), du.data_ptr<T_>(), B, 4 * Hd, Hd + D, false);
-      dh.copy_(du.narrow(1, 0, Hd));
-      dr.copy_(du.narrow(1, Hd, D));
+      T_* du_p = du.data_ptr<T_>();
+      matrix_times(gg, w_rec_c.data_ptr<T_>(), du_p, B, 4 * Hd, Hd + D, false);
+      T_* drw_p = dr.data_ptr<T_>();
+      for (int64_t b = 0; b < B; ++b) {  // [h ; read]'s grad into h's and read's
+        std::copy(du_p + b * (Hd + D), du_p + b * (Hd + D) + Hd, dh_p + b * Hd);
+        std::copy(du_p + b * (Hd + D) + Hd, du_p + (b + 1) * (Hd + D), drw_p + b * D);
+      }
       // A sequence that starts at step t passes no gradient to the previous step's state; the
       // grad of its pre-write weights goes to the initial weights.
-      T_* dh_p = dh.data_ptr<T_>();
-      T_* drw_p = dr.data_ptr<T_>();
       for (int64_t b = 0; b < B; ++b)
         if (keep_t[b] == T_(0)) {
           std::fill(dh_p + b * Hd, dh_p + (b + 1) * Hd, T_(0));
