@@ -73,8 +73,8 @@ struct Dims {
 };
 
 // at::bmm_out into a view (a layer or a step of a larger buffer): the products x M^T that are
-// left (the backward pass's G z, and mnm-g's error pass in the forward pass, on weights held
-// transposed), which MKL does best (see row_products.h for the other two forms).
+// left (mnm-g's error passes, on weights held transposed in the forward pass), which MKL does
+// well (see row_products.h for the other forms).
 inline void bmm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
   at::bmm_out(out, a, b);
 }
@@ -603,6 +603,7 @@ std::vector<at::Tensor> mnm_backward(
     using T_ = scalar_t;
     const BelowAutograd below_autograd;
     StepBuffers<T_> s(d, opts, false);
+    std::vector<T_> g_transposed(DD);  // rows_times_transposed's scratch
     transpose_layers<T_>(last_post, post_w);
     const T_* keep_p = keep.data_ptr<T_>();
     const T_* w_beta_p = w_beta.data_ptr<T_>();
@@ -697,7 +698,8 @@ std::vector<at::Tensor> mnm_backward(
       for (int64_t b = 0; b < B; ++b) dbeta[b] = gbeta ? gbeta[b] : T_(0);
       for (int64_t l = 0; l < L; ++l) {
         // rows (G z_h)^T
-        bmm_into(gw, at::from_blob(s.z + l * B * HD, {B, H, D}, opts), G[l].transpose(1, 2));
+        rows_times_transposed(z + l * B * HD, G_p + l * B * DD, DD, gw.data_ptr<T_>(), B, H, D,
+                              g_transposed.data());
         // rows (G^T delta_h)^T
         rows_times(delta + l * B * HD, G_p + l * B * DD, DD, gq.data_ptr<T_>(), B, H, D, false);
         const T_* w_p = gw.data_ptr<T_>();

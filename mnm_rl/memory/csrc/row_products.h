@@ -19,7 +19,9 @@
 // rows), needs a horizontal sum per output or a transpose of M, which is what MKL's packing
 // does: the kernel's forward pass avoids it by holding its weights transposed (N = M^T, so
 // x M^T = x N), and the backward pass's one use of it (the weights' gradient times the write
-// keys) stays with at::bmm.
+// keys) transposes each matrix in registers first (rows_times_transposed: 1.04-1.05x a training
+// pass against at::bmm, benchmarks/kernel_pairs.py, docs/benchmark_runs/
+// kernel_pairs_gz_32.txt).
 // tests/test_fused.py checks the kernel against the PyTorch code at widths with and without a
 // remainder (D = 4, 20 in float64; 20, 64 in float32).
 #pragma once
@@ -169,6 +171,19 @@ void transpose_strided(const T* src, int64_t rows, int64_t cols, int64_t ld_src,
 // dst = src^T for one D x D matrix, both contiguous.
 template <typename T> void transpose_into(const T* src, T* dst, int64_t D) {
   transpose_strided(src, D, D, D, dst, D);
+}
+
+// out[b] = x[b] M[b]^T for each b of the batch (x, out [B, m, D] contiguous, M's matrices D x D
+// contiguous, m_stride elements apart): each matrix transposed in registers into scratch [D, D]
+// (transpose_into), then rows_times' form. For the backward pass's G z, where MKL's bmm spent
+// about as long packing each matrix and being called as multiplying with it.
+template <typename T>
+void rows_times_transposed(const T* x, const T* M, int64_t m_stride, T* out, int64_t B,
+                           int64_t m, int64_t D, T* scratch) {
+  for (int64_t b = 0; b < B; ++b) {
+    transpose_into(M + b * m_stride, scratch, D);
+    matrix_times(x + b * m * D, scratch, out + b * m * D, m, D, D, false);
+  }
 }
 
 // Columns [c0, c0 + NV * lanes) of every row of out = M + alpha s^T z, for one matrix; with
