@@ -118,6 +118,21 @@ def test_kernel_matches_pytorch_when_the_final_weights_get_no_grad(
 
 
 @pytest.mark.parametrize("rule", ["mnm-p", "mnm-g"])
+@pytest.mark.parametrize("interaction_input", [False, True])
+def test_kernel_with_atens_products_matches_pytorch(kernel, monkeypatch, rule, interaction_input):
+    """``MNM_RL_DENSE_PRODUCTS=0``: the kernel's products with the slow weights (the controller's
+    gates, the interaction, the BFPF), which its step loop makes on raw pointers, go through
+    ATen on views of the same memory instead of the hand-written tiles, with the same results."""
+    monkeypatch.setenv("MNM_RL_DENSE_PRODUCTS", "0")
+    core = _core(rule, "tanh", 2, 3, interaction_input=interaction_input)
+    x, starts, state = _inputs(core, steps=7, batch=3)
+    fused_out = _run(core, x, starts, state, monkeypatch, use_kernel=True)
+    eager_out = _run(core, x, starts, state, monkeypatch, use_kernel=False)
+    for name, expected in eager_out.items():
+        torch.testing.assert_close(fused_out[name], expected, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("rule", ["mnm-p", "mnm-g"])
 def test_kernel_matches_pytorch_where_rows_fill_whole_vectors(kernel, monkeypatch, rule):
     """The kernel's hand-written products (csrc/row_products.h) work in 64-byte vectors along a
     row of the weights (8 doubles, 16 floats) and in groups of up to 4 rows of keys, with plain
