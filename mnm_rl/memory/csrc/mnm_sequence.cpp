@@ -114,7 +114,7 @@ template <typename T> void transpose_layers(const at::Tensor& w, const at::Tenso
 // (x[t], a select, or a copy_ through ATen, each a microsecond or more of dispatch and
 // allocation) cost the forward pass about a fifth of its time at 8 sequences.
 template <typename T> struct StepBuffers {
-  std::vector<at::Tensor> owned;  // the storage of those of the buffers below that are its own
+  at::Tensor owned;  // the storage of those of the buffers below that are its own
   T* khat;                        // [B, 2H, D] RMS-normalised keys (read heads first): zr^0
   T* kscale;                      // [B, 2H] their rsqrt factors
   T* values;                      // [B, H, D] write values
@@ -135,25 +135,26 @@ template <typename T> struct StepBuffers {
 
   StepBuffers(const Dims& d, const at::TensorOptions& o, bool own_kept)
       : delta_tensor(at::empty({d.L, d.B, d.H, d.D}, o)), pre(at::empty({d.L, d.B, d.D, d.D}, o)) {
-    khat = own({d.B, 2 * d.H, d.D}, o);
-    kscale = own({d.B, 2 * d.H}, o);
-    values = own({d.B, d.H, d.D}, o);
-    beta = own({d.B}, o);
-    raw = own({d.B * d.H, d.L * d.D}, o);
-    target = own({d.L, d.B, d.H, d.D}, o);
+    const int64_t B = d.B, H = d.H, D = d.D, L = d.L;
+    // Sizes of the buffers of its own, carved out of one allocation in this order, each
+    // starting on a 64-byte boundary.
+    const int64_t sizes[] = {B * 2 * H * D, B * 2 * H, B * H * D, B, B * H * L * D,
+                             L * B * H * D, B * L, B,
+                             (L + 1) * B * H * D, L * B * H * D, L * B * 2 * H * D};
+    T** into[] = {&khat, &kscale, &values, &beta, &raw, &target, &energy, &squares,
+                  &z, &scaled, &zr};
+    const int n = own_kept ? 11 : 8;
+    constexpr int64_t align = 64 / sizeof(T);
+    int64_t total = 0;
+    for (int i = 0; i < n; ++i) total += (sizes[i] + align - 1) / align * align;
+    owned = at::empty({total + align}, o);
+    T* next = owned.data_ptr<T>();
+    next += (align - reinterpret_cast<uintptr_t>(next) / sizeof(T) % align) % align;
+    for (int i = 0; i < n; ++i) {
+      *into[i] = next;
+      next += (sizes[i] + align - 1) / align * align;
+    }
     delta = delta_tensor.data_ptr<T>();
-    energy = own({d.B, d.L}, o);
-    squares = own({d.B}, o);
-    if (!own_kept) return;
-    z = own({d.L + 1, d.B, d.H, d.D}, o);
-    scaled = own({d.L, d.B, d.H, d.D}, o);
-    zr = own({d.L, d.B, 2 * d.H, d.D}, o);
-  }
-
- private:
-  T* own(at::IntArrayRef sizes, const at::TensorOptions& o) {
-    owned.push_back(at::empty(sizes, o));
-    return owned.back().data_ptr<T>();
   }
 };
 
@@ -438,9 +439,12 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
     };
     const bool own = weights.own_products;
     if (!start_transposed) transpose_layers<T_>(m0.transpose(0, 1), start);
-    for (int64_t l = 0; l < L; ++l)  // in registers: ATen's copy of a transposed view is slower
-      transpose_into(m_init_c.data_ptr<T_>() + l * DD, m_init_t.data_ptr<T_>() + l * DD, D);
     const T_* keep_p = keep.data_ptr<T_>();
+    // The initial weights transposed, for sequences that start in this call: in a rollout step
+    // (one call per step) most calls have none.
+    if (std::find(keep_p, keep_p + T * B, T_(0)) != keep_p + T * B)
+      for (int64_t l = 0; l < L; ++l)  // in registers: ATen's copy of a transposed view is slower
+        transpose_into(m_init_c.data_ptr<T_>() + l * DD, m_init_t.data_ptr<T_>() + l * DD, D);
     int64_t n_ended = 0;
     const T_ norm_scale = T_(1) / std::sqrt(T_(L * D));
     for (int64_t t = 0; t < T; ++t) {
