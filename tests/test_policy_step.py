@@ -356,9 +356,11 @@ def test_a_rollout_after_an_update_is_the_same_with_and_without_the_kernel(
 
 
 def test_an_mnm_step_split_between_two_kernel_threads(kernel, monkeypatch):
-    """32 envs and two kernel threads: the MNM kernel splits the step into two parts
+    """32 envs and two kernel threads, single steps allowed to split (by default they are not,
+    ``fused.MIN_STEP_PART_ROWS``): the MNM kernel splits the step into two parts
     (``fused.batch_parts``), run without the GIL."""
     monkeypatch.setenv(fused.KERNEL_THREADS_VARIABLE, "2")
+    monkeypatch.setattr(fused, "MIN_STEP_PART_ROWS", 16)
     assert fused.batch_parts(1, 32) == 2
     policy = make_policy(MINIGRID, "mnm-p")
     obs = random_obs(MINIGRID, 32, seed=8)

@@ -51,11 +51,15 @@ def load_extension() -> ModuleType | None:
 
 
 #: The fewest sequences a thread gets when the kernel splits a batch between threads: for a
-#: sequence of several steps (training), and for a single step (the rollout), which is less work
-#: per sequence (``benchmarks/kernel_threads.py``: a rollout step of 32 sequences gains 1.1x
-#: (2 heads x 2 layers) to 1.5x (4 x 3) from two parts, one of 8 loses).
+#: sequence of several steps (training), and for a single step (the rollout; ``None``: a single
+#: step is never split). A split single step pays, every step, for copying each part's fast
+#: weights out of the batch's and joining the parts' new weights (in training once per
+#: sequence): ``benchmarks/kernel_threads.py`` in the thirty-second session had rollout steps of
+#: 8 to 64 sequences at 0.62-0.82x of one part, 0.52-0.75x with the kernel the session started
+#: from (docs/benchmark_runs/kernel_threads_32.txt). The thirteenth session's 1.1-1.5x at 32
+#: sequences was with a kernel 3-5x slower per step, beside which those copies were small.
 MIN_PART_ROWS = 4
-MIN_STEP_PART_ROWS = 16
+MIN_STEP_PART_ROWS: int | None = None
 #: Environment variable: how many threads the kernel may split a training batch between.
 KERNEL_THREADS_VARIABLE = "MNM_RL_KERNEL_THREADS"
 
@@ -89,9 +93,11 @@ def batch_parts(steps: int, batch_size: int, threads: int | None = None) -> int:
     """Into how many parts the kernel splits a batch of ``batch_size`` sequences of ``steps``
     steps, each part run by its own thread: one per thread (:func:`kernel_threads`, or
     ``threads``), as long as each part keeps at least :data:`MIN_PART_ROWS` sequences
-    (:data:`MIN_STEP_PART_ROWS` for a single step, the rollout's)."""
+    (:data:`MIN_STEP_PART_ROWS` for a single step, the rollout's: by default never split)."""
     threads = kernel_threads() if threads is None else threads
     min_rows = MIN_PART_ROWS if steps > 1 else MIN_STEP_PART_ROWS
+    if min_rows is None:
+        return 1
     return max(1, min(threads, batch_size // min_rows))
 
 
