@@ -112,7 +112,8 @@ template <typename T> void transpose_layers(const at::Tensor& w, const at::Tenso
 // into tensors of this struct's own or, for what the backward pass keeps, into the caller's
 // stores. The step loops reach every buffer by pointer arithmetic: a tensor per step and buffer
 // (x[t], a select, or a copy_ through ATen, each a microsecond or more of dispatch and
-// allocation) cost the forward pass about a fifth of its time at 8 sequences.
+// allocation) had made a training pass of 8 sequences 1.12x slower (benchmarks/kernel_pairs.py,
+// docs/benchmark_runs/kernel_pairs_pointers_32.txt).
 template <typename T> struct StepBuffers {
   at::Tensor owned;  // the storage of those of the buffers below that are its own
   T* khat;                        // [B, 2H, D] RMS-normalised keys (read heads first): zr^0
