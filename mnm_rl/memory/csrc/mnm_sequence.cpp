@@ -316,6 +316,13 @@ int64_t ended_count(const at::Tensor& keep) {
 // An absent gradient (an output the loss does not use) arrives as an empty tensor.
 inline bool present(const at::Tensor& g) { return g.defined() && g.numel() > 0; }
 
+// Step t of a [T, ...] tensor whose steps are each contiguous, by pointer arithmetic instead of
+// a select (see StepBuffers); nullptr for an empty tensor (an absent gradient, a store that is
+// not kept).
+template <typename T> inline T* step_at(const at::Tensor& x, int64_t t) {
+  return present(x) ? x.data_ptr<T>() + t * x.stride(0) : nullptr;
+}
+
 // Whether each D x D matrix of fast weights [B, L, D, D] is contiguous (the batch and layers
 // may be strided), or contiguous as its transpose (what mnm_forward returns).
 inline bool stored_as_is(const at::Tensor& w) {
@@ -434,10 +441,6 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
     using T_ = scalar_t;
     const BelowAutograd below_autograd;
     StepBuffers<T_> s(d, opts, !store);
-    // Step t of a [T, ...] tensor, by pointer arithmetic (nullptr for an empty one).
-    const auto at_step = [](const at::Tensor& x, int64_t t) -> T_* {
-      return x.numel() == 0 ? nullptr : x.data_ptr<T_>() + t * x.stride(0);
-    };
     const bool own = weights.own_products;
     if (!start_transposed) transpose_layers<T_>(m0.transpose(0, 1), start);
     const T_* keep_p = keep.data_ptr<T_>();
@@ -449,22 +452,22 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
     int64_t n_ended = 0;
     const T_ norm_scale = T_(1) / std::sqrt(T_(L * D));
     for (int64_t t = 0; t < T; ++t) {
-      const T_* h_prev = t == 0 ? h0.data_ptr<T_>() : at_step(hs, t - 1);
-      const T_* r_prev = t == 0 ? r0.data_ptr<T_>() : at_step(reads, t - 1);
+      const T_* h_prev = t == 0 ? h0.data_ptr<T_>() : step_at<T_>(hs, t - 1);
+      const T_* r_prev = t == 0 ? r0.data_ptr<T_>() : step_at<T_>(reads, t - 1);
       T_* c_p = c_state.data_ptr<T_>();
       // Reset, then [h ; read] for the controller, straight into what the backward pass keeps.
-      T_* u_p = store ? at_step(u_in, t) : u_scratch.data_ptr<T_>();
+      T_* u_p = store ? step_at<T_>(u_in, t) : u_scratch.data_ptr<T_>();
       for (int64_t b = 0; b < B; ++b) {
         const bool k = keep_p[t * B + b] != T_(0);
         for (int64_t i = 0; i < Hd; ++i) u_p[b * (Hd + D) + i] = k ? h_prev[b * Hd + i] : T_(0);
         for (int64_t i = 0; i < D; ++i) u_p[b * (Hd + D) + Hd + i] = k ? r_prev[b * D + i] : T_(0);
         if (!k) std::fill(c_p + b * Hd, c_p + (b + 1) * Hd, T_(0));
       }
-      if (store) std::copy(c_p, c_p + B * Hd, at_step(c_in, t));
-      T_* g = store ? at_step(gates_kept, t) : gates_scratch.data_ptr<T_>();
-      biased_product_raw<T_>(g, at_step(gates_x_c, t), 4 * Hd, u_p, w_rec_t.data_ptr<T_>(), B,
+      if (store) std::copy(c_p, c_p + B * Hd, step_at<T_>(c_in, t));
+      T_* g = store ? step_at<T_>(gates_kept, t) : gates_scratch.data_ptr<T_>();
+      biased_product_raw<T_>(g, step_at<T_>(gates_x_c, t), 4 * Hd, u_p, w_rec_t.data_ptr<T_>(), B,
                              Hd + D, 4 * Hd, own);
-      T_* h_p = at_step(hs, t);
+      T_* h_p = step_at<T_>(hs, t);
       for (int64_t b = 0; b < B; ++b)
         for (int64_t i = 0; i < Hd; ++i) {
           const LstmGates<T_> a(g + b * 4 * Hd, Hd, i);
@@ -472,9 +475,9 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
           c_p[b * Hd + i] = c;
           h_p[b * Hd + i] = a.o * tanh_(c);
         }
-      T_* e = store ? at_step(e_kept, t) : e_scratch.data_ptr<T_>();
+      T_* e = store ? step_at<T_>(e_kept, t) : e_scratch.data_ptr<T_>();
       if (per_step_int)
-        biased_product_raw<T_>(e, at_step(b_int_c, t), E, h_p, w_int_t.data_ptr<T_>(), B, Hd, E,
+        biased_product_raw<T_>(e, step_at<T_>(b_int_c, t), E, h_p, w_int_t.data_ptr<T_>(), B, Hd, E,
                                own);
       else
         biased_product_raw<T_>(e, b_int_c.data_ptr<T_>(), 0, h_p, w_int_t.data_ptr<T_>(), B, Hd,
@@ -494,10 +497,10 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
           }
       }
       if (store) {  // the step's activations straight into what the backward pass keeps
-        s.z = at_step(write_acts, t);
-        s.scaled = at_step(write_scaled, t);
-        s.zr = at_step(read_acts, t);
-        if (!gradient_rule) s.raw = at_step(raw_kept, t);
+        s.z = step_at<T_>(write_acts, t);
+        s.scaled = step_at<T_>(write_scaled, t);
+        s.zr = step_at<T_>(read_acts, t);
+        if (!gradient_rule) s.raw = step_at<T_>(raw_kept, t);
       }
       // prev is scratch after step 0 (the ended sequences' weights are copied out above), and
       // at step 0 where it is this call's own copy of the start weights
@@ -505,9 +508,9 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
                          true, s);
       // Outputs.
       const T_* zr_out = s.zr + (L - 1) * B * 2 * HD;  // [B, 2H, D]
-      T_* read_p = at_step(reads, t);
-      T_* after_p = at_step(after, t);
-      T_* norm_p = at_step(fw_norm, t);
+      T_* read_p = step_at<T_>(reads, t);
+      T_* after_p = step_at<T_>(after, t);
+      T_* norm_p = step_at<T_>(fw_norm, t);
       const T_* squares = s.squares;
       for (int64_t b = 0; b < B; ++b) {
         const T_* ans = zr_out + b * 2 * HD;
@@ -519,9 +522,9 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
         std::copy(ans + HD, ans + 2 * HD, after_p + b * HD);
         norm_p[b] = std::sqrt(squares[b]) * norm_scale;
       }
-      std::copy(s.z + L * B * HD, s.z + (L + 1) * B * HD, at_step(before, t));
-      std::copy(s.values, s.values + B * HD, at_step(values, t));
-      std::copy(s.beta, s.beta + B, at_step(beta, t));
+      std::copy(s.z + L * B * HD, s.z + (L + 1) * B * HD, step_at<T_>(before, t));
+      std::copy(s.values, s.values + B * HD, step_at<T_>(values, t));
+      std::copy(s.beta, s.beta + B, step_at<T_>(beta, t));
     }
   });
   const auto last_post = post[(T - 1) % 2];
@@ -624,17 +627,12 @@ std::vector<at::Tensor> mnm_backward(
       ended_from[t + 1] =
           ended_from[t] + std::count(keep_p + t * B, keep_p + (t + 1) * B, T_(0));
     TORCH_CHECK(ended_from[T] == ended.size(0), "ended must hold the weights of every reset");
-    // Step t of a [T, ...] tensor, by pointer arithmetic (see StepBuffers); nullptr for an
-    // absent gradient.
-    const auto at_step = [](const at::Tensor& x, int64_t t) -> T_* {
-      return present(x) ? x.data_ptr<T_>() + t * x.stride(0) : nullptr;
-    };
     // mnm-p: the write values of every step, for the BFPF's weight gradient
     if (!d.gradient_rule) values_all = e_all.narrow(2, 2 * HD, HD).reshape({T * B * H, D});
     for (int64_t t = T - 1; t >= 0; --t) {
       // Recompute step t's memory (its controller's outputs are the kept gates_all and e_all).
-      const T_* e_p = at_step(e_all, t);
-      const T_* g = at_step(gates_all, t);
+      const T_* e_p = step_at<T_>(e_all, t);
+      const T_* g = step_at<T_>(gates_all, t);
       const T_* keep_t = keep_p + t * B;
       // The step's weights: post_t holds its post-write weights; its pre-write weights are the
       // start weights at t = 0, else the write undone, M = M' + scaled^T z per layer, from the
@@ -648,9 +646,9 @@ std::vector<at::Tensor> mnm_backward(
                       write_acts.data_ptr<T_>() + (t * (L + 1) + l) * B * HD, T_(1),
                       pre_w.data_ptr<T_>() + l * B * DD, DD, B, H, D);
       const at::Tensor prev = t == 0 ? m0_layers : pre_w;
-      s.z = at_step(write_acts, t);  // the passes' activations as the forward pass kept them
-      s.zr = at_step(read_acts, t);
-      if (!d.gradient_rule) s.raw = at_step(raw_all, t);
+      s.z = step_at<T_>(write_acts, t);  // the passes' activations as the forward pass kept them
+      s.zr = step_at<T_>(read_acts, t);
+      if (!d.gradient_rule) s.raw = step_at<T_>(raw_all, t);
       // pre_w is scratch: where a sequence starts, the kept weights replace it below
       const at::Tensor pre =
           memory_forward<T_>(d, weights, e_p, prev, t > 0, keep_t, post_t, false, s);
@@ -663,11 +661,11 @@ std::vector<at::Tensor> mnm_backward(
       const T_* delta = s.delta;
       const T_* beta = s.beta;
       const T_* energy = s.energy;
-      const T_* gr = at_step(g_reads_c, t);
-      const T_* ga = at_step(g_after_c, t);
-      const T_* gbf = at_step(g_before_c, t);
-      const T_* gv = at_step(g_values_c, t);
-      const T_* gbeta = at_step(g_beta_c, t);
+      const T_* gr = step_at<T_>(g_reads_c, t);
+      const T_* ga = step_at<T_>(g_after_c, t);
+      const T_* gbf = step_at<T_>(g_before_c, t);
+      const T_* gv = step_at<T_>(g_values_c, t);
+      const T_* gbeta = step_at<T_>(g_beta_c, t);
       const T_* dr_p = dr.data_ptr<T_>();
       T_* dzr_p = dzr.data_ptr<T_>();
       T_* dz_p = dz.data_ptr<T_>();
@@ -725,7 +723,7 @@ std::vector<at::Tensor> mnm_backward(
       // plus the error and pre-write-pass paths below.
       if (!d.gradient_rule) {
         const T_* target = s.target;
-        T_* graw = at_step(g_raw, t);
+        T_* graw = step_at<T_>(g_raw, t);
         for (int64_t l = 0; l < L; ++l)
           for (int64_t bh = 0; bh < B * H; ++bh) {  // row by row, as the targets were made
             const int64_t x = (l * B * H + bh) * D;
@@ -775,7 +773,7 @@ std::vector<at::Tensor> mnm_backward(
       }
       // Into e = tanh(pre_e): keys through rms_norm, values, beta.
       const T_* kscale = s.kscale;
-      T_* gpe = at_step(g_pre_e, t);
+      T_* gpe = step_at<T_>(g_pre_e, t);
       for (int64_t b = 0; b < B; ++b) {
         const T_* eb = e_p + b * E;
         T_* ge = gpe + b * E;
@@ -802,12 +800,12 @@ std::vector<at::Tensor> mnm_backward(
       // The controller: h gets the grad of hs[t], of the next step, and of the interaction.
       T_* dh_p = dh.data_ptr<T_>();
       T_* dht = dh_total.data_ptr<T_>();
-      const T_* ghs = at_step(g_hs_c, t);
+      const T_* ghs = step_at<T_>(g_hs_c, t);
       for (int64_t x = 0; x < B * Hd; ++x) dht[x] = ghs ? dh_p[x] + ghs[x] : dh_p[x];
       matrix_times(gpe, w_int_c.data_ptr<T_>(), dht, B, E, Hd, true);
-      const T_* ci = at_step(c_in, t);
+      const T_* ci = step_at<T_>(c_in, t);
       T_* dc_p = dc.data_ptr<T_>();
-      T_* gg = at_step(g_gates, t);
+      T_* gg = step_at<T_>(g_gates, t);
       for (int64_t b = 0; b < B; ++b)
         for (int64_t i = 0; i < Hd; ++i) {
           const int64_t n = b * Hd, r = b * 4 * Hd;
