@@ -47,6 +47,16 @@ does not remove either.
         --ratio-to lstm/par sb3-contrib ceiling             # every target of issue 5
     python benchmarks/learn_pairs.py --from-json run.txt --ratio-to mnm-p/k2/par
         # a saved run's output (or its JSON line) summarised again against other references
+    python benchmarks/learn_pairs.py --configs lstm/par mnm-p/k2/par --against 8c4d0aa
+        # this checkout's agents against the same agents with the mnm_rl of commit 8c4d0aa
+
+``--against REV`` pairs two versions of the package, for changes outside the compiled kernels
+(``kernel_pairs.py --against`` pairs kernel sources): each of our agents' configs also runs as
+``CONFIG@REV``, in a process of its own that imports ``mnm_rl`` from the files of commit REV
+(``git archive``) and builds that commit's kernels into a folder of their own. The two
+processes take turns like any two agents, the one waiting on a pipe while the other runs, and
+each times its own ``learn()``; the ratios default to ``--ratio-to CONFIG@REV`` of the first
+config.
 
 The last line printed is a JSON object: ``{"env", "view_size", ..., "pairs", "sps": {config:
 median steps/s}, "rates": {config: [steps/s of every turn]}, "cpu_rates": {config: [steps
@@ -62,7 +72,9 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -70,6 +82,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+#: The repository this script belongs to.
+REPO = Path(__file__).resolve().parents[1]
 
 import throughput  # noqa: E402
 from kernel_pairs import turns  # noqa: E402
@@ -93,6 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--from-json", metavar="FILE",
                    help="run nothing: take the turns' rates from a saved run (its output, or\n"
                    "just its JSON line) and summarise them again with --ratio-to")  # fmt: skip
+    p.add_argument(
+        "--against",
+        metavar="REV",
+        help="also run each of our agents' configs with the mnm_rl of git revision\n"
+        "REV, in a process of its own, as CONFIG@REV (see the module docstring)",
+    )
+    p.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)  # a --against process
     p.add_argument("--pairs", type=int, default=40, help="timed turns of every agent")
     p.add_argument("--warm-up", type=int, default=2, help="untimed turns first")
     for flag in SETTING_FLAGS:
@@ -101,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.from_json is not None:
         running = [
             flag
-            for flag in ("--configs", "--pairs", "--warm-up", *SETTING_FLAGS)
+            for flag in ("--configs", "--against", "--pairs", "--warm-up", *SETTING_FLAGS)
             if getattr(args, _dest(flag)) != p.get_default(_dest(flag))
         ]
         if running:
@@ -117,13 +138,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.ratio_to = args.ratio_to or list(args.saved["ratio_to"])
         return args
     given = {flag: getattr(args, _dest(flag)) for flag in SETTING_FLAGS}
-    args.setting = throughput.parse_args(
-        [x for flag, value in given.items() if value is not None for x in (flag, value)]
-    )
+    args.setting_argv = [
+        x for flag, value in given.items() if value is not None for x in (flag, value)
+    ]
+    args.setting = throughput.parse_args(args.setting_argv)
+    if args.serve is not None:
+        return args
+    args.twins = {}
+    if args.against is not None:
+        try:
+            args.against_commit = resolve_revision(args.against)
+        except subprocess.CalledProcessError as err:
+            p.error(f"--against {args.against}: {err.stderr.strip() or 'not a git revision'}")
+        ours = [c for c in args.configs if parse_config(c).agent not in (CEILING, "sb3-contrib")]
+        if not ours:
+            p.error("--against: give at least one of our agents' configs")
+        args.twins = {f"{c}@{args.against}": c for c in ours}
+        args.configs = [*args.configs, *args.twins]
     if len(args.configs) < 2:
         p.error("--configs: give at least two configs")
     if len(set(args.configs)) != len(args.configs):
         p.error("--configs: each config once")
+    if args.ratio_to is None and args.twins:
+        args.ratio_to = [next(iter(args.twins))]
     if args.ratio_to is None:
         args.ratio_to = [
             next((c for c in ("lstm/par", "lstm") if c in args.configs), args.configs[0])
@@ -132,6 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if reference not in args.configs:
             p.error(f"--ratio-to {reference}: not one of --configs")
     for config in args.configs:
+        if config in args.twins:
+            continue
         problem = config_problem(config)
         if problem:
             p.error(f"--configs: {config!r} {problem}")
@@ -286,11 +325,97 @@ class Agent:
             for variable in self.pytorch_switches:
                 os.environ.pop(variable, None)
 
+    def close(self) -> None:
+        self.env.close()
+
+
+def resolve_revision(revision: str) -> str:
+    """The full commit hash of git ``revision`` in this repository."""
+    return subprocess.run(
+        ["git", "rev-parse", "--verify", f"{revision}^{{commit}}"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+
+def export_revision(commit: str, folder: Path) -> Path:
+    """The files of ``commit`` (``git archive``), unpacked into ``folder``."""
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", commit], cwd=REPO, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+class RemoteAgent:
+    """A config's agent in a process of its own that imports ``mnm_rl`` from ``checkout`` (the
+    files of another commit) and runs one ``learn()`` of one rollout whenever asked, timed
+    there: ``learn_pairs.py --serve CONFIG`` with ``checkout`` first on its ``PYTHONPATH``. This
+    script and ``throughput.py`` are today's; only the package is the other commit's. Its
+    compiled kernels are built from the commit's sources into a build folder of their own
+    (kept under the temporary directory, keyed by the commit, for the next run). While this
+    process's agents take their turns, it waits on its pipe."""
+
+    def __init__(self, config: str, setting_argv: list[str], checkout: Path, commit: str):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(checkout), *filter(None, [env.get("PYTHONPATH")])])
+        env["TORCH_EXTENSIONS_DIR"] = str(Path(tempfile.gettempdir()) / f"mnm_rl_ext_{commit}")
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve", config, *setting_argv],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        reply = self._reply()
+        package = Path(reply["package"]).resolve()
+        if checkout.resolve() not in package.parents:
+            self.close()
+            raise RuntimeError(f"--against: the other process imported mnm_rl from {package}")
+        self.steps = reply["steps"]
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"--against: its process exited (code {self.process.wait()})")
+        return json.loads(line)
+
+    def learn_once(self) -> tuple[float, float]:
+        assert self.process.stdin is not None
+        self.process.stdin.write("turn\n")
+        self.process.stdin.flush()
+        reply = self._reply()
+        return reply["wall"], reply["cpu"]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()  # its loop ends at the end of its input
+            self.process.wait(timeout=60)
+
+
+def serve(config: str, setting: argparse.Namespace) -> None:
+    """The ``--serve`` loop: build ``config``'s agent, then one timed ``learn()`` per ``turn``
+    line on stdin, each answered with a JSON line ``{"wall", "cpu"}`` on stdout."""
+    import torch
+
+    import mnm_rl
+
+    torch.set_num_threads(1)
+    agent = Agent(config, setting)
+    answer = sys.stdout
+    sys.stdout = sys.stderr  # anything else printed must not reach the pipe
+    print(json.dumps({"package": mnm_rl.__file__, "steps": agent.steps}), file=answer, flush=True)
+    try:
+        for line in sys.stdin:
+            if line.strip() == "turn":
+                wall, cpu = agent.learn_once()
+                print(json.dumps({"wall": wall, "cpu": cpu}), file=answer, flush=True)
+    finally:
+        agent.close()
+
 
 def run_pairs(
-    agents: dict[str, Agent], pairs: int, warm_up: int
+    agents: dict[str, Agent | RemoteAgent], pairs: int, warm_up: int
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Steps per wall second and per CPU second of this process, of every agent in each timed
+    """Steps per wall second and per CPU second of its process, of every agent in each timed
     turn; the turns' order alternates."""
     rates: dict[str, list[float]] = {config: [] for config in agents}
     cpu_rates: dict[str, list[float]] = {config: [] for config in agents}
@@ -404,6 +529,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_table(out)
         print(json.dumps(out))
         return out
+    if args.serve is not None:
+        serve(args.serve, args.setting)
+        return {}
     import torch
 
     torch.set_num_threads(1)
@@ -416,12 +544,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{s.hidden}, torch threads 1, cpu; {args.warm_up} + {args.pairs} turns",
         flush=True,
     )
-    agents = {config: Agent(config, s) for config in args.configs}
-    try:
-        rates, cpu_rates = run_pairs(agents, args.pairs, args.warm_up)
-    finally:
-        for agent in agents.values():
-            agent.env.close()
+    with tempfile.TemporaryDirectory(prefix="learn_pairs_") as folder:
+        if args.twins:
+            checkout = export_revision(args.against_commit, Path(folder))
+            print(f"against: {args.against} = {args.against_commit}", flush=True)
+        agents: dict[str, Agent | RemoteAgent] = {}
+        try:
+            for config in args.configs:
+                if config in args.twins:
+                    agents[config] = RemoteAgent(
+                        args.twins[config], args.setting_argv, checkout, args.against_commit
+                    )
+                else:
+                    agents[config] = Agent(config, s)
+            rates, cpu_rates = run_pairs(agents, args.pairs, args.warm_up)
+        finally:
+            for agent in agents.values():
+                agent.close()
     out = summary(args, rates, cpu_rates)
     print()
     print_table(out)

@@ -317,3 +317,48 @@ def test_an_agent_steps_minigrid_view_only_with_mgview_and_numpy_actions_with_np
             assert agent.learn_once()[0] > 0
         finally:
             agent.env.close()
+
+
+def test_against_adds_a_twin_of_each_of_our_agents(learn_pairs):
+    args = learn_pairs.parse_args(["--configs", "lstm/par", "ceiling", "mnm-p/k2", "--against",
+                                   "HEAD"])  # fmt: skip
+    assert args.twins == {"lstm/par@HEAD": "lstm/par", "mnm-p/k2@HEAD": "mnm-p/k2"}
+    assert args.configs == ["lstm/par", "ceiling", "mnm-p/k2", "lstm/par@HEAD", "mnm-p/k2@HEAD"]
+    assert args.ratio_to == ["lstm/par@HEAD"]
+    assert len(args.against_commit) == 40
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--configs", "lstm", "--against", "no-such-revision"], "--against no-such-revision"),
+        (["--configs", "ceiling", "sb3-contrib", "--against", "HEAD"], "our agents' configs"),
+    ],
+)
+def test_against_refuses_what_it_cannot_pair(learn_pairs, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        learn_pairs.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_against_runs_the_other_commit_in_a_process_of_its_own(learn_pairs, monkeypatch, capsys):
+    # the PyTorch code on both sides: no kernel builds for the other commit in a test
+    monkeypatch.setenv("MNM_RL_FUSED", "0")
+    threads = torch.get_num_threads()
+    try:
+        out = learn_pairs.main(
+            ["--configs", "mlp", "--against", "HEAD", "--pairs", "2", "--warm-up", "1", *SMALL]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert set(out["sps"]) == {"mlp", "mlp@HEAD"}
+    assert [len(r) for r in out["rates"].values()] == [2, 2]
+    assert all(rate > 0 for rates in out["rates"].values() for rate in rates)
+    assert list(out["ratio_to"]) == ["mlp@HEAD"]
+    assert "against: HEAD = " in capsys.readouterr().out
+
+
+def test_the_other_process_must_import_the_checkout_it_is_given(learn_pairs, tmp_path):
+    with pytest.raises(RuntimeError, match="imported mnm_rl from"):
+        learn_pairs.RemoteAgent("mlp", SMALL, tmp_path, "0" * 40)  # tmp_path holds no mnm_rl

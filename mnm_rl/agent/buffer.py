@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,35 @@ class ChunkBatch:
     states: CoreState
 
 
+class _Rows:
+    """Row-by-row writes into a ``[n, ...]`` tensor, and its rows as tensors.
+
+    A rollout writes one row of each of its tensors per env step. On the CPU the rows are
+    written through numpy views of the tensor, a fraction of a microsecond each instead of the
+    1.5-3 us of a tensor index assignment or ``copy_`` (``benchmarks/rollout_glue.py``); on any
+    other device with ``copy_``.
+    """
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+        self.arrays = list(tensor.numpy()) if tensor.device.type == "cpu" else None
+        self._views: tuple[Tensor, ...] | None = None
+
+    def view(self, t: int) -> Tensor:
+        """Row ``t`` as a tensor that shares the storage."""
+        if self._views is None:
+            self._views = self.tensor.unbind()
+        return self._views[t]
+
+    def write(self, t: int, value: np.ndarray | Tensor) -> None:
+        """Row ``t`` = ``value`` (numpy or a tensor of the row's shape, cast to its dtype)."""
+        if self.arrays is not None:
+            self.arrays[t][...] = value.numpy() if isinstance(value, Tensor) else value
+        else:
+            source = value if isinstance(value, Tensor) else torch.from_numpy(np.asarray(value))
+            self.view(t).copy_(source)
+
+
 class ChunkRolloutBuffer:
     """Stores ``n_steps`` steps of ``n_envs`` environments as tensors on ``device``.
 
@@ -39,6 +69,12 @@ class ChunkRolloutBuffer:
     stored only at each chunk's start (an MNM state holds ``L * D * D`` fast weights per env), and
     training re-runs each chunk through the core from there, resetting the state wherever
     ``episode_starts`` says a new episode began. ``seq_len`` is the truncated-BPTT length.
+
+    The buffer also holds the policy's inputs: :meth:`start` and :meth:`add` store the env's
+    observations and episode starts (numpy, as a ``VecEnv`` returns them) where the next step
+    keeps them, and return them as tensors (views of the buffer) for the policy, so a rollout
+    step converts nothing. The inputs after the last step are ``next_observation`` and
+    ``next_episode_starts``.
     """
 
     def __init__(
@@ -57,7 +93,10 @@ class ChunkRolloutBuffer:
         self.observation_space = observation_space
         self.device = device
         self.gamma, self.gae_lambda = gamma, gae_lambda
+        #: ``[n_steps, n_envs, ...]`` (a dict of them for a dict space): step ``t``'s inputs.
         self.observations: Observation | None = None
+        self.next_observation: Observation | None = None
+        self._observation_rows: dict[Any, _Rows] = {}
         self.reset()
 
     @property
@@ -66,55 +105,99 @@ class ChunkRolloutBuffer:
         return self.n_steps // self.seq_len * self.n_envs
 
     def reset(self) -> None:
+        """Empty the buffer for a new rollout (new tensors: the last rollout's are left as
+        they were)."""
         shape, dev = (self.n_steps, self.n_envs), self.device
         self.actions = torch.zeros(shape, dtype=torch.long, device=dev)
         self.rewards = torch.zeros(shape, device=dev)
-        self.episode_starts = torch.zeros(shape, device=dev)
+        # one row more than the steps: the episode starts after the last step
+        starts = torch.zeros((self.n_steps + 1, self.n_envs), device=dev)
+        self.episode_starts, self.next_episode_starts = starts[:-1], starts[-1]
         self.values = torch.zeros(shape, device=dev)
         self.log_probs = torch.zeros(shape, device=dev)
         self.advantages = torch.zeros(shape, device=dev)
         self.returns = torch.zeros(shape, device=dev)
+        self._rows = {
+            name: _Rows(tensor)
+            for name, tensor in (("actions", self.actions), ("rewards", self.rewards),
+                                 ("values", self.values), ("log_probs", self.log_probs),
+                                 ("episode_starts", starts))
+        }  # fmt: skip
         self.chunk_states: list[CoreState] = []
         self._chunked_observations: Observation | None = None
         self._chunk_start_states: CoreState | None = None
         self.pos = 0
 
+    def start(self, obs: Any, episode_starts: np.ndarray) -> tuple[Observation, Tensor]:
+        """Begin a rollout (after :meth:`reset`) from the envs' current observation and episode
+        starts, as a ``VecEnv`` gives them (numpy: an array or a dict of arrays): stores them as
+        the first step's inputs and returns them as tensors, ``(obs, episode_starts [B])``."""
+        if self.pos != 0:
+            raise RuntimeError("start() begins an empty buffer: call reset() first")
+        if self.observations is None:  # once: kept from one rollout to the next
+            self._allocate_observations(obs)
+        return self._store_inputs(0, obs, episode_starts)
+
     def add(
         self,
-        obs: Observation,
         action: Tensor,
-        reward: Tensor,
-        episode_start: Tensor,
+        reward: np.ndarray | Tensor,
         value: Tensor,
         log_prob: Tensor,
         state: CoreState,
-    ) -> None:
-        """Store one step for all envs; ``state`` is the core state *before* this step."""
-        if self.pos >= self.n_steps:
+        next_obs: Any,
+        next_episode_starts: np.ndarray,
+    ) -> tuple[Observation, Tensor]:
+        """Store one step for all envs: the policy's outputs, the rewards, the core state *before*
+        this step (kept at chunk starts) and the inputs of the next step (the env's new
+        observation and whether an episode starts, numpy as for :meth:`start`), which are
+        returned as tensors for the next step: ``(obs, episode_starts [B])``."""
+        t = self.pos
+        if t >= self.n_steps:
             raise RuntimeError("rollout buffer is full")
         if self.observations is None:
-            self.observations = map_obs(
-                obs,
-                lambda v: torch.zeros((self.n_steps, *v.shape), dtype=v.dtype, device=self.device),
-            )
+            raise RuntimeError("add() before start(): the first step's inputs are missing")
         self._chunked_observations = self._chunk_start_states = None
-        if isinstance(obs, dict):
-            for k, v in obs.items():
-                self.observations[k][self.pos] = v
-        else:
-            self.observations[self.pos] = obs
-        if self.pos % self.seq_len == 0:
+        if t % self.seq_len == 0:
             # clone: the state may share memory with a parameter (the initial fast weights)
             self.chunk_states.append(state.detach().clone())
-        for buf, x in (
-            (self.actions, action),
-            (self.rewards, reward),
-            (self.episode_starts, episode_start),
-            (self.values, value),
-            (self.log_probs, log_prob),
-        ):
-            buf[self.pos] = x
-        self.pos += 1
+        rows = self._rows
+        rows["actions"].write(t, action)
+        rows["rewards"].write(t, reward)
+        rows["values"].write(t, value)
+        rows["log_probs"].write(t, log_prob)
+        self.pos = t + 1
+        return self._store_inputs(t + 1, next_obs, next_episode_starts)
+
+    def _allocate_observations(self, obs: Any) -> None:
+        """Observation storage shaped like ``obs``: ``n_steps + 1`` rows, the last one for the
+        observation after the last step."""
+        named = obs if isinstance(obs, dict) else {None: obs}
+        rows = self.n_steps + 1
+        storage = {
+            key: torch.zeros((rows, *np.shape(v)), dtype=_torch_dtype(v), device=self.device)
+            for key, v in named.items()
+        }
+        self._observation_rows = {key: _Rows(tensor) for key, tensor in storage.items()}
+        if isinstance(obs, dict):
+            self.observations = {k: v[:-1] for k, v in storage.items()}
+        else:
+            self.observations = storage[None][:-1]
+
+    def _store_inputs(
+        self, t: int, obs: Any, episode_starts: np.ndarray
+    ) -> tuple[Observation, Tensor]:
+        """Write step ``t``'s inputs (``t == n_steps``: those after the last step) and return
+        them as views."""
+        named = obs if isinstance(obs, dict) else {None: obs}
+        for key, rows in self._observation_rows.items():
+            rows.write(t, named[key])
+        starts = self._rows["episode_starts"]
+        starts.write(t, episode_starts)
+        views = {key: rows.view(t) for key, rows in self._observation_rows.items()}
+        if t == self.n_steps:
+            self.next_observation = views if isinstance(obs, dict) else views[None]
+        return (views if isinstance(obs, dict) else views[None]), starts.view(t)
 
     @property
     def full(self) -> bool:
@@ -180,3 +263,8 @@ class ChunkRolloutBuffer:
                 *(f.index_select(1, idx) for f in fields),
                 states=states.index(idx),
             )
+
+
+def _torch_dtype(array: Any) -> torch.dtype:
+    """The torch dtype of a numpy array's dtype."""
+    return torch.from_numpy(np.empty(0, dtype=np.asarray(array).dtype)).dtype

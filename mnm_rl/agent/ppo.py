@@ -16,7 +16,6 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import (
     FloatSchedule,
     explained_variance,
-    obs_as_tensor,
 )
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -216,17 +215,6 @@ class MemoryPPO(OnPolicyAlgorithm):
             self.ep_success_buffer.extend((rewards[finished] > 0).astype(float).tolist())
 
     # -------------------------------------------------------------------------------- rollout
-    def _obs_tensor(self, obs) -> Any:
-        return obs_as_tensor(obs, self.device)
-
-    def _float_tensor(self, array: np.ndarray) -> torch.Tensor:
-        """A step's rewards or dones as a float32 tensor of its own on the device (on the CPU
-        through a numpy copy and ``torch.from_numpy``, about a third of ``torch.as_tensor``'s
-        cost)."""
-        if self.device.type == "cpu":
-            return torch.from_numpy(np.array(array, dtype=np.float32))
-        return torch.as_tensor(array, dtype=torch.float32, device=self.device)
-
     def collect_rollouts(
         self,
         env: VecEnv,
@@ -240,8 +228,9 @@ class MemoryPPO(OnPolicyAlgorithm):
         buffer.reset()
         callback.on_rollout_start()
         state = self._last_state
-        starts = self._float_tensor(self._last_episode_starts)
-        obs = self._obs_tensor(self._last_obs)
+        # The buffer keeps each step's inputs where the update reads them, and hands them to the
+        # policy as tensors (views): the env's numpy arrays are copied once, into the buffer.
+        obs, starts = buffer.start(self._last_obs, self._last_episode_starts)
         for _ in range(n_rollout_steps):
             # inference_mode, not no_grad: no version counters or view tracking (about 12% of
             # a policy step). What leaves it is copied into the buffer or, for the recurrent
@@ -264,10 +253,8 @@ class MemoryPPO(OnPolicyAlgorithm):
             if dones.any():  # episode statistics and time-limit bootstraps: ended episodes only
                 self._update_info_buffer(infos, dones, rewards)
                 rewards = self._bootstrap_truncated(rewards, dones, infos, new_state)
-            buffer.add(obs, actions, self._float_tensor(rewards), starts, values, log_probs, state)
+            obs, starts = buffer.add(actions, rewards, values, log_probs, state, new_obs, dones)
             state = new_state
-            obs = self._obs_tensor(new_obs)
-            starts = self._float_tensor(dones)
             self._last_obs, self._last_episode_starts = new_obs, dones
         self._last_state = state.detach().clone()  # an ordinary tensor again, usable anywhere
         with torch.inference_mode():  # the critic's value of the last observation, as a step
