@@ -394,14 +394,17 @@ class RemoteAgent:
 def serve(config: str, setting: argparse.Namespace) -> None:
     """The ``--serve`` loop: build ``config``'s agent, then one timed ``learn()`` per ``turn``
     line on stdin, each answered with a JSON line ``{"wall", "cpu"}`` on stdout."""
+    # The answers go to the pipe on a file descriptor of their own; whatever else this process
+    # or its env workers print goes to stderr, not into the pipe.
+    answer = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     import torch
 
     import mnm_rl
 
     torch.set_num_threads(1)
     agent = Agent(config, setting)
-    answer = sys.stdout
-    sys.stdout = sys.stderr  # anything else printed must not reach the pipe
     print(json.dumps({"package": mnm_rl.__file__, "steps": agent.steps}), file=answer, flush=True)
     try:
         for line in sys.stdin:
