@@ -1,16 +1,23 @@
-"""Where a PPO update's time goes, by native function: Linux ``perf`` samples of ``train()``.
+"""Where a PPO update's (or a rollout's) time goes, by native function: Linux ``perf`` samples
+of ``train()`` (or ``collect_rollouts()``).
 
 Builds ``throughput.py``'s agent in the issue's setting (MiniGrid-MemoryS7, 7 x 7 view, 8 envs x
 128 steps, 4 epochs of 16 sequences x 16 steps) with one core, collects a rollout, then calls
 ``train()`` over and over on it while ``perf record`` samples this process for ``--seconds``
-(only the updates: not start-up, the rollout or the interpreter's exit). Prints the top
+(only the updates: not start-up, the rollout or the interpreter's exit). With ``--phase
+rollout`` it collects rollouts over and over instead (the envs stepped in this process, so their
+Python is in the interpreter's share too; the policy's compiled rollout step is in
+``mnm_rl_policy_step.so``, which the table lists by symbol). Prints the top
 symbols and the share of a few groups of them (MKL's multiply kernels, MKL's packing of its
-operands, the fused kernels' own code, ATen's copies, the Python interpreter), and, last, a
-JSON object ``{"config", "seconds", "updates", "groups": {...}, "top": [[symbol, share], ...]}``.
+operands, the fused sequence kernels' own code, the compiled rollout step, mnm_rl's other
+kernels, ATen's copies, numpy, the Python interpreter), and, last, a
+JSON object ``{"config", "phase", "seconds", "updates", "groups": {...}, "top": [[symbol,
+share], ...]}`` (``updates``: the calls of the phase, updates or rollouts).
 
     python benchmarks/update_profile.py                   # mnm-p, 4 heads x 3 layers
     python benchmarks/update_profile.py --config mnm-p:2x2 --seconds 10
     python benchmarks/update_profile.py --config lstm/autograd   # throughput.py's variant suffixes
+    python benchmarks/update_profile.py --config lstm --phase rollout
     PYTHONPATH=<a worktree of another commit> python benchmarks/update_profile.py   # its code
 
 Needs ``perf`` on the PATH and permission to attach to this process (``perf_event_paranoid``).
@@ -38,7 +45,10 @@ GROUPS = {
     "mkl multiply": r"mkl_blas_.*sgemm_kernel",
     "mkl packing": r"mkl_blas_.*(scopy|sgemm_.*copy)",
     "fused kernels' own code": r"^mnm_rl_sequence",
+    "compiled rollout step": r"^mnm_rl_policy_step",
+    "other mnm_rl kernels": r"^mnm_rl_",
     "aten copies": r"direct_copy_kernel|copy_kernel",
+    "numpy": r"^_multiarray",
     "python interpreter": r"^libpython",
 }
 
@@ -73,10 +83,22 @@ def build(config: str):
     return env, build_agent(config, UPDATE_SETTING, env, "cpu")
 
 
+def phase_runner(model, phase: str):
+    """A function that runs one ``phase`` of ``model``'s training: ``"update"``, one ``train()``
+    on the rollout in its buffer, or ``"rollout"``, one ``collect_rollouts()`` into it."""
+    if phase == "update":
+        return model.train
+    _, callback = model._setup_learn(model.n_steps * model.n_envs, None, reset_num_timesteps=False)
+    callback.on_training_start(locals(), globals())
+    return lambda: model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="mnm-p",
                    help="a core as throughput.py names it, variant suffixes included")  # fmt: skip
+    p.add_argument("--phase", choices=("update", "rollout"), default="update",
+                   help="what is sampled: train() calls or collect_rollouts() calls")  # fmt: skip
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args(argv)
@@ -86,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     env, model = build(args.config)
     model.learn(UPDATE_SETTING.n_steps * UPDATE_SETTING.n_envs)
-    model.train()  # warm
+    run = phase_runner(model, args.phase)
+    run()  # warm
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder) / "perf.data"
         record = [perf, "record", "-F", "2000", "-p", str(os.getpid()), "-o", str(data)]
@@ -98,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         time.sleep(0.5)  # let perf attach
         updates = 0
         while recorder.poll() is None:
-            model.train()
+            run()
             updates += 1
         report = subprocess.run(
             [perf, "report", "-i", str(data), "--no-children", "--sort", "dso,symbol",
@@ -110,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not rows:
         sys.exit("update_profile.py: perf recorded no samples (perf_event_paranoid?)")
     shares = group_shares(rows)
-    print(f"{args.config}: {updates} updates sampled for {args.seconds:g} s")
+    calls = "updates" if args.phase == "update" else "rollouts"
+    print(f"{args.config}: {updates} {calls} sampled for {args.seconds:g} s")
     print(f"{'share':>7s}  symbol")
     for symbol, percent in rows[: args.top]:
         print(f"{percent:6.2f}%  {symbol[:110]}")
@@ -119,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{percent:6.2f}%  {name}")
     summary = {
         "config": args.config,
+        "phase": args.phase,
         "seconds": args.seconds,
         "updates": updates,
         "groups": shares,

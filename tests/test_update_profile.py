@@ -17,6 +17,9 @@ REPORT = """\
      5.49%  mnm_rl_sequence.so    [.] mnm_rl::(anonymous namespace)::rank_update<float>
      4.46%  libtorch_cpu.so       [.] at::native::direct_copy_kernel(at::TensorIteratorBase&)
      1.46%  libpython3.11.so.1.0  [.] _PyEval_EvalFrameDefault
+     1.20%  mnm_rl_policy_step.so [.] (anonymous namespace)::encode
+     0.90%  mnm_rl_grid_linear.so [.] (anonymous namespace)::grid_linear_backward
+     0.50%  _multiarray_umath.cpython-311-x86_64-linux-gnu.so  [.] npy_fastrepeat
      0.33%  [kernel.kallsyms]     [k] _raw_spin_unlock_irqrestore                  -      -
 """
 
@@ -31,7 +34,8 @@ def test_report_lines_give_symbol_and_share(update_profile):
     assert rows[0] == ("libtorch_cpu.so mkl_blas_def_sgemm_kernel_0_zen", 19.65)
     assert rows[2] == ("mnm_rl_sequence.so mnm_rl::(anonymous namespace)::rank_update<float>", 5.49)
     assert rows[-1] == ("[kernel.kallsyms] _raw_spin_unlock_irqrestore", 0.33)
-    assert len(rows) == 6
+    assert rows[-2] == ("_multiarray_umath.cpython-311-x86_64-linux-gnu.so npy_fastrepeat", 0.5)
+    assert len(rows) == 9
 
 
 def test_groups_add_up_their_symbols(update_profile):
@@ -40,7 +44,10 @@ def test_groups_add_up_their_symbols(update_profile):
         "mkl multiply": 19.65,
         "mkl packing": 6.82,
         "fused kernels' own code": 5.49,
+        "compiled rollout step": 1.20,
+        "other mnm_rl kernels": 0.90,
         "aten copies": 4.46,
+        "numpy": 0.50,
         "python interpreter": 1.46,
     }
 
@@ -53,5 +60,18 @@ def test_a_configs_variant_suffix_takes_effect(update_profile, monkeypatch):
     try:
         assert os.environ["MNM_RL_EXPLICIT_BACKWARD"] == "0"
         assert model.policy.core_name == "lstm"
+    finally:
+        env.close()
+
+
+def test_the_rollout_phase_collects_a_whole_rollout(update_profile):
+    env, model = update_profile.build("mlp")
+    try:
+        model.learn(model.n_steps * model.n_envs)
+        steps = model.num_timesteps
+        update_profile.phase_runner(model, "rollout")()
+        assert model.rollout_buffer.full
+        assert model.num_timesteps == steps + model.n_steps * model.n_envs
+        assert update_profile.phase_runner(model, "update") == model.train
     finally:
         env.close()
