@@ -359,6 +359,7 @@ def test_against_runs_the_other_commit_in_a_process_of_its_own(learn_pairs, monk
     assert "against: HEAD = " in capsys.readouterr().out
 
 
-def test_the_other_process_must_import_the_checkout_it_is_given(learn_pairs, tmp_path):
+def test_the_other_process_must_import_the_checkout_it_is_given(learn_pairs, tmp_path, monkeypatch):
+    monkeypatch.setenv("MNM_RL_FUSED", "0")  # no kernel builds in the other process
     with pytest.raises(RuntimeError, match="imported mnm_rl from"):
         learn_pairs.RemoteAgent("mlp", SMALL, tmp_path, "0" * 40)  # tmp_path holds no mnm_rl

@@ -157,7 +157,6 @@ class ChunkRolloutBuffer:
             raise RuntimeError("rollout buffer is full")
         if self.observations is None:
             raise RuntimeError("add() before start(): the first step's inputs are missing")
-        self._chunked_observations = self._chunk_start_states = None
         if t % self.seq_len == 0:
             # clone: the state may share memory with a parameter (the initial fast weights)
             self.chunk_states.append(state.detach().clone())
