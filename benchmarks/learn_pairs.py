@@ -193,6 +193,7 @@ PER_AGENT = (
     throughput.KERNEL2,
     throughput.MINIGRID_VIEW,
     throughput.NUMPY_ACTIONS,
+    throughput.MINIGRID_RESET,
     throughput.PYTORCH_HEADS,
     throughput.PYTORCH_LOSS,
     throughput.PYTORCH_STEP,
@@ -206,7 +207,8 @@ class Config(NamedTuple):
     """What a config name says: the agent (with any suffix that holds for a whole process),
     its kernel threads (2 with ``/k2``), its env worker processes (1 with ``/par``), whether
     its MiniGrid envs have mnm_rl's fast view (not with ``/mgview``), whether they take
-    their actions as Python ints (not with ``/npact``), whether its rollout steps run the
+    their actions as Python ints (not with ``/npact``), whether its MiniGrid-Memory envs lay
+    out their grids from a kept wall plan (not with ``/mgreset``), whether its rollout steps run the
     compiled action heads (not with ``/pyheads``), whether its updates run the compiled PPO
     loss (not with ``/pyloss``), whether its rollout steps run the compiled policy step (not
     with ``/pystep``), whether its products are the kernels' own (not with ``/atenmm``),
@@ -218,6 +220,7 @@ class Config(NamedTuple):
     env_workers: int
     fast_view: bool
     int_actions: bool
+    fast_reset: bool
     compiled_heads: bool
     compiled_loss: bool
     compiled_step: bool
@@ -237,6 +240,7 @@ def parse_config(config: str) -> Config:
         workers,
         throughput.MINIGRID_VIEW not in suffixes,
         throughput.NUMPY_ACTIONS not in suffixes,
+        throughput.MINIGRID_RESET not in suffixes,
         throughput.PYTORCH_HEADS not in suffixes,
         throughput.PYTORCH_LOSS not in suffixes,
         throughput.PYTORCH_STEP not in suffixes,
@@ -290,6 +294,7 @@ class Agent:
             env_workers=parsed.env_workers,
             fast_view=parsed.fast_view,
             int_actions=parsed.int_actions,
+            fast_reset=parsed.fast_reset,
         )
         self.steps = setting.n_steps * setting.n_envs
         if name == CEILING:

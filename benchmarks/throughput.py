@@ -18,7 +18,10 @@ For one environment, number of envs, rollout length, number of epochs and miniba
     ``/mgview`` (``ceiling/mgview``, ``lstm/mgview``) uses MiniGrid's own code. MiniGrid envs
     take their actions as Python ints (``mnm_rl.envs.minigrid_actions``) for every config too;
     one ending in ``/npact`` hands them numpy integers, as stable-baselines3's vec envs pass
-    them. A config name ending in ``/par`` (``lstm/par``, ``ceiling/par``, ``sb3-contrib/par``)
+    them. MiniGrid-Memory envs lay out each episode's grid from a kept wall plan
+    (``mnm_rl.envs.minigrid_memory``, the same grid as MiniGrid's) for every config too; one
+    ending in ``/mgreset`` runs MiniGrid's own code. A config name ending in ``/par``
+    (``lstm/par``, ``ceiling/par``, ``sb3-contrib/par``)
     steps its envs with ``mnm_rl.parallel_vec_env.ParallelVecEnv``: half of them in a worker
     process, at the same time as this process steps the other half. Any config may end in
     ``@N`` to run with N torch threads instead of ``--threads`` (``lstm@2``,
@@ -80,6 +83,10 @@ MINIGRID_VIEW = "/mgview"
 #: stable-baselines3's vec envs pass them, instead of as Python ints (``MNM_RL_INT_ACTIONS=0``,
 #: see ``mnm_rl/envs/minigrid_actions.py``), e.g. ``ceiling/npact`` or ``lstm/npact/par``.
 NUMPY_ACTIONS = "/npact"
+#: A config name ending in this lays out MiniGrid-Memory's grid at every reset with MiniGrid's own
+#: code instead of mnm_rl's kept wall plan (``MNM_RL_FAST_RESET=0``, see
+#: ``mnm_rl/envs/minigrid_memory.py``), e.g. ``ceiling/mgreset`` or ``lstm/mgreset/par``.
+MINIGRID_RESET = "/mgreset"
 #: A config name ending in this runs the action and value heads as PyTorch modules instead of
 #: compiled calls (``MNM_RL_COMPILED_HEADS=0``, see ``mnm_rl/agent/action_heads.py``): in the
 #: updates, and in a rollout step that is not one compiled call itself (``/pystep``), e.g.
@@ -112,6 +119,7 @@ SUFFIXES = {
     KERNEL2: ("MNM_RL_KERNEL_THREADS", "2"),
     MINIGRID_VIEW: ("MNM_RL_FAST_VIEW", "0"),
     NUMPY_ACTIONS: ("MNM_RL_INT_ACTIONS", "0"),
+    MINIGRID_RESET: ("MNM_RL_FAST_RESET", "0"),
     PYTORCH_HEADS: ("MNM_RL_COMPILED_HEADS", "0"),
     PYTORCH_LOSS: ("MNM_RL_COMPILED_LOSS", "0"),
     PYTORCH_STEP: ("MNM_RL_COMPILED_STEP", "0"),
@@ -231,13 +239,16 @@ def make_env(
     vec_env_kwargs: dict[str, Any] | None = None,
     fast_view: bool = True,
     int_actions: bool = True,
+    fast_reset: bool = True,
 ):
     """The vectorised env of ``args.n_envs`` monitored ``args.env`` envs, seeded from 0. MiniGrid
     gets ``agent_view_size=args.view_size`` (3 when ``args`` has none), with ``fast_view`` the
     fast view of mnm_rl's env builder (``mnm_rl.envs.minigrid_view``, for sb3-contrib too: the
     same env for every agent; ``MNM_RL_FAST_VIEW=0`` switches it off as well), with
     ``int_actions`` its actions as Python ints (``mnm_rl.envs.minigrid_actions``, for sb3-contrib
-    too; ``MNM_RL_INT_ACTIONS=0`` switches it off as well), and an observation wrapper: our
+    too; ``MNM_RL_INT_ACTIONS=0`` switches it off as well), with ``fast_reset`` a MiniGrid-Memory
+    env's grid laid out from a kept wall plan (``mnm_rl.envs.minigrid_memory``, for sb3-contrib
+    too; ``MNM_RL_FAST_RESET=0`` switches it off as well), and an observation wrapper: our
     ``SymbolicMiniGrid`` for us, minigrid's ``ImgObsWrapper`` (a Box) for sb3-contrib. With
     ``env_workers``, a ``ParallelVecEnv`` with that many worker processes; else
     ``vec_env_cls(env_fns, **vec_env_kwargs)``, by default the ``LeanDummyVecEnv`` that
@@ -258,12 +269,19 @@ def make_env(
         from mnm_rl.envs.minigrid_actions import use_int_actions
         from mnm_rl.envs.minigrid_view import use_fast_view
 
+        try:
+            from mnm_rl.envs.minigrid_memory import use_fast_memory_grid
+        except ImportError:  # an mnm_rl from before it (learn_pairs.py --against an old commit)
+            use_fast_memory_grid = None
+
         kwargs = dict(agent_view_size=getattr(args, "view_size", 3))
         observation = ImgObsWrapper if for_sb3_contrib else SymbolicMiniGrid
 
         def wrapper(env):
             if fast_view:
                 use_fast_view(env)
+            if fast_reset and use_fast_memory_grid is not None:
+                use_fast_memory_grid(env)
             env = observation(env)
             return use_int_actions(env) if int_actions else env
 
@@ -350,9 +368,8 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 
 def apply_suffixes(name: str) -> None:
     """Set the environment variable of each variant suffix ``name`` ends with (``/eager``,
-    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/pyheads``, ``/pyloss``, ``/pystep``,
-    ``/atenmm``, ``/pyopt``, ``/autograd``; see
-    ``SUFFIXES``),
+    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/mgreset``, ``/pyheads``, ``/pyloss``,
+    ``/pystep``, ``/atenmm``, ``/pyopt``, ``/autograd``; see ``SUFFIXES``),
     before mnm_rl loads its kernels or builds an env."""
     for suffix in split_suffixes(name)[1]:
         variable, value = SUFFIXES[suffix]

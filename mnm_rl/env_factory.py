@@ -5,7 +5,9 @@ wrappers in order, then (for training) stable-baselines3's ``Monitor``; a ``Dumm
 the parallel copies. A MiniGrid env computes its observations with
 :func:`mnm_rl.envs.minigrid_view.use_fast_view` (the same arrays, 3.5-5x faster) and takes its
 actions as Python ints, :func:`mnm_rl.envs.minigrid_actions.use_int_actions` (numpy integers make
-MiniGrid's comparisons with its action enum slow).
+MiniGrid's comparisons with its action enum slow); a MiniGrid-Memory env lays out each episode's
+grid from a kept wall plan, :func:`mnm_rl.envs.minigrid_memory.use_fast_memory_grid` (the same
+grid, resets 1.8x as fast).
 """
 
 from __future__ import annotations
@@ -154,8 +156,9 @@ def make_env(
     spec: EnvSpec, render_mode: str | None = None, monitor: bool = False, training: bool = False
 ) -> gym.Env:
     """One env: ``gymnasium.make`` with the spec's kwargs (a MiniGrid env with the fast view,
-    :func:`~mnm_rl.envs.minigrid_view.use_fast_view`, and its actions as ints,
-    :func:`~mnm_rl.envs.minigrid_actions.use_int_actions`), then (``training``) its
+    :func:`~mnm_rl.envs.minigrid_view.use_fast_view`, its actions as ints,
+    :func:`~mnm_rl.envs.minigrid_actions.use_int_actions`, and a MiniGrid-Memory env with the
+    fast grid, :func:`~mnm_rl.envs.minigrid_memory.use_fast_memory_grid`), then (``training``) its
     ``train_wrappers``, then its wrappers (then ``Monitor``)."""
     if spec.id not in gym.registry:
         registered_ids()  # imports minigrid, which registers its ids
@@ -166,9 +169,11 @@ def make_env(
         env = gym.make(spec.id, **kwargs)
         if "minigrid.minigrid_env" in sys.modules:  # else env cannot be a MiniGrid env
             from mnm_rl.envs.minigrid_actions import use_int_actions
+            from mnm_rl.envs.minigrid_memory import use_fast_memory_grid
             from mnm_rl.envs.minigrid_view import use_fast_view
 
             use_fast_view(env)
+            use_fast_memory_grid(env)
             env = use_int_actions(env)
         if training and spec.train_wrappers:
             plain = env

@@ -19,30 +19,42 @@ def learn_pairs():
 
 
 @pytest.mark.parametrize(
-    "config, parsed",
-    [("lstm", ("lstm", 1, 0, True, True, True, True, True, True, True, True)),
-     ("mnm-p/k2/par", ("mnm-p", 2, 1, True, True, True, True, True, True, True, True)),
-     ("mnm-p:2x2/par", ("mnm-p:2x2", 1, 1, True, True, True, True, True, True, True, True)),
-     ("mnm-g/k2", ("mnm-g", 2, 0, True, True, True, True, True, True, True, True)),
-     ("ceiling/mgview", ("ceiling", 1, 0, False, True, True, True, True, True, True, True)),
-     ("mnm-p/k2/mgview/par", ("mnm-p", 2, 1, False, True, True, True, True, True, True, True)),
-     ("mnm-p/mgview/k2", ("mnm-p", 2, 0, False, True, True, True, True, True, True, True)),
-     ("ceiling/npact", ("ceiling", 1, 0, True, False, True, True, True, True, True, True)),
-     ("lstm/mgview/npact/par", ("lstm", 1, 1, False, False, True, True, True, True, True, True)),
-     ("mnm-p/npact/eager", ("mnm-p/eager", 1, 0, True, False, True, True, True, True, True, True)),
-     ("mnm-p/eager", ("mnm-p/eager", 1, 0, True, True, True, True, True, True, True, True)),
-     ("lstm/pyheads/par", ("lstm", 1, 1, True, True, False, True, True, True, True, True)),
-     ("mnm-p/k2/pyheads/npact", ("mnm-p", 2, 0, True, False, False, True, True, True, True, True)),
-     ("lstm/pyloss/par", ("lstm", 1, 1, True, True, True, False, True, True, True, True)),
-     ("mnm-p/k2/pyloss/pyheads", ("mnm-p", 2, 0, True, True, False, False, True, True, True, True)),
-     ("lstm/pystep/par", ("lstm", 1, 1, True, True, True, True, False, True, True, True)),
-     ("gru/pystep/pyheads", ("gru", 1, 0, True, True, False, True, False, True, True, True)),
-     ("lstm/atenmm/par", ("lstm", 1, 1, True, True, True, True, True, False, True, True)),
-     ("mnm-p/pyopt/par", ("mnm-p", 1, 1, True, True, True, True, True, True, False, True)),
-     ("lstm/autograd/par", ("lstm", 1, 1, True, True, True, True, True, True, True, False))],
+    "config, agent, kernel_threads, env_workers, off",
+    [
+        ("lstm", "lstm", 1, 0, set()),
+        ("mnm-p/k2/par", "mnm-p", 2, 1, set()),
+        ("mnm-p:2x2/par", "mnm-p:2x2", 1, 1, set()),
+        ("mnm-g/k2", "mnm-g", 2, 0, set()),
+        ("ceiling/mgview", "ceiling", 1, 0, {"fast_view"}),
+        ("mnm-p/k2/mgview/par", "mnm-p", 2, 1, {"fast_view"}),
+        ("mnm-p/mgview/k2", "mnm-p", 2, 0, {"fast_view"}),
+        ("ceiling/npact", "ceiling", 1, 0, {"int_actions"}),
+        ("lstm/mgview/npact/par", "lstm", 1, 1, {"fast_view", "int_actions"}),
+        ("mnm-p/npact/eager", "mnm-p/eager", 1, 0, {"int_actions"}),
+        ("mnm-p/eager", "mnm-p/eager", 1, 0, set()),
+        ("lstm/pyheads/par", "lstm", 1, 1, {"compiled_heads"}),
+        ("mnm-p/k2/pyheads/npact", "mnm-p", 2, 0, {"int_actions", "compiled_heads"}),
+        ("lstm/pyloss/par", "lstm", 1, 1, {"compiled_loss"}),
+        ("mnm-p/k2/pyloss/pyheads", "mnm-p", 2, 0, {"compiled_heads", "compiled_loss"}),
+        ("lstm/pystep/par", "lstm", 1, 1, {"compiled_step"}),
+        ("gru/pystep/pyheads", "gru", 1, 0, {"compiled_heads", "compiled_step"}),
+        ("lstm/atenmm/par", "lstm", 1, 1, {"dense_products"}),
+        ("mnm-p/pyopt/par", "mnm-p", 1, 1, {"compiled_optimizer"}),
+        ("ceiling/mgreset", "ceiling", 1, 0, {"fast_reset"}),
+        ("lstm/mgreset/mgview/par", "lstm", 1, 1, {"fast_view", "fast_reset"}),
+        ("lstm/autograd/par", "lstm", 1, 1, {"explicit_backward"}),
+    ],
 )  # fmt: skip
-def test_configs_name_threads_workers_view_actions_heads_loss_step(learn_pairs, config, parsed):
-    assert learn_pairs.parse_config(config) == parsed
+def test_configs_name_threads_workers_view_actions_heads_loss_step(
+    learn_pairs, config, agent, kernel_threads, env_workers, off
+):
+    """``off``: the switches the config's suffixes turn off; every other one is on."""
+    switches = learn_pairs.Config._fields[3:]
+    assert off <= set(switches)
+    expected = learn_pairs.Config(
+        agent, kernel_threads, env_workers, *(name not in off for name in switches)
+    )
+    assert learn_pairs.parse_config(config) == expected
 
 
 @pytest.mark.parametrize(
@@ -299,21 +311,25 @@ def test_an_agent_steps_minigrid_view_only_with_mgview_and_numpy_actions_with_np
     from stable_baselines3.common.env_util import is_wrapped
 
     from mnm_rl.envs.minigrid_actions import IntActions
+    from mnm_rl.envs.minigrid_memory import FastMemoryGrid
     from mnm_rl.envs.minigrid_view import FastGenObs
 
     args = learn_pairs.parse_args(SMALL)
-    for config, fast, ints in (
-        ("ceiling", True, True),
-        ("ceiling/mgview", False, True),
-        ("ceiling/npact", True, False),
-        ("sb3-contrib", True, True),
-        ("sb3-contrib/mgview/npact", False, False),
+    for config, fast, ints, grid in (
+        ("ceiling", True, True, True),
+        ("ceiling/mgview", False, True, True),
+        ("ceiling/npact", True, False, True),
+        ("ceiling/mgreset", True, True, False),
+        ("sb3-contrib", True, True, True),
+        ("sb3-contrib/mgview/npact/mgreset", False, False, False),
     ):
         agent = learn_pairs.Agent(config, args.setting)
         try:
             views = [env.unwrapped.__dict__.get("gen_obs") for env in agent.env.envs]
             assert [isinstance(v, FastGenObs) for v in views] == [fast] * args.setting.n_envs
             assert [is_wrapped(env, IntActions) for env in agent.env.envs] == [ints] * len(views)
+            grids = [env.unwrapped.__dict__.get("_gen_grid") for env in agent.env.envs]
+            assert [isinstance(g, FastMemoryGrid) for g in grids] == [grid] * len(views)
             assert agent.learn_once()[0] > 0
         finally:
             agent.env.close()

@@ -1,0 +1,143 @@
+"""MiniGrid-Memory's episode layout from a kept wall plan: the same grid, drawn faster.
+
+Every reset of a MiniGrid env builds its grid anew (``MiniGridEnv._gen_grid``). ``MemoryEnv``'s
+makes a ``Grid``, then a new ``Wall`` object for each of its 30-50 wall cells through
+``Grid.set`` (with its bounds checks), then draws the start column and the three objects. The
+walls depend on nothing but the env's size and the hallway's length, and no MemoryEnv code ever
+changes one. That made a reset cost 60 us against 16 us for a step (MiniGrid-MemoryS7 at a 3 x 3
+view on this project's VM), and an agent that has learned the task ends an episode every 9 steps
+or so: resets then cost a trained agent's envs a third as much as its steps.
+
+:class:`FastMemoryGrid` stands in for ``MemoryEnv._gen_grid`` on one env. It keeps, for each
+hallway length it has met, the list of the grid's cells with its walls in place, and for each
+episode copies that list into a new ``Grid`` (the ``Wall`` objects are shared between the
+env's episodes: walls hold nothing but their type and colour, and nothing in a MemoryEnv
+episode changes them), then makes the same draws from the env's generator, in the same order,
+with the same calls (``_rand_int``, ``_rand_elem``), and places the same objects. The grid,
+start, targets and generator state after a reset are the same as MiniGrid's
+(``tests/test_minigrid_memory.py`` resets both over many seeds, sizes and random lengths and
+steps them side by side); ``python benchmarks/minigrid_reset.py`` times the two.
+
+:func:`use_fast_memory_grid` installs it on one env; mnm_rl's env builder does so for every
+``MemoryEnv`` that keeps MiniGrid's ``_gen_grid`` (``MNM_RL_FAST_RESET=0`` in the environment
+keeps MiniGrid's own).
+"""
+
+from __future__ import annotations
+
+import os
+
+import gymnasium as gym
+import numpy as np
+from minigrid.core.grid import Grid
+from minigrid.core.world_object import Ball, Key, Wall, WorldObj
+from minigrid.envs.memory import MemoryEnv
+
+#: Set to ``0`` in the environment to keep MiniGrid's own ``MemoryEnv._gen_grid`` everywhere.
+SWITCH_VARIABLE = "MNM_RL_FAST_RESET"
+
+
+def memory_walls(width: int, height: int, hallway_end: int) -> list[WorldObj | None]:
+    """The cells (``Grid.grid``'s row-major list) of a MemoryEnv grid with only its walls:
+    the outer walls, the start room's, the horizontal hallway's and the vertical hallway's
+    (MiniGrid's ``MemoryEnv._gen_grid``, whose hallway runs east to column ``hallway_end``)."""
+    cells: list[WorldObj | None] = [None] * (width * height)
+    wall = Wall()
+
+    def put(x: int, y: int) -> None:
+        cells[y * width + x] = wall
+
+    for x in range(width):
+        put(x, 0)
+        put(x, height - 1)
+    for y in range(height):
+        put(0, y)
+        put(width - 1, y)
+    upper_room_wall, lower_room_wall = height // 2 - 2, height // 2 + 2
+    for x in range(1, 5):
+        put(x, upper_room_wall)
+        put(x, lower_room_wall)
+    put(4, upper_room_wall + 1)
+    put(4, lower_room_wall - 1)
+    for x in range(5, hallway_end):
+        put(x, upper_room_wall + 1)
+        put(x, lower_room_wall - 1)
+    for y in range(height):
+        if y != height // 2:
+            put(hallway_end, y)
+        put(hallway_end + 2, y)
+    return cells
+
+
+class FastMemoryGrid:
+    """Stands in for ``MemoryEnv._gen_grid`` on one env (as an attribute of the instance): the
+    same grid, start, targets and draws, the walls copied from a plan kept per hallway length
+    (see the module docstring)."""
+
+    def __init__(self, env: MemoryEnv) -> None:
+        self.env = env
+        #: ``(width, height, hallway_end)`` -> the cells with the walls in place
+        self.plans: dict[tuple[int, int, int], list[WorldObj | None]] = {}
+
+    def __call__(self, width: int, height: int) -> None:
+        env = self.env
+        # MiniGrid's draws, in its order: the hallway's end (random_length only), the start
+        # column, the start room's object, the order of the two objects at the split.
+        hallway_end = env._rand_int(4, width - 2) if env.random_length else width - 3
+        key = (width, height, hallway_end)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = memory_walls(width, height, hallway_end)
+        grid = Grid(width, height)
+        grid.grid = plan.copy()
+        env.grid = grid
+
+        middle = height // 2
+        env.agent_pos = np.array((env._rand_int(1, hallway_end + 1), middle))
+        env.agent_dir = 0
+
+        start_room_obj = env._rand_elem([Key, Ball])
+        cells = grid.grid
+        cells[(middle - 1) * width + 1] = start_room_obj("green")
+        other_objs = env._rand_elem([[Ball, Key], [Key, Ball]])
+        pos0 = (hallway_end + 1, middle - 2)
+        pos1 = (hallway_end + 1, middle + 2)
+        cells[pos0[1] * width + pos0[0]] = other_objs[0]("green")
+        cells[pos1[1] * width + pos1[0]] = other_objs[1]("green")
+
+        if start_room_obj == other_objs[0]:
+            env.success_pos = (pos0[0], pos0[1] + 1)
+            env.failure_pos = (pos1[0], pos1[1] - 1)
+        else:
+            env.success_pos = (pos1[0], pos1[1] - 1)
+            env.failure_pos = (pos0[0], pos0[1] + 1)
+        env.mission = "go to the matching object at the end of the hallway"
+
+
+def fast_memory_grid_enabled() -> bool:
+    """Whether :func:`use_fast_memory_grid` may install the fast grid: not switched off by
+    ``MNM_RL_FAST_RESET=0``."""
+    return os.environ.get(SWITCH_VARIABLE, "1") != "0"
+
+
+def use_fast_memory_grid(env: gym.Env) -> bool:
+    """Lay out ``env``'s MiniGrid-Memory grids with :class:`FastMemoryGrid` from now on.
+
+    Applies to an env whose base (``env.unwrapped``) is a ``MemoryEnv`` that keeps MiniGrid's
+    own ``_gen_grid`` (a subclass that changes it keeps its own), unless
+    ``MNM_RL_FAST_RESET=0``. Returns whether the env now has the fast grid; any other env is left
+    as it is (``False``). Installing it twice is harmless.
+    """
+    base = env.unwrapped
+    if not isinstance(base, MemoryEnv):
+        return False
+    if isinstance(base.__dict__.get("_gen_grid"), FastMemoryGrid):
+        return True
+    if (
+        not fast_memory_grid_enabled()
+        or "_gen_grid" in base.__dict__  # replaced on this instance by someone else
+        or type(base)._gen_grid is not MemoryEnv._gen_grid
+    ):
+        return False
+    base._gen_grid = FastMemoryGrid(base)
+    return True
