@@ -330,6 +330,12 @@ class Agent:
             for variable in self.pytorch_switches:
                 os.environ.pop(variable, None)
 
+    def episodes(self) -> tuple[int, int]:
+        """How many episodes its envs have finished so far, and their steps in all (from the
+        envs' ``Monitor``)."""
+        lengths = [n for env in self.env.env_method("get_episode_lengths") for n in env]
+        return len(lengths), sum(lengths)
+
     def close(self) -> None:
         self.env.close()
 
@@ -374,6 +380,7 @@ class RemoteAgent:
             self.close()
             raise RuntimeError(f"--against: the other process imported mnm_rl from {package}")
         self.steps = reply["steps"]
+        self.finished: tuple[int, int] = (0, 0)
 
     def _reply(self) -> dict[str, Any]:
         assert self.process.stdout is not None
@@ -387,7 +394,12 @@ class RemoteAgent:
         self.process.stdin.write("turn\n")
         self.process.stdin.flush()
         reply = self._reply()
+        self.finished = tuple(reply["episodes"])
         return reply["wall"], reply["cpu"]
+
+    def episodes(self) -> tuple[int, int]:
+        """:meth:`Agent.episodes` of the other process's agent, after its last turn."""
+        return self.finished
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -398,7 +410,8 @@ class RemoteAgent:
 
 def serve(config: str, setting: argparse.Namespace) -> None:
     """The ``--serve`` loop: build ``config``'s agent, then one timed ``learn()`` per ``turn``
-    line on stdin, each answered with a JSON line ``{"wall", "cpu"}`` on stdout."""
+    line on stdin, each answered with a JSON line ``{"wall", "cpu", "episodes"}`` on stdout
+    (``episodes``: :meth:`Agent.episodes` after the turn)."""
     # The answers go to the pipe on a file descriptor of their own; whatever else this process
     # or its env workers print goes to stderr, not into the pipe.
     answer = os.fdopen(os.dup(sys.stdout.fileno()), "w")
@@ -415,29 +428,44 @@ def serve(config: str, setting: argparse.Namespace) -> None:
         for line in sys.stdin:
             if line.strip() == "turn":
                 wall, cpu = agent.learn_once()
-                print(json.dumps({"wall": wall, "cpu": cpu}), file=answer, flush=True)
+                reply = {"wall": wall, "cpu": cpu, "episodes": agent.episodes()}
+                print(json.dumps(reply), file=answer, flush=True)
     finally:
         agent.close()
 
 
-def run_pairs(
-    agents: dict[str, Agent | RemoteAgent], pairs: int, warm_up: int
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Steps per wall second and per CPU second of its process, of every agent in each timed
-    turn; the turns' order alternates."""
-    rates: dict[str, list[float]] = {config: [] for config in agents}
-    cpu_rates: dict[str, list[float]] = {config: [] for config in agents}
+class Turns(NamedTuple):
+    """Every timed turn of every config: steps per wall second, steps per CPU second of its
+    process, and the mean length of the episodes that ended in the turn (``None`` where none
+    did)."""
+
+    rates: dict[str, list[float]]
+    cpu_rates: dict[str, list[float]]
+    episode_steps: dict[str, list[float | None]]
+
+
+def run_pairs(agents: dict[str, Agent | RemoteAgent], pairs: int, warm_up: int) -> Turns:
+    """Every agent's timed turns (:class:`Turns`); the turns' order alternates. Episodes are
+    counted outside the timed ``learn()``."""
+    out = Turns(*({config: [] for config in agents} for _ in range(3)))
+    rates = out.rates
+    finished = {config: agent.episodes() for config, agent in agents.items()}
     for turn in range(warm_up + pairs):
         for config, agent in turns(turn, agents):
             seconds, cpu_seconds = agent.learn_once()
+            episodes, steps = agent.episodes()
+            before = finished[config]
+            finished[config] = (episodes, steps)
             if turn >= warm_up:
                 rates[config].append(agent.steps / seconds)
-                cpu_rates[config].append(agent.steps / cpu_seconds)
+                out.cpu_rates[config].append(agent.steps / cpu_seconds)
+                ended = episodes - before[0]
+                out.episode_steps[config].append((steps - before[1]) / ended if ended else None)
         done = turn + 1 - warm_up
         if done > 0 and (done % PROGRESS_EVERY == 0 or done == pairs):
             line = ", ".join(f"{c} {statistics.median(r):.0f}" for c, r in rates.items())
             print(f"turn {done}/{pairs}, median steps/s so far: {line}", flush=True)
-    return rates, cpu_rates
+    return out
 
 
 def ratio_tables(rates: dict[str, list[float]], references: list[str]) -> dict[str, Any]:
@@ -473,10 +501,9 @@ def load_saved_run(path: Path) -> dict[str, Any]:
     raise ValueError("no JSON line of learn_pairs.py with every turn's rates")
 
 
-def summary(
-    args: argparse.Namespace, rates: dict[str, list[float]], cpu_rates: dict[str, list[float]]
-) -> dict[str, Any]:
+def summary(args: argparse.Namespace, timed: Turns) -> dict[str, Any]:
     s = args.setting
+    rates = timed.rates
     ratio_to = ratio_tables(rates, args.ratio_to)
     return {
         "env": s.env, "view_size": s.view_size, "n_envs": s.n_envs, "n_steps": s.n_steps,
@@ -484,7 +511,8 @@ def summary(
         "hidden": s.hidden, "threads": 1, "pairs": args.pairs,
         "sps": {c: statistics.median(r) for c, r in rates.items()},
         "rates": rates,
-        "cpu_rates": cpu_rates,
+        "cpu_rates": timed.cpu_rates,
+        "episode_steps": timed.episode_steps,
         "ratio_to": ratio_to,
     }  # fmt: skip
 
@@ -508,6 +536,12 @@ def median_interval(values: list[float], z: float = 1.96) -> list[float]:
     return [ordered[k], ordered[n - 1 - k]]
 
 
+def _mean_length(steps: list[float | None]) -> str:
+    """The median over turns of their episodes' mean lengths, or "-" where none ended."""
+    known = [s for s in steps if s is not None]
+    return f"{statistics.median(known):.1f}" if known else "-"
+
+
 def print_table(out: dict[str, Any]) -> None:
     width = max(16, *(len(config) for config in out["rates"]))
     print(
@@ -519,6 +553,13 @@ def print_table(out: dict[str, Any]) -> None:
         print(f"{config:{width}s} {statistics.median(wall):8.0f} "
               f"{min(wall):6.0f}..{max(wall):<6.0f}"
               f"  {statistics.median(cpu):11.0f} {min(cpu):6.0f}..{max(cpu):<6.0f}")  # fmt: skip
+    episode_steps = out.get("episode_steps")  # not in runs saved before the thirty-fourth session
+    if episode_steps:
+        tenth = max(1, len(next(iter(episode_steps.values()))) // 10)
+        print(f"\nsteps per episode that ended, over the first and the last {tenth} turns:")
+        for config, steps in episode_steps.items():
+            print(f"{config:{width}s} {_mean_length(steps[:tenth]):>9s} "
+                  f"{_mean_length(steps[-tenth:]):>9s}")  # fmt: skip
     for reference, table in out["ratio_to"].items():
         print(f"\nrate over {reference}'s in the same turn: median [95% CI] (quartiles, min..max)")
         for config, ratio in table["median"].items():
@@ -565,11 +606,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )
                 else:
                     agents[config] = Agent(config, s)
-            rates, cpu_rates = run_pairs(agents, args.pairs, args.warm_up)
+            timed = run_pairs(agents, args.pairs, args.warm_up)
         finally:
             for agent in agents.values():
                 agent.close()
-    out = summary(args, rates, cpu_rates)
+    out = summary(args, timed)
     print()
     print_table(out)
     print(json.dumps(out))

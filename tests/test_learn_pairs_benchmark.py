@@ -128,32 +128,42 @@ def test_ratios_are_taken_turn_by_turn(learn_pairs):
         "mlp": [50.0, 100.0, 50.0],
         "sb3-contrib": [10.0, 20.0, 10.0],
     }
-    out = learn_pairs.summary(args, rates, rates)
+    episodes = {config: [None, 4.0, 5.0] for config in rates}
+    out = learn_pairs.summary(args, learn_pairs.Turns(rates, rates, episodes))
     by_lstm, by_sb3 = out["ratio_to"]["lstm"], out["ratio_to"]["sb3-contrib"]
     assert by_lstm["median"] == {"mlp": 0.5, "sb3-contrib": 0.1}
     assert by_lstm["quartiles"]["mlp"] == [0.5, 0.5] and by_lstm["ci95"]["mlp"] == [0.5, 0.5]
     assert by_lstm["range"] == {"mlp": [0.5, 0.5], "sb3-contrib": [0.1, 0.1]}
     assert by_sb3["median"] == {"lstm": 10.0, "mlp": 5.0}
     assert out["sps"] == {"lstm": 100.0, "mlp": 50.0, "sb3-contrib": 10.0}
-    assert out["rates"] == rates
+    assert out["rates"] == rates and out["episode_steps"] == episodes
 
 
 def test_turns_alternate_and_the_warm_up_is_not_counted(learn_pairs):
     seen: list[str] = []
 
     class Recording:
+        """Ends two episodes of 3 steps at every turn (lstm), or one of 20 at every other."""
+
         def __init__(self, config):
-            self.config, self.steps = config, 10
+            self.config, self.steps, self.turns = config, 10, 0
 
         def learn_once(self):
             seen.append(self.config)
+            self.turns += 1
             return 0.5, 0.25
 
+        def episodes(self):
+            if self.config == "lstm":
+                return 2 * self.turns, 6 * self.turns
+            return self.turns // 2, 20 * (self.turns // 2)
+
     agents = {"lstm": Recording("lstm"), "mnm-p/k2": Recording("mnm-p/k2")}
-    rates, cpu_rates = learn_pairs.run_pairs(agents, pairs=3, warm_up=1)
+    timed = learn_pairs.run_pairs(agents, pairs=3, warm_up=1)
     assert seen == ["lstm", "mnm-p/k2", "mnm-p/k2", "lstm"] * 2
-    assert rates == {"lstm": [20.0] * 3, "mnm-p/k2": [20.0] * 3}  # warm-up not counted
-    assert cpu_rates == {"lstm": [40.0] * 3, "mnm-p/k2": [40.0] * 3}
+    assert timed.rates == {"lstm": [20.0] * 3, "mnm-p/k2": [20.0] * 3}  # warm-up not counted
+    assert timed.cpu_rates == {"lstm": [40.0] * 3, "mnm-p/k2": [40.0] * 3}
+    assert timed.episode_steps == {"lstm": [3.0] * 3, "mnm-p/k2": [20.0, None, 20.0]}
 
 
 def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monkeypatch):
@@ -244,6 +254,11 @@ def test_a_run_prints_a_table_and_a_json_last_line(learn_pairs, capsys, tmp_path
     assert [len(r) for r in out["cpu_rates"].values()] == [2, 2, 2, 2]
     assert set(out["ratio_to"]["mlp"]["median"]) == {"mnm-p:1x1/par", "ceiling", "sb3-contrib"}
     assert any(line.startswith("mnm-p:1x1/par") for line in lines)
+    # 2 envs x 16 steps a turn on MiniGrid-MemoryS7 (at most 245 steps an episode): a turn
+    # may end no episode, and any that ended took at least a step
+    assert [len(e) for e in out["episode_steps"].values()] == [2, 2, 2, 2]
+    assert all(e is None or e >= 1 for es in out["episode_steps"].values() for e in es)
+    assert any("steps per episode that ended" in line for line in lines)
     # the saved output summarised again against another reference, running nothing
     saved = tmp_path / "run.txt"
     saved.write_text("\n".join(lines) + "\n")
@@ -372,6 +387,8 @@ def test_against_runs_the_other_commit_in_a_process_of_its_own(learn_pairs, monk
     assert [len(r) for r in out["rates"].values()] == [2, 2]
     assert all(rate > 0 for rates in out["rates"].values() for rate in rates)
     assert list(out["ratio_to"]) == ["mlp@HEAD"]
+    # the same seeds and code on both sides: the same episodes end in the same turns
+    assert out["episode_steps"]["mlp"] == out["episode_steps"]["mlp@HEAD"]
     assert "against: HEAD = " in capsys.readouterr().out
 
 
