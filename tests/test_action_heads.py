@@ -293,3 +293,39 @@ def test_an_update_gets_the_same_loss_and_gradients_with_the_training_heads(
             assert a is None and b is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_training_heads_on_two_threads_equal_one_bit_for_bit(kernel, monkeypatch, dtype):
+    """With two kernel threads the actor and the critic run on a thread each
+    (action_heads.head_threads): the same outputs and gradients as one after the other."""
+    from mnm_rl.memory import fused
+
+    torch.manual_seed(1)
+    action_net = _mlp(24, (64,), 7, nn.Tanh).to(dtype)
+    value_net = _mlp(24, (64,), 1, nn.Tanh).to(dtype)
+    latent = torch.randn(128, 24, dtype=dtype)
+    value_latent = torch.randn(128, 24, dtype=dtype)
+    g_logits, g_values = torch.randn(128, 7, dtype=dtype), torch.randn(128, dtype=dtype)
+    monkeypatch.delenv(fused.KERNEL_THREADS_VARIABLE, raising=False)
+    results = []
+    for threads in (1, 2):
+        fused.set_kernel_threads(threads)
+        try:
+            assert action_heads.head_threads(128) == threads
+            with torch.no_grad():
+                logits, values, backward = action_heads.explicit_heads(
+                    kernel, latent, value_latent, action_net, value_net, nn.Tanh
+                )
+                d_latent, d_value_latent, pairs = backward(g_logits, g_values)
+            results.append([logits, values, d_latent, d_value_latent, *(g for _, g in pairs)])
+        finally:
+            fused.set_kernel_threads(None)
+    assert len(results[0]) == 4 + 8  # two layers of weight and bias per head
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+    fused.set_kernel_threads(2)
+    try:
+        assert action_heads.head_threads(8) == 1  # a few rows stay on one thread
+    finally:
+        fused.set_kernel_threads(None)

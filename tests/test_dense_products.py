@@ -88,3 +88,41 @@ def test_a_right_operand_given_transposed_is_packed_exactly(kernel, rows, cols, 
     eye = torch.eye(cols, dtype=dtype)
     # x w^T with x the identity is w^T itself: every entry packed where it belongs
     assert torch.equal(kernel.dense_product(eye, w.t()), w.t())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_in_parts_equals_one_part_bit_for_bit(kernel, dtype, bias):
+    """The rows of the layer's products split between threads (2 or 3 parts, unequal ones
+    included; a transposed input too): the same output and gradients as in one part."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(37, 24, generator=gen, dtype=dtype)
+    w = torch.randn(67, 24, generator=gen, dtype=dtype)
+    b = torch.randn(67, generator=gen, dtype=dtype) if bias else None
+    grad = torch.randn(37, 67, generator=gen, dtype=dtype)
+
+    def passes(x, grad, parts):
+        return [kernel.linear_forward(x, w, b, parts),
+                *kernel.linear_backward(grad, x, w, True, True, bias, parts)]  # fmt: skip
+
+    for inputs in ((x, grad), (x.t().contiguous().t(), grad.t().contiguous().t())):
+        one = passes(*inputs, 1)
+        for parts in (2, 3):
+            for expected, actual in zip(one, passes(*inputs, parts), strict=True):
+                assert (expected is None and actual is None) or torch.equal(expected, actual)
+    torch.testing.assert_close(one[0], torch.nn.functional.linear(x, w, b))
+
+
+def test_linear_splits_its_rows_by_the_kernel_threads(monkeypatch):
+    monkeypatch.delenv(fused.KERNEL_THREADS_VARIABLE, raising=False)
+    fused.set_kernel_threads(2)
+    try:
+        assert products.row_parts(256) == 2  # a minibatch
+        assert products.row_parts(8) == 1  # a rollout step's envs
+    finally:
+        fused.set_kernel_threads(None)
+    fused.set_kernel_threads(1)
+    try:
+        assert products.row_parts(256) == 1
+    finally:
+        fused.set_kernel_threads(None)

@@ -204,3 +204,93 @@ def test_without_a_built_kernel_the_module_runs(monkeypatch, kind):
     assert calls == []
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("own_products", [True, False], ids=["own-products", "aten-products"])
+def test_lstm_passes_in_parts_equal_one_part_bit_for_bit(kernel, monkeypatch, dtype, own_products):
+    """The batch split between threads (2, 3 or 5 parts, unequal ones included): every output
+    and gradient the same as in one part, with resets: bit for bit with the kernels' own
+    products, to rounding with ATen's (MKL blocks a product by its number of rows)."""
+    monkeypatch.setenv("MNM_RL_DENSE_PRODUCTS", "1" if own_products else "0")
+    steps, batch, hidden = 7, 11, 16
+    gen = torch.Generator().manual_seed(3)
+    gates_x = torch.randn(steps, batch, 4 * hidden, generator=gen, dtype=dtype)
+    keep = (torch.rand(steps, batch, generator=gen) > 0.2).to(dtype)
+    h0, c0, g_c = (torch.randn(batch, hidden, generator=gen, dtype=dtype) for _ in range(3))
+    w_hh = 0.3 * torch.randn(4 * hidden, hidden, generator=gen, dtype=dtype)
+    g_hs = torch.randn(steps, batch, hidden, generator=gen, dtype=dtype)
+
+    def passes(parts):
+        out = kernel.lstm_forward(gates_x, keep, h0, c0, w_hh, True, parts)
+        grads = kernel.lstm_backward(g_hs, g_c, keep, h0, c0, w_hh, out[0], out[2], out[3], parts)
+        return [*out, *grads]
+
+    one = passes(1)
+    assert keep.min() == 0  # some resets
+    for parts in (2, 3, 5):
+        for expected, got in zip(one, passes(parts), strict=True):
+            if own_products:
+                assert torch.equal(expected, got)
+            else:
+                torch.testing.assert_close(got, expected)
+    with pytest.raises(RuntimeError, match="parts must be in"):
+        kernel.lstm_forward(gates_x, keep, h0, c0, w_hh, True, batch + 1)
+    with pytest.raises(RuntimeError, match="parts must be in"):
+        kernel.lstm_backward(g_hs, g_c, keep, h0, c0, w_hh, *one[:1], *one[2:4], 0)
+
+
+def test_lstm_core_trains_on_kernel_threads_as_on_one(kernel, monkeypatch):
+    """With two kernel threads a training batch runs in two parts (fused.batch_parts): the
+    outputs and every gradient are those of one thread, bit for bit."""
+    core = _core("lstm", 5, 8, dtype=torch.float32)
+    x, starts, state = _inputs(core, steps=6, batch=8, dtype=torch.float32)
+    parts = []
+    original = fused.batch_parts
+    monkeypatch.setattr(fused, "batch_parts", lambda *a, **k: parts.append(original(*a, **k))
+                        or parts[-1])  # fmt: skip
+    results = []
+    for threads in (1, 2):
+        fused.set_kernel_threads(threads)
+        try:
+            results.append(_run(core, x, starts, state, monkeypatch, use_kernel=True))
+        finally:
+            fused.set_kernel_threads(None)
+    assert parts == [1, 1, 2, 2]  # forward and backward, one thread then two
+    one, two = results
+    assert one.keys() == two.keys() and "grad.rnn.weight_hh_l0" in one
+    assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_an_lstm_agent_trains_the_same_on_two_kernel_threads(monkeypatch):
+    """A seeded lstm agent's training on MiniGrid, with its updates' LSTM, input projection and
+    heads split between two kernel threads (the small run's minibatches of 4 chunks of 8 steps
+    split too: smaller minimum parts): the same parameters, bit for bit, as on one."""
+    from minigrid_training import assert_same_parameters, trained_parameters
+
+    from mnm_rl.agent import action_heads
+    from mnm_rl.memory import products
+
+    monkeypatch.delenv(fused.KERNEL_THREADS_VARIABLE, raising=False)
+    monkeypatch.setattr(fused, "MIN_PART_ROWS", 2)
+    monkeypatch.setattr(products, "MIN_PART_ROWS", 8)
+    monkeypatch.setattr(action_heads, "MIN_THREAD_ROWS", 8)
+    splits = []
+    for module, name in ((fused, "batch_parts"), (products, "row_parts"),
+                         (action_heads, "head_threads")):  # fmt: skip
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, f=original, n=name, **k: splits.append(
+            (n, f(*a, **k))) or splits[-1][1])  # fmt: skip
+    policies = []
+    for threads in (1, 2):
+        fused.set_kernel_threads(threads)
+        try:
+            policies.append(trained_parameters())
+        finally:
+            fused.set_kernel_threads(None)
+    assert {(n, k) for n, k in splits if k > 1} == {
+        ("batch_parts", 2),
+        ("row_parts", 2),
+        ("head_threads", 2),
+    }
+    assert_same_parameters(*policies)

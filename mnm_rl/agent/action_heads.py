@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from mnm_rl import native
+from mnm_rl.memory import fused
 from mnm_rl.memory.base import Gradients
 
 #: The kernel's C++ source, built into its own extension.
@@ -110,6 +111,19 @@ def trains(latent: Tensor, action_net: nn.Sequential, activation_fn: type[nn.Mod
     )
 
 
+#: The fewest rows for which the heads' training passes run the actor and the critic on a
+#: thread each (with two kernel threads): a minibatch's 256 rows do, a few rows would not gain.
+MIN_THREAD_ROWS = 64
+
+
+def head_threads(rows: int) -> int:
+    """On how many threads (1 or 2) the heads' training passes run for ``rows`` rows: the actor
+    on one and the critic on the other where the kernels have two threads
+    (:func:`mnm_rl.memory.fused.kernel_threads`) and there are :data:`MIN_THREAD_ROWS` rows or
+    more. The results are the same bit for bit."""
+    return 2 if fused.kernel_threads() >= 2 and rows >= MIN_THREAD_ROWS else 1
+
+
 class _TrainHeads(torch.autograd.Function):
     """``apply(kernel, activation, n_actor, latent, value_latent, *actor, *critic)`` ->
     ``(logits [N, A], values [N])``, with the heads' backward pass in the kernel too; ``actor``
@@ -118,10 +132,11 @@ class _TrainHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel, activation, n_actor, latent, value_latent, *params):  # noqa: D102
         actor, critic = list(params[:n_actor]), list(params[n_actor:])
+        threads = head_threads(latent.shape[0])
         logits, values, actor_in, critic_in = kernel.heads_forward(
-            latent, value_latent, actor, critic, activation
+            latent, value_latent, actor, critic, activation, threads
         )
-        ctx.kernel, ctx.activation = kernel, activation
+        ctx.kernel, ctx.activation, ctx.threads = kernel, activation, threads
         ctx.counts = (n_actor, len(critic), len(actor_in))
         ctx.save_for_backward(*params, *actor_in, *critic_in)
         ctx.set_materialize_grads(False)
@@ -139,7 +154,7 @@ class _TrainHeads(torch.autograd.Function):
             empty if g_logits is None else g_logits,
             empty if g_values is None else g_values,
             list(actor), list(critic), list(inputs[:n_actor_in]), list(inputs[n_actor_in:]),
-            ctx.activation,
+            ctx.activation, ctx.threads,
         )  # fmt: skip
         return None, None, None, d_latent, d_value_latent, *d_actor, *d_critic
 
@@ -183,13 +198,13 @@ def explicit_heads(
     autograd, and their backward pass by the kernel's (:mod:`mnm_rl.agent.explicit`); run both
     under ``torch.no_grad()``. Where :func:`trains` holds but for the gradient mode."""
     actor, critic = layer_tensors(action_net), layer_tensors(value_net)
-    code = ACTIVATION_CODES[activation_fn]
+    code, threads = ACTIVATION_CODES[activation_fn], head_threads(latent.shape[0])
     logits, values, actor_in, critic_in = kernel.heads_forward(latent, value_latent, actor,
-                                                               critic, code)  # fmt: skip
+                                                               critic, code, threads)  # fmt: skip
 
     def backward(g_logits: Tensor, g_values: Tensor) -> tuple[Tensor, Tensor, Gradients]:
         d_latent, d_value_latent, d_actor, d_critic = kernel.heads_backward(
-            g_logits, g_values, actor, critic, actor_in, critic_in, code
+            g_logits, g_values, actor, critic, actor_in, critic_in, code, threads
         )
         pairs = list(zip(actor + critic, d_actor + d_critic, strict=True))
         return d_latent, d_value_latent, pairs

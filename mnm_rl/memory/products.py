@@ -24,13 +24,25 @@ from mnm_rl.memory import fused
 SWITCH_VARIABLE = "MNM_RL_DENSE_PRODUCTS"
 
 
+#: The fewest rows a thread gets when a product's rows are split between the kernel's threads.
+MIN_PART_ROWS = 64
+
+
+def row_parts(rows: int) -> int:
+    """Into how many parts, one per thread, :func:`linear` splits the rows of its products: one
+    per kernel thread (:func:`mnm_rl.memory.fused.kernel_threads`) while each keeps at least
+    :data:`MIN_PART_ROWS` rows (a training minibatch's 256 rows in two parts; a rollout step's
+    few in one). The results are the same bit for bit whatever the parts."""
+    return max(1, min(fused.kernel_threads(), rows // MIN_PART_ROWS))
+
+
 class _DenseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernel: ModuleType, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: D102
         ctx.kernel = kernel
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return kernel.linear_forward(x, weight, bias)
+        return kernel.linear_forward(x, weight, bias, row_parts(x.shape[0]))
 
     @staticmethod
     @once_differentiable
@@ -38,7 +50,7 @@ class _DenseLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g_x, g_weight, g_bias = ctx.kernel.linear_backward(
-            grad, x, weight, needs[1], needs[2], ctx.has_bias and needs[3]
+            grad, x, weight, needs[1], needs[2], ctx.has_bias and needs[3], row_parts(x.shape[0])
         )
         return None, g_x, g_weight, g_bias if ctx.has_bias else None
 
@@ -79,11 +91,12 @@ def linear_explicit(
     :func:`linear` takes them, else by ATen's; call both under ``torch.no_grad()``."""
     kernel = _kernel(x, weight, bias)
     if kernel is not None:
-        y = kernel.linear_forward(x, weight, bias)
+        parts = row_parts(x.shape[0])
+        y = kernel.linear_forward(x, weight, bias, parts)
 
         def backward(grad: Tensor, needs_x: bool) -> tuple[Tensor | None, Tensor, Tensor | None]:
             g_x, g_weight, g_bias = kernel.linear_backward(
-                grad, x, weight, needs_x, True, bias is not None
+                grad, x, weight, needs_x, True, bias is not None, parts
             )
             return (g_x if needs_x else None), g_weight, (g_bias if bias is not None else None)
 

@@ -7,7 +7,10 @@ sequence starts an episode and make one call per span; with short episodes and 1
 minibatch that is a call every step or two, and the cost grows with how often episodes end. The
 kernels (``csrc/lstm_sequence.cpp``, ``csrc/gru_sequence.cpp``, in the extension of
 :mod:`mnm_rl.memory.fused`) treat a reset as a mask instead: one call forward and one backward
-whatever the resets, with the ``nn.LSTM``/``nn.GRU`` module's own weights.
+whatever the resets, with the ``nn.LSTM``/``nn.GRU`` module's own weights. The LSTM's passes
+run a training batch in parts on the MNM kernel's threads (:func:`mnm_rl.memory.fused.batch_parts`,
+``MNM_RL_KERNEL_THREADS``), each part's sequences on a thread of its own, with the same results
+bit for bit as on one thread (with the kernels' own products; with ATen's to rounding).
 
 ``tests/test_rnn_kernels.py`` compares them with the module run span by span: outputs, final
 state and every gradient, in float64. The cores use them on the CPU, whatever the resets,
@@ -51,7 +54,8 @@ class FusedLSTMSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, config, gates_x, keep, h0, c0, w_hh):  # noqa: D102
         kernel, store = config
-        hs, c_final, cs, acts = kernel.lstm_forward(gates_x, keep, h0, c0, w_hh, store)
+        parts = fused.batch_parts(*gates_x.shape[:2])
+        hs, c_final, cs, acts = kernel.lstm_forward(gates_x, keep, h0, c0, w_hh, store, parts)
         ctx.kernel = kernel
         ctx.save_for_backward(keep, h0, c0, w_hh, hs, cs, acts)
         ctx.set_materialize_grads(False)
@@ -64,7 +68,7 @@ class FusedLSTMSequence(torch.autograd.Function):
         g_gates, g_h0, g_c0, g_w_hh = ctx.kernel.lstm_backward(
             empty if g_hs is None else g_hs.contiguous(),
             empty if g_c is None else g_c.contiguous(),
-            keep, h0, c0, w_hh, hs, cs, acts,
+            keep, h0, c0, w_hh, hs, cs, acts, fused.batch_parts(*hs.shape[:2]),
         )  # fmt: skip
         return None, g_gates, None, g_h0, g_c0, g_w_hh
 
@@ -130,11 +134,14 @@ def explicit_lstm(
     gates_x, linear_backward = products.linear_explicit(flat, rnn.weight_ih_l0, bias)
     keep = (episode_starts == 0).to(x.dtype).contiguous()
     h0, c0, w_hh = h0.contiguous(), c0.contiguous(), rnn.weight_hh_l0
-    hs, _, cs, acts = kernel.lstm_forward(gates_x.view(steps, batch, -1), keep, h0, c0, w_hh, True)
+    parts = fused.batch_parts(steps, batch)
+    hs, _, cs, acts = kernel.lstm_forward(
+        gates_x.view(steps, batch, -1), keep, h0, c0, w_hh, True, parts
+    )
 
     def backward(g_hs: Tensor) -> tuple[Tensor, Gradients]:
         g_gates, _, _, g_w_hh = kernel.lstm_backward(
-            g_hs.contiguous(), torch.Tensor(), keep, h0, c0, w_hh, hs, cs, acts
+            g_hs.contiguous(), torch.Tensor(), keep, h0, c0, w_hh, hs, cs, acts, parts
         )
         g_x, g_w_ih, g_bias = linear_backward(g_gates.view(steps * batch, -1), True)
         # Both biases get the gradient of their sum: two tensors, as the optimizer's clipping

@@ -19,7 +19,9 @@
 // each (heads_forward, heads_backward; mnm_rl/agent/action_heads.py: train_heads): the products
 // through the kernels' hand-written products (memory/csrc/dense_products.h), the activations
 // in place with the kernels' own tanh (elementwise.h: branch-free, a few float ulps from torch.tanh, which on an AMD CPU goes through MKL's generic
-// code at 2.4 ns a float) and their derivatives through the outputs.
+// code at 2.4 ns a float) and their derivatives through the outputs. With threads = 2 the actor
+// and the critic run on a thread each (memory/csrc/parts.h), the same arithmetic as one after
+// the other.
 
 #include <torch/extension.h>
 
@@ -27,6 +29,7 @@
 #include <vector>
 
 #include "../../memory/csrc/elementwise.h"
+#include "../../memory/csrc/parts.h"
 #include "heads.h"  // heads_step
 
 namespace {
@@ -97,13 +100,17 @@ std::vector<at::Tensor> head_backward(at::Tensor g, const std::vector<at::Tensor
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
 heads_forward(const at::Tensor& latent, const at::Tensor& value_latent,
               const std::vector<at::Tensor>& actor, const std::vector<at::Tensor>& critic,
-              int64_t activation) {
+              int64_t activation, int64_t threads) {
   TORCH_CHECK(activation == kTanh || activation == kReLU, "action_heads: unknown activation ",
               activation);
   TORCH_CHECK(latent.dim() == 2 && value_latent.dim() == 2 && latent.is_cpu(),
               "action_heads: expected CPU latents [N, F]");
-  std::vector<at::Tensor> a = head_forward(latent, actor, activation);
-  std::vector<at::Tensor> c = head_forward(value_latent, critic, activation);
+  std::vector<at::Tensor> a, c;
+  mnm_rl::for_each_part(2, threads >= 2 ? 2 : 1, [&](int64_t, int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h)
+      (h == 0 ? a : c) = head_forward(h == 0 ? latent : value_latent, h == 0 ? actor : critic,
+                                      activation);
+  });
   TORCH_CHECK(c.back().size(1) == 1, "action_heads: the critic gives ", c.back().size(1),
               " outputs per row, not 1");
   at::Tensor logits = a.back(), values = c.back().reshape({-1});
@@ -118,15 +125,20 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tens
 heads_backward(const at::Tensor& g_logits, const at::Tensor& g_values,
                const std::vector<at::Tensor>& actor, const std::vector<at::Tensor>& critic,
                const std::vector<at::Tensor>& actor_inputs,
-               const std::vector<at::Tensor>& critic_inputs, int64_t activation) {
+               const std::vector<at::Tensor>& critic_inputs, int64_t activation,
+               int64_t threads) {
   const at::Tensor& x = actor_inputs[0];
   const int64_t N = x.size(0);
   at::Tensor ga = g_logits.numel() > 0 ? g_logits.contiguous()
                                      : at::zeros({N, actor[actor.size() - 2].size(0)}, x.options());
   at::Tensor gv = g_values.numel() > 0 ? g_values.reshape({N, 1}).contiguous()
                                      : at::zeros({N, 1}, x.options());
-  std::vector<at::Tensor> da = head_backward(ga, actor, actor_inputs, activation);
-  std::vector<at::Tensor> dc = head_backward(gv, critic, critic_inputs, activation);
+  std::vector<at::Tensor> da, dc;
+  mnm_rl::for_each_part(2, threads >= 2 ? 2 : 1, [&](int64_t, int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h)
+      (h == 0 ? da : dc) = h == 0 ? head_backward(ga, actor, actor_inputs, activation)
+                                  : head_backward(gv, critic, critic_inputs, activation);
+  });
   at::Tensor d_latent = da[0], d_value_latent = dc[0];
   da.erase(da.begin());
   dc.erase(dc.begin());
@@ -138,10 +150,13 @@ heads_backward(const at::Tensor& g_logits, const at::Tensor& g_values,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("heads_step", &heads_step,
         "the action and value heads for one step, with the actions drawn");
+  // The GIL released: with two threads each takes the caller's thread-local state (parts.h).
   m.def("heads_forward", &heads_forward,
-        "(latent, value_latent, actor, critic, activation) -> (logits, values, actor inputs, "
-        "critic inputs): the heads over a minibatch, for training");
+        "(latent, value_latent, actor, critic, activation, threads) -> (logits, values, actor "
+        "inputs, critic inputs): the heads over a minibatch, for training",
+        py::call_guard<py::gil_scoped_release>());
   m.def("heads_backward", &heads_backward,
-        "(g_logits, g_values, actor, critic, actor inputs, critic inputs, activation) -> "
-        "(d latent, d value_latent, actor grads, critic grads)");
+        "(g_logits, g_values, actor, critic, actor inputs, critic inputs, activation, threads) "
+        "-> (d latent, d value_latent, actor grads, critic grads)",
+        py::call_guard<py::gil_scoped_release>());
 }

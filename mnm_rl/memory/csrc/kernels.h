@@ -59,12 +59,12 @@ std::vector<at::Tensor> mnm_backward_parts(
 // lstm_sequence.cpp: an LSTM with episode resets (see there).
 std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
                                      const at::Tensor& h0, const at::Tensor& c0,
-                                     const at::Tensor& w_hh, bool store);
+                                     const at::Tensor& w_hh, bool store, int64_t parts);
 std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& g_c_final,
                                       const at::Tensor& keep, const at::Tensor& h0,
                                       const at::Tensor& c0, const at::Tensor& w_hh,
                                       const at::Tensor& hs, const at::Tensor& cs,
-                                      const at::Tensor& acts);
+                                      const at::Tensor& acts, int64_t parts);
 
 // gru_sequence.cpp: a GRU with episode resets (see there).
 std::vector<at::Tensor> gru_forward(const at::Tensor& gates_x, const at::Tensor& keep,
@@ -76,9 +76,9 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& k
 
 // linear.cpp: a Linear layer by the hand-written products of dense_products.h (see there).
 at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight,
-                          const c10::optional<at::Tensor>& bias);
+                          const c10::optional<at::Tensor>& bias, int64_t parts);
 std::vector<at::Tensor> linear_backward(const at::Tensor& grad, const at::Tensor& x,
                                         const at::Tensor& weight, bool needs_x, bool needs_weight,
-                                        bool needs_bias);
+                                        bool needs_bias, int64_t parts);
 
 }  // namespace mnm_rl

@@ -47,8 +47,6 @@
 // parity; which of the two mattered was not isolated.
 #include <torch/extension.h>
 
-#include <ATen/ThreadLocalState.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -59,6 +57,7 @@
 #include "dense_products.h"
 #include "elementwise.h"
 #include "kernels.h"
+#include "parts.h"
 #include "row_products.h"
 
 namespace mnm_rl {
@@ -887,37 +886,10 @@ namespace {
 // What mnm_forward returns for the backward pass, after its nine outputs.
 constexpr int64_t kSavedPerPart = 10;
 
-// Row b of `parts` equal parts of [0, B): parts first get B / parts rows, the first B % parts
-// one more.
-int64_t part_start(int64_t B, int64_t parts, int64_t i) {
-  return i * (B / parts) + std::min(i, B % parts);
-}
-
 // Rows [b0, b1) of x along dim, contiguous (an empty tensor stays empty: an absent gradient).
 at::Tensor rows(const at::Tensor& x, int64_t dim, int64_t b0, int64_t b1) {
   if (!present(x)) return x;
   return x.narrow(dim, b0, b1 - b0).contiguous();
-}
-
-// Run body(i, b0, b1) for every part, one OpenMP thread per part, each with the caller's
-// thread-local state (no autograd, inference mode in the rollout). The thread count is the
-// number of parts, whatever torch's intra-op setting (torch.set_num_threads), so the rest of
-// the model can stay on one thread; inside the region ATen and BLAS run on the calling thread.
-// An exception in a part is rethrown here, after the region.
-template <typename F> void for_each_part(int64_t B, int64_t parts, const F& body) {
-  const at::ThreadLocalState caller;
-  std::vector<std::exception_ptr> errors(parts);
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int64_t i = 0; i < parts; ++i) {
-    try {
-      at::ThreadLocalStateGuard guard(caller);
-      body(i, part_start(B, parts, i), part_start(B, parts, i + 1));
-    } catch (...) {
-      errors[i] = std::current_exception();
-    }
-  }
-  for (const auto& error : errors)
-    if (error) std::rethrow_exception(error);
 }
 
 // Output k of every part, concatenated along dim.

@@ -16,13 +16,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_parts", &mnm_rl::mnm_backward_parts,
         "MNM recurrence over a sequence (backward) of forward_parts",
         py::call_guard<py::gil_scoped_release>());
-  m.def("lstm_forward", &mnm_rl::lstm_forward, "LSTM with episode resets over a sequence");
-  m.def("lstm_backward", &mnm_rl::lstm_backward, "its backward pass");
+  // The LSTM's passes split their batch into parts too (the GIL released, as above).
+  m.def("lstm_forward", &mnm_rl::lstm_forward,
+        "LSTM with episode resets over a sequence, the batch in parts run in parallel",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("lstm_backward", &mnm_rl::lstm_backward, "its backward pass",
+        py::call_guard<py::gil_scoped_release>());
   m.def("gru_forward", &mnm_rl::gru_forward, "GRU with episode resets over a sequence");
   m.def("gru_backward", &mnm_rl::gru_backward, "its backward pass");
-  m.def("linear_forward", &mnm_rl::linear_forward, "x W^T + b by the hand-written products");
+  m.def("linear_forward", &mnm_rl::linear_forward,
+        "x W^T + b by the hand-written products, their rows in `parts` parallel parts",
+        py::call_guard<py::gil_scoped_release>());
   m.def("linear_backward", &mnm_rl::linear_backward,
-        "its backward pass: (grad, x, W, needs_x, needs_W, needs_b) -> (dx, dW, db)");
+        "its backward pass: (grad, x, W, needs_x, needs_W, needs_b, parts) -> (dx, dW, db)",
+        py::call_guard<py::gil_scoped_release>());
   m.def(
       "dense_product",
       [](const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& out) {
