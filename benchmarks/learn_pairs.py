@@ -279,6 +279,25 @@ def pytorch_suffixes(parsed: Config) -> list[str]:
     return [suffix for suffix, compiled in pieces if not compiled]
 
 
+def _random_states() -> tuple[Any, Any, Any]:
+    """The states of Python's, numpy's and torch's global random generators."""
+    import random
+
+    import torch
+
+    return random.getstate(), np.random.get_state(), torch.get_rng_state()
+
+
+def _set_random_states(states: tuple[Any, Any, Any]) -> None:
+    import random
+
+    import torch
+
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+
+
 class Agent:
     """One config's agent (or, for ``ceiling``, its env alone), the kernel threads to use while it
     trains and the compiled pieces to run in PyTorch instead."""
@@ -302,7 +321,12 @@ class Agent:
             self.env.reset()
             self.random = np.random.default_rng(0)
         else:
-            self.model = throughput.build_agent(name, setting, self.env, "cpu")
+            self.model = throughput.build_agent(name, setting, self.env, "cpu")  # seeds them
+        #: The global generators' states (Python's, numpy's, torch's) as this agent left them:
+        #: each agent draws from its own, so that agents in one process do not change each
+        #: other's training (the actions drawn, the minibatches' order) by taking turns, and two
+        #: agents of the same config and seed train alike whatever else runs in the process.
+        self.random_states = _random_states()
 
     def learn_once(self) -> tuple[float, float]:
         """Wall seconds and this process's CPU seconds of one ``learn()`` of one rollout
@@ -321,11 +345,15 @@ class Agent:
         fused.set_kernel_threads(self.kernel_threads)
         for variable in self.pytorch_switches:
             os.environ[variable] = "0"
+        others = _random_states()
+        _set_random_states(self.random_states)
         try:
             start, start_cpu = time.perf_counter(), time.process_time()
             self.model.learn(self.steps, reset_num_timesteps=False)
             return time.perf_counter() - start, time.process_time() - start_cpu
         finally:
+            self.random_states = _random_states()
+            _set_random_states(others)
             fused.set_kernel_threads(None)
             for variable in self.pytorch_switches:
                 os.environ.pop(variable, None)

@@ -396,3 +396,23 @@ def test_the_other_process_must_import_the_checkout_it_is_given(learn_pairs, tmp
     monkeypatch.setenv("MNM_RL_FUSED", "0")  # no kernel builds in the other process
     with pytest.raises(RuntimeError, match="imported mnm_rl from"):
         learn_pairs.RemoteAgent("mlp", SMALL, tmp_path, "0" * 40)  # tmp_path holds no mnm_rl
+
+
+def test_agents_in_one_process_draw_from_random_generators_of_their_own(learn_pairs):
+    """Two agents of one seed taking turns with a third in between train alike: the same
+    episodes and parameters (mlp and mlp/k2: the heads on two threads give the same results),
+    and the process's own generators are as they were."""
+    args = learn_pairs.parse_args(["--view-size", "3", *SMALL])
+    agents = {c: learn_pairs.Agent(c, args.setting) for c in ("mlp", "lstm", "mlp/k2")}
+    try:
+        before = torch.get_rng_state()
+        timed = learn_pairs.run_pairs(agents, pairs=3, warm_up=1)
+        assert torch.equal(torch.get_rng_state(), before)
+        assert timed.episode_steps["mlp"] == timed.episode_steps["mlp/k2"]
+        twins = [agents[c].model.policy.state_dict() for c in ("mlp", "mlp/k2")]
+        assert all(torch.equal(twins[0][k], twins[1][k]) for k in twins[0])
+        lstm = agents["lstm"].model.policy.state_dict()
+        assert not torch.equal(twins[0]["action_net.0.weight"], lstm["action_net.0.weight"])
+    finally:
+        for agent in agents.values():
+            agent.close()
