@@ -37,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import throughput  # noqa: E402
+from minigrid_view import median_ratio  # noqa: E402
 
 DEFAULT_ENVS = [
     "MiniGrid-MemoryS7-v0",
@@ -65,11 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"--envs must be MiniGrid-Memory ids, got {' '.join(bad)}")
     return args
-
-
-def median_ratio(a: list[float], b: list[float]) -> float:
-    """The median over rounds of ``a[r] / b[r]``."""
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def builder_env(env_id: str, view: int, fast_reset: bool):
