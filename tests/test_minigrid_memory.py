@@ -218,3 +218,9 @@ def test_benchmark_refuses_bad_arguments(argv, capsys) -> None:
         load_script("minigrid_reset").parse_args(argv)
     assert exit_info.value.code == 2
     assert "must be" in capsys.readouterr().err
+
+
+def test_cli_help_names_the_switch():
+    from mnm_rl.cli import build_parser
+
+    assert "MNM_RL_FAST_RESET=0" in build_parser().format_help()
