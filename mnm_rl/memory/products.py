@@ -42,7 +42,8 @@ class _DenseLinear(torch.autograd.Function):
         ctx.kernel = kernel
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return kernel.linear_forward(x, weight, bias, row_parts(x.shape[0]))
+        ctx.parts = row_parts(x.shape[0])
+        return kernel.linear_forward(x, weight, bias, ctx.parts)
 
     @staticmethod
     @once_differentiable
@@ -50,7 +51,7 @@ class _DenseLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         g_x, g_weight, g_bias = ctx.kernel.linear_backward(
-            grad, x, weight, needs[1], needs[2], ctx.has_bias and needs[3], row_parts(x.shape[0])
+            grad, x, weight, needs[1], needs[2], ctx.has_bias and needs[3], ctx.parts
         )
         return None, g_x, g_weight, g_bias if ctx.has_bias else None
 

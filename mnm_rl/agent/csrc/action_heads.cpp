@@ -106,11 +106,9 @@ heads_forward(const at::Tensor& latent, const at::Tensor& value_latent,
   TORCH_CHECK(latent.dim() == 2 && value_latent.dim() == 2 && latent.is_cpu(),
               "action_heads: expected CPU latents [N, F]");
   std::vector<at::Tensor> a, c;
-  mnm_rl::for_each_part(2, threads >= 2 ? 2 : 1, [&](int64_t, int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h)
-      (h == 0 ? a : c) = head_forward(h == 0 ? latent : value_latent, h == 0 ? actor : critic,
-                                      activation);
-  });
+  mnm_rl::run_both(
+      threads >= 2, [&] { a = head_forward(latent, actor, activation); },
+      [&] { c = head_forward(value_latent, critic, activation); });
   TORCH_CHECK(c.back().size(1) == 1, "action_heads: the critic gives ", c.back().size(1),
               " outputs per row, not 1");
   at::Tensor logits = a.back(), values = c.back().reshape({-1});
@@ -134,11 +132,9 @@ heads_backward(const at::Tensor& g_logits, const at::Tensor& g_values,
   at::Tensor gv = g_values.numel() > 0 ? g_values.reshape({N, 1}).contiguous()
                                      : at::zeros({N, 1}, x.options());
   std::vector<at::Tensor> da, dc;
-  mnm_rl::for_each_part(2, threads >= 2 ? 2 : 1, [&](int64_t, int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h)
-      (h == 0 ? da : dc) = h == 0 ? head_backward(ga, actor, actor_inputs, activation)
-                                  : head_backward(gv, critic, critic_inputs, activation);
-  });
+  mnm_rl::run_both(
+      threads >= 2, [&] { da = head_backward(ga, actor, actor_inputs, activation); },
+      [&] { dc = head_backward(gv, critic, critic_inputs, activation); });
   at::Tensor d_latent = da[0], d_value_latent = dc[0];
   da.erase(da.begin());
   dc.erase(dc.begin());

@@ -102,7 +102,8 @@ std::vector<at::Tensor> gru_backward(const at::Tensor& g_hs, const at::Tensor& k
     std::vector<T_> dh_total(B * H);
     const T_* dht = dh_total.data();
     for (int64_t t = T - 1; t >= 0; --t) {
-      output_grad(dh_total.data(), dh_p, g_hs_p, t, B * H);
+      output_grad(dh_total.data(), dh_p, g_hs_p == nullptr ? nullptr : g_hs_p + t * B * H,
+                  B * H);
       for (int64_t b = 0; b < B; ++b) {
         const T_* __restrict__ a = acts_p + (t * B + b) * 4 * H;
         const T_* __restrict__ ub = u_all + (t * B + b) * H;

@@ -134,11 +134,8 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& 
       T_* dh_p = dh_all + b0 * H;
       T_* dc_p = dc_all + b0 * H;
       for (int64_t t = T - 1; t >= 0; --t) {
-        // The gradient of the part's outputs of step t: what step t + 1 passed back plus the
-        // loss's own (rnn_common.h's output_grad, on the part's rows of the step).
-        const T_* g_t = g_hs_p == nullptr ? nullptr : g_hs_p + t * step_states + b0 * H;
-        for (int64_t x = 0; x < n * H; ++x)
-          dh_total[x] = g_t == nullptr ? dh_p[x] : dh_p[x] + g_t[x];
+        output_grad(dh_total.data(), dh_p,
+                    g_hs_p == nullptr ? nullptr : g_hs_p + t * step_states + b0 * H, n * H);
         const T_* a_p = acts_all + t * step_gates + b0 * 4 * H;
         const T_* c_p = cs_all + t * step_states + b0 * H;
         const T_* c_prev = t == 0 ? c0_all + b0 * H : cs_all + (t - 1) * step_states + b0 * H;
@@ -167,23 +164,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& g_hs, const at::Tensor& 
     });
   });
   // The recurrent weight's gradient, once over all steps: sum_t g_gates[t]^T (keep[t] h_{t-1}),
-  // in parts its rows (each row's sums are the same whatever part computes it).
-  const auto h_prev = entering_states(h0, hs, keep).reshape({T * B, H}).contiguous();
-  const auto g_flat = g_gates.reshape({T * B, 4 * H});
-  if (parts == 1 || !products_apply(g_flat, g_flat, h_prev)) {
-    return {g_gates, dh, dc, product(g_flat.t(), h_prev)};
-  }
-  auto g_w_hh = at::empty({4 * H, H}, opts);
-  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "lstm_backward_w_hh", [&] {
-    using T_ = scalar_t;
-    const T_* g_p = g_flat.data_ptr<T_>();
-    const T_* h_p = h_prev.data_ptr<T_>();
-    T_* out = g_w_hh.data_ptr<T_>();
-    for_each_part(4 * H, parts, [&](int64_t, int64_t r0, int64_t r1) {
-      // rows [r0, r1) of g_flat^T [4H, T B] (strides 1 and 4H) times h_prev [T B, H]
-      dense_product<T_>(g_p + r0, 1, 4 * H, h_p, H, out + r0 * H, H, r1 - r0, H, T * B, false);
-    });
-  });
+  // its rows in parts (parts.h's product_parts).
+  const auto h_prev = entering_states(h0, hs, keep).reshape({T * B, H});
+  const auto g_w_hh = product_parts(g_gates.reshape({T * B, 4 * H}).t(), h_prev, parts);
   return {g_gates, dh, dc, g_w_hh};
 }
 

@@ -47,15 +47,14 @@ inline const T* loss_grads(const at::Tensor& g_hs) {
   return g_hs.data_ptr<T>();
 }
 
-// out [n] = the gradient of step t's output h: what the next step passed back (carried) plus
-// the loss's own gradient of it, row t of g_hs (nullptr: none); n = B * H.
+// out [n] = the gradient of a step's outputs h (n values: some rows of the step): what the next
+// step passed back (carried) plus the loss's own gradient of them, g (nullptr: none).
 template <typename T>
-inline void output_grad(T* out, const T* carried, const T* g_hs, int64_t t, int64_t n) {
-  if (g_hs == nullptr) {
+inline void output_grad(T* out, const T* carried, const T* g, int64_t n) {
+  if (g == nullptr) {
     std::copy(carried, carried + n, out);
     return;
   }
-  const T* g = g_hs + t * n;
   for (int64_t x = 0; x < n; ++x) out[x] = carried[x] + g[x];
 }
 
