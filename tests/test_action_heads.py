@@ -242,6 +242,28 @@ def test_the_training_heads_give_the_modules_outputs_and_gradients(
             torch.testing.assert_close(a, b, **tolerance)
 
 
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.ReLU])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_rollout_steps_heads_compute_what_the_training_heads_recompute(kernel, activation, dtype):
+    # the same products and the same tanh (the kernels' own): a rollout's log-probabilities and
+    # values are, bit for bit, what the update's first pass over the same latents gives
+    torch.manual_seed(0)
+    action_net = _mlp(24, (64, 64), 7, activation).to(dtype)
+    value_net = _mlp(24, (64, 64), 1, activation).to(dtype)
+    latent, value_latent = torch.randn(2, 8, 24, dtype=dtype) * 3
+    with torch.inference_mode():
+        actions, log_probs, values, _ = action_heads.heads_step(
+            kernel, latent, value_latent, action_net, value_net, activation, False
+        )
+    logits, train_values = action_heads.train_heads(
+        kernel, latent, value_latent, action_net, value_net, activation
+    )
+    assert torch.equal(values, train_values.detach())
+    # log_softmax is torch's here, the draw's own in the kernel: equal up to its rounding
+    expected = torch.log_softmax(logits.detach(), -1).gather(1, actions[:, None])[:, 0]
+    torch.testing.assert_close(log_probs, expected, rtol=0, atol=4 * torch.finfo(dtype).eps)
+
+
 def test_one_latent_for_both_heads_gets_both_gradients(kernel):
     torch.manual_seed(1)
     action_net, value_net = _mlp(16, (8,), 3, nn.Tanh), _mlp(16, (8,), 1, nn.Tanh)

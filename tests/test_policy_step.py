@@ -133,6 +133,31 @@ def test_grid_pooling_relu_heads_and_deep_heads(kernel, core):
     assert_same_step(compiled, pytorch)
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8, torch.float64])
+def test_episode_starts_of_any_dtype_reset_the_same_envs(kernel, dtype):
+    policy = make_policy(MINIGRID, "lstm")
+    obs = random_obs(MINIGRID, 8, seed=4)
+    state = random_state(policy, 8, torch.float32)
+    starts = torch.tensor([0, 1, 0, 0, 1, 1, 0, 0])
+    with torch.inference_mode():
+        torch.manual_seed(2)
+        expected = policy.act(obs, state, starts.float())
+        torch.manual_seed(2)
+        got = policy.act(obs, state, starts.to(dtype))
+    for key in expected.state:
+        assert torch.equal(got.state[key], expected.state[key])
+    assert torch.equal(got.log_probs, expected.log_probs)
+    # a reset env's state does not depend on the state it had
+    with torch.inference_mode():
+        other = CoreState({k: v * 2 for k, v in state.items()}, batch_size=8)
+        torch.manual_seed(2)
+        again = policy.act(obs, other, starts.to(dtype))
+    reset = starts.bool()
+    for key in expected.state:
+        assert torch.equal(again.state[key][reset], expected.state[key][reset])
+        assert not torch.equal(again.state[key][~reset], expected.state[key][~reset])
+
+
 @pytest.mark.parametrize("core", ["lstm", "mnm-p"])
 def test_a_state_holding_nan_starts_from_zero_where_an_episode_starts(kernel, core):
     policy = make_policy(MINIGRID, core)

@@ -34,19 +34,6 @@
 
 namespace {
 
-// The activation between a head's layers, in place, with the kernels' own tanh.
-void activate(at::Tensor& y, int64_t activation) {
-  if (activation == kReLU) {
-    y.relu_();
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "heads_tanh", [&] {
-    scalar_t* p = y.data_ptr<scalar_t>();
-    const int64_t n = y.numel();
-    for (int64_t i = 0; i < n; ++i) p[i] = mnm_rl::tanh_(p[i]);
-  });
-}
-
 // g *= the activation's derivative, written through its output y (tanh: 1 - y^2; ReLU: y > 0).
 void times_derivative(at::Tensor& g, const at::Tensor& y, int64_t activation) {
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "heads_derivative", [&] {

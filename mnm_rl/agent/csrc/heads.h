@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../../memory/csrc/dense_products.h"
+#include "../../memory/csrc/elementwise.h"
 
 // Internal linkage, as for the memory kernels' headers: each extension compiles its own copy.
 namespace {
@@ -18,11 +19,29 @@ namespace {
 // The activations between a head's layers (mnm_rl/agent/action_heads.py: ACTIVATION_CODES).
 enum Activation : int64_t { kTanh = 0, kReLU = 1 };
 
+// The activation between a head's layers, in place: ReLU as torch's relu_, tanh with the
+// kernels' own (elementwise.h: branch-free, a few float ulps from torch.tanh, which on an AMD CPU
+// goes through MKL's generic code at 2.4 ns a float and a dispatch of its own). The training
+// heads (action_heads.cpp) and the rollout's use it alike, so a rollout's log-probabilities are
+// those the update's first pass recomputes.
+inline void activate(at::Tensor& y, int64_t activation) {
+  if (activation == kReLU) {
+    y.relu_();
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "heads_tanh", [&] {
+    scalar_t* p = y.data_ptr<scalar_t>();
+    const int64_t n = y.numel();
+    for (int64_t i = 0; i < n; ++i) p[i] = mnm_rl::tanh_(p[i]);
+  });
+}
+
 // x through the layers [W_0, b_0, W_1, b_1, ...], the activation after every layer but the last
-// (and after the last too with activate_last). Rollout steps only: the weights' transposes are
-// kept between calls (cached_packed_transpose).
+// (and after the last too with activate_last): activate's, or with torch_tanh torch's own tanh_
+// (for a module that is PyTorch's in training: the MLP core). Rollout steps only: the weights'
+// transposes are kept between calls (cached_packed_transpose).
 at::Tensor run_head(at::Tensor x, const std::vector<at::Tensor>& layers, int64_t activation,
-                    bool activate_last = false) {
+                    bool activate_last = false, bool torch_tanh = false) {
   TORCH_CHECK(!layers.empty() && layers.size() % 2 == 0,
               "action_heads: a head is a list of weight, bias pairs; got ", layers.size(),
               " tensors");
@@ -30,11 +49,10 @@ at::Tensor run_head(at::Tensor x, const std::vector<at::Tensor>& layers, int64_t
   for (size_t i = 0; i < count; ++i) {
     x = mnm_rl::linear_out(x, layers[2 * i], layers[2 * i + 1], /*cache_transpose=*/true);
     if (i + 1 == count && !activate_last) break;
-    if (activation == kTanh) {
+    if (torch_tanh && activation == kTanh)
       x.tanh_();
-    } else {
-      x.relu_();
-    }
+    else
+      activate(x, activation);
   }
   return x;
 }

@@ -114,7 +114,10 @@ at::Tensor dense_inputs(const std::vector<at::Tensor>& inputs, const std::vector
     widths.push_back(kinds[k] > 0 ? kinds[k] : inputs[k].numel() / B);
     width += widths.back();
   }
-  at::Tensor dense = at::zeros({B, width}, options);
+  at::Tensor dense = at::empty({B, width}, options);  // zeroed below: no fill_ dispatch
+  AT_DISPATCH_FLOATING_TYPES(dense.scalar_type(), "policy_step_zeros", [&] {
+    std::fill_n(dense.data_ptr<scalar_t>(), B * width, scalar_t(0));
+  });
   int64_t column = 0;
   for (size_t k = 0; k < inputs.size(); ++k) {
     if (kinds[k] > 0) {
@@ -189,6 +192,24 @@ at::Tensor encode(const c10::optional<at::Tensor>& grid, const c10::optional<at:
   return out;
 }
 
+// keep [1, B] in the dtype of options: 0 where an episode starts (episode_starts [B], of any
+// dtype, nonzero), else 1, as episode_starts.eq(0) gives it: one loop instead of three
+// dispatched operators (eq, to, reshape).
+at::Tensor keep_rows(const at::Tensor& episode_starts, const at::TensorOptions& options) {
+  const at::Tensor starts = episode_starts.contiguous();
+  const int64_t B = starts.size(0);
+  at::Tensor keep = at::empty({1, B}, options);
+  AT_DISPATCH_ALL_TYPES_AND(at::kBool, starts.scalar_type(), "policy_step_starts", [&] {
+    using in_t = scalar_t;
+    const in_t* in = starts.data_ptr<in_t>();
+    AT_DISPATCH_FLOATING_TYPES(keep.scalar_type(), "policy_step_keep", [&] {
+      scalar_t* out = keep.data_ptr<scalar_t>();
+      for (int64_t b = 0; b < B; ++b) out[b] = in[b] == in_t(0) ? scalar_t(1) : scalar_t(0);
+    });
+  });
+  return keep;
+}
+
 // A copy of a state tensor [B, ...] with the rows of sequences whose episode starts (keep [1, B]
 // is 0) set to zero: set, not multiplied, so a state that holds inf or NaN still starts from zero
 // (rnn_common.h's kept_rows, as the sequence kernels reset theirs).
@@ -216,7 +237,14 @@ std::vector<at::Tensor> lstm_step(const at::Tensor& x, const std::vector<at::Ten
               "policy_step: the LSTM's state must be [", B, ", ", H, "]");
   // gates_x as run_lstm computes it (products.linear), then the recurrent product added as
   // lstm_forward adds it: the same products (dense_products.h), so the same rounding
-  at::Tensor gates = mnm_rl::linear_out(x, layers[0], layers[2] + layers[3], true);
+  at::Tensor bias = at::empty({4 * H}, x.options());  // b_ih + b_hh, as one add computes it
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_lstm_bias", [&] {
+    const at::Tensor b_ih = layers[2].contiguous(), b_hh = layers[3].contiguous();
+    const scalar_t *a = b_ih.data_ptr<scalar_t>(), *b = b_hh.data_ptr<scalar_t>();
+    scalar_t* out = bias.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < 4 * H; ++i) out[i] = a[i] + b[i];
+  });
+  at::Tensor gates = mnm_rl::linear_out(x, layers[0], bias, true);
   at::Tensor h = kept_state(state[0], keep), c = kept_state(state[1], keep);
   mnm_rl::product_into(gates, h, mnm_rl::cached_packed_transpose(layers[1]), true);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "policy_step_lstm", [&] {
@@ -325,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<at::Tensor>> po
              pool_column, dense_columns, sizes);
   // keep [1, B]: 0 where an episode starts (the state is reset first), else 1; every core's
   // step takes it (the MNM kernel as its keep [T, B])
-  const at::Tensor keep = episode_starts.eq(0).to(options.dtype()).reshape({1, B});
+  const at::Tensor keep = keep_rows(episode_starts, options);
   std::vector<at::Tensor> new_state;
   at::Tensor latent;
   switch (core_kind) {
@@ -347,7 +375,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<at::Tensor>> po
     }
     case kMLPCore:
       TORCH_CHECK(state.empty(), "policy_step: the MLP core has no state");
-      latent = run_head(features, core, kTanh, /*activate_last=*/true);
+      // torch's tanh, as MLPCore's forward (PyTorch) computes it in training
+      latent = run_head(features, core, kTanh, /*activate_last=*/true, /*torch_tanh=*/true);
       break;
     default:
       TORCH_CHECK(false, "policy_step: unknown core kind ", core_kind);

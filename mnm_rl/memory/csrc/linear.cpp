@@ -29,7 +29,7 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight,
   } else if (!products_apply(out, x, weight_t)) {
     biased_product_into(out, *bias, x, weight_t);  // ATen's addmm
   } else {
-    out.copy_(bias->dim() == 1 ? bias->unsqueeze(0).expand_as(out) : *bias);  // as biased_product_into
+    copy_bias(out, *bias);  // as biased_product_into
     product_into_parts(out, x, weight_t, true, parts);
   }
   return out;
