@@ -194,6 +194,7 @@ PER_AGENT = (
     throughput.MINIGRID_VIEW,
     throughput.NUMPY_ACTIONS,
     throughput.MINIGRID_RESET,
+    throughput.COMPUTED_VIEWS,
     throughput.PYTORCH_HEADS,
     throughput.PYTORCH_LOSS,
     throughput.PYTORCH_STEP,
@@ -208,7 +209,8 @@ class Config(NamedTuple):
     its kernel threads (2 with ``/k2``), its env worker processes (1 with ``/par``), whether
     its MiniGrid envs have mnm_rl's fast view (not with ``/mgview``), whether they take
     their actions as Python ints (not with ``/npact``), whether its MiniGrid-Memory envs lay
-    out their grids from a kept wall plan (not with ``/mgreset``), whether its rollout steps run the
+    out their grids from a kept wall plan (not with ``/mgreset``), whether they keep the images
+    of the views met (not with ``/viewcalc``), whether its rollout steps run the
     compiled action heads (not with ``/pyheads``), whether its updates run the compiled PPO
     loss (not with ``/pyloss``), whether its rollout steps run the compiled policy step (not
     with ``/pystep``), whether its products are the kernels' own (not with ``/atenmm``),
@@ -221,6 +223,7 @@ class Config(NamedTuple):
     fast_view: bool
     int_actions: bool
     fast_reset: bool
+    kept_views: bool
     compiled_heads: bool
     compiled_loss: bool
     compiled_step: bool
@@ -241,6 +244,7 @@ def parse_config(config: str) -> Config:
         throughput.MINIGRID_VIEW not in suffixes,
         throughput.NUMPY_ACTIONS not in suffixes,
         throughput.MINIGRID_RESET not in suffixes,
+        throughput.COMPUTED_VIEWS not in suffixes,
         throughput.PYTORCH_HEADS not in suffixes,
         throughput.PYTORCH_LOSS not in suffixes,
         throughput.PYTORCH_STEP not in suffixes,
@@ -314,6 +318,7 @@ class Agent:
             fast_view=parsed.fast_view,
             int_actions=parsed.int_actions,
             fast_reset=parsed.fast_reset,
+            kept_views=parsed.kept_views,
         )
         self.steps = setting.n_steps * setting.n_envs
         if name == CEILING:

@@ -1,22 +1,28 @@
-"""MiniGrid-Memory's resets: MiniGrid's ``MemoryEnv._gen_grid`` against mnm_rl's kept wall plan.
+"""MiniGrid-Memory's resets and steps: MiniGrid's ``MemoryEnv._gen_grid`` against mnm_rl's kept
+wall plan, and that plan with and without the kept views' images.
 
+Three variants, all with the fast view and int actions of mnm_rl's env builder: ``minigrid``
+(MiniGrid's own grid code), ``plan`` (the grid from a kept wall plan,
+``mnm_rl.envs.minigrid_memory.FastMemoryGrid``, every view computed) and ``kept`` (the plan, and
+the images of the views met kept and reused, ``KeptViews``: what mnm_rl's env builder makes).
 Two measurements, each in interleaved rounds (every variant once per round, the order reversed
 every other round, medians reported):
 
-* ``reset``: microseconds per ``env.reset()`` of one env of each ``--envs`` id, made with
-  MiniGrid's own grid code and with mnm_rl's (``mnm_rl.envs.minigrid_memory``), both with the
-  fast view and int actions of mnm_rl's env builder;
+* ``reset``: microseconds per ``env.reset()`` of one env of each ``--envs`` id;
 * ``step``: raw stepping of ``--n-envs`` envs of the first env id in a ``LeanDummyVecEnv``, made
-  as ``throughput.py`` makes them (its ``ceiling``, ``ceiling/mgreset`` for MiniGrid's grid),
-  with two kinds of actions: ``random`` (the ceiling's: long episodes, few resets) and
-  ``walker`` (east to the split, then north or south onto an object: episodes of a few steps,
-  as an agent that has learned the task makes them, when resets weigh most). Only the
-  ``step()`` calls are timed, not the walker's choice of actions.
+  as ``throughput.py`` makes them (its ``ceiling``, ``ceiling/mgreset`` for MiniGrid's grid,
+  ``ceiling/viewcalc`` for the plan alone), with two kinds of actions: ``random`` (the
+  ceiling's: long episodes, few resets) and ``walker`` (east to the split, then north or south
+  onto an object: episodes of a few steps, as an agent that has learned the task makes them,
+  when resets weigh most). Only the ``step()`` calls are timed, not the walker's choice of
+  actions.
 
-Prints two tables and, as its last line, a JSON object ``{"rounds", "reset": [{"env",
-"minigrid_us", "fast_us", "speedup"}], "step": [{"env", "view", "n_envs", "actions",
-"steps_per_episode", "minigrid_sps", "fast_sps", "speedup"}]}``: ``speedup`` is fast over
-MiniGrid's, the median over rounds of the round's ratio.
+Prints two tables and, as its last line, a JSON object ``{"rounds", "view", "reset": [{"env",
+"minigrid_us", "plan_us", "kept_us", "plan_speedup", "kept_speedup"}], "step": [{"env", "view",
+"n_envs", "actions", "steps_per_episode", "minigrid_sps", "plan_sps", "kept_sps",
+"plan_speedup", "kept_speedup"}]}``: ``plan_speedup`` is the plan over MiniGrid's code,
+``kept_speedup`` the kept views over the plan alone, each the median over rounds of the round's
+ratio.
 
     python benchmarks/minigrid_reset.py
     python benchmarks/minigrid_reset.py --envs MiniGrid-MemoryS7-v0 --rounds 15
@@ -68,9 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def builder_env(env_id: str, view: int, fast_reset: bool):
+#: The variants: (fast_reset, kept_views) of each.
+VARIANTS = {"minigrid": (False, False), "plan": (True, False), "kept": (True, True)}
+
+
+def builder_env(env_id: str, view: int, fast_reset: bool, kept_views: bool):
     """One env as mnm_rl's env builder makes it (fast view, int actions), with or without the
-    fast grid."""
+    fast grid and the kept views."""
     import gymnasium as gym
     import minigrid  # noqa: F401  (registers the MiniGrid envs)
 
@@ -81,13 +91,13 @@ def builder_env(env_id: str, view: int, fast_reset: bool):
     env = gym.make(env_id, agent_view_size=view)
     use_fast_view(env)
     if fast_reset:
-        assert use_fast_memory_grid(env)
+        assert use_fast_memory_grid(env, kept_views=kept_views)
     return use_int_actions(env)
 
 
 def time_resets(env_id: str, view: int, resets: int, rounds: int) -> dict[str, Any]:
-    """Microseconds per reset with MiniGrid's grid code and with the kept wall plan."""
-    envs = {"minigrid": builder_env(env_id, view, False), "fast": builder_env(env_id, view, True)}
+    """Microseconds per reset of each variant."""
+    envs = {name: builder_env(env_id, view, *flags) for name, flags in VARIANTS.items()}
     us: dict[str, list[float]] = {name: [] for name in envs}
     for env in envs.values():
         env.reset(seed=0)
@@ -102,9 +112,9 @@ def time_resets(env_id: str, view: int, resets: int, rounds: int) -> dict[str, A
             us[name].append((time.perf_counter() - start) / resets * 1e6)
     return {
         "env": env_id,
-        "minigrid_us": statistics.median(us["minigrid"]),
-        "fast_us": statistics.median(us["fast"]),
-        "speedup": median_ratio(us["minigrid"], us["fast"]),
+        **{f"{name}_us": statistics.median(us[name]) for name in envs},
+        "plan_speedup": median_ratio(us["minigrid"], us["plan"]),
+        "kept_speedup": median_ratio(us["plan"], us["kept"]),
     }
 
 
@@ -125,14 +135,14 @@ def walker_actions(venv, rng: np.random.Generator) -> np.ndarray:
 def time_stepping(
     env_id: str, view: int, n_envs: int, steps: int, rounds: int, walker: bool
 ) -> dict[str, Any]:
-    """Env steps per second of raw stepping, MiniGrid's grid code against the kept wall plan."""
+    """Env steps per second of raw stepping of each variant."""
     setting = argparse.Namespace(env=env_id, n_envs=n_envs, view_size=view)
     envs = {
-        "minigrid": throughput.make_env(setting, fast_reset=False),
-        "fast": throughput.make_env(setting),
+        name: throughput.make_env(setting, fast_reset=fast_reset, kept_views=kept_views)
+        for name, (fast_reset, kept_views) in VARIANTS.items()
     }
     rng = np.random.default_rng(0)
-    n_actions = int(envs["fast"].action_space.n)
+    n_actions = int(envs["kept"].action_space.n)
     sps: dict[str, list[float]] = {name: [] for name in envs}
     episodes = 0
     try:
@@ -162,10 +172,10 @@ def time_stepping(
         "view": view,
         "n_envs": n_envs,
         "actions": "walker" if walker else "random",
-        "steps_per_episode": 2 * rounds * steps * n_envs / max(episodes, 1),
-        "minigrid_sps": statistics.median(sps["minigrid"]),
-        "fast_sps": statistics.median(sps["fast"]),
-        "speedup": median_ratio(sps["fast"], sps["minigrid"]),
+        "steps_per_episode": len(envs) * rounds * steps * n_envs / max(episodes, 1),
+        **{f"{name}_sps": statistics.median(sps[name]) for name in envs},
+        "plan_speedup": median_ratio(sps["plan"], sps["minigrid"]),
+        "kept_speedup": median_ratio(sps["kept"], sps["plan"]),
     }
 
 
@@ -178,11 +188,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"\nreset(), us per call (medians of {args.rounds} rounds of {args.resets} resets; "
         f"agent_view_size {args.view_size})"
     )
-    print(f"{'env':<32}{'MiniGrid':>12}{'fast':>12}{'speed-up':>12}")
+    header = f"{'MiniGrid':>10}{'plan':>10}{'kept':>10}{'plan/MiniGrid':>15}{'kept/plan':>11}"
+    print(f"{'env':<32}{header}")
     for row in resets:
         print(
-            f"{row['env']:<32}{row['minigrid_us']:>12.1f}{row['fast_us']:>12.1f}"
-            f"{row['speedup']:>12.2f}"
+            f"{row['env']:<32}{row['minigrid_us']:>10.1f}{row['plan_us']:>10.1f}"
+            f"{row['kept_us']:>10.1f}{row['plan_speedup']:>15.2f}{row['kept_speedup']:>11.2f}"
         )
     stepping = [
         time_stepping(args.envs[0], args.view_size, args.n_envs, args.steps, args.rounds, walker)
@@ -192,13 +203,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"\nraw stepping of {args.n_envs} envs of {args.envs[0]} (LeanDummyVecEnv), env steps/s "
         f"(medians of {args.rounds} rounds of {args.steps} steps)"
     )
-    print(f"{'actions':<10}{'steps/episode':>15}{'MiniGrid':>12}{'fast':>12}{'speed-up':>12}")
+    print(f"{'actions':<10}{'steps/episode':>15}{header}")
     for row in stepping:
         print(
-            f"{row['actions']:<10}{row['steps_per_episode']:>15.1f}{row['minigrid_sps']:>12.0f}"
-            f"{row['fast_sps']:>12.0f}{row['speedup']:>12.2f}"
+            f"{row['actions']:<10}{row['steps_per_episode']:>15.1f}{row['minigrid_sps']:>10.0f}"
+            f"{row['plan_sps']:>10.0f}{row['kept_sps']:>10.0f}{row['plan_speedup']:>15.2f}"
+            f"{row['kept_speedup']:>11.2f}"
         )
-    out = {"rounds": args.rounds, "reset": resets, "step": stepping}
+    out = {"rounds": args.rounds, "view": args.view_size, "reset": resets, "step": stepping}
     print(json.dumps(out))
     return out
 

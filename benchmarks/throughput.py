@@ -20,7 +20,9 @@ For one environment, number of envs, rollout length, number of epochs and miniba
     one ending in ``/npact`` hands them numpy integers, as stable-baselines3's vec envs pass
     them. MiniGrid-Memory envs lay out each episode's grid from a kept wall plan
     (``mnm_rl.envs.minigrid_memory``, the same grid as MiniGrid's) for every config too; one
-    ending in ``/mgreset`` runs MiniGrid's own code. A config name ending in ``/par``
+    ending in ``/mgreset`` runs MiniGrid's own code. Their views' images are kept and reused
+    (``mnm_rl.envs.minigrid_memory.KeptViews``, the same images) for every config too; one
+    ending in ``/viewcalc`` computes every view. A config name ending in ``/par``
     (``lstm/par``, ``ceiling/par``, ``sb3-contrib/par``)
     steps its envs with ``mnm_rl.parallel_vec_env.ParallelVecEnv``: half of them in a worker
     process, at the same time as this process steps the other half. Any config may end in
@@ -87,6 +89,10 @@ NUMPY_ACTIONS = "/npact"
 #: code instead of mnm_rl's kept wall plan (``MNM_RL_FAST_RESET=0``, see
 #: ``mnm_rl/envs/minigrid_memory.py``), e.g. ``ceiling/mgreset`` or ``lstm/mgreset/par``.
 MINIGRID_RESET = "/mgreset"
+#: A config name ending in this computes every view of its MiniGrid-Memory envs (with the fast
+#: view's code) instead of keeping the images of the views met (``MNM_RL_KEPT_VIEWS=0``, see
+#: ``mnm_rl/envs/minigrid_memory.py``), e.g. ``ceiling/viewcalc`` or ``lstm/viewcalc/par``.
+COMPUTED_VIEWS = "/viewcalc"
 #: A config name ending in this runs the action and value heads as PyTorch modules instead of
 #: compiled calls (``MNM_RL_COMPILED_HEADS=0``, see ``mnm_rl/agent/action_heads.py``): in the
 #: updates, and in a rollout step that is not one compiled call itself (``/pystep``), e.g.
@@ -120,6 +126,7 @@ SUFFIXES = {
     MINIGRID_VIEW: ("MNM_RL_FAST_VIEW", "0"),
     NUMPY_ACTIONS: ("MNM_RL_INT_ACTIONS", "0"),
     MINIGRID_RESET: ("MNM_RL_FAST_RESET", "0"),
+    COMPUTED_VIEWS: ("MNM_RL_KEPT_VIEWS", "0"),
     PYTORCH_HEADS: ("MNM_RL_COMPILED_HEADS", "0"),
     PYTORCH_LOSS: ("MNM_RL_COMPILED_LOSS", "0"),
     PYTORCH_STEP: ("MNM_RL_COMPILED_STEP", "0"),
@@ -240,6 +247,7 @@ def make_env(
     fast_view: bool = True,
     int_actions: bool = True,
     fast_reset: bool = True,
+    kept_views: bool = True,
 ):
     """The vectorised env of ``args.n_envs`` monitored ``args.env`` envs, seeded from 0. MiniGrid
     gets ``agent_view_size=args.view_size`` (3 when ``args`` has none), with ``fast_view`` the
@@ -248,7 +256,9 @@ def make_env(
     ``int_actions`` its actions as Python ints (``mnm_rl.envs.minigrid_actions``, for sb3-contrib
     too; ``MNM_RL_INT_ACTIONS=0`` switches it off as well), with ``fast_reset`` a MiniGrid-Memory
     env's grid laid out from a kept wall plan (``mnm_rl.envs.minigrid_memory``, for sb3-contrib
-    too; ``MNM_RL_FAST_RESET=0`` switches it off as well), and an observation wrapper: our
+    too; ``MNM_RL_FAST_RESET=0`` switches it off as well), with ``kept_views`` (and the fast
+    view and grid) the images of a MiniGrid-Memory env's views kept and reused
+    (``MNM_RL_KEPT_VIEWS=0`` switches it off as well), and an observation wrapper: our
     ``SymbolicMiniGrid`` for us, minigrid's ``ImgObsWrapper`` (a Box) for sb3-contrib. With
     ``env_workers``, a ``ParallelVecEnv`` with that many worker processes; else
     ``vec_env_cls(env_fns, **vec_env_kwargs)``, by default the ``LeanDummyVecEnv`` that
@@ -281,7 +291,10 @@ def make_env(
             if fast_view:
                 use_fast_view(env)
             if fast_reset and use_fast_memory_grid is not None:
-                use_fast_memory_grid(env)
+                if kept_views:  # the default, and all there is in an mnm_rl from before it
+                    use_fast_memory_grid(env)
+                else:
+                    use_fast_memory_grid(env, kept_views=False)
             env = observation(env)
             return use_int_actions(env) if int_actions else env
 
@@ -368,7 +381,8 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 
 def apply_suffixes(name: str) -> None:
     """Set the environment variable of each variant suffix ``name`` ends with (``/eager``,
-    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/mgreset``, ``/pyheads``, ``/pyloss``,
+    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/mgreset``, ``/viewcalc``, ``/pyheads``,
+    ``/pyloss``,
     ``/pystep``, ``/atenmm``, ``/pyopt``, ``/autograd``; see ``SUFFIXES``),
     before mnm_rl loads its kernels or builds an env."""
     for suffix in split_suffixes(name)[1]:

@@ -7,7 +7,9 @@ the parallel copies. A MiniGrid env computes its observations with
 actions as Python ints, :func:`mnm_rl.envs.minigrid_actions.use_int_actions` (numpy integers make
 MiniGrid's comparisons with its action enum slow); a MiniGrid-Memory env lays out each episode's
 grid from a kept wall plan, :func:`mnm_rl.envs.minigrid_memory.use_fast_memory_grid` (the same
-grid, resets 2.3-4.3x as fast: ``benchmarks/minigrid_reset.py``).
+grid, resets 2.3-4.3x as fast: ``benchmarks/minigrid_reset.py``), and keeps the images of the
+views it meets (:class:`~mnm_rl.envs.minigrid_memory.KeptViews`: the same images, raw stepping
+1.65-1.77x as fast).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ def learn_pairs():
         ("mnm-p/pyopt/par", "mnm-p", 1, 1, {"compiled_optimizer"}),
         ("ceiling/mgreset", "ceiling", 1, 0, {"fast_reset"}),
         ("lstm/mgreset/mgview/par", "lstm", 1, 1, {"fast_view", "fast_reset"}),
+        ("lstm/viewcalc/par", "lstm", 1, 1, {"kept_views"}),
         ("lstm/autograd/par", "lstm", 1, 1, {"explicit_backward"}),
     ],
 )  # fmt: skip
@@ -326,17 +327,18 @@ def test_an_agent_steps_minigrid_view_only_with_mgview_and_numpy_actions_with_np
     from stable_baselines3.common.env_util import is_wrapped
 
     from mnm_rl.envs.minigrid_actions import IntActions
-    from mnm_rl.envs.minigrid_memory import FastMemoryGrid
+    from mnm_rl.envs.minigrid_memory import FastMemoryGrid, KeptViews
     from mnm_rl.envs.minigrid_view import FastGenObs
 
     args = learn_pairs.parse_args(SMALL)
-    for config, fast, ints, grid in (
-        ("ceiling", True, True, True),
-        ("ceiling/mgview", False, True, True),
-        ("ceiling/npact", True, False, True),
-        ("ceiling/mgreset", True, True, False),
-        ("sb3-contrib", True, True, True),
-        ("sb3-contrib/mgview/npact/mgreset", False, False, False),
+    for config, fast, ints, grid, kept in (
+        ("ceiling", True, True, True, True),
+        ("ceiling/mgview", False, True, True, False),
+        ("ceiling/npact", True, False, True, True),
+        ("ceiling/mgreset", True, True, False, False),
+        ("ceiling/viewcalc", True, True, True, False),
+        ("sb3-contrib", True, True, True, True),
+        ("sb3-contrib/mgview/npact/mgreset", False, False, False, False),
     ):
         agent = learn_pairs.Agent(config, args.setting)
         try:
@@ -345,6 +347,7 @@ def test_an_agent_steps_minigrid_view_only_with_mgview_and_numpy_actions_with_np
             assert [is_wrapped(env, IntActions) for env in agent.env.envs] == [ints] * len(views)
             grids = [env.unwrapped.__dict__.get("_gen_grid") for env in agent.env.envs]
             assert [isinstance(g, FastMemoryGrid) for g in grids] == [grid] * len(views)
+            assert [isinstance(v, KeptViews) for v in views] == [kept] * len(views)
             assert agent.learn_once()[0] > 0
         finally:
             agent.env.close()

@@ -17,11 +17,14 @@ from minigrid_training import assert_same_parameters, trained_parameters
 
 from mnm_rl.env_factory import make_env, resolve_env
 from mnm_rl.envs.minigrid_memory import (
+    KEPT_VIEWS_VARIABLE,
     SWITCH_VARIABLE,
     FastMemoryGrid,
+    KeptViews,
     memory_walls,
     use_fast_memory_grid,
 )
+from mnm_rl.envs.minigrid_view import FastGenObs, use_fast_view
 
 MEMORY_IDS = [
     "MiniGrid-MemoryS7-v0",
@@ -72,17 +75,8 @@ def test_installed_grid_gives_the_same_episodes() -> None:
     for env in (fast, plain):
         env.reset(seed=5)
     ends = {"success": 0, "failure": 0, "truncated": 0}
-    # A walker that goes east to the split and then up or down, so that episodes end at both
-    # objects, mixed with random moves.
     for _ in range(3000):
-        base = plain.unwrapped
-        at_split = int(base.agent_pos[0]) == base.success_pos[0]
-        if rng.random() < 0.3:
-            action = int(rng.integers(3))
-        elif at_split and base.agent_dir == 0:
-            action = int(rng.integers(2))  # turn north or south
-        else:
-            action = 2
+        action = walker_action(plain.unwrapped, rng)
         results = [env.step(action) for env in (fast, plain)]
         np.testing.assert_array_equal(results[0][0]["image"], results[1][0]["image"])
         assert results[0][1:4] == results[1][1:4]
@@ -112,6 +106,101 @@ def test_each_episode_has_new_objects_and_the_env_plan_keeps_its_walls() -> None
     # the plan itself holds walls only, and an episode's objects do not get into it
     (plan,) = base._gen_grid.plans.values()
     assert all(c is None or isinstance(c, Wall) for c in plan)
+
+
+def walker_action(base: MemoryEnv, rng: np.random.Generator) -> int:
+    """East to the split, then north or south onto an object, mixed with random moves: episodes
+    that end at both objects, and agents that stand in many cells facing every way."""
+    at_split = int(base.agent_pos[0]) == base.success_pos[0]
+    if rng.random() < 0.3:
+        return int(rng.integers(3))
+    if at_split and base.agent_dir == 0:
+        return int(rng.integers(2))  # turn north or south
+    return 2
+
+
+def fast_env(env_id: str, view: int, kept_views: bool | None = None) -> gym.Env:
+    env = gym.make(env_id, agent_view_size=view)
+    assert use_fast_view(env)
+    assert use_fast_memory_grid(env, kept_views)
+    return env
+
+
+@pytest.mark.parametrize("env_id", ["MiniGrid-MemoryS7-v0", "MiniGrid-MemoryS13Random-v0"])
+@pytest.mark.parametrize("view", [3, 7])
+def test_kept_views_are_the_views_minigrid_computes(env_id: str, view: int) -> None:
+    kept, computed = fast_env(env_id, view), fast_env(env_id, view, kept_views=False)
+    plain = gym.make(env_id, agent_view_size=view)  # MiniGrid's own grid and view code
+    assert isinstance(kept.unwrapped.gen_obs, KeptViews)
+    assert type(computed.unwrapped.gen_obs) is FastGenObs
+    envs = (kept, computed, plain)
+    observations = [env.reset(seed=1)[0] for env in envs]
+    rng = np.random.default_rng(0)
+    images_before = len(KeptViews.images)
+    episodes = 0
+    for _ in range(4000):
+        for obs in observations[1:]:
+            np.testing.assert_array_equal(observations[0]["image"], obs["image"])
+            assert observations[0]["direction"] == obs["direction"]
+        action = walker_action(plain.unwrapped, rng)
+        results = [env.step(action) for env in envs]
+        assert results[0][1:4] == results[1][1:4] == results[2][1:4]
+        observations = [r[0] for r in results]
+        if results[0][2] or results[0][3]:
+            observations = [env.reset()[0] for env in envs]
+            episodes += 1
+    assert episodes > 40
+    # views were kept, and most were met again (fewer kept than the 4000 steps' views)
+    assert images_before < len(KeptViews.images) < images_before + 2000
+
+
+def test_a_kept_view_is_a_copy_the_caller_may_change() -> None:
+    env = fast_env("MiniGrid-MemoryS7-v0", 3)
+    env.reset(seed=0)
+    first = env.unwrapped.gen_obs()["image"]
+    first[:] = 99
+    again = env.unwrapped.gen_obs()["image"]
+    assert again is not first and again.max() < 99
+    np.testing.assert_array_equal(again, env.unwrapped.gen_obs()["image"])
+
+
+def test_views_are_computed_where_the_grid_is_not_the_episodes_own() -> None:
+    env = fast_env("MiniGrid-MemoryS7-v0", 3)
+    env.reset(seed=0)
+    base = env.unwrapped
+    base.agent_dir = 0  # facing east along the corridor: the cell ahead is in view
+    before = base.gen_obs()["image"].copy()
+    # another grid in the env's place (a copy with a wall ahead of the agent): computed
+    grid = copy.deepcopy(base.grid)
+    x, y = (int(v) for v in base.agent_pos)
+    grid.set(x + 1, y, Wall())
+    base.grid = grid
+    after = base.gen_obs()["image"]
+    np.testing.assert_array_equal(after, MemoryEnv.gen_obs(base)["image"])
+    assert not np.array_equal(after, before)
+    # the agent carrying something: computed (it shows in the agent's own cell)
+    env.reset(seed=0)
+    base.carrying = Key("green")
+    np.testing.assert_array_equal(base.gen_obs()["image"], MemoryEnv.gen_obs(base)["image"])
+
+
+def test_views_are_not_kept_where_they_may_change(monkeypatch) -> None:
+    class OwnStep(MemoryEnv):
+        def step(self, action):
+            return super().step(action)
+
+    own = OwnStep(size=7)
+    assert use_fast_view(own) and use_fast_memory_grid(own)
+    assert type(own.gen_obs) is FastGenObs
+    without_fast_view = gym.make("MiniGrid-MemoryS7-v0")
+    assert use_fast_memory_grid(without_fast_view)
+    assert "gen_obs" not in without_fast_view.unwrapped.__dict__
+    monkeypatch.setenv(KEPT_VIEWS_VARIABLE, "0")
+    switched_off = fast_env("MiniGrid-MemoryS7-v0", 3)
+    assert type(switched_off.unwrapped.gen_obs) is FastGenObs
+    assert isinstance(fast_env("MiniGrid-MemoryS7-v0", 3, kept_views=True).unwrapped.gen_obs,
+                      KeptViews)  # fmt: skip
+    assert use_fast_view(switched_off)  # the fast view's install sees its own
 
 
 @pytest.mark.parametrize("size,hallway_end", [(7, 4), (9, 6), (13, 4), (13, 10), (17, 7)])
@@ -199,11 +288,14 @@ def test_benchmark_prints_its_table_and_a_json_last_line(capsys) -> None:
     assert json.loads(lines[-1]) == out
     envs = ["MiniGrid-MemoryS7-v0", "MiniGrid-MemoryS13Random-v0"]
     assert [r["env"] for r in out["reset"]] == envs
+    variants = ("minigrid", "plan", "kept")
     for row in out["reset"]:
-        assert row["minigrid_us"] > 0 and row["fast_us"] > 0 and row["speedup"] > 0
+        assert all(row[f"{v}_us"] > 0 for v in variants)
+        assert row["plan_speedup"] > 0 and row["kept_speedup"] > 0
     assert [r["actions"] for r in out["step"]] == ["random", "walker"]
     for row in out["step"]:
-        assert row["minigrid_sps"] > 0 and row["fast_sps"] > 0 and row["speedup"] > 0
+        assert all(row[f"{v}_sps"] > 0 for v in variants)
+        assert row["plan_speedup"] > 0 and row["kept_speedup"] > 0
         assert row["steps_per_episode"] > 0
     walker, random_row = out["step"][1], out["step"][0]
     assert walker["steps_per_episode"] < random_row["steps_per_episode"]
@@ -223,4 +315,5 @@ def test_benchmark_refuses_bad_arguments(argv, capsys) -> None:
 def test_cli_help_names_the_switch():
     from mnm_rl.cli import build_parser
 
-    assert "MNM_RL_FAST_RESET=0" in build_parser().format_help()
+    help_text = " ".join(build_parser().format_help().split())  # argparse wraps at the width
+    assert "MNM_RL_FAST_RESET=0" in help_text and "MNM_RL_KEPT_VIEWS=0" in help_text

@@ -26,6 +26,7 @@ keeps MiniGrid's own).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -33,8 +34,13 @@ from minigrid.core.grid import Grid
 from minigrid.core.world_object import Ball, Key, Wall, WorldObj
 from minigrid.envs.memory import MemoryEnv
 
+from mnm_rl.envs.minigrid_view import FastGenObs, view_image
+
 #: Set to ``0`` in the environment to keep MiniGrid's own ``MemoryEnv._gen_grid`` everywhere.
 SWITCH_VARIABLE = "MNM_RL_FAST_RESET"
+#: Set to ``0`` in the environment to compute every view of a MiniGrid-Memory env (with the fast
+#: view's code) instead of keeping the images of the views met (:class:`KeptViews`).
+KEPT_VIEWS_VARIABLE = "MNM_RL_KEPT_VIEWS"
 
 
 def memory_walls(width: int, height: int, hallway_end: int) -> list[WorldObj | None]:
@@ -78,6 +84,11 @@ class FastMemoryGrid:
         self.env = env
         #: ``(width, height, hallway_end)`` -> the cells with the walls in place
         self.plans: dict[tuple[int, int, int], list[WorldObj | None]] = {}
+        #: The current episode's grid, and what its cells are made of: ``(width, height,
+        #: hallway_end, the start room's object class, the two split objects' classes)``. Two
+        #: episodes with the same layout have grids whose cells encode alike.
+        self.grid: Grid | None = None
+        self.layout: tuple | None = None
 
     def __call__(self, width: int, height: int) -> None:
         env = self.env
@@ -105,6 +116,8 @@ class FastMemoryGrid:
         cells[pos0[1] * width + pos0[0]] = other_objs[0]("green")
         cells[pos1[1] * width + pos1[0]] = other_objs[1]("green")
 
+        self.grid, self.layout = grid, (*key, start_room_obj, *other_objs)
+
         if start_room_obj == other_objs[0]:
             env.success_pos = (pos0[0], pos0[1] + 1)
             env.failure_pos = (pos1[0], pos1[1] - 1)
@@ -114,14 +127,63 @@ class FastMemoryGrid:
         env.mission = "go to the matching object at the end of the hallway"
 
 
+class KeptViews(FastGenObs):
+    """Stands in for the fast view (:class:`~mnm_rl.envs.minigrid_view.FastGenObs`) of a
+    MiniGrid-Memory env whose grids :class:`FastMemoryGrid` lays out: the image of a view is
+    computed once per layout, agent cell, direction and view size, kept (for every env of the
+    process), and copied on every later visit.
+
+    A view's image depends only on the cells it shows and on what the agent carries. In a
+    MemoryEnv episode no cell ever changes (no doors, and MemoryEnv turns ``pickup`` into
+    ``toggle``, which a key or a ball ignores), the agent carries nothing, and two episodes with
+    the same layout (:attr:`FastMemoryGrid.layout`) have cells that encode alike. So the kept
+    image is the one the view's code would compute. Where that reasoning may not hold, the view
+    is computed: when the env's grid is not the one :class:`FastMemoryGrid` made for the episode
+    (replaced by other code), or the agent carries something. A grid edited in place during an
+    episode by code outside MiniGrid-Memory is not noticed: switch it off there with
+    ``MNM_RL_KEPT_VIEWS=0``. It is not installed on a subclass with a ``step`` of its own. ``tests/test_minigrid_memory.py`` compares the two over many
+    episodes.
+    """
+
+    #: The images of the views met so far by this process's MiniGrid-Memory envs: ``(layout,
+    #: agent x, y, direction, view size, see_through_walls)`` -> ``uint8 [V, V, 3]``. Bounded by
+    #: the layouts (4 per hallway length) times the cells an agent can stand on times 4
+    #: directions: a few thousand small arrays at most for the sizes MiniGrid registers.
+    images: dict[tuple, np.ndarray] = {}
+
+    def __init__(self, env: MemoryEnv, grids: FastMemoryGrid) -> None:
+        super().__init__(env)
+        self.grids = grids
+
+    def __call__(self) -> dict[str, Any]:
+        env, grids = self.env, self.grids
+        if env.grid is not grids.grid or env.carrying is not None:
+            return super().__call__()
+        x, y = env.agent_pos
+        key = (grids.layout, x, y, env.agent_dir, env.agent_view_size, env.see_through_walls)
+        image = KeptViews.images.get(key)
+        if image is None:
+            image = KeptViews.images[key] = view_image(env)
+        return {"image": image.copy(), "direction": env.agent_dir, "mission": env.mission}
+
+
+def kept_views_enabled() -> bool:
+    """Whether :func:`use_fast_memory_grid` may keep views (:class:`KeptViews`): not switched
+    off by ``MNM_RL_KEPT_VIEWS=0``."""
+    return os.environ.get(KEPT_VIEWS_VARIABLE, "1") != "0"
+
+
 def fast_memory_grid_enabled() -> bool:
     """Whether :func:`use_fast_memory_grid` may install the fast grid: not switched off by
     ``MNM_RL_FAST_RESET=0``."""
     return os.environ.get(SWITCH_VARIABLE, "1") != "0"
 
 
-def use_fast_memory_grid(env: gym.Env) -> bool:
-    """Lay out ``env``'s MiniGrid-Memory grids with :class:`FastMemoryGrid` from now on.
+def use_fast_memory_grid(env: gym.Env, kept_views: bool | None = None) -> bool:
+    """Lay out ``env``'s MiniGrid-Memory grids with :class:`FastMemoryGrid` from now on, and,
+    where it has the fast view (:func:`~mnm_rl.envs.minigrid_view.use_fast_view`, installed
+    first), keep its views' images (:class:`KeptViews`): with ``kept_views`` ``None`` unless
+    ``MNM_RL_KEPT_VIEWS=0``, else as ``kept_views`` says.
 
     Applies to an env whose base (``env.unwrapped``) is a ``MemoryEnv`` that keeps MiniGrid's
     own ``_gen_grid`` (a subclass that changes it keeps its own), unless
@@ -139,5 +201,11 @@ def use_fast_memory_grid(env: gym.Env) -> bool:
         or type(base)._gen_grid is not MemoryEnv._gen_grid
     ):
         return False
-    base._gen_grid = FastMemoryGrid(base)
+    base._gen_grid = grids = FastMemoryGrid(base)
+    if kept_views is None:
+        kept_views = kept_views_enabled()
+    # a subclass with a step of its own may change cells during an episode
+    steps_as_memory = type(base).step is MemoryEnv.step and "step" not in base.__dict__
+    if kept_views and steps_as_memory and type(base.__dict__.get("gen_obs")) is FastGenObs:
+        base.gen_obs = KeptViews(base, grids)
     return True
