@@ -141,8 +141,10 @@ class KeptViews(FastGenObs):
     is computed: when the env's grid is not the one :class:`FastMemoryGrid` made for the episode
     (replaced by other code), or the agent carries something. A grid edited in place during an
     episode by code outside MiniGrid-Memory is not noticed: switch it off there with
-    ``MNM_RL_KEPT_VIEWS=0``. It is not installed on a subclass with a ``step`` of its own. ``tests/test_minigrid_memory.py`` compares the two over many
-    episodes.
+    ``MNM_RL_KEPT_VIEWS=0``. It is not installed on a subclass with a ``step`` of its own.
+    ``tests/test_minigrid_memory.py`` compares kept views with MiniGrid's over thousands of
+    steps; ``python benchmarks/minigrid_reset.py`` times them (raw stepping of
+    MiniGrid-MemoryS7 1.65-1.77x as fast at a 3 x 3 view, 2.7-3.5x at 7 x 7).
     """
 
     #: The images of the views met so far by this process's MiniGrid-Memory envs: ``(layout,
