@@ -239,11 +239,16 @@ def test_fast_grid_not_installed_where_it_does_not_apply(monkeypatch) -> None:
 
 @pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda e: pickle.loads(pickle.dumps(e))])
 def test_copies_of_an_env_lay_out_their_own_grid(duplicate) -> None:
-    env = gym.make("MiniGrid-MemoryS7-v0")
-    use_fast_memory_grid(env)
+    env = fast_env("MiniGrid-MemoryS7-v0", 7)
     env.reset(seed=0)
     twin = duplicate(env)
     assert twin.unwrapped._gen_grid.env is twin.unwrapped
+    # the copy's kept views look at the copy's env and grid
+    views = twin.unwrapped.gen_obs
+    assert views.env is twin.unwrapped and views.grids is twin.unwrapped._gen_grid
+    for _ in range(5):
+        np.testing.assert_array_equal(twin.step(2)[0]["image"],
+                                      MemoryEnv.gen_obs(twin.unwrapped)["image"])  # fmt: skip
     twin.reset(seed=4)
     plain = gym.make("MiniGrid-MemoryS7-v0")
     plain.reset(seed=4)

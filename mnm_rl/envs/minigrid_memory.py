@@ -18,7 +18,13 @@ start, targets and generator state after a reset are the same as MiniGrid's
 (``tests/test_minigrid_memory.py`` resets both over many seeds, sizes and random lengths and
 steps them side by side); ``python benchmarks/minigrid_reset.py`` times the two.
 
-:func:`use_fast_memory_grid` installs it on one env; mnm_rl's env builder does so for every
+:class:`KeptViews` goes with it where the env has mnm_rl's fast view: no cell of a MemoryEnv
+episode ever changes, so the image of a view depends only on the episode's layout, the agent's
+cell and direction and the view's size, and each is computed once and kept (raw stepping
+1.65-1.77x as fast at a 3 x 3 view, 2.7-3.5x at 7 x 7; ``MNM_RL_KEPT_VIEWS=0`` computes every
+view).
+
+:func:`use_fast_memory_grid` installs both on one env; mnm_rl's env builder does so for every
 ``MemoryEnv`` that keeps MiniGrid's ``_gen_grid`` (``MNM_RL_FAST_RESET=0`` in the environment
 keeps MiniGrid's own).
 """
@@ -159,7 +165,7 @@ class KeptViews(FastGenObs):
 
     def __call__(self) -> dict[str, Any]:
         env, grids = self.env, self.grids
-        if env.grid is not grids.grid or env.carrying is not None:
+        if grids.grid is None or env.grid is not grids.grid or env.carrying is not None:
             return super().__call__()
         x, y = env.agent_pos
         key = (grids.layout, x, y, env.agent_dir, env.agent_view_size, env.see_through_walls)

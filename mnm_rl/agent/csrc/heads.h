@@ -22,8 +22,8 @@ enum Activation : int64_t { kTanh = 0, kReLU = 1 };
 // The activation between a head's layers, in place: ReLU as torch's relu_, tanh with the
 // kernels' own (elementwise.h: branch-free, a few float ulps from torch.tanh, which on an AMD CPU
 // goes through MKL's generic code at 2.4 ns a float and a dispatch of its own). The training
-// heads (action_heads.cpp) and the rollout's use it alike, so a rollout's log-probabilities are
-// those the update's first pass recomputes.
+// heads (action_heads.cpp) and the rollout's use it alike, so a rollout's logits and values are
+// those the update's first pass recomputes from the same latents, bit for bit.
 inline void activate(at::Tensor& y, int64_t activation) {
   if (activation == kReLU) {
     y.relu_();
