@@ -259,11 +259,18 @@ def test_copies_of_an_env_lay_out_their_own_grid(duplicate) -> None:
 def test_env_builder_installs_the_fast_grid(monkeypatch) -> None:
     env = make_env(resolve_env("MiniGrid-MemoryS7-v0"), monitor=True, training=True)
     assert isinstance(env.unwrapped.__dict__.get("_gen_grid"), FastMemoryGrid)
+    assert isinstance(env.unwrapped.__dict__.get("gen_obs"), KeptViews)
     env = make_env(resolve_env("MiniGrid-Memory"), training=True)  # a preset with wrappers
     assert isinstance(env.unwrapped.__dict__.get("_gen_grid"), FastMemoryGrid)
+    assert isinstance(env.unwrapped.__dict__.get("gen_obs"), KeptViews)
+    monkeypatch.setenv(KEPT_VIEWS_VARIABLE, "0")
+    env = make_env(resolve_env("MiniGrid-MemoryS7-v0"))
+    assert isinstance(env.unwrapped.__dict__.get("_gen_grid"), FastMemoryGrid)
+    assert type(env.unwrapped.__dict__.get("gen_obs")) is FastGenObs
     monkeypatch.setenv(SWITCH_VARIABLE, "0")
     env = make_env(resolve_env("MiniGrid-MemoryS7-v0"))
     assert "_gen_grid" not in env.unwrapped.__dict__
+    assert type(env.unwrapped.__dict__.get("gen_obs")) is FastGenObs
 
 
 def test_training_is_the_same_with_either_grid(monkeypatch) -> None:
