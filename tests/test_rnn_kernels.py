@@ -245,10 +245,10 @@ def test_lstm_core_trains_on_kernel_threads_as_on_one(kernel, monkeypatch):
     outputs and every gradient are those of one thread, bit for bit."""
     core = _core("lstm", 5, 8, dtype=torch.float32)
     x, starts, state = _inputs(core, steps=6, batch=8, dtype=torch.float32)
-    parts = []
-    original = fused.batch_parts
-    monkeypatch.setattr(fused, "batch_parts", lambda *a, **k: parts.append(original(*a, **k))
-                        or parts[-1])  # fmt: skip
+    parts = []  # the parts each kernel call gets: its last argument
+    for name in ("lstm_forward", "lstm_backward"):
+        original = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, _f=original: parts.append(a[-1]) or _f(*a))
     results = []
     for threads in (1, 2):
         fused.set_kernel_threads(threads)

@@ -56,7 +56,7 @@ class FusedLSTMSequence(torch.autograd.Function):
         kernel, store = config
         parts = fused.batch_parts(*gates_x.shape[:2])
         hs, c_final, cs, acts = kernel.lstm_forward(gates_x, keep, h0, c0, w_hh, store, parts)
-        ctx.kernel = kernel
+        ctx.kernel, ctx.parts = kernel, parts  # the backward pass splits the batch alike
         ctx.save_for_backward(keep, h0, c0, w_hh, hs, cs, acts)
         ctx.set_materialize_grads(False)
         return hs, c_final
@@ -68,7 +68,7 @@ class FusedLSTMSequence(torch.autograd.Function):
         g_gates, g_h0, g_c0, g_w_hh = ctx.kernel.lstm_backward(
             empty if g_hs is None else g_hs.contiguous(),
             empty if g_c is None else g_c.contiguous(),
-            keep, h0, c0, w_hh, hs, cs, acts, fused.batch_parts(*hs.shape[:2]),
+            keep, h0, c0, w_hh, hs, cs, acts, ctx.parts,
         )  # fmt: skip
         return None, g_gates, None, g_h0, g_c0, g_w_hh
 

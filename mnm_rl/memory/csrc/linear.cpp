@@ -20,8 +20,7 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& weight,
               weight.sizes());
   TORCH_CHECK(parts >= 1, "linear_forward: parts must be positive");
   const BelowAutograd below_autograd;
-  if (parts == 1) return linear_out(x, weight, bias.has_value() ? *bias : at::Tensor());
-  // linear_out's products, their rows in parts
+  // linear_out's products, their rows in parts (one part: product_into itself)
   at::Tensor out = at::empty({x.size(0), weight.size(0)}, x.options());
   const at::Tensor weight_t = packed_transpose(weight);  // [in, out]
   if (!bias.has_value() || !bias->defined()) {
