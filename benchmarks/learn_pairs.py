@@ -195,6 +195,7 @@ PER_AGENT = (
     throughput.NUMPY_ACTIONS,
     throughput.MINIGRID_RESET,
     throughput.COMPUTED_VIEWS,
+    throughput.MINIGRID_STEP,
     throughput.PYTORCH_HEADS,
     throughput.PYTORCH_LOSS,
     throughput.PYTORCH_STEP,
@@ -210,7 +211,8 @@ class Config(NamedTuple):
     its MiniGrid envs have mnm_rl's fast view (not with ``/mgview``), whether they take
     their actions as Python ints (not with ``/npact``), whether its MiniGrid-Memory envs lay
     out their grids from a kept wall plan (not with ``/mgreset``), whether they keep the images
-    of the views met (not with ``/viewcalc``), whether its rollout steps run the
+    of the views met (not with ``/viewcalc``), whether they step with mnm_rl's integer step
+    (not with ``/mgstep``), whether its rollout steps run the
     compiled action heads (not with ``/pyheads``), whether its updates run the compiled PPO
     loss (not with ``/pyloss``), whether its rollout steps run the compiled policy step (not
     with ``/pystep``), whether its products are the kernels' own (not with ``/atenmm``),
@@ -224,6 +226,7 @@ class Config(NamedTuple):
     int_actions: bool
     fast_reset: bool
     kept_views: bool
+    fast_step: bool
     compiled_heads: bool
     compiled_loss: bool
     compiled_step: bool
@@ -245,6 +248,7 @@ def parse_config(config: str) -> Config:
         throughput.NUMPY_ACTIONS not in suffixes,
         throughput.MINIGRID_RESET not in suffixes,
         throughput.COMPUTED_VIEWS not in suffixes,
+        throughput.MINIGRID_STEP not in suffixes,
         throughput.PYTORCH_HEADS not in suffixes,
         throughput.PYTORCH_LOSS not in suffixes,
         throughput.PYTORCH_STEP not in suffixes,
@@ -319,6 +323,7 @@ class Agent:
             int_actions=parsed.int_actions,
             fast_reset=parsed.fast_reset,
             kept_views=parsed.kept_views,
+            fast_step=parsed.fast_step,
         )
         self.steps = setting.n_steps * setting.n_envs
         if name == CEILING:

@@ -1,28 +1,33 @@
 """MiniGrid-Memory's resets and steps: MiniGrid's ``MemoryEnv._gen_grid`` against mnm_rl's kept
-wall plan, and that plan with and without the kept views' images.
+wall plan, that plan with and without the kept views' images, and those with mnm_rl's integer
+step.
 
-Three variants, all with the fast view and int actions of mnm_rl's env builder: ``minigrid``
+Four variants, all with the fast view and int actions of mnm_rl's env builder: ``minigrid``
 (MiniGrid's own grid code), ``plan`` (the grid from a kept wall plan,
-``mnm_rl.envs.minigrid_memory.FastMemoryGrid``, every view computed) and ``kept`` (the plan, and
-the images of the views met kept and reused, ``KeptViews``: what mnm_rl's env builder makes).
+``mnm_rl.envs.minigrid_memory.FastMemoryGrid``, every view computed), ``kept`` (the plan, and
+the images of the views met kept and reused, ``KeptViews``) and ``step`` (the plan, the kept
+views and ``FastMemoryStep`` instead of MiniGrid's ``MemoryEnv.step``: what mnm_rl's env
+builder makes); the first three step with MiniGrid's own ``step``.
 Two measurements, each in interleaved rounds (every variant once per round, the order reversed
 every other round, medians reported):
 
 * ``reset``: microseconds per ``env.reset()`` of one env of each ``--envs`` id;
 * ``step``: raw stepping of ``--n-envs`` envs of the first env id in a ``LeanDummyVecEnv``, made
-  as ``throughput.py`` makes them (its ``ceiling``, ``ceiling/mgreset`` for MiniGrid's grid,
-  ``ceiling/viewcalc`` for the plan alone), with two kinds of actions: ``random`` (the
+  as ``throughput.py`` makes them (its ``ceiling``, ``ceiling/mgreset/mgstep`` for MiniGrid's
+  grid, ``ceiling/viewcalc/mgstep`` for the plan alone, ``ceiling/mgstep`` for the kept views),
+  with two kinds of actions: ``random`` (the
   ceiling's: long episodes, few resets) and ``walker`` (east to the split, then north or south
   onto an object: episodes of a few steps, as an agent that has learned the task makes them,
   when resets weigh most). Only the ``step()`` calls are timed, not the walker's choice of
   actions.
 
 Prints two tables and, as its last line, a JSON object ``{"rounds", "view", "reset": [{"env",
-"minigrid_us", "plan_us", "kept_us", "plan_speedup", "kept_speedup"}], "step": [{"env", "view",
-"n_envs", "actions", "steps_per_episode", "minigrid_sps", "plan_sps", "kept_sps",
-"plan_speedup", "kept_speedup"}]}``: ``plan_speedup`` is the plan over MiniGrid's code,
-``kept_speedup`` the kept views over the plan alone, each the median over rounds of the round's
-ratio.
+"minigrid_us", "plan_us", "kept_us", "step_us", "plan_speedup", "kept_speedup",
+"step_speedup"}], "step": [{"env", "view", "n_envs", "actions", "steps_per_episode",
+"minigrid_sps", "plan_sps", "kept_sps", "step_sps", "plan_speedup", "kept_speedup",
+"step_speedup"}]}``: ``plan_speedup`` is the plan over MiniGrid's code, ``kept_speedup`` the
+kept views over the plan alone, ``step_speedup`` the integer step over the kept views alone,
+each the median over rounds of the round's ratio.
 
     python benchmarks/minigrid_reset.py
     python benchmarks/minigrid_reset.py --envs MiniGrid-MemoryS7-v0 --rounds 15
@@ -74,13 +79,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-#: The variants: (fast_reset, kept_views) of each.
-VARIANTS = {"minigrid": (False, False), "plan": (True, False), "kept": (True, True)}
+#: The variants: (fast_reset, kept_views, fast_step) of each.
+VARIANTS = {
+    "minigrid": (False, False, False),
+    "plan": (True, False, False),
+    "kept": (True, True, False),
+    "step": (True, True, True),
+}
 
 
-def builder_env(env_id: str, view: int, fast_reset: bool, kept_views: bool):
+def builder_env(env_id: str, view: int, fast_reset: bool, kept_views: bool, fast_step: bool):
     """One env as mnm_rl's env builder makes it (fast view, int actions), with or without the
-    fast grid and the kept views."""
+    fast grid, the kept views and the integer step."""
     import gymnasium as gym
     import minigrid  # noqa: F401  (registers the MiniGrid envs)
 
@@ -91,7 +101,7 @@ def builder_env(env_id: str, view: int, fast_reset: bool, kept_views: bool):
     env = gym.make(env_id, agent_view_size=view)
     use_fast_view(env)
     if fast_reset:
-        assert use_fast_memory_grid(env, kept_views=kept_views)
+        assert use_fast_memory_grid(env, kept_views=kept_views, fast_step=fast_step)
     return use_int_actions(env)
 
 
@@ -115,6 +125,7 @@ def time_resets(env_id: str, view: int, resets: int, rounds: int) -> dict[str, A
         **{f"{name}_us": statistics.median(us[name]) for name in envs},
         "plan_speedup": median_ratio(us["minigrid"], us["plan"]),
         "kept_speedup": median_ratio(us["plan"], us["kept"]),
+        "step_speedup": median_ratio(us["kept"], us["step"]),
     }
 
 
@@ -138,8 +149,10 @@ def time_stepping(
     """Env steps per second of raw stepping of each variant."""
     setting = argparse.Namespace(env=env_id, n_envs=n_envs, view_size=view)
     envs = {
-        name: throughput.make_env(setting, fast_reset=fast_reset, kept_views=kept_views)
-        for name, (fast_reset, kept_views) in VARIANTS.items()
+        name: throughput.make_env(
+            setting, fast_reset=fast_reset, kept_views=kept_views, fast_step=fast_step
+        )
+        for name, (fast_reset, kept_views, fast_step) in VARIANTS.items()
     }
     rng = np.random.default_rng(0)
     n_actions = int(envs["kept"].action_space.n)
@@ -176,6 +189,7 @@ def time_stepping(
         **{f"{name}_sps": statistics.median(sps[name]) for name in envs},
         "plan_speedup": median_ratio(sps["plan"], sps["minigrid"]),
         "kept_speedup": median_ratio(sps["kept"], sps["plan"]),
+        "step_speedup": median_ratio(sps["step"], sps["kept"]),
     }
 
 
@@ -188,12 +202,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"\nreset(), us per call (medians of {args.rounds} rounds of {args.resets} resets; "
         f"agent_view_size {args.view_size})"
     )
-    header = f"{'MiniGrid':>10}{'plan':>10}{'kept':>10}{'plan/MiniGrid':>15}{'kept/plan':>11}"
+    header = (
+        f"{'MiniGrid':>10}{'plan':>10}{'kept':>10}{'step':>10}{'plan/MiniGrid':>15}"
+        f"{'kept/plan':>11}{'step/kept':>11}"
+    )
     print(f"{'env':<32}{header}")
     for row in resets:
         print(
             f"{row['env']:<32}{row['minigrid_us']:>10.1f}{row['plan_us']:>10.1f}"
-            f"{row['kept_us']:>10.1f}{row['plan_speedup']:>15.2f}{row['kept_speedup']:>11.2f}"
+            f"{row['kept_us']:>10.1f}{row['step_us']:>10.1f}{row['plan_speedup']:>15.2f}"
+            f"{row['kept_speedup']:>11.2f}{row['step_speedup']:>11.2f}"
         )
     stepping = [
         time_stepping(args.envs[0], args.view_size, args.n_envs, args.steps, args.rounds, walker)
@@ -207,8 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in stepping:
         print(
             f"{row['actions']:<10}{row['steps_per_episode']:>15.1f}{row['minigrid_sps']:>10.0f}"
-            f"{row['plan_sps']:>10.0f}{row['kept_sps']:>10.0f}{row['plan_speedup']:>15.2f}"
-            f"{row['kept_speedup']:>11.2f}"
+            f"{row['plan_sps']:>10.0f}{row['kept_sps']:>10.0f}{row['step_sps']:>10.0f}"
+            f"{row['plan_speedup']:>15.2f}{row['kept_speedup']:>11.2f}{row['step_speedup']:>11.2f}"
         )
     out = {"rounds": args.rounds, "view": args.view_size, "reset": resets, "step": stepping}
     print(json.dumps(out))

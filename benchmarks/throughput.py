@@ -22,7 +22,9 @@ For one environment, number of envs, rollout length, number of epochs and miniba
     (``mnm_rl.envs.minigrid_memory``, the same grid as MiniGrid's) for every config too; one
     ending in ``/mgreset`` runs MiniGrid's own code. Their views' images are kept and reused
     (``mnm_rl.envs.minigrid_memory.KeptViews``, the same images) for every config too; one
-    ending in ``/viewcalc`` computes every view. A config name ending in ``/par``
+    ending in ``/viewcalc`` computes every view. They step with mnm_rl's integer step
+    (``mnm_rl.envs.minigrid_memory.FastMemoryStep``, the same steps) for every config too; one
+    ending in ``/mgstep`` runs MiniGrid's own ``step``. A config name ending in ``/par``
     (``lstm/par``, ``ceiling/par``, ``sb3-contrib/par``)
     steps its envs with ``mnm_rl.parallel_vec_env.ParallelVecEnv``: half of them in a worker
     process, at the same time as this process steps the other half. Any config may end in
@@ -93,6 +95,10 @@ MINIGRID_RESET = "/mgreset"
 #: view's code) instead of keeping the images of the views met (``MNM_RL_KEPT_VIEWS=0``, see
 #: ``mnm_rl/envs/minigrid_memory.py``), e.g. ``ceiling/viewcalc`` or ``lstm/viewcalc/par``.
 COMPUTED_VIEWS = "/viewcalc"
+#: A config name ending in this steps its MiniGrid-Memory envs with MiniGrid's own
+#: ``MemoryEnv.step`` instead of mnm_rl's integer step (``MNM_RL_FAST_STEP=0``, see
+#: ``mnm_rl/envs/minigrid_memory.py``), e.g. ``ceiling/mgstep`` or ``lstm/mgstep/par``.
+MINIGRID_STEP = "/mgstep"
 #: A config name ending in this runs the action and value heads as PyTorch modules instead of
 #: compiled calls (``MNM_RL_COMPILED_HEADS=0``, see ``mnm_rl/agent/action_heads.py``): in the
 #: updates, and in a rollout step that is not one compiled call itself (``/pystep``), e.g.
@@ -127,6 +133,7 @@ SUFFIXES = {
     NUMPY_ACTIONS: ("MNM_RL_INT_ACTIONS", "0"),
     MINIGRID_RESET: ("MNM_RL_FAST_RESET", "0"),
     COMPUTED_VIEWS: ("MNM_RL_KEPT_VIEWS", "0"),
+    MINIGRID_STEP: ("MNM_RL_FAST_STEP", "0"),
     PYTORCH_HEADS: ("MNM_RL_COMPILED_HEADS", "0"),
     PYTORCH_LOSS: ("MNM_RL_COMPILED_LOSS", "0"),
     PYTORCH_STEP: ("MNM_RL_COMPILED_STEP", "0"),
@@ -248,6 +255,7 @@ def make_env(
     int_actions: bool = True,
     fast_reset: bool = True,
     kept_views: bool = True,
+    fast_step: bool = True,
 ):
     """The vectorised env of ``args.n_envs`` monitored ``args.env`` envs, seeded from 0. MiniGrid
     gets ``agent_view_size=args.view_size`` (3 when ``args`` has none), with ``fast_view`` the
@@ -258,7 +266,9 @@ def make_env(
     env's grid laid out from a kept wall plan (``mnm_rl.envs.minigrid_memory``, for sb3-contrib
     too; ``MNM_RL_FAST_RESET=0`` switches it off as well), with ``kept_views`` (and the fast
     view and grid) the images of a MiniGrid-Memory env's views kept and reused
-    (``MNM_RL_KEPT_VIEWS=0`` switches it off as well), and an observation wrapper: our
+    (``MNM_RL_KEPT_VIEWS=0`` switches it off as well), with ``fast_step`` (and the fast grid)
+    a MiniGrid-Memory env stepped by mnm_rl's integer step (``MNM_RL_FAST_STEP=0`` switches it
+    off as well), and an observation wrapper: our
     ``SymbolicMiniGrid`` for us, minigrid's ``ImgObsWrapper`` (a Box) for sb3-contrib. With
     ``env_workers``, a ``ParallelVecEnv`` with that many worker processes; else
     ``vec_env_cls(env_fns, **vec_env_kwargs)``, by default the ``LeanDummyVecEnv`` that
@@ -291,10 +301,10 @@ def make_env(
             if fast_view:
                 use_fast_view(env)
             if fast_reset and use_fast_memory_grid is not None:
-                if kept_views:  # the default, and all there is in an mnm_rl from before it
-                    use_fast_memory_grid(env)
-                else:
-                    use_fast_memory_grid(env, kept_views=False)
+                # only what differs from the defaults: an mnm_rl from before these options
+                # (learn_pairs.py --against an old commit) takes the call without them
+                options = {"kept_views": kept_views, "fast_step": fast_step}
+                use_fast_memory_grid(env, **{k: v for k, v in options.items() if not v})
             env = observation(env)
             return use_int_actions(env) if int_actions else env
 
@@ -381,8 +391,8 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
 
 def apply_suffixes(name: str) -> None:
     """Set the environment variable of each variant suffix ``name`` ends with (``/eager``,
-    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/mgreset``, ``/viewcalc``, ``/pyheads``,
-    ``/pyloss``,
+    ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/mgreset``, ``/viewcalc``, ``/mgstep``,
+    ``/pyheads``, ``/pyloss``,
     ``/pystep``, ``/atenmm``, ``/pyopt``, ``/autograd``; see ``SUFFIXES``),
     before mnm_rl loads its kernels or builds an env."""
     for suffix in split_suffixes(name)[1]:

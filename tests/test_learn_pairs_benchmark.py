@@ -43,6 +43,8 @@ def learn_pairs():
         ("ceiling/mgreset", "ceiling", 1, 0, {"fast_reset"}),
         ("lstm/mgreset/mgview/par", "lstm", 1, 1, {"fast_view", "fast_reset"}),
         ("lstm/viewcalc/par", "lstm", 1, 1, {"kept_views"}),
+        ("ceiling/mgstep", "ceiling", 1, 0, {"fast_step"}),
+        ("mnm-p/k2/mgstep/viewcalc", "mnm-p", 2, 0, {"kept_views", "fast_step"}),
         ("lstm/autograd/par", "lstm", 1, 1, {"explicit_backward"}),
     ],
 )  # fmt: skip
@@ -327,18 +329,19 @@ def test_an_agent_steps_minigrid_view_only_with_mgview_and_numpy_actions_with_np
     from stable_baselines3.common.env_util import is_wrapped
 
     from mnm_rl.envs.minigrid_actions import IntActions
-    from mnm_rl.envs.minigrid_memory import FastMemoryGrid, KeptViews
+    from mnm_rl.envs.minigrid_memory import FastMemoryGrid, FastMemoryStep, KeptViews
     from mnm_rl.envs.minigrid_view import FastGenObs
 
     args = learn_pairs.parse_args(SMALL)
-    for config, fast, ints, grid, kept in (
-        ("ceiling", True, True, True, True),
-        ("ceiling/mgview", False, True, True, False),
-        ("ceiling/npact", True, False, True, True),
-        ("ceiling/mgreset", True, True, False, False),
-        ("ceiling/viewcalc", True, True, True, False),
-        ("sb3-contrib", True, True, True, True),
-        ("sb3-contrib/mgview/npact/mgreset", False, False, False, False),
+    for config, fast, ints, grid, kept, step in (
+        ("ceiling", True, True, True, True, True),
+        ("ceiling/mgview", False, True, True, False, True),
+        ("ceiling/npact", True, False, True, True, True),
+        ("ceiling/mgreset", True, True, False, False, False),
+        ("ceiling/viewcalc", True, True, True, False, True),
+        ("ceiling/mgstep", True, True, True, True, False),
+        ("sb3-contrib", True, True, True, True, True),
+        ("sb3-contrib/mgview/npact/mgreset", False, False, False, False, False),
     ):
         agent = learn_pairs.Agent(config, args.setting)
         try:
@@ -348,6 +351,8 @@ def test_an_agent_steps_minigrid_view_only_with_mgview_and_numpy_actions_with_np
             grids = [env.unwrapped.__dict__.get("_gen_grid") for env in agent.env.envs]
             assert [isinstance(g, FastMemoryGrid) for g in grids] == [grid] * len(views)
             assert [isinstance(v, KeptViews) for v in views] == [kept] * len(views)
+            steps = [env.unwrapped.__dict__.get("step") for env in agent.env.envs]
+            assert [isinstance(s, FastMemoryStep) for s in steps] == [step] * len(views)
             assert agent.learn_once()[0] > 0
         finally:
             agent.env.close()

@@ -11,15 +11,18 @@ import gymnasium as gym
 import minigrid  # noqa: F401  (registers the MiniGrid ids)
 import numpy as np
 import pytest
+from minigrid.core.actions import Actions
 from minigrid.core.world_object import Ball, Key, Wall
 from minigrid.envs import MemoryEnv
 from minigrid_training import assert_same_parameters, trained_parameters
 
 from mnm_rl.env_factory import make_env, resolve_env
 from mnm_rl.envs.minigrid_memory import (
+    FAST_STEP_VARIABLE,
     KEPT_VIEWS_VARIABLE,
     SWITCH_VARIABLE,
     FastMemoryGrid,
+    FastMemoryStep,
     KeptViews,
     memory_walls,
     use_fast_memory_grid,
@@ -119,16 +122,123 @@ def walker_action(base: MemoryEnv, rng: np.random.Generator) -> int:
     return 2
 
 
-def fast_env(env_id: str, view: int, kept_views: bool | None = None) -> gym.Env:
+def fast_env(
+    env_id: str, view: int, kept_views: bool | None = None, fast_step: bool | None = None
+) -> gym.Env:
     env = gym.make(env_id, agent_view_size=view)
     assert use_fast_view(env)
-    assert use_fast_memory_grid(env, kept_views)
+    assert use_fast_memory_grid(env, kept_views, fast_step)
     return env
+
+
+def agent_state(base: MemoryEnv) -> tuple:
+    """What a step changes, as plain values."""
+    return (tuple(int(v) for v in base.agent_pos), base.agent_dir, base.step_count,
+            base.carrying)  # fmt: skip
+
+
+@pytest.mark.parametrize("env_id", ["MiniGrid-MemoryS7-v0", "MiniGrid-MemoryS13Random-v0"])
+def test_fast_step_steps_as_minigrid(env_id: str) -> None:
+    """Every action (as a Python int, a numpy integer and MiniGrid's enum) over episodes that
+    end in success, failure and truncation: the same observations, rewards, ends and agent."""
+    fast = fast_env(env_id, 3)
+    plain = gym.make(env_id, agent_view_size=3)  # MiniGrid's own step, grid and view code
+    assert isinstance(fast.unwrapped.step, FastMemoryStep)
+    assert "step" not in plain.unwrapped.__dict__
+    envs = (fast, plain)
+    for env in envs:
+        env.unwrapped.max_steps = 80  # some episodes end by truncation
+        env.reset(seed=2)
+    rng = np.random.default_rng(1)
+    kinds = (int, np.int64, Actions)
+    ends = {"success": 0, "failure": 0, "truncated": 0}
+    for i in range(6000):
+        if rng.random() < 0.5:
+            action = walker_action(plain.unwrapped, rng)
+        else:
+            action = int(rng.integers(7))  # every action, pickup, drop, toggle and done too
+        action = kinds[i % 3](action)
+        results = [env.step(action) for env in envs]
+        np.testing.assert_array_equal(results[0][0]["image"], results[1][0]["image"])
+        assert results[0][0]["direction"] == results[1][0]["direction"]
+        assert results[0][1:] == results[1][1:]
+        assert type(results[0][1]) is type(results[1][1])  # an int 0, or a float reward
+        assert agent_state(fast.unwrapped) == agent_state(plain.unwrapped)
+        _, reward, terminated, truncated, _ = results[1]
+        if terminated or truncated:
+            ends["truncated" if truncated else "success" if reward > 0 else "failure"] += 1
+            for env in envs:
+                env.reset()
+    assert min(ends.values()) >= 3, ends
+
+
+def test_fast_step_leaves_the_rest_to_minigrid() -> None:
+    fast = fast_env("MiniGrid-MemoryS7-v0", 3)
+    plain = gym.make("MiniGrid-MemoryS7-v0", agent_view_size=3)
+    base, plain_base = fast.unwrapped, plain.unwrapped
+    # an unknown action: MiniGrid's error, after its step count went up as MiniGrid's does
+    for env in (base, plain_base):
+        env.reset(seed=0)
+        with pytest.raises(ValueError, match="Unknown action"):
+            env.step(7)
+    assert base.step_count == plain_base.step_count == 1
+    for action in (2.0, True):  # not an int: MiniGrid's comparisons decide
+        assert base.step(action)[1:] == plain_base.step(action)[1:]
+        assert agent_state(base) == agent_state(plain_base)
+    # an agent that carries something (not in MemoryEnv's own episodes): MiniGrid's step, which
+    # drops it ahead
+    for env in (base, plain_base):
+        env.reset(seed=0)
+        env.agent_dir = 0  # east, along the corridor: the cell ahead is empty
+        env.carrying = Ball("red")
+        env.step(4)
+        assert env.carrying is None
+    assert base.grid.encode().tolist() == plain_base.grid.encode().tolist()
+    # a direction out of range: MiniGrid's assertion
+    base.agent_dir = 4
+    with pytest.raises(AssertionError, match="Invalid agent_dir"):
+        base.step(0)
+
+
+def test_fast_step_toggles_the_object_ahead() -> None:
+    env = fast_env("MiniGrid-MemoryS7-v0", 3)
+    base = env.unwrapped
+    env.reset(seed=0)
+    calls = []
+
+    class Recorder(Key):
+        def toggle(self, env, pos):
+            calls.append((env, pos.tolist(), type(pos)))
+            return False
+
+    x, y = (int(v) for v in base.agent_pos)
+    base.agent_dir = 0
+    base.grid.set(x + 1, y, Recorder("green"))
+    env.step(5)  # pickup: MemoryEnv makes it toggle
+    env.step(3)
+    assert calls == [(base, [x + 1, y], np.ndarray)] * 2
+    assert base.step_count == 2 and agent_state(base)[0] == (x, y)
+
+
+def test_fast_step_not_installed_where_it_does_not_apply(monkeypatch) -> None:
+    class OwnStep(MemoryEnv):
+        def step(self, action):
+            return super().step(action)
+
+    own = OwnStep(size=7)
+    assert use_fast_memory_grid(own)
+    assert "step" not in own.__dict__
+    assert "step" not in fast_env("MiniGrid-MemoryS7-v0", 3, fast_step=False).unwrapped.__dict__
+    monkeypatch.setenv(FAST_STEP_VARIABLE, "0")
+    assert "step" not in fast_env("MiniGrid-MemoryS7-v0", 3).unwrapped.__dict__
+    assert isinstance(fast_env("MiniGrid-MemoryS7-v0", 3, fast_step=True).unwrapped.step,
+                      FastMemoryStep)  # fmt: skip
 
 
 @pytest.mark.parametrize("env_id", ["MiniGrid-MemoryS7-v0", "MiniGrid-MemoryS13Random-v0"])
 @pytest.mark.parametrize("view", [3, 7])
-def test_kept_views_are_the_views_minigrid_computes(env_id: str, view: int) -> None:
+def test_kept_views_are_the_views_minigrid_computes(env_id: str, view: int, monkeypatch) -> None:
+    monkeypatch.setattr(KeptViews, "images", {})  # none kept by earlier tests
     kept, computed = fast_env(env_id, view), fast_env(env_id, view, kept_views=False)
     plain = gym.make(env_id, agent_view_size=view)  # MiniGrid's own grid and view code
     assert isinstance(kept.unwrapped.gen_obs, KeptViews)
@@ -136,7 +246,6 @@ def test_kept_views_are_the_views_minigrid_computes(env_id: str, view: int) -> N
     envs = (kept, computed, plain)
     observations = [env.reset(seed=1)[0] for env in envs]
     rng = np.random.default_rng(0)
-    images_before = len(KeptViews.images)
     episodes = 0
     for _ in range(4000):
         for obs in observations[1:]:
@@ -151,7 +260,7 @@ def test_kept_views_are_the_views_minigrid_computes(env_id: str, view: int) -> N
             episodes += 1
     assert episodes > 40
     # views were kept, and most were met again (fewer kept than the 4000 steps' views)
-    assert images_before < len(KeptViews.images) < images_before + 2000
+    assert 0 < len(KeptViews.images) < 2000
 
 
 def test_a_kept_view_is_a_copy_the_caller_may_change() -> None:
@@ -246,6 +355,7 @@ def test_copies_of_an_env_lay_out_their_own_grid(duplicate) -> None:
     # the copy's kept views look at the copy's env and grid
     views = twin.unwrapped.gen_obs
     assert views.env is twin.unwrapped and views.grids is twin.unwrapped._gen_grid
+    assert twin.unwrapped.step.env is twin.unwrapped  # and its step steps the copy
     for _ in range(5):
         np.testing.assert_array_equal(twin.step(2)[0]["image"],
                                       MemoryEnv.gen_obs(twin.unwrapped)["image"])  # fmt: skip
@@ -260,6 +370,7 @@ def test_env_builder_installs_the_fast_grid(monkeypatch) -> None:
     env = make_env(resolve_env("MiniGrid-MemoryS7-v0"), monitor=True, training=True)
     assert isinstance(env.unwrapped.__dict__.get("_gen_grid"), FastMemoryGrid)
     assert isinstance(env.unwrapped.__dict__.get("gen_obs"), KeptViews)
+    assert isinstance(env.unwrapped.__dict__.get("step"), FastMemoryStep)
     env = make_env(resolve_env("MiniGrid-Memory"), training=True)  # a preset with wrappers
     assert isinstance(env.unwrapped.__dict__.get("_gen_grid"), FastMemoryGrid)
     assert isinstance(env.unwrapped.__dict__.get("gen_obs"), KeptViews)
@@ -300,14 +411,15 @@ def test_benchmark_prints_its_table_and_a_json_last_line(capsys) -> None:
     assert json.loads(lines[-1]) == out
     envs = ["MiniGrid-MemoryS7-v0", "MiniGrid-MemoryS13Random-v0"]
     assert [r["env"] for r in out["reset"]] == envs
-    variants = ("minigrid", "plan", "kept")
+    variants = ("minigrid", "plan", "kept", "step")
+    speedups = ("plan_speedup", "kept_speedup", "step_speedup")
     for row in out["reset"]:
         assert all(row[f"{v}_us"] > 0 for v in variants)
-        assert row["plan_speedup"] > 0 and row["kept_speedup"] > 0
+        assert all(row[name] > 0 for name in speedups)
     assert [r["actions"] for r in out["step"]] == ["random", "walker"]
     for row in out["step"]:
         assert all(row[f"{v}_sps"] > 0 for v in variants)
-        assert row["plan_speedup"] > 0 and row["kept_speedup"] > 0
+        assert all(row[name] > 0 for name in speedups)
         assert row["steps_per_episode"] > 0
     walker, random_row = out["step"][1], out["step"][0]
     assert walker["steps_per_episode"] < random_row["steps_per_episode"]
@@ -329,3 +441,4 @@ def test_cli_help_names_the_switch():
 
     help_text = " ".join(build_parser().format_help().split())  # argparse wraps at the width
     assert "MNM_RL_FAST_RESET=0" in help_text and "MNM_RL_KEPT_VIEWS=0" in help_text
+    assert "MNM_RL_FAST_STEP=0" in help_text

@@ -24,7 +24,11 @@ cell and direction and the view's size, and each is computed once and kept (raw 
 1.65-1.77x as fast at a 3 x 3 view, 2.7-3.5x at 7 x 7; ``MNM_RL_KEPT_VIEWS=0`` computes every
 view).
 
-:func:`use_fast_memory_grid` installs both on one env; mnm_rl's env builder does so for every
+:class:`FastMemoryStep` stands in for ``MemoryEnv.step``: the same step in plain integer
+arithmetic, without MiniGrid's numpy ``front_pos`` and ``dir_vec``, its ``Grid.get`` and its
+chain of action comparisons (``MNM_RL_FAST_STEP=0`` keeps MiniGrid's own).
+
+:func:`use_fast_memory_grid` installs them on one env; mnm_rl's env builder does so for every
 ``MemoryEnv`` that keeps MiniGrid's ``_gen_grid`` (``MNM_RL_FAST_RESET=0`` in the environment
 keeps MiniGrid's own).
 """
@@ -47,6 +51,14 @@ SWITCH_VARIABLE = "MNM_RL_FAST_RESET"
 #: Set to ``0`` in the environment to compute every view of a MiniGrid-Memory env (with the fast
 #: view's code) instead of keeping the images of the views met (:class:`KeptViews`).
 KEPT_VIEWS_VARIABLE = "MNM_RL_KEPT_VIEWS"
+#: Set to ``0`` in the environment to step MiniGrid-Memory envs with MiniGrid's own
+#: ``MemoryEnv.step`` instead of :class:`FastMemoryStep`.
+FAST_STEP_VARIABLE = "MNM_RL_FAST_STEP"
+
+#: The cell ahead of the agent for each direction (MiniGrid's ``DIR_TO_VEC``), as Python ints.
+AHEAD = ((1, 0), (0, 1), (-1, 0), (0, -1))
+#: MiniGrid's actions (``MiniGridEnv.Actions``) by value.
+LEFT, RIGHT, FORWARD, PICKUP, DROP, TOGGLE, DONE = range(7)
 
 
 def memory_walls(width: int, height: int, hallway_end: int) -> list[WorldObj | None]:
@@ -175,6 +187,92 @@ class KeptViews(FastGenObs):
         return {"image": image.copy(), "direction": env.agent_dir, "mission": env.mission}
 
 
+class FastMemoryStep:
+    """Stands in for ``MemoryEnv.step`` on one env (as an attribute of the instance): MiniGrid's
+    step (``MiniGridEnv.step``, with MemoryEnv's ``pickup`` turned into ``toggle`` and its
+    success and failure cells) in plain integer arithmetic. MiniGrid's own builds numpy arrays
+    for the cell ahead (``front_pos``, ``dir_vec``) at every step, reads it through ``Grid.get``'s
+    assertions and compares the action with up to seven enum members.
+
+    It takes the same branches with the same effects: a turn, a move onto an empty or
+    overlappable cell (a goal or lava ends the episode as in MiniGrid), ``toggle`` (and
+    ``pickup``) passed to the object ahead, ``drop`` and ``done`` without effect for an agent
+    that carries nothing; then the step count, truncation, the observation (``env.gen_obs()``,
+    whichever is installed) and MemoryEnv's rewards. After a move ``agent_pos`` is a tuple of
+    Python ints (MiniGrid's: of numpy integers; equal, and hashed alike). MiniGrid's own step runs
+    for anything else: an action that is not an ``int`` or ``numpy.int64`` from 0 to 6 (its
+    ``ValueError`` for an unknown one), an agent that carries something, a grid that is not a
+    plain ``Grid``, an agent direction out of range, no agent position (before the first
+    reset), a cell ahead outside the grid, or ``render_mode="human"``.
+    ``tests/test_minigrid_memory.py`` steps both side by side.
+    """
+
+    def __init__(self, env: MemoryEnv) -> None:
+        self.env = env
+
+    def __call__(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
+        env = self.env
+        kind = action.__class__
+        if kind is np.int64:
+            action = int(action)
+        elif kind is not int:
+            return MemoryEnv.step(env, action)
+        grid, direction = env.grid, env.agent_dir
+        if (
+            not 0 <= action <= DONE
+            or env.agent_pos is None  # before the first reset
+            or env.carrying is not None
+            or type(grid) is not Grid
+            or direction.__class__ is not int
+            or not 0 <= direction < 4
+            or env.render_mode == "human"
+        ):
+            return MemoryEnv.step(env, action)
+        x, y = env.agent_pos
+        dx, dy = AHEAD[direction]
+        ahead_x, ahead_y = int(x) + dx, int(y) + dy
+        width = grid.width
+        if not (0 <= ahead_x < width and 0 <= ahead_y < grid.height):
+            return MemoryEnv.step(env, action)  # MiniGrid's Grid.get raises there
+        env.step_count += 1
+        reward = 0
+        terminated = False
+        if action == LEFT:
+            env.agent_dir = direction - 1 if direction else 3
+        elif action == RIGHT:
+            env.agent_dir = (direction + 1) % 4
+        elif action == FORWARD:
+            cell = grid.grid[ahead_y * width + ahead_x]
+            if cell is None or cell.can_overlap():
+                env.agent_pos = x, y = ahead_x, ahead_y
+            if cell is not None and cell.type == "goal":
+                terminated = True
+                reward = env._reward()
+            if cell is not None and cell.type == "lava":
+                terminated = True
+        elif action == TOGGLE or action == PICKUP:  # MemoryEnv: pickup is toggle
+            cell = grid.grid[ahead_y * width + ahead_x]
+            if cell:
+                cell.toggle(env, np.array((ahead_x, ahead_y)))
+        # DROP with nothing carried, DONE: no effect
+        truncated = env.step_count >= env.max_steps
+        obs = env.gen_obs()
+        position = (int(x), int(y))
+        if position == env.success_pos:
+            reward = env._reward()
+            terminated = True
+        if position == env.failure_pos:
+            reward = 0
+            terminated = True
+        return obs, reward, terminated, truncated, {}
+
+
+def fast_step_enabled() -> bool:
+    """Whether :func:`use_fast_memory_grid` may install :class:`FastMemoryStep`: not switched off
+    by ``MNM_RL_FAST_STEP=0``."""
+    return os.environ.get(FAST_STEP_VARIABLE, "1") != "0"
+
+
 def kept_views_enabled() -> bool:
     """Whether :func:`use_fast_memory_grid` may keep views (:class:`KeptViews`): not switched
     off by ``MNM_RL_KEPT_VIEWS=0``."""
@@ -187,11 +285,16 @@ def fast_memory_grid_enabled() -> bool:
     return os.environ.get(SWITCH_VARIABLE, "1") != "0"
 
 
-def use_fast_memory_grid(env: gym.Env, kept_views: bool | None = None) -> bool:
-    """Lay out ``env``'s MiniGrid-Memory grids with :class:`FastMemoryGrid` from now on, and,
-    where it has the fast view (:func:`~mnm_rl.envs.minigrid_view.use_fast_view`, installed
-    first), keep its views' images (:class:`KeptViews`): with ``kept_views`` ``None`` unless
-    ``MNM_RL_KEPT_VIEWS=0``, else as ``kept_views`` says.
+def use_fast_memory_grid(
+    env: gym.Env, kept_views: bool | None = None, fast_step: bool | None = None
+) -> bool:
+    """Lay out ``env``'s MiniGrid-Memory grids with :class:`FastMemoryGrid` from now on, step it
+    with :class:`FastMemoryStep` (with ``fast_step`` ``None`` unless ``MNM_RL_FAST_STEP=0``, else
+    as ``fast_step`` says) and, where it has the fast view
+    (:func:`~mnm_rl.envs.minigrid_view.use_fast_view`, installed first), keep its views' images
+    (:class:`KeptViews`: with ``kept_views`` ``None`` unless ``MNM_RL_KEPT_VIEWS=0``, else as
+    ``kept_views`` says). Neither the step nor the kept views go on a subclass with a ``step``
+    of its own.
 
     Applies to an env whose base (``env.unwrapped``) is a ``MemoryEnv`` that keeps MiniGrid's
     own ``_gen_grid`` (a subclass that changes it keeps its own), unless
@@ -212,8 +315,12 @@ def use_fast_memory_grid(env: gym.Env, kept_views: bool | None = None) -> bool:
     base._gen_grid = grids = FastMemoryGrid(base)
     if kept_views is None:
         kept_views = kept_views_enabled()
+    if fast_step is None:
+        fast_step = fast_step_enabled()
     # a subclass with a step of its own may change cells during an episode
     steps_as_memory = type(base).step is MemoryEnv.step and "step" not in base.__dict__
     if kept_views and steps_as_memory and type(base.__dict__.get("gen_obs")) is FastGenObs:
         base.gen_obs = KeptViews(base, grids)
+    if fast_step and steps_as_memory:
+        base.step = FastMemoryStep(base)
     return True
