@@ -244,7 +244,8 @@ class FastMemoryStep:
         elif action == FORWARD:
             cell = grid.grid[ahead_y * width + ahead_x]
             if cell is None or cell.can_overlap():
-                env.agent_pos = x, y = ahead_x, ahead_y
+                x, y = ahead_x, ahead_y
+                env.agent_pos = (x, y)
             if cell is not None and cell.type == "goal":
                 terminated = True
                 reward = env._reward()
