@@ -44,6 +44,17 @@ template <typename T> struct Vectors {
   static void store(T* p, const Vec& v) { std::memcpy(p, &v, sizeof(Vec)); }
 };
 
+// v, as it is, in a vector register (an empty asm that takes it there): where AVX-512 holds a
+// whole 64-byte vector in one register, GCC otherwise folds the load of a row of M into each of
+// the R multiply-adds that use it, R loads of each row instead of one.
+template <typename Vec> inline void in_register(Vec& v) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 // Columns [c0, c0 + NV * lanes) of rows 0..R-1 of out = x M (+ out with accumulate): x [R, K],
 // M [K, N] and out [R, N], each contiguous.
 template <typename T, int R, int NV>
@@ -56,7 +67,10 @@ inline void rows_times_tile(const T* x, const T* M, T* out, int64_t K, int64_t N
       acc[r][v] = accumulate ? V::load(out + r * N + c0 + v * V::kLanes) : typename V::Vec{};
   for (int64_t i = 0; i < K; ++i) {
     typename V::Vec row[NV];
-    for (int v = 0; v < NV; ++v) row[v] = V::load(M + i * N + c0 + v * V::kLanes);
+    for (int v = 0; v < NV; ++v) {
+      row[v] = V::load(M + i * N + c0 + v * V::kLanes);
+      in_register(row[v]);
+    }
     for (int r = 0; r < R; ++r) {
       const T a = x[r * K + i];
       for (int v = 0; v < NV; ++v) acc[r][v] += a * row[v];
