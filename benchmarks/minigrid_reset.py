@@ -15,11 +15,10 @@ every other round, medians reported):
 * ``step``: raw stepping of ``--n-envs`` envs of the first env id in a ``LeanDummyVecEnv``, made
   as ``throughput.py`` makes them (its ``ceiling``, ``ceiling/mgreset/mgstep`` for MiniGrid's
   grid, ``ceiling/viewcalc/mgstep`` for the plan alone, ``ceiling/mgstep`` for the kept views),
-  with two kinds of actions: ``random`` (the
-  ceiling's: long episodes, few resets) and ``walker`` (east to the split, then north or south
-  onto an object: episodes of a few steps, as an agent that has learned the task makes them,
-  when resets weigh most). Only the ``step()`` calls are timed, not the walker's choice of
-  actions.
+  with two kinds of actions: ``random`` (the ceiling's: long episodes, few resets) and
+  ``walker`` (east to the split, then north or south onto an object: episodes of a few steps,
+  as an agent that has learned the task makes them, when resets weigh most). Only the
+  ``step()`` calls are timed, not the walker's choice of actions.
 
 Prints two tables and, as its last line, a JSON object ``{"rounds", "view", "reset": [{"env",
 "minigrid_us", "plan_us", "kept_us", "step_us", "plan_speedup", "kept_speedup",

@@ -44,7 +44,7 @@ from minigrid.core.grid import Grid
 from minigrid.core.world_object import Ball, Key, Wall, WorldObj
 from minigrid.envs.memory import MemoryEnv
 
-from mnm_rl.envs.minigrid_view import FastGenObs, view_image
+from mnm_rl.envs.minigrid_view import AHEAD, FastGenObs, view_image
 
 #: Set to ``0`` in the environment to keep MiniGrid's own ``MemoryEnv._gen_grid`` everywhere.
 SWITCH_VARIABLE = "MNM_RL_FAST_RESET"
@@ -55,8 +55,6 @@ KEPT_VIEWS_VARIABLE = "MNM_RL_KEPT_VIEWS"
 #: ``MemoryEnv.step`` instead of :class:`FastMemoryStep`.
 FAST_STEP_VARIABLE = "MNM_RL_FAST_STEP"
 
-#: The cell ahead of the agent for each direction (MiniGrid's ``DIR_TO_VEC``), as Python ints.
-AHEAD = ((1, 0), (0, 1), (-1, 0), (0, -1))
 #: MiniGrid's actions (``MiniGridEnv.Actions``) by value.
 LEFT, RIGHT, FORWARD, PICKUP, DROP, TOGGLE, DONE = range(7)
 

@@ -36,9 +36,9 @@ SWITCH_VARIABLE = "MNM_RL_FAST_VIEW"
 #: them).
 _EMPTY = (OBJECT_TO_IDX["empty"], 0, 0)
 _UNSEEN = (0, 0, 0)
-#: ``DIR_TO_VEC`` as plain ints (numpy scalars are slower in Python arithmetic): (dx, dy) of
-#: facing east, south, west, north.
-_FORWARD = tuple((int(dx), int(dy)) for dx, dy in DIR_TO_VEC)
+#: ``DIR_TO_VEC`` as plain ints (numpy scalars are slower in Python arithmetic): (dx, dy) of the
+#: cell ahead of an agent facing east, south, west, north.
+AHEAD = tuple((int(dx), int(dy)) for dx, dy in DIR_TO_VEC)
 #: What a view cell outside the grid holds (MiniGrid makes a new wall for each).
 _OUTSIDE = Wall()
 
@@ -58,7 +58,7 @@ def view_image(env: MiniGridEnv) -> np.ndarray:
     grid = env.grid
     width, height, cells = grid.width, grid.height, grid.grid
     agent_x, agent_y = int(env.agent_pos[0]), int(env.agent_pos[1])
-    forward_x, forward_y = _FORWARD[env.agent_dir]
+    forward_x, forward_y = AHEAD[env.agent_dir]
     half = size // 2
 
     # view[j][i]: row j of the view (j = size - 1 is the agent's, row 0 the farthest ahead),

@@ -13,22 +13,19 @@
 // RecurrentMemoryPolicy.sample: E is drawn by exponential_() on a [B, A] tensor from torch's
 // default generator, as sample() draws it, so the same seed gives the same actions. Whether every
 // logit is finite is returned too, so that the caller can stop before stepping the envs.
-
 //
 // For training it also runs the two heads over a minibatch, forward and backward, as one call
 // each (heads_forward, heads_backward; mnm_rl/agent/action_heads.py: train_heads): the products
 // through the kernels' hand-written products (memory/csrc/dense_products.h), the activations
-// in place with the kernels' own tanh (elementwise.h: branch-free, a few float ulps from torch.tanh, which on an AMD CPU goes through MKL's generic
-// code at 2.4 ns a float) and their derivatives through the outputs. With threads = 2 the actor
-// and the critic run on a thread each (memory/csrc/parts.h), the same arithmetic as one after
-// the other.
+// in place as the rollout's (heads.h: activate) and their derivatives through the outputs. With
+// threads = 2 the actor and the critic run on a thread each (memory/csrc/parts.h), the same
+// arithmetic as one after the other.
 
 #include <torch/extension.h>
 
 #include <tuple>
 #include <vector>
 
-#include "../../memory/csrc/elementwise.h"
 #include "../../memory/csrc/parts.h"
 #include "heads.h"  // heads_step
 
