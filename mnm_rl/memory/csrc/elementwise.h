@@ -59,6 +59,16 @@ template <typename T> inline void apply_act(bool tanh_act, T* x, int64_t n) {
 template <typename T> inline T act_grad(bool tanh_act, T z) {
   return tanh_act ? T(1) - z * z : z * (T(1) - z);
 }
+// out = grad * act_grad(z) over arrays, the activation's choice outside the loop (inside it,
+// GCC left the loop scalar).
+template <typename T>
+inline void times_act_grad(bool tanh_act, const T* __restrict__ z, const T* __restrict__ grad,
+                           T* __restrict__ out, int64_t n) {
+  if (tanh_act)
+    for (int64_t i = 0; i < n; ++i) out[i] = grad[i] * (T(1) - z[i] * z[i]);
+  else
+    for (int64_t i = 0; i < n; ++i) out[i] = grad[i] * (z[i] * (T(1) - z[i]));
+}
 // d act_grad(z) / dz (mnm-g's backpropagated error depends on act_grad of the activations).
 template <typename T> inline T act_grad_grad(bool tanh_act, T z) {
   return tanh_act ? T(-2) * z : T(1) - T(2) * z;
@@ -85,6 +95,39 @@ template <typename T> struct LstmGates {
       : i(sigmoid(g[k])), f(sigmoid(g[n + k])), c(tanh_(g[2 * n + k])),
         o(sigmoid(g[3 * n + k])) {}
 };
+
+// One LSTM step for one row from its gates' pre-activations g [4H] (left as they are): c [H],
+// the cell state, gets the new one, h [H] the output. The rows' pointers are restrict-qualified
+// so that the loop is vectorised (with the batch's pointers GCC left it scalar).
+template <typename T>
+inline void lstm_cell_from_gates(const T* __restrict__ g, T* __restrict__ c, T* __restrict__ h,
+                                 int64_t H) {
+  for (int64_t i = 0; i < H; ++i) {
+    const LstmGates<T> a(g, H, i);
+    const T cell = a.f * c[i] + a.i * a.c;
+    c[i] = cell;
+    h[i] = a.o * tanh_(cell);
+  }
+}
+
+// lstm_cell_from_gates' backward for one row, from the gates' pre-activations g [4H], the cell
+// state it started from c_prev [H] and the grad of its output dh [H]: dc [H], the grad of the
+// new cell state, becomes that of c_prev; dg [4H] gets the grad of the pre-activations.
+template <typename T>
+inline void lstm_cell_backward_row(const T* __restrict__ g, const T* __restrict__ c_prev,
+                                   const T* __restrict__ dh, T* __restrict__ dc,
+                                   T* __restrict__ dg, int64_t H) {
+  for (int64_t i = 0; i < H; ++i) {
+    const LstmGates<T> a(g, H, i);
+    const T tc = tanh_(a.f * c_prev[i] + a.i * a.c);
+    const T dcell = dc[i] + dh[i] * a.o * (T(1) - tc * tc);
+    dg[i] = dcell * a.c * a.i * (T(1) - a.i);
+    dg[H + i] = dcell * c_prev[i] * a.f * (T(1) - a.f);
+    dg[2 * H + i] = dcell * a.i * (T(1) - a.c * a.c);
+    dg[3 * H + i] = dh[i] * tc * a.o * (T(1) - a.o);
+    dc[i] = dcell * a.f;
+  }
+}
 
 // One LSTM step for one row, in place: a [4H] holds the gates' pre-activations (PyTorch's order
 // i, f, g, o) and gets their activations, block by block (simple loops over contiguous values,

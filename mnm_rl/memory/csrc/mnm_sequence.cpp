@@ -468,12 +468,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
                              Hd + D, 4 * Hd, own);
       T_* h_p = step_at<T_>(hs, t);
       for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < Hd; ++i) {
-          const LstmGates<T_> a(g + b * 4 * Hd, Hd, i);
-          const T_ c = a.f * c_p[b * Hd + i] + a.i * a.c;
-          c_p[b * Hd + i] = c;
-          h_p[b * Hd + i] = a.o * tanh_(c);
-        }
+        lstm_cell_from_gates(g + b * 4 * Hd, c_p + b * Hd, h_p + b * Hd, Hd);
       T_* e = store ? step_at<T_>(e_kept, t) : e_scratch.data_ptr<T_>();
       if (per_step_int)
         biased_product_raw<T_>(e, step_at<T_>(b_int_c, t), E, h_p, w_int_t.data_ptr<T_>(), B, Hd, E,
@@ -673,26 +668,34 @@ std::vector<at::Tensor> mnm_backward(
       T_* daw_p = da_w.data_ptr<T_>();
       T_* dv_p = dv.data_ptr<T_>();
       // The read of every key under the new weights; G collects the new weights' grad.
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t j = 0; j < J; ++j)
-          for (int64_t i = 0; i < D; ++i) {
-            T_ g = 0;
-            if (j < H)
-              g = (dr_p[b * D + i] + (gr ? gr[b * D + i] : T_(0))) / T_(H);
-            else if (ga)
-              g = ga[(b * H + j - H) * D + i];
-            dzr_p[((L * B + b) * J + j) * D + i] = g;
-          }
+      // Row by row, the branches outside the loops: each read head gets the read's grad over
+      // H, each answer its own (or none).
+      for (int64_t b = 0; b < B; ++b) {
+        T_* row = dzr_p + (L * B + b) * J * D;
+        const T_* dr_b = dr_p + b * D;
+        if (gr)
+          for (int64_t i = 0; i < D; ++i) row[i] = (dr_b[i] + gr[b * D + i]) / T_(H);
+        else
+          for (int64_t i = 0; i < D; ++i) row[i] = dr_b[i] / T_(H);
+        for (int64_t j = 1; j < H; ++j) std::copy(row, row + D, row + j * D);
+        if (ga)
+          std::copy(ga + b * HD, ga + (b + 1) * HD, row + HD);
+        else
+          std::fill(row + HD, row + 2 * HD, T_(0));
+      }
       for (int64_t l = L - 1; l >= 0; --l) {
         const T_* out = zr(l + 1);
         const T_* gout = dzr_p + (l + 1) * B * J * D;
-        for (int64_t x = 0; x < B * J * D; ++x)
-          da_p[x] = l < L - 1 ? gout[x] * act_grad(d.tanh_act, out[x]) : gout[x];
-        rank_update(G_p + l * B * DD, DD, da_p, zr(l), T_(1), G_p + l * B * DD, DD,
-                    B, J, D);
+        // the grad of the layer's pre-activation (the last layer has no activation)
+        const T_* pre_grad = gout;
+        if (l < L - 1) {
+          times_act_grad(d.tanh_act, out, gout, da_p, B * J * D);
+          pre_grad = da_p;
+        }
+        rank_update(G_p + l * B * DD, DD, pre_grad, zr(l), T_(1), G_p + l * B * DD, DD, B, J, D);
         // rows (M'^T da)^T
-        rows_times(da_p, post_t.data_ptr<T_>() + l * B * DD, DD, dzr_p + l * B * J * D, B, J, D,
-                   false);
+        rows_times(pre_grad, post_t.data_ptr<T_>() + l * B * DD, DD, dzr_p + l * B * J * D, B, J,
+                   D, false);
       }
       // The write M' = M - beta / energy * sum_h delta_h z_h^T.
       std::fill(dz_p, dz_p + (L + 1) * B * HD, T_(0));
@@ -731,10 +734,12 @@ std::vector<at::Tensor> mnm_backward(
             T_* dzl = dz_p + (l + 1) * B * HD + bh * D;
             T_* gr_row = graw + bh * L * D + l * D;
             for (int64_t i = 0; i < D; ++i) dzl[i] += dd[i];
-            if (l < L - 1)
-              for (int64_t i = 0; i < D; ++i) gr_row[i] = -dd[i] * act_grad(d.tanh_act, tg[i]);
-            else
+            if (l < L - 1) {  // -dd * act_grad(tg), the activation's choice outside the loops
+              times_act_grad(d.tanh_act, tg, dd, gr_row, D);
+              for (int64_t i = 0; i < D; ++i) gr_row[i] = -gr_row[i];
+            } else {
               for (int64_t i = 0; i < D; ++i) gr_row[i] = -dd[i];
+            }
           }
         matrix_times(graw, w_fb_c.data_ptr<T_>(), dv_p, B * H, L * D, D, false);
       } else {
@@ -763,12 +768,15 @@ std::vector<at::Tensor> mnm_backward(
       for (int64_t l = L - 1; l >= 0; --l) {
         const T_* out = z + (l + 1) * B * HD;
         const T_* gout = dz_p + (l + 1) * B * HD;
-        for (int64_t x = 0; x < B * HD; ++x)
-          daw_p[x] = l < L - 1 ? gout[x] * act_grad(d.tanh_act, out[x]) : gout[x];
-        rank_update(G_p + l * B * DD, DD, daw_p, z + l * B * HD, T_(1), G_p + l * B * DD, DD, B,
-                    H, D);
+        const T_* pre_grad = gout;
+        if (l < L - 1) {
+          times_act_grad(d.tanh_act, out, gout, daw_p, B * HD);
+          pre_grad = daw_p;
+        }
+        rank_update(G_p + l * B * DD, DD, pre_grad, z + l * B * HD, T_(1), G_p + l * B * DD, DD,
+                    B, H, D);
         // rows (M^T da)^T
-        rows_times(daw_p, pre_l[l], pre_l.batch_stride, dz_p + l * B * HD, B, H, D, true);
+        rows_times(pre_grad, pre_l[l], pre_l.batch_stride, dz_p + l * B * HD, B, H, D, true);
       }
       // Into e = tanh(pre_e): keys through rms_norm, values, beta.
       const T_* kscale = s.kscale;
@@ -806,17 +814,8 @@ std::vector<at::Tensor> mnm_backward(
       T_* dc_p = dc.data_ptr<T_>();
       T_* gg = step_at<T_>(g_gates, t);
       for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < Hd; ++i) {
-          const int64_t n = b * Hd, r = b * 4 * Hd;
-          const LstmGates<T_> a(g + r, Hd, i);
-          const T_ tc = tanh_(a.f * ci[n + i] + a.i * a.c);
-          const T_ dcell = dc_p[n + i] + dht[n + i] * a.o * (T_(1) - tc * tc);
-          gg[r + i] = dcell * a.c * a.i * (T_(1) - a.i);
-          gg[r + Hd + i] = dcell * ci[n + i] * a.f * (T_(1) - a.f);
-          gg[r + 2 * Hd + i] = dcell * a.i * (T_(1) - a.c * a.c);
-          gg[r + 3 * Hd + i] = dht[n + i] * tc * a.o * (T_(1) - a.o);
-          dc_p[n + i] = dcell * a.f;
-        }
+        lstm_cell_backward_row(g + b * 4 * Hd, ci + b * Hd, dht + b * Hd, dc_p + b * Hd,
+                               gg + b * 4 * Hd, Hd);
       T_* du_p = du.data_ptr<T_>();
       matrix_times(gg, w_rec_c.data_ptr<T_>(), du_p, B, 4 * Hd, Hd + D, false);
       T_* drw_p = dr.data_ptr<T_>();
