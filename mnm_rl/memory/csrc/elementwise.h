@@ -59,15 +59,15 @@ template <typename T> inline void apply_act(bool tanh_act, T* x, int64_t n) {
 template <typename T> inline T act_grad(bool tanh_act, T z) {
   return tanh_act ? T(1) - z * z : z * (T(1) - z);
 }
-// out = grad * act_grad(z) over arrays, the activation's choice outside the loop (inside it,
-// GCC left the loop scalar).
+// out = (sign * grad) * act_grad(z) over arrays (sign 1 or -1: exact), the activation's choice
+// outside the loop (inside it, GCC left the loop scalar).
 template <typename T>
 inline void times_act_grad(bool tanh_act, const T* __restrict__ z, const T* __restrict__ grad,
-                           T* __restrict__ out, int64_t n) {
+                           T* __restrict__ out, int64_t n, T sign = T(1)) {
   if (tanh_act)
-    for (int64_t i = 0; i < n; ++i) out[i] = grad[i] * (T(1) - z[i] * z[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = sign * grad[i] * (T(1) - z[i] * z[i]);
   else
-    for (int64_t i = 0; i < n; ++i) out[i] = grad[i] * (z[i] * (T(1) - z[i]));
+    for (int64_t i = 0; i < n; ++i) out[i] = sign * grad[i] * (z[i] * (T(1) - z[i]));
 }
 // d act_grad(z) / dz (mnm-g's backpropagated error depends on act_grad of the activations).
 template <typename T> inline T act_grad_grad(bool tanh_act, T z) {
@@ -112,20 +112,28 @@ inline void lstm_cell_from_gates(const T* __restrict__ g, T* __restrict__ c, T* 
 
 // lstm_cell_from_gates' backward for one row, from the gates' pre-activations g [4H], the cell
 // state it started from c_prev [H] and the grad of its output dh [H]: dc [H], the grad of the
-// new cell state, becomes that of c_prev; dg [4H] gets the grad of the pre-activations.
+// new cell state, becomes that of c_prev; dg [4H] gets the grad of the pre-activations. The
+// activations go first, block by block, into scratch [5H] (the gates', then tanh of the new
+// cell), so that every loop vectorises: with them inside the gradients' loop GCC left it
+// scalar.
 template <typename T>
 inline void lstm_cell_backward_row(const T* __restrict__ g, const T* __restrict__ c_prev,
                                    const T* __restrict__ dh, T* __restrict__ dc,
-                                   T* __restrict__ dg, int64_t H) {
-  for (int64_t i = 0; i < H; ++i) {
-    const LstmGates<T> a(g, H, i);
-    const T tc = tanh_(a.f * c_prev[i] + a.i * a.c);
-    const T dcell = dc[i] + dh[i] * a.o * (T(1) - tc * tc);
-    dg[i] = dcell * a.c * a.i * (T(1) - a.i);
-    dg[H + i] = dcell * c_prev[i] * a.f * (T(1) - a.f);
-    dg[2 * H + i] = dcell * a.i * (T(1) - a.c * a.c);
-    dg[3 * H + i] = dh[i] * tc * a.o * (T(1) - a.o);
-    dc[i] = dcell * a.f;
+                                   T* __restrict__ dg, T* __restrict__ scratch, int64_t H) {
+  T* __restrict__ a = scratch;  // i, f, c, o, then tanh of the new cell
+  for (int64_t k = 0; k < 2 * H; ++k) a[k] = sigmoid(g[k]);
+  for (int64_t k = 2 * H; k < 3 * H; ++k) a[k] = tanh_(g[k]);
+  for (int64_t k = 3 * H; k < 4 * H; ++k) a[k] = sigmoid(g[k]);
+  for (int64_t k = 0; k < H; ++k)
+    a[4 * H + k] = tanh_(a[H + k] * c_prev[k] + a[k] * a[2 * H + k]);
+  for (int64_t k = 0; k < H; ++k) {
+    const T ig = a[k], fg = a[H + k], cg = a[2 * H + k], og = a[3 * H + k], tc = a[4 * H + k];
+    const T dcell = dc[k] + dh[k] * og * (T(1) - tc * tc);
+    dg[k] = dcell * cg * ig * (T(1) - ig);
+    dg[H + k] = dcell * c_prev[k] * fg * (T(1) - fg);
+    dg[2 * H + k] = dcell * ig * (T(1) - cg * cg);
+    dg[3 * H + k] = dh[k] * tc * og * (T(1) - og);
+    dc[k] = dcell * fg;
   }
 }
 

@@ -606,6 +606,7 @@ std::vector<at::Tensor> mnm_backward(
     const BelowAutograd below_autograd;
     StepBuffers<T_> s(d, opts, false);
     std::vector<T_> g_transposed(DD);  // rows_times_transposed's scratch
+    std::vector<T_> cell_scratch(5 * Hd);  // lstm_cell_backward_row's
     transpose_layers<T_>(last_post, post_w);
     const T_* keep_p = keep.data_ptr<T_>();
     const T_* w_beta_p = w_beta.data_ptr<T_>();
@@ -734,12 +735,10 @@ std::vector<at::Tensor> mnm_backward(
             T_* dzl = dz_p + (l + 1) * B * HD + bh * D;
             T_* gr_row = graw + bh * L * D + l * D;
             for (int64_t i = 0; i < D; ++i) dzl[i] += dd[i];
-            if (l < L - 1) {  // -dd * act_grad(tg), the activation's choice outside the loops
-              times_act_grad(d.tanh_act, tg, dd, gr_row, D);
-              for (int64_t i = 0; i < D; ++i) gr_row[i] = -gr_row[i];
-            } else {
+            if (l < L - 1)
+              times_act_grad(d.tanh_act, tg, dd, gr_row, D, T_(-1));  // -dd * act_grad(tg)
+            else
               for (int64_t i = 0; i < D; ++i) gr_row[i] = -dd[i];
-            }
           }
         matrix_times(graw, w_fb_c.data_ptr<T_>(), dv_p, B * H, L * D, D, false);
       } else {
@@ -815,7 +814,7 @@ std::vector<at::Tensor> mnm_backward(
       T_* gg = step_at<T_>(g_gates, t);
       for (int64_t b = 0; b < B; ++b)
         lstm_cell_backward_row(g + b * 4 * Hd, ci + b * Hd, dht + b * Hd, dc_p + b * Hd,
-                               gg + b * 4 * Hd, Hd);
+                               gg + b * 4 * Hd, cell_scratch.data(), Hd);
       T_* du_p = du.data_ptr<T_>();
       matrix_times(gg, w_rec_c.data_ptr<T_>(), du_p, B, 4 * Hd, Hd + D, false);
       T_* drw_p = dr.data_ptr<T_>();
