@@ -201,18 +201,35 @@ void rows_times_transposed(const T* x, const T* M, int64_t m_stride, T* out, int
 }
 
 // Columns [c0, c0 + NV * lanes) of every row of out = M + alpha s^T z, for one matrix; with
-// kSquares, the squares of what it writes are added to sq (lane by lane).
-template <typename T, int NV, bool kSquares>
+// kSquares, the squares of what it writes are added to sq (lane by lane). With kM > 0 (m known
+// when compiled, m == kM) the m rows of z for these columns are loaded once and held in
+// registers for every row of M, instead of loaded again for each: half the loads of a rank-4
+// update, where loads and stores, not multiply-adds, bound it. Same arithmetic either way.
+template <typename T, int NV, bool kSquares, int kM>
 inline void rank_update_tile(const T* M, const T* s, const T* z, T alpha, T* out, int64_t m,
                              int64_t D, int64_t c0, typename Vectors<T>::Vec& sq) {
   using V = Vectors<T>;
+  typename V::Vec held[kM > 0 ? kM : 1][NV];
+  if constexpr (kM > 0)
+    for (int h = 0; h < kM; ++h)
+      for (int v = 0; v < NV; ++v) {
+        held[h][v] = V::load(z + h * D + c0 + v * V::kLanes);
+        in_register(held[h][v]);
+      }
   typename V::Vec squares[NV] = {};
   for (int64_t i = 0; i < D; ++i) {
     typename V::Vec acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = V::load(M + i * D + c0 + v * V::kLanes);
-    for (int64_t h = 0; h < m; ++h) {
-      const T a = alpha * s[h * D + i];
-      for (int v = 0; v < NV; ++v) acc[v] += a * V::load(z + h * D + c0 + v * V::kLanes);
+    if constexpr (kM > 0) {
+      for (int h = 0; h < kM; ++h) {
+        const T a = alpha * s[h * D + i];
+        for (int v = 0; v < NV; ++v) acc[v] += a * held[h][v];
+      }
+    } else {
+      for (int64_t h = 0; h < m; ++h) {
+        const T a = alpha * s[h * D + i];
+        for (int v = 0; v < NV; ++v) acc[v] += a * V::load(z + h * D + c0 + v * V::kLanes);
+      }
     }
     for (int v = 0; v < NV; ++v) {
       V::store(out + i * D + c0 + v * V::kLanes, acc[v]);
@@ -224,19 +241,22 @@ inline void rank_update_tile(const T* M, const T* s, const T* z, T alpha, T* out
 }
 
 // One matrix of rank_update: out = M + alpha s^T z; with kSquares, returns the sum of out's
-// squared entries (else 0).
-template <typename T, bool kSquares>
+// squared entries (else 0). kM as rank_update_tile's: its tiles are at most 16 / kM vectors
+// wide, so that the held rows of z take at most 16 of the 32 vector registers.
+template <typename T, bool kSquares, int kM = 0>
 T rank_update_matrix(const T* M, const T* s, const T* z, T alpha, T* out, int64_t m, int64_t D) {
   using V = Vectors<T>;
   constexpr int64_t W = V::kLanes;
+  constexpr int kWide = kM > 4 ? 16 / kM : 4;  // vectors per tile
+  static_assert(kWide >= 1 && kWide <= 4, "rank_update_matrix: kM must be 0 or 1..16");
   typename V::Vec sq{};
   int64_t c = 0;
-  for (; c + 4 * W <= D; c += 4 * W)
-    rank_update_tile<T, 4, kSquares>(M, s, z, alpha, out, m, D, c, sq);
+  for (; c + kWide * W <= D; c += kWide * W)
+    rank_update_tile<T, kWide, kSquares, kM>(M, s, z, alpha, out, m, D, c, sq);
   switch ((D - c) / W) {
-    case 3: rank_update_tile<T, 3, kSquares>(M, s, z, alpha, out, m, D, c, sq); break;
-    case 2: rank_update_tile<T, 2, kSquares>(M, s, z, alpha, out, m, D, c, sq); break;
-    case 1: rank_update_tile<T, 1, kSquares>(M, s, z, alpha, out, m, D, c, sq); break;
+    case 3: rank_update_tile<T, 3, kSquares, kM>(M, s, z, alpha, out, m, D, c, sq); break;
+    case 2: rank_update_tile<T, 2, kSquares, kM>(M, s, z, alpha, out, m, D, c, sq); break;
+    case 1: rank_update_tile<T, 1, kSquares, kM>(M, s, z, alpha, out, m, D, c, sq); break;
     default: break;
   }
   T total = 0;
@@ -252,6 +272,19 @@ T rank_update_matrix(const T* M, const T* s, const T* z, T alpha, T* out, int64_
   return total;
 }
 
+// rank_update_matrix for m as it comes: the held-z forms for the ranks the kernel uses (H and
+// 2H for 1, 2 and 4 heads), the general one for any other.
+template <typename T, bool kSquares>
+T rank_update_any(const T* M, const T* s, const T* z, T alpha, T* out, int64_t m, int64_t D) {
+  switch (m) {
+    case 1: return rank_update_matrix<T, kSquares, 1>(M, s, z, alpha, out, m, D);
+    case 2: return rank_update_matrix<T, kSquares, 2>(M, s, z, alpha, out, m, D);
+    case 4: return rank_update_matrix<T, kSquares, 4>(M, s, z, alpha, out, m, D);
+    case 8: return rank_update_matrix<T, kSquares, 8>(M, s, z, alpha, out, m, D);
+    default: return rank_update_matrix<T, kSquares>(M, s, z, alpha, out, m, D);
+  }
+}
+
 // out[b] = M[b] + alpha s[b]^T z[b] for each b: s, z [B, m, D] contiguous; M's and out's
 // matrices D x D contiguous, m_stride and out_stride elements apart; out may be M. With
 // squares (else nullptr), squares[b] += the sum of out[b]'s squared entries: the write of the
@@ -265,9 +298,9 @@ void rank_update(const T* M, int64_t m_stride, const T* s, const T* z, T alpha, 
     const T* zb = z + b * m * D;
     T* ob = out + b * out_stride;
     if (squares)
-      squares[b] += rank_update_matrix<T, true>(Mb, sb, zb, alpha, ob, m, D);
+      squares[b] += rank_update_any<T, true>(Mb, sb, zb, alpha, ob, m, D);
     else
-      rank_update_matrix<T, false>(Mb, sb, zb, alpha, ob, m, D);
+      rank_update_any<T, false>(Mb, sb, zb, alpha, ob, m, D);
   }
 }
 
