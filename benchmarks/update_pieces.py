@@ -52,6 +52,7 @@ PIECES = [
     ("mnm_rl.agent.ppo", "ppo_loss_explicit", "PPO loss", None),
     ("mnm_rl.memory.fast_weights", "FastWeightMemory.reconstruction_loss",
      "reconstruction losses", None),
+    ("mnm_rl.memory.fused", "reconstruction_errors", "reconstruction losses", None),
     ("mnm_rl.agent.gradient_step", "clip_grad_norm", "clip", None),
     ("mnm_rl.agent.gradient_step", "adam_step", "Adam", None),
     ("mnm_rl.agent.gradient_step", "zero_grad", "zero_grad", None),

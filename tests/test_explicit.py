@@ -128,6 +128,21 @@ def test_mnm_explicit_gradients_with_the_kernel_in_two_parts(core, monkeypatch):
     assert_same_gradients(policy, MINIGRID, torch.float64, FLOAT64, batch=8)
 
 
+@pytest.mark.parametrize("core", ["mnm-p", "mnm-g"])
+def test_mnm_explicit_aux_is_autograds(core):
+    """Every diagnostic the explicit pass reports (the reconstruction errors after and before
+    the writes by the kernel's own pass) is what the autograd pass reports."""
+    policy = make_policy(MINIGRID, core, torch.float64)
+    obs, state, starts, _ = sequence_batch(policy, MINIGRID, torch.float64)
+    with torch.no_grad():
+        _, _, _, aux_a = policy.forward_sequence(obs, state, starts)
+        _, _, aux_e, _ = policy.explicit_forward_sequence(obs, state, starts, MEMORY_WEIGHT)
+    assert aux_e.keys() == aux_a.keys()
+    for key, value in aux_a.items():
+        torch.testing.assert_close(aux_e[key], value, **FLOAT64, msg=key)
+    assert (aux_a["recon_before"] > 0).all() and (aux_a["recon_after"] > 0).all()
+
+
 def test_mnm_without_the_memory_loss():
     """``memory_weight`` 0 (``mem_coef=0``): the kernel gets no gradient for its answers."""
     policy = make_policy(MINIGRID, "mnm-p", torch.float64)

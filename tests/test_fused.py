@@ -19,6 +19,7 @@ from compiled import built
 from kernel_accuracy import assert_as_accurate_as_pytorch
 
 from mnm_rl.memory import CoreState, MNMCore, fused
+from mnm_rl.memory.fast_weights import FastWeightMemory
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +249,35 @@ def test_the_kernel_leaves_its_inputs_and_what_it_kept_unchanged(kernel, monkeyp
         assert torch.equal(a, b)
     for k, v in start.items():
         assert torch.equal(v.detach(), before[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(16, 8, 4, 64), (3, 5, 2, 20), (7, 1, 1)])
+def test_reconstruction_errors_are_the_memorys_losses(kernel, dtype, shape):
+    """``[2, ...]``: ``reconstruction_loss`` of the answers after, then before the writes; widths
+    that fill whole vectors and that leave a remainder, a sequence's and a step's shapes."""
+    gen = torch.Generator().manual_seed(3)
+    after, before, values = (torch.randn(shape, generator=gen, dtype=dtype) for _ in range(3))
+    errors = fused.reconstruction_errors(kernel, after, before, values)
+    loss = FastWeightMemory.reconstruction_loss
+    assert errors.shape == (2, *shape[:-2]) and errors.dtype == dtype
+    tolerance = dict(rtol=1e-6, atol=0) if dtype == torch.float32 else dict(rtol=1e-13, atol=0)
+    torch.testing.assert_close(errors[0], loss(after, values), **tolerance)
+    torch.testing.assert_close(errors[1], loss(before, values), **tolerance)
+    # transposed (non-contiguous) inputs are taken as their values
+    t = [x.transpose(-1, -2).contiguous().transpose(-1, -2) for x in (after, before, values)]
+    torch.testing.assert_close(fused.reconstruction_errors(kernel, *t), errors, rtol=0, atol=0)
+
+
+def test_reconstruction_errors_of_nothing_and_of_mismatched_shapes(kernel):
+    empty = torch.zeros(3, 2, 4, 0)
+    assert torch.isnan(fused.reconstruction_errors(kernel, empty, empty, empty)).all()
+    assert fused.reconstruction_errors(kernel, empty, empty, empty).shape == (2, 3, 2)
+    x = torch.zeros(3, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="one shape"):
+        fused.reconstruction_errors(kernel, x, x, torch.zeros(3, 2, 4, 7))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        fused.reconstruction_errors(kernel, x, x.double(), x)
 
 
 def test_kernel_gradients_pass_gradcheck(kernel):

@@ -241,10 +241,10 @@ def explicit_sequence(
     hidden = hs.shape[-1]
     joined = torch.cat([hs, reads], dim=-1).view(steps * batch, -1)
     y, output_backward = products.linear_explicit(joined, core.output.weight, core.output.bias)
-    loss = core.memory.reconstruction_loss
+    recon = reconstruction_errors(kernel, after, before, values)
     aux = {
-        "recon_after": loss(after, values),
-        "recon_before": loss(before, values),
+        "recon_after": recon[0],
+        "recon_before": recon[1],
         "recon_retained": torch.zeros_like(beta),
         "beta": beta,
         "fast_weight_norm": norm,
@@ -276,6 +276,15 @@ def explicit_sequence(
         return g_x.view(steps, batch, -1), gradients
 
     return y.view(steps, batch, -1), aux, backward
+
+
+def reconstruction_errors(
+    kernel: ModuleType, after: Tensor, before: Tensor, values: Tensor
+) -> Tensor:
+    """:meth:`FastWeightMemory.reconstruction_loss <mnm_rl.memory.fast_weights.FastWeightMemory.
+    reconstruction_loss>` of the answers after the writes and of those before, ``[2, T, B]`` for
+    ``[T, B, H, D]``, in one compiled pass without autograd (``csrc/reconstruction.cpp``)."""
+    return kernel.reconstruction_errors(after, before, values)
 
 
 def _kernel_parameters(core) -> list[nn.Parameter | None]:

@@ -81,4 +81,9 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad, const at::Tensor
                                         const at::Tensor& weight, bool needs_x, bool needs_weight,
                                         bool needs_bias, int64_t parts);
 
+// reconstruction.cpp: the memory's reconstruction errors, after and before the writes, [2, ...]
+// for answers and values [..., H, D] (see there).
+at::Tensor reconstruction_errors(const at::Tensor& after, const at::Tensor& before,
+                                 const at::Tensor& values);
+
 }  // namespace mnm_rl

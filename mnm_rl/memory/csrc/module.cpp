@@ -30,6 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_backward", &mnm_rl::linear_backward,
         "its backward pass: (grad, x, W, needs_x, needs_W, needs_b, parts) -> (dx, dW, db)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("reconstruction_errors", &mnm_rl::reconstruction_errors,
+        "[2, ...]: mean over the last two dims of (after - values)^2, then of (before - values)^2");
   m.def(
       "dense_product",
       [](const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& out) {
