@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import types
 
 import pytest
 import torch
@@ -98,3 +99,16 @@ def test_off_times_each_update_with_and_without_the_variable(monkeypatch, capsys
     assert seen == [None, "0", None, None, "0"]
     assert "MNM_RL_COMPILED_OPTIMIZER" not in os.environ
     assert "MNM_RL_COMPILED_OPTIMIZER=0 ms" in capsys.readouterr().out
+
+
+def test_an_older_build_takes_what_it_lacks_from_this_checkouts():
+    """``--against`` an older commit: the other build's own functions where it has them, and
+    this checkout's for those it does not have yet (``reconstruction_errors``)."""
+    kernel_pairs = load_script("kernel_pairs")
+    older = types.SimpleNamespace(lstm_forward="older lstm")
+    current = types.SimpleNamespace(lstm_forward="current lstm", reconstruction_errors="current")
+    other = kernel_pairs._TwelveOutputs(older, current)
+    assert other.lstm_forward == "older lstm"
+    assert other.reconstruction_errors == "current"
+    with pytest.raises(AttributeError):
+        other.no_such_function  # noqa: B018
