@@ -13,6 +13,7 @@ from compiled import built
 from torch import nn
 
 from mnm_rl.agent import gradient_step
+from mnm_rl.memory import fused
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,43 @@ def test_adam_step_is_the_fused_adam_step_bit_for_bit(kernel, monkeypatch):
     for step in range(5):
         _step_both(a, opt_a, b, opt_b, 10 + step)
     assert len(calls) == 4  # the first step makes the state: the optimizer's own step
+
+
+def test_adam_step_in_two_threads_is_the_fused_adam_step_bit_for_bit(kernel, monkeypatch):
+    """With two kernel threads each group's tensors are dealt between two threads: the same
+    results as torch's fused step (and as one thread), every group's settings kept."""
+    monkeypatch.setenv(fused.KERNEL_THREADS_VARIABLE, "2")
+    monkeypatch.setattr(gradient_step, "MIN_THREAD_ELEMENTS", 0)
+    a, opt_a, b, opt_b = _optimizers()
+    threads, compiled = [], kernel.adam_step
+    monkeypatch.setattr(
+        kernel, "adam_step", lambda *args: threads.append(args[-1]) or compiled(*args)
+    )
+    for step in range(5):
+        _step_both(a, opt_a, b, opt_b, 20 + step)
+    assert threads == [2] * 4
+
+
+def test_adam_threads_need_two_kernel_threads_and_enough_elements(monkeypatch):
+    monkeypatch.setenv(fused.KERNEL_THREADS_VARIABLE, "2")
+    assert gradient_step.adam_threads(gradient_step.MIN_THREAD_ELEMENTS) == 2
+    assert gradient_step.adam_threads(gradient_step.MIN_THREAD_ELEMENTS - 1) == 1
+    monkeypatch.setenv(gradient_step.THREADS_VARIABLE, "0")
+    assert gradient_step.adam_threads(10**9) == 1
+    monkeypatch.delenv(gradient_step.THREADS_VARIABLE)
+    monkeypatch.setenv(fused.KERNEL_THREADS_VARIABLE, "1")
+    assert gradient_step.adam_threads(10**9) == 1
+
+
+def test_compiled_adam_step_refuses_no_threads(kernel):
+    a, opt_a, _, _ = _optimizers()
+    _set_grads(a, 0)
+    opt_a.step()  # makes the state
+    params, exp_avgs, exp_avg_sqs, steps, sizes, _ = gradient_step._adam_state(opt_a)
+    settings = [gradient_step._settings(group) for group in opt_a.param_groups]
+    grads = [p.grad for p in params]
+    with pytest.raises(RuntimeError, match="threads must be positive"):
+        kernel.adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, sizes, settings, 0)
 
 
 def test_adam_step_after_load_state_dict_uses_the_loaded_state(kernel):

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.optim import optimizer as torch_optimizer
 
 from mnm_rl import native
+from mnm_rl.memory import fused
 
 #: The kernels' C++ source, built into their own extension.
 SOURCES = [Path(__file__).with_name("csrc") / "gradient_step.cpp"]
@@ -46,6 +47,23 @@ EXTENSION = native.LazyExtension("mnm_rl_gradient_step", SOURCES, "the compiled 
 SWITCH_VARIABLE = "MNM_RL_COMPILED_OPTIMIZER"
 #: Parameter group options under which a fused Adam step is ATen's ``_fused_adam_`` alone.
 _PLAIN_GROUP = {"fused": True, "amsgrad": False, "capturable": False, "differentiable": False}
+#: The fewest parameter elements for which Adam's step splits its tensors between two threads,
+#: where the kernels have two (:func:`mnm_rl.memory.fused.kernel_threads`): the step is bound by
+#: memory traffic, seven floats per element, and a second core brings its own. mnm-p's 160k
+#: elements do; a small model's few would only pay for the threads.
+MIN_THREAD_ELEMENTS = 65536
+#: Environment variable: ``0`` keeps Adam's step on one thread (timings side by side:
+#: ``benchmarks/kernel_pairs.py --off MNM_RL_ADAM_THREADS``).
+THREADS_VARIABLE = "MNM_RL_ADAM_THREADS"
+
+
+def adam_threads(elements: int) -> int:
+    """On how many threads (1 or 2) :func:`adam_step` runs for parameters of ``elements``
+    elements in all: two with two kernel threads and :data:`MIN_THREAD_ELEMENTS` or more (one
+    under ``MNM_RL_ADAM_THREADS=0``)."""
+    if elements < MIN_THREAD_ELEMENTS or os.environ.get(THREADS_VARIABLE) == "0":
+        return 1
+    return 2 if fused.kernel_threads() >= 2 else 1
 
 
 def load_extension() -> ModuleType | None:
@@ -75,12 +93,12 @@ def adam_step(optimizer: torch.optim.Optimizer) -> None:
     kernel = load_extension()
     lists = _adam_state(optimizer) if kernel is not None else None
     if lists is not None:
-        params, exp_avgs, exp_avg_sqs, steps, sizes = lists
+        params, exp_avgs, exp_avg_sqs, steps, sizes, elements = lists
         grads = [p.grad for p in params]
         # Adam skips a tensor without a gradient: its own step does that
         if not any(g is None for g in grads) and kernel.adam_step(
             params, grads, exp_avgs, exp_avg_sqs, steps, sizes,
-            [_settings(group) for group in optimizer.param_groups],
+            [_settings(group) for group in optimizer.param_groups], adam_threads(elements),
         ):  # fmt: skip
             # the step's post-hooks, as torch.optim runs them after its own step (the policy's
             # marks the parameters changed: RecurrentMemoryPolicy)
@@ -122,12 +140,13 @@ _STATE_LISTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class _StateLists(NamedTuple):
     state: dict  # the optimizer's ``state`` they come from
     param_lists: list[tuple[list[Tensor], int]]  # each group's ``params`` list and its length
-    tensors: tuple  # (params, exp_avgs, exp_avg_sqs, steps, group sizes), groups one after another
+    tensors: tuple  # (params, exp_avgs, exp_avg_sqs, steps, group sizes, elements in all)
 
 
 def _adam_state(optimizer: torch.optim.Optimizer) -> tuple | None:
     """Every group's parameters, ``exp_avg``, ``exp_avg_sq`` and ``step`` tensors, groups one
-    after another, and the groups' sizes; ``None`` where the compiled step does not apply. The
+    after another, the groups' sizes and the parameters' elements in all; ``None`` where the
+    compiled step does not apply. The
     lists are made once every parameter has its state (Adam's first step makes it, in place),
     and made again when the optimizer's ``state`` or a group's parameter list changes
     (``load_state_dict`` replaces the one, ``add_param_group`` adds a group)."""
@@ -164,6 +183,7 @@ def _adam_state(optimizer: torch.optim.Optimizer) -> tuple | None:
         params,
         *([s[k] for s in entries] for k in ("exp_avg", "exp_avg_sq", "step")),
         [len(group["params"]) for group in optimizer.param_groups],
+        sum(p.numel() for p in params),
     )
     param_lists = [(group["params"], len(group["params"])) for group in optimizer.param_groups]
     _STATE_LISTS[optimizer] = _StateLists(optimizer.state, param_lists, tensors)

@@ -11,8 +11,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <optional>
 #include <vector>
+
+#include "../../memory/csrc/parts.h"  // for_each_part
 
 namespace {
 
@@ -73,11 +76,14 @@ std::optional<double> clip_grad_norm(const std::vector<at::Tensor>& grads, doubl
 // arithmetic. The tensors of all groups come one group after another, group g's
 // group_sizes[g] of them with settings[g] = (lr, beta1, beta2, weight_decay, eps, maximize).
 // Returns false, having changed nothing, where a gradient or a step counter is not one it
-// takes.
+// takes. With threads > 1 each group's tensors are dealt into that many parts of about equal
+// size (the largest first, each to the part with the fewest elements so far), each part's fused
+// Adam on a thread of its own (parts.h's for_each_part): every tensor's update is its own
+// arithmetic, so the results are the same bit for bit whatever the parts.
 bool adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
                const std::vector<at::Tensor>& steps, const std::vector<int64_t>& group_sizes,
-               const std::vector<std::vector<double>>& settings) {
+               const std::vector<std::vector<double>>& settings, int64_t threads) {
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   steps.size() == n,
@@ -91,6 +97,7 @@ bool adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   }
   TORCH_CHECK(total == static_cast<int64_t>(n), "adam_step: the groups hold ", total,
               " tensors, not ", n);
+  TORCH_CHECK(threads >= 1, "adam_step: threads must be positive, got ", threads);
   for (size_t i = 0; i < n; ++i) {
     if (!takes(grads[i]) || grads[i].scalar_type() != params[i].scalar_type()) return false;
     // the counters fused Adam keeps: 0-d CPU float32 tensors
@@ -98,16 +105,41 @@ bool adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
       return false;
   }
   for (const auto& step : steps) *step.data_ptr<float>() += 1.0f;
-  int64_t first = 0;
-  for (size_t g = 0; g < group_sizes.size(); ++g) {
-    const auto part = [&](const std::vector<at::Tensor>& v) {
-      return at::TensorList(v).slice(first, group_sizes[g]);
-    };
-    const std::vector<double>& s = settings[g];
-    at::_fused_adam_(part(params), part(grads), part(exp_avgs), part(exp_avg_sqs), {},
-                     part(steps), s[0], s[1], s[2], s[3], s[4], /*amsgrad=*/false, s[5] != 0);
+  const size_t groups = group_sizes.size();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(n)));
+  // members[part][group]: the indices of the group's tensors that the part steps
+  std::vector<std::vector<std::vector<size_t>>> members(
+      parts, std::vector<std::vector<size_t>>(groups));
+  std::vector<int64_t> load(parts, 0);
+  size_t first = 0;
+  for (size_t g = 0; g < groups; ++g) {
+    std::vector<size_t> order(group_sizes[g]);
+    std::iota(order.begin(), order.end(), first);
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+      return params[a].numel() > params[b].numel();
+    });
+    for (const size_t i : order) {
+      const auto p = std::min_element(load.begin(), load.end()) - load.begin();
+      members[p][g].push_back(i);
+      load[p] += params[i].numel();
+    }
     first += group_sizes[g];
   }
+  mnm_rl::for_each_part(parts, parts, [&](int64_t p, int64_t, int64_t) {
+    for (size_t g = 0; g < groups; ++g) {
+      const std::vector<size_t>& picked = members[p][g];
+      if (picked.empty()) continue;
+      const auto pick = [&](const std::vector<at::Tensor>& v) {
+        std::vector<at::Tensor> out;
+        out.reserve(picked.size());
+        for (const size_t i : picked) out.push_back(v[i]);
+        return out;
+      };
+      const std::vector<double>& s = settings[g];
+      at::_fused_adam_(pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), {},
+                       pick(steps), s[0], s[1], s[2], s[3], s[4], /*amsgrad=*/false, s[5] != 0);
+    }
+  });
   return true;
 }
 
@@ -118,7 +150,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clip_grad_norm", &clip_grad_norm,
         "(grads, max_norm) -> the global 2-norm (None: a gradient it does not take); the "
         "gradients scaled in place as torch.nn.utils.clip_grad_norm_ scales them");
+  // Without the GIL: the parts' threads take the caller's thread-local state (see parts.h).
   m.def("adam_step", &adam_step,
-        "(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, settings) -> False where a "
-        "gradient is not one it takes, else torch.optim.Adam(fused=True)'s step of every group");
+        "(params, grads, exp_avgs, exp_avg_sqs, steps, group_sizes, settings, threads) -> False "
+        "where a gradient is not one it takes, else torch.optim.Adam(fused=True)'s step of "
+        "every group, its tensors in `threads` parallel parts",
+        py::call_guard<py::gil_scoped_release>());
 }
