@@ -294,3 +294,17 @@ def test_a_minibatchs_explicit_pass_is_freed_after_its_backward(monkeypatch):
     monkeypatch.setattr(gradient_step, "clip_grad_norm", checked_clip)
     model.train()
     assert len(alive_at_clip) >= 4 and not any(alive_at_clip)
+
+
+def test_relu_backward_is_autograds():
+    """Zero where ReLU's output is zero (and only there: a NaN output passes its gradient, as
+    autograd's does), the gradient elsewhere."""
+    from mnm_rl.agent.extractors import relu_backward
+
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    grad = torch.randn(64, 32, generator=torch.Generator().manual_seed(6))
+    out = torch.relu(x)
+    out.backward(grad)
+    assert torch.equal(relu_backward(grad, out.detach()), x.grad)
+    output = torch.tensor([0.0, 1.0, float("nan"), 2.5])
+    assert torch.equal(relu_backward(torch.ones(4), output), torch.tensor([0.0, 1.0, 1.0, 1.0]))

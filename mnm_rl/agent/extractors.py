@@ -34,6 +34,13 @@ def is_symbolic_grid(space: spaces.Space) -> bool:
     )
 
 
+def relu_backward(grad: Tensor, output: Tensor) -> Tensor:
+    """ReLU's backward pass from its ``output``: ``grad`` where ``output > 0``, else 0, by the
+    operator autograd runs for it (``aten.threshold_backward``: one pass, where a comparison and
+    ``masked_fill`` took two and a mask)."""
+    return torch.ops.aten.threshold_backward(grad, output, 0)
+
+
 class SymbolicGridEncoder(nn.Module):
     """Per-channel embeddings of a symbol grid ``[N, H, W, C]``, flattened: ``[N, H*W*C*E]``.
 
@@ -188,7 +195,7 @@ class MemoryFeaturesExtractor(BaseFeaturesExtractor):
             features = out.relu_()
 
             def backward(grad: Tensor) -> Gradients:
-                grad = grad.masked_fill(features <= 0, 0)  # ReLU's, as autograd's
+                grad = relu_backward(grad, features)
                 _, g_weight, g_bias = linear_backward(grad, False)
                 return [(linear.weight, g_weight), (linear.bias, g_bias)]
 
@@ -211,7 +218,7 @@ class MemoryFeaturesExtractor(BaseFeaturesExtractor):
         features = out.relu_()
 
         def grid_backward(grad: Tensor) -> Gradients:
-            grad = grad.masked_fill(features <= 0, 0)
+            grad = relu_backward(grad, features)
             g_table, g_weight, g_bias, _ = kernel.grid_linear_backward(
                 grad, symbol_rows, table, effective, linear.weight, dense, *arguments, False
             )
