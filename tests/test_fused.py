@@ -351,6 +351,7 @@ def test_cli_help_names_the_switch():
     assert "MNM_RL_FUSED=0" in build_parser().format_help()
     assert "MNM_RL_RETAIN_MEMORY=0" in build_parser().format_help()
     assert "MNM_RL_KERNEL_THREADS=N" in build_parser().format_help()
+    assert "MNM_RL_ADAM_THREADS=0" in build_parser().format_help()
 
 
 def test_kernel_threads_come_from_the_environment_the_setter_or_torch(monkeypatch):

@@ -146,6 +146,24 @@ def test_adam_threads_need_two_kernel_threads_and_enough_elements(monkeypatch):
     assert gradient_step.adam_threads(10**9) == 1
 
 
+def test_the_benchmarks_mnm_agent_steps_adam_on_two_threads_and_its_lstm_on_one(monkeypatch):
+    """What docs/benchmarks.md says of throughput.py's agents (width 64) with two kernel
+    threads: mnm-p has MIN_THREAD_ELEMENTS parameter elements or more, lstm fewer."""
+    from benchmark_scripts import load_script
+
+    monkeypatch.setenv(fused.KERNEL_THREADS_VARIABLE, "2")
+    throughput = load_script("throughput")
+    setting = throughput.parse_args([])
+    env = throughput.make_env(setting)
+    try:
+        for config, threads in (("mnm-p", 2), ("lstm", 1)):
+            model = throughput.build_agent(config, setting, env, "cpu")
+            elements = sum(p.numel() for p in model.policy.parameters())
+            assert gradient_step.adam_threads(elements) == threads, (config, elements)
+    finally:
+        env.close()
+
+
 def test_compiled_adam_step_refuses_no_threads(kernel):
     a, opt_a, _, _ = _optimizers()
     _set_grads(a, 0)

@@ -49,11 +49,12 @@ SWITCH_VARIABLE = "MNM_RL_COMPILED_OPTIMIZER"
 _PLAIN_GROUP = {"fused": True, "amsgrad": False, "capturable": False, "differentiable": False}
 #: The fewest parameter elements for which Adam's step splits its tensors between two threads,
 #: where the kernels have two (:func:`mnm_rl.memory.fused.kernel_threads`): the step is bound by
-#: memory traffic, seven floats per element, and a second core brings its own. mnm-p's 160k
-#: elements do; a small model's few would only pay for the threads.
+#: memory traffic, seven floats per element, and a second core brings its own. The mnm-p
+#: agent's parameters at the benchmark's width have more; a small model's few would only pay
+#: for the threads.
 MIN_THREAD_ELEMENTS = 65536
-#: Environment variable: ``0`` keeps Adam's step on one thread (timings side by side:
-#: ``benchmarks/kernel_pairs.py --off MNM_RL_ADAM_THREADS``).
+#: Environment variable: ``0`` keeps Adam's step on one thread (its wall time side by side:
+#: ``benchmarks/update_pieces.py``'s Adam piece with and without it).
 THREADS_VARIABLE = "MNM_RL_ADAM_THREADS"
 
 

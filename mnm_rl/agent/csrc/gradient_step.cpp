@@ -106,7 +106,20 @@ bool adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   }
   for (const auto& step : steps) *step.data_ptr<float>() += 1.0f;
   const size_t groups = group_sizes.size();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(n)));
+  const int64_t parts = std::min<int64_t>(threads, static_cast<int64_t>(n));
+  if (parts <= 1) {  // each group's tensors as they lie, one call per group
+    size_t first = 0;
+    for (size_t g = 0; g < groups; ++g) {
+      const auto group = [&](const std::vector<at::Tensor>& v) {
+        return at::TensorList(v).slice(first, group_sizes[g]);
+      };
+      const std::vector<double>& s = settings[g];
+      at::_fused_adam_(group(params), group(grads), group(exp_avgs), group(exp_avg_sqs), {},
+                       group(steps), s[0], s[1], s[2], s[3], s[4], /*amsgrad=*/false, s[5] != 0);
+      first += group_sizes[g];
+    }
+    return true;
+  }
   // members[part][group]: the indices of the group's tensors that the part steps
   std::vector<std::vector<std::vector<size_t>>> members(
       parts, std::vector<std::vector<size_t>>(groups));
