@@ -7,13 +7,20 @@ symbol-grid encoder (:mod:`mnm_rl.agent.grid_linear`), its action heads for a ro
 (:mod:`mnm_rl.agent.ppo_loss`). Each compiles the first time it is needed
 (cached under ``~/.cache/torch_extensions``, or ``TORCH_EXTENSIONS_DIR``). Without a C++
 compiler, or with ``MNM_RL_FUSED=0`` in the environment, the PyTorch code runs instead.
+
+A build that was killed (Ctrl-C, a timeout) leaves torch's ``lock`` file in its build directory,
+and every later ``load`` of that extension would wait for it forever. Builds here therefore hold
+an OS file lock (``flock``, released by the kernel when its holder dies) on the build directory
+while torch works in it: whoever holds that lock and still finds torch's ``lock`` file knows its
+builder is dead and removes it (:func:`build_directory_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -24,6 +31,10 @@ COMPILE_FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
 #: Environment variable: ``0`` switches every compiled kernel off.
 SWITCH_VARIABLE = "MNM_RL_FUSED"
+#: The file, in an extension's build directory, that this package's builders ``flock``.
+BUILD_LOCK_NAME = "mnm_rl_build.flock"
+#: torch's own lock file in a build directory (``torch.utils.file_baton.FileBaton``).
+TORCH_LOCK_NAME = "lock"
 
 
 def compiled_enabled() -> bool:
@@ -31,19 +42,46 @@ def compiled_enabled() -> bool:
     return os.environ.get(SWITCH_VARIABLE, "1") != "0"
 
 
+@contextlib.contextmanager
+def build_directory_lock(build_directory: Path) -> Iterator[None]:
+    """Hold this package's exclusive lock on ``build_directory`` (waiting for another process
+    that holds it); a torch ``lock`` file found there meanwhile is a dead build's and is removed,
+    with a warning. Without ``fcntl`` (Windows) it only makes the directory."""
+    build_directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    with open(build_directory / BUILD_LOCK_NAME, "a") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)  # released on close, or by the kernel on death
+        stale = build_directory / TORCH_LOCK_NAME
+        if stale.exists():
+            stale.unlink(missing_ok=True)
+            warnings.warn(
+                f"mnm-rl: removed {stale}, left by a build that did not finish",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        yield
+
+
 def build_extension(name: str, sources: Sequence[Path], what: str) -> ModuleType | None:
     """Compile (or load the cached build of) extension ``name`` from ``sources``; ``None``, with
     a warning naming ``what`` falls back to PyTorch, if it cannot be built."""
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        return load(
-            name=name,
-            sources=[str(source) for source in sources],
-            extra_cflags=COMPILE_FLAGS,
-            extra_ldflags=LINK_FLAGS,
-            verbose=False,
-        )
+        build_directory = Path(_get_build_directory(name, verbose=False))
+        with build_directory_lock(build_directory):
+            return load(
+                name=name,
+                sources=[str(source) for source in sources],
+                extra_cflags=COMPILE_FLAGS,
+                extra_ldflags=LINK_FLAGS,
+                build_directory=str(build_directory),
+                verbose=False,
+            )
     except Exception as error:  # no compiler, no headers: fall back to PyTorch
         first_line = str(error).splitlines()[0] if str(error) else ""
         warnings.warn(

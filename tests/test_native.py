@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+import time
 import types
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +40,59 @@ def test_switched_off_it_is_not_built(monkeypatch):
     monkeypatch.setenv("MNM_RL_FUSED", "0")
     monkeypatch.setattr(native, "build_extension", lambda *args: pytest.fail("built"))
     assert native.LazyExtension("fake", [], "a fake kernel").load() is None
+
+
+def test_a_dead_builds_torch_lock_is_removed(tmp_path):
+    (tmp_path / native.TORCH_LOCK_NAME).touch()
+    with pytest.warns(RuntimeWarning, match="did not finish"):
+        with native.build_directory_lock(tmp_path):
+            assert not (tmp_path / native.TORCH_LOCK_NAME).exists()
+
+
+def test_it_waits_for_a_live_builder_and_leaves_its_lock_alone(tmp_path):
+    # The child holds the flock with torch's lock in place (a build in progress), then finishes.
+    child = textwrap.dedent(
+        f"""
+        import fcntl, pathlib, time
+        directory = pathlib.Path({str(tmp_path)!r})
+        with open(directory / {native.BUILD_LOCK_NAME!r}, "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (directory / {native.TORCH_LOCK_NAME!r}).touch()
+            (directory / "ready").touch()
+            time.sleep(0.5)
+            (directory / {native.TORCH_LOCK_NAME!r}).unlink()
+            (directory / "finished").touch()
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", child])
+    try:
+        while not (tmp_path / "ready").exists():
+            assert process.poll() is None, "the child died"
+            time.sleep(0.01)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no stale lock to report
+            with native.build_directory_lock(tmp_path):
+                assert (tmp_path / "finished").exists()
+    finally:
+        assert process.wait(timeout=60) == 0
+
+
+def test_an_extension_loads_past_a_killed_builds_lock():
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from mnm_rl.agent import action_heads
+
+    stale = Path(_get_build_directory(action_heads.EXTENSION.name, verbose=False)) / "lock"
+    stale.touch()
+    try:
+        load = "from mnm_rl.agent import action_heads; assert action_heads.EXTENSION.load()"
+        environment = {**os.environ, native.SWITCH_VARIABLE: "1"}
+        finished = subprocess.run(
+            [sys.executable, "-c", load], env=environment, timeout=600, capture_output=True,
+            text=True,
+        )  # fmt: skip
+        assert finished.returncode == 0, finished.stderr
+        assert "did not finish" in finished.stderr
+        assert not stale.exists()
+    finally:
+        stale.unlink(missing_ok=True)
