@@ -93,13 +93,16 @@ def build():
     from torch.utils.cpp_extension import load_inline
 
     csrc = ROOT / "mnm_rl" / "memory" / "csrc"
-    return load_inline(
-        "mnm_rl_dense_products_timing",
-        cpp_sources=[SOURCE],
-        extra_cflags=native.COMPILE_FLAGS + [f"-I{csrc}"],
-        extra_ldflags=native.LINK_FLAGS,
-        verbose=False,
-    )
+    name = "mnm_rl_dense_products_timing"
+    with native.extension_build_lock(name) as build_directory:  # survives a killed build
+        return load_inline(
+            name,
+            cpp_sources=[SOURCE],
+            extra_cflags=native.COMPILE_FLAGS + [f"-I{csrc}"],
+            extra_ldflags=native.LINK_FLAGS,
+            build_directory=str(build_directory),
+            verbose=False,
+        )
 
 
 def cpu_name() -> str:

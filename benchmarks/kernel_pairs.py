@@ -103,8 +103,12 @@ def build_at(rev: str):
     for name, text in texts.items():
         (folder / name).write_text(text)
     sources = [str(folder / n) for n in sorted(names) if n.endswith(".cpp")]
-    other = load(name=f"mnm_rl_sequence_{digest}", sources=sources,
-                 extra_cflags=native.COMPILE_FLAGS, extra_ldflags=native.LINK_FLAGS)  # fmt: skip
+    name = f"mnm_rl_sequence_{digest}"
+    with native.extension_build_lock(name) as build_directory:  # survives a killed build
+        other = load(
+            name=name, sources=sources, extra_cflags=native.COMPILE_FLAGS,
+            extra_ldflags=native.LINK_FLAGS, build_directory=str(build_directory),
+        )  # fmt: skip
     return _TwelveOutputs(other, fused.load_extension())
 
 

@@ -66,14 +66,24 @@ def build_directory_lock(build_directory: Path) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def extension_build_lock(name: str) -> Iterator[Path]:
+    """torch's build directory for extension ``name`` (``TORCH_EXTENSIONS_DIR`` or the default
+    cache), held under :func:`build_directory_lock`: pass it to ``load``'s ``build_directory``."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    directory = Path(_get_build_directory(name, verbose=False))
+    with build_directory_lock(directory):
+        yield directory
+
+
 def build_extension(name: str, sources: Sequence[Path], what: str) -> ModuleType | None:
     """Compile (or load the cached build of) extension ``name`` from ``sources``; ``None``, with
     a warning naming ``what`` falls back to PyTorch, if it cannot be built."""
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load
+        from torch.utils.cpp_extension import load
 
-        build_directory = Path(_get_build_directory(name, verbose=False))
-        with build_directory_lock(build_directory):
+        with extension_build_lock(name) as build_directory:
             return load(
                 name=name,
                 sources=[str(source) for source in sources],
