@@ -80,23 +80,6 @@ class _TwelveOutputs:
     def backward(self, *args):
         return self.ext.backward(*args)
 
-    def forward_parts(self, *args):
-        return self._parts_call(self.ext.forward_parts, args)
-
-    def backward_parts(self, *args):
-        return self._parts_call(self.ext.backward_parts, args)
-
-    @staticmethod
-    def _parts_call(function, args):
-        """A split call; a build from before the thirty-ninth session takes it without the last
-        flag (``final_state``, ``start_grads``), and joins everything."""
-        try:
-            return function(*args)
-        except TypeError as error:
-            if "incompatible function arguments" not in str(error):
-                raise
-            return function(*args[:-1])
-
     def __getattr__(self, name: str):  # the LSTM and GRU kernels, the products
         if hasattr(self.ext, name):
             return getattr(self.ext, name)

@@ -406,7 +406,7 @@ def test_batch_split_between_threads_matches_one_part(kernel, monkeypatch, rule,
             return getattr(kernel, name)
 
         def forward_parts(self, *args):
-            calls.append(args[-2:])  # (parts, final_state)
+            calls.append(args[-1])
             return original(*args)
 
     monkeypatch.setattr(fused, "MIN_PART_ROWS", 2)
@@ -416,7 +416,7 @@ def test_batch_split_between_threads_matches_one_part(kernel, monkeypatch, rule,
     parts = _run(core, x, starts, state, monkeypatch, use_kernel=True)
     with torch.inference_mode():  # a rollout step, without autograd, also in 3 parts
         y_rollout, final_rollout, _ = core(x[:1], state, starts[:1])
-    assert calls == [(3, True), (3, True)]  # both keep their final state
+    assert calls == [3, 3]
     assert parts.keys() == one.keys()
     for name, expected in one.items():
         torch.testing.assert_close(parts[name], expected, rtol=1e-12, atol=1e-13, msg=name)
@@ -444,7 +444,7 @@ def test_an_error_in_a_thread_of_the_split_is_raised_not_fatal(kernel, monkeypat
     gates_x, keep, h0, c0, r0, m0, *params = (a.detach() for a in captured["args"])
     params[2] = params[2].view(1, -1)  # b_int must be [E] or [T, B, E]
     with pytest.raises(RuntimeError, match="b_int must be"):
-        kernel.forward_parts(gates_x, keep, h0, c0, r0, m0, *params, *options, False, 2, True)
+        kernel.forward_parts(gates_x, keep, h0, c0, r0, m0, *params, *options, False, 2)
 
 
 def test_start_weights_stored_transposed_go_into_a_split_batch(kernel, monkeypatch):
@@ -525,36 +525,30 @@ def _captured_call(core, x, starts, state, monkeypatch) -> tuple:
 
 
 @pytest.mark.parametrize("rule", ["mnm-p", "mnm-g"])
-def test_a_split_batch_without_its_final_state_and_start_grads_joins_neither(
-    kernel, rule, monkeypatch
-):
-    """``final_state=False`` and ``start_grads=False`` (the explicit pass's call) leave those
-    outputs out (None) and every other output exactly as with them; the parts write into the whole
-    batch's outputs, which equal one call's (float64, 3 uneven parts)."""
+def test_a_split_batch_writes_every_output_into_the_whole_batch(kernel, rule, monkeypatch):
+    """The parts of a split batch (3 uneven parts, float64) write into the whole batch's
+    tensors: every output of the forward call (the final c and weights too) and every gradient
+    of the backward call (the start state's too) is one call's, with resets in both parts and
+    the start weights stored transposed, as a rollout's come."""
     core = _core(rule, "tanh", 2, 2, memory_size=20)
     x, starts, state = _inputs(core, steps=5, batch=7)
+    starts[2, 1] = starts[3, 5] = 1
+    with torch.no_grad():
+        _, state, _ = core(x[:2], state, starts[:2])  # weights stored transposed
     options, gates_x, keep, start, params = _captured_call(core, x, starts, state, monkeypatch)
-    full = kernel.forward_parts(gates_x, keep, *start, *params, *options, True, 3, True)
-    lean = kernel.forward_parts(gates_x, keep, *start, *params, *options, True, 3, False)
+    assert start[3].stride()[-2:] == (1, 20)
+    split = kernel.forward_parts(gates_x, keep, *start, *params, *options, True, 3)
     one = kernel.forward(gates_x, keep, *start, *params, *options, True)
-    assert lean[7] is None and lean[8] is None
-    for k in [*range(7), *range(9, len(full))]:
-        assert torch.equal(lean[k], full[k]), k
     for k in range(9):
-        torch.testing.assert_close(full[k], one[k], rtol=1e-12, atol=1e-13, msg=str(k))
-    grads = [torch.randn_like(full[k]) for k in range(6)] + [torch.randn_like(full[7]),
-                                                            torch.randn_like(full[8])]  # fmt: skip
-    hs = full[0]
-    with_start = kernel.backward_parts(*grads, gates_x, keep, start[3], full[9:], hs, *params,
-                                       *options, True)  # fmt: skip
-    without = kernel.backward_parts(*grads, gates_x, keep, start[3], full[9:], hs, *params,
-                                    *options, False)  # fmt: skip
+        torch.testing.assert_close(split[k], one[k], rtol=1e-12, atol=1e-13, msg=str(k))
+    grads = [torch.randn_like(one[k]) for k in (0, 1, 2, 3, 4, 5, 7, 8)]
+    hs = one[0]
+    from_split = kernel.backward_parts(*grads, gates_x, keep, start[3], split[9:], hs, *params,
+                                       *options)  # fmt: skip
     expected = kernel.backward(*grads, gates_x, keep, start[3], *one[9:], hs, *params, *options)
-    assert all(without[k] is None for k in range(1, 5))
-    for k in [0, *range(5, len(with_start))]:
-        assert torch.equal(without[k], with_start[k]), k
+    assert len(from_split) == len(expected)
     for k, value in enumerate(expected):
-        torch.testing.assert_close(with_start[k], value, rtol=1e-12, atol=1e-13, msg=str(k))
+        torch.testing.assert_close(from_split[k], value, rtol=1e-12, atol=1e-13, msg=str(k))
 
 
 def test_per_step_inputs_are_read_where_they_lie(kernel, monkeypatch):

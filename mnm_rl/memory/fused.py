@@ -136,37 +136,25 @@ class FusedSequence(torch.autograd.Function):
         params, saved = rest[: ctx.n_params], rest[ctx.n_params :]
         grads = [torch.Tensor() if g is None else g.contiguous() for g in output_grads]
         del grads[6]  # an empty tensor stands for a zero gradient; the norm has none
-        start_grads = any(ctx.needs_input_grad[3:7])  # of h0, c0, r0, m0
         results = _kernel_backward(kernel, parts, grads, gates_x, keep, m0, saved, hs, params,
-                                   options, start_grads)  # fmt: skip
+                                   options)  # fmt: skip
         g_gates, g_h, g_c0, g_r, g_m0, *g_params = results
-        if not start_grads:  # a single part computes them anyway
-            g_h = g_c0 = g_r = g_m0 = None
         return None, g_gates, None, g_h, g_c0, g_r, g_m0, *g_params
 
 
-def _kernel_forward(
-    kernel, parts, gates_x, keep, start, params, options, store, final_state=True
-) -> list[Tensor]:
-    """The kernel's forward call, whole (``parts == 1``) or in ``parts`` parallel parts; a split
-    batch's final state (outputs 8 and 9) comes back as ``None`` without ``final_state``."""
+def _kernel_forward(kernel, parts, gates_x, keep, start, params, options, store) -> list[Tensor]:
+    """The kernel's forward call, whole (``parts == 1``) or in ``parts`` parallel parts."""
     if parts == 1:
         return kernel.forward(gates_x, keep, *start, *params, *options, store)
-    return kernel.forward_parts(gates_x, keep, *start, *params, *options, store, parts, final_state)
+    return kernel.forward_parts(gates_x, keep, *start, *params, *options, store, parts)
 
 
-def _kernel_backward(
-    kernel, parts, grads, gates_x, keep, m0, saved, hs, params, options, start_grads=True
-):
+def _kernel_backward(kernel, parts, grads, gates_x, keep, m0, saved, hs, params, options):
     """The kernel's backward call for :func:`_kernel_forward`'s ``saved`` outputs (from the
-    tenth on); ``grads``: those of the nine outputs but the norm, empty for zero. Without
-    ``start_grads`` a split batch's gradients of the start state (outputs 2 to 5) come back as
-    ``None``."""
+    tenth on); ``grads``: those of the nine outputs but the norm, empty for zero."""
     if parts == 1:
         return kernel.backward(*grads, gates_x, keep, m0, *saved, hs, *params, *options)
-    return kernel.backward_parts(
-        *grads, gates_x, keep, m0, saved, hs, *params, *options, start_grads
-    )
+    return kernel.backward_parts(*grads, gates_x, keep, m0, saved, hs, *params, *options)
 
 
 def _matrices_contiguous(weights: Tensor) -> bool:
@@ -247,8 +235,7 @@ def explicit_sequence(
     params = kernel_weights(core)
     options = kernel_options(core)
     parts = batch_parts(steps, batch)
-    # the final state is not used here: a split batch's is not joined
-    outputs = _kernel_forward(kernel, parts, gates_x, keep, start, params, options, True, False)
+    outputs = _kernel_forward(kernel, parts, gates_x, keep, start, params, options, True)
     hs, reads, after, before, values, beta, norm = outputs[:7]
     saved = outputs[9:]
     hidden = hs.shape[-1]
@@ -276,7 +263,7 @@ def explicit_sequence(
             g_values = -g_after
         grads = (g_hs, g_reads, g_after, empty, g_values, empty, empty, empty)
         results = _kernel_backward(kernel, parts, grads, gates_x, keep, start[3], saved, hs,
-                                   params, options, False)  # fmt: skip
+                                   params, options)  # fmt: skip
         g_gates, _, _, _, _, *g_params = results
         g_x, g_w_in, g_b_in = gates_backward(g_gates.view(steps * batch, -1), True)
         gradients: Gradients = [

@@ -45,8 +45,7 @@ std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::T
                                           const at::Tensor& b_beta, const at::Tensor& w_fb,
                                           const at::Tensor& b_fb, const at::Tensor& m_init,
                                           int64_t n_heads, bool gradient_rule, bool tanh_act,
-                                          double eps, bool store, int64_t parts,
-                                          bool final_state = true);
+                                          double eps, bool store, int64_t parts);
 std::vector<at::Tensor> mnm_backward_parts(
     const at::Tensor& g_hs, const at::Tensor& g_reads, const at::Tensor& g_after,
     const at::Tensor& g_before, const at::Tensor& g_values, const at::Tensor& g_beta,
@@ -55,7 +54,7 @@ std::vector<at::Tensor> mnm_backward_parts(
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
-    bool gradient_rule, bool tanh_act, double eps, bool start_grads = true);
+    bool gradient_rule, bool tanh_act, double eps);
 
 // lstm_sequence.cpp: an LSTM with episode resets (see there).
 std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor& keep,

@@ -184,10 +184,10 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const T* e_p, const a
     const T* init = (write ? w.m_init_t : w.m_init).data_ptr<T>();
     const Layers<T> from(prev);
     if (!prev_is_scratch) pre = s.pre;
-    T* target = pre.data_ptr<T>();
+    const Layers<T> target(pre);
     for (int64_t l = 0; l < L; ++l)
       for (int64_t b = 0; b < B; ++b) {
-        T* out = target + (l * B + b) * DD;
+        T* out = target[l] + b * target.batch_stride;
         if (keep[b] == T(0))
           std::copy(init + l * DD, init + (l + 1) * DD, out);
         else if (!prev_is_scratch)  // s.pre: the sequence's own weights go in as well
@@ -278,7 +278,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const T* e_p, const a
     }
     if (write)
       rank_update(pre_l[l], pre_l.batch_stride, z + l * B * HD, scaled + l * B * HD, T(-1),
-                  post.data_ptr<T>() + l * B * DD, DD, B, H, D, squares);
+                  post.data_ptr<T>() + l * post.stride(0), DD, B, H, D, squares);
   }
   // Post-write pass of every key: zr^{l+1} = act(M'^l zr^l) from zr^0 = khat. In the first
   // layer M' = M - scaled^T z^0, so khat M'^T = P - (khat z^0^T) scaled: per key j, P_j minus
@@ -298,7 +298,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const T* e_p, const a
     T* zr = s.zr;  // [L, B, 2H, D]
     for (int64_t l = 0; l < L; ++l) {
       if (l > 0)  // rows zr M'^T = zr N'
-        rows_times(zr + (l - 1) * B * J * D, post.data_ptr<T>() + l * B * DD, DD,
+        rows_times(zr + (l - 1) * B * J * D, post.data_ptr<T>() + l * post.stride(0), DD,
                    zr + l * B * J * D, B, J, D, false);
       if (l < L - 1) apply_act(d.tanh_act, zr + l * B * J * D, B * J * D);
     }
@@ -347,11 +347,19 @@ inline at::Tensor with_contiguous_steps(const at::Tensor& x) {
   return steps_contiguous(x) ? x : x.contiguous();
 }
 
-// Where a part of a split batch (mnm_forward_parts) writes its per-step outputs: its rows of
-// the whole batch's [T, B, ...] tensors (views whose steps are each contiguous), so that the
-// parts' outputs need no joining.
+// Where a part of a split batch (mnm_forward_parts) writes its outputs: its rows of the whole
+// batch's [T, B, ...] tensors (views whose steps are each contiguous), of the final c [B, ...],
+// and of the two layer-major buffers [L, B, D, D] the post-write weights take turns in (each
+// part's matrices D x D apart, the layers B matrices apart), so that nothing needs joining.
 struct StepOutputs {
-  at::Tensor hs, reads, after, before, values, beta, fw_norm;
+  at::Tensor hs, reads, after, before, values, beta, fw_norm, c, post0, post1;
+};
+
+// Where a part of a split batch (mnm_backward_parts) writes the gates' gradient and its running
+// gradients (those of h, c and the read, and G, of the weights), which end as the start
+// state's: its rows of the whole batch's.
+struct GradientOutputs {
+  at::Tensor g_gates, dh, dc, dr, G;
 };
 
 struct Checked {
@@ -414,11 +422,12 @@ std::vector<at::Tensor> forward_into(const at::Tensor& gates_x, const at::Tensor
   auto values = output(&StepOutputs::values, {T, B, H, D});
   auto beta = output(&StepOutputs::beta, {T, B});
   auto fw_norm = output(&StepOutputs::fw_norm, {T, B});
-  auto c_state = c0.clone();
+  at::Tensor c_state = into != nullptr ? into->c.copy_(c0) : c0.clone();
   // The post-write weights ping-pong between two buffers, each its own allocation, so that
   // what the backward pass keeps of them (the last step's) holds only one.
-  const at::Tensor post[2] = {at::empty({L, B, D, D}, opts),
-                              T > 1 ? at::empty({L, B, D, D}, opts) : at::Tensor()};
+  const at::Tensor post[2] = {
+      into != nullptr ? into->post0 : at::empty({L, B, D, D}, opts),
+      T > 1 ? (into != nullptr ? into->post1 : at::empty({L, B, D, D}, opts)) : at::Tensor()};
   // What is only kept for the backward pass is one empty tensor without it (the rollout).
   const auto none = at::empty({0}, opts);
   auto u_in = store ? at::empty({T, B, Hd + D}, opts) : none;
@@ -518,7 +527,7 @@ std::vector<at::Tensor> forward_into(const at::Tensor& gates_x, const at::Tensor
           if (keep_p[t * B + b] == T_(0)) {
             T_* out = ended.data_ptr<T_>() + n_ended++ * L * DD;
             for (int64_t l = 0; l < L; ++l)
-              transpose_into(prev_p + (l * B + b) * DD, out + l * DD, D);
+              transpose_into(prev_p + l * prev.stride(0) + b * prev.stride(1), out + l * DD, D);
           }
       }
       if (store) {  // the step's activations straight into what the backward pass keeps
@@ -595,21 +604,32 @@ std::vector<at::Tensor> backward_into(
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
-    bool gradient_rule, bool tanh_act, double eps, const at::Tensor* g_gates_into) {
+    bool gradient_rule, bool tanh_act, double eps, const GradientOutputs* into) {
   auto [d, T] = check(gates_x, m0, n_heads, gradient_rule, tanh_act, eps);
   const int64_t B = d.B, Hd = d.hidden, D = d.D, H = d.H, L = d.L, E = d.E();
   const int64_t DD = D * D, HD = H * D, J = 2 * H;
   auto opts = gates_x.options();
   // = grad of gates_x
-  auto g_gates = g_gates_into != nullptr ? *g_gates_into : at::empty({T, B, 4 * Hd}, opts);
+  auto g_gates = into != nullptr ? into->g_gates : at::empty({T, B, 4 * Hd}, opts);
   auto g_pre_e = at::empty({T, B, E}, opts);       // grad of W_int h + b_int
-  auto dh = at::zeros({B, Hd}, opts);              // running grads into step t's inputs
-  auto dc = present(g_c_final) ? g_c_final.clone() : at::zeros({B, Hd}, opts);
-  auto dr = at::zeros({B, D}, opts);
+  // running grads into step t's inputs (each row contiguous)
+  const auto zeroed = [&](const at::Tensor GradientOutputs::*field, at::IntArrayRef sizes) {
+    return into != nullptr ? (into->*field).zero_() : at::zeros(sizes, opts);
+  };
+  auto dh = zeroed(&GradientOutputs::dh, {B, Hd});
+  auto dc = present(g_c_final) ? (into != nullptr ? into->dc.copy_(g_c_final) : g_c_final.clone())
+                               : zeroed(&GradientOutputs::dc, {B, Hd});
+  auto dr = zeroed(&GradientOutputs::dr, {B, D});
   // Running grad of the weights, layer-major [L, B, D, D]: of the post-write weights of the
   // step being processed, then of its pre-write weights.
-  auto G = present(g_m_final) ? g_m_final.transpose(0, 1).contiguous()
-                              : at::zeros({L, B, D, D}, opts);
+  // (each matrix contiguous, the batch's matrices one after another, the layers GL apart)
+  at::Tensor G;
+  if (into != nullptr)
+    G = present(g_m_final) ? into->G.copy_(g_m_final.transpose(0, 1)) : into->G.zero_();
+  else
+    G = present(g_m_final) ? g_m_final.transpose(0, 1).contiguous()
+                           : at::zeros({L, B, D, D}, opts);
+  const int64_t GL = G.stride(0);
   auto g_w_beta = at::zeros_like(w_beta);
   auto g_m_init = at::zeros_like(m_init);
   // The post-write weights of the step being processed, and its pre-write weights (both
@@ -744,7 +764,7 @@ std::vector<at::Tensor> backward_into(
           times_act_grad(d.tanh_act, out, gout, da_p, B * J * D);
           pre_grad = da_p;
         }
-        rank_update(G_p + l * B * DD, DD, pre_grad, zr(l), T_(1), G_p + l * B * DD, DD, B, J, D);
+        rank_update(G_p + l * GL, DD, pre_grad, zr(l), T_(1), G_p + l * GL, DD, B, J, D);
         // rows (M'^T da)^T
         rows_times(pre_grad, post_t.data_ptr<T_>() + l * B * DD, DD, dzr_p + l * B * J * D, B, J,
                    D, false);
@@ -755,10 +775,10 @@ std::vector<at::Tensor> backward_into(
       for (int64_t b = 0; b < B; ++b) dbeta[b] = gbeta ? gbeta[b] : T_(0);
       for (int64_t l = 0; l < L; ++l) {
         // rows (G z_h)^T
-        rows_times_transposed(z + l * B * HD, G_p + l * B * DD, DD, gw.data_ptr<T_>(), B, H, D,
+        rows_times_transposed(z + l * B * HD, G_p + l * GL, DD, gw.data_ptr<T_>(), B, H, D,
                               g_transposed.data());
         // rows (G^T delta_h)^T
-        rows_times(delta + l * B * HD, G_p + l * B * DD, DD, gq.data_ptr<T_>(), B, H, D, false);
+        rows_times(delta + l * B * HD, G_p + l * GL, DD, gq.data_ptr<T_>(), B, H, D, false);
         const T_* w_p = gw.data_ptr<T_>();
         const T_* q_p = gq.data_ptr<T_>();
         for (int64_t b = 0; b < B; ++b) {
@@ -804,8 +824,8 @@ std::vector<at::Tensor> backward_into(
             daw_p[x] = dd * act_grad(d.tanh_act, zl);
             dz_p[(l + 1) * B * HD + x] += dd * q_p[x] * act_grad_grad(d.tanh_act, zl);
           }
-          rank_update(G_p + (l + 1) * B * DD, DD, delta + (l + 1) * B * HD, daw_p, T_(1),
-                      G_p + (l + 1) * B * DD, DD, B, H, D);
+          rank_update(G_p + (l + 1) * GL, DD, delta + (l + 1) * B * HD, daw_p, T_(1),
+                      G_p + (l + 1) * GL, DD, B, H, D);
           ddelta[l + 1].baddbmm_(da_w, pre[l + 1].transpose(1, 2));  // rows (M dq)^T
         }
         for (int64_t x = 0; x < B * HD; ++x) {
@@ -823,7 +843,7 @@ std::vector<at::Tensor> backward_into(
           times_act_grad(d.tanh_act, out, gout, daw_p, B * HD);
           pre_grad = daw_p;
         }
-        rank_update(G_p + l * B * DD, DD, pre_grad, z + l * B * HD, T_(1), G_p + l * B * DD, DD,
+        rank_update(G_p + l * GL, DD, pre_grad, z + l * B * HD, T_(1), G_p + l * GL, DD,
                     B, H, D);
         // rows (M^T da)^T
         rows_times(pre_grad, pre_l[l], pre_l.batch_stride, dz_p + l * B * HD, B, H, D, true);
@@ -881,7 +901,7 @@ std::vector<at::Tensor> backward_into(
           std::fill(dc_p + b * Hd, dc_p + (b + 1) * Hd, T_(0));
           std::fill(drw_p + b * D, drw_p + (b + 1) * D, T_(0));
           for (int64_t l = 0; l < L; ++l) {
-            T_* gl = G_p + (l * B + b) * DD;
+            T_* gl = G_p + l * GL + b * DD;
             for (int64_t x = 0; x < DD; ++x) gm_init[l * DD + x] += gl[x];
             std::fill(gl, gl + DD, T_(0));
           }
@@ -947,13 +967,16 @@ std::vector<at::Tensor> mnm_backward(
 // ----------------------------------------------------------------------------------------------
 // The same over a batch split into parts, one per thread. The sequences of a batch are
 // independent in the recurrence: only the slow weights' gradients sum over them. So each part
-// runs mnm_forward / mnm_backward above on its own rows, in parallel: the per-step outputs and
-// the gates' gradient are written straight into the part's rows of the whole batch's tensors
-// (their steps each contiguous, which is all the step loops need), the per-step inputs read where
-// they lie; the final state and the start state's gradients are joined (only where asked for),
-// the weight gradients summed. What the backward pass needs (every step's post-write weights
-// and inputs) stays per part. Joining every output after the parts had cost about 0.3 ms of a
-// training pass of 16 sequences at 4 heads x 3 layers, on the calling thread alone.
+// runs mnm_forward / mnm_backward above on its own rows, in parallel, and writes its outputs
+// straight into its rows of the whole batch's tensors: the per-step outputs and the gates'
+// gradient (the step loops only need each step's rows contiguous, which a part's rows of a
+// [T, B, ...] tensor are), the final c and the start state's gradients (rows of [B, ...]), the
+// post-write weights and their gradient (layer-major [L, B, D, D]: a part's matrices, D x D
+// apart, its layers B matrices apart). The per-step inputs are read where they lie. Only the
+// weight gradients are summed after the parts. What the backward pass needs (every step's
+// activations and inputs) stays per part. (Joining every output after the parts, and copying
+// each part's rows of the inputs, had cost a few hundred microseconds of a training pass of 16
+// sequences at 4 heads x 3 layers, on the calling thread alone.)
 
 namespace {
 
@@ -966,7 +989,13 @@ at::Tensor rows(const at::Tensor& x, int64_t dim, int64_t b0, int64_t b1) {
   return x.narrow(dim, b0, b1 - b0).contiguous();
 }
 
-// Output k of every part, concatenated along dim.
+// Rows [b0, b1) of x along dim where they lie (an empty tensor stays empty).
+at::Tensor rows_view(const at::Tensor& x, int64_t dim, int64_t b0, int64_t b1) {
+  return present(x) ? x.narrow(dim, b0, b1 - b0) : x;
+}
+
+// Output k of every part, concatenated along dim (a per-step interaction bias's gradient, which
+// is per sequence).
 at::Tensor join(const std::vector<std::vector<at::Tensor>>& outs, size_t k, int64_t dim) {
   std::vector<at::Tensor> xs;
   xs.reserve(outs.size());
@@ -985,10 +1014,8 @@ at::Tensor total(const std::vector<std::vector<at::Tensor>>& outs, size_t k) {
 }  // namespace
 
 // mnm_forward over `parts` parts of the batch. Returns mnm_forward's first nine outputs for the
-// whole batch (without final_state, the final c and weights undefined, None in Python: nothing
-// joined),
-// then, per part, what the backward pass takes: last_post, u_in, c_in, write_acts,
-// write_scaled, read_acts, ended, gates, e, raw (kSavedPerPart * parts).
+// whole batch, then, per part, what the backward pass takes: last_post, u_in, c_in,
+// write_acts, write_scaled, read_acts, ended, gates, e, raw (kSavedPerPart * parts).
 std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::Tensor& keep,
                                           const at::Tensor& h0, const at::Tensor& c0,
                                           const at::Tensor& r0, const at::Tensor& m0,
@@ -997,51 +1024,50 @@ std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::T
                                           const at::Tensor& b_beta, const at::Tensor& w_fb,
                                           const at::Tensor& b_fb, const at::Tensor& m_init,
                                           int64_t n_heads, bool gradient_rule, bool tanh_act,
-                                          double eps, bool store, int64_t parts,
-                                          bool final_state) {
-  TORCH_CHECK(gates_x.dim() == 3 && m0.dim() == 4, "gates_x must be [T, B, 4 * hidden] and "
-              "the fast weights [B, L, D, D]");
-  const int64_t T = gates_x.size(0), B = gates_x.size(1), Hd = gates_x.size(2) / 4;
-  const int64_t D = m0.size(2);
+                                          double eps, bool store, int64_t parts) {
+  TORCH_CHECK(gates_x.dim() == 3 && m0.dim() == 4 && c0.dim() == 2,
+              "gates_x must be [T, B, 4 * hidden], c0 [B, hidden], the fast weights [B, L, D, D]");
+  const int64_t T = gates_x.size(0), B = gates_x.size(1), Hd = c0.size(1);
+  const int64_t L = m0.size(1), D = m0.size(2), H = n_heads;
   TORCH_CHECK(parts >= 1 && parts <= B, "parts must be in [1, batch size]");
   const bool per_step_int = b_int.dim() == 3;
   const auto opts = gates_x.options();
-  const StepOutputs whole{at::empty({T, B, Hd}, opts),          at::empty({T, B, D}, opts),
-                          at::empty({T, B, n_heads, D}, opts), at::empty({T, B, n_heads, D}, opts),
-                          at::empty({T, B, n_heads, D}, opts), at::empty({T, B}, opts),
-                          at::empty({T, B}, opts)};
+  const StepOutputs whole{at::empty({T, B, Hd}, opts),
+                          at::empty({T, B, D}, opts),
+                          at::empty({T, B, H, D}, opts),
+                          at::empty({T, B, H, D}, opts),
+                          at::empty({T, B, H, D}, opts),
+                          at::empty({T, B}, opts),
+                          at::empty({T, B}, opts),
+                          at::empty({B, Hd}, opts),
+                          at::empty({L, B, D, D}, opts),
+                          T > 1 ? at::empty({L, B, D, D}, opts) : at::Tensor()};
   std::vector<std::vector<at::Tensor>> outs(parts);
   for_each_part(B, parts, [&](int64_t i, int64_t b0, int64_t b1) {
-    const auto mine = [&](const at::Tensor& x) { return x.narrow(1, b0, b1 - b0); };
-    const StepOutputs into{mine(whole.hs),     mine(whole.reads), mine(whole.after),
-                           mine(whole.before), mine(whole.values), mine(whole.beta),
-                           mine(whole.fw_norm)};
-    outs[i] = forward_into(mine(gates_x), rows(keep, 1, b0, b1), rows(h0, 0, b0, b1),
-                           rows(c0, 0, b0, b1), rows(r0, 0, b0, b1), rows(m0, 0, b0, b1), w_rec,
-                           w_int, per_step_int ? mine(b_int) : b_int, w_beta, b_beta, w_fb, b_fb,
-                           m_init, n_heads, gradient_rule, tanh_act, eps, store, &into);
+    const auto step_rows = [&](const at::Tensor& x) { return rows_view(x, 1, b0, b1); };
+    const StepOutputs into{step_rows(whole.hs),     step_rows(whole.reads),
+                           step_rows(whole.after),  step_rows(whole.before),
+                           step_rows(whole.values), step_rows(whole.beta),
+                           step_rows(whole.fw_norm), rows_view(whole.c, 0, b0, b1),
+                           step_rows(whole.post0),  step_rows(whole.post1)};
+    outs[i] = forward_into(step_rows(gates_x), rows(keep, 1, b0, b1), rows(h0, 0, b0, b1),
+                           rows(c0, 0, b0, b1), rows(r0, 0, b0, b1), rows_view(m0, 0, b0, b1),
+                           w_rec, w_int, per_step_int ? step_rows(b_int) : b_int, w_beta, b_beta,
+                           w_fb, b_fb, m_init, n_heads, gradient_rule, tanh_act, eps, store,
+                           &into);
   });
-  // hs, reads, after, before, values, beta, fw_norm: [T, B, ...]; c, weights: [B, ...].
-  std::vector<at::Tensor> result{whole.hs,     whole.reads, whole.after,  whole.before,
-                                 whole.values, whole.beta,  whole.fw_norm};
-  if (final_state) {
-    result.push_back(join(outs, 7, 0));
-    // The final weights as mnm_forward gives them, a [B, L, D, D] view of layer-major N's: the
-    // parts' buffers of N's (last_post, contiguous) joined along the batch, then viewed. Joining
-    // the views themselves copied element by element across the transposed matrices.
-    result.push_back(join(outs, 9, 1).permute({1, 0, 3, 2}));
-  } else {
-    result.push_back(at::Tensor());
-    result.push_back(at::Tensor());
-  }
+  // The final weights as mnm_forward gives them: a [B, L, D, D] view of the layer-major N's.
+  const at::Tensor last_post = T > 1 && (T - 1) % 2 == 1 ? whole.post1 : whole.post0;
+  std::vector<at::Tensor> result{whole.hs,     whole.reads, whole.after,   whole.before,
+                                 whole.values, whole.beta,  whole.fw_norm, whole.c,
+                                 last_post.permute({1, 0, 3, 2})};
   for (const auto& o : outs) result.insert(result.end(), o.begin() + 9, o.end());
   return result;
 }
 
 // mnm_backward over the parts of mnm_forward_parts. `saved` is what mnm_forward_parts returned
 // after its first nine outputs (kSavedPerPart per part). Returns what mnm_backward returns, for
-// the whole batch; without start_grads, the gradients of h0, c0, r0 and m0 undefined (None in
-// Python: nothing joined).
+// the whole batch.
 std::vector<at::Tensor> mnm_backward_parts(
     const at::Tensor& g_hs, const at::Tensor& g_reads, const at::Tensor& g_after,
     const at::Tensor& g_before, const at::Tensor& g_values, const at::Tensor& g_beta,
@@ -1050,37 +1076,42 @@ std::vector<at::Tensor> mnm_backward_parts(
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
-    bool gradient_rule, bool tanh_act, double eps, bool start_grads) {
-  TORCH_CHECK(gates_x.dim() == 3, "gates_x must be [T, B, 4 * hidden]");
-  const int64_t B = gates_x.size(1);
+    bool gradient_rule, bool tanh_act, double eps) {
+  TORCH_CHECK(gates_x.dim() == 3 && m0.dim() == 4,
+              "gates_x must be [T, B, 4 * hidden] and the fast weights [B, L, D, D]");
+  const int64_t B = gates_x.size(1), Hd = gates_x.size(2) / 4;
+  const int64_t L = m0.size(1), D = m0.size(2);
   const int64_t parts = static_cast<int64_t>(saved.size()) / kSavedPerPart;
   TORCH_CHECK(parts >= 1 && static_cast<int64_t>(saved.size()) == kSavedPerPart * parts &&
                   parts <= B,
               "saved must hold what mnm_forward keeps for the backward pass, for every part");
   const bool per_step_int = b_int.dim() == 3;
-  const at::Tensor g_gates = at::empty(gates_x.sizes(), gates_x.options());
+  const auto opts = gates_x.options();
+  const GradientOutputs whole{at::empty(gates_x.sizes(), opts), at::empty({B, Hd}, opts),
+                              at::empty({B, Hd}, opts), at::empty({B, D}, opts),
+                              at::empty({L, B, D, D}, opts)};
   std::vector<std::vector<at::Tensor>> outs(parts);
   for_each_part(B, parts, [&](int64_t i, int64_t b0, int64_t b1) {
-    // a part's rows of a per-step gradient where they lie (empty: absent, stays empty)
-    const auto mine = [&](const at::Tensor& g) {
-      return present(g) ? g.narrow(1, b0, b1 - b0) : g;
-    };
-    const at::Tensor g_gates_part = g_gates.narrow(1, b0, b1 - b0);
+    const auto step_rows = [&](const at::Tensor& x) { return rows_view(x, 1, b0, b1); };
+    const GradientOutputs into{step_rows(whole.g_gates), rows_view(whole.dh, 0, b0, b1),
+                               rows_view(whole.dc, 0, b0, b1), rows_view(whole.dr, 0, b0, b1),
+                               step_rows(whole.G)};
     outs[i] = backward_into(
-        mine(g_hs), mine(g_reads), mine(g_after), mine(g_before), mine(g_values), mine(g_beta),
-        rows(g_c_final, 0, b0, b1), rows(g_m_final, 0, b0, b1),
+        step_rows(g_hs), step_rows(g_reads), step_rows(g_after), step_rows(g_before),
+        step_rows(g_values), step_rows(g_beta), rows(g_c_final, 0, b0, b1),
+        rows(g_m_final, 0, b0, b1),
         gates_x.narrow(1, b0, b1 - b0),  // only its shape and type are read: not copied
-        rows(keep, 1, b0, b1), rows(m0, 0, b0, b1), saved[kSavedPerPart * i],
+        rows(keep, 1, b0, b1), rows_view(m0, 0, b0, b1), saved[kSavedPerPart * i],
         saved[kSavedPerPart * i + 1], saved[kSavedPerPart * i + 2], saved[kSavedPerPart * i + 3],
         saved[kSavedPerPart * i + 4], saved[kSavedPerPart * i + 5], saved[kSavedPerPart * i + 6],
         saved[kSavedPerPart * i + 7], saved[kSavedPerPart * i + 8], saved[kSavedPerPart * i + 9],
         rows(hs, 1, b0, b1), w_rec, w_int, per_step_int ? rows(b_int, 1, b0, b1) : b_int, w_beta,
-        b_beta, w_fb, b_fb, m_init, n_heads, gradient_rule, tanh_act, eps, &g_gates_part);
+        b_beta, w_fb, b_fb, m_init, n_heads, gradient_rule, tanh_act, eps, &into);
   });
   // g_gates [T, B, ...]; dh, dc, dr, g_m0 [B, ...]; the weights' gradients summed, except a
   // per-step b_int's, which is per sequence.
-  std::vector<at::Tensor> result{g_gates};
-  for (size_t k = 1; k < 5; ++k) result.push_back(start_grads ? join(outs, k, 0) : at::Tensor());
+  std::vector<at::Tensor> result{whole.g_gates, whole.dh, whole.dc, whole.dr,
+                                 whole.G.transpose(0, 1)};
   for (size_t k = 5; k < 13; ++k)
     result.push_back(k == 7 && per_step_int ? join(outs, k, 1) : total(outs, k));
   return result;
