@@ -147,7 +147,8 @@ class TrainConfig(_Strict):
     #: default, all cores).
     torch_threads: PositiveInt | None = 1
     #: Threads the fused MNM kernel splits each minibatch between (its own threads, at least 4
-    #: sequences each; a rollout step is not split; ``None``: ``torch_threads``), and that the
+    #: sequences each; a rollout step where each gets 16 envs or more; ``None``:
+    #: ``torch_threads``), and that the
     #: lstm kernel, the cores' input projections and the action and value heads split an
     #: update's work between. 2 made MNM training on MiniGrid-MemoryS9 1.1-1.3x faster on a
     #: 2-core machine; keep 1 when runs share the cores (see docs/benchmarks.md).

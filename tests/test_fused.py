@@ -380,10 +380,13 @@ def test_batch_parts_gives_each_thread_enough_sequences():
     assert fused.batch_parts(16, fused.MIN_PART_ROWS * 2 - 1, threads=2) == 1
     assert fused.batch_parts(16, 1, threads=4) == 1
     assert fused.batch_parts(1, 16, threads=2) == 1  # a rollout step of 16 envs
-    assert fused.batch_parts(1, 256, threads=2) == 1  # a single step is not split by default
+    assert fused.batch_parts(1, 32, threads=2) == 2  # of 32: 16 a thread
+    assert fused.batch_parts(1, 256, threads=2) == 2
 
 
 def test_a_single_step_splits_only_where_allowed(monkeypatch):
+    monkeypatch.setattr(fused, "MIN_STEP_PART_ROWS", None)
+    assert fused.batch_parts(1, 256, threads=2) == 1  # never
     monkeypatch.setattr(fused, "MIN_STEP_PART_ROWS", 16)
     assert fused.batch_parts(1, 31, threads=2) == 1
     assert fused.batch_parts(1, 32, threads=2) == 2

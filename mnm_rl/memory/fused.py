@@ -52,14 +52,16 @@ def load_extension() -> ModuleType | None:
 
 #: The fewest sequences a thread gets when the kernel splits a batch between threads: for a
 #: sequence of several steps (training), and for a single step (the rollout; ``None``: a single
-#: step is never split). A split single step pays, every step, for copying each part's fast
-#: weights out of the batch's and joining the parts' new weights (in training once per
-#: sequence): ``benchmarks/kernel_threads.py`` in the thirty-second session had rollout steps of
-#: 8 to 64 sequences at 0.62-0.82x of one part, 0.52-0.75x with the kernel the session started
-#: from (docs/benchmark_runs/kernel_threads_32.txt). The thirteenth session's 1.1-1.5x at 32
-#: sequences was with a kernel 3-5x slower per step, beside which those copies were small.
+#: step is never split). Until the thirty-ninth session a split step copied each part's fast
+#: weights out of the batch's and joined the parts' new weights, every step:
+#: ``benchmarks/kernel_threads.py`` had rollout steps of 8 to 64 sequences at 0.64-0.82x of one
+#: part, and a single step was never split. Since the parts read and write the batch's tensors
+#: in place, 0.95x at 8 sequences (2 x 2), 1.05x at 16, 1.16x at 32 and 1.27-1.34x at 64, and
+#: at 4 x 3 1.19-1.21x, 1.35-1.37x and 1.51-1.54x at 16, 32 and 64
+#: (docs/benchmark_runs/kernel_threads_39.txt): a step is split where each thread gets 16
+#: sequences or more.
 MIN_PART_ROWS = 4
-MIN_STEP_PART_ROWS: int | None = None
+MIN_STEP_PART_ROWS: int | None = 16
 #: Environment variable: how many threads the kernel may split a training batch between.
 KERNEL_THREADS_VARIABLE = "MNM_RL_KERNEL_THREADS"
 
@@ -93,7 +95,7 @@ def batch_parts(steps: int, batch_size: int, threads: int | None = None) -> int:
     """Into how many parts the kernel splits a batch of ``batch_size`` sequences of ``steps``
     steps, each part run by its own thread: one per thread (:func:`kernel_threads`, or
     ``threads``), as long as each part keeps at least :data:`MIN_PART_ROWS` sequences
-    (:data:`MIN_STEP_PART_ROWS` for a single step, the rollout's: by default never split)."""
+    (:data:`MIN_STEP_PART_ROWS` for a single step, the rollout's)."""
     threads = kernel_threads() if threads is None else threads
     min_rows = MIN_PART_ROWS if steps > 1 else MIN_STEP_PART_ROWS
     if min_rows is None:
