@@ -432,19 +432,11 @@ def test_batch_split_between_threads_matches_one_part(kernel, monkeypatch, rule,
 def test_an_error_in_a_thread_of_the_split_is_raised_not_fatal(kernel, monkeypatch):
     """A check that fails inside a part (here a malformed interaction bias) comes back as the
     kernel's own RuntimeError from the calling thread, not a crash of the process."""
-    captured = {}
-    original = fused.FusedSequence.apply
-
-    def capture(config, *args):
-        captured["config"], captured["args"] = config, args
-        return original(config, *args)
-
-    monkeypatch.setattr(fused.FusedSequence, "apply", capture)
     core = _core("mnm-p", "tanh", 2, 2)
     x, starts, state = _inputs(core, steps=4, batch=8)
-    core(x, state, starts)
-    _, options, _, _ = captured["config"]
-    gates_x, keep, h0, c0, r0, m0, *params = (a.detach() for a in captured["args"])
+    options, gates_x, keep, (h0, c0, r0, m0), params = _captured_call(
+        core, x, starts, state, monkeypatch
+    )
     params[2] = params[2].view(1, -1)  # b_int must be [E] or [T, B, E]
     with pytest.raises(RuntimeError, match="b_int must be"):
         kernel.forward_parts(gates_x, keep, h0, c0, r0, m0, *params, *options, False, 2)
@@ -519,9 +511,9 @@ def _captured_call(core, x, starts, state, monkeypatch) -> tuple:
         captured["config"], captured["args"] = config, args
         return original(config, *args)
 
-    monkeypatch.setattr(fused.FusedSequence, "apply", capture)
-    core(x, state, starts)
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(fused.FusedSequence, "apply", capture)
+        core(x, state, starts)
     _, options, _, _ = captured["config"]
     gates_x, keep, *rest = (a.detach() for a in captured["args"])
     return options, gates_x, keep, rest[:4], rest[4:]
