@@ -396,7 +396,8 @@ Checked check(const at::Tensor& gates_x, const at::Tensor& m0, int64_t n_heads,
 // but last_post is one empty tensor.
 namespace {
 
-// mnm_forward, writing its per-step outputs into `into` where given (else tensors of its own).
+// mnm_forward, writing its outputs (the per-step ones, the final c and the post-write weights'
+// buffers) into `into` where given, else into tensors of its own.
 std::vector<at::Tensor> forward_into(const at::Tensor& gates_x, const at::Tensor& keep,
                                      const at::Tensor& h0, const at::Tensor& c0,
                                      const at::Tensor& r0, const at::Tensor& m0,
@@ -591,8 +592,9 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
 // b_fb and m_init. Of gates_x only the shape and type are read (the gates are the kept ones).
 namespace {
 
-// mnm_backward, writing the gates' gradient into g_gates_into where given (a part's rows of the
-// whole batch's, each step contiguous), else into a tensor of its own.
+// mnm_backward, writing the gates' gradient and the running gradients of h, c, the read and the
+// weights (G) into `into` where given (a part's rows of the whole batch's), else into tensors of
+// its own.
 std::vector<at::Tensor> backward_into(
     const at::Tensor& g_hs, const at::Tensor& g_reads, const at::Tensor& g_after,
     const at::Tensor& g_before, const at::Tensor& g_values, const at::Tensor& g_beta,
@@ -974,9 +976,9 @@ std::vector<at::Tensor> mnm_backward(
 // post-write weights and their gradient (layer-major [L, B, D, D]: a part's matrices, D x D
 // apart, its layers B matrices apart). The per-step inputs are read where they lie. Only the
 // weight gradients are summed after the parts. What the backward pass needs (every step's
-// activations and inputs) stays per part. (Joining every output after the parts, and copying
-// each part's rows of the inputs, had cost a few hundred microseconds of a training pass of 16
-// sequences at 4 heads x 3 layers, on the calling thread alone.)
+// activations and inputs) stays per part. (Until the thirty-ninth session every output was
+// joined after the parts, on the calling thread alone, and each part's rows of the inputs were
+// copied: without that, mnm-p/k2's learn() 1.028x, docs/benchmarks.md.)
 
 namespace {
 
