@@ -70,6 +70,8 @@ def build_directory_lock(build_directory: Path) -> Iterator[None]:
 def extension_build_lock(name: str) -> Iterator[Path]:
     """torch's build directory for extension ``name`` (``TORCH_EXTENSIONS_DIR`` or the default
     cache), held under :func:`build_directory_lock`: pass it to ``load``'s ``build_directory``."""
+    # torch's own choice of directory, by a private function: a torch without it makes
+    # build_extension fall back to the PyTorch code, with its warning
     from torch.utils.cpp_extension import _get_build_directory
 
     directory = Path(_get_build_directory(name, verbose=False))
