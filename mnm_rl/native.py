@@ -46,7 +46,8 @@ def compiled_enabled() -> bool:
 def build_directory_lock(build_directory: Path) -> Iterator[None]:
     """Hold this package's exclusive lock on ``build_directory`` (waiting for another process
     that holds it); a torch ``lock`` file found there meanwhile is a dead build's and is removed,
-    with a warning. Without ``fcntl`` (Windows) it only makes the directory."""
+    with a warning. Without ``fcntl`` (Windows), or on a file system that refuses the lock, it
+    only makes the directory (torch's own lock file still orders live builds)."""
     build_directory.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -54,7 +55,11 @@ def build_directory_lock(build_directory: Path) -> Iterator[None]:
         yield
         return
     with open(build_directory / BUILD_LOCK_NAME, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)  # released on close, or by the kernel on death
+        try:  # released on close, or by the kernel when this process dies
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        except OSError:  # e.g. a network file system without locks
+            yield
+            return
         stale = build_directory / TORCH_LOCK_NAME
         if stale.exists():
             stale.unlink(missing_ok=True)

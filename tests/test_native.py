@@ -96,3 +96,22 @@ def test_an_extension_loads_past_a_killed_builds_lock():
         assert not stale.exists()
     finally:
         stale.unlink(missing_ok=True)
+
+
+def test_a_file_system_that_refuses_the_lock_still_builds(tmp_path, monkeypatch):
+    """flock failing (a network file system without locks): the build goes on without this
+    package's lock, and a torch lock file there is left alone (nothing tells a dead build's
+    from a live one then)."""
+    import fcntl
+
+    def refuse(*args):
+        raise OSError("no locks here")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    (tmp_path / native.TORCH_LOCK_NAME).touch()
+    entered = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with native.build_directory_lock(tmp_path):
+            entered.append(True)
+    assert entered and (tmp_path / native.TORCH_LOCK_NAME).exists()
