@@ -82,7 +82,8 @@ def test_an_extension_loads_past_a_killed_builds_lock():
 
     from mnm_rl.agent import action_heads
 
-    stale = Path(_get_build_directory(action_heads.EXTENSION.name, verbose=False)) / "lock"
+    directory = Path(_get_build_directory(action_heads.EXTENSION.name, verbose=False))
+    stale = directory / native.TORCH_LOCK_NAME
     stale.touch()
     try:
         load = "from mnm_rl.agent import action_heads; assert action_heads.EXTENSION.load()"

@@ -1046,15 +1046,16 @@ std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::T
                           T > 1 ? at::empty({L, B, D, D}, opts) : at::Tensor()};
   std::vector<std::vector<at::Tensor>> outs(parts);
   for_each_part(B, parts, [&](int64_t i, int64_t b0, int64_t b1) {
-    const auto step_rows = [&](const at::Tensor& x) { return rows_view(x, 1, b0, b1); };
-    const StepOutputs into{step_rows(whole.hs),     step_rows(whole.reads),
-                           step_rows(whole.after),  step_rows(whole.before),
-                           step_rows(whole.values), step_rows(whole.beta),
-                           step_rows(whole.fw_norm), rows_view(whole.c, 0, b0, b1),
-                           step_rows(whole.post0),  step_rows(whole.post1)};
-    outs[i] = forward_into(step_rows(gates_x), rows(keep, 1, b0, b1), rows(h0, 0, b0, b1),
+    // the part's rows of dim 1, the batch of [T, B, ...] and of layer-major [L, B, D, D]
+    const auto batch_rows = [&](const at::Tensor& x) { return rows_view(x, 1, b0, b1); };
+    const StepOutputs into{batch_rows(whole.hs),     batch_rows(whole.reads),
+                           batch_rows(whole.after),  batch_rows(whole.before),
+                           batch_rows(whole.values), batch_rows(whole.beta),
+                           batch_rows(whole.fw_norm), rows_view(whole.c, 0, b0, b1),
+                           batch_rows(whole.post0),  batch_rows(whole.post1)};
+    outs[i] = forward_into(batch_rows(gates_x), rows(keep, 1, b0, b1), rows(h0, 0, b0, b1),
                            rows(c0, 0, b0, b1), rows(r0, 0, b0, b1), rows_view(m0, 0, b0, b1),
-                           w_rec, w_int, per_step_int ? step_rows(b_int) : b_int, w_beta, b_beta,
+                           w_rec, w_int, per_step_int ? batch_rows(b_int) : b_int, w_beta, b_beta,
                            w_fb, b_fb, m_init, n_heads, gradient_rule, tanh_act, eps, store,
                            &into);
   });
@@ -1094,13 +1095,14 @@ std::vector<at::Tensor> mnm_backward_parts(
                               at::empty({L, B, D, D}, opts)};
   std::vector<std::vector<at::Tensor>> outs(parts);
   for_each_part(B, parts, [&](int64_t i, int64_t b0, int64_t b1) {
-    const auto step_rows = [&](const at::Tensor& x) { return rows_view(x, 1, b0, b1); };
-    const GradientOutputs into{step_rows(whole.g_gates), rows_view(whole.dh, 0, b0, b1),
+    // the part's rows of dim 1, the batch of [T, B, ...] and of layer-major [L, B, D, D]
+    const auto batch_rows = [&](const at::Tensor& x) { return rows_view(x, 1, b0, b1); };
+    const GradientOutputs into{batch_rows(whole.g_gates), rows_view(whole.dh, 0, b0, b1),
                                rows_view(whole.dc, 0, b0, b1), rows_view(whole.dr, 0, b0, b1),
-                               step_rows(whole.G)};
+                               batch_rows(whole.G)};
     outs[i] = backward_into(
-        step_rows(g_hs), step_rows(g_reads), step_rows(g_after), step_rows(g_before),
-        step_rows(g_values), step_rows(g_beta), rows(g_c_final, 0, b0, b1),
+        batch_rows(g_hs), batch_rows(g_reads), batch_rows(g_after), batch_rows(g_before),
+        batch_rows(g_values), batch_rows(g_beta), rows(g_c_final, 0, b0, b1),
         rows(g_m_final, 0, b0, b1),
         gates_x.narrow(1, b0, b1 - b0),  // only its shape and type are read: not copied
         rows(keep, 1, b0, b1), rows_view(m0, 0, b0, b1), saved[kSavedPerPart * i],
