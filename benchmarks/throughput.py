@@ -125,6 +125,10 @@ PYTORCH_OPTIMIZER = "/pyopt"
 #: kernels' explicit backward passes (``MNM_RL_EXPLICIT_BACKWARD=0``, see
 #: ``mnm_rl/agent/explicit.py``), e.g. ``lstm/autograd``.
 AUTOGRAD = "/autograd"
+#: A config name ending in this runs each rollout step on the rollout's own thread, after the
+#: step before it is stored, instead of on the compiled step's thread while it is stored
+#: (``MNM_RL_STEP_THREAD=0``, see ``mnm_rl/agent/policy_step.py``), e.g. ``mnm-p/k2/nothread``.
+ONE_THREAD_STEPS = "/nothread"
 SUFFIXES = {
     EAGER: ("MNM_RL_FUSED", "0"),
     UNMAP: ("MNM_RL_RETAIN_MEMORY", "0"),
@@ -140,6 +144,7 @@ SUFFIXES = {
     ATEN_PRODUCTS: ("MNM_RL_DENSE_PRODUCTS", "0"),
     PYTORCH_OPTIMIZER: ("MNM_RL_COMPILED_OPTIMIZER", "0"),
     AUTOGRAD: ("MNM_RL_EXPLICIT_BACKWARD", "0"),
+    ONE_THREAD_STEPS: ("MNM_RL_STEP_THREAD", "0"),
 }
 #: A config name ending in this (before any ``@N``) steps its envs in two groups at once, one in a
 #: worker process (``ParallelVecEnv(n_workers=1)``), e.g. ``lstm/par`` next to ``lstm``. The CPU

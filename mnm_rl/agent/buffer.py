@@ -127,6 +127,7 @@ class ChunkRolloutBuffer:
         self._chunked_observations: Observation | None = None
         self._chunk_start_states: CoreState | None = None
         self.pos = 0
+        self._next_stored = 0  # the step whose inputs store_next() stored last
 
     def start(self, obs: Any, episode_starts: np.ndarray) -> tuple[Observation, Tensor]:
         """Begin a rollout (after :meth:`reset`) from the envs' current observation and episode
@@ -151,12 +152,39 @@ class ChunkRolloutBuffer:
         """Store one step for all envs: the policy's outputs, the rewards, the core state *before*
         this step (kept at chunk starts) and the inputs of the next step (the env's new
         observation and whether an episode starts, numpy as for :meth:`start`), which are
-        returned as tensors for the next step: ``(obs, episode_starts [B])``."""
+        returned as tensors for the next step: ``(obs, episode_starts [B])``.
+        :meth:`store_next` then :meth:`add_outputs` do the same in two calls."""
+        inputs = self.store_next(next_obs, next_episode_starts)
+        self.add_outputs(action, reward, value, log_prob, state)
+        return inputs
+
+    def store_next(
+        self, next_obs: Any, next_episode_starts: np.ndarray
+    ) -> tuple[Observation, Tensor]:
+        """The first half of :meth:`add`: store the next step's inputs and return them as
+        tensors, ``(obs, episode_starts [B])``, so that the next step can begin before this
+        one's outputs are stored (:meth:`add_outputs`)."""
         t = self.pos
         if t >= self.n_steps:
             raise RuntimeError("rollout buffer is full")
         if self.observations is None:
             raise RuntimeError("add() before start(): the first step's inputs are missing")
+        self._next_stored = t + 1
+        return self._store_inputs(t + 1, next_obs, next_episode_starts)
+
+    def add_outputs(
+        self,
+        action: Tensor,
+        reward: np.ndarray | Tensor,
+        value: Tensor,
+        log_prob: Tensor,
+        state: CoreState,
+    ) -> None:
+        """The second half of :meth:`add`, after :meth:`store_next`: the step's outputs, its
+        rewards and the core state before it (kept at chunk starts)."""
+        t = self.pos
+        if self._next_stored != t + 1:
+            raise RuntimeError("add_outputs() before store_next() stored the next step's inputs")
         if t % self.seq_len == 0:
             # clone: the state may share memory with a parameter (the initial fast weights)
             self.chunk_states.append(state.detach().clone())
@@ -166,7 +194,6 @@ class ChunkRolloutBuffer:
         rows["values"].write(t, value)
         rows["log_probs"].write(t, log_prob)
         self.pos = t + 1
-        return self._store_inputs(t + 1, next_obs, next_episode_starts)
 
     def _allocate_observations(self, obs: Any) -> None:
         """Observation storage shaped like ``obs``: ``n_steps + 1`` rows, the last one for the

@@ -37,6 +37,22 @@ class PolicyStep(NamedTuple):
     finite: bool  #: whether every action logit was finite
 
 
+class PendingStep:
+    """A step begun by :meth:`RecurrentMemoryPolicy.act_later`: calling it waits for the step
+    (the first time) and gives its :class:`PolicyStep`."""
+
+    def __init__(
+        self, wait: Callable[[], PolicyStep] | None = None, step: PolicyStep | None = None
+    ):
+        self._wait, self._step = wait, step
+
+    def __call__(self) -> PolicyStep:
+        if self._step is None:
+            assert self._wait is not None
+            self._step, self._wait = self._wait(), None
+        return self._step
+
+
 def map_obs(obs: Observation, fn) -> Observation:
     """Apply ``fn`` to a tensor observation or to every entry of a dict observation."""
     return {k: fn(v) for k, v in obs.items()} if isinstance(obs, dict) else fn(obs)
@@ -400,6 +416,32 @@ class RecurrentMemoryPolicy(BasePolicy):
         actions, log_probs = self.sample(logits, deterministic)
         values = self.value_net(value_latent).squeeze(-1)
         return PolicyStep(actions, log_probs, values, new_state, finite)
+
+    def act_later(
+        self,
+        obs: Observation,
+        state: CoreState,
+        episode_starts: Tensor,
+        thread: Any | None,
+        deterministic: bool = False,
+    ) -> PendingStep:
+        """:meth:`act`, begun on ``thread`` (:func:`mnm_rl.agent.policy_step.step_thread`) where
+        the compiled step runs it there (a CPU step without gradients, the batch in one part):
+        returns at once a :class:`PendingStep`, which waits for the step and gives the same
+        :class:`PolicyStep` as :meth:`act`. Elsewhere (``thread`` ``None``, ...) :meth:`act` runs
+        now. Call it before launching the next step, and before changing anything the step reads
+        (its inputs, the state, the parameters)."""
+        layout = getattr(self, "_step_layout", None)
+        if thread is not None and layout is not None:
+            kernel = policy_step.load_extension()
+            if kernel is not None:
+                result = policy_step.launch_step(
+                    thread, kernel, self, layout, self._projected_table, obs, state,
+                    episode_starts, deterministic,
+                )  # fmt: skip
+                if result is not None:
+                    return PendingStep(wait=lambda: PolicyStep(*result()))
+        return PendingStep(step=self.act(obs, state, episode_starts, deterministic))
 
     def _latents(
         self, obs: Observation, state: CoreState, episode_starts: Tensor

@@ -26,10 +26,11 @@ actions; ``tests/test_policy_step.py`` compares it with the PyTorch step.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from gymnasium import spaces
@@ -229,6 +230,78 @@ def policy_step(
         ``(actions [B], log_probs [B], values [B], state after the step, finite)``, as
         :meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.act` gives them.
     """
+    call = _kernel_call(kernel, policy, layout, projected, obs, state, episode_starts)
+    if call is None:
+        return None
+    return _step_result(kernel.policy_step(*call.arguments, deterministic, *call.mnm), call)
+
+
+#: Environment variable: ``0`` runs every rollout step on the rollout's own thread
+#: (:func:`step_thread` gives ``None``).
+THREAD_VARIABLE = "MNM_RL_STEP_THREAD"
+
+
+def step_thread(policy: RecurrentMemoryPolicy) -> Any | None:
+    """A thread for ``policy``'s rollout steps (:func:`launch_step`; the kernel's
+    ``StepThread``, which runs one step at a time and stops when it is garbage), where it pays:
+    for an MNM core, whose step's arithmetic outlasts handing the step over (a rollout of
+    ``throughput.py``'s mnm-p 1.09x as fast, an lstm one's 0.91x: ``docs/benchmarks.md``).
+    ``None`` for the other cores, where the kernel is not built or is switched off, and under
+    ``MNM_RL_STEP_THREAD=0``."""
+    if os.environ.get(THREAD_VARIABLE, "1") == "0" or type(policy.core) is not MNMCore:
+        return None
+    kernel = load_extension()
+    return None if kernel is None else kernel.StepThread()
+
+
+def launch_step(
+    thread: Any,
+    kernel: ModuleType,
+    policy: RecurrentMemoryPolicy,
+    layout: StepLayout,
+    projected: ProjectedTable,
+    obs: Tensor | dict[str, Tensor],
+    state: CoreState,
+    episode_starts: Tensor,
+    deterministic: bool = False,
+) -> Callable[[], tuple[Tensor, Tensor, Tensor, CoreState, bool]] | None:
+    """:func:`policy_step`, begun on ``thread`` (:func:`step_thread`): returns at once a
+    function that waits for the step and gives what :func:`policy_step` gives; ``None`` where
+    :func:`policy_step` would, or where an MNM core's step would be split between the kernel's
+    threads (:func:`~mnm_rl.memory.fused.batch_parts`: 16 envs or more a thread), which runs
+    on this thread. The action draw's random numbers are drawn now, so that torch's generator
+    is drawn from in the order :func:`policy_step` draws from it. Wait for each step (call the
+    function) before launching the next, and before changing anything the step reads (the
+    inputs, the state, the parameters)."""
+    call = _kernel_call(kernel, policy, layout, projected, obs, state, episode_starts)
+    if call is None or call.mnm[-1] != 1:
+        return None
+    thread.launch(*call.arguments, deterministic, *call.mnm)
+    return lambda: _step_result(thread.wait(), call)
+
+
+@dataclass(frozen=True)
+class _KernelCall:
+    """A kernel step's arguments: those before ``deterministic``, and the MNM options and batch
+    parts after it; with the state's keys and the batch size, to read its result."""
+
+    arguments: tuple
+    mnm: tuple[int, bool, bool, float, int]
+    keys: tuple[str, ...]
+    batch: int
+
+
+def _kernel_call(
+    kernel: ModuleType,
+    policy: RecurrentMemoryPolicy,
+    layout: StepLayout,
+    projected: ProjectedTable,
+    obs: Tensor | dict[str, Tensor],
+    state: CoreState,
+    episode_starts: Tensor,
+) -> _KernelCall | None:
+    """The kernel step's arguments (see :func:`policy_step`), or ``None`` where it does not
+    apply now."""
     modules = policy._modules
     core = modules["core"]
     kind = CORE_KINDS.get(type(core))
@@ -257,17 +330,25 @@ def policy_step(
         )
         table = projected.get(kernel, layout, grid[0].numel(), encoder, weight)
     keys = STATE_KEYS[type(core)]
-    # an MNM core's kernel options and batch parts (fused.run_sequence's); unused by the others
-    mnm = (0, False, False, 0.0, 1)
-    if type(core) is MNMCore:
-        mnm = (*fused.kernel_options(core), fused.batch_parts(1, batch))
-    actions, log_probs, values, finite, new_state = kernel.policy_step(
+    arguments = (
         grid, table, [named[k] for k in layout.other_keys], layout.kinds, weight,
         linear._parameters["bias"], layout.embedding_dim, layout.grid_column, layout.pool_column,
         layout.dense_columns, layout.sizes, kind, _core_tensors(core), [state[k] for k in keys],
         episode_starts, _linear_tensors(modules["action_net"]),
         _linear_tensors(modules["value_net"]),
-        action_heads.ACTIVATION_CODES[policy.activation_fn], deterministic, *mnm,
+        action_heads.ACTIVATION_CODES[policy.activation_fn],
     )  # fmt: skip
-    new = CoreState(dict(zip(keys, new_state, strict=True)), batch_size=batch)
+    # an MNM core's kernel options and batch parts (fused.run_sequence's); unused by the others
+    mnm = (0, False, False, 0.0, 1)
+    if type(core) is MNMCore:
+        mnm = (*fused.kernel_options(core), fused.batch_parts(1, batch))
+    return _KernelCall(arguments, mnm, keys, batch)
+
+
+def _step_result(
+    result: tuple, call: _KernelCall
+) -> tuple[Tensor, Tensor, Tensor, CoreState, bool]:
+    """The kernel's result as :func:`policy_step` gives it."""
+    actions, log_probs, values, finite, new_state = result
+    new = CoreState(dict(zip(call.keys, new_state, strict=True)), batch_size=call.batch)
     return actions, log_probs, values, new, finite

@@ -19,9 +19,9 @@ from stable_baselines3.common.utils import (
 )
 from stable_baselines3.common.vec_env import VecEnv
 
-from mnm_rl.agent import explicit, gradient_step
+from mnm_rl.agent import explicit, gradient_step, policy_step
 from mnm_rl.agent.buffer import ChunkBatch, ChunkRolloutBuffer
-from mnm_rl.agent.policy import RecurrentMemoryPolicy, check_action_space
+from mnm_rl.agent.policy import PendingStep, RecurrentMemoryPolicy, check_action_space
 from mnm_rl.agent.ppo_loss import (
     STAT_NAMES,
     LossSettings,
@@ -231,12 +231,18 @@ class MemoryPPO(OnPolicyAlgorithm):
         # The buffer keeps each step's inputs where the update reads them, and hands them to the
         # policy as tensors (views): the env's numpy arrays are copied once, into the buffer.
         obs, starts = buffer.start(self._last_obs, self._last_episode_starts)
-        for _ in range(n_rollout_steps):
-            # inference_mode, not no_grad: no version counters or view tracking (about 12% of
-            # a policy step). What leaves it is copied into the buffer or, for the recurrent
-            # state, cloned into ordinary tensors at chunk starts and at the end of the rollout.
-            with torch.inference_mode():
-                step = self.policy.act(obs, state, starts)
+        # Each step after the first begins as soon as its inputs are stored, on a thread of the
+        # compiled step's own where that pays (an MNM core's: policy_step.step_thread), and runs
+        # while this thread stores the step before it and runs the callbacks; the same steps and
+        # draws as one after the other (tests/test_step_thread.py).
+        thread = policy_step.step_thread(self.policy) if self.device.type == "cpu" else None
+        # inference_mode, not no_grad: no version counters or view tracking (about 12% of a
+        # policy step). What leaves it is copied into the buffer or, for the recurrent state,
+        # cloned into ordinary tensors at chunk starts and at the end of the rollout.
+        with torch.inference_mode():
+            pending = self.policy.act_later(obs, state, starts, thread)
+        for n in range(n_rollout_steps):
+            step = pending()
             if not step.finite:
                 raise NonFiniteError(
                     f"non-finite policy output (action logits) in the rollout at step "
@@ -247,32 +253,44 @@ class MemoryPPO(OnPolicyAlgorithm):
             actions, log_probs, values, new_state, _ = step
             new_obs, rewards, dones, infos = env.step(actions.cpu().numpy())
             self.num_timesteps += env.num_envs
+            obs, starts = buffer.store_next(new_obs, dones)
+            # the next step; after the last one, the critic's value of the last observation
+            with torch.inference_mode():
+                pending = self.policy.act_later(
+                    obs, new_state, starts, thread, deterministic=n == n_rollout_steps - 1
+                )
             callback.update_locals(locals())
             if not callback.on_step():
+                pending()  # the step under way ends before the rollout does
                 return False
             if dones.any():  # episode statistics and time-limit bootstraps: ended episodes only
                 self._update_info_buffer(infos, dones, rewards)
-                rewards = self._bootstrap_truncated(rewards, dones, infos, new_state)
-            obs, starts = buffer.add(actions, rewards, values, log_probs, state, new_obs, dones)
+                rewards = self._bootstrap_truncated(rewards, dones, infos, new_state, pending)
+            buffer.add_outputs(actions, rewards, values, log_probs, state)
             state = new_state
             self._last_obs, self._last_episode_starts = new_obs, dones
         self._last_state = state.detach().clone()  # an ordinary tensor again, usable anywhere
-        with torch.inference_mode():  # the critic's value of the last observation, as a step
-            last_values = self.policy.act(obs, state, starts, deterministic=True).values
+        last_values = pending().values
         buffer.compute_returns_and_advantage(last_values, starts)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
 
     def _bootstrap_truncated(
-        self, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]], state: CoreState
+        self,
+        rewards: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict[str, Any]],
+        state: CoreState,
+        pending: PendingStep | None = None,
     ) -> np.ndarray:
         """Add ``gamma * V(terminal obs)`` to the reward of episodes cut by a time limit.
 
         ``V`` is the critic's value after one more step of the core from ``state`` (the state
         after this step) on the terminal observation: :meth:`RecurrentMemoryPolicy.act` with the
         most likely action, which draws nothing from the generator and on the CPU is the one
-        compiled call of a rollout step where the policy has one."""
+        compiled call of a rollout step where the policy has one. A step under way
+        (``pending``, :meth:`RecurrentMemoryPolicy.act_later`) ends first."""
         truncated = [
             i
             for i in np.flatnonzero(dones).tolist()
@@ -281,6 +299,8 @@ class MemoryPPO(OnPolicyAlgorithm):
         ]
         if not truncated:
             return rewards
+        if pending is not None:
+            pending()
         rewards = rewards.astype(np.float32, copy=True)
         terminal = self.policy.obs_to_tensor(
             _stack_obs([infos[i]["terminal_observation"] for i in truncated])

@@ -128,8 +128,14 @@ heads_backward(const at::Tensor& g_logits, const at::Tensor& g_values,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("heads_step", &heads_step,
-        "the action and value heads for one step, with the actions drawn");
+  m.def(
+      "heads_step",
+      [](const at::Tensor& latent, const at::Tensor& value_latent,
+         const std::vector<at::Tensor>& actor, const std::vector<at::Tensor>& critic,
+         int64_t activation, bool deterministic) {
+        return heads_step(latent, value_latent, actor, critic, activation, deterministic);
+      },
+      "the action and value heads for one step, with the actions drawn");
   // The GIL released: with two threads each takes the caller's thread-local state (parts.h).
   m.def("heads_forward", &heads_forward,
         "(latent, value_latent, actor, critic, activation, threads) -> (logits, values, actor "

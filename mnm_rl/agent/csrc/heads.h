@@ -88,11 +88,19 @@ bool draw(const T* logits, const T* races, int64_t B, int64_t A, int64_t* action
   return finite;
 }
 
+// The draw's races for B rows of A actions, from torch's default generator: what heads_step
+// draws, for a caller that draws them ahead of the step (StepThread, policy_step.cpp).
+inline at::Tensor draw_races(int64_t B, int64_t A, const at::TensorOptions& options) {
+  return at::empty({B, A}, options).exponential_();
+}
+
 // (actions [B] int64, log_probs [B], values [B], every logit finite) for latent [B, F] (the
-// actor's input) and value_latent [B, F] (the critic's).
+// actor's input) and value_latent [B, F] (the critic's). Unless deterministic, the actions are
+// drawn with `races` where defined (draw_races' [B, A]), else with races drawn here.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> heads_step(
     const at::Tensor& latent, const at::Tensor& value_latent, const std::vector<at::Tensor>& actor,
-    const std::vector<at::Tensor>& critic, int64_t activation, bool deterministic) {
+    const std::vector<at::Tensor>& critic, int64_t activation, bool deterministic,
+    at::Tensor races = at::Tensor()) {
   TORCH_CHECK(activation == kTanh || activation == kReLU, "action_heads: unknown activation ",
               activation);
   TORCH_CHECK(latent.dim() == 2 && value_latent.dim() == 2 &&
@@ -106,8 +114,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> heads_step(
   const int64_t B = logits.size(0), A = logits.size(1);
   auto actions = at::empty({B}, logits.options().dtype(at::kLong));
   auto log_probs = at::empty({B}, logits.options());
-  at::Tensor races;
-  if (!deterministic) races = at::empty({B, A}, logits.options()).exponential_();
+  if (deterministic)
+    races = at::Tensor();
+  else if (!races.defined())
+    races = draw_races(B, A, logits.options());
+  TORCH_CHECK(deterministic || (races.sizes() == logits.sizes() && races.is_contiguous() &&
+                                races.scalar_type() == logits.scalar_type()),
+              "action_heads: races must be ", logits.sizes(), " like the logits");
   bool finite = true;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "heads_step", [&] {
     finite = draw<scalar_t>(logits.data_ptr<scalar_t>(),

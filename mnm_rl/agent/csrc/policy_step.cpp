@@ -26,9 +26,19 @@
 
 #include <torch/extension.h>
 
+#include <sched.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../../memory/csrc/dense_products.h"
@@ -304,21 +314,18 @@ std::vector<at::Tensor> mnm_step(const at::Tensor& x, const std::vector<at::Tens
   const bool transposed = weights.stride(2) == 1 && weights.stride(3) == weights.size(2);
   if (!as_is && !transposed) weights = weights.contiguous();
   const std::vector<at::Tensor>& w = layers;
+  // With parts > 1 the parts' threads take this thread's thread-local state, whose copy may
+  // need the GIL (see memory/csrc/module.cpp): policy_step is bound to run without it.
   std::vector<at::Tensor> out;
-  {
-    // The parts' threads take this thread's thread-local state, whose copy may need the GIL
-    // (see memory/csrc/module.cpp): not held while they run.
-    pybind11::gil_scoped_release no_gil;
-    if (o.parts > 1)
-      out = mnm_rl::mnm_forward_parts(gates_x, keep, state[0].contiguous(), state[1].contiguous(),
-                                      state[2].contiguous(), weights, w[4], w[5], w[6], w[7], w[8],
-                                      w[9], w[10], w[11], o.n_heads, o.gradient_rule, o.tanh_act,
-                                      o.eps, false, o.parts);
-    else
-      out = mnm_rl::mnm_forward(gates_x, keep, state[0].contiguous(), state[1].contiguous(),
-                                state[2].contiguous(), weights, w[4], w[5], w[6], w[7], w[8], w[9],
-                                w[10], w[11], o.n_heads, o.gradient_rule, o.tanh_act, o.eps, false);
-  }
+  if (o.parts > 1)
+    out = mnm_rl::mnm_forward_parts(gates_x, keep, state[0].contiguous(), state[1].contiguous(),
+                                    state[2].contiguous(), weights, w[4], w[5], w[6], w[7], w[8],
+                                    w[9], w[10], w[11], o.n_heads, o.gradient_rule, o.tanh_act,
+                                    o.eps, false, o.parts);
+  else
+    out = mnm_rl::mnm_forward(gates_x, keep, state[0].contiguous(), state[1].contiguous(),
+                              state[2].contiguous(), weights, w[4], w[5], w[6], w[7], w[8], w[9],
+                              w[10], w[11], o.n_heads, o.gradient_rule, o.tanh_act, o.eps, false);
   const at::Tensor h = out[0][0], read = out[1][0];
   const at::Tensor y = mnm_rl::linear_out(at::cat({h, read}, 1), layers[2], layers[3], true);
   return {y, h, out[7], read, out[8]};
@@ -331,8 +338,11 @@ std::vector<at::Tensor> mnm_step(const at::Tensor& x, const std::vector<at::Tens
 // W_2, b_2; MNM: see mnm_step), state: its state tensors ([B, H] each: LSTM h, c; GRU h; MLP
 // none; MNM h, c, read and the fast weights [B, L, D, D]); episode_starts [B]: nonzero where an
 // episode starts (the state is reset first); actor, critic, activation: the heads, as for
-// heads_step; mnm_*: an MNM core's kernel options (MNMOptions; ignored by the other cores).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<at::Tensor>> policy_step(
+// heads_step; mnm_*: an MNM core's kernel options (MNMOptions; ignored by the other cores);
+// races: the draw's, drawn ahead (heads_step), else drawn in the step.
+using StepResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<at::Tensor>>;
+
+StepResult policy_step(
     const c10::optional<at::Tensor>& grid, const c10::optional<at::Tensor>& projected,
     const std::vector<at::Tensor>& inputs, const std::vector<int64_t>& kinds,
     const at::Tensor& encoder_weight, const at::Tensor& encoder_bias, int64_t embedding_dim,
@@ -341,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<at::Tensor>> po
     const std::vector<at::Tensor>& state, const at::Tensor& episode_starts,
     const std::vector<at::Tensor>& actor, const std::vector<at::Tensor>& critic,
     int64_t activation, bool deterministic, int64_t mnm_heads, bool mnm_gradient_rule,
-    bool mnm_tanh, double mnm_eps, int64_t mnm_parts) {
+    bool mnm_tanh, double mnm_eps, int64_t mnm_parts, const at::Tensor& races = at::Tensor()) {
   TORCH_CHECK(encoder_weight.is_cpu() && encoder_weight.dim() == 2,
               "policy_step: a CPU kernel; the extractor's weight must be [O, in]");
   TORCH_CHECK(episode_starts.dim() == 1, "policy_step: episode_starts must be [B]");
@@ -382,9 +392,119 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<at::Tensor>> po
       TORCH_CHECK(false, "policy_step: unknown core kind ", core_kind);
   }
   auto [actions, log_probs, values, finite] =
-      heads_step(latent, latent, actor, critic, activation, deterministic);
+      heads_step(latent, latent, actor, critic, activation, deterministic, races);
   return {actions, log_probs, values, finite, new_state};
 }
+
+// A thread of its own that runs policy steps one at a time, for a rollout to overlap a step
+// with its own Python (mnm_rl/agent/policy_step.py: StepThread): launch() hands it the
+// arguments of one policy_step call and returns at once; wait() returns that call's result,
+// or rethrows its error. The step runs in inference mode, as the rollout's own steps do, and
+// the thread never touches Python, so the caller keeps the GIL while the step runs. Its draw's
+// races are drawn by launch() on the caller's thread (heads.h's draw_races), so that torch's
+// default generator is drawn from in the caller's order: the same actions as policy_step.
+//
+// Handing a step over costs a few microseconds when the thread is awake: it watches its job
+// counter, giving up its core at every look (sched_yield), for kSpin after each step before it
+// sleeps on a condition variable (the rollout launches a step every 0.1-0.3 ms; between
+// rollouts it sleeps). wait() watches the done counter the same way, with the GIL released.
+class StepThread {
+ public:
+  StepThread() : thread_([this] { run(); }) {}
+
+  ~StepThread() {
+    {
+      const std::lock_guard<std::mutex> hold(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    thread_.join();  // after the step under way, if any
+  }
+
+  StepThread(const StepThread&) = delete;
+  StepThread& operator=(const StepThread&) = delete;
+
+  void launch(std::function<StepResult()> job) {
+    TORCH_CHECK(launched_ == waited_, "StepThread.launch: the last step has not been waited for");
+    {
+      const std::lock_guard<std::mutex> hold(mutex_);
+      job_ = std::move(job);
+      ++launched_;
+      posted_.store(launched_, std::memory_order_release);
+    }
+    wake_.notify_one();
+  }
+
+  StepResult wait() {
+    TORCH_CHECK(launched_ > waited_, "StepThread.wait: no step was launched");
+    if (!watch([&] { return done_.load(std::memory_order_acquire) == launched_; })) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      finished_.wait(lock, [&] { return done_.load(std::memory_order_acquire) == launched_; });
+    }
+    waited_ = launched_;
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+    return std::exchange(result_, StepResult{});
+  }
+
+  // Drop the last waited-for job's arguments (with the GIL held: see run()).
+  void drop_arguments() {
+    const std::lock_guard<std::mutex> hold(mutex_);
+    ran_ = nullptr;
+  }
+
+ private:
+  static constexpr auto kSpin = std::chrono::microseconds(500);
+
+  // Look at ready() until it holds (true) or kSpin has passed (false), yielding the core
+  // between looks.
+  template <typename F> static bool watch(const F& ready) {
+    const auto until = std::chrono::steady_clock::now() + kSpin;
+    while (!ready()) {
+      if (std::chrono::steady_clock::now() > until) return false;
+      sched_yield();
+    }
+    return true;
+  }
+
+  void run() {
+    uint64_t done = 0;
+    for (;;) {
+      std::function<StepResult()> job;
+      {
+        const auto posted = [&] { return posted_.load(std::memory_order_acquire) > done; };
+        const bool awake = watch(posted);
+        std::unique_lock<std::mutex> lock(mutex_);
+        if (!awake) wake_.wait(lock, [&] { return stop_ || posted(); });
+        if (!posted()) return;  // stopped, nothing left to run
+        job = std::move(job_);
+      }
+      try {
+        const c10::InferenceMode inference;
+        result_ = job();
+      } catch (...) {
+        error_ = std::current_exception();
+      }
+      {
+        const std::lock_guard<std::mutex> hold(mutex_);
+        // The job's copies of the caller's tensors go back to the caller to drop: dropping the
+        // last C++ reference to a tensor that has a Python object takes the GIL.
+        ran_ = std::move(job);
+        done_.store(++done, std::memory_order_release);
+      }
+      finished_.notify_one();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_, finished_;
+  std::function<StepResult()> job_, ran_;
+  StepResult result_;
+  std::exception_ptr error_;
+  bool stop_ = false;
+  uint64_t launched_ = 0, waited_ = 0;  // the caller's counts
+  std::atomic<uint64_t> posted_{0}, done_{0};
+  std::thread thread_;  // last: started once the members it uses are
+};
 
 }  // namespace
 
@@ -393,9 +513,80 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("project_grid", &project_grid,
         "(table [R, E], weight [O, in], slots, grid_column, pool_column, dense_columns, channel "
         "sizes) -> the projected table P [cells * R, O]");
-  m.def("policy_step", &policy_step,
+  // Without the GIL: an MNM core's split step (mnm_parts > 1) needs it free (see mnm_step).
+  m.def("policy_step",
+        [](const c10::optional<at::Tensor>& grid, const c10::optional<at::Tensor>& projected,
+           const std::vector<at::Tensor>& inputs, const std::vector<int64_t>& kinds,
+           const at::Tensor& encoder_weight, const at::Tensor& encoder_bias,
+           int64_t embedding_dim, int64_t grid_column, int64_t pool_column,
+           const std::vector<int64_t>& dense_columns, const std::vector<int64_t>& sizes,
+           int64_t core_kind, const std::vector<at::Tensor>& core,
+           const std::vector<at::Tensor>& state, const at::Tensor& episode_starts,
+           const std::vector<at::Tensor>& actor, const std::vector<at::Tensor>& critic,
+           int64_t activation, bool deterministic, int64_t mnm_heads, bool mnm_gradient_rule,
+           bool mnm_tanh, double mnm_eps, int64_t mnm_parts) {
+          return policy_step(grid, projected, inputs, kinds, encoder_weight, encoder_bias,
+                             embedding_dim, grid_column, pool_column, dense_columns, sizes,
+                             core_kind, core, state, episode_starts, actor, critic, activation,
+                             deterministic, mnm_heads, mnm_gradient_rule, mnm_tanh, mnm_eps,
+                             mnm_parts);
+        },
         "(grid, P, inputs, kinds, W_enc, b_enc, embedding_dim, grid_column, pool_column, "
         "dense_columns, channel sizes, core_kind, core, state, episode_starts, actor, critic, "
         "activation, deterministic, mnm_heads, mnm_gradient_rule, mnm_tanh, mnm_eps, mnm_parts) "
-        "-> (actions, log_probs, values, finite, state)");
+        "-> (actions, log_probs, values, finite, state)",
+        py::call_guard<py::gil_scoped_release>());
+  py::class_<StepThread>(m, "StepThread",
+                         "A thread that runs policy_step calls one at a time: launch(), then "
+                         "wait() for the result")
+      .def(py::init<>())
+      .def(
+          "launch",
+          [](StepThread& self, const c10::optional<at::Tensor>& grid,
+             const c10::optional<at::Tensor>& projected, const std::vector<at::Tensor>& inputs,
+             const std::vector<int64_t>& kinds, const at::Tensor& encoder_weight,
+             const at::Tensor& encoder_bias, int64_t embedding_dim, int64_t grid_column,
+             int64_t pool_column, const std::vector<int64_t>& dense_columns,
+             const std::vector<int64_t>& sizes, int64_t core_kind,
+             const std::vector<at::Tensor>& core, const std::vector<at::Tensor>& state,
+             const at::Tensor& episode_starts, const std::vector<at::Tensor>& actor,
+             const std::vector<at::Tensor>& critic, int64_t activation, bool deterministic,
+             int64_t mnm_heads, bool mnm_gradient_rule, bool mnm_tanh, double mnm_eps,
+             int64_t mnm_parts) {
+            // a split MNM step's threads would need the GIL, which the caller keeps
+            TORCH_CHECK(mnm_parts == 1, "StepThread.launch: a step in one part only");
+            TORCH_CHECK(!actor.empty() && episode_starts.dim() == 1,
+                        "StepThread.launch: no actor head, or episode_starts not [B]");
+            // drawn here, in the caller's order of draws, not on the step's thread
+            const at::Tensor races =
+                deterministic ? at::Tensor()
+                              : draw_races(episode_starts.size(0), actor.back().size(0),
+                                           encoder_weight.options());
+            self.launch([=] {
+              return policy_step(grid, projected, inputs, kinds, encoder_weight, encoder_bias,
+                                 embedding_dim, grid_column, pool_column, dense_columns, sizes,
+                                 core_kind, core, state, episode_starts, actor, critic,
+                                 activation, deterministic, mnm_heads, mnm_gradient_rule,
+                                 mnm_tanh, mnm_eps, mnm_parts, races);
+            });
+          },
+          "policy_step's arguments (mnm_parts 1): begin the step on the thread")
+      .def(
+          "wait",
+          [](StepThread& self) {
+            StepResult result;
+            std::exception_ptr error;
+            {
+              const py::gil_scoped_release no_gil;  // while the step runs
+              try {
+                result = self.wait();
+              } catch (...) {
+                error = std::current_exception();
+              }
+            }
+            self.drop_arguments();
+            if (error) std::rethrow_exception(error);
+            return result;
+          },
+          "the launched step's result, as policy_step's");
 }
