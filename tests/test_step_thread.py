@@ -141,9 +141,9 @@ def test_time_limits_bootstrap_after_the_step_under_way(kernel, monkeypatch):
     cut = []
     original = MemoryPPO._bootstrap_truncated
 
-    def counting(self, rewards, dones, infos, *args):
+    def counting(self, rewards, dones, infos, state):
         cut.extend(i for i in np.flatnonzero(dones) if infos[i]["TimeLimit.truncated"])
-        return original(self, rewards, dones, infos, *args)
+        return original(self, rewards, dones, infos, state)
 
     monkeypatch.setattr(MemoryPPO, "_bootstrap_truncated", counting)
     runs = []

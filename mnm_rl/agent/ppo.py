@@ -21,7 +21,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from mnm_rl.agent import explicit, gradient_step, policy_step
 from mnm_rl.agent.buffer import ChunkBatch, ChunkRolloutBuffer
-from mnm_rl.agent.policy import PendingStep, RecurrentMemoryPolicy, check_action_space
+from mnm_rl.agent.policy import RecurrentMemoryPolicy, check_action_space
 from mnm_rl.agent.ppo_loss import (
     STAT_NAMES,
     LossSettings,
@@ -265,7 +265,9 @@ class MemoryPPO(OnPolicyAlgorithm):
                 return False
             if dones.any():  # episode statistics and time-limit bootstraps: ended episodes only
                 self._update_info_buffer(infos, dones, rewards)
-                rewards = self._bootstrap_truncated(rewards, dones, infos, new_state, pending)
+                if any(infos[i].get("TimeLimit.truncated") for i in np.flatnonzero(dones)):
+                    pending()  # the step under way ends before the bootstrap's own step
+                rewards = self._bootstrap_truncated(rewards, dones, infos, new_state)
             buffer.add_outputs(actions, rewards, values, log_probs, state)
             state = new_state
             self._last_obs, self._last_episode_starts = new_obs, dones
@@ -277,20 +279,14 @@ class MemoryPPO(OnPolicyAlgorithm):
         return True
 
     def _bootstrap_truncated(
-        self,
-        rewards: np.ndarray,
-        dones: np.ndarray,
-        infos: list[dict[str, Any]],
-        state: CoreState,
-        pending: PendingStep | None = None,
+        self, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]], state: CoreState
     ) -> np.ndarray:
         """Add ``gamma * V(terminal obs)`` to the reward of episodes cut by a time limit.
 
         ``V`` is the critic's value after one more step of the core from ``state`` (the state
         after this step) on the terminal observation: :meth:`RecurrentMemoryPolicy.act` with the
         most likely action, which draws nothing from the generator and on the CPU is the one
-        compiled call of a rollout step where the policy has one. A step under way
-        (``pending``, :meth:`RecurrentMemoryPolicy.act_later`) ends first."""
+        compiled call of a rollout step where the policy has one."""
         truncated = [
             i
             for i in np.flatnonzero(dones).tolist()
@@ -299,8 +295,6 @@ class MemoryPPO(OnPolicyAlgorithm):
         ]
         if not truncated:
             return rewards
-        if pending is not None:
-            pending()
         rewards = rewards.astype(np.float32, copy=True)
         terminal = self.policy.obs_to_tensor(
             _stack_obs([infos[i]["terminal_observation"] for i in truncated])
