@@ -244,8 +244,9 @@ THREAD_VARIABLE = "MNM_RL_STEP_THREAD"
 def step_thread(policy: RecurrentMemoryPolicy) -> Any | None:
     """A thread for ``policy``'s rollout steps (:func:`launch_step`; the kernel's
     ``StepThread``, which runs one step at a time and stops when it is garbage), where it pays:
-    for an MNM core, whose step's arithmetic outlasts handing the step over (a rollout of
-    ``throughput.py``'s mnm-p 1.09x as fast, an lstm one's 0.91x: ``docs/benchmarks.md``).
+    for an MNM core, whose step's arithmetic outlasts handing the step over (``learn()`` of
+    ``throughput.py``'s mnm-p/k2 1.02-1.03x, of its lstm 0.96x with a thread:
+    ``docs/benchmarks.md``).
     ``None`` for the other cores, where the kernel is not built or is switched off, and under
     ``MNM_RL_STEP_THREAD=0``."""
     if os.environ.get(THREAD_VARIABLE, "1") == "0" or type(policy.core) is not MNMCore:
