@@ -233,7 +233,8 @@ def policy_step(
     call = _kernel_call(kernel, policy, layout, projected, obs, state, episode_starts)
     if call is None:
         return None
-    return _step_result(kernel.policy_step(*call.arguments, deterministic, *call.mnm), call)
+    result = kernel.policy_step(*call.arguments, deterministic, *call.mnm, None)  # races: drawn
+    return _step_result(result, call)
 
 
 #: Environment variable: ``0`` runs every rollout step on the rollout's own thread

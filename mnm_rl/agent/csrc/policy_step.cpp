@@ -339,7 +339,7 @@ std::vector<at::Tensor> mnm_step(const at::Tensor& x, const std::vector<at::Tens
 // none; MNM h, c, read and the fast weights [B, L, D, D]); episode_starts [B]: nonzero where an
 // episode starts (the state is reset first); actor, critic, activation: the heads, as for
 // heads_step; mnm_*: an MNM core's kernel options (MNMOptions; ignored by the other cores);
-// races: the draw's, drawn ahead (heads_step), else drawn in the step.
+// races: the draw's, drawn ahead (heads.h's draw_races), or None: drawn in the step.
 using StepResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, std::vector<at::Tensor>>;
 
 StepResult policy_step(
@@ -351,7 +351,7 @@ StepResult policy_step(
     const std::vector<at::Tensor>& state, const at::Tensor& episode_starts,
     const std::vector<at::Tensor>& actor, const std::vector<at::Tensor>& critic,
     int64_t activation, bool deterministic, int64_t mnm_heads, bool mnm_gradient_rule,
-    bool mnm_tanh, double mnm_eps, int64_t mnm_parts, const at::Tensor& races = at::Tensor()) {
+    bool mnm_tanh, double mnm_eps, int64_t mnm_parts, const c10::optional<at::Tensor>& races) {
   TORCH_CHECK(encoder_weight.is_cpu() && encoder_weight.dim() == 2,
               "policy_step: a CPU kernel; the extractor's weight must be [O, in]");
   TORCH_CHECK(episode_starts.dim() == 1, "policy_step: episode_starts must be [B]");
@@ -392,7 +392,8 @@ StepResult policy_step(
       TORCH_CHECK(false, "policy_step: unknown core kind ", core_kind);
   }
   auto [actions, log_probs, values, finite] =
-      heads_step(latent, latent, actor, critic, activation, deterministic, races);
+      heads_step(latent, latent, actor, critic, activation, deterministic,
+                 races.value_or(at::Tensor()));
   return {actions, log_probs, values, finite, new_state};
 }
 
@@ -514,27 +515,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(table [R, E], weight [O, in], slots, grid_column, pool_column, dense_columns, channel "
         "sizes) -> the projected table P [cells * R, O]");
   // Without the GIL: an MNM core's split step (mnm_parts > 1) needs it free (see mnm_step).
-  m.def("policy_step",
-        [](const c10::optional<at::Tensor>& grid, const c10::optional<at::Tensor>& projected,
-           const std::vector<at::Tensor>& inputs, const std::vector<int64_t>& kinds,
-           const at::Tensor& encoder_weight, const at::Tensor& encoder_bias,
-           int64_t embedding_dim, int64_t grid_column, int64_t pool_column,
-           const std::vector<int64_t>& dense_columns, const std::vector<int64_t>& sizes,
-           int64_t core_kind, const std::vector<at::Tensor>& core,
-           const std::vector<at::Tensor>& state, const at::Tensor& episode_starts,
-           const std::vector<at::Tensor>& actor, const std::vector<at::Tensor>& critic,
-           int64_t activation, bool deterministic, int64_t mnm_heads, bool mnm_gradient_rule,
-           bool mnm_tanh, double mnm_eps, int64_t mnm_parts) {
-          return policy_step(grid, projected, inputs, kinds, encoder_weight, encoder_bias,
-                             embedding_dim, grid_column, pool_column, dense_columns, sizes,
-                             core_kind, core, state, episode_starts, actor, critic, activation,
-                             deterministic, mnm_heads, mnm_gradient_rule, mnm_tanh, mnm_eps,
-                             mnm_parts);
-        },
+  m.def("policy_step", &policy_step,
         "(grid, P, inputs, kinds, W_enc, b_enc, embedding_dim, grid_column, pool_column, "
         "dense_columns, channel sizes, core_kind, core, state, episode_starts, actor, critic, "
-        "activation, deterministic, mnm_heads, mnm_gradient_rule, mnm_tanh, mnm_eps, mnm_parts) "
-        "-> (actions, log_probs, values, finite, state)",
+        "activation, deterministic, mnm_heads, mnm_gradient_rule, mnm_tanh, mnm_eps, mnm_parts, "
+        "races or None) -> (actions, log_probs, values, finite, state)",
         py::call_guard<py::gil_scoped_release>());
   py::class_<StepThread>(m, "StepThread",
                          "A thread that runs policy_step calls one at a time: launch(), then "
@@ -558,8 +543,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             TORCH_CHECK(!actor.empty() && episode_starts.dim() == 1,
                         "StepThread.launch: no actor head, or episode_starts not [B]");
             // drawn here, in the caller's order of draws, not on the step's thread
-            const at::Tensor races =
-                deterministic ? at::Tensor()
+            const c10::optional<at::Tensor> races =
+                deterministic ? c10::optional<at::Tensor>()
                               : draw_races(episode_starts.size(0), actor.back().size(0),
                                            encoder_weight.options());
             self.launch([=] {
