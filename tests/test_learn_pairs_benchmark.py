@@ -207,8 +207,9 @@ def test_an_agent_runs_pytorch_code_only_where_its_suffixes_say(
 ):
     """How many compiled policy steps, heads, losses and explicit backward passes an agent's
     turn calls; SMALL: 2 envs x 16 steps (16 rollout steps and one for the last observation's
-    value) in chunks of 8, 2 chunks a minibatch, 1 epoch; an MNM policy's compiled steps are
-    launched on the step thread (``launch_step``). A policy step runs the heads itself:
+    value) in chunks of 8, 2 chunks a minibatch, 1 epoch; the compiled steps run on the
+    rollout's thread (``run_call``: the rollout's and ``policy_step``'s) or, an MNM policy's,
+    on the step thread (``launch_call``). A policy step runs the heads itself:
     with it, the heads' own kernel is not called. The explicit pass needs the compiled loss
     and heads (not with ``/pyloss``, ``/pyheads``)."""
     from mnm_rl.agent import action_heads, explicit, policy_step, ppo_loss
@@ -229,9 +230,9 @@ def test_an_agent_runs_pytorch_code_only_where_its_suffixes_say(
 
         return call
 
-    monkeypatch.setattr(policy_step, "policy_step", counted("steps", policy_step.policy_step))
+    monkeypatch.setattr(policy_step, "run_call", counted("steps", policy_step.run_call))
     # an MNM policy's rollout steps, begun on the compiled step's own thread
-    monkeypatch.setattr(policy_step, "launch_step", counted("steps", policy_step.launch_step))
+    monkeypatch.setattr(policy_step, "launch_call", counted("steps", policy_step.launch_call))
     monkeypatch.setattr(action_heads, "heads_step", counted("heads", action_heads.heads_step))
     monkeypatch.setattr(ppo_loss, "_kernel_loss", counted("losses", ppo_loss._kernel_loss))
     monkeypatch.setattr(explicit, "apply_gradients", counted("explicit", explicit.apply_gradients))

@@ -1,6 +1,7 @@
 """Rollout steps on the compiled step's own thread (``policy_step.StepThread``,
 ``RecurrentMemoryPolicy.act_later``): the same steps, draws and stored rollouts as one step after
-the other on the rollout's thread (``MNM_RL_STEP_THREAD=0``)."""
+the other on the rollout's thread (``MNM_RL_STEP_THREAD=0``); and a rollout's steps through the
+arguments gathered once for it (``policy_step.StepPlan``) as :meth:`act` takes them."""
 
 from __future__ import annotations
 
@@ -34,13 +35,13 @@ def test_a_step_on_the_thread_is_the_step_here(kernel, core, deterministic):
     state = random_state(policy, 8, torch.float32)
     starts = torch.zeros(8)
     starts[3] = 1
-    thread = kernel.StepThread()
+    rollout = policy_step.rollout_steps(policy, kernel.StepThread())
     steps, after = [], []
     for later in (False, True):
         torch.manual_seed(7)
         with torch.inference_mode():
             if later:
-                pending = policy.act_later(obs, state, starts, thread, deterministic)
+                pending = policy.act_later(obs, state, starts, rollout, deterministic)
                 step = pending()
                 assert pending() is step  # waited for once
             else:
@@ -62,20 +63,20 @@ def test_the_thread_runs_one_step_at_a_time_and_reports_errors(kernel):
     policy = make_policy(MINIGRID, "lstm")
     obs = random_obs(MINIGRID, 4, seed=1)
     state = random_state(policy, 4, torch.float32)
-    thread = kernel.StepThread()
+    steps = policy_step.rollout_steps(policy, kernel.StepThread())
     with torch.inference_mode():
-        pending = policy.act_later(obs, state, torch.zeros(4), thread)
+        pending = policy.act_later(obs, state, torch.zeros(4), steps)
         with pytest.raises(RuntimeError, match="has not been waited for"):
-            policy.act_later(obs, state, torch.zeros(4), thread)
+            policy.act_later(obs, state, torch.zeros(4), steps)
         pending()
         # an error inside the step (the state's rows do not match the inputs') is raised here
         wrong = random_state(policy, 4, torch.float32)
         wrong["h"] = wrong["h"][:, :3].contiguous()
-        failing = policy.act_later(obs, wrong, torch.zeros(4), thread)
+        failing = policy.act_later(obs, wrong, torch.zeros(4), steps)
         with pytest.raises(RuntimeError):
             failing()
         # and the thread goes on
-        assert policy.act_later(obs, state, torch.zeros(4), thread)().actions.shape == (4,)
+        assert policy.act_later(obs, state, torch.zeros(4), steps)().actions.shape == (4,)
 
 
 def test_a_thread_for_mnm_cores_only_and_not_without_the_switch(kernel, monkeypatch):
@@ -93,8 +94,8 @@ def _rollout(env, core: str, thread: str, monkeypatch, **kwargs):
     monkeypatch.setenv(policy_step.THREAD_VARIABLE, thread)
     model = small_model(core, env=env, **kwargs)
     calls = []
-    original = policy_step.launch_step
-    monkeypatch.setattr(policy_step, "launch_step", lambda *a: calls.append(1) or original(*a))
+    original = policy_step.launch_call
+    monkeypatch.setattr(policy_step, "launch_call", lambda *a: calls.append(1) or original(*a))
     buffer = collect_one_rollout(model)
     return model, buffer, len(calls)
 
@@ -175,3 +176,54 @@ def test_a_callback_that_stops_the_rollout(kernel, monkeypatch):
     assert model.rollout_buffer.pos == 4
     model.learn(2 * model.n_steps * model.n_envs)
     assert model.num_timesteps >= 2 * model.n_steps * model.n_envs
+
+
+@pytest.mark.parametrize("core", ["lstm", "gru", "mlp", "mnm-p"])
+def test_a_rollouts_plan_sees_its_parameters_change_in_place(kernel, core):
+    """The plan gathered for a rollout (``rollout_steps`` without a thread) gives the steps
+    that ``act`` gives, after an in-place change of every parameter too (as an optimizer step
+    or ``load_state_dict`` makes): the kernel reads the same tensors, and the grid's projected
+    table is rebuilt."""
+    policy = make_policy(MINIGRID, core)
+    obs = random_obs(MINIGRID, 8, seed=3)
+    state = random_state(policy, 8, torch.float32)
+    starts = torch.zeros(8)
+    starts[5] = 1
+    steps = policy_step.rollout_steps(policy, None)
+    assert steps is not None and steps.thread is None
+    values = []
+    for change in (False, True):
+        if change:
+            with torch.no_grad():
+                for parameter in policy.parameters():
+                    parameter.mul_(-0.5).add_(0.01)
+        results = []
+        for planned in (True, False):
+            torch.manual_seed(11)
+            with torch.inference_mode():
+                if planned:
+                    results.append(policy.act_later(obs, state, starts, steps)())
+                else:
+                    results.append(policy.act(obs, state, starts))
+        planned_step, step = results
+        assert torch.equal(planned_step.actions, step.actions)
+        assert torch.equal(planned_step.log_probs, step.log_probs)
+        assert torch.equal(planned_step.values, step.values)
+        for key in step.state:
+            assert torch.equal(planned_step.state[key], step.state[key]), key
+        values.append(step.values)
+    assert not torch.equal(*values)  # the change reached the kernel
+
+
+def test_no_plan_where_the_compiled_step_is_off_and_pytorch_under_gradients(kernel, monkeypatch):
+    """``rollout_steps`` gives nothing with the compiled step switched off; a plan's step under
+    autograd is PyTorch's, whose outputs carry gradients."""
+    policy = make_policy(MINIGRID, "lstm")
+    obs = random_obs(MINIGRID, 4, seed=4)
+    state = random_state(policy, 4, torch.float32)
+    steps = policy_step.rollout_steps(policy)
+    assert steps is not None and steps.thread is None  # no thread for an LSTM core
+    step = policy.act_later(obs, state, torch.zeros(4), steps)()
+    assert step.values.requires_grad
+    monkeypatch.setenv(policy_step.SWITCH_VARIABLE, "0")
+    assert policy_step.rollout_steps(policy) is None

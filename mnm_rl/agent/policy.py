@@ -422,26 +422,25 @@ class RecurrentMemoryPolicy(BasePolicy):
         obs: Observation,
         state: CoreState,
         episode_starts: Tensor,
-        thread: Any | None,
+        steps: policy_step.RolloutSteps | None,
         deterministic: bool = False,
     ) -> PendingStep:
-        """:meth:`act`, begun on ``thread`` (:func:`mnm_rl.agent.policy_step.step_thread`) where
-        the compiled step runs it there (a CPU step without gradients, the batch in one part):
-        returns at once a :class:`PendingStep`, which waits for the step and gives the same
-        :class:`PolicyStep` as :meth:`act`. Elsewhere (``thread`` ``None``, ...) :meth:`act` runs
-        now. Call it before launching the next step, and before changing anything the step reads
-        (its inputs, the state, the parameters)."""
-        layout = getattr(self, "_step_layout", None)
-        if thread is not None and layout is not None:
-            kernel = policy_step.load_extension()
-            if kernel is not None:
-                result = policy_step.launch_step(
-                    thread, kernel, self, layout, self._projected_table, obs, state,
-                    episode_starts, deterministic,
-                )  # fmt: skip
-                if result is not None:
-                    return PendingStep(wait=lambda: PolicyStep(*result()))
-        return PendingStep(step=self.act(obs, state, episode_starts, deterministic))
+        """:meth:`act` for one step of a rollout whose compiled steps share ``steps``
+        (:func:`mnm_rl.agent.policy_step.rollout_steps`: their arguments gathered once, and the
+        thread they run on): returns a :class:`PendingStep`, which waits for the step and gives
+        the same :class:`PolicyStep` as :meth:`act`. With a thread the step is begun there and
+        this returns at once (a CPU step without gradients, the batch in one part); elsewhere
+        the step runs now, through the compiled step where it applies, else through
+        :meth:`act` (``steps`` ``None``, ...). Call it before launching the next step, and
+        before changing anything the step reads (its inputs, the state, the parameters)."""
+        call = None if steps is None else steps.plan.call(obs, state, episode_starts)
+        if call is None:
+            return PendingStep(step=self.act(obs, state, episode_starts, deterministic))
+        if steps.thread is not None:
+            wait = policy_step.launch_call(steps.thread, call, deterministic)
+            if wait is not None:
+                return PendingStep(wait=lambda: PolicyStep(*wait()))
+        return PendingStep(step=PolicyStep(*policy_step.run_call(call, deterministic)))
 
     def _latents(
         self, obs: Observation, state: CoreState, episode_starts: Tensor

@@ -154,8 +154,8 @@ def step_layout(policy: RecurrentMemoryPolicy) -> StepLayout | None:
 
 # The step reads the policy's modules and parameters through their ``_modules`` and
 # ``_parameters`` dicts: ``nn.Module.__getattr__`` took about 0.6 us per name, 20 us of a step.
-# Read anew at every step, so that replaced modules or parameters (``load_state_dict`` with
-# ``assign=True``, say) are what the kernel gets.
+# Read anew for every plan (each rollout, each single step), so that replaced modules or
+# parameters (``load_state_dict`` with ``assign=True``, say) are what the kernel gets.
 
 
 def _linear_tensors(layers: nn.Module | list[nn.Module]) -> list[Tensor]:
@@ -192,9 +192,11 @@ class ProjectedTable:
         self.table: Tensor | None = None
 
     def get(self, kernel: ModuleType, layout: StepLayout, slots: int,
-            grid: SymbolicGridEncoder, weight: Tensor) -> Tensor:  # fmt: skip
-        """``P`` for the current weights (``slots``: the grid's symbols per observation)."""
-        sources = [emb._parameters["weight"] for emb in grid.embeddings] + [weight]
+            grid: SymbolicGridEncoder, weight: Tensor,
+            sources: list[Tensor] | None = None) -> Tensor:  # fmt: skip
+        """``P`` for the current weights (``slots``: the grid's symbols per observation);
+        ``sources``: :func:`table_sources` of ``grid`` and ``weight``, where kept."""
+        sources = table_sources(grid, weight) if sources is None else sources
         key = (slots, *((t.data_ptr(), t._version) for t in sources))
         if key != self.key or self.table is None:
             self.table = kernel.project_grid(
@@ -203,6 +205,11 @@ class ProjectedTable:
             )  # fmt: skip
             self.key = key
         return self.table
+
+
+def table_sources(grid: SymbolicGridEncoder, weight: Tensor) -> list[Tensor]:
+    """The tensors the projected table is made from: the grid's embeddings and ``weight``."""
+    return [emb._parameters["weight"] for emb in grid.embeddings] + [weight]
 
 
 def policy_step(
@@ -231,9 +238,16 @@ def policy_step(
         :meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.act` gives them.
     """
     call = _kernel_call(kernel, policy, layout, projected, obs, state, episode_starts)
-    if call is None:
-        return None
-    result = kernel.policy_step(*call.arguments, deterministic, *call.mnm, None)  # races: drawn
+    return None if call is None else run_call(call, deterministic)
+
+
+def run_call(
+    call: _KernelCall, deterministic: bool = False
+) -> tuple[Tensor, Tensor, Tensor, CoreState, bool]:
+    """The kernel's step for ``call`` (:meth:`StepPlan.call`), here; what :func:`policy_step`
+    gives."""
+    # races None: the kernel draws the actions' random numbers itself
+    result = call.kernel.policy_step(*call.arguments, deterministic, *call.mnm, None)
     return _step_result(result, call)
 
 
@@ -243,7 +257,7 @@ THREAD_VARIABLE = "MNM_RL_STEP_THREAD"
 
 
 def step_thread(policy: RecurrentMemoryPolicy) -> Any | None:
-    """A thread for ``policy``'s rollout steps (:func:`launch_step`; the kernel's
+    """A thread for ``policy``'s rollout steps (:func:`launch_call`; the kernel's
     ``StepThread``, which runs one step at a time and stops when it is garbage), where it pays:
     for an MNM core, whose step's arithmetic outlasts handing the step over (``learn()`` of
     ``throughput.py``'s mnm-p/k2 1.02-1.03x, of its lstm 0.96x with a thread:
@@ -256,27 +270,18 @@ def step_thread(policy: RecurrentMemoryPolicy) -> Any | None:
     return None if kernel is None else kernel.StepThread()
 
 
-def launch_step(
-    thread: Any,
-    kernel: ModuleType,
-    policy: RecurrentMemoryPolicy,
-    layout: StepLayout,
-    projected: ProjectedTable,
-    obs: Tensor | dict[str, Tensor],
-    state: CoreState,
-    episode_starts: Tensor,
-    deterministic: bool = False,
+def launch_call(
+    thread: Any, call: _KernelCall, deterministic: bool = False
 ) -> Callable[[], tuple[Tensor, Tensor, Tensor, CoreState, bool]] | None:
-    """:func:`policy_step`, begun on ``thread`` (:func:`step_thread`): returns at once a
-    function that waits for the step and gives what :func:`policy_step` gives; ``None`` where
-    :func:`policy_step` would, or where an MNM core's step would be split between the kernel's
-    threads (:func:`~mnm_rl.memory.fused.batch_parts`: 16 envs or more a thread), which runs
-    on this thread. The action draw's random numbers are drawn now, so that torch's generator
-    is drawn from in the order :func:`policy_step` draws from it. Wait for each step (call the
-    function) before launching the next, and before changing anything the step reads (the
-    inputs, the state, the parameters)."""
-    call = _kernel_call(kernel, policy, layout, projected, obs, state, episode_starts)
-    if call is None or call.mnm[-1] != 1:
+    """The kernel's step for ``call`` (:meth:`StepPlan.call`), begun on ``thread``
+    (:func:`step_thread`): returns at once a function that waits for the step and gives what
+    :func:`run_call` gives; ``None`` where an MNM core's step would be split between the
+    kernel's threads (:func:`~mnm_rl.memory.fused.batch_parts`: 16 envs or more a thread), for
+    the caller to run it here. The action draw's random numbers are drawn now, so that torch's
+    generator is drawn from in the order :func:`run_call` draws from it. Wait for each step
+    (call the function) before launching the next, and before changing anything the step reads
+    (the inputs, the state, the parameters)."""
+    if call.mnm[-1] != 1:
         return None
     thread.launch(*call.arguments, deterministic, *call.mnm)
     return lambda: _step_result(thread.wait(), call)
@@ -285,12 +290,111 @@ def launch_step(
 @dataclass(frozen=True)
 class _KernelCall:
     """A kernel step's arguments: those before ``deterministic``, and the MNM options and batch
-    parts after it; with the state's keys and the batch size, to read its result."""
+    parts after it; with the kernel, the state's keys and the batch size, to run it and read
+    its result."""
 
+    kernel: ModuleType
     arguments: tuple
     mnm: tuple[int, bool, bool, float, int]
     keys: tuple[str, ...]
     batch: int
+
+
+class StepPlan:
+    """The kernel step's arguments that stay the same from one step of a rollout to the next
+    (the parameters, the layout, the core's options), gathered once (:func:`step_plan`), so that
+    each step adds only its observations, state and resets (:meth:`call`). Gathering them at
+    every step had cost an LSTM policy's rollout step more Python than its kernel took time
+    (``docs/benchmarks.md``, forty-first session).
+
+    A plan holds the parameters themselves: their in-place changes (an optimizer step,
+    ``load_state_dict``) reach the kernel, and the grid's projected table is checked against
+    their version counters at every step. Parameters or modules replaced by new ones
+    (``load_state_dict(assign=True)``, a move to another device or dtype) do not: make a new
+    plan, as every rollout (:func:`rollout_steps`) and every :func:`policy_step` does."""
+
+    def __init__(self, kernel: ModuleType, policy: RecurrentMemoryPolicy, layout: StepLayout,
+                 projected: ProjectedTable, kind: int) -> None:  # fmt: skip
+        modules = policy._modules
+        core = modules["core"]
+        extractor = modules["features_extractor"]._modules
+        linear = extractor["linear"]._modules["0"]
+        weight = linear._parameters["weight"]
+        self.kernel, self.layout, self.projected = kernel, layout, projected
+        self.keys = STATE_KEYS[type(core)]
+        self.grid: SymbolicGridEncoder | None = None
+        self.weight, self.sources = weight, []
+        if layout.has_grid:
+            self.grid = extractor["encoders"]._modules[_name(layout.grid_key)]
+            self.sources = table_sources(self.grid, weight)
+        # the arguments between the other inputs and the state, and those after the resets
+        self.middle = (
+            layout.kinds, weight, linear._parameters["bias"], layout.embedding_dim,
+            layout.grid_column, layout.pool_column, layout.dense_columns, layout.sizes, kind,
+            _core_tensors(core),
+        )  # fmt: skip
+        self.last = (
+            _linear_tensors(modules["action_net"]), _linear_tensors(modules["value_net"]),
+            action_heads.ACTIVATION_CODES[policy.activation_fn],
+        )  # fmt: skip
+        # an MNM core's kernel options (fused.run_sequence's); unused by the other cores
+        self.options = fused.kernel_options(core) if type(core) is MNMCore else None
+        self.parts: dict[int, int] = {}  # batch parts by batch size
+
+    def call(
+        self, obs: Tensor | dict[str, Tensor], state: CoreState, episode_starts: Tensor
+    ) -> _KernelCall | None:
+        """The kernel step's arguments for these inputs (see :func:`policy_step`), or ``None``
+        where it does not apply now."""
+        if (
+            torch.is_grad_enabled()
+            or episode_starts.device.type != "cpu"
+            or episode_starts.dim() != 1
+            or episode_starts.shape[0] == 0
+        ):
+            return None
+        batch = episode_starts.shape[0]
+        if state.batch_size != batch:
+            raise ValueError(f"state has batch size {state.batch_size}, episode_starts has {batch}")
+        layout = self.layout
+        named = obs if isinstance(obs, dict) else {None: obs}
+        grid = table = None
+        if self.grid is not None:
+            grid = named[layout.grid_key]
+            table = self.projected.get(self.kernel, layout, grid.numel() // batch, self.grid,
+                                       self.weight, self.sources)  # fmt: skip
+        arguments = (
+            grid, table, [named[k] for k in layout.other_keys], *self.middle,
+            [state[k] for k in self.keys], episode_starts, *self.last,
+        )  # fmt: skip
+        mnm = (0, False, False, 0.0, 1)
+        if self.options is not None:
+            parts = self.parts.get(batch)
+            if parts is None:
+                parts = self.parts[batch] = fused.batch_parts(1, batch)
+            mnm = (*self.options, parts)
+        return _KernelCall(self.kernel, arguments, mnm, self.keys, batch)
+
+
+def step_plan(
+    kernel: ModuleType, policy: RecurrentMemoryPolicy, layout: StepLayout,
+    projected: ProjectedTable,
+) -> StepPlan | None:  # fmt: skip
+    """``policy``'s :class:`StepPlan` (a policy that has a ``layout``: :func:`step_layout`), or
+    ``None`` where the kernel does not apply to it now (a core it does not run, a separate
+    critic core, parameters not on the CPU or not float32/64)."""
+    modules = policy._modules
+    kind = CORE_KINDS.get(type(modules["core"]))
+    linear = modules["features_extractor"]._modules["linear"]._modules["0"]
+    weight = linear._parameters["weight"]
+    if (
+        kind is None
+        or modules.get("critic_core") is not None
+        or weight.device.type != "cpu"
+        or weight.dtype not in (torch.float32, torch.float64)
+    ):
+        return None
+    return StepPlan(kernel, policy, layout, projected, kind)
 
 
 def _kernel_call(
@@ -304,47 +408,33 @@ def _kernel_call(
 ) -> _KernelCall | None:
     """The kernel step's arguments (see :func:`policy_step`), or ``None`` where it does not
     apply now."""
-    modules = policy._modules
-    core = modules["core"]
-    kind = CORE_KINDS.get(type(core))
-    linear = modules["features_extractor"]._modules["linear"]._modules["0"]
-    weight = linear._parameters["weight"]
-    if (
-        kind is None
-        or modules.get("critic_core") is not None
-        or torch.is_grad_enabled()
-        or weight.device.type != "cpu"
-        or weight.dtype not in (torch.float32, torch.float64)
-        or episode_starts.device.type != "cpu"
-        or episode_starts.dim() != 1
-        or episode_starts.shape[0] == 0
-    ):
+    plan = step_plan(kernel, policy, layout, projected)
+    return None if plan is None else plan.call(obs, state, episode_starts)
+
+
+@dataclass(frozen=True)
+class RolloutSteps:
+    """What the compiled steps of one rollout share: their :class:`StepPlan`, and the thread
+    they run on (:func:`step_thread`; ``None``: the rollout's own)."""
+
+    plan: StepPlan
+    thread: Any | None
+
+
+#: :func:`rollout_steps`' default thread: :func:`step_thread`'s.
+_STEP_THREAD: Any = object()
+
+
+def rollout_steps(policy: RecurrentMemoryPolicy, thread: Any = _STEP_THREAD) -> RolloutSteps | None:
+    """For one rollout of ``policy`` (:meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.
+    act_later`): its steps' plan and ``thread`` (by default :func:`step_thread`'s); ``None``
+    where the compiled step does not apply (the PyTorch step runs)."""
+    layout = getattr(policy, "_step_layout", None)
+    kernel = load_extension() if layout is not None else None
+    plan = None if kernel is None else step_plan(kernel, policy, layout, policy._projected_table)
+    if plan is None:
         return None
-    batch = episode_starts.shape[0]
-    if state.batch_size != batch:
-        raise ValueError(f"state has batch size {state.batch_size}, episode_starts has {batch}")
-    named = obs if isinstance(obs, dict) else {None: obs}
-    grid = table = None
-    if layout.has_grid:
-        grid = named[layout.grid_key]
-        encoder = (
-            modules["features_extractor"]._modules["encoders"]._modules[_name(layout.grid_key)]
-        )
-        table = projected.get(kernel, layout, grid[0].numel(), encoder, weight)
-    keys = STATE_KEYS[type(core)]
-    arguments = (
-        grid, table, [named[k] for k in layout.other_keys], layout.kinds, weight,
-        linear._parameters["bias"], layout.embedding_dim, layout.grid_column, layout.pool_column,
-        layout.dense_columns, layout.sizes, kind, _core_tensors(core), [state[k] for k in keys],
-        episode_starts, _linear_tensors(modules["action_net"]),
-        _linear_tensors(modules["value_net"]),
-        action_heads.ACTIVATION_CODES[policy.activation_fn],
-    )  # fmt: skip
-    # an MNM core's kernel options and batch parts (fused.run_sequence's); unused by the others
-    mnm = (0, False, False, 0.0, 1)
-    if type(core) is MNMCore:
-        mnm = (*fused.kernel_options(core), fused.batch_parts(1, batch))
-    return _KernelCall(arguments, mnm, keys, batch)
+    return RolloutSteps(plan, step_thread(policy) if thread is _STEP_THREAD else thread)
 
 
 def _step_result(

@@ -231,16 +231,17 @@ class MemoryPPO(OnPolicyAlgorithm):
         # The buffer keeps each step's inputs where the update reads them, and hands them to the
         # policy as tensors (views): the env's numpy arrays are copied once, into the buffer.
         obs, starts = buffer.start(self._last_obs, self._last_episode_starts)
+        # The compiled steps' constant arguments are gathered once for the rollout (steps.plan).
         # Each step after the first begins as soon as its inputs are stored, on a thread of the
         # compiled step's own where that pays (an MNM core's: policy_step.step_thread), and runs
         # while this thread stores the step before it and runs the callbacks; the same steps and
         # draws as one after the other (tests/test_step_thread.py).
-        thread = policy_step.step_thread(self.policy) if self.device.type == "cpu" else None
+        steps = policy_step.rollout_steps(self.policy) if self.device.type == "cpu" else None
         # inference_mode, not no_grad: no version counters or view tracking (about 12% of a
         # policy step). What leaves it is copied into the buffer or, for the recurrent state,
         # cloned into ordinary tensors at chunk starts and at the end of the rollout.
         with torch.inference_mode():
-            pending = self.policy.act_later(obs, state, starts, thread)
+            pending = self.policy.act_later(obs, state, starts, steps)
         for n in range(n_rollout_steps):
             step = pending()
             if not step.finite:
@@ -257,7 +258,7 @@ class MemoryPPO(OnPolicyAlgorithm):
             # the next step; after the last one, the critic's value of the last observation
             with torch.inference_mode():
                 pending = self.policy.act_later(
-                    obs, new_state, starts, thread, deterministic=n == n_rollout_steps - 1
+                    obs, new_state, starts, steps, deterministic=n == n_rollout_steps - 1
                 )
             callback.update_locals(locals())
             if not callback.on_step():
