@@ -13,8 +13,9 @@ the compiled step's arguments (``StepPlan.call``), beginning it on the step thre
 rollout waits for a step begun on the thread. ``rest`` is the rollout's time outside the pieces
 listed at the top level. Each timer adds about half a microsecond to its piece.
 
-Prints a table (a column per config) and, as its last line, a JSON object ``{"view",
-"rollouts", "us_per_step": {config: {piece: us}}}``.
+Each config runs in a process of its own (one config's agent, threads and variables do not
+touch the next one's). Prints a table (a column per config) and, as its last line, a JSON object
+``{"view", "rollouts", "us_per_step": {config: {piece: us}}}``.
 
     python benchmarks/rollout_pieces.py
     python benchmarks/rollout_pieces.py --configs lstm mnm-p/k2 mnm-p:2x2/k2 --rollouts 40
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -94,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", default=["lstm", "mnm-p/k2"])
     p.add_argument("--rollouts", type=int, default=30, help="timed rollouts per config")
     p.add_argument("--view-size", type=int, default=3, help="MiniGrid's agent_view_size")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.rollouts < 1:
         p.error("--rollouts must be positive")
@@ -105,19 +107,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def measure_apart(config: str, args: argparse.Namespace) -> dict[str, float]:
+    """:func:`measure` in a process of its own."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--configs", config, "--worker",
+               "--rollouts", str(args.rollouts), "--view-size", str(args.view_size)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{config}'s process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.worker:  # one config, its pieces as the last line
+        print(json.dumps(measure(args.configs[0], args)))
+        return {}
     command = " ".join(sys.argv[1:] if argv is None else argv)
     print(f"command: python benchmarks/rollout_pieces.py {command}".rstrip())
     print(f"machine: {throughput.machine()}")
     result = {"view": args.view_size, "rollouts": args.rollouts, "us_per_step": {}}
     for config in args.configs:
-        environment = dict(os.environ)  # a config's suffixes set variables for it alone
-        try:
-            result["us_per_step"][config] = measure(config, args)
-        finally:
-            os.environ.clear()
-            os.environ.update(environment)
+        result["us_per_step"][config] = measure_apart(config, args)
     print("us per rollout step of 8 envs, inside learn()")
     print(f"{'piece':16s}" + "".join(f"{c:>16s}" for c in args.configs))
     for piece in PIECES:
