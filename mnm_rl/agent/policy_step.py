@@ -10,7 +10,9 @@ core's step inside it is the MNM kernel's (``mnm_rl/memory/csrc/mnm_sequence.cpp
 into this extension too). It also keeps, between steps, the grid encoder's projected table
 (:mod:`mnm_rl.agent.grid_linear`), which depends only on the extractor's weights: it is rebuilt
 when any of them changes (an optimizer step, ``load_state_dict``), as their version counters
-tell.
+tell. A rollout gathers the step's constant arguments once (:class:`StepPlan`,
+:func:`rollout_steps`), and runs an MNM policy's steps on a thread of their own
+(:func:`step_thread`).
 
 It applies on the CPU, without gradients, to policies whose core (``lstm``, ``gru``, ``mlp``,
 ``mnm-p``, ``mnm-g``) is shared by actor and critic, whose heads' activation is ``nn.Tanh`` or
@@ -303,9 +305,10 @@ class _KernelCall:
 class StepPlan:
     """The kernel step's arguments that stay the same from one step of a rollout to the next
     (the parameters, the layout, the core's options), gathered once (:func:`step_plan`), so that
-    each step adds only its observations, state and resets (:meth:`call`). Gathering them at
-    every step had cost an LSTM policy's rollout step more Python than its kernel took time
-    (``docs/benchmarks.md``, forty-first session).
+    each step adds only its observations, state and resets (:meth:`call`). Gathered at every
+    step they were a large part of a rollout step's Python inside ``learn()``; gathered once,
+    lstm's ``learn()`` ran 1.10x as fast, mnm-p's 1.03x (``docs/benchmarks.md``, forty-first
+    session).
 
     A plan holds the parameters themselves: their in-place changes (an optimizer step,
     ``load_state_dict``) reach the kernel, and the grid's projected table is checked against
