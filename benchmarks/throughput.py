@@ -129,6 +129,9 @@ AUTOGRAD = "/autograd"
 #: step before it is stored, instead of on the compiled step's thread while it is stored
 #: (``MNM_RL_STEP_THREAD=0``, see ``mnm_rl/agent/policy_step.py``), e.g. ``mnm-p/k2/nothread``.
 ONE_THREAD_STEPS = "/nothread"
+#: A config name ending in this runs the kernels' parts on OpenMP's threads instead of their own
+#: pool (``MNM_RL_PART_POOL=0``, see ``mnm_rl/memory/csrc/parts.h``), e.g. ``mnm-p/k2/omp``.
+OPENMP_PARTS = "/omp"
 SUFFIXES = {
     EAGER: ("MNM_RL_FUSED", "0"),
     UNMAP: ("MNM_RL_RETAIN_MEMORY", "0"),
@@ -145,6 +148,7 @@ SUFFIXES = {
     PYTORCH_OPTIMIZER: ("MNM_RL_COMPILED_OPTIMIZER", "0"),
     AUTOGRAD: ("MNM_RL_EXPLICIT_BACKWARD", "0"),
     ONE_THREAD_STEPS: ("MNM_RL_STEP_THREAD", "0"),
+    OPENMP_PARTS: ("MNM_RL_PART_POOL", "0"),
 }
 #: A config name ending in this (before any ``@N``) steps its envs in two groups at once, one in a
 #: worker process (``ParallelVecEnv(n_workers=1)``), e.g. ``lstm/par`` next to ``lstm``. The CPU
@@ -398,7 +402,7 @@ def apply_suffixes(name: str) -> None:
     """Set the environment variable of each variant suffix ``name`` ends with (``/eager``,
     ``/unmap``, ``/k2``, ``/mgview``, ``/npact``, ``/mgreset``, ``/viewcalc``, ``/mgstep``,
     ``/pyheads``, ``/pyloss``,
-    ``/pystep``, ``/atenmm``, ``/pyopt``, ``/autograd``; see ``SUFFIXES``),
+    ``/pystep``, ``/atenmm``, ``/pyopt``, ``/autograd``, ``/nothread``, ``/omp``; see ``SUFFIXES``),
     before mnm_rl loads its kernels or builds an env."""
     for suffix in split_suffixes(name)[1]:
         variable, value = SUFFIXES[suffix]

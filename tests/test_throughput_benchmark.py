@@ -141,6 +141,7 @@ def test_view_size_must_be_an_odd_number_of_at_least_3(throughput, view, capsys)
         ("lstm/pyheads", "lstm", {"MNM_RL_COMPILED_HEADS": "0"}),
         ("mnm-p/pyopt", "mnm-p", {"MNM_RL_COMPILED_OPTIMIZER": "0"}),
         ("lstm/autograd", "lstm", {"MNM_RL_EXPLICIT_BACKWARD": "0"}),
+        ("mnm-p/k2/omp", "mnm-p", {"MNM_RL_KERNEL_THREADS": "2", "MNM_RL_PART_POOL": "0"}),
         (
             "lstm/pyheads/pyloss",
             "lstm",

@@ -7,15 +7,148 @@
 #include <torch/extension.h>
 
 #include <ATen/ThreadLocalState.h>
+#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
 #include <cstdint>
 #include <exception>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "dense_products.h"
 
 namespace mnm_rl {
+namespace parts_detail {
+
+// The threads the parts run on: the caller runs part 0, helper k part k. A helper that has run
+// its part watches for the next call for kSpin, yielding its core between looks, and then
+// sleeps until woken. OpenMP's team did this job before: its worker spun for milliseconds after
+// the update's last parallel region (GCC's default spin count), on one of the two cores the
+// rollout that follows needs for its own thread and an MNM policy's step thread (the rollout
+// ran measurably slower right after an update than after a pause; docs/benchmarks.md,
+// forty-first session). An update's regions come fractions of a millisecond apart, so a short
+// watch keeps the helper awake through one.
+//
+// One pool per extension (each compiles this header; its inline functions' statics are shared
+// by the extension's sources, hence the named namespace); a pool is never destroyed (its helpers
+// may be asleep in it at exit). A call from a second thread while the pool runs another
+// thread's parts runs its parts one after the other on its own thread: the same parts, so the
+// same results. After fork() a child starts a pool of its own (the parent's helpers are not
+// there).
+class PartPool {
+ public:
+  static PartPool& instance() {
+    static std::mutex making;
+    const std::lock_guard<std::mutex> hold(making);
+    PartPool*& pool = current();
+    if (pool == nullptr) {
+      if (!registered()) pthread_atfork(nullptr, nullptr, [] { current() = nullptr; });
+      registered() = true;
+      pool = new PartPool();
+    }
+    return *pool;
+  }
+
+  // task(k) for every k of [0, parts): k = 0 here, the others on helpers; returns when all have
+  // returned.
+  void run(int64_t parts, const std::function<void(int64_t)>& task) {
+    std::unique_lock<std::mutex> running(run_mutex_, std::try_to_lock);
+    if (!running.owns_lock()) {  // another thread's parts are under way
+      for (int64_t k = 0; k < parts; ++k) task(k);
+      return;
+    }
+    while (static_cast<int64_t>(helpers_.size()) < parts - 1) {
+      const int64_t k = static_cast<int64_t>(helpers_.size()) + 1;
+      helpers_.emplace_back([this, k] { help(k); });
+      helpers_.back().detach();
+    }
+    {
+      const std::lock_guard<std::mutex> hold(mutex_);
+      task_ = &task;
+      parts_ = parts;
+      left_.store(parts - 1, std::memory_order_relaxed);
+      posted_.fetch_add(1, std::memory_order_release);
+    }
+    if (asleep_.load(std::memory_order_acquire) > 0) wake_.notify_all();
+    task(0);
+    while (left_.load(std::memory_order_acquire) > 0) sched_yield();
+  }
+
+ private:
+  static constexpr auto kSpin = std::chrono::microseconds(300);
+
+  PartPool() = default;
+
+  static PartPool*& current() {
+    static PartPool* pool = nullptr;
+    return pool;
+  }
+
+  static bool& registered() {  // the fork handler, once per process
+    static bool done = false;
+    return done;
+  }
+
+  void help(int64_t k) {
+    // ATen and BLAS inside a part run on the part's thread, as inside OpenMP's region before
+    omp_set_num_threads(1);
+    uint64_t seen = 0;
+    for (;;) {
+      const auto posted = [&] { return posted_.load(std::memory_order_acquire) != seen; };
+      const auto until = std::chrono::steady_clock::now() + kSpin;
+      while (!posted() && std::chrono::steady_clock::now() < until) sched_yield();
+      const std::function<void(int64_t)>* task;
+      int64_t parts;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        if (!posted()) {
+          asleep_.fetch_add(1, std::memory_order_acq_rel);
+          wake_.wait(lock, posted);
+          asleep_.fetch_sub(1, std::memory_order_acq_rel);
+        }
+        seen = posted_.load(std::memory_order_acquire);
+        task = task_;
+        parts = parts_;
+      }
+      if (k < parts) {
+        (*task)(k);
+        left_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::mutex run_mutex_;  // held by the thread whose parts run
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  const std::function<void(int64_t)>* task_ = nullptr;
+  int64_t parts_ = 0;
+  std::atomic<uint64_t> posted_{0};
+  std::atomic<int64_t> left_{0};
+  std::atomic<int> asleep_{0};
+  std::vector<std::thread> helpers_;
+};
+
+// Whether the parts run on the PartPool (not under MNM_RL_PART_POOL=0 in the environment when
+// the extension first splits: then on OpenMP's threads, as before the forty-first session).
+inline bool pool_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("MNM_RL_PART_POOL");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
+}  // namespace parts_detail
+
 namespace {
 
 // Row b of `parts` equal parts of [0, B): parts first get B / parts rows, the first B % parts
@@ -24,13 +157,13 @@ inline int64_t part_start(int64_t B, int64_t parts, int64_t i) {
   return i * (B / parts) + std::min(i, B % parts);
 }
 
-// Run body(i, b0, b1) for every part, one OpenMP thread per part, each with the caller's
+// Run body(i, b0, b1) for every part, one thread per part (PartPool), each with the caller's
 // thread-local state (no autograd, inference mode in the rollout). The thread count is the
 // number of parts, whatever torch's intra-op setting (torch.set_num_threads), so the rest of
-// the model can stay on one thread; inside the region ATen and BLAS run on the calling thread.
-// An exception in a part is rethrown here, after the region. One part runs on the calling
-// thread, without a parallel region. Bind a kernel that calls it with the GIL released
-// (module.cpp): copying the caller's thread-local state may take the GIL.
+// the model can stay on one thread; inside a part ATen and BLAS run on the part's thread.
+// An exception in a part is rethrown here, after every part has ended. One part runs on the
+// calling thread alone. Bind a kernel that calls it with the GIL released (module.cpp):
+// copying the caller's thread-local state may take the GIL.
 template <typename F>
 void for_each_part(int64_t B, int64_t parts, const F& body) {
   if (parts == 1) {
@@ -39,15 +172,31 @@ void for_each_part(int64_t B, int64_t parts, const F& body) {
   }
   const at::ThreadLocalState caller;
   std::vector<std::exception_ptr> errors(parts);
+  if (!parts_detail::pool_enabled()) {  // MNM_RL_PART_POOL=0: OpenMP's threads, as before
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
-  for (int64_t i = 0; i < parts; ++i) {
+    for (int64_t i = 0; i < parts; ++i) {
+      try {
+        at::ThreadLocalStateGuard guard(caller);
+        body(i, part_start(B, parts, i), part_start(B, parts, i + 1));
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    }
+    for (const auto& error : errors)
+      if (error) std::rethrow_exception(error);
+    return;
+  }
+  const int caller_threads = omp_get_max_threads();
+  omp_set_num_threads(1);  // ATen inside the caller's part on the caller alone, as in a region
+  parts_detail::PartPool::instance().run(parts, [&](int64_t i) {
     try {
       at::ThreadLocalStateGuard guard(caller);
       body(i, part_start(B, parts, i), part_start(B, parts, i + 1));
     } catch (...) {
       errors[i] = std::current_exception();
     }
-  }
+  });
+  omp_set_num_threads(caller_threads);
   for (const auto& error : errors)
     if (error) std::rethrow_exception(error);
 }
