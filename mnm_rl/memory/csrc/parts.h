@@ -172,31 +172,23 @@ void for_each_part(int64_t B, int64_t parts, const F& body) {
   }
   const at::ThreadLocalState caller;
   std::vector<std::exception_ptr> errors(parts);
-  if (!parts_detail::pool_enabled()) {  // MNM_RL_PART_POOL=0: OpenMP's threads, as before
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-    for (int64_t i = 0; i < parts; ++i) {
-      try {
-        at::ThreadLocalStateGuard guard(caller);
-        body(i, part_start(B, parts, i), part_start(B, parts, i + 1));
-      } catch (...) {
-        errors[i] = std::current_exception();
-      }
-    }
-    for (const auto& error : errors)
-      if (error) std::rethrow_exception(error);
-    return;
-  }
-  const int caller_threads = omp_get_max_threads();
-  omp_set_num_threads(1);  // ATen inside the caller's part on the caller alone, as in a region
-  parts_detail::PartPool::instance().run(parts, [&](int64_t i) {
+  const auto run_part = [&](int64_t i) {
     try {
       at::ThreadLocalStateGuard guard(caller);
       body(i, part_start(B, parts, i), part_start(B, parts, i + 1));
     } catch (...) {
       errors[i] = std::current_exception();
     }
-  });
-  omp_set_num_threads(caller_threads);
+  };
+  if (parts_detail::pool_enabled()) {
+    const int caller_threads = omp_get_max_threads();
+    omp_set_num_threads(1);  // ATen inside the caller's part on the caller alone, as in a region
+    parts_detail::PartPool::instance().run(parts, run_part);
+    omp_set_num_threads(caller_threads);
+  } else {  // MNM_RL_PART_POOL=0: OpenMP's threads, as before
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+    for (int64_t i = 0; i < parts; ++i) run_part(i);
+  }
   for (const auto& error : errors)
     if (error) std::rethrow_exception(error);
 }
