@@ -11,7 +11,9 @@ piece's wall time per rollout step of the 8 envs (microseconds). Inside ``act_la
 the compiled step's arguments (``StepPlan.call``), beginning it on the step thread
 (``launch_call``: MNM cores) or running it here (``run_call``). ``wait`` is the time the
 rollout waits for a step begun on the thread. ``rest`` is the rollout's time outside the pieces
-listed at the top level. Each timer adds about half a microsecond to its piece.
+listed at the top level, the steps of time-limit bootstraps included (their ``run_call`` is
+counted in its row too, and their wait for the step under way in ``wait``). Each timer adds
+about half a microsecond to its piece.
 
 Each config runs in a process of its own (one config's agent, threads and variables do not
 touch the next one's). Prints a table (a column per config) and, as its last line, a JSON object

@@ -82,7 +82,9 @@ def test_the_thread_runs_one_step_at_a_time_and_reports_errors(kernel):
 def test_a_thread_for_mnm_cores_only_and_not_without_the_switch(kernel, monkeypatch):
     from mnm_rl.cli import build_parser
 
-    assert "MNM_RL_STEP_THREAD=0" in " ".join(build_parser().format_help().split())
+    help_text = " ".join(build_parser().format_help().split())
+    assert "MNM_RL_STEP_THREAD=0" in help_text
+    assert "MNM_RL_PART_POOL=0" in help_text
     assert policy_step.step_thread(make_policy(MINIGRID, "mnm-p")) is not None
     for core in ("lstm", "gru", "mlp"):  # their steps are too short to pay for the handover
         assert policy_step.step_thread(make_policy(MINIGRID, core)) is None

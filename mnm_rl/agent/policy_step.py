@@ -239,7 +239,8 @@ def policy_step(
         ``(actions [B], log_probs [B], values [B], state after the step, finite)``, as
         :meth:`~mnm_rl.agent.policy.RecurrentMemoryPolicy.act` gives them.
     """
-    call = _kernel_call(kernel, policy, layout, projected, obs, state, episode_starts)
+    plan = step_plan(kernel, policy, layout, projected)
+    call = None if plan is None else plan.call(obs, state, episode_starts)
     return None if call is None else run_call(call, deterministic)
 
 
@@ -398,21 +399,6 @@ def step_plan(
     ):
         return None
     return StepPlan(kernel, policy, layout, projected, kind)
-
-
-def _kernel_call(
-    kernel: ModuleType,
-    policy: RecurrentMemoryPolicy,
-    layout: StepLayout,
-    projected: ProjectedTable,
-    obs: Tensor | dict[str, Tensor],
-    state: CoreState,
-    episode_starts: Tensor,
-) -> _KernelCall | None:
-    """The kernel step's arguments (see :func:`policy_step`), or ``None`` where it does not
-    apply now."""
-    plan = step_plan(kernel, policy, layout, projected)
-    return None if plan is None else plan.call(obs, state, episode_starts)
 
 
 @dataclass(frozen=True)
