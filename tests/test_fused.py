@@ -439,7 +439,7 @@ def test_an_error_in_a_thread_of_the_split_is_raised_not_fatal(kernel, monkeypat
     )
     params[2] = params[2].view(1, -1)  # b_int must be [E] or [T, B, E]
     with pytest.raises(RuntimeError, match="b_int must be"):
-        kernel.forward_parts(gates_x, keep, h0, c0, r0, m0, *params, *options, False, 2)
+        kernel.forward_parts(gates_x, keep, h0, c0, r0, m0, *params, *options, False, True, 2)
 
 
 def test_start_weights_stored_transposed_go_into_a_split_batch(kernel, monkeypatch):
@@ -532,8 +532,8 @@ def test_a_split_batch_writes_every_output_into_the_whole_batch(kernel, rule, mo
         _, state, _ = core(x[:2], state, starts[:2])  # weights stored transposed
     options, gates_x, keep, start, params = _captured_call(core, x, starts, state, monkeypatch)
     assert start[3].stride()[-2:] == (1, 20)
-    split = kernel.forward_parts(gates_x, keep, *start, *params, *options, True, 3)
-    one = kernel.forward(gates_x, keep, *start, *params, *options, True)
+    split = kernel.forward_parts(gates_x, keep, *start, *params, *options, True, True, 3)
+    one = kernel.forward(gates_x, keep, *start, *params, *options, True, True)
     for k in range(9):
         torch.testing.assert_close(split[k], one[k], rtol=1e-12, atol=1e-13, msg=str(k))
     grads = [torch.randn_like(one[k]) for k in (0, 1, 2, 3, 4, 5, 7, 8)]
@@ -546,6 +546,29 @@ def test_a_split_batch_writes_every_output_into_the_whole_batch(kernel, rule, mo
         torch.testing.assert_close(from_split[k], value, rtol=1e-12, atol=1e-13, msg=str(k))
 
 
+@pytest.mark.parametrize(("rule", "heads", "layers"), [("mnm-p", 4, 3), ("mnm-g", 2, 2)])
+def test_a_forward_pass_without_answers_gives_the_same_reads(kernel, rule, heads, layers,
+                                                             monkeypatch):  # fmt: skip
+    """Without the write keys' answers (a rollout step's call) the post-write pass takes the
+    read keys alone: every output but ``after`` (then [T, B, 0, D]) is the same bit for bit,
+    whole and split, float32 and float64; the backward pass's call (store) needs the answers."""
+    for dtype in (torch.float64, torch.float32):
+        core = _core(rule, "tanh", heads, layers, dtype=dtype, memory_size=20)
+        x, starts, state = _inputs(core, steps=3, batch=5, dtype=dtype)
+        options, gates_x, keep, start, params = _captured_call(core, x, starts, state,
+                                                               monkeypatch)  # fmt: skip
+        whole = kernel.forward(gates_x, keep, *start, *params, *options, False, True)
+        for reads_only in (
+            kernel.forward(gates_x, keep, *start, *params, *options, False, False),
+            kernel.forward_parts(gates_x, keep, *start, *params, *options, False, False, 2),
+        ):
+            assert reads_only[2].shape == (3, 5, 0, core.memory_size)
+            for k in (0, 1, 3, 4, 5, 6, 7, 8):
+                assert torch.equal(reads_only[k], whole[k]), (dtype, k)
+    with pytest.raises(RuntimeError, match="needs the answers"):
+        kernel.forward(gates_x, keep, *start, *params, *options, True, False)
+
+
 def test_per_step_inputs_are_read_where_they_lie(kernel, monkeypatch):
     """gates_x and the outputs' gradients as rows of a wider batch (each step contiguous, the
     steps further apart) give what their contiguous copies give, bit for bit."""
@@ -556,8 +579,8 @@ def test_per_step_inputs_are_read_where_they_lie(kernel, monkeypatch):
     wider[:, 2:7] = gates_x
     rows = wider[:, 2:7]
     assert not rows.is_contiguous()
-    out = kernel.forward(rows, keep, *start, *params, *options, True)
-    copy = kernel.forward(gates_x, keep, *start, *params, *options, True)
+    out = kernel.forward(rows, keep, *start, *params, *options, True, True)
+    copy = kernel.forward(gates_x, keep, *start, *params, *options, True, True)
     for a, b in zip(out, copy, strict=True):
         assert torch.equal(a, b)
     g_hs = torch.randn(4, 9, out[0].shape[-1], dtype=gates_x.dtype)[:, 2:7]

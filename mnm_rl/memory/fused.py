@@ -147,8 +147,8 @@ class FusedSequence(torch.autograd.Function):
 def _kernel_forward(kernel, parts, gates_x, keep, start, params, options, store) -> list[Tensor]:
     """The kernel's forward call, whole (``parts == 1``) or in ``parts`` parallel parts."""
     if parts == 1:
-        return kernel.forward(gates_x, keep, *start, *params, *options, store)
-    return kernel.forward_parts(gates_x, keep, *start, *params, *options, store, parts)
+        return kernel.forward(gates_x, keep, *start, *params, *options, store, True)
+    return kernel.forward_parts(gates_x, keep, *start, *params, *options, store, True, parts)
 
 
 def _kernel_backward(kernel, parts, grads, gates_x, keep, m0, saved, hs, params, options):

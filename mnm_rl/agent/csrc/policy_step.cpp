@@ -321,11 +321,12 @@ std::vector<at::Tensor> mnm_step(const at::Tensor& x, const std::vector<at::Tens
     out = mnm_rl::mnm_forward_parts(gates_x, keep, state[0].contiguous(), state[1].contiguous(),
                                     state[2].contiguous(), weights, w[4], w[5], w[6], w[7], w[8],
                                     w[9], w[10], w[11], o.n_heads, o.gradient_rule, o.tanh_act,
-                                    o.eps, false, o.parts);
+                                    o.eps, false, false, o.parts);
   else
     out = mnm_rl::mnm_forward(gates_x, keep, state[0].contiguous(), state[1].contiguous(),
                               state[2].contiguous(), weights, w[4], w[5], w[6], w[7], w[8], w[9],
-                              w[10], w[11], o.n_heads, o.gradient_rule, o.tanh_act, o.eps, false);
+                              w[10], w[11], o.n_heads, o.gradient_rule, o.tanh_act, o.eps, false,
+                              false);
   const at::Tensor h = out[0][0], read = out[1][0];
   const at::Tensor y = mnm_rl::linear_out(at::cat({h, read}, 1), layers[2], layers[3], true);
   return {y, h, out[7], read, out[8]};

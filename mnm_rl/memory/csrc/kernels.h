@@ -24,7 +24,7 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
                                     const at::Tensor& b_beta, const at::Tensor& w_fb,
                                     const at::Tensor& b_fb, const at::Tensor& m_init,
                                     int64_t n_heads, bool gradient_rule, bool tanh_act,
-                                    double eps, bool store);
+                                    double eps, bool store, bool answers);
 std::vector<at::Tensor> mnm_backward(
     const at::Tensor& g_hs, const at::Tensor& g_reads, const at::Tensor& g_after,
     const at::Tensor& g_before, const at::Tensor& g_values, const at::Tensor& g_beta,
@@ -45,7 +45,8 @@ std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::T
                                           const at::Tensor& b_beta, const at::Tensor& w_fb,
                                           const at::Tensor& b_fb, const at::Tensor& m_init,
                                           int64_t n_heads, bool gradient_rule, bool tanh_act,
-                                          double eps, bool store, int64_t parts);
+                                          double eps, bool store, bool answers,
+                                          int64_t parts);
 std::vector<at::Tensor> mnm_backward_parts(
     const at::Tensor& g_hs, const at::Tensor& g_reads, const at::Tensor& g_after,
     const at::Tensor& g_before, const at::Tensor& g_values, const at::Tensor& g_beta,

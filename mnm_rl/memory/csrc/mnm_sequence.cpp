@@ -168,11 +168,13 @@ template <typename T> struct StepBuffers {
 // (mnm-p) the BFPF's outputs. Returns the pre-write weights: prev, where some sequence starts
 // (keep == 0) with the initial weights in its place: written into prev itself where
 // prev_is_scratch (a buffer of the caller's whose old contents it no longer needs), else into
-// s.pre, a copy of prev.
+// s.pre, a copy of prev. Without answers (a rollout step, which uses only the read) the
+// post-write pass takes the read keys alone past the first layer, and s.zr's rows of the write
+// keys hold the first layer's answers only (see mnm_forward's `answers`).
 template <typename T>
 at::Tensor memory_forward(const Dims& d, const Weights& w, const T* e_p, const at::Tensor& prev,
                           bool prev_is_scratch, const T* keep, const at::Tensor& post, bool write,
-                          StepBuffers<T>& s) {
+                          bool answers, StepBuffers<T>& s) {
   const int64_t B = d.B, D = d.D, H = d.H, L = d.L, HD = H * D, E = d.E(), DD = D * D;
   const int64_t J = 2 * H;
   at::Tensor pre = prev;
@@ -285,8 +287,9 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const T* e_p, const a
   // sum_h (khat_j . z^0_h) scaled_h, a few dot products instead of a pass over the weights.
   if (write) {
     T* zr1 = s.zr;
+    const int64_t post_keys = answers ? J : H;
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t j = 0; j < J; ++j) {
+      for (int64_t j = 0; j < post_keys; ++j) {
         const T* kj = khat + (b * J + j) * D;
         T* out = zr1 + (b * J + j) * D;
         for (int64_t h = 0; h < H; ++h) {
@@ -297,10 +300,22 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const T* e_p, const a
       }
     T* zr = s.zr;  // [L, B, 2H, D]
     for (int64_t l = 0; l < L; ++l) {
-      if (l > 0)  // rows zr M'^T = zr N'
-        rows_times(zr + (l - 1) * B * J * D, post.data_ptr<T>() + l * post.stride(0), DD,
-                   zr + l * B * J * D, B, J, D, false);
-      if (l < L - 1) apply_act(d.tanh_act, zr + l * B * J * D, B * J * D);
+      if (answers) {
+        if (l > 0)  // rows zr M'^T = zr N'
+          rows_times(zr + (l - 1) * B * J * D, post.data_ptr<T>() + l * post.stride(0), DD,
+                     zr + l * B * J * D, B, J, D, false);
+        if (l < L - 1) apply_act(d.tanh_act, zr + l * B * J * D, B * J * D);
+        continue;
+      }
+      // The read keys only, the first H of each sequence's 2H rows: each row's sums are the
+      // same as in the pass of every key (rows_times sums each row on its own).
+      for (int64_t b = 0; b < B; ++b) {
+        T* rows = zr + (l * B + b) * J * D;
+        if (l > 0)
+          matrix_times(rows - B * J * D, post.data_ptr<T>() + l * post.stride(0) + b * DD, rows,
+                       H, D, D, false);
+        if (l < L - 1) apply_act(d.tanh_act, rows, HD);
+      }
     }
   }
   return pre;
@@ -393,7 +408,10 @@ Checked check(const at::Tensor& gates_x, const at::Tensor& m0, int64_t n_heads,
 // [T, B, 4 * hidden] the controller's gates before their activations, e [T, B, E] the
 // interaction's output (after its tanh), raw [T, B * H, L * D] mnm-p's BFPF outputs before
 // their activations (mnm-g: an empty tensor). Without store, everything after weights_final
-// but last_post is one empty tensor.
+// but last_post is one empty tensor. Without answers (a rollout step's call: only the read,
+// the new state and the final weights are used) `after` is [T, B, 0, D] and the post-write pass
+// skips the write keys past its first layer, about a tenth of the step's arithmetic at 4 heads
+// x 3 layers; the other outputs are the same, bit for bit. store needs answers.
 namespace {
 
 // mnm_forward, writing its outputs (the per-step ones, the final c and the post-write weights'
@@ -406,8 +424,10 @@ std::vector<at::Tensor> forward_into(const at::Tensor& gates_x, const at::Tensor
                                      const at::Tensor& b_beta, const at::Tensor& w_fb,
                                      const at::Tensor& b_fb, const at::Tensor& m_init,
                                      int64_t n_heads, bool gradient_rule, bool tanh_act,
-                                     double eps, bool store, const StepOutputs* into) {
+                                     double eps, bool store, bool answers,
+                                     const StepOutputs* into) {
   auto [d, T] = check(gates_x, m0, n_heads, gradient_rule, tanh_act, eps);
+  TORCH_CHECK(answers || !store, "mnm_forward: the backward pass (store) needs the answers");
   const int64_t B = d.B, Hd = d.hidden, D = d.D, H = d.H, L = d.L, HD = H * D, E = d.E();
   const int64_t DD = D * D;
   TORCH_CHECK(b_int.dim() == 1 || (b_int.dim() == 3 && b_int.size(0) == T && b_int.size(1) == B),
@@ -418,7 +438,7 @@ std::vector<at::Tensor> forward_into(const at::Tensor& gates_x, const at::Tensor
   };
   auto hs = output(&StepOutputs::hs, {T, B, Hd});
   auto reads = output(&StepOutputs::reads, {T, B, D});
-  auto after = output(&StepOutputs::after, {T, B, H, D});
+  auto after = output(&StepOutputs::after, {T, B, answers ? H : 0, D});
   auto before = output(&StepOutputs::before, {T, B, H, D});
   auto values = output(&StepOutputs::values, {T, B, H, D});
   auto beta = output(&StepOutputs::beta, {T, B});
@@ -540,7 +560,7 @@ std::vector<at::Tensor> forward_into(const at::Tensor& gates_x, const at::Tensor
       // prev is scratch after step 0 (the ended sequences' weights are copied out above), and
       // at step 0 where it is this call's own copy of the start weights
       memory_forward<T_>(d, weights, e, prev, t > 0 || !start_transposed, keep_p + t * B, post_t,
-                         true, s);
+                         true, answers, s);
       // Outputs.
       const T_* zr_out = s.zr + (L - 1) * B * 2 * HD;  // [B, 2H, D]
       T_* read_p = step_at<T_>(reads, t);
@@ -554,7 +574,7 @@ std::vector<at::Tensor> forward_into(const at::Tensor& gates_x, const at::Tensor
           for (int64_t j = 0; j < H; ++j) acc += ans[j * D + i];
           read_p[b * D + i] = acc / T_(H);
         }
-        std::copy(ans + HD, ans + 2 * HD, after_p + b * HD);
+        if (answers) std::copy(ans + HD, ans + 2 * HD, after_p + b * HD);
         norm_p[b] = std::sqrt(squares[b]) * norm_scale;
       }
       std::copy(s.z + L * B * HD, s.z + (L + 1) * B * HD, step_at<T_>(before, t));
@@ -581,9 +601,10 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
                                     const at::Tensor& b_beta, const at::Tensor& w_fb,
                                     const at::Tensor& b_fb, const at::Tensor& m_init,
                                     int64_t n_heads, bool gradient_rule, bool tanh_act,
-                                    double eps, bool store) {
+                                    double eps, bool store, bool answers) {
   return forward_into(gates_x, keep, h0, c0, r0, m0, w_rec, w_int, b_int, w_beta, b_beta, w_fb,
-                      b_fb, m_init, n_heads, gradient_rule, tanh_act, eps, store, nullptr);
+                      b_fb, m_init, n_heads, gradient_rule, tanh_act, eps, store, answers,
+                      nullptr);
 }
 
 // Backward over a sequence from the gradients of the forward's outputs (hs, reads, after,
@@ -719,7 +740,7 @@ std::vector<at::Tensor> backward_into(
       if (!d.gradient_rule) s.raw = step_at<T_>(raw_all, t);
       // pre_w is scratch: where a sequence starts, the kept weights replace it below
       const at::Tensor pre =
-          memory_forward<T_>(d, weights, e_p, prev, t > 0, keep_t, post_t, false, s);
+          memory_forward<T_>(d, weights, e_p, prev, t > 0, keep_t, post_t, false, true, s);
       const Layers<T_> pre_l(pre);
       const T_* z = s.z;
       // zr^l, the input of layer l of the post-write pass: the keys, then the kept activations.
@@ -1026,7 +1047,8 @@ std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::T
                                           const at::Tensor& b_beta, const at::Tensor& w_fb,
                                           const at::Tensor& b_fb, const at::Tensor& m_init,
                                           int64_t n_heads, bool gradient_rule, bool tanh_act,
-                                          double eps, bool store, int64_t parts) {
+                                          double eps, bool store, bool answers,
+                                          int64_t parts) {
   TORCH_CHECK(gates_x.dim() == 3 && m0.dim() == 4 && c0.dim() == 2,
               "gates_x must be [T, B, 4 * hidden], c0 [B, hidden], the fast weights [B, L, D, D]");
   const int64_t T = gates_x.size(0), B = gates_x.size(1), Hd = c0.size(1);
@@ -1036,7 +1058,7 @@ std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::T
   const auto opts = gates_x.options();
   const StepOutputs whole{at::empty({T, B, Hd}, opts),
                           at::empty({T, B, D}, opts),
-                          at::empty({T, B, H, D}, opts),
+                          at::empty({T, B, answers ? H : 0, D}, opts),
                           at::empty({T, B, H, D}, opts),
                           at::empty({T, B, H, D}, opts),
                           at::empty({T, B}, opts),
@@ -1057,7 +1079,7 @@ std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::T
                            rows(c0, 0, b0, b1), rows(r0, 0, b0, b1), rows_view(m0, 0, b0, b1),
                            w_rec, w_int, per_step_int ? batch_rows(b_int) : b_int, w_beta, b_beta,
                            w_fb, b_fb, m_init, n_heads, gradient_rule, tanh_act, eps, store,
-                           &into);
+                           answers, &into);
   });
   // The final weights as mnm_forward gives them: a [B, L, D, D] view of the layer-major N's.
   const at::Tensor last_post = T > 1 && (T - 1) % 2 == 1 ? whole.post1 : whole.post0;
