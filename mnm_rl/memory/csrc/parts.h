@@ -43,20 +43,24 @@ namespace parts_detail {
 // may be asleep in it at exit). A call from a second thread while the pool runs another
 // thread's parts runs its parts one after the other on its own thread: the same parts, so the
 // same results. After fork() a child starts a pool of its own (the parent's helpers are not
-// there).
+// there): the fork handler, registered when the extension is loaded, forgets the parent's pool.
+// The pool is made without a lock (two threads' first calls may each make one; one is kept,
+// and a pool starts its helpers only when it first runs), so that a child forked while another
+// thread was making it inherits no lock held by a thread the child does not have.
 class PartPool {
  public:
   static PartPool& instance() {
-    static std::mutex making;
-    const std::lock_guard<std::mutex> hold(making);
-    PartPool*& pool = current();
-    if (pool == nullptr) {
-      if (!registered()) pthread_atfork(nullptr, nullptr, [] { current() = nullptr; });
-      registered() = true;
-      pool = new PartPool();
-    }
-    return *pool;
+    std::atomic<PartPool*>& pool = current();
+    PartPool* made = pool.load(std::memory_order_acquire);
+    if (made != nullptr) return *made;
+    PartPool* mine = new PartPool();
+    if (pool.compare_exchange_strong(made, mine, std::memory_order_acq_rel)) return *mine;
+    delete mine;  // another thread's came first (made now holds it); this one never ran
+    return *made;
   }
+
+  // The fork handler (see above): a child's first call makes a pool of its own.
+  static void forget_in_child() { current().store(nullptr, std::memory_order_relaxed); }
 
   // task(k) for every k of [0, parts): k = 0 here, the others on helpers; returns when all have
   // returned.
@@ -88,14 +92,9 @@ class PartPool {
 
   PartPool() = default;
 
-  static PartPool*& current() {
-    static PartPool* pool = nullptr;
+  static std::atomic<PartPool*>& current() {
+    static std::atomic<PartPool*> pool{nullptr};
     return pool;
-  }
-
-  static bool& registered() {  // the fork handler, once per process
-    static bool done = false;
-    return done;
   }
 
   void help(int64_t k) {
@@ -136,6 +135,10 @@ class PartPool {
   std::atomic<int> asleep_{0};
   std::vector<std::thread> helpers_;
 };
+
+// Registered once per extension, when it is loaded (before any of its threads exist).
+inline const bool fork_handler_registered =
+    pthread_atfork(nullptr, nullptr, &PartPool::forget_in_child) == 0;
 
 // Whether the parts run on the PartPool (not under MNM_RL_PART_POOL=0 in the environment when
 // the extension first splits: then on OpenMP's threads, as before the forty-first session).
@@ -181,6 +184,7 @@ void for_each_part(int64_t B, int64_t parts, const F& body) {
     }
   };
   if (parts_detail::pool_enabled()) {
+    static_cast<void>(parts_detail::fork_handler_registered);  // registered at load (above)
     const int caller_threads = omp_get_max_threads();
     omp_set_num_threads(1);  // ATen inside the caller's part on the caller alone, as in a region
     parts_detail::PartPool::instance().run(parts, run_part);
