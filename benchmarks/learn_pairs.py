@@ -49,6 +49,15 @@ does not remove either.
         # a saved run's output (or its JSON line) summarised again against other references
     python benchmarks/learn_pairs.py --configs lstm/par mnm-p/k2/par --against 8c4d0aa
         # this checkout's agents against the same agents with the mnm_rl of commit 8c4d0aa
+    python benchmarks/learn_pairs.py --phase rollout --configs mnm-p/k2 --against 8c4d0aa
+        # their rollouts alone
+
+``--phase rollout`` or ``--phase update`` times one phase of each turn instead of the whole
+``learn()``: the rollout alone (``collect_rollouts``, the update never run, so the policy stays
+as the warm-up left it) or the update alone (``train()``, again and again on the rollout of one
+untimed ``learn()``); a rate is then env steps per second of that phase (the rollout's steps, or
+the steps the update trains on). Pieces of a few tens of milliseconds pair less well than whole
+``learn()`` turns on a busy host: give them more turns.
 
 ``--against REV`` pairs two versions of the package, for changes outside the compiled kernels
 (``kernel_pairs.py --against`` pairs kernel sources): each of our agents' configs also runs as
@@ -58,8 +67,8 @@ processes take turns like any two agents, the one waiting on a pipe while the ot
 each times its own ``learn()``; the ratios default to ``--ratio-to CONFIG@REV`` of the first
 config.
 
-The last line printed is a JSON object: ``{"env", "view_size", ..., "pairs", "sps": {config:
-median steps/s}, "rates": {config: [steps/s of every turn]}, "cpu_rates": {config: [steps
+The last line printed is a JSON object: ``{"env", "view_size", ..., "pairs", "phase", "sps":
+{config: median steps/s}, "rates": {config: [steps/s of every turn]}, "cpu_rates": {config: [steps
 per CPU second of this process, every turn]}, "ratio_to": {reference:
 {"median": {config: ...}, "ci95": {config: [low, high]}, "quartiles": {config: [q1, q3]},
 "range": {config: [min, max]}}}}``.
@@ -94,6 +103,8 @@ CEILING = "ceiling"
 #: throughput.py's options for the setting every agent is built in, passed on to its parser.
 SETTING_FLAGS = ("--env", "--n-envs", "--view-size", "--n-steps", "--batch-size", "--n-epochs",
                  "--seq-len", "--hidden")  # fmt: skip
+#: What a turn times (--phase): the whole learn(), or one of its two phases.
+PHASES = ("learn", "rollout", "update")
 #: A progress line every this many timed turns.
 PROGRESS_EVERY = 10
 
@@ -114,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "REV, in a process of its own, as CONFIG@REV (see the module docstring)",
     )
     p.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)  # a --against process
+    p.add_argument("--phase", choices=PHASES, default="learn",
+                   help="what a turn times: one learn() of one rollout (default), the\n"
+                   "rollout alone or the update alone (see the module docstring)")  # fmt: skip
     p.add_argument("--pairs", type=int, default=40, help="timed turns of every agent")
     p.add_argument("--warm-up", type=int, default=2, help="untimed turns first")
     for flag in SETTING_FLAGS:
@@ -122,7 +136,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.from_json is not None:
         running = [
             flag
-            for flag in ("--configs", "--against", "--pairs", "--warm-up", *SETTING_FLAGS)
+            for flag in (
+                "--configs",
+                "--against",
+                "--phase",
+                "--pairs",
+                "--warm-up",
+                *SETTING_FLAGS,
+            )  # fmt: skip
             if getattr(args, _dest(flag)) != p.get_default(_dest(flag))
         ]
         if running:
@@ -174,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problem = config_problem(config)
         if problem:
             p.error(f"--configs: {config!r} {problem}")
+    if args.phase == "update" and CEILING in (parse_config(c).agent for c in args.configs):
+        p.error("--phase update: the ceiling has no update")
     if args.pairs < 1 or args.warm_up < 0:
         p.error("--pairs must be positive and --warm-up not negative")
     for suffix in PER_AGENT:
@@ -310,8 +333,10 @@ class Agent:
     """One config's agent (or, for ``ceiling``, its env alone), the kernel threads to use while it
     trains and the compiled pieces to run in PyTorch instead."""
 
-    def __init__(self, config: str, setting: argparse.Namespace) -> None:
+    def __init__(self, config: str, setting: argparse.Namespace, phase: str = "learn") -> None:
         parsed = parse_config(config)
+        #: what :meth:`take_turn` times (one of PHASES)
+        self.phase = phase
         name, self.kernel_threads = parsed.agent, parsed.kernel_threads
         #: the environment variables that switch compiled pieces off while this agent trains
         self.pytorch_switches = [throughput.SUFFIXES[s][0] for s in pytorch_suffixes(parsed)]
@@ -337,12 +362,38 @@ class Agent:
         #: other's training (the actions drawn, the minibatches' order) by taking turns, and two
         #: agents of the same config and seed train alike whatever else runs in the process.
         self.random_states = _random_states()
+        self._callback = None
+        if self.model is not None and phase != "learn":
+            self._prepare_phase()
 
-    def learn_once(self) -> tuple[float, float]:
-        """Wall seconds and this process's CPU seconds of one ``learn()`` of one rollout
-        (rollout plus update); for the ceiling, of as many steps with random actions."""
-        from mnm_rl.memory import fused
+    def _prepare_phase(self) -> None:
+        """Untimed, before the turns of one phase: one ``learn()`` of one rollout (the kernels
+        built, a rollout in the buffer for the updates), then for the rollouts the callback that
+        ``learn()`` makes."""
+        model = self.model
 
+        def prepare() -> None:
+            model.learn(self.steps, reset_num_timesteps=False)
+            if self.phase == "rollout":
+                _, self._callback = model._setup_learn(self.steps, reset_num_timesteps=False)
+                self._callback.on_training_start({}, {})
+
+        self._run(prepare)
+
+    def _phase(self) -> None:
+        """One ``learn()`` of one rollout, or its rollout or its update alone."""
+        model = self.model
+        if self.phase == "learn":
+            model.learn(self.steps, reset_num_timesteps=False)
+        elif self.phase == "rollout":
+            model.collect_rollouts(model.env, self._callback, model.rollout_buffer, model.n_steps)
+        else:
+            model.train()
+
+    def take_turn(self) -> tuple[float, float]:
+        """Wall seconds and this process's CPU seconds of one turn: one ``learn()`` of one rollout
+        (rollout plus update), or the rollout or the update alone (``phase``); for the ceiling, of
+        as many steps with random actions."""
         if self.model is None:
             vec_steps = self.steps // self.env.num_envs
             actions = self.random.integers(
@@ -352,6 +403,13 @@ class Agent:
             for action in actions:
                 self.env.step(action)
             return time.perf_counter() - start, time.process_time() - start_cpu
+        return self._run(self._phase)
+
+    def _run(self, work) -> tuple[float, float]:
+        """``work()`` with this agent's kernel threads, PyTorch switches and random generators,
+        timed: wall seconds and this process's CPU seconds."""
+        from mnm_rl.memory import fused
+
         fused.set_kernel_threads(self.kernel_threads)
         for variable in self.pytorch_switches:
             os.environ[variable] = "0"
@@ -359,7 +417,7 @@ class Agent:
         _set_random_states(self.random_states)
         try:
             start, start_cpu = time.perf_counter(), time.process_time()
-            self.model.learn(self.steps, reset_num_timesteps=False)
+            work()
             return time.perf_counter() - start, time.process_time() - start_cpu
         finally:
             self.random_states = _random_states()
@@ -404,12 +462,15 @@ class RemoteAgent:
     (kept under the temporary directory, keyed by the commit, for the next run). While this
     process's agents take their turns, it waits on its pipe."""
 
-    def __init__(self, config: str, setting_argv: list[str], checkout: Path, commit: str):
+    def __init__(
+        self, config: str, setting_argv: list[str], checkout: Path, commit: str, phase: str
+    ):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(checkout), *filter(None, [env.get("PYTHONPATH")])])
         env["TORCH_EXTENSIONS_DIR"] = str(Path(tempfile.gettempdir()) / f"mnm_rl_ext_{commit}")
         self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve", config, *setting_argv],
+            [sys.executable, str(Path(__file__).resolve()), "--serve", config, "--phase", phase,
+             *setting_argv],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         reply = self._reply()
@@ -427,7 +488,7 @@ class RemoteAgent:
             raise RuntimeError(f"--against: its process exited (code {self.process.wait()})")
         return json.loads(line)
 
-    def learn_once(self) -> tuple[float, float]:
+    def take_turn(self) -> tuple[float, float]:
         assert self.process.stdin is not None
         self.process.stdin.write("turn\n")
         self.process.stdin.flush()
@@ -446,7 +507,7 @@ class RemoteAgent:
             self.process.wait(timeout=60)
 
 
-def serve(config: str, setting: argparse.Namespace) -> None:
+def serve(config: str, setting: argparse.Namespace, phase: str = "learn") -> None:
     """The ``--serve`` loop: build ``config``'s agent, then one timed ``learn()`` per ``turn``
     line on stdin, each answered with a JSON line ``{"wall", "cpu", "episodes"}`` on stdout
     (``episodes``: :meth:`Agent.episodes` after the turn)."""
@@ -460,12 +521,12 @@ def serve(config: str, setting: argparse.Namespace) -> None:
     import mnm_rl
 
     torch.set_num_threads(1)
-    agent = Agent(config, setting)
+    agent = Agent(config, setting, phase)
     print(json.dumps({"package": mnm_rl.__file__, "steps": agent.steps}), file=answer, flush=True)
     try:
         for line in sys.stdin:
             if line.strip() == "turn":
-                wall, cpu = agent.learn_once()
+                wall, cpu = agent.take_turn()
                 reply = {"wall": wall, "cpu": cpu, "episodes": agent.episodes()}
                 print(json.dumps(reply), file=answer, flush=True)
     finally:
@@ -490,7 +551,7 @@ def run_pairs(agents: dict[str, Agent | RemoteAgent], pairs: int, warm_up: int) 
     finished = {config: agent.episodes() for config, agent in agents.items()}
     for turn in range(warm_up + pairs):
         for config, agent in turns(turn, agents):
-            seconds, cpu_seconds = agent.learn_once()
+            seconds, cpu_seconds = agent.take_turn()
             episodes, steps = agent.episodes()
             before = finished[config]
             finished[config] = (episodes, steps)
@@ -546,7 +607,7 @@ def summary(args: argparse.Namespace, timed: Turns) -> dict[str, Any]:
     return {
         "env": s.env, "view_size": s.view_size, "n_envs": s.n_envs, "n_steps": s.n_steps,
         "batch_size": s.batch_size, "n_epochs": s.n_epochs, "seq_len": s.seq_len,
-        "hidden": s.hidden, "threads": 1, "pairs": args.pairs,
+        "hidden": s.hidden, "threads": 1, "pairs": args.pairs, "phase": args.phase,
         "sps": {c: statistics.median(r) for c, r in rates.items()},
         "rates": rates,
         "cpu_rates": timed.cpu_rates,
@@ -617,7 +678,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(out))
         return out
     if args.serve is not None:
-        serve(args.serve, args.setting)
+        serve(args.serve, args.setting, args.phase)
         return {}
     import torch
 
@@ -628,7 +689,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"env {s.env} (agent_view_size {s.view_size} if MiniGrid), {s.n_envs} envs, n_steps "
         f"{s.n_steps}, batch {s.batch_size}, {s.n_epochs} epochs, seq_len {s.seq_len}, width "
-        f"{s.hidden}, torch threads 1, cpu; {args.warm_up} + {args.pairs} turns",
+        f"{s.hidden}, torch threads 1, cpu; {args.warm_up} + {args.pairs} turns"
+        + ("" if args.phase == "learn" else f" of the {args.phase} alone"),
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="learn_pairs_") as folder:
@@ -640,10 +702,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for config in args.configs:
                 if config in args.twins:
                     agents[config] = RemoteAgent(
-                        args.twins[config], args.setting_argv, checkout, args.against_commit
-                    )
+                        args.twins[config], args.setting_argv, checkout, args.against_commit,
+                        args.phase,
+                    )  # fmt: skip
                 else:
-                    agents[config] = Agent(config, s)
+                    agents[config] = Agent(config, s, args.phase)
             timed = run_pairs(agents, args.pairs, args.warm_up)
         finally:
             for agent in agents.values():

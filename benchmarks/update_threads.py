@@ -52,7 +52,7 @@ def time_updates(config: str, setting: argparse.Namespace, threads: int, pairs: 
 
     agent = learn_pairs.Agent(config, setting)
     try:
-        agent.learn_once()  # a rollout in the buffer, the kernels built
+        agent.take_turn()  # a rollout in the buffer, the kernels built
         model = agent.model
         start = copy.deepcopy(model.policy.state_dict())
         optimizer = copy.deepcopy(model.policy.optimizer.state_dict())

@@ -151,7 +151,7 @@ def test_turns_alternate_and_the_warm_up_is_not_counted(learn_pairs):
         def __init__(self, config):
             self.config, self.steps, self.turns = config, 10, 0
 
-        def learn_once(self):
+        def take_turn(self):
             seen.append(self.config)
             self.turns += 1
             return 0.5, 0.25
@@ -185,7 +185,7 @@ def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monk
         lambda *a, **k: during.append(fused.kernel_threads()) or original(*a, **k),
     )
     try:
-        wall, cpu = agent.learn_once()
+        wall, cpu = agent.take_turn()
         assert wall > 0 and cpu > 0
         assert during == [2]
         assert fused.kernel_threads() == 1  # torch's again
@@ -193,6 +193,61 @@ def test_an_agent_sets_its_kernel_threads_only_while_it_learns(learn_pairs, monk
         agent.env.close()
         torch.set_num_threads(threads)
     assert agent.model.num_timesteps == 2 * 16
+
+
+@pytest.mark.parametrize("config", ["mlp", "mnm-p:1x1/k2", "sb3-contrib"])
+@pytest.mark.parametrize(("phase", "rollouts", "updates"), [("rollout", 3, 0), ("update", 0, 3)])
+def test_a_phase_turn_times_the_rollout_or_the_update_alone(
+    learn_pairs, monkeypatch, config, phase, rollouts, updates
+):
+    """``--phase rollout``: each turn one ``collect_rollouts`` of the agent's rollout and no
+    update; ``--phase update``: each turn one ``train()`` and no env step (after one untimed
+    ``learn()`` of one rollout); the agent's kernel threads hold during the phase."""
+    from mnm_rl.memory import fused
+
+    agent = learn_pairs.Agent(config, learn_pairs.parse_args(SMALL).setting, phase)
+    try:
+        model = agent.model
+        calls = {"rollout": 0, "update": 0}
+        threads = []
+        original_rollout, original_train = model.collect_rollouts, model.train
+
+        def rollout(*args):
+            calls["rollout"] += 1
+            threads.append(fused.kernel_threads())
+            return original_rollout(*args)
+
+        def train():
+            calls["update"] += 1
+            threads.append(fused.kernel_threads())
+            return original_train()
+
+        monkeypatch.setattr(model, "collect_rollouts", rollout)
+        monkeypatch.setattr(model, "train", train)
+        start = model.num_timesteps
+        assert start == agent.steps  # the untimed learn() of one rollout
+        for _ in range(3):
+            wall, cpu = agent.take_turn()
+            assert wall > 0 and cpu > 0
+        assert (calls["rollout"], calls["update"]) == (rollouts, updates)
+        assert model.num_timesteps == start + rollouts * agent.steps
+        assert threads == [2 if config.endswith("/k2") else 1] * 3
+    finally:
+        agent.env.close()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--phase", "update", "--configs", "lstm", "ceiling"], "the ceiling has no update"),
+        (["--phase", "fast"], "invalid choice"),
+    ],
+)
+def test_a_phase_that_cannot_run_is_refused(learn_pairs, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        learn_pairs.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -238,7 +293,7 @@ def test_an_agent_runs_pytorch_code_only_where_its_suffixes_say(
     monkeypatch.setattr(explicit, "apply_gradients", counted("explicit", explicit.apply_gradients))
     agent = learn_pairs.Agent(config, learn_pairs.parse_args(SMALL).setting)
     try:
-        agent.learn_once()
+        agent.take_turn()
     finally:
         agent.env.close()
     assert calls == {"steps": steps, "heads": heads, "losses": losses,
@@ -301,6 +356,7 @@ def test_a_saved_json_line_alone_is_summarised_again(learn_pairs, tmp_path, caps
         (json.dumps({"sps": {"a": 1.0}}), [], "no JSON line of learn_pairs.py"),
         (json.dumps(SAVED), ["--ratio-to", "c"], "--ratio-to c: not one of the saved run's"),
         (json.dumps(SAVED), ["--configs", "a", "b"], "takes only --ratio-to, not --configs"),
+        (json.dumps(SAVED), ["--phase", "update"], "takes only --ratio-to, not --phase"),
         (
             json.dumps(SAVED),
             ["--pairs", "9", "--view-size", "7"],
@@ -357,7 +413,7 @@ def test_an_agent_steps_minigrid_view_only_with_mgview_and_numpy_actions_with_np
             assert [isinstance(v, KeptViews) for v in views] == [kept] * len(views)
             steps = [env.unwrapped.__dict__.get("step") for env in agent.env.envs]
             assert [isinstance(s, FastMemoryStep) for s in steps] == [step] * len(views)
-            assert agent.learn_once()[0] > 0
+            assert agent.take_turn()[0] > 0
         finally:
             agent.env.close()
 
@@ -385,16 +441,19 @@ def test_against_refuses_what_it_cannot_pair(learn_pairs, capsys, argv, message)
     assert message in capsys.readouterr().err
 
 
-def test_against_runs_the_other_commit_in_a_process_of_its_own(learn_pairs, monkeypatch, capsys):
+@pytest.mark.parametrize("phase", ["learn", "rollout"])
+def test_against_runs_the_other_commit_in_a_process_of_its_own(
+    learn_pairs, monkeypatch, capsys, phase
+):
     # the PyTorch code on both sides: no kernel builds for the other commit in a test
     monkeypatch.setenv("MNM_RL_FUSED", "0")
     threads = torch.get_num_threads()
     try:
-        out = learn_pairs.main(
-            ["--configs", "mlp", "--against", "HEAD", "--pairs", "2", "--warm-up", "1", *SMALL]
-        )
+        out = learn_pairs.main(["--configs", "mlp", "--against", "HEAD", "--pairs", "2",
+                                "--warm-up", "1", "--phase", phase, *SMALL])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
+    assert out["phase"] == phase
     assert set(out["sps"]) == {"mlp", "mlp@HEAD"}
     assert [len(r) for r in out["rates"].values()] == [2, 2]
     assert all(rate > 0 for rates in out["rates"].values() for rate in rates)
@@ -407,7 +466,7 @@ def test_against_runs_the_other_commit_in_a_process_of_its_own(learn_pairs, monk
 def test_the_other_process_must_import_the_checkout_it_is_given(learn_pairs, tmp_path, monkeypatch):
     monkeypatch.setenv("MNM_RL_FUSED", "0")  # no kernel builds in the other process
     with pytest.raises(RuntimeError, match="imported mnm_rl from"):
-        learn_pairs.RemoteAgent("mlp", SMALL, tmp_path, "0" * 40)  # tmp_path holds no mnm_rl
+        learn_pairs.RemoteAgent("mlp", SMALL, tmp_path, "0" * 40, "learn")  # no mnm_rl there
 
 
 def test_agents_in_one_process_draw_from_random_generators_of_their_own(learn_pairs):
