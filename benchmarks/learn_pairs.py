@@ -54,7 +54,7 @@ does not remove either.
 
 ``--phase rollout`` or ``--phase update`` times one phase of each turn instead of the whole
 ``learn()``: the rollout alone (``collect_rollouts``, the update never run, so the policy stays
-as the warm-up left it) or the update alone (``train()``, again and again on the rollout of one
+as one untimed ``learn()`` left it) or the update alone (``train()``, again and again on the rollout of one
 untimed ``learn()``); a rate is then env steps per second of that phase (the rollout's steps, or
 the steps the update trains on). Pieces of a few tens of milliseconds pair less well than whole
 ``learn()`` turns on a busy host: give them more turns.
