@@ -54,10 +54,10 @@ does not remove either.
 
 ``--phase rollout`` or ``--phase update`` times one phase of each turn instead of the whole
 ``learn()``: the rollout alone (``collect_rollouts``, the update never run, so the policy stays
-as one untimed ``learn()`` left it) or the update alone (``train()``, again and again on the rollout of one
-untimed ``learn()``); a rate is then env steps per second of that phase (the rollout's steps, or
-the steps the update trains on). Pieces of a few tens of milliseconds pair less well than whole
-``learn()`` turns on a busy host: give them more turns.
+as one untimed ``learn()`` left it) or the update alone (``train()``, again and again on the
+rollout of that ``learn()``); a rate is then env steps per second of that phase (the rollout's
+steps, or the steps the update trains on). Pieces of a few tens of milliseconds pair less well
+than whole ``learn()`` turns on a busy host: give them more turns.
 
 ``--against REV`` pairs two versions of the package, for changes outside the compiled kernels
 (``kernel_pairs.py --against`` pairs kernel sources): each of our agents' configs also runs as
@@ -85,6 +85,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -405,7 +406,7 @@ class Agent:
             return time.perf_counter() - start, time.process_time() - start_cpu
         return self._run(self._phase)
 
-    def _run(self, work) -> tuple[float, float]:
+    def _run(self, work: Callable[[], None]) -> tuple[float, float]:
         """``work()`` with this agent's kernel threads, PyTorch switches and random generators,
         timed: wall seconds and this process's CPU seconds."""
         from mnm_rl.memory import fused
