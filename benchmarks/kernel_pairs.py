@@ -73,7 +73,9 @@ class _TwelveOutputs:
     def _without_answers(self, name: str, args: tuple, at: int):
         try:
             return getattr(self.ext, name)(*args)
-        except TypeError:  # pybind's "incompatible function arguments": an older signature
+        except TypeError as err:  # an older signature, not a wrong argument of ours
+            if "incompatible function arguments" not in str(err):
+                raise
             return getattr(self.ext, name)(*args[:at], *args[at + 1 :])
 
     def forward_parts(self, *args):

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -113,10 +112,7 @@ def measure_apart(config: str, args: argparse.Namespace) -> dict[str, float]:
     """:func:`measure` in a process of its own."""
     command = [sys.executable, str(Path(__file__).resolve()), "--configs", config, "--worker",
                "--rollouts", str(args.rollouts), "--view-size", str(args.view_size)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{config}'s process failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return throughput.run_worker(command, f"{config}'s process")
 
 
 def main(argv: list[str] | None = None) -> dict:

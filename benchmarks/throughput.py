@@ -565,12 +565,18 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------------------- orchestrator
+def run_worker(command: list[str], what: str) -> Any:
+    """The JSON last line of ``command``, a benchmark's worker process; its stderr's tail in
+    the error where it fails (``what`` names it there)."""
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _spawn(name: str, argv: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {name} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(cmd, f"worker {name}")
 
 
 def machine() -> str:
