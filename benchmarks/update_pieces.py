@@ -1,6 +1,8 @@
 """Where a PPO update's wall time goes, piece by piece: the recurrent kernels, the input and
 output projections, the features extractor, the heads, PPO's loss, the memory's reconstruction
-losses, the minibatches' gathers, clipping and Adam, and the rest (the Python between them).
+losses, the minibatches' gathers, clipping and Adam, the Python glue around them (the core's
+explicit pass -- for MNM ``fused.explicit_sequence``, the policy's, the minibatch's loss and
+diagnostics in ``MemoryPPO._loss``), and the rest (the training loop's Python between them).
 
 Builds ``throughput.py``'s agent for each ``--configs`` name (its variant suffixes, ``/k2``
 included) in the issue's setting (MiniGrid-MemoryS7, 7 x 7 view, 8 envs x 128 steps, 4 epochs of
@@ -57,6 +59,14 @@ PIECES = [
     ("mnm_rl.agent.gradient_step", "adam_step", "Adam", None),
     ("mnm_rl.agent.gradient_step", "zero_grad", "zero_grad", None),
     ("mnm_rl.agent.explicit", "apply_gradients", "apply gradients", None),
+    # The Python around those pieces, by the function it is in (each without the pieces above):
+    ("mnm_rl.memory.fused", "explicit_sequence", "core glue forward", "core glue backward"),
+    ("mnm_rl.memory.mnm", "MNMCore.explicit_forward", "core glue forward", "core glue backward"),
+    ("mnm_rl.memory.baselines", "_FusedRNNCore.explicit_forward",
+     "core glue forward", "core glue backward"),
+    ("mnm_rl.agent.policy", "RecurrentMemoryPolicy.explicit_forward_sequence",
+     "policy glue forward", "policy glue backward"),
+    ("mnm_rl.agent.ppo", "MemoryPPO._loss", "minibatch loss glue", None),
 ]  # fmt: skip
 MINIBATCHES = "minibatch gathers"
 REST = "rest"
