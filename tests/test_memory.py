@@ -359,3 +359,26 @@ def test_diagnostics_are_computed_in_the_autograd_mode_they_were_made_in():
         _, _, quiet = core(x, core.initial_state(3), starts)
     assert not quiet["recon_after"].requires_grad
     torch.testing.assert_close(quiet["recon_after"], aux["recon_after"].detach())
+
+
+def test_diagnostics_summary_reads_every_mean_and_the_largest_norm_at_once():
+    """What PPO logs of an MNM core's diagnostics: each key's mean, the memory loss
+    (``memory_loss``'s value) and the largest fast-weight norm, as floats, without gradients."""
+    from mnm_rl.memory.base import AUX_KEYS, diagnostics_summary, memory_loss
+
+    core = MNMCore(6, hidden_size=8, memory_size=8, n_heads=2, n_layers=2)
+    x = torch.randn(5, 3, 6)
+    starts = torch.zeros(5, 3)
+    starts[2, 1] = 1.0
+    _, _, aux = core(x, core.initial_state(3, x.device), starts)
+    aux = dict(aux)
+    aux["recon_retained"] = torch.rand(5, 3)  # zero without a retention lag: make it count
+    assert aux["recon_after"].requires_grad
+    summary = diagnostics_summary(aux)
+    assert set(summary) == {*AUX_KEYS, "memory_loss", "max_fast_weight_norm"}
+    assert all(type(value) is float for value in summary.values())
+    for key in AUX_KEYS:
+        assert summary[key] == pytest.approx(aux[key].mean().item(), rel=1e-6), key
+    assert summary["memory_loss"] == pytest.approx(memory_loss(aux).item(), rel=1e-6)
+    assert summary["max_fast_weight_norm"] == aux["fast_weight_norm"].max().item()
+    assert summary["recon_retained"] > 0 and summary["max_fast_weight_norm"] > 0

@@ -31,6 +31,7 @@ from mnm_rl.agent.ppo_loss import (
 )
 from mnm_rl.agent.ppo_loss import load_extension as load_loss_kernel
 from mnm_rl.memory import CoreState
+from mnm_rl.memory.base import diagnostics_summary
 from mnm_rl.memory.base import memory_loss as core_memory_loss
 
 SelfMemoryPPO = TypeVar("SelfMemoryPPO", bound="MemoryPPO")
@@ -425,23 +426,22 @@ class MemoryPPO(OnPolicyAlgorithm):
         checks = {"policy loss": policy_loss, "value loss": value_loss, "entropy": entropy_loss}
         record(**{f"train/{name}": value for name, value in zip(STAT_NAMES, terms, strict=True)})
         if aux:
-            retention_loss = aux["recon_retained"].mean()
-            memory_loss = core_memory_loss(aux)
-            loss = loss + self.mem_coef * memory_loss
-            checks["memory loss"] = memory_loss.item()
-            checks["fast weights"] = aux["fast_weight_norm"].max().item()
-            with torch.no_grad():
-                record(
-                    **{
-                        "train/memory_loss": memory_loss.item(),
-                        "train/retention_loss": retention_loss.item(),
-                        "memory/beta_mean": aux["beta"].mean().item(),
-                        "memory/write_gain": (aux["recon_before"] - aux["recon_after"])
-                        .mean()
-                        .item(),
-                        "memory/fast_weight_norm": aux["fast_weight_norm"].mean().item(),
-                    }
-                )
+            summary = diagnostics_summary(aux)
+            checks["memory loss"] = summary["memory_loss"]
+            checks["fast weights"] = summary["max_fast_weight_norm"]
+            record(
+                **{
+                    "train/memory_loss": summary["memory_loss"],
+                    "train/retention_loss": summary["recon_retained"],
+                    "memory/beta_mean": summary["beta"],
+                    "memory/write_gain": summary["recon_before"] - summary["recon_after"],
+                    "memory/fast_weight_norm": summary["fast_weight_norm"],
+                }
+            )
+            if backward is None:  # autograd's backward needs the memory loss in the graph
+                loss = loss + self.mem_coef * core_memory_loss(aux)
+            else:  # the explicit pass has its gradient already: only its value
+                loss = loss + self.mem_coef * summary["memory_loss"]
         record(**{"train/loss": loss.item()})
         return loss, approx_kl, checks, backward or loss.backward
 

@@ -29,6 +29,23 @@ def memory_loss(aux: Mapping[str, Tensor]) -> Tensor:
     return aux["recon_after"].mean() + aux["recon_retained"].mean()
 
 
+def diagnostics_summary(aux: Mapping[str, Tensor]) -> dict[str, float]:
+    """What a training log reads of a core's diagnostics ``aux`` (:data:`AUX_KEYS`, each ``[T,
+    B]``), as host numbers in one pass: the mean of each key, ``memory_loss`` (the value of
+    :func:`memory_loss`) and ``max_fast_weight_norm``. Without gradients; the means are taken
+    together, so they may differ from each key's own ``mean()`` in the last bits. (A dozen
+    separate reductions and host reads cost an MNM core's PPO update about 2%.)"""
+    with torch.no_grad():
+        stacked = torch.stack([aux[key] for key in AUX_KEYS])
+        means = dict(zip(AUX_KEYS, stacked.mean(dim=(1, 2)).tolist(), strict=True))
+        largest = stacked[AUX_KEYS.index("fast_weight_norm")].max().item()
+    return {
+        **means,
+        "memory_loss": means["recon_after"] + means["recon_retained"],
+        "max_fast_weight_norm": largest,
+    }
+
+
 class LazyDiagnostics(Mapping[str, Tensor]):
     """The diagnostics of :data:`AUX_KEYS`, computed from ``compute()`` on first access.
 

@@ -268,13 +268,12 @@ def explicit_sequence(
                                    params, options)  # fmt: skip
         g_gates, _, _, _, _, *g_params = results
         g_x, g_w_in, g_b_in = gates_backward(g_gates.view(steps * batch, -1), True)
-        gradients: Gradients = [
-            (core.input_gates.weight, g_w_in), (core.input_gates.bias, g_b_in),
-            (core.output.weight, g_w_out), (core.output.bias, g_b_out),
-        ]  # fmt: skip
-        for param, grad in zip(_kernel_parameters(core), g_params, strict=True):
-            if param is not None:
-                gradients.append((param, grad.view(param.shape)))
+        gradients: Gradients = []
+        grads = (g_w_in, g_b_in, g_w_out, g_b_out, *g_params)
+        for param, grad in zip(_gradient_parameters(core), grads, strict=True):
+            if param is not None:  # the kernel's flat w_beta gradient in the parameter's shape
+                same = grad.shape == param.shape
+                gradients.append((param, grad if same else grad.view_as(param)))
         return g_x.view(steps, batch, -1), gradients
 
     return y.view(steps, batch, -1), aux, backward
@@ -289,15 +288,22 @@ def reconstruction_errors(
     return kernel.reconstruction_errors(after, before, values)
 
 
-def _kernel_parameters(core) -> list[nn.Parameter | None]:
-    """The parameters behind :func:`kernel_weights`' tensors, in their order (``None`` for
-    mnm-g's absent feedback functions)."""
-    feedback = core.memory.feedback
+def _gradient_parameters(core) -> list[nn.Parameter | None]:
+    """The parameters of :func:`explicit_sequence`'s gradients, in its order: the input and
+    output projections', then those behind :func:`kernel_weights`' tensors (``None`` for mnm-g's
+    absent feedback functions). Through the modules' own dicts, as :func:`kernel_weights`."""
+    modules = core._modules
+    memory = modules["memory"]
+    feedback = memory._modules.get("feedback")  # mnm-g: None
+    fb = {} if feedback is None else feedback._parameters
+    gates_in, gates_rec, out, interaction, beta_gate = (
+        modules[name]._parameters
+        for name in ("input_gates", "recurrent_gates", "output", "interaction", "beta_gate")
+    )
     return [
-        core.recurrent_gates.weight, core.interaction.weight, core.interaction.bias,
-        core.beta_gate.weight, core.beta_gate.bias,
-        None if feedback is None else feedback.weight, None if feedback is None else feedback.bias,
-        core.memory.initial_weights,
+        gates_in["weight"], gates_in["bias"], out["weight"], out["bias"], gates_rec["weight"],
+        interaction["weight"], interaction["bias"], beta_gate["weight"], beta_gate["bias"],
+        fb.get("weight"), fb.get("bias"), memory._parameters["initial_weights"],
     ]  # fmt: skip
 
 
