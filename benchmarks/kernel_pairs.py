@@ -64,13 +64,16 @@ class _TwelveOutputs:
     """A build from before the kernel returned the final weights itself (12 outputs). A function
     the build does not have yet (``reconstruction_errors``, thirty-eighth session) comes from
     this checkout's build: ``current``. A build from before the forward passes took ``answers``
-    (forty-second session; they always computed them) is called without it."""
+    (forty-second session; they always computed them) is called without it, and one from before
+    the backward passes took ``recon_scale`` (forty-third session) without that (always 0 here:
+    the autograd path gives the reconstruction loss's gradient as tensors)."""
 
     def __init__(self, ext, current):
         self.ext = ext
         self.current = current
 
-    def _without_answers(self, name: str, args: tuple, at: int):
+    def _without(self, name: str, args: tuple, at: int):
+        """``ext.name(*args)``, or without ``args[at]`` where the build's signature predates it."""
         try:
             return getattr(self.ext, name)(*args)
         except TypeError as err:  # an older signature, not a wrong argument of ours
@@ -79,10 +82,13 @@ class _TwelveOutputs:
             return getattr(self.ext, name)(*args[:at], *args[at + 1 :])
 
     def forward_parts(self, *args):
-        return self._without_answers("forward_parts", args, len(args) - 2)
+        return self._without("forward_parts", args, len(args) - 2)
+
+    def backward_parts(self, *args):
+        return self._without("backward_parts", args, len(args) - 1)
 
     def forward(self, *args):
-        out = list(self._without_answers("forward", args, len(args) - 1))
+        out = list(self._without("forward", args, len(args) - 1))
         if len(out) != 12:  # a build that returns the final weights
             return out
         post = out[8]
@@ -90,7 +96,7 @@ class _TwelveOutputs:
         return [*out[:8], final, *out[8:]]
 
     def backward(self, *args):
-        return self.ext.backward(*args)
+        return self._without("backward", args, len(args) - 1)
 
     def __getattr__(self, name: str):  # the LSTM and GRU kernels, the products
         if hasattr(self.ext, name):

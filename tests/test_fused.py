@@ -539,8 +539,9 @@ def test_a_split_batch_writes_every_output_into_the_whole_batch(kernel, rule, mo
     grads = [torch.randn_like(one[k]) for k in (0, 1, 2, 3, 4, 5, 7, 8)]
     hs = one[0]
     from_split = kernel.backward_parts(*grads, gates_x, keep, start[3], split[9:], hs, *params,
-                                       *options)  # fmt: skip
-    expected = kernel.backward(*grads, gates_x, keep, start[3], *one[9:], hs, *params, *options)
+                                       *options, 0.0)  # fmt: skip
+    expected = kernel.backward(*grads, gates_x, keep, start[3], *one[9:], hs, *params, *options,
+                               0.0)  # fmt: skip
     assert len(from_split) == len(expected)
     for k, value in enumerate(expected):
         torch.testing.assert_close(from_split[k], value, rtol=1e-12, atol=1e-13, msg=str(k))
@@ -571,7 +572,9 @@ def test_a_forward_pass_without_answers_gives_the_same_reads(kernel, rule, heads
 
 def test_per_step_inputs_are_read_where_they_lie(kernel, monkeypatch):
     """gates_x and the outputs' gradients as rows of a wider batch (each step contiguous, the
-    steps further apart) give what their contiguous copies give, bit for bit."""
+    steps further apart), and the gradients of hs and reads as the two halves of one [h ; read]
+    gradient (rows a stride apart), give what their contiguous copies give, bit for bit, whole
+    and split."""
     core = _core("mnm-p", "tanh", 2, 2)
     x, starts, state = _inputs(core, steps=4, batch=5)
     options, gates_x, keep, start, params = _captured_call(core, x, starts, state, monkeypatch)
@@ -586,8 +589,62 @@ def test_per_step_inputs_are_read_where_they_lie(kernel, monkeypatch):
     g_hs = torch.randn(4, 9, out[0].shape[-1], dtype=gates_x.dtype)[:, 2:7]
     empty = torch.Tensor()
     grads = (g_hs, empty, empty, empty, empty, empty, empty, empty)
-    strided = kernel.backward(*grads, gates_x, keep, start[3], *out[9:], out[0], *params, *options)
+    strided = kernel.backward(*grads, gates_x, keep, start[3], *out[9:], out[0], *params, *options,
+                              0.0)  # fmt: skip
     grads = (g_hs.contiguous(), *grads[1:])
-    dense = kernel.backward(*grads, gates_x, keep, start[3], *out[9:], out[0], *params, *options)
+    dense = kernel.backward(*grads, gates_x, keep, start[3], *out[9:], out[0], *params, *options,
+                            0.0)  # fmt: skip
     for a, b in zip(strided, dense, strict=True):
         assert torch.equal(a, b)
+    hidden, width = out[0].shape[-1], out[1].shape[-1]
+    g_joined = torch.randn(4, 5, hidden + width, dtype=gates_x.dtype)
+    halves = (g_joined[..., :hidden], g_joined[..., hidden:])
+    assert halves[0].stride(1) == halves[1].stride(1) == hidden + width
+    split = kernel.forward_parts(gates_x, keep, *start, *params, *options, True, True, 2)
+    for call in (
+        lambda g: kernel.backward(*g, *[empty] * 6, gates_x, keep, start[3], *out[9:], out[0],
+                                  *params, *options, 0.0),
+        lambda g: kernel.backward_parts(*g, *[empty] * 6, gates_x, keep, start[3], split[9:],
+                                        split[0], *params, *options, 0.0),
+    ):  # fmt: skip
+        for a, b in zip(call(halves), call([h.contiguous() for h in halves]), strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("rule", "heads", "layers"), [("mnm-p", 4, 3), ("mnm-g", 2, 2)])
+def test_the_backward_pass_adds_the_reconstruction_gradient_itself(kernel, rule, heads, layers,
+                                                                   dtype, monkeypatch):  # fmt: skip
+    """With ``recon_scale`` s the backward pass adds s (after - values) to the answers'
+    gradient and takes it from the values': the same gradients as when they are given as
+    tensors, whole and split, with the other outputs' gradients given too; and with both, their
+    sum. (Up to rounding: the compiler fuses the kernel's multiply and add.)"""
+    core = _core(rule, "tanh", heads, layers, dtype=dtype, memory_size=20)
+    x, starts, state = _inputs(core, steps=4, batch=5, dtype=dtype)
+    starts[2, 3] = 1
+    options, gates_x, keep, start, params = _captured_call(core, x, starts, state, monkeypatch)
+    one = kernel.forward(gates_x, keep, *start, *params, *options, True, True)
+    split = kernel.forward_parts(gates_x, keep, *start, *params, *options, True, True, 2)
+    after, values, scale = one[2], one[4], 2.0 * 0.3 / one[2].numel()
+    g_after = (after - values).mul_(scale)
+    grads = [torch.randn_like(one[k]) for k in (0, 1, 2, 3, 4, 5, 7, 8)]
+
+    def backward(grads, recon_scale, parts):
+        if parts == 1:
+            return kernel.backward(*grads, gates_x, keep, start[3], *one[9:], one[0], *params,
+                                   *options, recon_scale)  # fmt: skip
+        return kernel.backward_parts(*grads, gates_x, keep, start[3], split[9:], split[0],
+                                     *params, *options, recon_scale)  # fmt: skip
+
+    empty = torch.Tensor()
+    for parts in (1, 2):
+        given = [*grads[:2], g_after, grads[3], -g_after, *grads[5:]]
+        inside = [*grads[:2], empty, grads[3], empty, *grads[5:]]
+        expected = backward(given, 0.0, parts)
+        for a, b in zip(backward(inside, scale, parts), expected, strict=True):
+            torch.testing.assert_close(a, b, msg=str(parts))
+        without = backward(inside, 0.0, parts)  # the reconstruction gradient is no rounding
+        assert not all(torch.allclose(a, b) for a, b in zip(without, expected, strict=True))
+        summed = [*grads[:2], grads[2] + g_after, grads[3], grads[4] - g_after, *grads[5:]]
+        for a, b in zip(backward(grads, scale, parts), backward(summed, 0.0, parts), strict=True):
+            torch.testing.assert_close(a, b, msg=str(parts))

@@ -151,12 +151,18 @@ def _kernel_forward(kernel, parts, gates_x, keep, start, params, options, store)
     return kernel.forward_parts(gates_x, keep, *start, *params, *options, store, True, parts)
 
 
-def _kernel_backward(kernel, parts, grads, gates_x, keep, m0, saved, hs, params, options):
+def _kernel_backward(
+    kernel, parts, grads, gates_x, keep, m0, saved, hs, params, options, recon_scale=0.0
+):
     """The kernel's backward call for :func:`_kernel_forward`'s ``saved`` outputs (from the
-    tenth on); ``grads``: those of the nine outputs but the norm, empty for zero."""
+    tenth on); ``grads``: those of the nine outputs but the norm, empty for zero; with
+    ``recon_scale`` the kernel adds the gradient of ``recon_scale / 2 * sum((after -
+    values)^2)`` to those of the answers and values itself."""
     if parts == 1:
-        return kernel.backward(*grads, gates_x, keep, m0, *saved, hs, *params, *options)
-    return kernel.backward_parts(*grads, gates_x, keep, m0, saved, hs, *params, *options)
+        return kernel.backward(*grads, gates_x, keep, m0, *saved, hs, *params, *options,
+                               recon_scale)  # fmt: skip
+    return kernel.backward_parts(*grads, gates_x, keep, m0, saved, hs, *params, *options,
+                                 recon_scale)  # fmt: skip
 
 
 def _matrices_contiguous(weights: Tensor) -> bool:
@@ -224,8 +230,8 @@ def explicit_sequence(
     B, output_size], aux, backward)`` (``MNMCore.explicit_forward``; not with an interaction
     input or a retention lag). ``backward(grad_y)`` runs the output layer's, the kernel's and
     the input gates' backward passes, with the gradient of ``memory_weight * memory_loss(aux)``
-    (``mean(recon_after)``: the kernel has no retention loss) given to the kernel through its
-    ``answer_after`` and ``values`` outputs. Run both under ``torch.no_grad()``."""
+    (``mean(recon_after)``: the kernel has no retention loss), which the kernel's backward pass
+    adds itself (its ``recon_scale``). Run both under ``torch.no_grad()``."""
     from mnm_rl.memory import products  # which imports this module
 
     steps, batch, _ = x.shape
@@ -244,6 +250,9 @@ def explicit_sequence(
     joined = torch.cat([hs, reads], dim=-1).view(steps * batch, -1)
     y, output_backward = products.linear_explicit(joined, core.output.weight, core.output.bias)
     recon = reconstruction_errors(kernel, after, before, values)
+    # memory_weight * mean((after - values)^2) over every element: the backward pass adds its
+    # gradient, 2 w / n (after - values), to the answers' and takes it from the values'
+    recon_scale = 2.0 * memory_weight / after.numel()
     aux = {
         "recon_after": recon[0],
         "recon_before": recon[1],
@@ -255,17 +264,11 @@ def explicit_sequence(
     def backward(grad_y: Tensor) -> tuple[Tensor, Gradients]:
         g_joined, g_w_out, g_b_out = output_backward(grad_y.reshape(steps * batch, -1), True)
         g_joined = g_joined.view(steps, batch, -1)
-        g_hs = g_joined[..., :hidden].contiguous()
-        g_reads = g_joined[..., hidden:].contiguous()
         empty = torch.Tensor()  # a zero gradient
-        g_after = g_values = empty
-        if memory_weight:
-            # d/d after of w * mean((after - values)^2) over every element; values get minus it
-            g_after = (after - values).mul_(2.0 * memory_weight / after.numel())
-            g_values = -g_after
-        grads = (g_hs, g_reads, g_after, empty, g_values, empty, empty, empty)
+        # [h ; read]'s gradient's halves where they lie (the kernel reads rows a stride apart)
+        grads = (g_joined[..., :hidden], g_joined[..., hidden:], *[empty] * 6)
         results = _kernel_backward(kernel, parts, grads, gates_x, keep, start[3], saved, hs,
-                                   params, options)  # fmt: skip
+                                   params, options, recon_scale)  # fmt: skip
         g_gates, _, _, _, _, *g_params = results
         g_x, g_w_in, g_b_in = gates_backward(g_gates.view(steps * batch, -1), True)
         gradients: Gradients = []

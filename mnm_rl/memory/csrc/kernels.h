@@ -36,7 +36,7 @@ std::vector<at::Tensor> mnm_backward(
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
-    bool gradient_rule, bool tanh_act, double eps);
+    bool gradient_rule, bool tanh_act, double eps, double recon_scale);
 std::vector<at::Tensor> mnm_forward_parts(const at::Tensor& gates_x, const at::Tensor& keep,
                                           const at::Tensor& h0, const at::Tensor& c0,
                                           const at::Tensor& r0, const at::Tensor& m0,
@@ -55,7 +55,7 @@ std::vector<at::Tensor> mnm_backward_parts(
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
-    bool gradient_rule, bool tanh_act, double eps);
+    bool gradient_rule, bool tanh_act, double eps, double recon_scale);
 
 // lstm_sequence.cpp: an LSTM with episode resets (see there).
 std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor& keep,

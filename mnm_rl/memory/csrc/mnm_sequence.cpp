@@ -608,7 +608,12 @@ std::vector<at::Tensor> mnm_forward(const at::Tensor& gates_x, const at::Tensor&
 }
 
 // Backward over a sequence from the gradients of the forward's outputs (hs, reads, after,
-// before, values, beta, the final c and the final weights; an empty tensor is zero).
+// before, values, beta, the final c and the final weights; an empty tensor is zero), plus,
+// where recon_scale is not zero, the gradient of recon_scale / 2 * sum((after - values)^2): a
+// reconstruction loss's, recon_scale (after - values) added to after's gradient and taken from
+// the values', from the activations the forward pass kept (so that the caller need not
+// compute it: 2 w / after.numel() for w * mean((after - values)^2)). The gradients of hs and
+// reads need only each row contiguous (rows any stride apart: the halves of [h ; read]'s).
 // Returns the gradients of gates_x, h0, c0, r0, m0, w_rec, w_int, b_int, w_beta, b_beta, w_fb,
 // b_fb and m_init. Of gates_x only the shape and type are read (the gates are the kept ones).
 namespace {
@@ -627,7 +632,8 @@ std::vector<at::Tensor> backward_into(
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
-    bool gradient_rule, bool tanh_act, double eps, const GradientOutputs* into) {
+    bool gradient_rule, bool tanh_act, double eps, double recon_scale,
+    const GradientOutputs* into) {
   auto [d, T] = check(gates_x, m0, n_heads, gradient_rule, tanh_act, eps);
   const int64_t B = d.B, Hd = d.hidden, D = d.D, H = d.H, L = d.L, E = d.E();
   const int64_t DD = D * D, HD = H * D, J = 2 * H;
@@ -681,11 +687,18 @@ std::vector<at::Tensor> backward_into(
   auto m0_layers = (stored_as_is(m0) ? m0 : m0.contiguous()).transpose(0, 1);
   const bool per_step_int = b_int.dim() == 3;
   const Weights weights{w_beta, b_beta, w_fb, b_fb, m_init, at::Tensor(), at::Tensor()};
-  // The outputs' gradients, each step's contiguous for the step loop's pointers.
+  // The outputs' gradients, each step's contiguous for the step loop's pointers; those of hs
+  // and reads only each row (the halves of the output layer's input gradient, [h ; read], as
+  // they lie), read a row stride apart.
   const auto grads = [](const at::Tensor& g) { return present(g) ? with_contiguous_steps(g) : g; };
-  const at::Tensor g_hs_c = grads(g_hs), g_reads_c = grads(g_reads), g_after_c = grads(g_after),
-                   g_before_c = grads(g_before), g_values_c = grads(g_values),
-                   g_beta_c = grads(g_beta);
+  const auto row_grads = [](const at::Tensor& g) {
+    return !present(g) || (g.dim() == 3 && g.stride(2) == 1) ? g : g.contiguous();
+  };
+  const at::Tensor g_hs_c = row_grads(g_hs), g_reads_c = row_grads(g_reads),
+                   g_after_c = grads(g_after), g_before_c = grads(g_before),
+                   g_values_c = grads(g_values), g_beta_c = grads(g_beta);
+  const int64_t g_hs_row = present(g_hs_c) ? g_hs_c.stride(1) : 0;
+  const int64_t g_reads_row = present(g_reads_c) ? g_reads_c.stride(1) : 0;
   double g_b_beta_value = 0;
   const bool kept_mnm_p = raw_all.dim() == 3 && raw_all.size(0) == T;
   TORCH_CHECK(gates_all.dim() == 3 && gates_all.size(0) == T && e_all.dim() == 3 &&
@@ -708,6 +721,7 @@ std::vector<at::Tensor> backward_into(
     T_* gm_init = g_m_init.data_ptr<T_>();
     T_* G_p = G.data_ptr<T_>();
     T_ gb_beta = 0;
+    const T_ recon = static_cast<T_>(recon_scale);
     std::vector<T_> dbeta(B);  // per step: the grad of each sequence's beta
     // Where step t's kept weights start in `ended` (the forward pass's order: by step, then
     // by sequence, for steps t >= 1).
@@ -769,14 +783,20 @@ std::vector<at::Tensor> backward_into(
         T_* row = dzr_p + (L * B + b) * J * D;
         const T_* dr_b = dr_p + b * D;
         if (gr)
-          for (int64_t i = 0; i < D; ++i) row[i] = (dr_b[i] + gr[b * D + i]) / T_(H);
+          for (int64_t i = 0; i < D; ++i) row[i] = (dr_b[i] + gr[b * g_reads_row + i]) / T_(H);
         else
           for (int64_t i = 0; i < D; ++i) row[i] = dr_b[i] / T_(H);
         for (int64_t j = 1; j < H; ++j) std::copy(row, row + D, row + j * D);
+        T_* row_after = row + HD;
         if (ga)
-          std::copy(ga + b * HD, ga + (b + 1) * HD, row + HD);
+          std::copy(ga + b * HD, ga + (b + 1) * HD, row_after);
         else
-          std::fill(row + HD, row + 2 * HD, T_(0));
+          std::fill(row_after, row_after + HD, T_(0));
+        if (recon) {  // the reconstruction loss's, recon (after - values)
+          const T_* after_b = zr(L) + b * J * D + HD;
+          const T_* values_b = e_p + b * E + 2 * HD;
+          for (int64_t x = 0; x < HD; ++x) row_after[x] += (after_b[x] - values_b[x]) * recon;
+        }
       }
       for (int64_t l = L - 1; l >= 0; --l) {
         const T_* out = zr(l + 1);
@@ -888,6 +908,11 @@ std::vector<at::Tensor> backward_into(
         }
         for (int64_t x = 0; x < HD; ++x)
           ge[2 * HD + x] = dv_p[b * HD + x] + (gv ? gv[b * HD + x] : T_(0));
+        if (recon) {  // and minus it for the values
+          const T_* after_b = zr(L) + b * J * D + HD;
+          for (int64_t x = 0; x < HD; ++x)
+            ge[2 * HD + x] -= (after_b[x] - eb[2 * HD + x]) * recon;
+        }
         const T_ dpre = dbeta[b] * beta[b] * (T_(1) - beta[b]);
         const T_* beta_in = eb + 3 * HD;
         gb_beta += dpre;
@@ -901,7 +926,9 @@ std::vector<at::Tensor> backward_into(
       T_* dh_p = dh.data_ptr<T_>();
       T_* dht = dh_total.data_ptr<T_>();
       const T_* ghs = step_at<T_>(g_hs_c, t);
-      for (int64_t x = 0; x < B * Hd; ++x) dht[x] = ghs ? dh_p[x] + ghs[x] : dh_p[x];
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < Hd; ++i)
+          dht[b * Hd + i] = ghs ? dh_p[b * Hd + i] + ghs[b * g_hs_row + i] : dh_p[b * Hd + i];
       matrix_times(gpe, w_int_c.data_ptr<T_>(), dht, B, E, Hd, true);
       const T_* ci = step_at<T_>(c_in, t);
       T_* dc_p = dc.data_ptr<T_>();
@@ -979,12 +1006,12 @@ std::vector<at::Tensor> mnm_backward(
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
-    bool gradient_rule, bool tanh_act, double eps) {
+    bool gradient_rule, bool tanh_act, double eps, double recon_scale) {
   return backward_into(g_hs, g_reads, g_after, g_before, g_values, g_beta, g_c_final, g_m_final,
                        gates_x, keep, m0, last_post, u_in, c_in, write_acts, write_scaled,
                        read_acts, ended, gates_all, e_all, raw_all, hs, w_rec, w_int, b_int,
                        w_beta, b_beta, w_fb, b_fb, m_init, n_heads, gradient_rule, tanh_act, eps,
-                       nullptr);
+                       recon_scale, nullptr);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1101,7 +1128,7 @@ std::vector<at::Tensor> mnm_backward_parts(
     const at::Tensor& hs, const at::Tensor& w_rec, const at::Tensor& w_int,
     const at::Tensor& b_int, const at::Tensor& w_beta, const at::Tensor& b_beta,
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
-    bool gradient_rule, bool tanh_act, double eps) {
+    bool gradient_rule, bool tanh_act, double eps, double recon_scale) {
   TORCH_CHECK(gates_x.dim() == 3 && m0.dim() == 4,
               "gates_x must be [T, B, 4 * hidden] and the fast weights [B, L, D, D]");
   const int64_t B = gates_x.size(1), Hd = gates_x.size(2) / 4;
@@ -1132,7 +1159,7 @@ std::vector<at::Tensor> mnm_backward_parts(
         saved[kSavedPerPart * i + 4], saved[kSavedPerPart * i + 5], saved[kSavedPerPart * i + 6],
         saved[kSavedPerPart * i + 7], saved[kSavedPerPart * i + 8], saved[kSavedPerPart * i + 9],
         rows(hs, 1, b0, b1), w_rec, w_int, per_step_int ? rows(b_int, 1, b0, b1) : b_int, w_beta,
-        b_beta, w_fb, b_fb, m_init, n_heads, gradient_rule, tanh_act, eps, &into);
+        b_beta, w_fb, b_fb, m_init, n_heads, gradient_rule, tanh_act, eps, recon_scale, &into);
   });
   // g_gates [T, B, ...]; dh, dc, dr, g_m0 [B, ...]; the weights' gradients summed, except a
   // per-step b_int's, which is per sequence.
