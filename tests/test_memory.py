@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
@@ -361,11 +362,18 @@ def test_diagnostics_are_computed_in_the_autograd_mode_they_were_made_in():
     torch.testing.assert_close(quiet["recon_after"], aux["recon_after"].detach())
 
 
-def test_diagnostics_summary_reads_every_mean_and_the_largest_norm_at_once():
+@pytest.mark.parametrize("compiled", [True, False], ids=["kernel", "torch"])
+def test_diagnostics_summary_reads_every_mean_and_the_largest_norm_at_once(compiled, monkeypatch):
     """What PPO logs of an MNM core's diagnostics: each key's mean, the memory loss
-    (``memory_loss``'s value) and the largest fast-weight norm, as floats, without gradients."""
+    (``memory_loss``'s value) and the largest fast-weight norm, as floats, without gradients,
+    by the compiled kernels' one call or by PyTorch; a NaN norm makes the largest NaN."""
+    from mnm_rl.memory import fused
     from mnm_rl.memory.base import AUX_KEYS, diagnostics_summary, memory_loss
 
+    if not compiled:
+        monkeypatch.setattr(fused, "load_extension", lambda: None)
+    elif fused.load_extension() is None:
+        pytest.skip("the compiled kernels are not built here")
     core = MNMCore(6, hidden_size=8, memory_size=8, n_heads=2, n_layers=2)
     x = torch.randn(5, 3, 6)
     starts = torch.zeros(5, 3)
@@ -382,3 +390,7 @@ def test_diagnostics_summary_reads_every_mean_and_the_largest_norm_at_once():
     assert summary["memory_loss"] == pytest.approx(memory_loss(aux).item(), rel=1e-6)
     assert summary["max_fast_weight_norm"] == aux["fast_weight_norm"].max().item()
     assert summary["recon_retained"] > 0 and summary["max_fast_weight_norm"] > 0
+    norm = aux["fast_weight_norm"].detach().clone()
+    norm[3, 2] = float("nan")
+    with_nan = diagnostics_summary({**aux, "fast_weight_norm": norm})
+    assert math.isnan(with_nan["max_fast_weight_norm"])

@@ -32,13 +32,23 @@ def memory_loss(aux: Mapping[str, Tensor]) -> Tensor:
 def diagnostics_summary(aux: Mapping[str, Tensor]) -> dict[str, float]:
     """What a training log reads of a core's diagnostics ``aux`` (:data:`AUX_KEYS`, each ``[T,
     B]``), as host numbers in one pass: the mean of each key, ``memory_loss`` (the value of
-    :func:`memory_loss`) and ``max_fast_weight_norm``. Without gradients; the means are taken
-    together, so they may differ from each key's own ``mean()`` in the last bits. (A dozen
-    separate reductions and host reads cost an MNM core's PPO update about 2%.)"""
-    with torch.no_grad():
-        stacked = torch.stack([aux[key] for key in AUX_KEYS])
-        means = dict(zip(AUX_KEYS, stacked.mean(dim=(1, 2)).tolist(), strict=True))
-        largest = stacked[AUX_KEYS.index("fast_weight_norm")].max().item()
+    :func:`memory_loss`) and ``max_fast_weight_norm`` (NaN if any norm is). Without gradients;
+    on a CPU by one call of the compiled kernels (``summary_statistics``, sums in double), else
+    by one stacked reduction, so the means may differ from each key's own ``mean()`` in the
+    last bits. (A dozen separate reductions and host reads cost an MNM core's PPO update about
+    2%.)"""
+    from mnm_rl.memory import fused  # which imports this module
+
+    tensors = [aux[key] for key in AUX_KEYS]
+    kernel = fused.load_extension() if all(t.device.type == "cpu" for t in tensors) else None
+    if kernel is not None and all(t.dtype in (torch.float32, torch.float64) for t in tensors):
+        *values, largest = kernel.summary_statistics(tensors)
+        means = dict(zip(AUX_KEYS, values, strict=True))
+    else:
+        with torch.no_grad():
+            stacked = torch.stack(tensors)
+            means = dict(zip(AUX_KEYS, stacked.mean(dim=(1, 2)).tolist(), strict=True))
+            largest = stacked[AUX_KEYS.index("fast_weight_norm")].max().item()
     return {
         **means,
         "memory_loss": means["recon_after"] + means["recon_retained"],

@@ -57,6 +57,9 @@ std::vector<at::Tensor> mnm_backward_parts(
     const at::Tensor& w_fb, const at::Tensor& b_fb, const at::Tensor& m_init, int64_t n_heads,
     bool gradient_rule, bool tanh_act, double eps, double recon_scale);
 
+// summary.cpp: the mean of each tensor, then the largest element of the last (NaN if any is).
+std::vector<double> summary_statistics(const std::vector<at::Tensor>& tensors);
+
 // lstm_sequence.cpp: an LSTM with episode resets (see there).
 std::vector<at::Tensor> lstm_forward(const at::Tensor& gates_x, const at::Tensor& keep,
                                      const at::Tensor& h0, const at::Tensor& c0,

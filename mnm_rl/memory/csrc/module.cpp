@@ -32,6 +32,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("reconstruction_errors", &mnm_rl::reconstruction_errors,
         "[2, ...]: mean over the last two dims of (after - values)^2, then of (before - values)^2");
+  m.def("summary_statistics", &mnm_rl::summary_statistics,
+        "[mean of each tensor..., the largest element of the last] as floats, in one pass");
   m.def(
       "dense_product",
       [](const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& out) {
