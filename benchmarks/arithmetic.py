@@ -37,12 +37,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import time
 from collections.abc import Iterator
 
 import torch
+from throughput import environment_variable
 from torch.utils.flop_counter import FlopCounterMode
 
 from mnm_rl import native
@@ -61,18 +61,9 @@ GATE_BLOCKS = {"lstm": 4, "gru": 3}
 SEQ_LEN = 16
 
 
-@contextlib.contextmanager
-def compiled_kernels_off() -> Iterator[None]:
+def compiled_kernels_off() -> contextlib.AbstractContextManager[None]:
     """The compiled kernels switched off (``MNM_RL_FUSED=0``) inside, as before outside."""
-    before = os.environ.get(native.SWITCH_VARIABLE)
-    os.environ[native.SWITCH_VARIABLE] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[native.SWITCH_VARIABLE]
-        else:
-            os.environ[native.SWITCH_VARIABLE] = before
+    return environment_variable(native.SWITCH_VARIABLE, "0")
 
 
 def step_flops(kind: str, kwargs: dict, width: int, features: int) -> tuple[float, float]:
@@ -108,14 +99,12 @@ def gemm_gflops(size: int, repeats: int = 5) -> float:
 def one_kernel_thread() -> Iterator[None]:
     """The fused kernel on one thread inside (``MNM_RL_KERNEL_THREADS`` unset there too); after,
     the environment as before and the kernel's own setting back at its default (``None``)."""
-    before_env = os.environ.pop(fused.KERNEL_THREADS_VARIABLE, None)
     fused.set_kernel_threads(1)
     try:
-        yield
+        with environment_variable(fused.KERNEL_THREADS_VARIABLE, None):
+            yield
     finally:
         fused.set_kernel_threads(None)
-        if before_env is not None:
-            os.environ[fused.KERNEL_THREADS_VARIABLE] = before_env
 
 
 def kernel_pass_ms(kind: str, kwargs: dict, width: int, features: int, batch: int,

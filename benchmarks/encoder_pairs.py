@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 
 import torch
 from kernel_pairs import pair_speedup, time_train_calls
+from throughput import environment_variable
 
 from mnm_rl.agent import explicit
 
@@ -44,18 +44,9 @@ def use_compiled(model) -> None:
         raise RuntimeError("this agent's observations have no grid for the compiled path")
 
 
-@contextlib.contextmanager
-def autograd_only():
+def autograd_only() -> contextlib.AbstractContextManager[None]:
     """``MNM_RL_EXPLICIT_BACKWARD=0`` inside, as it was after."""
-    before = os.environ.get(explicit.SWITCH_VARIABLE)
-    os.environ[explicit.SWITCH_VARIABLE] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[explicit.SWITCH_VARIABLE]
-        else:
-            os.environ[explicit.SWITCH_VARIABLE] = before
+    return environment_variable(explicit.SWITCH_VARIABLE, "0")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

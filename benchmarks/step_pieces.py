@@ -29,8 +29,8 @@ Prints a table and, last, a JSON object ``{"rounds", "calls", "pieces": {piece: 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -38,6 +38,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from gymnasium import spaces
+from throughput import environment_variable
 
 from mnm_rl import native
 from mnm_rl.agent import action_heads, policy_step, ppo_loss
@@ -163,21 +164,13 @@ def training_heads(args: argparse.Namespace) -> Callable[[], None]:
 def time_calls(call: Callable[[], None], calls: int, switch: tuple[str, str] | None) -> float:
     """Microseconds per call, with the environment variable ``switch = (name, value)`` set
     meanwhile."""
-    name, value = switch if switch is not None else (native.SWITCH_VARIABLE, None)
-    before = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
+    switched = environment_variable(*switch) if switch is not None else contextlib.nullcontext()
+    with switched:
         call()  # warm
         start = time.perf_counter()
         for _ in range(calls):
             call()
         return (time.perf_counter() - start) / calls * 1e6
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -59,6 +59,7 @@ The last line printed is a JSON object (see ``summary``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -67,6 +68,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 AGENTS = ("sb3-contrib", "mlp", "lstm", "gru", "mnm-p", "mnm-g", "mnm-p:2x2", "mnm-p:1x1")
@@ -396,6 +398,24 @@ def build_agent(name: str, args: argparse.Namespace, env, device: str):
         ),
         **common,
     )
+
+
+@contextlib.contextmanager
+def environment_variable(name: str, value: str | None) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` inside (unset for ``None``), and
+    after as it was before."""
+    before = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def apply_suffixes(name: str) -> None:

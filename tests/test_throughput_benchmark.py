@@ -205,3 +205,18 @@ def test_every_agent_gets_each_minigrid_speedup_unless_told_not_to(
     env = throughput.make_env(args)
     assert not any(has_it(e) for e in env.envs)
     env.close()
+
+
+@pytest.mark.parametrize("before", [None, "7"])
+@pytest.mark.parametrize("inside", [None, "0"])
+def test_environment_variable_inside_and_restored(throughput, monkeypatch, before, inside):
+    name = "MNM_RL_TEST_ONLY_VARIABLE"
+    if before is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, before)
+    with pytest.raises(RuntimeError, match="inside"):
+        with throughput.environment_variable(name, inside):
+            assert os.environ.get(name) == inside
+            raise RuntimeError("inside")  # restored on the way out of an error too
+    assert os.environ.get(name) == before
