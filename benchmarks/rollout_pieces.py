@@ -10,10 +10,12 @@ MiniGrid-MemoryS7, 8 envs x 128 steps, one torch thread; a warm-up rollout first
 piece's wall time per rollout step of the 8 envs (microseconds). Inside ``act_later``: gathering
 the compiled step's arguments (``StepPlan.call``), beginning it on the step thread
 (``launch_call``: MNM cores) or running it here (``run_call``). ``wait`` is the time the
-rollout waits for a step begun on the thread. ``rest`` is the rollout's time outside the pieces
-listed at the top level, the steps of time-limit bootstraps included (their ``run_call`` is
-counted in its row too, and their wait for the step under way in ``wait``). Each timer adds
-about half a microsecond to its piece.
+rollout waits for a step begun on the thread. ``callbacks`` are the callbacks' ``on_step`` and
+``update_locals`` (since the forty-fourth session), ``episode statistics`` the info buffer's
+update for ended episodes, ``bootstraps`` the time-limit bootstraps (their compiled steps'
+``run_call`` counted in its row too, and their wait for the step under way in ``wait``).
+``rest`` is the rollout's time outside the pieces listed at the top level: the loop's own
+Python. Each timer adds about half a microsecond to its piece.
 
 Each config runs in a process of its own (one config's agent, threads and variables do not
 touch the next one's). Prints a table (a column per config) and, as its last line, a JSON object
@@ -38,22 +40,35 @@ import throughput  # noqa: E402
 
 #: The pieces, in the table's order; those inside ``act_later`` indented.
 PIECES = ["act_later", "  StepPlan.call", "  launch_call", "  run_call", "wait", "env.step",
-          "store_next", "add_outputs", "rest", "rollout"]  # fmt: skip
+          "store_next", "add_outputs", "callbacks", "episode statistics", "bootstraps", "rest",
+          "rollout"]  # fmt: skip
+#: The pieces whose sum with ``rest`` is the rollout.
+TOP = ("act_later", "wait", "env.step", "store_next", "add_outputs", "callbacks",
+       "episode statistics", "bootstraps")  # fmt: skip
 
 
-def _timed(function, seconds: dict[str, float], name: str):
+def _timed(function, seconds: dict[str, float], name: str, depth: dict[str, int]):
+    """``function`` timed into ``seconds[name]``: its outermost calls only (a callback list's
+    ``on_step`` calls its callbacks' own)."""
+
     def timed(*args, **kwargs):
-        start = time.perf_counter()
+        depth[name] += 1
+        outermost = depth[name] == 1
+        start = time.perf_counter() if outermost else 0.0
         try:
             return function(*args, **kwargs)
         finally:
-            seconds[name] += time.perf_counter() - start
+            depth[name] -= 1
+            if outermost:
+                seconds[name] += time.perf_counter() - start
 
     return timed
 
 
 def measure(config: str, args: argparse.Namespace) -> dict[str, float]:
     """Microseconds per rollout step of each piece of ``config``'s rollouts."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
     from mnm_rl.agent import policy, policy_step
 
     name = throughput.split_suffixes(config)[0]
@@ -74,10 +89,15 @@ def measure(config: str, args: argparse.Namespace) -> dict[str, float]:
         (policy_step, "launch_call", "  launch_call"),
         (policy_step, "run_call", "  run_call"),
         (policy.PendingStep, "__call__", "wait"),
+        (BaseCallback, "on_step", "callbacks"),
+        (BaseCallback, "update_locals", "callbacks"),
+        (model, "_update_info_buffer", "episode statistics"),
+        (model, "_bootstrap_truncated", "bootstraps"),
     ]
     originals = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in patched]
+    depth: dict[str, int] = defaultdict(int)
     for owner, attribute, piece in patched:
-        setattr(owner, attribute, _timed(getattr(owner, attribute), seconds, piece))
+        setattr(owner, attribute, _timed(getattr(owner, attribute), seconds, piece, depth))
     try:
         model.learn(setting.n_steps * setting.n_envs * args.rollouts, reset_num_timesteps=False)
     finally:
@@ -86,8 +106,7 @@ def measure(config: str, args: argparse.Namespace) -> dict[str, float]:
         env.close()
     steps = setting.n_steps * args.rollouts
     # the last value's step and time-limit bootstraps are steps too: per rollout step of 8 envs
-    top = ("act_later", "wait", "env.step", "store_next", "add_outputs")
-    seconds["rest"] = seconds["rollout"] - sum(seconds[piece] for piece in top)
+    seconds["rest"] = seconds["rollout"] - sum(seconds[piece] for piece in TOP)
     return {piece: 1e6 * seconds[piece] / steps for piece in PIECES}
 
 

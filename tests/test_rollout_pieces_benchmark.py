@@ -27,8 +27,11 @@ def test_times_each_piece_of_the_rollout_and_prints_a_json_last_line(rollout_pie
         assert pieces["rollout"] > pieces["env.step"] > 0
         assert pieces["act_later"] > pieces["  StepPlan.call"] > 0
         assert pieces["rest"] > 0
-        top = ("act_later", "wait", "env.step", "store_next", "add_outputs", "rest")
-        assert sum(pieces[p] for p in top) == pytest.approx(pieces["rollout"])
+        assert sum(pieces[p] for p in (*rollout_pieces.TOP, "rest")) == pytest.approx(
+            pieces["rollout"]
+        )
+        assert pieces["callbacks"] > 0  # every step calls them
+        assert pieces["episode statistics"] >= 0 and pieces["bootstraps"] >= 0
     # an MLP policy's steps run here; an MNM policy's are begun on the thread and waited for
     assert mlp["  run_call"] > 0 and mlp["  launch_call"] == 0
     assert mnm["  launch_call"] > 0 and mnm["wait"] > mlp["wait"]
@@ -42,3 +45,26 @@ def test_bad_arguments_exit_with_status_2(rollout_pieces, argv):
     with pytest.raises(SystemExit) as exit_info:
         rollout_pieces.parse_args(argv)
     assert exit_info.value.code == 2
+
+
+def test_nested_calls_of_a_piece_are_timed_once(rollout_pieces):
+    from collections import defaultdict
+
+    seconds, depth = defaultdict(float), defaultdict(int)
+    calls = []
+
+    def callback(children: int) -> None:
+        calls.append(children)
+        for _ in range(children):
+            timed(0)  # a callback list calling its callbacks' own on_step
+
+    timed = rollout_pieces._timed(callback, seconds, "callbacks", depth)
+    clock = iter([0.0, 10.0])  # the outer call's start and end: the inner ones read no clock
+    original = rollout_pieces.time.perf_counter
+    rollout_pieces.time.perf_counter = lambda: next(clock)
+    try:
+        timed(2)
+    finally:
+        rollout_pieces.time.perf_counter = original
+    assert calls == [2, 0, 0]
+    assert seconds["callbacks"] == 10.0 and depth["callbacks"] == 0
