@@ -40,6 +40,7 @@ import json
 import statistics
 import time
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 from throughput import environment_variable
@@ -107,14 +108,11 @@ def one_kernel_thread() -> Iterator[None]:
         fused.set_kernel_threads(None)
 
 
-def kernel_pass_ms(kind: str, kwargs: dict, width: int, features: int, batch: int,
-                   calls: int) -> tuple[float, float]:  # fmt: skip
+def kernel_pass_ms(kernel: ModuleType, kind: str, kwargs: dict, width: int, features: int,
+                   batch: int, calls: int) -> tuple[float, float]:  # fmt: skip
     """Median ms of the fused kernel's training pass (forward, backward) over ``batch``
     sequences of :data:`SEQ_LEN` steps, on one thread, as a PPO update runs it
     (``fused.explicit_sequence``, an episode starting in one sequence half-way)."""
-    kernel = fused.load_extension()
-    if kernel is None:
-        raise RuntimeError("the fused kernel is not built (or MNM_RL_FUSED=0)")
     core = make_core(kind, features, hidden_size=width, **kwargs)
     x = torch.randn(SEQ_LEN, batch, features)
     starts = torch.zeros(SEQ_LEN, batch)
@@ -135,12 +133,11 @@ def kernel_pass_ms(kind: str, kwargs: dict, width: int, features: int, batch: in
     return statistics.median(forward) * 1e3, statistics.median(backward) * 1e3
 
 
-def tile_gflops(rows: int = 1024, inner: int = 64, cols: int = 256, calls: int = 200) -> float:
+def tile_gflops(
+    kernel: ModuleType, rows: int = 1024, inner: int = 64, cols: int = 256, calls: int = 200
+) -> float:
     """Median rate of the kernels' own dense products (``dense_products.h``, through the
     extension's ``linear_forward`` on one thread) for ``[rows x inner] x [inner x cols]``."""
-    kernel = fused.load_extension()
-    if kernel is None:
-        raise RuntimeError("the fused kernel is not built (or MNM_RL_FUSED=0)")
     x, weight = torch.randn(rows, inner), torch.randn(cols, inner)
     times = []
     for call in range(calls + 3):
@@ -167,6 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.kernel_batch < 1 or args.kernel_calls < 0:
         p.error("--kernel-batch must be >= 1 and --kernel-calls >= 0")
+    kernel = fused.load_extension() if args.kernel_calls > 0 else None
+    if args.kernel_calls > 0 and kernel is None:
+        p.error(
+            "the fused kernel is not built (or MNM_RL_FUSED=0): time it or pass --kernel-calls 0"
+        )
     torch.set_num_threads(1)
     torch.manual_seed(0)
     gflops = gemm_gflops(args.gemm_size)
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     result = {"gemm_gflops": gflops, "n_epochs": args.n_epochs, "cores": rows}
     if args.kernel_calls > 0:
-        result["tile_gflops"] = tiles = tile_gflops()
+        result["tile_gflops"] = tiles = tile_gflops(kernel)
         result["kernel_batch"] = args.kernel_batch
         print(f"\nthe kernels' dense product tiles, [1024 x 64] x [64 x 256]: {tiles:.1f} GFLOP/s")
         print(f"fused training pass, {args.kernel_batch} sequences x {SEQ_LEN} steps, one thread "
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, (kind, kwargs) in CONFIGS.items():
             if kind in GATE_BLOCKS:
                 continue
-            fwd_ms, bwd_ms = kernel_pass_ms(kind, kwargs, args.width, args.features,
+            fwd_ms, bwd_ms = kernel_pass_ms(kernel, kind, kwargs, args.width, args.features,
                                             args.kernel_batch, args.kernel_calls)  # fmt: skip
             work = rows[name]["forward_backward_mflop"] * 1e6 * SEQ_LEN * args.kernel_batch
             rate = work / ((fwd_ms + bwd_ms) * 1e-3) / 1e9

@@ -85,9 +85,19 @@ def test_kernel_pass_on_one_thread(arithmetic, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(fused, "explicit_sequence", spy)
-    arithmetic.kernel_pass_ms("mnm-p", {"n_heads": 1, "n_layers": 1}, 16, 8, 4, 1)
+    kernel = built(fused.EXTENSION)
+    arithmetic.kernel_pass_ms(kernel, "mnm-p", {"n_heads": 1, "n_layers": 1}, 16, 8, 4, 1)
     assert seen == [1] * 4  # three warm-up calls and one timed
     assert fused.kernel_threads() == 2
+
+
+def test_kernel_timings_without_the_kernel_exit_2(arithmetic, monkeypatch, capsys):
+    monkeypatch.setenv(native.SWITCH_VARIABLE, "0")
+    with pytest.raises(SystemExit) as exit_info:
+        arithmetic.main(["--kernel-calls", "2"])
+    assert exit_info.value.code == 2
+    assert "--kernel-calls 0" in capsys.readouterr().err
+    assert arithmetic.main(["--kernel-calls", "0"])["cores"]["mnm-p"]["forward_mflop"] > 0
 
 
 def test_bad_arguments_exit_2(arithmetic):
