@@ -1,4 +1,4 @@
-"""The ``mnm-rl`` command line: train, eval, record, plot, sweep, list.
+"""The ``mnm-rl`` command line: train, eval, record, plot, sweep, list, build.
 
 Bad input (unknown env or agent, a bad ``--set``, a missing run, a file that is not a
 checkpoint, non-positive numbers) ends with one line ``mnm-rl: error: ...`` on stderr and exit
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Recurrent PPO with Metalearned Neural Memory: train, evaluate, record, plot.",
         epilog="On a CPU the MNM cores (and the lstm and gru cores, the features extractor's "
         "layer over a symbol grid, a rollout step's action heads and draw, and an update's PPO "
-        "loss) run C++ kernels, compiled on first use (about 30 s, cached); MNM_RL_FUSED=0 in "
+        "loss) run C++ kernels, compiled on first use (cached; 'mnm-rl build' compiles them all "
+        "at once, and 'mnm-rl train' on a CPU does before it starts); MNM_RL_FUSED=0 in "
         "the environment runs the same equations in plain PyTorch. "
         "The kernel keeps the memory it frees for reuse (glibc); MNM_RL_RETAIN_MEMORY=0 hands it "
         "back to the OS. MNM_RL_KERNEL_THREADS=N (or --set train.kernel_threads=N) lets the MNM "
@@ -185,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
 
     sub.add_parser("list", help="list env and agent presets")
+
+    build = sub.add_parser(
+        "build",
+        help="compile the C++ kernels now, several at once (else each compiles when first needed)",
+    )
+    build.add_argument(
+        "--jobs", type=_positive_int, help="builds at a time (default: the CPUs this process has)"
+    )
     return parser
 
 
@@ -266,6 +275,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             run_dir = new_run_dir(args.root, config.env.name, config.agent.name, config.train.seed)
     from mnm_rl.training import train_run  # heavy: torch, SB3
 
+    _build_kernels(config.train.device)
     save_config(run_dir, config)
     verb = f"resuming {checkpoint}" if checkpoint else "training"
     print(
@@ -294,6 +304,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         _write_report(report, run_dir / EVAL_FILE)
     return 0
+
+
+def _build_kernels(device: str) -> None:
+    """For a run on the CPU, compile the kernels not built yet, several at once, before the run
+    would compile them one after another as it first needs each (a kernel that cannot be built
+    warns again when the run asks for it, and the PyTorch code runs)."""
+    import time
+
+    import torch
+
+    from mnm_rl import native
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return
+    modules = native.unbuilt_modules()
+    if not modules:
+        return
+    print(
+        f"mnm-rl: compiling {len(modules)} C++ kernels (first use; cached for later runs)",
+        flush=True,
+    )
+    start = time.perf_counter()
+    failed = [result for result in native.build_in_parallel(modules) if result.error]
+    done = f"mnm-rl: compiled in {time.perf_counter() - start:.0f} s"
+    print(done + (f"; {len(failed)} could not be built" if failed else ""), flush=True)
 
 
 EXIT_NONFINITE = 3
@@ -501,6 +536,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     import_ray()  # fail fast, with the install hint
     spec = _sweep_spec(args)
     where = f"Ray at {args.address}" if args.address else "a local Ray"
+    if args.address is None:  # the trials here would each wait for the first to build them
+        _build_kernels("auto")
     print(f"mnm-rl: sweep {spec.name!r}: {spec.n_trials()} trials on {where}", flush=True)
     rows = run_sweep(
         spec,
@@ -541,7 +578,35 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- build
+def cmd_build(args: argparse.Namespace) -> int:
+    """Compile every kernel not built yet, ``--jobs`` at a time; status 1 if one cannot be."""
+    from mnm_rl import native
+
+    if not native.compiled_enabled():
+        print(f"mnm-rl: compiled kernels are switched off ({native.SWITCH_VARIABLE}=0)")
+        return 0
+    extensions = native.package_extensions()
+    unbuilt = native.unbuilt_modules()
+    width = max(len(extension.what) for extension in extensions.values())
+    for module, extension in extensions.items():
+        if module not in unbuilt:
+            print(f"  {extension.what:<{width}}  built already")
+    if unbuilt:
+        jobs = args.jobs or native.usable_cpus()
+        print(f"mnm-rl: compiling {len(unbuilt)} kernels, {jobs} at a time", flush=True)
+    results = native.build_in_parallel(unbuilt, args.jobs)
+    for result in results:
+        built = f"built in {result.seconds:.0f} s"
+        outcome = f"not built: {result.error}" if result.error else built
+        print(f"  {extensions[result.module].what:<{width}}  {outcome}")
+    directory = native.build_directory(next(iter(extensions.values())).name).parent
+    print(f"mnm-rl: kernels cached under {directory}")
+    return 1 if any(result.error for result in results) else 0
+
+
 COMMANDS = {
+    "build": cmd_build,
     "train": cmd_train,
     "eval": cmd_eval,
     "record": cmd_record,

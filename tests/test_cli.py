@@ -228,6 +228,7 @@ def bad_inputs(run: Path, tmp: Path) -> list[tuple[list, str]]:
         (["train", "--set", "agent.ppo.n_steps=abc"], "agent.ppo.n_steps"),
         (["train", "--set", "train.n_envs=2.5"], "train.n_envs"),
         (["train", "--set", "train.kernel_threads=0"], "train.kernel_threads"),
+        (["build", "--jobs", "0"], "--jobs"),
         (["train", "--set", "train.env_workers=-1"], "train.env_workers"),
         (["train", "--n-envs", "2", "--set", "train.env_workers=2"], "below n_envs (2)"),
         (["train", "--set", "agent.ppo.n_steps=30"], "multiple of seq_len"),

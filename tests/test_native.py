@@ -116,3 +116,93 @@ def test_a_file_system_that_refuses_the_lock_still_builds(tmp_path, monkeypatch)
         with native.build_directory_lock(tmp_path):
             entered.append(True)
     assert entered and (tmp_path / native.TORCH_LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------- building several at once
+TINY = ["tiny_kernel_a", "tiny_kernel_b", "broken_kernel"]
+
+
+def test_the_package_lists_every_extension_it_defines():
+    import importlib
+    import pkgutil
+
+    import mnm_rl
+
+    defined = set()
+    for info in pkgutil.walk_packages(mnm_rl.__path__, "mnm_rl."):
+        if info.name.endswith("__main__"):  # runs the command line when imported
+            continue
+        module = importlib.import_module(info.name)
+        defined |= {v.name for v in vars(module).values() if isinstance(v, native.LazyExtension)}
+    listed = {extension.name for extension in native.package_extensions().values()}
+    assert listed == defined and len(listed) == len(native.EXTENSION_MODULES)
+
+
+def test_a_parallel_build_builds_what_is_not_built_and_reports_what_fails(with_tiny_extensions):
+    import importlib
+
+    assert native.unbuilt_modules(TINY) == TINY
+    results = native.build_in_parallel(TINY, jobs=2)
+    assert [result.module for result in results] == TINY
+    assert [bool(result.error) for result in results] == [False, False, True]
+    assert results[2].error.startswith("mnm-rl: the test's broken_kernel could not be built")
+    assert all(result.seconds > 0 for result in results)
+    assert native.unbuilt_modules(TINY) == ["broken_kernel"]
+    assert importlib.import_module("tiny_kernel_a").EXTENSION.load().answer() == 42
+
+    # a changed source: ninja has work to do again, so it is not built
+    source = with_tiny_extensions / "tiny_kernel_b.cpp"
+    later = source.stat().st_mtime + 10
+    os.utime(source, (later, later))
+    assert native.unbuilt_modules(TINY[:2]) == ["tiny_kernel_b"]
+    assert native.build_in_parallel(["tiny_kernel_b"])[0].error == ""
+    assert native.unbuilt_modules(TINY[:2]) == []
+
+
+def test_switched_off_nothing_is_left_to_build(monkeypatch):
+    monkeypatch.setenv(native.SWITCH_VARIABLE, "0")
+    assert native.unbuilt_modules() == []
+
+
+def test_a_parallel_build_needs_a_positive_job_count():
+    with pytest.raises(ValueError, match="jobs must be positive"):
+        native.build_in_parallel(["mnm_rl.agent.ppo_loss"], jobs=0)
+    assert native.build_in_parallel([]) == []
+
+
+def test_the_build_command_reports_each_kernel_and_fails_on_one_not_built(
+    with_tiny_extensions, monkeypatch, capsys
+):
+    from mnm_rl import cli
+
+    monkeypatch.setattr(native, "EXTENSION_MODULES", tuple(TINY))
+    status = cli.main(["build", "--jobs", "1"])
+    out = capsys.readouterr().out
+    assert status == 1, out
+    assert "the test's broken_kernel  not built: mnm-rl: the test's broken_kernel" in out
+    for module in TINY[:2]:
+        assert f"the test's {module}  built" in out  # built now, or already
+    monkeypatch.setattr(native, "EXTENSION_MODULES", tuple(TINY[:2]))
+    assert cli.main(["build"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("built already") == 2 and "compiling" not in out
+    monkeypatch.setenv(native.SWITCH_VARIABLE, "0")
+    assert cli.main(["build"]) == 0
+    assert "switched off (MNM_RL_FUSED=0)" in capsys.readouterr().out
+
+
+def test_training_on_a_cpu_builds_the_missing_kernels_first(with_tiny_extensions, monkeypatch,
+                                                           capsys):  # fmt: skip
+    from mnm_rl import cli
+
+    monkeypatch.setattr(native, "EXTENSION_MODULES", ("tiny_kernel_a",))
+    later = (with_tiny_extensions / "tiny_kernel_a.cpp").stat().st_mtime + 20
+    os.utime(with_tiny_extensions / "tiny_kernel_a.cpp", (later, later))  # to be built again
+    cli._build_kernels("cuda")  # kernels a run on the GPU does not use
+    assert capsys.readouterr().out == "" and native.unbuilt_modules() == ["tiny_kernel_a"]
+    cli._build_kernels("cpu")
+    out = capsys.readouterr().out
+    assert out.startswith("mnm-rl: compiling 1 C++ kernels (first use; cached for later runs)")
+    assert "mnm-rl: compiled in " in out and native.unbuilt_modules() == []
+    cli._build_kernels("cpu")  # nothing left to build: nothing said
+    assert capsys.readouterr().out == ""
