@@ -69,6 +69,8 @@ def build_once(way: str, modules: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import throughput
+
     from mnm_rl import native
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds must be positive, got {args.rounds}")
+    print(f"machine: {throughput.machine()}", flush=True)
     runs: dict[str, list[dict]] = {way: [] for way in WAYS}
     for round_ in range(args.rounds):
         for way in WAYS if round_ % 2 == 0 else WAYS[::-1]:
