@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import throughput
+
 ROOT = Path(__file__).resolve().parents[1]
 WAYS = ("one after another", "in parallel")
 
@@ -69,8 +71,6 @@ def build_once(way: str, modules: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import throughput
-
     from mnm_rl import native
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
