@@ -694,6 +694,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         + ("" if args.phase == "learn" else f" of the {args.phase} alone"),
         flush=True,
     )
+    throughput.build_kernels()
     with tempfile.TemporaryDirectory(prefix="learn_pairs_") as folder:
         if args.twins:
             checkout = export_revision(args.against_commit, Path(folder))

@@ -599,6 +599,19 @@ def _spawn(name: str, argv: list[str]) -> dict[str, Any]:
     return run_worker(cmd, f"worker {name}")
 
 
+def build_kernels() -> list[str]:
+    """Compile the package's kernels that are not built yet, several at once (as ``mnm-rl build``
+    does), before the configs would build them one after another as each first needs them;
+    says so when it does. Returns the modules it built."""
+    from mnm_rl import native
+
+    modules = native.unbuilt_modules()
+    if modules:
+        print(f"compiling {len(modules)} kernels first (in parallel)", flush=True)
+        native.build_in_parallel(modules)
+    return modules
+
+
 def machine() -> str:
     import torch
 
@@ -736,6 +749,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.rounds} rounds x {args.rollouts} timed rollouts",
         flush=True,
     )
+    if args.device == "cpu":
+        build_kernels()
     passthrough = [a for a in raw if a != "--quick"]
     passthrough += ["--rollouts", str(args.rollouts)]
     if args.quick:

@@ -220,3 +220,18 @@ def test_environment_variable_inside_and_restored(throughput, monkeypatch, befor
             assert os.environ.get(name) == inside
             raise RuntimeError("inside")  # restored on the way out of an error too
     assert os.environ.get(name) == before
+
+
+def test_the_kernels_not_built_are_built_first_and_in_one_go(
+    throughput, with_tiny_extensions, monkeypatch, capsys
+):
+    from mnm_rl import native
+
+    monkeypatch.setattr(native, "EXTENSION_MODULES", ("tiny_kernel_a", "tiny_kernel_b"))
+    later = (with_tiny_extensions / "tiny_kernel_a.cpp").stat().st_mtime + 30
+    os.utime(with_tiny_extensions / "tiny_kernel_a.cpp", (later, later))  # a changed source
+    native.build_in_parallel(["tiny_kernel_b"])
+    capsys.readouterr()
+    assert throughput.build_kernels() == ["tiny_kernel_a"]
+    assert capsys.readouterr().out == "compiling 1 kernels first (in parallel)\n"
+    assert throughput.build_kernels() == [] and capsys.readouterr().out == ""
