@@ -228,9 +228,7 @@ def test_the_kernels_not_built_are_built_first_and_in_one_go(
     from mnm_rl import native
 
     monkeypatch.setattr(native, "EXTENSION_MODULES", ("tiny_kernel_a", "tiny_kernel_b"))
-    later = (with_tiny_extensions / "tiny_kernel_a.cpp").stat().st_mtime + 30
-    os.utime(with_tiny_extensions / "tiny_kernel_a.cpp", (later, later))  # a changed source
-    native.build_in_parallel(["tiny_kernel_b"])
+    native.build_in_parallel(["tiny_kernel_b"])  # built; a is not
     capsys.readouterr()
     assert throughput.build_kernels() == ["tiny_kernel_a"]
     assert capsys.readouterr().out == "compiling 1 kernels first (in parallel)\n"
