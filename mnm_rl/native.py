@@ -9,10 +9,10 @@ PPO's loss (:mod:`mnm_rl.agent.ppo_loss`) and the gradients' clipping and Adam's
 (cached under ``~/.cache/torch_extensions``, or ``TORCH_EXTENSIONS_DIR``). Without a C++
 compiler, or with ``MNM_RL_FUSED=0`` in the environment, the PyTorch code runs instead.
 
-Built one after another as a run first needs them, the six take about three minutes on two
-cores; :func:`build_in_parallel` builds the ones not yet built each in a process of its own, all
-at once, so that first use waits about as long as the slowest (``mnm-rl build``, and
-``mnm-rl train`` on a CPU before it starts).
+Built one after another as a run first needs them, the six took 217 s on two CPUs;
+:func:`build_in_parallel` builds those not built yet each in a process of its own, as many at a
+time as there are CPUs, 175 s there (``mnm-rl build``, and ``mnm-rl train`` on a CPU before it
+starts; ``benchmarks/build_time.py``).
 
 A build that was killed (Ctrl-C, a timeout) leaves torch's ``lock`` file in its build directory,
 and every later ``load`` of that extension would wait for it forever. Builds here therefore hold
@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -247,9 +248,10 @@ def build_in_parallel(modules: Sequence[str], jobs: int | None = None) -> list[B
             while waiting and len(running) < jobs:
                 name = waiting.pop(0)
                 stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: nothing blocks on it
-                process = subprocess.Popen(
+                process = subprocess.Popen(  # a session of its own: its compilers with it
                     [sys.executable, "-c", _BUILD_ONE, name],
-                    env=environment, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                    env=environment, stdout=subprocess.DEVNULL, stderr=stderr,
+                    start_new_session=True,
                 )  # fmt: skip
                 running[name] = (process, stderr, time.perf_counter())
             time.sleep(0.05)
@@ -262,10 +264,19 @@ def build_in_parallel(modules: Sequence[str], jobs: int | None = None) -> list[B
                     said = stderr.read()
                 error = "" if process.returncode == 0 else _build_error(said, process.returncode)
                 results[name] = BuildResult(name, time.perf_counter() - start, error)
-    finally:  # interrupted (Ctrl-C): no build outlives the call (the next one cleans up)
+    finally:  # interrupted (Ctrl-C): no build outlives the call (the next build of that
+        # extension removes what it left). SIGTERM to each build's session: its Python ends, and
+        # ninja, which runs each compiler in a process group of its own, stops them as it ends.
+        for process, _, _ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
         for process, stderr, _ in running.values():
-            process.kill()
-            process.wait()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGTERM ignored
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
             stderr.close()
     return [results[name] for name in modules]
 

@@ -205,3 +205,51 @@ def test_training_on_a_cpu_builds_the_missing_kernels_first(with_tiny_extensions
     assert "mnm-rl: compiled in " in out and native.unbuilt_modules() == []
     cli._build_kernels("cpu")  # nothing left to build: nothing said
     assert capsys.readouterr().out == ""
+
+
+def test_an_interrupted_parallel_build_leaves_no_process_behind(with_tiny_extensions, monkeypatch):
+    """Ctrl-C while the builds run: each build's whole session (its Python, ninja and the
+    compiler) is killed before the interrupt goes on."""
+    source = with_tiny_extensions / "tiny_kernel_a.cpp"
+    source.write_text(source.read_text() + f"// changed at {time.time()}\n")  # to build again
+    started, real_popen, real_sleep = [], subprocess.Popen, time.sleep
+
+    def recording(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    interrupted = []
+
+    def interrupt_once_compiling(seconds):
+        if not interrupted and _processes_naming(source):  # the compiler of that source runs
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        real_sleep(seconds)
+
+    monkeypatch.setattr(native.subprocess, "Popen", recording)
+    monkeypatch.setattr(native.time, "sleep", interrupt_once_compiling)
+    with pytest.raises(KeyboardInterrupt):
+        native.build_in_parallel(["tiny_kernel_a"])
+    monkeypatch.undo()
+    (build,) = started
+    assert build.returncode is not None  # killed and reaped
+    for _ in range(10):  # killed ones go at once (reaped by init); a compile runs for seconds
+        if not _processes_naming(source):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"still running: {_processes_naming(source)}")
+
+
+def _processes_naming(path: Path) -> list[str]:
+    """The command lines of live processes that name ``path`` (a compiler of that source)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+            state = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # ended meanwhile
+            continue
+        if state != "Z" and any(str(path).encode() in word for word in words):
+            found.append(" ".join(w.decode(errors="replace") for w in words))
+    return found
