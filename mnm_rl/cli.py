@@ -261,6 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"the run already has {done} env steps; pass --timesteps larger than {done}"
             )
         _preflight(config)
+        _build_kernels(config.train.device)
     else:
         config = _resolve_train_config(args)
         checkpoint = None
@@ -268,6 +269,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not args.run_dir.is_dir() or any(args.run_dir.iterdir()):
                 raise ConfigError(f"--run-dir {args.run_dir} exists and is not empty; use --resume")
         _preflight(config)
+        _build_kernels(config.train.device)  # before the run folder: Ctrl-C here leaves none
         if args.run_dir is not None:
             run_dir = args.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +277,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             run_dir = new_run_dir(args.root, config.env.name, config.agent.name, config.train.seed)
     from mnm_rl.training import train_run  # heavy: torch, SB3
 
-    _build_kernels(config.train.device)
     save_config(run_dir, config)
     verb = f"resuming {checkpoint}" if checkpoint else "training"
     print(
@@ -322,13 +323,17 @@ def _build_kernels(device: str) -> None:
     if not modules:
         return
     print(
-        f"mnm-rl: compiling {len(modules)} C++ kernels (first use; cached for later runs)",
+        f"mnm-rl: compiling {_kernels(len(modules))} (first use; cached for later runs)",
         flush=True,
     )
     start = time.perf_counter()
     failed = [result for result in native.build_in_parallel(modules) if result.error]
     done = f"mnm-rl: compiled in {time.perf_counter() - start:.0f} s"
     print(done + (f"; {len(failed)} could not be built" if failed else ""), flush=True)
+
+
+def _kernels(count: int) -> str:
+    return f"{count} kernel{'' if count == 1 else 's'}"
 
 
 EXIT_NONFINITE = 3
@@ -593,8 +598,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         if module not in unbuilt:
             print(f"  {extension.what:<{width}}  built already")
     if unbuilt:
-        jobs = args.jobs or native.usable_cpus()
-        print(f"mnm-rl: compiling {len(unbuilt)} kernels, {jobs} at a time", flush=True)
+        jobs = min(args.jobs or native.usable_cpus(), len(unbuilt))
+        print(f"mnm-rl: compiling {_kernels(len(unbuilt))}, {jobs} at a time", flush=True)
     results = native.build_in_parallel(unbuilt, args.jobs)
     for result in results:
         built = f"built in {result.seconds:.0f} s"

@@ -201,7 +201,7 @@ def test_training_on_a_cpu_builds_the_missing_kernels_first(with_tiny_extensions
     assert capsys.readouterr().out == "" and native.unbuilt_modules() == ["tiny_kernel_a"]
     cli._build_kernels("cpu")
     out = capsys.readouterr().out
-    assert out.startswith("mnm-rl: compiling 1 C++ kernels (first use; cached for later runs)")
+    assert out.startswith("mnm-rl: compiling 1 kernel (first use; cached for later runs)")
     assert "mnm-rl: compiled in " in out and native.unbuilt_modules() == []
     cli._build_kernels("cpu")  # nothing left to build: nothing said
     assert capsys.readouterr().out == ""
