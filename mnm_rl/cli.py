@@ -307,10 +307,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_kernels(device: str) -> None:
-    """For a run on the CPU, compile the kernels not built yet, several at once, before the run
-    would compile them one after another as it first needs each (a kernel that cannot be built
-    warns again when the run asks for it, and the PyTorch code runs)."""
+def _build_kernels(device: str, modules: Sequence[str] | None = None) -> None:
+    """For a run on the CPU, compile the kernels of ``modules`` (by default all) not built yet,
+    several at once, before the run would compile them one after another as it first needs each
+    (a kernel that cannot be built warns again when the run asks for it, and the PyTorch code
+    runs)."""
     import time
 
     import torch
@@ -319,7 +320,7 @@ def _build_kernels(device: str) -> None:
 
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         return
-    modules = native.unbuilt_modules()
+    modules = native.unbuilt_modules(modules)
     if not modules:
         return
     print(
@@ -377,8 +378,9 @@ def _stop_on_signals():
 
 
 # -------------------------------------------------------------------------------------- eval
-def _load_for(path: Path, env_name: str | None, device: str):
-    """(policy, env spec, policy file, run folder, config) for a run folder or a model file.
+def _load_for(path: Path, env_name: str | None, device: str, kernels: Sequence[str]):
+    """(policy, env spec, policy file, run folder, config) for a run folder or a model file,
+    with the ``kernels`` (extension modules) the command will use compiled if they were not yet.
 
     Loads the safe policy file only (tensors + JSON, never a pickle)."""
     from mnm_rl.env_factory import resolve_env
@@ -397,6 +399,7 @@ def _load_for(path: Path, env_name: str | None, device: str):
 
     model = load_policy_file(policy_path, device=device)
     _check_spaces(model, spec)
+    _build_kernels(device, kernels)
     return model, spec, policy_path, run_dir, config
 
 
@@ -446,9 +449,12 @@ def _write_report(report: dict, path: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from mnm_rl.native import PREDICT_MODULES
     from mnm_rl.runs import EVAL_FILE, POLICY_FILE, slug
 
-    model, spec, model_path, run_dir, config = _load_for(args.model, args.env, args.device)
+    model, spec, model_path, run_dir, config = _load_for(
+        args.model, args.env, args.device, PREDICT_MODULES
+    )
     episodes = args.episodes or (config.train.eval_episodes if config else 0) or 100
     report = _evaluate(
         model,
@@ -476,11 +482,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ record
 def cmd_record(args: argparse.Namespace) -> int:
+    from mnm_rl.native import SEQUENCE_MODULES
     from mnm_rl.recording import VIDEO_SUFFIXES
 
     if args.out.suffix.lower() not in VIDEO_SUFFIXES:
         raise ConfigError(f"--out must end in .gif or .mp4, got {args.out}")
-    model, spec, model_path, _, _ = _load_for(args.model, args.env, args.device)
+    model, spec, model_path, _, _ = _load_for(args.model, args.env, args.device, SEQUENCE_MODULES)
     from mnm_rl.recording import (
         plot_diagnostics,
         record_episodes,

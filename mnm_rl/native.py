@@ -12,7 +12,8 @@ compiler, or with ``MNM_RL_FUSED=0`` in the environment, the PyTorch code runs i
 Built one after another as a run first needs them, the six took 217 s on two CPUs;
 :func:`build_in_parallel` builds those not built yet each in a process of its own, as many at a
 time as there are CPUs, 175 s there (``mnm-rl build``, and ``mnm-rl train`` on a CPU before it
-starts; ``benchmarks/build_time.py``).
+starts; ``benchmarks/build_time.py``). ``mnm-rl eval`` and ``record`` build only the one each
+uses (:data:`PREDICT_MODULES`, :data:`SEQUENCE_MODULES`).
 
 A build that was killed (Ctrl-C, a timeout) leaves torch's ``lock`` file in its build directory,
 and every later ``load`` of that extension would wait for it forever. Builds here therefore hold
@@ -59,6 +60,12 @@ EXTENSION_MODULES = (
     "mnm_rl.agent.ppo_loss",
     "mnm_rl.agent.gradient_step",
 )
+
+#: The one whose extension a trained policy's ``predict`` uses on a CPU (``mnm-rl eval``): the
+#: whole rollout step in one call (others only where that cannot be built or is switched off).
+PREDICT_MODULES = ("mnm_rl.agent.policy_step",)
+#: The one whose extension a policy's ``forward_sequence`` uses (``mnm-rl record``).
+SEQUENCE_MODULES = ("mnm_rl.memory.fused",)
 
 
 def compiled_enabled() -> bool:

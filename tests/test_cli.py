@@ -167,6 +167,44 @@ def test_record_writes_video_and_memory_diagnostics(run_dir: Path, workdir: Path
     assert (workdir / "ep.mp4").stat().st_size > 1000
 
 
+# Runs a command of mnm-rl as on a machine where no kernel is built yet, with the build itself
+# left out (the test session built them all): prints which extension modules the command built
+# before it ran, and which extensions it asked for while it ran.
+KERNELS_ASKED = """
+import json, sys
+from mnm_rl import cli, native
+asked, built = [], []
+load = native.LazyExtension.load
+native.LazyExtension.load = lambda self: asked.append(self.name) or load(self)
+native.unbuilt_modules = lambda modules=None: list(modules or native.EXTENSION_MODULES)
+native.build_in_parallel = lambda modules, jobs=None: built.extend(modules) or []
+status = cli.main(sys.argv[1:])
+built_names = [ext.name for ext in native.package_extensions(built).values()]
+print(json.dumps({"status": status, "asked": sorted(set(asked)), "built": built_names}))
+"""
+
+
+@pytest.mark.parametrize("command", ["eval", "record"])
+def test_eval_and_record_compile_the_kernel_they_use_first(
+    run_dir: Path, workdir: Path, tmp_path: Path, command: str
+):
+    """Where kernels are not built yet, ``eval`` and ``record`` compile the one they use
+    (:data:`mnm_rl.native.PREDICT_MODULES`, :data:`~mnm_rl.native.SEQUENCE_MODULES`), saying
+    so, before they start, and no other: not the five that only training uses."""
+    out = ["--out", str(tmp_path / "ep.gif")] if command == "record" else []
+    runs = [run_dir, tiny_memory_run(tmp_path, 128)]  # an MNM core; a grid encoder and a gru
+    for run in runs:
+        result = subprocess.run(
+            [sys.executable, "-c", KERNELS_ASKED, command, str(run), "--episodes", "2", *out],
+            cwd=workdir, capture_output=True, text=True, timeout=240,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout.splitlines()[-1])
+        assert report["status"] == 0 and "mnm-rl: compiling 1 kernel (" in result.stdout
+        assert report["asked"] == report["built"], report
+
+
 def test_plot_reads_event_files_one_line_per_agent(run_dir: Path, workdir: Path):
     ok(mnm_rl("train", *TINY, "--agent", "lstm", "--seed", "1", cwd=workdir))
     out = workdir / "curves.png"
