@@ -304,5 +304,121 @@ void rank_update(const T* M, int64_t m_stride, const T* s, const T* z, T alpha, 
   }
 }
 
+// The write and the next pass through the new weights in one sweep over the matrix: out = M +
+// alpha s^T z (as rank_update, with the squares of what it writes added to sq) and y = x out
+// for R rows x (as rows_times). Each row of out is used for y while it is still in registers,
+// instead of a second sweep reading the whole matrix back: for the forward pass's write and
+// post-write pass (a layer's weights written, then every key through them). Columns [c0, c0 +
+// NV * lanes), kM rows of z held in registers: kM * NV + R * NV + 2 NV of the 32 vector
+// registers. Each element's arithmetic and order are rank_update_tile's and rows_times_tile's,
+// so the results are theirs bit for bit.
+template <typename T, int NV, int kM, int R>
+inline void write_times_tile(const T* M, const T* s, const T* z, T alpha, T* out, const T* x,
+                             T* y, int64_t D, int64_t c0, typename Vectors<T>::Vec& sq) {
+  using V = Vectors<T>;
+  typename V::Vec held[kM][NV];
+  for (int h = 0; h < kM; ++h)
+    for (int v = 0; v < NV; ++v) {
+      held[h][v] = V::load(z + h * D + c0 + v * V::kLanes);
+      in_register(held[h][v]);
+    }
+  typename V::Vec squares[NV] = {};
+  typename V::Vec product[R][NV] = {};
+  for (int64_t i = 0; i < D; ++i) {
+    typename V::Vec acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = V::load(M + i * D + c0 + v * V::kLanes);
+    for (int h = 0; h < kM; ++h) {
+      const T a = alpha * s[h * D + i];
+      for (int v = 0; v < NV; ++v) acc[v] += a * held[h][v];
+    }
+    for (int v = 0; v < NV; ++v) {
+      V::store(out + i * D + c0 + v * V::kLanes, acc[v]);
+      squares[v] += acc[v] * acc[v];
+      in_register(acc[v]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const T a = x[r * D + i];
+      for (int v = 0; v < NV; ++v) product[r][v] += a * acc[v];
+    }
+  }
+  for (int v = 0; v < NV; ++v) sq += squares[v];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) V::store(y + r * D + c0 + v * V::kLanes, product[r][v]);
+}
+
+// One matrix of write_times_tile's form: returns the sum of out's squared entries, added up as
+// rank_update_matrix<T, true, kM> adds them (the lanes' sums over every tile, then the columns a
+// vector does not cover, then the lanes), whatever its tiles' width.
+template <typename T, int kM, int R>
+T write_times_matrix(const T* M, const T* s, const T* z, T alpha, T* out, const T* x, T* y,
+                     int64_t D) {
+  using V = Vectors<T>;
+  constexpr int64_t W = V::kLanes;
+  typename V::Vec sq{};
+  int64_t c = 0;
+  for (; c + 2 * W <= D; c += 2 * W)
+    write_times_tile<T, 2, kM, R>(M, s, z, alpha, out, x, y, D, c, sq);
+  if (c + W <= D) {
+    write_times_tile<T, 1, kM, R>(M, s, z, alpha, out, x, y, D, c, sq);
+    c += W;
+  }
+  T total = 0;
+  for (int64_t c2 = c; c2 < D; ++c2)  // the columns a vector does not cover, as both do them
+    for (int64_t i = 0; i < D; ++i) {
+      T acc = M[i * D + c2];
+      for (int64_t h = 0; h < kM; ++h) acc += alpha * s[h * D + i] * z[h * D + c2];
+      out[i * D + c2] = acc;
+      total += acc * acc;
+    }
+  for (int64_t c2 = c; c2 < D; ++c2)
+    for (int r = 0; r < R; ++r) {
+      T acc = T(0);
+      for (int64_t i = 0; i < D; ++i) acc += x[r * D + i] * out[i * D + c2];
+      y[r * D + c2] = acc;
+    }
+  for (int64_t k = 0; k < W; ++k) total += sq[k];
+  return total;
+}
+
+// For each b: out[b] = M[b] + alpha s[b]^T z[b], squares[b] += the sum of its squared entries
+// (rank_update with squares), and y[b] = x[b] out[b] for the first R of each sequence's x_rows
+// rows of x and y (rows_times): s, z [B, m, D] and x, y [B, x_rows, D] contiguous, the matrices
+// as rank_update's. In one sweep per matrix (write_times_tile) for the ranks and row counts
+// the kernel uses (m = H and R = H or 2H for 1, 2 and 4 heads), else as the two calls.
+// The forward pass uses it where the CPU has AVX-512: on an Intel Xeon with it whole learn()s
+// ran 1.016-1.032x (forty-sixth session, learn_pairs.py --against, docs/benchmarks.md); on an
+// AMD EPYC with AVX2, whose multiply-adds are half as wide, the one sweep saved nothing and
+// the 4 x 3 training pass ran 0.978x (forty-third session), so there it makes the two calls.
+template <typename T>
+void write_times(const T* M, int64_t m_stride, const T* s, const T* z, T alpha, T* out,
+                 int64_t out_stride, int64_t B, int64_t m, int64_t D, T* squares, const T* x,
+                 T* y, int64_t R, int64_t x_rows) {
+  using Fused = T (*)(const T*, const T*, const T*, T, T*, const T*, T*, int64_t);
+  Fused fused = nullptr;
+  switch (m * 16 + R) {
+    case 1 * 16 + 1: fused = &write_times_matrix<T, 1, 1>; break;
+    case 1 * 16 + 2: fused = &write_times_matrix<T, 1, 2>; break;
+    case 2 * 16 + 2: fused = &write_times_matrix<T, 2, 2>; break;
+    case 2 * 16 + 4: fused = &write_times_matrix<T, 2, 4>; break;
+    case 4 * 16 + 4: fused = &write_times_matrix<T, 4, 4>; break;
+    case 4 * 16 + 8: fused = &write_times_matrix<T, 4, 8>; break;
+    default: break;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const T* Mb = M + b * m_stride;
+    const T* sb = s + b * m * D;
+    const T* zb = z + b * m * D;
+    T* ob = out + b * out_stride;
+    const T* xb = x + b * x_rows * D;
+    T* yb = y + b * x_rows * D;
+    if (fused != nullptr) {
+      squares[b] += fused(Mb, sb, zb, alpha, ob, xb, yb, D);
+    } else {
+      squares[b] += rank_update_any<T, true>(Mb, sb, zb, alpha, ob, m, D);
+      matrix_times(xb, ob, yb, R, D, D, false);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace mnm_rl
