@@ -653,27 +653,3 @@ def test_the_backward_pass_adds_the_reconstruction_gradient_itself(kernel, rule,
         summed = [*grads[:2], grads[2] + g_after, grads[3], grads[4] - g_after, *grads[5:]]
         for a, b in zip(backward(grads, scale, parts), backward(summed, 0.0, parts), strict=True):
             torch.testing.assert_close(a, b, msg=str(parts))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("width", [4, 20, 64])
-def test_the_write_and_the_pass_through_it_in_one_sweep(kernel, dtype, width):
-    """The forward pass's write of a layer and the post-write pass through it in one sweep over
-    each matrix (``write_times``) give what the write and then the pass give, bit for bit: the
-    new weights, their squares' sums and the keys' answers, for the ranks and row counts the
-    kernel uses (1, 2, 4 heads; the read keys alone or every key), at widths with and without
-    a remainder, and for a rank it runs as the two (3 heads)."""
-    torch.manual_seed(0)
-    for heads, rows in [(1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (4, 8), (3, 6), (4, 6)]:
-        M = torch.randn(5, width, width, dtype=dtype)
-        s, z = torch.randn(2, 5, heads, width, dtype=dtype)
-        x = torch.randn(5, 2 * heads if rows <= 2 * heads else rows, width, dtype=dtype)
-        fused = kernel.write_times(M, s, z, -1.0, x, rows, True)
-        apart = kernel.write_times(M, s, z, -1.0, x, rows, False)
-        for a, b in zip(fused, apart, strict=True):
-            assert torch.equal(a, b), (heads, rows)
-        expected = M - s.transpose(1, 2) @ z
-        torch.testing.assert_close(fused[0], expected)
-        torch.testing.assert_close(fused[1], expected.square().sum((1, 2)))
-        torch.testing.assert_close(fused[2][:, :rows], x[:, :rows] @ expected)
-        assert not fused[2][:, rows:].any()

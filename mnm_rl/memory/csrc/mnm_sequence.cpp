@@ -269,7 +269,7 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const T* e_p, const a
   T* scaled = write ? s.scaled : nullptr;
   T* squares = s.squares;
   if (write) std::fill(squares, squares + B, T(0));
-  for (int64_t l = 0; l < L; ++l)
+  for (int64_t l = 0; l < L; ++l) {
     for (int64_t b = 0; b < B; ++b) {
       const T* zin = z + (l * B + b) * HD;
       energy[b * L + l] = T(d.eps) + dot(zin, zin, HD);
@@ -278,53 +278,44 @@ at::Tensor memory_forward(const Dims& d, const Weights& w, const T* e_p, const a
       for (int64_t x = 0; x < HD; ++x)
         scaled[(l * B + b) * HD + x] = step * delta[(l * B + b) * HD + x];
     }
-  if (!write) return pre;
-  // The write of each layer, and the post-write pass of every key through it: zr^{l+1} =
-  // act(M'^l zr^l) from zr^0 = khat. In the first layer M' = M - scaled^T z^0, so khat M'^T =
-  // P - (khat z^0^T) scaled: per key j, P_j minus sum_h (khat_j . z^0_h) scaled_h, a few dot
-  // products instead of a pass over the weights. Past it each layer's write and pass are one
-  // sweep over its weights (write_times: rows zr M'^T = zr N' as the rows of N' are written).
-  // Without answers the pass takes the read keys only, the first H of each sequence's 2H rows:
-  // each row's sums are the same as in the pass of every key (the products sum each row on its
-  // own).
-  T* zr = s.zr;  // [L, B, 2H, D]
-  const int64_t post_keys = answers ? J : H;
-  for (int64_t l = 0; l < L; ++l) {
-    T* post_l = post.data_ptr<T>() + l * post.stride(0);
-    if (l == 0) {
-      rank_update(pre_l[0], pre_l.batch_stride, z, scaled, T(-1), post_l, DD, B, H, D, squares);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t j = 0; j < post_keys; ++j) {
-          const T* kj = khat + (b * J + j) * D;
-          T* out = zr + (b * J + j) * D;
-          for (int64_t h = 0; h < H; ++h) {
-            const T c = dot(kj, z + b * HD + h * D, D);
-            const T* sc = scaled + b * HD + h * D;
-            for (int64_t i = 0; i < D; ++i) out[i] -= c * sc[i];
-          }
-        }
-    } else {
-#if defined(__AVX512F__)
-      write_times(pre_l[l], pre_l.batch_stride, z + l * B * HD, scaled + l * B * HD, T(-1),
-                  post_l, DD, B, H, D, squares, zr + (l - 1) * B * J * D, zr + l * B * J * D,
-                  post_keys, J);
-#else
-      // The same sums in two sweeps: with AVX2 the one sweep was slower (see write_times).
+    if (write)
       rank_update(pre_l[l], pre_l.batch_stride, z + l * B * HD, scaled + l * B * HD, T(-1),
-                  post_l, DD, B, H, D, squares);
-      if (answers)
-        rows_times(zr + (l - 1) * B * J * D, post_l, DD, zr + l * B * J * D, B, J, D, false);
-      else
-        for (int64_t b = 0; b < B; ++b)
-          matrix_times(zr + ((l - 1) * B + b) * J * D, post_l + b * DD,
-                       zr + (l * B + b) * J * D, H, D, D, false);
-#endif
-    }
-    if (l < L - 1) {
-      if (answers)
-        apply_act(d.tanh_act, zr + l * B * J * D, B * J * D);
-      else
-        for (int64_t b = 0; b < B; ++b) apply_act(d.tanh_act, zr + (l * B + b) * J * D, HD);
+                  post.data_ptr<T>() + l * post.stride(0), DD, B, H, D, squares);
+  }
+  // Post-write pass of every key: zr^{l+1} = act(M'^l zr^l) from zr^0 = khat. In the first
+  // layer M' = M - scaled^T z^0, so khat M'^T = P - (khat z^0^T) scaled: per key j, P_j minus
+  // sum_h (khat_j . z^0_h) scaled_h, a few dot products instead of a pass over the weights.
+  if (write) {
+    T* zr1 = s.zr;
+    const int64_t post_keys = answers ? J : H;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < post_keys; ++j) {
+        const T* kj = khat + (b * J + j) * D;
+        T* out = zr1 + (b * J + j) * D;
+        for (int64_t h = 0; h < H; ++h) {
+          const T c = dot(kj, z + b * HD + h * D, D);
+          const T* sc = scaled + b * HD + h * D;
+          for (int64_t i = 0; i < D; ++i) out[i] -= c * sc[i];
+        }
+      }
+    T* zr = s.zr;  // [L, B, 2H, D]
+    for (int64_t l = 0; l < L; ++l) {
+      if (answers) {
+        if (l > 0)  // rows zr M'^T = zr N'
+          rows_times(zr + (l - 1) * B * J * D, post.data_ptr<T>() + l * post.stride(0), DD,
+                     zr + l * B * J * D, B, J, D, false);
+        if (l < L - 1) apply_act(d.tanh_act, zr + l * B * J * D, B * J * D);
+        continue;
+      }
+      // The read keys only, the first H of each sequence's 2H rows: each row's sums are the
+      // same as in the pass of every key (rows_times sums each row on its own).
+      for (int64_t b = 0; b < B; ++b) {
+        T* rows = zr + (l * B + b) * J * D;
+        if (l > 0)
+          matrix_times(rows - B * J * D, post.data_ptr<T>() + l * post.stride(0) + b * DD, rows,
+                       H, D, D, false);
+        if (l < L - 1) apply_act(d.tanh_act, rows, HD);
+      }
     }
   }
   return pre;

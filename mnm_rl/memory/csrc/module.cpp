@@ -3,7 +3,6 @@
 
 #include "dense_products.h"
 #include "kernels.h"
-#include "row_products.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &mnm_rl::mnm_forward, "MNM recurrence over a sequence (forward)");
@@ -35,42 +34,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[2, ...]: mean over the last two dims of (after - values)^2, then of (before - values)^2");
   m.def("summary_statistics", &mnm_rl::summary_statistics,
         "[mean of each tensor..., the largest element of the last] as floats, in one pass");
-  m.def(
-      "write_times",
-      [](const at::Tensor& M, const at::Tensor& s, const at::Tensor& z, double alpha,
-         const at::Tensor& x, int64_t rows, bool fused) {
-        // The forward pass's write and pass through the new weights (row_products.h), in one
-        // sweep (fused) or as rank_update and rows_times, for tests/test_fused.py: M [B, D, D],
-        // s, z [B, m, D], x [B, n, D] -> (M + alpha s^T z, its squares' sums [B], the first
-        // `rows` of each sequence's n rows of x times it [B, n, D], the others zero).
-        TORCH_CHECK(M.dim() == 3 && s.dim() == 3 && z.sizes() == s.sizes() && x.dim() == 3 &&
-                        M.size(1) == M.size(2) && s.size(2) == M.size(1) &&
-                        x.size(2) == M.size(1) && rows >= 0 && rows <= x.size(1),
-                    "write_times: M [B, D, D], s and z [B, m, D], x [B, n, D], rows <= n");
-        const at::Tensor Mc = M.contiguous(), sc = s.contiguous(), zc = z.contiguous();
-        const at::Tensor xc = x.contiguous();
-        at::Tensor out = at::empty_like(Mc), squares = at::zeros({M.size(0)}, M.options());
-        at::Tensor y = at::zeros_like(xc);
-        const int64_t B = M.size(0), D = M.size(1), m = s.size(1), n = x.size(1);
-        AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "write_times", [&] {
-          using T = scalar_t;
-          const T a = static_cast<T>(alpha);
-          T* sq = squares.data_ptr<T>();
-          if (fused) {
-            mnm_rl::write_times(Mc.data_ptr<T>(), D * D, sc.data_ptr<T>(), zc.data_ptr<T>(), a,
-                                out.data_ptr<T>(), D * D, B, m, D, sq, xc.data_ptr<T>(),
-                                y.data_ptr<T>(), rows, n);
-            return;
-          }
-          mnm_rl::rank_update(Mc.data_ptr<T>(), D * D, sc.data_ptr<T>(), zc.data_ptr<T>(), a,
-                              out.data_ptr<T>(), D * D, B, m, D, sq);
-          for (int64_t b = 0; b < B; ++b)
-            mnm_rl::matrix_times(xc.data_ptr<T>() + b * n * D, out.data_ptr<T>() + b * D * D,
-                                 y.data_ptr<T>() + b * n * D, rows, D, D, false);
-        });
-        return std::vector<at::Tensor>{out, squares, y};
-      },
-      "M + alpha s^T z, its squares' sums and x times it, in one sweep or as two (tests)");
   m.def(
       "dense_product",
       [](const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& out) {
