@@ -314,11 +314,11 @@ def _build_kernels(device: str, modules: Sequence[str] | None = None) -> None:
     runs)."""
     import time
 
-    import torch
+    from stable_baselines3.common.utils import get_device
 
     from mnm_rl import native
 
-    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+    if get_device(device).type != "cpu":  # "auto" as the agent resolves it
         return
     modules = native.unbuilt_modules(modules)
     if not modules:

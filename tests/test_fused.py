@@ -140,11 +140,10 @@ def test_kernel_matches_pytorch_where_rows_fill_whole_vectors(kernel, monkeypatc
     loops for what is left over. D = 20 is two whole vectors of doubles and 4 columns more (one
     vector of floats and 4 more); 3 heads are a group of 3 rows, their 6 keys a group of 4 and
     one of 2. float64 against PyTorch; float32 within float32's rounding, which at this odd
-    size is looser than at the agents' sizes (next test): over 12 seeds on an AVX-512 Xeon the
-    kernel's worst float32 error was 2.4e-5 of the scale (mnm-g's gradient of the initial fast
-    weights, PyTorch's 3.3e-6 there), at seed 0 mnm-g's beta bias gradient 2.4e-6 (PyTorch's
-    3.0e-7); on an AMD EPYC (AVX2) seed 0 stayed under 1e-6. A wrong lane or leftover column
-    errs by the value's own size."""
+    size is looser than at the agents' sizes (next test): on an AVX-512 Xeon mnm-g's beta bias
+    gradient erred 2.4e-6 of its scale here (PyTorch's 3.0e-7), over the agents' sizes' bound
+    of 1e-6; on an AMD EPYC (AVX2) it stayed under it. A wrong lane or leftover column errs by
+    the value's own size."""
     core = _core(rule, "tanh", 3, 2, memory_size=20)
     x, starts, state = _inputs(core, steps=6, batch=3)
     fused_out = _run(core, x, starts, state, monkeypatch, use_kernel=True)

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from mnm_rl import native
 
@@ -197,7 +198,10 @@ def test_training_on_a_cpu_builds_the_missing_kernels_first(with_tiny_extensions
     monkeypatch.setattr(native, "EXTENSION_MODULES", ("tiny_kernel_a",))
     source = with_tiny_extensions / "tiny_kernel_a.cpp"
     source.write_text(source.read_text() + f"// changed at {time.time()}\n")  # to build again
-    cli._build_kernels("cuda")  # kernels a run on the GPU does not use
+    with monkeypatch.context() as gpu:  # kernels a run on the GPU does not use
+        gpu.setattr(torch.cuda, "is_available", lambda: True)
+        cli._build_kernels("cuda")
+        cli._build_kernels("auto")
     assert capsys.readouterr().out == "" and native.unbuilt_modules() == ["tiny_kernel_a"]
     cli._build_kernels("cpu")
     out = capsys.readouterr().out
